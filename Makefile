@@ -1,0 +1,59 @@
+# kmskeys: `make demo` shows the product working, `make test` proves it. Both start from a bare
+# Debian machine: they install the packages and the .venv they need.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PYTEST := $(VENV)/bin/pytest
+
+# Debian packages every tier needs; topic makefiles in mk/ append to these lists.
+APT_PACKAGES := keyutils libkeyutils-dev gcc libc6-dev iproute2 procps iptables nftables \
+                lighttpd wrk util-linux
+TEST_PREREQS :=
+PYTEST_ARGS  ?=
+
+.PHONY: all deps venv compile test lint typecheck pytest demo bench soak clean
+
+all: test
+
+include $(wildcard mk/*.mk)
+
+deps:
+	@scripts/ensure-apt.sh $(APT_PACKAGES)
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py kmskeys/_build_keyutils.py | deps
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+# Bytecode is compiled up front: with PYTHONDONTWRITEBYTECODE set, every import would otherwise
+# recompile the source, and the client's import-time budget is a few milliseconds.
+compile: venv
+	@$(PY) -m compileall -q kmskeys encryptor resolver
+
+lint: venv
+	$(VENV)/bin/ruff check kmskeys encryptor resolver tests
+	$(VENV)/bin/ruff format --check kmskeys encryptor resolver tests
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+pytest: deps venv compile $(TEST_PREREQS)
+	$(PYTEST) $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+demo: deps venv compile $(TEST_PREREQS)
+	$(PY) scripts/demo.py
+
+bench: deps venv compile $(TEST_PREREQS)
+	$(PY) -m tests.bench
+
+soak: deps venv compile $(TEST_PREREQS)
+	KMSKEYS_SOAK=long $(PYTEST) -m soak $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info kmskeys/_keyutils_cffi*.so .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""kmskeys build side: turn secrets into KMS blobs bound to their name (and user)."""

@@ -1,0 +1,89 @@
+"""kmskeys: DPAPI for Linux fleets.
+
+Secrets encrypted with AWS KMS at build time are resolved once per host by a root request-key
+handler and served from the kernel key retention service. This package is the app client: it
+needs only cffi and libkeyutils, and never imports boto3.
+"""
+
+from __future__ import annotations
+
+from kmskeys.key import Key, KeyDescription, Keyring, get_secret
+from kmskeys.names import description, validate_name
+
+TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
+
+if TYPE_CHECKING:
+    from kmskeys.errors import (
+        InvalidArgumentError,
+        InvalidNameError,
+        KeyctlError,
+        KeyExpiredError,
+        KeyNotFoundError,
+        KeyPermissionError,
+        KeyRejectedError,
+        KeyRevokedError,
+        KeyTypeUnavailableError,
+        KmsKeysError,
+        OperationNotPermittedError,
+        OutOfMemoryError,
+        PayloadTooLargeError,
+        QuotaExceededError,
+        TemporarilyUnavailableError,
+    )
+
+__version__ = "0.1.0"
+
+_ERRORS = frozenset(
+    {
+        "InvalidArgumentError",
+        "InvalidNameError",
+        "KeyExpiredError",
+        "KeyNotFoundError",
+        "KeyPermissionError",
+        "KeyRejectedError",
+        "KeyRevokedError",
+        "KeyTypeUnavailableError",
+        "KeyctlError",
+        "KmsKeysError",
+        "OperationNotPermittedError",
+        "OutOfMemoryError",
+        "PayloadTooLargeError",
+        "QuotaExceededError",
+        "TemporarilyUnavailableError",
+    }
+)
+
+
+def __getattr__(name: str) -> object:
+    # Error classes load on first use (usually inside an `except` clause, which is evaluated only
+    # when an exception propagates), keeping `import kmskeys` within its milliseconds budget.
+    if name in _ERRORS:
+        from kmskeys import errors
+
+        return getattr(errors, name)
+    raise AttributeError(f"module 'kmskeys' has no attribute {name!r}")
+
+
+__all__ = [
+    "InvalidArgumentError",
+    "InvalidNameError",
+    "Key",
+    "KeyDescription",
+    "KeyExpiredError",
+    "KeyNotFoundError",
+    "KeyPermissionError",
+    "KeyRejectedError",
+    "KeyRevokedError",
+    "KeyTypeUnavailableError",
+    "KeyctlError",
+    "Keyring",
+    "KmsKeysError",
+    "OperationNotPermittedError",
+    "OutOfMemoryError",
+    "PayloadTooLargeError",
+    "QuotaExceededError",
+    "TemporarilyUnavailableError",
+    "description",
+    "get_secret",
+    "validate_name",
+]

@@ -1,0 +1,64 @@
+"""cffi builder for libkeyutils, run at install time only.
+
+The cdef below is copied from <keyutils.h> (keyutils 1.6); it is compiled out of line in API mode so
+that importing kmskeys never parses C and never needs pycparser.
+"""
+
+from cffi import FFI
+
+CDEF = """
+typedef int32_t key_serial_t;
+typedef uint32_t key_perm_t;
+typedef uint32_t uid_t;  /* 32-bit on every Linux ABI */
+typedef uint32_t gid_t;
+
+#define KEY_SPEC_THREAD_KEYRING ...
+#define KEY_SPEC_PROCESS_KEYRING ...
+#define KEY_SPEC_SESSION_KEYRING ...
+#define KEY_SPEC_USER_KEYRING ...
+#define KEY_SPEC_USER_SESSION_KEYRING ...
+#define KEY_SPEC_GROUP_KEYRING ...
+#define KEY_SPEC_REQKEY_AUTH_KEY ...
+
+key_serial_t add_key(const char *type, const char *description,
+                     const void *payload, size_t plen, key_serial_t ringid);
+key_serial_t request_key(const char *type, const char *description,
+                         const char *callout_info, key_serial_t destringid);
+
+key_serial_t keyctl_get_keyring_ID(key_serial_t id, int create);
+key_serial_t keyctl_join_session_keyring(const char *name);
+long keyctl_update(key_serial_t id, const void *payload, size_t plen);
+long keyctl_revoke(key_serial_t id);
+long keyctl_chown(key_serial_t id, uid_t uid, gid_t gid);
+long keyctl_setperm(key_serial_t id, key_perm_t perm);
+long keyctl_clear(key_serial_t ringid);
+long keyctl_link(key_serial_t id, key_serial_t ringid);
+long keyctl_unlink(key_serial_t id, key_serial_t ringid);
+long keyctl_search(key_serial_t ringid, const char *type, const char *description,
+                   key_serial_t destringid);
+long keyctl_read(key_serial_t id, char *buffer, size_t buflen);
+long keyctl_instantiate(key_serial_t id, const void *payload, size_t plen,
+                        key_serial_t ringid);
+long keyctl_negate(key_serial_t id, unsigned timeout, key_serial_t ringid);
+long keyctl_set_timeout(key_serial_t key, unsigned timeout);
+long keyctl_assume_authority(key_serial_t key);
+long keyctl_reject(key_serial_t id, unsigned timeout, unsigned error, key_serial_t ringid);
+long keyctl_invalidate(key_serial_t id);
+
+int keyctl_describe_alloc(key_serial_t id, char **_buffer);
+int keyctl_read_alloc(key_serial_t id, void **_buffer);
+
+void free(void *ptr);
+void explicit_bzero(void *s, size_t n);
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "kmskeys._keyutils_cffi",
+    "#include <stdlib.h>\n#include <string.h>\n#include <keyutils.h>\n",
+    libraries=["keyutils"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,148 @@
+"""One error root for kmskeys, and one class per keyctl errno (the resolver's classes included)."""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+RESOLVER_LOG_HINT = "see the resolver log: journalctl -t kmskeys-resolver (or syslog)"
+
+
+class KmsKeysError(Exception):
+    """Root of every kmskeys error; catch this to handle them all."""
+
+    errno: int | None = None
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        if errno is not None:
+            self.errno = errno
+
+
+class InvalidNameError(KmsKeysError, ValueError):
+    """The secret name breaks the naming rules; fix the name (see docs: `kms:NAME`)."""
+
+
+class KeyctlError(KmsKeysError, OSError):
+    """A keyctl call failed with an errno kmskeys has no finer class for; check the errno."""
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        KmsKeysError.__init__(self, message, errno=errno)
+        self.strerror = message
+
+
+class KeyNotFoundError(KeyctlError, LookupError):
+    """No such key or secret (ENOKEY); check the name, and that a blob is deployed for it."""
+
+    errno = _errno.ENOKEY
+
+
+class KeyExpiredError(KeyctlError):
+    """The key has expired (EKEYEXPIRED); request it again to re-resolve it."""
+
+    errno = _errno.EKEYEXPIRED
+
+
+class KeyRevokedError(KeyctlError):
+    """The key was revoked (EKEYREVOKED); unlink it and request it again."""
+
+    errno = _errno.EKEYREVOKED
+
+
+class KeyRejectedError(KeyctlError):
+    """The resolver refused this request (EKEYREJECTED): policy, wrong name or user, expired or
+    invalid blob, or access denied at KMS; read the resolver log for the reason."""
+
+    errno = _errno.EKEYREJECTED
+
+
+class TemporarilyUnavailableError(KeyctlError):
+    """KMS could not be reached in time (EAGAIN): unreachable, throttled or past the deadline;
+    retry after the negative TTL (a few seconds)."""
+
+    errno = _errno.EAGAIN
+
+
+class QuotaExceededError(KeyctlError):
+    """This user's kernel key quota is full (EDQUOT); run `kmskeys doctor` and raise
+    /proc/sys/kernel/keys/maxkeys or maxbytes, or unlink unused keys."""
+
+    errno = _errno.EDQUOT
+
+
+class KeyPermissionError(KeyctlError, PermissionError):
+    """The key's permissions deny this process (EACCES); request it as the user it belongs to."""
+
+    errno = _errno.EACCES
+
+
+class OperationNotPermittedError(KeyctlError, PermissionError):
+    """The operation needs a privilege this process lacks (EPERM); run as root or as the owner."""
+
+    errno = _errno.EPERM
+
+
+class InvalidArgumentError(KeyctlError, ValueError):
+    """The kernel refused an argument (EINVAL): a payload, description or callout too long, or a
+    serial that is not of the right kind; check sizes against the documented limits."""
+
+    errno = _errno.EINVAL
+
+
+class PayloadTooLargeError(KeyctlError, ValueError):
+    """The payload is over the key type's limit (E2BIG/EDQUOT on size); a `user` key holds at most
+    32767 bytes."""
+
+    errno = _errno.E2BIG
+
+
+class KeyTypeUnavailableError(KeyctlError):
+    """The kernel does not support this key type (ENODEV); use the `user` key type."""
+
+    errno = _errno.ENODEV
+
+
+class OutOfMemoryError(KeyctlError, MemoryError):
+    """The kernel ran out of memory for keys (ENOMEM); free keys or memory and retry."""
+
+    errno = _errno.ENOMEM
+
+
+_BY_ERRNO: dict[int, type[KeyctlError]] = {
+    cls.errno: cls
+    for cls in (
+        KeyNotFoundError,
+        KeyExpiredError,
+        KeyRevokedError,
+        KeyRejectedError,
+        TemporarilyUnavailableError,
+        QuotaExceededError,
+        KeyPermissionError,
+        OperationNotPermittedError,
+        InvalidArgumentError,
+        PayloadTooLargeError,
+        KeyTypeUnavailableError,
+        OutOfMemoryError,
+    )
+}
+
+# The resolver answers every failure with exactly one of these errnos (DESIGN.md: error contract).
+UNKNOWN_SECRET = _errno.ENOKEY
+REFUSED = _errno.EKEYREJECTED
+UNAVAILABLE = _errno.EAGAIN
+
+
+def error_for_errno(err: int, what: str, *, upcall: bool = False) -> KeyctlError:
+    """Return the exception for `err`; `what` names the call and key, never a payload.
+
+    The message carries the class's advice; for failures the resolver decided (`upcall`), it also
+    points to the resolver log, since the kernel passes back only an errno.
+    """
+    cls = _BY_ERRNO.get(err, KeyctlError)
+    name = _errno.errorcode.get(err, str(err))
+    message = f"{what}: {os.strerror(err)} [{name}]"
+    if cls is not KeyctlError and cls.__doc__:
+        message += " - " + " ".join(cls.__doc__.split())
+    if upcall and err in (UNKNOWN_SECRET, REFUSED, UNAVAILABLE):
+        message += f" ({RESOLVER_LOG_HINT})"
+    return cls(message, errno=err)

@@ -1,0 +1,268 @@
+"""`Key` and `Keyring`: the Pythonic layer over kmskeys.keyutils, and `get_secret`."""
+
+from __future__ import annotations
+
+from kmskeys import keyutils
+from kmskeys.names import DEFAULT_PREFIX, description
+
+_USER = b"user"
+
+
+def _as_bytes(value: str | bytes, what: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    raise TypeError(f"{what} must be str or bytes, not {type(value).__name__}")
+
+
+def _serial(key: Key | Keyring | int) -> int:
+    return key if isinstance(key, int) else key.serial
+
+
+class KeyDescription(tuple[str, int, int, int, str]):
+    """What `keyctl describe` says about a key (type, uid, gid, perm, description); no payload."""
+
+    # A plain tuple subclass rather than typing.NamedTuple: `typing` costs milliseconds to import.
+    __slots__ = ()
+
+    def __new__(cls, type_: str, uid: int, gid: int, perm: int, desc: str) -> KeyDescription:
+        return super().__new__(cls, (type_, uid, gid, perm, desc))
+
+    type = property(lambda self: self[0], doc="key type, e.g. 'user'")
+    uid = property(lambda self: self[1], doc="owner uid")
+    gid = property(lambda self: self[2], doc="group gid")
+    perm = property(lambda self: self[3], doc="permission mask")
+    description = property(lambda self: self[4], doc="key description, e.g. 'kms:NAME'")
+
+    def __repr__(self) -> str:
+        return "KeyDescription(type={!r}, uid={}, gid={}, perm={:#010x}, description={!r})".format(
+            *self
+        )
+
+
+class Key:
+    """A kernel key, by serial. Holding a Key grants nothing: the kernel checks every call."""
+
+    __slots__ = ("serial",)
+
+    def __init__(self, serial: int) -> None:
+        self.serial = int(serial)
+
+    @classmethod
+    def request(
+        cls,
+        description: str | bytes,
+        callout_info: str | bytes | None = None,
+        destination: Key | Keyring | int | None = None,
+        type: str | bytes = _USER,
+    ) -> Key:
+        """Find a key, or have the kernel upcall to construct it when `callout_info` is not None.
+
+        request_key(2) never upcalls with a NULL callout: pass b"" to upcall without one.
+        """
+        serial = keyutils.request_key(
+            _as_bytes(type, "key type"),
+            _as_bytes(description, "description"),
+            None if callout_info is None else _as_bytes(callout_info, "callout info"),
+            0 if destination is None else _serial(destination),
+        )
+        return cls(serial)
+
+    @classmethod
+    def add(
+        cls,
+        type: str | bytes,
+        description: str | bytes,
+        payload: str | bytes,
+        keyring: Key | Keyring | int,
+    ) -> Key:
+        """Add (or update) a key with `payload` in `keyring`."""
+        serial = keyutils.add_key(
+            _as_bytes(type, "key type"),
+            _as_bytes(description, "description"),
+            _as_bytes(payload, "payload"),
+            _serial(keyring),
+        )
+        return cls(serial)
+
+    def read(self) -> bytes:
+        """Return the payload as bytes."""
+        return keyutils.keyctl_read_alloc(self.serial)
+
+    def describe(self) -> KeyDescription:
+        """Return type, uid, gid, permissions and description."""
+        raw = keyutils.keyctl_describe_alloc(self.serial).decode(errors="replace")
+        # The description is last and may itself contain ';'.
+        type_, uid, gid, perm, desc = raw.split(";", 4)
+        return KeyDescription(type_, int(uid), int(gid), int(perm, 16), desc)
+
+    def instantiate(self, payload: str | bytes, keyring: Key | Keyring | int = 0) -> None:
+        """Instantiate this key under construction (resolver side, with authority assumed)."""
+        keyutils.keyctl_instantiate(self.serial, _as_bytes(payload, "payload"), _serial(keyring))
+
+    def reject(self, timeout: int, error: int, keyring: Key | Keyring | int = 0) -> None:
+        """Negatively instantiate: requesters get `error` for `timeout` seconds."""
+        keyutils.keyctl_reject(self.serial, timeout, error, _serial(keyring))
+
+    def negate(self, timeout: int, keyring: Key | Keyring | int = 0) -> None:
+        """Negatively instantiate with ENOKEY for `timeout` seconds."""
+        keyutils.keyctl_negate(self.serial, timeout, _serial(keyring))
+
+    def assume_authority(self) -> None:
+        """Assume the authority to instantiate this key (resolver side)."""
+        keyutils.keyctl_assume_authority(self.serial)
+
+    def set_timeout(self, seconds: int) -> None:
+        """Expire the key `seconds` from now; 0 clears the expiry."""
+        keyutils.keyctl_set_timeout(self.serial, seconds)
+
+    def revoke(self) -> None:
+        """Revoke the key: every later use fails with EKEYREVOKED."""
+        keyutils.keyctl_revoke(self.serial)
+
+    def invalidate(self) -> None:
+        """Invalidate the key: unlinked everywhere, so the next request re-resolves it."""
+        keyutils.keyctl_invalidate(self.serial)
+
+    def unlink(self, keyring: Key | Keyring | int) -> None:
+        """Remove this key from `keyring`."""
+        keyutils.keyctl_unlink(self.serial, _serial(keyring))
+
+    def link(self, keyring: Key | Keyring | int) -> None:
+        """Link this key into `keyring`."""
+        keyutils.keyctl_link(self.serial, _serial(keyring))
+
+    def update(self, payload: str | bytes) -> None:
+        """Replace the payload."""
+        keyutils.keyctl_update(self.serial, _as_bytes(payload, "payload"))
+
+    def setperm(self, perm: int) -> None:
+        """Set the permission mask (KEY_POS_*, KEY_USR_*, ... bits)."""
+        keyutils.keyctl_setperm(self.serial, perm)
+
+    def chown(self, uid: int, gid: int = -1) -> None:
+        """Change owner and group; -1 leaves one unchanged."""
+        keyutils.keyctl_chown(self.serial, uid, gid)
+
+    def __int__(self) -> int:
+        return self.serial
+
+    def __index__(self) -> int:
+        return self.serial
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Key) and other.serial == self.serial
+
+    def __hash__(self) -> int:
+        return hash(self.serial)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.serial})"
+
+
+class Keyring(Key):
+    """A keyring: a key that holds links to other keys.
+
+    `Key.link(keyring)` links a key into a keyring; `Keyring.add/search/list` act on its contents.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def _special(cls, spec: int, create: bool) -> Keyring:
+        return cls(keyutils.keyctl_get_keyring_ID(spec, create))
+
+    @classmethod
+    def thread(cls, create: bool = True) -> Keyring:
+        """This thread's keyring."""
+        return cls._special(keyutils.KEY_SPEC_THREAD_KEYRING, create)
+
+    @classmethod
+    def process(cls, create: bool = True) -> Keyring:
+        """This process's keyring."""
+        return cls._special(keyutils.KEY_SPEC_PROCESS_KEYRING, create)
+
+    @classmethod
+    def session(cls, create: bool = True) -> Keyring:
+        """The session keyring (shared with children, e.g. a web server's CGI processes)."""
+        return cls._special(keyutils.KEY_SPEC_SESSION_KEYRING, create)
+
+    @classmethod
+    def user(cls, create: bool = True) -> Keyring:
+        """The calling uid's user keyring."""
+        return cls._special(keyutils.KEY_SPEC_USER_KEYRING, create)
+
+    @classmethod
+    def user_session(cls, create: bool = True) -> Keyring:
+        """The calling uid's default session keyring."""
+        return cls._special(keyutils.KEY_SPEC_USER_SESSION_KEYRING, create)
+
+    @classmethod
+    def join_session(cls, name: str | bytes | None = None) -> Keyring:
+        """Join the named session keyring, or start a new anonymous one."""
+        return cls(
+            keyutils.keyctl_join_session_keyring(None if name is None else _as_bytes(name, "name"))
+        )
+
+    def add(  # type: ignore[override]
+        self,
+        type: str | bytes,
+        description: str | bytes,
+        payload: str | bytes,
+    ) -> Key:
+        """Add a key to this keyring."""
+        return Key.add(type, description, payload, self)
+
+    def search(
+        self,
+        description: str | bytes,
+        type: str | bytes = _USER,
+        destination: Key | Keyring | int = 0,
+    ) -> Key:
+        """Search this keyring (recursively) for a key; never upcalls."""
+        serial = keyutils.keyctl_search(
+            self.serial,
+            _as_bytes(type, "key type"),
+            _as_bytes(description, "description"),
+            _serial(destination),
+        )
+        return Key(serial)
+
+    def link_key(self, key: Key | int) -> None:
+        """Link `key` into this keyring."""
+        keyutils.keyctl_link(_serial(key), self.serial)
+
+    def unlink_key(self, key: Key | int) -> None:
+        """Remove `key` from this keyring."""
+        keyutils.keyctl_unlink(_serial(key), self.serial)
+
+    def list(self) -> list[Key]:
+        """The keys linked into this keyring, in order."""
+        # Reading a keyring yields its members as an array of native key_serial_t (int32).
+        return [Key(s) for s in memoryview(self.read()).cast("i")]
+
+    def clear(self) -> None:
+        """Unlink every key from this keyring."""
+        keyutils.keyctl_clear(self.serial)
+
+
+def get_secret(
+    name: str | bytes,
+    blob: str | bytes | None = None,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    destination: Key | Keyring | int = 0,
+) -> bytes:
+    """Return the secret `NAME` as bytes: from the kernel cache, or through one resolver upcall.
+
+    Without `blob` the resolver loads `NAME.kms` from its blob_dir. The callout is then b"", not
+    NULL, because request_key(2) never upcalls with a NULL callout.
+    """
+    serial = keyutils.request_key(
+        _USER,
+        description(name, prefix).encode(),
+        b"" if blob is None else _as_bytes(blob, "blob"),
+        _serial(destination),
+    )
+    return keyutils.keyctl_read_alloc(serial)

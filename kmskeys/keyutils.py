@@ -1,0 +1,175 @@
+"""Thin layer over libkeyutils: one typed function per C call, each checking its return value.
+
+Nothing above this module touches `lib` or `ffi`; nothing here knows about secrets or blobs.
+Payloads and descriptions are bytes; lengths are the C library's size_t, never adjusted by hand.
+"""
+
+from __future__ import annotations
+
+from kmskeys._keyutils_cffi import ffi, lib
+
+KEY_SPEC_THREAD_KEYRING: int = lib.KEY_SPEC_THREAD_KEYRING
+KEY_SPEC_PROCESS_KEYRING: int = lib.KEY_SPEC_PROCESS_KEYRING
+KEY_SPEC_SESSION_KEYRING: int = lib.KEY_SPEC_SESSION_KEYRING
+KEY_SPEC_USER_KEYRING: int = lib.KEY_SPEC_USER_KEYRING
+KEY_SPEC_USER_SESSION_KEYRING: int = lib.KEY_SPEC_USER_SESSION_KEYRING
+KEY_SPEC_GROUP_KEYRING: int = lib.KEY_SPEC_GROUP_KEYRING
+KEY_SPEC_REQKEY_AUTH_KEY: int = lib.KEY_SPEC_REQKEY_AUTH_KEY
+
+_NULL = ffi.NULL
+
+
+def _fail(what: str, *, upcall: bool = False) -> Exception:
+    err = ffi.errno  # read first: any later C call may overwrite it
+    # kmskeys.errors is imported on failure only: it is off the client's import-time budget.
+    from kmskeys.errors import error_for_errno
+
+    return error_for_errno(err, what, upcall=upcall)
+
+
+def add_key(type_: bytes, description: bytes, payload: bytes, keyring: int) -> int:
+    """add_key(2): create or update a key in `keyring`; return its serial."""
+    serial: int = lib.add_key(type_, description, payload, len(payload), keyring)
+    if serial == -1:
+        raise _fail("add_key")
+    return serial
+
+
+def request_key(type_: bytes, description: bytes, callout_info: bytes | None, keyring: int) -> int:
+    """request_key(2): find a key, or construct it through the upcall when callout_info is set."""
+    serial: int = lib.request_key(
+        type_, description, _NULL if callout_info is None else callout_info, keyring
+    )
+    if serial == -1:
+        what = "request_key " + description.decode(errors="replace")[:256]
+        raise _fail(what, upcall=callout_info is not None)
+    return serial
+
+
+def keyctl_read_alloc(key: int) -> bytes:
+    """Read a key's payload; the C buffer is wiped and freed before returning."""
+    out = ffi.new("void **")
+    size: int = lib.keyctl_read_alloc(key, out)
+    if size == -1:
+        raise _fail("keyctl_read")
+    try:
+        payload: bytes = ffi.unpack(ffi.cast("char *", out[0]), size)
+        return payload
+    finally:
+        lib.explicit_bzero(out[0], size)
+        lib.free(out[0])
+
+
+def keyctl_describe_alloc(key: int) -> bytes:
+    """Return the raw `type;uid;gid;perm;description` string of a key."""
+    out = ffi.new("char **")
+    size: int = lib.keyctl_describe_alloc(key, out)
+    if size == -1:
+        raise _fail("keyctl_describe")
+    try:
+        raw: bytes = ffi.string(out[0])
+        return raw
+    finally:
+        lib.free(out[0])
+
+
+def keyctl_instantiate(key: int, payload: bytes, keyring: int) -> None:
+    """Instantiate a key under construction (needs assumed authority) and link it to `keyring`."""
+    if lib.keyctl_instantiate(key, payload, len(payload), keyring) == -1:
+        raise _fail("keyctl_instantiate")
+
+
+def keyctl_reject(key: int, timeout: int, error: int, keyring: int) -> None:
+    """Negatively instantiate a key so requesters get `error` for `timeout` seconds."""
+    if lib.keyctl_reject(key, timeout, error, keyring) == -1:
+        raise _fail("keyctl_reject")
+
+
+def keyctl_negate(key: int, timeout: int, keyring: int) -> None:
+    """Negatively instantiate a key with ENOKEY for `timeout` seconds."""
+    if lib.keyctl_negate(key, timeout, keyring) == -1:
+        raise _fail("keyctl_negate")
+
+
+def keyctl_assume_authority(key: int) -> None:
+    """Assume the authority to instantiate `key` (0 gives it up)."""
+    if lib.keyctl_assume_authority(key) == -1:
+        raise _fail("keyctl_assume_authority")
+
+
+def keyctl_set_timeout(key: int, timeout: int) -> None:
+    """Expire the key `timeout` seconds from now (0 clears the expiry)."""
+    if lib.keyctl_set_timeout(key, timeout) == -1:
+        raise _fail("keyctl_set_timeout")
+
+
+def keyctl_revoke(key: int) -> None:
+    """Revoke a key: later access fails with EKEYREVOKED."""
+    if lib.keyctl_revoke(key) == -1:
+        raise _fail("keyctl_revoke")
+
+
+def keyctl_invalidate(key: int) -> None:
+    """Invalidate a key: it is unlinked everywhere and garbage-collected."""
+    if lib.keyctl_invalidate(key) == -1:
+        raise _fail("keyctl_invalidate")
+
+
+def keyctl_unlink(key: int, keyring: int) -> None:
+    """Remove the link from `keyring` to `key`."""
+    if lib.keyctl_unlink(key, keyring) == -1:
+        raise _fail("keyctl_unlink")
+
+
+def keyctl_link(key: int, keyring: int) -> None:
+    """Link `key` into `keyring`."""
+    if lib.keyctl_link(key, keyring) == -1:
+        raise _fail("keyctl_link")
+
+
+def keyctl_clear(keyring: int) -> None:
+    """Unlink every key from `keyring`."""
+    if lib.keyctl_clear(keyring) == -1:
+        raise _fail("keyctl_clear")
+
+
+def keyctl_search(keyring: int, type_: bytes, description: bytes, dest_keyring: int) -> int:
+    """Search `keyring` recursively for a key; link it into dest_keyring if that is non-zero."""
+    serial: int = lib.keyctl_search(keyring, type_, description, dest_keyring)
+    if serial == -1:
+        raise _fail("keyctl_search")
+    return serial
+
+
+def keyctl_setperm(key: int, perm: int) -> None:
+    """Set the key's permission mask."""
+    if lib.keyctl_setperm(key, perm) == -1:
+        raise _fail("keyctl_setperm")
+
+
+def keyctl_chown(key: int, uid: int, gid: int) -> None:
+    """Change the key's owner and group (-1 leaves one unchanged)."""
+    if lib.keyctl_chown(key, uid & 0xFFFFFFFF, gid & 0xFFFFFFFF) == -1:
+        raise _fail("keyctl_chown")
+
+
+def keyctl_update(key: int, payload: bytes) -> None:
+    """Replace a key's payload."""
+    if lib.keyctl_update(key, payload, len(payload)) == -1:
+        raise _fail("keyctl_update")
+
+
+def keyctl_get_keyring_ID(key: int, create: bool) -> int:
+    """Resolve a special keyring id (e.g. KEY_SPEC_SESSION_KEYRING) to its serial."""
+    serial: int = lib.keyctl_get_keyring_ID(key, 1 if create else 0)
+    if serial == -1:
+        raise _fail("keyctl_get_keyring_ID")
+    return serial
+
+
+def keyctl_join_session_keyring(name: bytes | None) -> int:
+    """Join the named session keyring, or a new anonymous one when `name` is None."""
+    serial: int = lib.keyctl_join_session_keyring(_NULL if name is None else name)
+    if serial == -1:
+        raise _fail("keyctl_join_session_keyring")
+    return serial

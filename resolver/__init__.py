@@ -1,0 +1,1 @@
+"""kmskeys host root side: the request-key handler that turns blobs into kernel keys."""

@@ -1,0 +1,1 @@
+"""Shared test support: the KMS emulator, prerequisites for each tier, unique names."""

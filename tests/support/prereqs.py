@@ -1,0 +1,73 @@
+"""What each test tier needs from the machine. A missing prerequisite fails the tier, loudly.
+
+CI runs as root, so every tier must run there: nothing here ever skips.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+REQUEST_KEY = Path("/sbin/request-key")
+REQUEST_KEY_D = Path("/etc/request-key.d")
+
+
+def _root() -> list[str]:
+    return [] if os.geteuid() == 0 else ["root (run the suite as root, as CI does)"]
+
+
+def _binaries(*names: str) -> list[str]:
+    return [f"the '{n}' command" for n in names if shutil.which(n) is None]
+
+
+def _kernel() -> list[str]:
+    try:
+        from kmskeys import keyutils
+
+        keyutils.keyctl_get_keyring_ID(keyutils.KEY_SPEC_PROCESS_KEYRING, True)
+    except Exception as exc:
+        return [f"a working keyctl (libkeyutils binding failed: {exc})"]
+    return []
+
+
+def _upcall() -> list[str]:
+    missing = _root() + _kernel()
+    if not REQUEST_KEY.exists():
+        missing.append(f"{REQUEST_KEY} (apt-get install keyutils)")
+    if not REQUEST_KEY_D.is_dir():
+        missing.append(f"{REQUEST_KEY_D}/ (apt-get install keyutils)")
+    if importlib.util.find_spec("moto") is None:
+        missing.append("moto[server] in the venv (pip install -e '.[dev]')")
+    return missing
+
+
+def _netns() -> list[str]:
+    return _root() + _binaries("ip", "nft", "iptables", "ip6tables")
+
+
+def _terraform() -> list[str]:
+    return [] if importlib.util.find_spec("hcl2") else ["python-hcl2 (pip install -e '.[dev]')"]
+
+
+def _examples() -> list[str]:
+    return _upcall() + _binaries("lighttpd")
+
+
+CHECKS = {
+    "kernel": _kernel,
+    "upcall": _upcall,
+    "faults": _upcall,
+    "isolation": _upcall,
+    "soak": _upcall,
+    "netns": _netns,
+    "terraform": _terraform,
+    "examples": _examples,
+}
+
+
+def missing_for(tier: str) -> list[str]:
+    """What this machine lacks for `tier` (empty when it can run)."""
+    check = CHECKS.get(tier)
+    return check() if check else []
