@@ -6,6 +6,22 @@ from kmskeys import keyutils
 from kmskeys.names import DEFAULT_PREFIX, description
 
 _USER = b"user"
+# The kernel's `user` and `logon` types hold 1 to 32767 bytes; anything else is EINVAL.
+USER_PAYLOAD_MAX = 32767
+_SIZED_TYPES = (b"user", b"logon")
+
+
+def _check_payload_size(type_: bytes, payload: bytes) -> None:
+    if type_ not in _SIZED_TYPES or 0 < len(payload) <= USER_PAYLOAD_MAX:
+        return
+    from kmskeys.errors import InvalidArgumentError, PayloadTooLargeError
+
+    if not payload:
+        raise InvalidArgumentError(f"a {type_.decode()} key cannot hold an empty payload")
+    raise PayloadTooLargeError(
+        f"a {type_.decode()} key holds at most {USER_PAYLOAD_MAX} bytes, "
+        f"this payload has {len(payload)}"
+    )
 
 
 def _as_bytes(value: str | bytes, what: str) -> bytes:
@@ -78,11 +94,11 @@ class Key:
         keyring: Key | Keyring | int,
     ) -> Key:
         """Add (or update) a key with `payload` in `keyring`."""
+        type_ = _as_bytes(type, "key type")
+        data = _as_bytes(payload, "payload")
+        _check_payload_size(type_, data)
         serial = keyutils.add_key(
-            _as_bytes(type, "key type"),
-            _as_bytes(description, "description"),
-            _as_bytes(payload, "payload"),
-            _serial(keyring),
+            type_, _as_bytes(description, "description"), data, _serial(keyring)
         )
         return cls(serial)
 

@@ -1,0 +1,296 @@
+"""The `kmskeys` front door: get, show, flush here; doctor and the build side loaded on demand.
+
+`kmskeys get` runs in short-lived processes (cron, CGI, shell scripts), so nothing here imports
+boto3 or walks entry points unless a subcommand that needs it is asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from kmskeys import keyutils
+from kmskeys.key import Key
+from kmskeys.names import DEFAULT_PREFIX, description
+
+PROC_KEYS = Path("/proc/keys")
+
+# Exit codes of `kmskeys get` and `kmskeys flush`, one per error class (docs/cli.md).
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_REFUSED = 4
+EXIT_UNAVAILABLE = 5
+EXIT_QUOTA = 6
+EXIT_PERMISSION = 7
+EXIT_STALE = 8
+
+COMMAND_GROUP = "kmskeys.commands"
+
+USAGE = """\
+usage: kmskeys COMMAND [ARGS...]
+
+host commands:
+  get NAME       print the secret NAME (from the kernel cache, or resolved once)
+  show           list the kms keys this process can see, with expiry (never payloads)
+  flush NAME     invalidate the cached key NAME so the next request re-resolves it
+  doctor         check this host's kmskeys set-up and explain each finding
+
+build-side commands (pip install 'kmskeys[encrypt]'):
+  encrypt NAME   encrypt stdin into a blob bound to NAME
+  inspect BLOB   describe a blob without decrypting it
+  bundle ENVFILE encrypt every KEY=VALUE of an env file into DIR/NAME.kms
+
+Run `kmskeys COMMAND --help` for a command's options.
+"""
+
+
+def _exit_code(exc: BaseException) -> int:
+    from kmskeys import errors
+
+    table: tuple[tuple[type[BaseException], int], ...] = (
+        (errors.InvalidNameError, EXIT_USAGE),
+        (errors.KeyNotFoundError, EXIT_NOT_FOUND),
+        (errors.KeyRejectedError, EXIT_REFUSED),
+        (errors.TemporarilyUnavailableError, EXIT_UNAVAILABLE),
+        (errors.QuotaExceededError, EXIT_QUOTA),
+        (PermissionError, EXIT_PERMISSION),
+        (errors.KeyExpiredError, EXIT_STALE),
+        (errors.KeyRevokedError, EXIT_STALE),
+    )
+    return next((code for cls, code in table if isinstance(exc, cls)), EXIT_ERROR)
+
+
+def _fail(prog: str, exc: BaseException) -> int:
+    print(f"{prog}: {exc}", file=sys.stderr)
+    return _exit_code(exc)
+
+
+def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    parser.add_argument(
+        "--prefix",
+        default=DEFAULT_PREFIX,
+        help="description namespace the resolver serves (default: %(default)s)",
+    )
+    return parser
+
+
+def cmd_get(argv: Sequence[str]) -> int:
+    """`kmskeys get NAME [--blob BLOB | --blob-file FILE]`: write the secret to stdout."""
+    parser = _parser("kmskeys get", "Print the secret NAME to stdout, resolving it if needed.")
+    parser.add_argument("name", metavar="NAME")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--blob", help="the blob itself (ciphertext, safe in argv)")
+    source.add_argument("--blob-file", type=Path, help="read the blob from FILE ('-' for stdin)")
+    args = parser.parse_args(argv)
+    from kmskeys.key import get_secret
+
+    try:
+        blob: str | bytes | None = args.blob
+        if args.blob_file is not None:
+            blob = _read_blob_file(args.blob_file)
+        secret = get_secret(args.name, blob, prefix=args.prefix)
+    except Exception as exc:  # every error: one line, one exit code
+        return _fail("kmskeys get", exc)
+    sys.stdout.buffer.write(secret)
+    sys.stdout.buffer.flush()
+    return EXIT_OK
+
+
+def _read_blob_file(path: Path) -> bytes:
+    data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    return data.strip()
+
+
+class ProcKey:
+    """One line of /proc/keys: what the kernel lets this process view, never a payload."""
+
+    __slots__ = ("description", "expiry", "flags", "gid", "serial", "size", "type", "uid")
+
+    def __init__(self, line: str) -> None:
+        fields = line.split(None, 8)
+        self.serial = int(fields[0], 16)
+        self.flags = fields[1]
+        self.expiry = fields[3]
+        self.uid, self.gid = int(fields[5]), int(fields[6])
+        self.type = fields[7]
+        rest = fields[8] if len(fields) > 8 else ""
+        # `user` keys print "DESCRIPTION: DATALEN" once instantiated; negative ones lack the length.
+        self.size: int | None
+        head, sep, tail = rest.rpartition(": ")
+        if sep and tail.strip().isdigit():
+            self.description, self.size = head, int(tail)
+        else:
+            self.description, self.size = rest.rstrip("\n"), None
+
+    @property
+    def state(self) -> str:
+        """instantiated, negative, revoked, invalidated, dead or constructing."""
+        for flag, name in (
+            ("i", "invalidated"),
+            ("D", "dead"),
+            ("R", "revoked"),
+            ("N", "negative"),
+        ):
+            if flag in self.flags:
+                return name
+        return "constructing" if "U" in self.flags else "instantiated"
+
+
+def visible_keys(prefix: str) -> Iterator[ProcKey]:
+    """The live `user` keys under `prefix:` that /proc/keys lists for this process."""
+    with PROC_KEYS.open() as lines:
+        for line in lines:
+            key = ProcKey(line)
+            # Invalidated and dead keys linger in /proc/keys until the key GC runs: skip them.
+            if (
+                key.type == "user"
+                and key.description.startswith(prefix + ":")
+                and key.state not in ("invalidated", "dead")
+            ):
+                yield key
+
+
+def cmd_show(argv: Sequence[str]) -> int:
+    """`kmskeys show`: the cached kms keys this process can see, with their expiry."""
+    parser = _parser("kmskeys show", "List the kms keys this process can see (never payloads).")
+    args = parser.parse_args(argv)
+    try:
+        keys = sorted(visible_keys(args.prefix), key=lambda k: k.description)
+    except OSError as exc:
+        return _fail("kmskeys show", exc)
+    if not keys:
+        print(f"no {args.prefix}: keys visible to this process")
+        return EXIT_OK
+    rows = [("SERIAL", "NAME", "STATE", "EXPIRES", "UID", "BYTES")]
+    rows += [
+        (
+            str(k.serial),
+            k.description.partition(":")[2],
+            k.state,
+            _expiry(k.expiry),
+            str(k.uid),
+            "-" if k.size is None else str(k.size),
+        )
+        for k in keys
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return EXIT_OK
+
+
+def _expiry(field: str) -> str:
+    return {"perm": "never", "expd": "expired"}.get(field, "in " + field)
+
+
+def cmd_flush(argv: Sequence[str]) -> int:
+    """`kmskeys flush NAME`: invalidate every visible cached key for NAME, negative ones too."""
+    parser = _parser(
+        "kmskeys flush", "Invalidate the cached key NAME; the next request re-resolves."
+    )
+    parser.add_argument("name", metavar="NAME")
+    args = parser.parse_args(argv)
+    try:
+        desc = description(args.name, args.prefix)
+        found = []
+        for key in visible_keys(args.prefix):
+            if key.description != desc:
+                continue
+            if key.state == "negative":
+                # An orphaned negative key (linked nowhere we can reach) waits for the GC: skip.
+                if _unlink_from_own_keyrings(key.serial):
+                    found.append(key)
+            else:
+                found.append(key)
+                # Invalidation (not unlink) removes the key from every keyring at once, so no
+                # other process of this user keeps serving the old value after a rotation.
+                Key(key.serial).invalidate()
+    except Exception as exc:  # every error: one line, one exit code
+        return _fail("kmskeys flush", exc)
+    if not found:
+        print(f"{desc}: nothing cached", file=sys.stderr)
+    else:
+        print(f"{desc}: flushed {len(found)} cached key{'s' if len(found) > 1 else ''}")
+    return EXIT_OK
+
+
+def _unlink_from_own_keyrings(serial: int) -> bool:
+    # A negative key cannot be invalidated or revoked: every lookup but unlink's returns its
+    # rejection errno. Unlinking it from this process's keyrings is enough for a new upcall.
+    from kmskeys.errors import KeyctlError
+
+    unlinked = False
+    for ring in (
+        keyutils.KEY_SPEC_THREAD_KEYRING,
+        keyutils.KEY_SPEC_PROCESS_KEYRING,
+        keyutils.KEY_SPEC_SESSION_KEYRING,
+        keyutils.KEY_SPEC_USER_KEYRING,
+        keyutils.KEY_SPEC_USER_SESSION_KEYRING,
+    ):
+        try:
+            keyutils.keyctl_unlink(serial, ring)
+            unlinked = True
+        except KeyctlError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOKEY):
+                raise
+    return unlinked
+
+
+def _doctor(argv: Sequence[str]) -> int:
+    from kmskeys.doctor import main as doctor_main
+
+    code: int = doctor_main(list(argv))
+    return code
+
+
+BUILTINS: dict[str, Callable[[Sequence[str]], int]] = {
+    "get": cmd_get,
+    "show": cmd_show,
+    "flush": cmd_flush,
+    "doctor": _doctor,
+}
+
+
+def _plugin(name: str) -> Callable[[list[str]], int] | None:
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=COMMAND_GROUP, name=name):
+        command: Callable[[list[str]], int] = entry.load()
+        return command
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `kmskeys` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return EXIT_OK if args else EXIT_USAGE
+    command, rest = args[0], args[1:]
+    if command in BUILTINS:
+        return BUILTINS[command](rest)
+    try:
+        plugin = _plugin(command)
+    except ImportError as exc:
+        print(
+            f"kmskeys {command}: not available ({exc.name or exc}); "
+            "install the build side with: pip install 'kmskeys[encrypt]'",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    if plugin is None:
+        print(f"kmskeys: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
+        return EXIT_USAGE
+    return plugin(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The `kmskeys` console script, run as a subprocess against the real keyring."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kmskeys import Keyring
+from kmskeys.cli import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
+from tests.support.names import unique, unique_prefix
+
+pytestmark = pytest.mark.kernel
+
+KMSKEYS = str(Path(sys.executable).with_name("kmskeys"))
+
+
+def run(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    # The child inherits this process's session keyring (the test's fresh one).
+    return subprocess.run(
+        [KMSKEYS, *args], input=stdin, capture_output=True, timeout=30, check=False
+    )
+
+
+def test_get_prints_the_cached_secret_only(session_keyring: Keyring) -> None:
+    prefix, name = unique_prefix(), unique()
+    session_keyring.add("user", f"{prefix}:{name}", b"\x00binary\xffsecret")
+    result = run("get", name, "--prefix", prefix)
+    assert result.returncode == EXIT_OK, result.stderr
+    assert result.stdout == b"\x00binary\xffsecret"
+    assert result.stderr == b""
+
+
+def test_show_lists_names_and_expiry_never_payloads(session_keyring: Keyring) -> None:
+    prefix, name, secret = unique_prefix(), unique(), unique("payload").encode()
+    key = session_keyring.add("user", f"{prefix}:{name}", secret)
+    key.set_timeout(3600)
+    session_keyring.add("user", f"other{prefix}:{name}", b"x")  # another namespace: not shown
+    result = run("show", "--prefix", prefix)
+    assert result.returncode == EXIT_OK, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert lines[0].split() == ["SERIAL", "NAME", "STATE", "EXPIRES", "UID", "BYTES"]
+    assert len(lines) == 2
+    row = lines[1].split()
+    assert row[:3] == [str(key.serial), name, "instantiated"]
+    assert row[3:5] in (["in", "59m"], ["in", "60m"], ["in", "1h"])
+    assert row[-1] == str(len(secret))
+    assert secret not in result.stdout + result.stderr
+
+
+def test_flush_makes_the_next_request_miss(session_keyring: Keyring) -> None:
+    prefix, name = unique_prefix(), unique()
+    session_keyring.add("user", f"{prefix}:{name}", b"v1")
+    flushed = run("flush", name, "--prefix", prefix)
+    assert flushed.returncode == EXIT_OK, flushed.stderr
+    assert b"flushed 1 cached key" in flushed.stdout
+    # No resolver serves this prefix, so the next get cannot be answered from the cache.
+    again = run("get", name, "--prefix", prefix)
+    assert again.returncode == EXIT_NOT_FOUND
+    assert again.stdout == b""
+    # The miss left a negative key behind (request-key's fallback rule negates it for 30 s):
+    # flush removes that too, so a fixed resolver is asked again at once.
+    assert b"negative" in run("show", "--prefix", prefix).stdout
+    assert b"flushed 1 cached key" in run("flush", name, "--prefix", prefix).stdout
+    assert run("flush", name, "--prefix", prefix).stderr.endswith(b"nothing cached\n")
+
+
+def test_get_unknown_secret_exit_code_and_message(session_keyring: Keyring) -> None:
+    result = run("get", unique(), "--prefix", unique_prefix())
+    assert result.returncode == EXIT_NOT_FOUND
+    assert b"ENOKEY" in result.stderr
+    assert b"journalctl -t kmskeys-resolver" in result.stderr
+
+
+@pytest.mark.parametrize("bad", ["../etc/passwd", "a//b", "-rf", "x" * 201, "sp ace"])
+def test_get_refuses_bad_names_before_any_syscall(bad: str) -> None:
+    result = run("get", "--", bad)
+    assert result.returncode == EXIT_USAGE
+    assert b"secret name" in result.stderr
+
+
+def test_get_reads_the_blob_from_a_file_or_stdin(session_keyring: Keyring, tmp_path: Path) -> None:
+    prefix, name = unique_prefix(), unique()
+    session_keyring.add("user", f"{prefix}:{name}", b"cached")
+    blob = tmp_path / "blob"
+    blob.write_text("Q0lDSQ==\n")
+    # A cached key is served whatever blob is passed: the callout only matters on a miss.
+    assert run("get", name, "--prefix", prefix, "--blob-file", str(blob)).stdout == b"cached"
+    piped = run("get", name, "--prefix", prefix, "--blob-file", "-", stdin=b"Q0lDSQ==")
+    assert piped.stdout == b"cached"
+
+
+def test_unknown_command_and_usage() -> None:
+    assert run().returncode == EXIT_USAGE
+    assert run("--help").returncode == EXIT_OK
+    unknown = run("frobnicate")
+    assert unknown.returncode == EXIT_USAGE
+    assert b"unknown command 'frobnicate'" in unknown.stderr
+
+
+def test_client_paths_never_import_boto3_or_pycparser(session_keyring: Keyring) -> None:
+    prefix, name = unique_prefix(), unique()
+    session_keyring.add("user", f"{prefix}:{name}", b"x")
+    probe = (
+        "import sys, io, kmskeys, kmskeys.cli\n"
+        f"kmskeys.get_secret({name!r}, prefix={prefix!r})\n"
+        "sys.stdout = io.TextIOWrapper(io.BytesIO())\n"
+        f"kmskeys.cli.main(['get', {name!r}, '--prefix', {prefix!r}])\n"
+        f"kmskeys.cli.main(['show', '--prefix', {prefix!r}])\n"
+        "sys.stdout = sys.__stdout__\n"
+        "heavy = ('boto3', 'botocore', 'pycparser', 'cryptography', 'typing')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy and m != 'typing'))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, env=env, check=True)
+    assert out.stdout.decode().strip() == "[]"
+
+
+def test_plain_import_stays_lean() -> None:
+    # The fresh-process budget is a few milliseconds: `import kmskeys` must not pull in typing,
+    # re or the error classes (they load on the first error).
+    probe = (
+        "import sys; before = set(sys.modules); import kmskeys\n"
+        "print(sorted({'typing', 're', 'kmskeys.errors'} & (set(sys.modules) - before)))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=True)
+    assert out.stdout.decode().strip() == "[]"

@@ -1,0 +1,264 @@
+"""Key and Keyring against the real kernel keyring, each test in a fresh session keyring."""
+
+from __future__ import annotations
+
+import errno
+import time
+from pathlib import Path
+
+import pytest
+
+import kmskeys
+from kmskeys import Key, Keyring
+from kmskeys.errors import (
+    InvalidArgumentError,
+    KeyExpiredError,
+    KeyNotFoundError,
+    KeyPermissionError,
+    KeyRejectedError,
+    KeyRevokedError,
+    KeyTypeUnavailableError,
+    KmsKeysError,
+    OperationNotPermittedError,
+    PayloadTooLargeError,
+    QuotaExceededError,
+)
+from tests.support.names import unique
+from tests.support.proc import NOBODY, run_as
+from tests.support.request_key_rule import request_key_rule
+
+pytestmark = pytest.mark.kernel
+
+
+def desc() -> str:
+    return f"kms:{unique()}"
+
+
+def test_round_trip_add_request_read_describe(session_keyring: Keyring) -> None:
+    name = desc()
+    added = Key.add("user", name, b"s3cret-payload", session_keyring)
+    found = Key.request(name)
+    assert found == added
+    assert found.read() == b"s3cret-payload"
+    info = found.describe()
+    assert (info.type, info.uid, info.gid, info.description) == ("user", 0, 0, name)
+    assert info.perm & 0x3F000000 == 0x3F000000  # possessor has every right
+    assert found in session_keyring.list()
+
+
+@pytest.mark.parametrize(
+    ("description", "payload"),
+    [("str", "str"), (b"bytes", b"bytes"), ("str", b"bytes"), (b"bytes", "str")],
+)
+def test_str_and_bytes_inputs(
+    session_keyring: Keyring, description: str | bytes, payload: str | bytes
+) -> None:
+    name = desc()
+    d = name if isinstance(description, str) else name.encode()
+    p = "päyload ✓" if isinstance(payload, str) else "päyload ✓".encode()
+    key = Key.add("user", d, p, session_keyring)
+    assert Key.request(d).read() == "päyload ✓".encode()
+    assert key.describe().description == name
+
+
+def test_binary_payload_is_byte_exact(session_keyring: Keyring) -> None:
+    payload = bytes(range(256)) * 4 + b"\x00\x00trailing-nul\x00"
+    key = session_keyring.add("user", desc(), payload)
+    assert key.read() == payload
+
+
+def test_largest_user_payload_round_trips(session_keyring: Keyring) -> None:
+    payload = bytes(i % 251 for i in range(32767))
+    assert session_keyring.add("user", desc(), payload).read() == payload
+
+
+def test_oversized_payload_is_a_clear_error(session_keyring: Keyring) -> None:
+    with pytest.raises(PayloadTooLargeError, match="at most 32767 bytes"):
+        session_keyring.add("user", desc(), b"x" * 32768)
+
+
+def test_empty_payload_is_a_clear_error(session_keyring: Keyring) -> None:
+    # The kernel's `user` type refuses 0-byte payloads (EINVAL); say so before the syscall.
+    with pytest.raises(InvalidArgumentError, match="empty payload"):
+        session_keyring.add("user", desc(), b"")
+
+
+def test_timeout_expires_the_key(session_keyring: Keyring) -> None:
+    key = session_keyring.add("user", desc(), b"short-lived")
+    key.set_timeout(1)
+    assert key.read() == b"short-lived"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            key.read()
+        except KeyExpiredError as exc:
+            assert exc.errno == errno.EKEYEXPIRED
+            return
+        time.sleep(0.1)
+    pytest.fail("key did not expire within 5 s of a 1 s timeout")
+
+
+def test_revoke(session_keyring: Keyring) -> None:
+    key = session_keyring.add("user", desc(), b"x")
+    key.revoke()
+    with pytest.raises(KeyRevokedError):
+        key.read()
+
+
+def test_invalidate_removes_key_everywhere(session_keyring: Keyring) -> None:
+    name = desc()
+    key = session_keyring.add("user", name, b"x")
+    key.invalidate()
+    # The serial is dead to us: it is unlinked (so no longer possessed, EACCES) until the key GC
+    # frees it (then ENOKEY); which one depends on the GC's timing.
+    with pytest.raises((KeyNotFoundError, KeyPermissionError)):
+        key.read()
+    with pytest.raises(KeyNotFoundError):
+        Key.request(name)
+
+
+def test_unlink_and_link(session_keyring: Keyring) -> None:
+    key = session_keyring.add("user", desc(), b"x")
+    other = Keyring(Key.add("keyring", unique("ring"), b"", session_keyring).serial)
+    key.link(other)
+    assert other.list() == [key]
+    key.unlink(other)
+    assert other.list() == []
+    other.link_key(key)
+    assert other.search(key.describe().description) == key
+    other.unlink_key(key)
+    assert other.list() == []
+
+
+def test_null_callout_never_upcalls(session_keyring: Keyring) -> None:
+    # request_key(2) with a NULL callout only searches: ENOKEY at once, no key is constructed.
+    name = desc()
+    with pytest.raises(KeyNotFoundError):
+        Key.request(name)
+    assert name not in Path("/proc/keys").read_text()
+
+
+def test_special_keyrings_resolve() -> None:
+    serials = {
+        "thread": Keyring.thread().serial,
+        "process": Keyring.process().serial,
+        "session": Keyring.session().serial,
+        "user": Keyring.user().serial,
+        "user_session": Keyring.user_session().serial,
+    }
+    assert all(serial > 0 for serial in serials.values()), serials
+    assert len(set(serials.values())) == len(serials)
+    assert Keyring.user().describe().type == "keyring"
+
+
+def test_join_session_gives_a_new_empty_keyring(session_keyring: Keyring) -> None:
+    session_keyring.add("user", desc(), b"x")
+    fresh = Keyring.join_session()
+    assert fresh != session_keyring
+    assert Keyring.session() == fresh
+    assert fresh.list() == []
+
+
+def test_other_uid_cannot_read_the_key(session_keyring: Keyring) -> None:
+    key = session_keyring.add("user", desc(), b"root-only")
+    result = run_as(NOBODY, NOBODY, key.read)
+    assert result == {"error": "KeyPermissionError", "errno": errno.EACCES}
+
+
+def test_other_uid_cannot_find_the_key_by_search(session_keyring: Keyring) -> None:
+    name = desc()
+    session_keyring.add("user", name, b"root-only")
+    result = run_as(NOBODY, NOBODY, lambda: Key.request(name).serial)
+    assert result == {"error": "KeyNotFoundError", "errno": errno.ENOKEY}
+
+
+# One test per errno class: each producer makes the kernel answer with that errno.
+def _enokey(ring: Keyring) -> None:
+    Key.request(desc())
+
+
+def _ekeyexpired(ring: Keyring) -> None:
+    key = ring.add("user", desc(), b"x")
+    key.set_timeout(1)
+    time.sleep(1.5)
+    key.read()
+
+
+def _ekeyrevoked(ring: Keyring) -> None:
+    key = ring.add("user", desc(), b"x")
+    key.revoke()
+    key.read()
+
+
+def _eacces(ring: Keyring) -> None:
+    key = ring.add("user", desc(), b"x")
+    key.setperm(0)
+    key.read()
+
+
+def _eperm(ring: Keyring) -> None:
+    ring.add(".request_key_auth", desc(), b"x")  # key types named with a leading '.' are internal
+
+
+def _edquot(ring: Keyring) -> None:
+    def fill() -> None:
+        session = Keyring.session()
+        for i in range(400):  # far past the default 200 keys / 20000 bytes of a non-root uid
+            session.add("user", f"kms:{unique()}-{i}", b"q" * 2000)
+
+    result = run_as(NOBODY, NOBODY, fill)
+    raise kmskeys.errors.error_for_errno(result["errno"], "add_key")  # type: ignore[index]
+
+
+def _einval(ring: Keyring) -> None:
+    Key.request("user", callout_info="x" * 4096)  # callout info is capped at 4095 bytes
+
+
+def _enodev(ring: Keyring) -> None:
+    ring.add("no_such_key_type", desc(), b"x")
+
+
+@pytest.mark.parametrize(
+    ("producer", "cls", "err"),
+    [
+        (_enokey, KeyNotFoundError, errno.ENOKEY),
+        (_ekeyexpired, KeyExpiredError, errno.EKEYEXPIRED),
+        (_ekeyrevoked, KeyRevokedError, errno.EKEYREVOKED),
+        (_eacces, KeyPermissionError, errno.EACCES),
+        (_eperm, OperationNotPermittedError, errno.EPERM),
+        (_edquot, QuotaExceededError, errno.EDQUOT),
+        (_einval, InvalidArgumentError, errno.EINVAL),
+        (_enodev, KeyTypeUnavailableError, errno.ENODEV),
+    ],
+    ids=lambda v: getattr(v, "__name__", str(v)),
+)
+def test_errno_class(
+    session_keyring: Keyring, producer: object, cls: type[KmsKeysError], err: int
+) -> None:
+    with pytest.raises(cls) as info:
+        producer(session_keyring)  # type: ignore[operator]
+    assert info.value.errno == err
+    assert isinstance(info.value, KmsKeysError)
+
+
+@pytest.mark.upcall
+def test_rejected_by_a_request_key_handler_is_its_own_class(session_keyring: Keyring) -> None:
+    with (
+        request_key_rule("/bin/keyctl reject %k 5 rejected %S") as prefix,
+        pytest.raises(KeyRejectedError) as info,
+    ):
+        kmskeys.get_secret(unique(), prefix=prefix)
+    assert info.value.errno == errno.EKEYREJECTED
+    assert "journalctl -t kmskeys-resolver" in str(info.value)
+
+
+@pytest.mark.upcall
+def test_get_secret_without_blob_still_upcalls(session_keyring: Keyring) -> None:
+    with request_key_rule("/bin/keyctl instantiate %k upcalled %S") as prefix:
+        name = unique()
+        with pytest.raises(KeyNotFoundError):
+            Key.request(f"{prefix}:{name}")  # NULL callout: no upcall
+        assert kmskeys.get_secret(name, prefix=prefix) == b"upcalled"
+        # The essay's call form, with the blob as callout info.
+        key = Key.request(f"{prefix}:{unique()}".encode(), callout_info=b"Q0lDSQ==")
+        assert key.read() == b"upcalled"
