@@ -1,0 +1,97 @@
+"""Run every benchmark row in one process and one sitting; print and record the table.
+
+The machine is shared and noisy, so rows compare against a baseline measured in the same run
+and report ratios first. Results go to bench/results.md and the README's results table.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.bench.common import BenchContext, Row
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "bench" / "results.md"
+README = ROOT / "README.md"
+MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+# Row modules, in table order. Each exposes rows(ctx) -> list[Row].
+MODULES = ["tests.bench.client", "tests.bench.miss"]
+
+
+def machine() -> str:
+    """One line naming the machine the table was measured on."""
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{platform.system()} {platform.release()}, {os.cpu_count()} vCPU ({cpu}), "
+        f"Python {platform.python_version()}"
+    )
+
+
+def render(rows: list[Row], took: float) -> str:
+    """The markdown table with its header lines."""
+    today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    lines = [
+        f"Measured {today} on {machine()}; `make bench` took {took:.0f} s.",
+        "",
+        "| row | kmskeys | baseline | ratio | budget | within |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['row']} | {r['value']} | {r['baseline']} | **{r['ratio']}** | {r['budget']} | "
+        f"{'yes' if r['ok'] else '**no**'} |"
+        for r in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(table: str) -> None:
+    """Replace the table between the bench markers in README.md."""
+    if not README.exists():
+        return
+    text = README.read_text()
+    pattern = re.compile(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), re.S)
+    if pattern.search(text):
+        README.write_text(pattern.sub(f"{MARK_START}\n{table}{MARK_END}", text))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the rows of the named modules (default: all) and write the results."""
+    names = (argv if argv is not None else sys.argv[1:]) or MODULES
+    started = time.monotonic()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="kmst-bench-") as tmp:
+        ctx = BenchContext(tmp=Path(tmp))
+        for name in names:
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            rows += importlib.import_module(name).rows(ctx)
+    table = render(rows, time.monotonic() - started)
+    print(table)
+    if names == MODULES:
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text("# kmskeys benchmark results\n\n" + table)
+        update_readme(table)
+    over = [r["row"] for r in rows if not r["ok"]]
+    if over:
+        # A measurement, not a gate: say plainly which budgets are missed.
+        print("over budget: " + "; ".join(over), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
