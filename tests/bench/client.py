@@ -40,7 +40,9 @@ def hit_row(ctx: BenchContext, desc: str) -> Row:
     exe = _compile_hit(ctx)
     ratios, py_ns, c_ns = [], [], []
     for _ in range(HIT_ROUNDS):
-        out = subprocess.run([str(exe), desc, str(HIT_ITERATIONS)], capture_output=True, text=True)
+        out = subprocess.run(
+            [str(exe), desc, str(HIT_ITERATIONS)], capture_output=True, text=True, check=True
+        )
         c = float(out.stdout)
         py = _python_hit_ns(desc.encode())
         c_ns.append(c)
@@ -49,11 +51,11 @@ def hit_row(ctx: BenchContext, desc: str) -> Row:
     ratio = median(ratios)
     return row(
         "hit per call: Key.request + read",
-        f"{median(py_ns) / 1000:.2f} µs",
-        f"C request_key + keyctl_read {median(c_ns) / 1000:.2f} µs",
-        f"{ratio:.2f}×",
-        "≤ 2.0×",
-        ratio <= 2.0,
+        value=f"{median(py_ns) / 1000:.2f} µs",
+        baseline=f"C request_key + keyctl_read {median(c_ns) / 1000:.2f} µs",
+        ratio=f"{ratio:.2f}x",
+        budget="≤ 2.0x",
+        ok=ratio <= 2.0,
     )
 
 
@@ -67,11 +69,11 @@ def fresh_row(ctx: BenchContext, name: str, prefix: str) -> Row:
     delta_ms = (median(client) - median(bare)) * 1000
     return row(
         "fresh process time-to-secret (cached key)",
-        f"{median(client) * 1000:.1f} ms",
-        f"python -c pass {median(bare) * 1000:.1f} ms",
-        f"+{delta_ms:.1f} ms",
-        "≤ +5 ms",
-        delta_ms <= 5.0,
+        value=f"{median(client) * 1000:.1f} ms",
+        baseline=f"python -c pass {median(bare) * 1000:.1f} ms",
+        ratio=f"+{delta_ms:.1f} ms",
+        budget="≤ +5 ms",
+        ok=delta_ms <= 5.0,
     )
 
 

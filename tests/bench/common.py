@@ -32,7 +32,7 @@ class BenchContext:
     notes: list[str] = field(default_factory=list)
 
 
-def row(name: str, value: str, baseline: str, ratio: str, budget: str, ok: bool) -> Row:
+def row(name: str, *, value: str, baseline: str, ratio: str, budget: str, ok: bool) -> Row:
     """Build a table row."""
     return Row(row=name, value=value, baseline=baseline, ratio=ratio, budget=budget, ok=ok)
 
