@@ -79,7 +79,7 @@ class Key:
         """
         # This is the client's hot path (budget: 2x C): plain bytes skip the conversions.
         if type.__class__ is not bytes:
-            type = _as_bytes(type, "key type")  # noqa: A001
+            type = _as_bytes(type, "key type")
         if description.__class__ is not bytes:
             description = _as_bytes(description, "description")
         if callout_info is not None and callout_info.__class__ is not bytes:
