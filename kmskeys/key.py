@@ -86,9 +86,9 @@ class Key:
             callout_info = _as_bytes(callout_info, "callout info")
         key = object.__new__(cls)
         key.serial = keyutils.request_key(
-            type,  # type: ignore[arg-type]
-            description,  # type: ignore[arg-type]
-            callout_info,  # type: ignore[arg-type]
+            type,
+            description,
+            callout_info,
             0 if destination is None else _serial(destination),
         )
         return key
