@@ -1,0 +1,307 @@
+"""`kmskeys encrypt / inspect / bundle`: the build side's commands, loaded by the front door.
+
+Each entry point takes the arguments after the subcommand and returns an exit code. Failures are
+one line on stderr with a distinct exit code (encryptor.errors), never a traceback or a secret.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from encryptor.errors import EXIT_INPUT, EXIT_KMS, EXIT_OK, EncryptorError, UsageError
+from kmskeys.errors import KmsKeysError
+
+CALLOUT_MAX = 4095  # request-key callout info is capped at PAGE_SIZE - 1 bytes
+KEY_ID_ENV = "KMSKEYS_KEY_ID"
+DEBUG_ENV = "KMSKEYS_DEBUG"
+
+
+def encrypt_main(argv: Sequence[str] | None = None) -> int:
+    """`kmskeys encrypt NAME --key-id KEY`: read a secret from stdin or --input, print its blob."""
+    parser = argparse.ArgumentParser(
+        prog="kmskeys encrypt",
+        description="Encrypt a secret (stdin, or --input FILE) into a blob bound to NAME. The "
+        "secret is taken byte for byte: `printf %s` avoids a trailing newline.",
+    )
+    parser.add_argument("name", metavar="NAME", help="the secret's name, requested as kms:NAME")
+    _key_options(parser)
+    parser.add_argument("--input", metavar="FILE", default="-", help="read the secret from FILE")
+    parser.add_argument("--output", metavar="FILE", type=Path, help="write the blob to FILE")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument(
+        "--envelope",
+        action="store_true",
+        help="always use envelope mode (automatic above 4096 bytes)",
+    )
+    modes.add_argument(
+        "--raw",
+        action="store_true",
+        help="legacy: bare base64 KMS ciphertext with no context (interoperability only)",
+    )
+    _aws_options(parser)
+    return _run(parser, argv, _encrypt)
+
+
+def inspect_main(argv: Sequence[str] | None = None) -> int:
+    """`kmskeys inspect [BLOB | FILE | -]`: describe a blob without decrypting it."""
+    parser = argparse.ArgumentParser(
+        prog="kmskeys inspect",
+        description="Describe a blob (version, mode, bindings, expiry, key, size). Never decrypts.",
+    )
+    parser.add_argument(
+        "blob",
+        metavar="BLOB|FILE|-",
+        nargs="?",
+        default="-",
+        help="the blob text, a file holding it, or - for stdin (the default)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the description as JSON")
+    return _run(parser, argv, _inspect)
+
+
+def bundle_main(argv: Sequence[str] | None = None) -> int:
+    """`kmskeys bundle ENVFILE --key-id KEY --output-dir DIR`: one blob file per secret."""
+    parser = argparse.ArgumentParser(
+        prog="kmskeys bundle",
+        description="Encrypt every KEY=VALUE of an env file into DIR/KEY.kms (mode 0644, atomic). "
+        "A bad line fails the whole bundle before anything is written.",
+    )
+    parser.add_argument("envfile", metavar="ENVFILE", help="the env file, or - for stdin")
+    parser.add_argument(
+        "--output-dir", metavar="DIR", type=Path, required=True, help="where NAME.kms files go"
+    )
+    _key_options(parser)
+    _aws_options(parser)
+    return _run(parser, argv, _bundle)
+
+
+def _key_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--key-id",
+        metavar="KEY",
+        default=os.environ.get(KEY_ID_ENV) or None,
+        help=f"KMS key id, ARN, alias/NAME or alias ARN (default: ${KEY_ID_ENV})",
+    )
+    parser.add_argument("--user", metavar="USER", help="bind to this host user (DPAPI user scope)")
+    parser.add_argument(
+        "--not-after", metavar="WHEN", help="expiry: ISO 8601 (2030-01-31T00:00:00Z) or +30d, +12h"
+    )
+    parser.add_argument(
+        "--context",
+        metavar="K=V",
+        action="append",
+        default=[],
+        help="extra authenticated context entry (repeatable)",
+    )
+
+
+def _aws_options(parser: argparse.ArgumentParser) -> None:
+    aws = parser.add_argument_group("AWS (defaults: the usual AWS environment and config files)")
+    aws.add_argument("--region", help="AWS region (default: $AWS_REGION, then the profile)")
+    aws.add_argument("--profile", help="AWS profile (default: $AWS_PROFILE)")
+    aws.add_argument(
+        "--endpoint-url", metavar="URL", help="KMS endpoint (default: $AWS_ENDPOINT_URL)"
+    )
+
+
+def _run(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    command: Callable[[argparse.Namespace], int],
+) -> int:
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as exit_:  # --help, or a usage error argparse already printed
+        return exit_.code if isinstance(exit_.code, int) else EXIT_INPUT
+    try:
+        return command(args)
+    except EncryptorError as exc:
+        return _fail(parser.prog, str(exc), exc.exit_code)
+    except KmsKeysError as exc:  # a blob or name the shared kmskeys checks refused
+        return _fail(parser.prog, str(exc), EXIT_INPUT)
+    except KeyboardInterrupt:
+        return _fail(parser.prog, "interrupted", 130)
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        # Only the type: an unexpected message could quote data we were handed.
+        return _fail(
+            parser.prog,
+            f"unexpected {type(exc).__name__}; set {DEBUG_ENV}=1 for a traceback",
+            EXIT_KMS,
+        )
+
+
+def _fail(prog: str, message: str, code: int) -> int:
+    print(f"{prog}: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def _aws(args: argparse.Namespace) -> dict[str, Any]:
+    return {"region": args.region, "profile": args.profile, "endpoint_url": args.endpoint_url}
+
+
+def _require_key_id(args: argparse.Namespace) -> str:
+    if not args.key_id:
+        raise UsageError(f"--key-id is required (or set {KEY_ID_ENV})")
+    key_id: str = args.key_id
+    return key_id
+
+
+def _encrypt(args: argparse.Namespace) -> int:
+    from encryptor.encryption import (
+        MAX_SECRET,
+        TOO_BIG,
+        encrypt,
+        encrypt_raw,
+        parse_context_option,
+    )
+    from encryptor.files import read_bounded, write_atomic
+    from kmskeys.names import validate_name
+
+    key_id = _require_key_id(args)
+    validate_name(args.name)
+    if args.raw and (args.user or args.not_after or args.context):
+        raise UsageError("--raw makes an unbound legacy blob: no --user, --not-after or --context")
+    context = parse_context_option(args.context)
+    if args.input == "-" and sys.stdin.isatty():
+        print("reading the secret from stdin; end it with Ctrl-D", file=sys.stderr)
+    plaintext = read_bounded(args.input, MAX_SECRET, "the secret", TOO_BIG)
+    if args.raw:
+        blob = encrypt_raw(plaintext, key_id, **_aws(args))
+        print("note: --raw blobs are legacy: not bound to any name or user", file=sys.stderr)
+    else:
+        blob = encrypt(
+            plaintext,
+            args.name,
+            key_id,
+            user=args.user,
+            not_after=args.not_after,
+            context=context,
+            envelope=True if args.envelope else None,
+            **_aws(args),
+        )
+    del plaintext
+    text = blob.to_text()
+    if len(text) > CALLOUT_MAX:
+        print(
+            f"note: this blob is {len(text)} characters, over the {CALLOUT_MAX}-byte request-key "
+            f"callout info limit: deploy it as the file BLOB_DIR/{args.name}.kms on the host "
+            "instead of passing it as callout info",
+            file=sys.stderr,
+        )
+    if args.output is not None:
+        write_atomic(args.output, (text + "\n").encode("ascii"))
+    else:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    return EXIT_OK
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from encryptor.files import read_bounded
+    from kmskeys.blob import MAX_BLOB_CHARS, PREFIX, parse_blob
+
+    source: str = args.blob
+    data: str | bytes
+    if source == "-":
+        data = read_bounded("-", MAX_BLOB_CHARS, "the blob")
+    elif source.startswith(PREFIX) and ":" in source:
+        data = source
+    elif Path(source).is_file():
+        data = read_bounded(source, MAX_BLOB_CHARS, "the blob")
+    else:
+        data = source  # bare text: perhaps a legacy blob
+    blob = parse_blob(data, allow_legacy=True)
+    not_after = blob.not_after
+    size = blob.size
+    description: dict[str, Any] = {
+        "version": blob.version,
+        "mode": blob.mode,
+        "binds_name": blob.mode != "legacy",
+        "binds_user": blob.binds_user,
+        "not_after": None if not_after is None else not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "expired": not_after is not None and not_after <= datetime.now(UTC),
+        "key_arn": blob.key_arn,
+        "size": size,
+        "fits_callout": size <= CALLOUT_MAX,
+        "context": {k: v for k, v in blob.metadata.items() if k != "kmskeys_not_after"},
+    }
+    if args.json:
+        print(json.dumps(description, indent=2, sort_keys=True))
+        return EXIT_OK
+    rows = [
+        ("version", str(blob.version)),
+        ("mode", blob.mode),
+        (
+            "name",
+            "bound: decrypts only when requested as kms:NAME for the name it was encrypted for"
+            if description["binds_name"]
+            else "not bound (legacy blob)",
+        ),
+        (
+            "user",
+            "bound: decrypts only for the host user it was encrypted for"
+            if blob.binds_user
+            else "not bound (machine scope)",
+        ),
+        (
+            "not_after",
+            "none"
+            if not_after is None
+            else description["not_after"] + (" (expired)" if description["expired"] else ""),
+        ),
+        ("key_arn", blob.key_arn or "unknown (legacy blob)"),
+        (
+            "size",
+            f"{size} characters"
+            + (
+                " (fits in request-key callout info)"
+                if description["fits_callout"]
+                else f" (over {CALLOUT_MAX}: deploy as a file in the resolver's blob_dir)"
+            ),
+        ),
+        (
+            "context",
+            ", ".join(f"{k}={v}" for k, v in description["context"].items()) or "none",
+        ),
+    ]
+    for label, value in rows:
+        print(f"{label:<10} {value}")
+    return EXIT_OK
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from encryptor.bundle import MAX_ENVFILE, bundle
+    from encryptor.encryption import parse_context_option
+    from encryptor.files import read_bounded
+
+    key_id = _require_key_id(args)
+    context = parse_context_option(args.context)
+    data = read_bounded(args.envfile, MAX_ENVFILE, "the env file")
+    results = bundle(
+        data,
+        key_id,
+        args.output_dir,
+        user=args.user,
+        not_after=args.not_after,
+        context=context,
+        **_aws(args),
+    )
+    header = ("NAME", "BYTES", "MODE", "BLOB", "KEY")
+    rows = [(r.name, str(r.size), r.mode, str(len(r.blob.to_text())), r.key_arn) for r in results]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(
+            f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:<{widths[2]}}  "
+            f"{row[3]:>{widths[3]}}  {row[4]}"
+        )
+    print(f"wrote {len(results)} blob file(s) to {args.output_dir}", file=sys.stderr)
+    return EXIT_OK

@@ -1,0 +1,223 @@
+"""Turn one secret into a blob bound to its name (and optionally a user): the library API."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from encryptor import envelope as _envelope
+from encryptor import kms
+from encryptor.errors import InputError, KmsError
+from encryptor.expiry import parse_when
+from kmskeys.blob import (
+    CONTEXT_NAME,
+    CONTEXT_NOT_AFTER,
+    CONTEXT_USER,
+    MODE_DIRECT,
+    RESERVED_CONTEXT_PREFIX,
+    VERSION,
+    Blob,
+    BlobFormatError,
+    check_context_key,
+    check_context_value,
+    format_not_after,
+)
+from kmskeys.errors import InvalidNameError
+from kmskeys.names import validate_name
+
+if TYPE_CHECKING:
+    from mypy_boto3_kms import KMSClient
+
+DIRECT_MAX = 4096  # KMS Encrypt takes at most 4096 bytes of plaintext
+MAX_SECRET = 32767  # the kernel's `user` key payload limit
+CALLOUT_MAX = 4095  # request-key callout info is capped at PAGE_SIZE - 1 bytes
+MAX_USER = 256
+TOO_BIG = (
+    f"the secret is over {MAX_SECRET} bytes: a kernel `user` key cannot hold it; "
+    "store a smaller secret (e.g. a key that decrypts a file)"
+)
+_USER_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.@-$")
+
+
+def encrypt(
+    plaintext: bytes,
+    name: str,
+    key_id: str,
+    *,
+    user: str | None = None,
+    not_after: datetime | str | None = None,
+    context: Mapping[str, str] | None = None,
+    envelope: bool | None = None,
+    client: KMSClient | None = None,
+    region: str | None = None,
+    profile: str | None = None,
+    endpoint_url: str | None = None,
+) -> Blob:
+    """Encrypt `plaintext` into a Blob bound to `name` (and `user`); `.to_text()` to deploy it.
+
+    Envelope mode is chosen above 4096 bytes unless `envelope` says otherwise. `not_after` is
+    an aware datetime, ISO 8601 text or `+30d`. `client` overrides region/profile/endpoint_url.
+    """
+    plaintext = check_plaintext(plaintext)
+    name = _name(name)
+    key_id = check_key_id(key_id)
+    metadata = build_metadata(not_after=not_after, context=context)
+    binds_user = user is not None
+    request_context = {CONTEXT_NAME: name}
+    if user is not None:
+        request_context[CONTEXT_USER] = check_user(user)
+    request_context.update(metadata)
+
+    use_envelope = len(plaintext) > DIRECT_MAX if envelope is None else envelope
+    if not use_envelope and len(plaintext) > DIRECT_MAX:
+        raise InputError(
+            f"direct mode holds at most {DIRECT_MAX} bytes ({len(plaintext)} given); "
+            "use envelope mode"
+        )
+    client = client or kms.make_client(region=region, profile=profile, endpoint_url=endpoint_url)
+    if use_envelope:
+        generated = kms.call(
+            "GenerateDataKey",
+            client.generate_data_key,
+            KeyId=key_id,
+            KeySpec="AES_256",
+            EncryptionContext=request_context,
+        )
+        return _envelope.seal(
+            key_arn=_returned_key(generated.get("KeyId")),
+            binds_user=binds_user,
+            metadata=metadata,
+            wrapped_key=generated["CiphertextBlob"],
+            data_key=generated["Plaintext"],
+            context=request_context,
+            plaintext=plaintext,
+        )
+    encrypted = kms.call(
+        "Encrypt",
+        client.encrypt,
+        KeyId=key_id,
+        Plaintext=plaintext,
+        EncryptionContext=request_context,
+    )
+    return Blob(
+        version=VERSION,
+        mode=MODE_DIRECT,
+        key_arn=_returned_key(encrypted.get("KeyId")),
+        binds_user=binds_user,
+        metadata=metadata,
+        ciphertext=encrypted["CiphertextBlob"],
+    )
+
+
+def encrypt_raw(
+    plaintext: bytes,
+    key_id: str,
+    *,
+    client: KMSClient | None = None,
+    region: str | None = None,
+    profile: str | None = None,
+    endpoint_url: str | None = None,
+) -> Blob:
+    """A legacy blob: bare KMS ciphertext with no encryption context (interoperability only)."""
+    plaintext = check_plaintext(plaintext)
+    key_id = check_key_id(key_id)
+    if len(plaintext) > DIRECT_MAX:
+        raise InputError(f"a raw (legacy) blob holds at most {DIRECT_MAX} bytes")
+    client = client or kms.make_client(region=region, profile=profile, endpoint_url=endpoint_url)
+    encrypted = kms.call("Encrypt", client.encrypt, KeyId=key_id, Plaintext=plaintext)
+    return Blob(
+        version=0,
+        mode="legacy",
+        key_arn=None,
+        binds_user=False,
+        ciphertext=encrypted["CiphertextBlob"],
+    )
+
+
+def check_plaintext(plaintext: bytes) -> bytes:
+    """`plaintext` if it is non-empty bytes that fit a `user` key, else InputError."""
+    if not isinstance(plaintext, bytes | bytearray | memoryview):
+        raise InputError(f"the secret must be bytes, not {type(plaintext).__name__}")
+    plaintext = bytes(plaintext)
+    if not plaintext:
+        raise InputError("the secret is empty")
+    if len(plaintext) > MAX_SECRET:
+        raise InputError(TOO_BIG)
+    return plaintext
+
+
+def check_key_id(key_id: str) -> str:
+    """`key_id` (key id, ARN, alias name or alias ARN) if it is plausible, else InputError."""
+    if (
+        not isinstance(key_id, str)
+        or not 0 < len(key_id) <= 2048
+        or not key_id.isascii()
+        or not key_id.isprintable()
+        or " " in key_id
+    ):
+        raise InputError("--key-id must be a KMS key id, key ARN, alias name or alias ARN")
+    return key_id
+
+
+def check_user(user: str) -> str:
+    """`user` if it looks like a host user name (the resolver supplies the real one), else raise."""
+    if (
+        not isinstance(user, str)
+        or not 0 < len(user) <= MAX_USER
+        or user[0] == "-"
+        or not _USER_CHARS.issuperset(user)
+    ):
+        raise InputError("--user must be a host user name (letters, digits and _ . @ - $)")
+    return user
+
+
+def build_metadata(
+    *, not_after: datetime | str | None = None, context: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The authenticated metadata a blob carries: `kmskeys_not_after` plus custom entries."""
+    metadata: dict[str, str] = {}
+    for key, value in (context or {}).items():
+        if isinstance(key, str) and key.startswith(RESERVED_CONTEXT_PREFIX):
+            raise InputError(
+                f"--context key {key[:40]!r}: keys starting with {RESERVED_CONTEXT_PREFIX!r} "
+                "are reserved (use --user / --not-after)"
+            )
+        try:
+            metadata[check_context_key(key)] = check_context_value(value)
+        except BlobFormatError as exc:
+            raise InputError(f"--context {str(key)[:40]!r}: {exc.reason}") from None
+    if not_after is not None:
+        when = parse_when(not_after) if isinstance(not_after, str) else not_after
+        try:
+            metadata[CONTEXT_NOT_AFTER] = format_not_after(when)
+        except ValueError as exc:
+            raise InputError(f"--not-after: {exc}") from None
+    return metadata
+
+
+def parse_context_option(pairs: list[str]) -> dict[str, str]:
+    """`K=V` strings from `--context` into a dict; duplicates and missing `=` are errors."""
+    context: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--context {pair[:40]!r} must look like KEY=VALUE")
+        if key in context:
+            raise InputError(f"--context {key[:40]!r} given twice")
+        context[key] = value
+    return context
+
+
+def _name(name: str) -> str:
+    try:
+        return validate_name(name)
+    except InvalidNameError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _returned_key(key_id: object) -> str:
+    # The ARN KMS says it used is what the blob records and what the resolver will pin.
+    if not isinstance(key_id, str) or not key_id:
+        raise KmsError("KMS returned no KeyId; refusing to write a blob without its key ARN")
+    return key_id

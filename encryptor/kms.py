@@ -1,0 +1,151 @@
+"""The KMS client the build side uses, and the mapping of botocore failures onto our errors.
+
+AWS conventions: the usual credential chain, `--region/--profile/--endpoint-url` over
+AWS_REGION / AWS_PROFILE / AWS_ENDPOINT_URL, and botocore's standard retry mode.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from encryptor.errors import (
+    AccessDeniedError,
+    EncryptorError,
+    EndpointUnreachableError,
+    KeyUnavailableError,
+    KmsError,
+    NoCredentialsError,
+    NoRegionError,
+    ThrottledError,
+    UsageError,
+    advice,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_kms import KMSClient
+
+T = TypeVar("T")
+
+USER_AGENT = "kmskeys-encryptor"
+CONNECT_TIMEOUT = 5
+READ_TIMEOUT = 30
+
+_ACCESS_DENIED = {"AccessDeniedException", "AccessDenied"}
+_BAD_CREDENTIALS = {
+    "UnrecognizedClientException",
+    "InvalidSignatureException",
+    "InvalidClientTokenId",
+    "ExpiredTokenException",
+    "ExpiredToken",
+    "IncompleteSignature",
+    "MissingAuthenticationToken",
+}
+_KEY_UNAVAILABLE = {
+    "NotFoundException": "not found",
+    "DisabledException": "disabled",
+    "KMSInvalidStateException": "not in a usable state (disabled, pending deletion or import)",
+    "InvalidKeyUsageException": "not a symmetric ENCRYPT_DECRYPT key",
+    "KeyUnavailableException": "unavailable",
+}
+_THROTTLED = {
+    "ThrottlingException",
+    "Throttling",
+    "ThrottledException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "LimitExceededException",
+}
+
+
+def make_client(
+    *, region: str | None = None, profile: str | None = None, endpoint_url: str | None = None
+) -> KMSClient:
+    """A KMS client: explicit options first, then AWS_REGION / AWS_PROFILE / AWS_ENDPOINT_URL."""
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+
+    region = region or os.environ.get("AWS_REGION") or None
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    config = botocore.config.Config(
+        retries={"mode": "standard"},
+        connect_timeout=CONNECT_TIMEOUT,
+        read_timeout=READ_TIMEOUT,
+        user_agent_extra=USER_AGENT,
+    )
+    try:
+        # profile_name=None lets botocore read AWS_PROFILE itself.
+        session = boto3.session.Session(profile_name=profile or None)
+        return session.client("kms", region_name=region, endpoint_url=endpoint_url, config=config)
+    except ValueError as exc:
+        if isinstance(exc, botocore.exceptions.BotoCoreError):
+            raise classify(exc, "client") from exc
+        # botocore rejects a malformed endpoint URL with a bare ValueError.
+        raise UsageError(f"invalid --endpoint-url: {_one_line(str(exc))}") from exc
+    except botocore.exceptions.BotoCoreError as exc:
+        raise classify(exc, "client") from exc
+
+
+def call(operation: str, fn: Callable[..., T], **kwargs: Any) -> T:
+    """Run one KMS call, turning every botocore failure into an EncryptorError (`raise from`)."""
+    import botocore.exceptions
+
+    try:
+        return fn(**kwargs)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise classify(exc, operation, key_id=kwargs.get("KeyId")) from exc
+
+
+def classify(exc: Exception, operation: str, *, key_id: str | None = None) -> EncryptorError:
+    """The EncryptorError for a botocore exception raised by `operation` (never re-raises)."""
+    import botocore.exceptions as bx
+
+    key = f" {key_id!r}" if key_id else ""
+    if isinstance(exc, bx.NoRegionError):
+        return NoRegionError(f"no AWS region configured - {advice(NoRegionError)}")
+    if isinstance(
+        exc,
+        bx.NoCredentialsError
+        | bx.PartialCredentialsError
+        | bx.CredentialRetrievalError
+        | bx.ProfileNotFound,
+    ):
+        return NoCredentialsError(f"{_one_line(str(exc))} - {advice(NoCredentialsError)}")
+    if isinstance(
+        exc,
+        bx.EndpointConnectionError
+        | bx.ConnectTimeoutError
+        | bx.ReadTimeoutError
+        | bx.ConnectionClosedError
+        | bx.ProxyConnectionError,
+    ):
+        return EndpointUnreachableError(
+            f"KMS {operation}: {_one_line(str(exc))} - {advice(EndpointUnreachableError)}"
+        )
+    if isinstance(exc, bx.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", "Unknown"))
+        message = _one_line(str(error.get("Message", "")))
+        detail = f"KMS {operation}: {code}" + (f" ({message})" if message else "")
+        if code in _ACCESS_DENIED:
+            return AccessDeniedError(f"{detail} - {advice(AccessDeniedError)}")
+        if code in _BAD_CREDENTIALS:
+            return NoCredentialsError(
+                f"{detail}: the credentials were rejected - {advice(NoCredentialsError)}"
+            )
+        if code in _KEY_UNAVAILABLE:
+            return KeyUnavailableError(
+                f"KMS key{key} is {_KEY_UNAVAILABLE[code]} ({code}) - {advice(KeyUnavailableError)}"
+            )
+        if code in _THROTTLED:
+            return ThrottledError(f"{detail} - {advice(ThrottledError)}")
+        return KmsError(detail)
+    return KmsError(f"KMS {operation}: {_one_line(str(exc))}")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    # AWS messages never hold our plaintext, but they may span lines or run long.
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,466 @@
+"""The kmskeys blob: one versioned line of text that carries a KMS-encrypted secret.
+
+Written by the encryptor, read by the resolver and `kmskeys inspect`. Stdlib only: the client
+side imports this module and must never pull in boto3 or cryptography. The format is documented
+in docs/blob-format.md; keep the two in step.
+
+    kmsk1:<base64url, no padding, of the v1 body>
+
+A blob never carries the values that come from the request (the secret's name, the requesting
+user): it records only that the resolver must supply them, and KMS checks them through the
+encryption context.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import struct
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from kmskeys.errors import KmsKeysError
+
+# Encryption-context keys: the fixed contract shared by encryptor, resolver and terraform.
+CONTEXT_NAME = "kmskeys_name"
+CONTEXT_USER = "kmskeys_user"
+CONTEXT_NOT_AFTER = "kmskeys_not_after"
+RESERVED_CONTEXT_PREFIX = "kmskeys_"
+
+PREFIX = "kmsk"
+VERSION = 1
+MAX_BLOB_CHARS = 64 * 1024
+
+MODE_DIRECT = "direct"
+MODE_ENVELOPE = "envelope"
+MODE_LEGACY = "legacy"
+
+# Limits that keep every field well inside what KMS and the kernel accept.
+MAX_KEY_ARN = 2048
+MAX_KMS_CIPHERTEXT = 6144  # KMS CiphertextBlob is at most 6144 bytes
+MAX_METADATA = 16
+MAX_CONTEXT_KEY = 128
+MAX_CONTEXT_VALUE = 1024
+NONCE_BYTES = 12  # AES-GCM's standard 96-bit nonce
+TAG_BYTES = 16
+MAX_SEALED = 32767 + TAG_BYTES  # a `user` key payload is at most 32767 bytes
+
+_MODE_CODES = {MODE_DIRECT: 1, MODE_ENVELOPE: 2}
+_CODE_MODES = {code: mode for mode, code in _MODE_CODES.items()}
+_FLAG_BINDS_USER = 0x01
+_KNOWN_FLAGS = _FLAG_BINDS_USER
+
+_URLSAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_STANDARD = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+_DIGITS = frozenset("0123456789")
+_CONTEXT_KEY_CHARS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:/@+-"
+)
+_WHITESPACE = " \t\r\n"
+_AAD_MAGIC = b"kmsk-envelope-aad"
+
+
+class BlobFormatError(KmsKeysError, ValueError):
+    """Not a valid kmskeys blob; re-run `kmskeys encrypt` and deploy its output unchanged."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"invalid kmskeys blob: {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A parsed blob; build one with `parse_blob`, write one with `to_text`."""
+
+    version: int
+    mode: str
+    key_arn: str | None
+    binds_user: bool
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    ciphertext: bytes = b""
+    nonce: bytes | None = None
+    sealed: bytes | None = None
+
+    def __post_init__(self) -> None:
+        _check(self)
+        # Frozen means frozen: a read-only, key-sorted copy of the caller's mapping.
+        ordered = dict(sorted(self.metadata.items()))
+        object.__setattr__(self, "metadata", types.MappingProxyType(ordered))
+
+    def __hash__(self) -> int:
+        return hash((self.version, self.mode, self.key_arn, self.binds_user, self.ciphertext))
+
+    def __repr__(self) -> str:
+        # Ciphertext is not secret, but pages of hex help nobody reading a log or a test failure.
+        return (
+            f"Blob(version={self.version}, mode={self.mode!r}, key_arn={self.key_arn!r}, "
+            f"binds_user={self.binds_user}, metadata={dict(self.metadata)!r}, "
+            f"ciphertext=<{len(self.ciphertext)} bytes>, sealed=<{len(self.sealed or b'')} bytes>)"
+        )
+
+    @property
+    def not_after(self) -> datetime | None:
+        """The authenticated expiry (UTC), or None when the blob does not expire."""
+        value = self.metadata.get(CONTEXT_NOT_AFTER)
+        return None if value is None else parse_not_after(value)
+
+    @property
+    def size(self) -> int:
+        """Length of the blob's text form in characters (what a callout or file must hold)."""
+        return len(self.to_text())
+
+    def encryption_context(self, name: str, user: str | None) -> dict[str, str]:
+        """The KMS EncryptionContext for a request for `name` by `user`.
+
+        `name` and `user` come from the request, never from the blob. Legacy blobs were
+        encrypted without any context, so theirs is empty.
+        """
+        if self.mode == MODE_LEGACY:
+            return {}
+        if not isinstance(name, str) or not name:
+            raise BlobFormatError("the request supplied no secret name")
+        context = {CONTEXT_NAME: name}
+        if self.binds_user:
+            if not isinstance(user, str) or not user:
+                raise BlobFormatError("blob is bound to a user but the request supplied none")
+            context[CONTEXT_USER] = user
+        context.update(self.metadata)
+        return context
+
+    def to_text(self) -> str:
+        """The one-line text form, `kmsk1:...` (or bare standard base64 for legacy blobs)."""
+        if self.mode == MODE_LEGACY:
+            return base64.b64encode(self.ciphertext).decode("ascii")
+        body = _encode_body(self)
+        return f"{PREFIX}{self.version}:" + base64.urlsafe_b64encode(body).decode("ascii").rstrip(
+            "="
+        )
+
+
+def parse_blob(text: str | bytes, *, allow_legacy: bool = False) -> Blob:
+    """Parse blob text (surrounding whitespace ignored) or raise BlobFormatError with a reason.
+
+    Total and bounded: any input yields a Blob or one BlobFormatError, and input over
+    MAX_BLOB_CHARS is refused before any decoding. The message never repeats the input.
+    """
+    if isinstance(text, bytes | bytearray | memoryview):
+        raw = bytes(text)
+        if len(raw) > MAX_BLOB_CHARS:
+            raise BlobFormatError(f"longer than {MAX_BLOB_CHARS} bytes")
+        try:
+            text = raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise BlobFormatError("not ASCII text") from None
+    elif not isinstance(text, str):
+        raise BlobFormatError(f"expected str or bytes, not {type(text).__name__}")
+    if len(text) > MAX_BLOB_CHARS:
+        raise BlobFormatError(f"longer than {MAX_BLOB_CHARS} characters")
+    text = text.strip(_WHITESPACE)
+    if not text:
+        raise BlobFormatError("empty")
+    if not text.isascii():
+        raise BlobFormatError("not ASCII text")
+
+    head, sep, encoded = text.partition(":")
+    if sep and head.startswith(PREFIX):
+        digits = head[len(PREFIX) :]
+        if not digits or not _DIGITS.issuperset(digits) or len(digits) > 4:
+            raise BlobFormatError("malformed version prefix")
+        version = int(digits)
+        if version != VERSION:
+            raise BlobFormatError(
+                f"unsupported blob version {version} (this kmskeys reads version {VERSION})"
+            )
+        return _decode_v1(encoded)
+    if sep:
+        raise BlobFormatError(f"unknown prefix (kmskeys blobs start with '{PREFIX}{VERSION}:')")
+    if not allow_legacy:
+        raise BlobFormatError(
+            f"not a kmskeys blob (no '{PREFIX}{VERSION}:' prefix); raw base64 legacy blobs are "
+            "accepted only where legacy blobs are allowed"
+        )
+    return _decode_legacy(text)
+
+
+def envelope_aad(blob: Blob, context: Mapping[str, str]) -> bytes:
+    """The AES-GCM associated data of an envelope blob opened under `context`.
+
+    `context` is `blob.encryption_context(name, user)`: the seal binds the same name, user and
+    metadata as the KMS data key, plus the blob's version, flags and key ARN.
+    """
+    if blob.mode != MODE_ENVELOPE or blob.key_arn is None:
+        raise BlobFormatError("associated data exists only for envelope blobs")
+    flags = _FLAG_BINDS_USER if blob.binds_user else 0
+    arn = blob.key_arn.encode("ascii")
+    items = sorted(context.items())
+    if len(items) > 255:
+        raise BlobFormatError("encryption context has too many entries")
+    parts = [_AAD_MAGIC, struct.pack(">BBH", blob.version, flags, len(arn)), arn]
+    parts.append(struct.pack(">B", len(items)))
+    for key, value in items:
+        k, v = key.encode("utf-8"), value.encode("utf-8")
+        if len(k) > 255 or len(v) > 0xFFFF:
+            raise BlobFormatError("encryption context entry too long")
+        parts += [struct.pack(">B", len(k)), k, struct.pack(">H", len(v)), v]
+    return b"".join(parts)
+
+
+def format_not_after(when: datetime) -> str:
+    """`when` as the context's expiry format, `YYYY-MM-DDTHH:MM:SSZ` in UTC."""
+    if when.tzinfo is None:
+        raise ValueError("not_after must be timezone-aware")
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_not_after(value: str) -> datetime:
+    """Parse `YYYY-MM-DDTHH:MM:SSZ` (exactly that form) into an aware UTC datetime."""
+    # Checked by hand, not with `re` or strptime: both are slow imports on the client path.
+    if (
+        not isinstance(value, str)
+        or len(value) != 20
+        or value[4] != "-"
+        or value[7] != "-"
+        or value[10] != "T"
+        or value[13] != ":"
+        or value[16] != ":"
+        or value[19] != "Z"
+        or not _DIGITS.issuperset(value[0:4] + value[5:7] + value[8:10])
+        or not _DIGITS.issuperset(value[11:13] + value[14:16] + value[17:19])
+    ):
+        raise BlobFormatError("not_after must look like YYYY-MM-DDTHH:MM:SSZ")
+    try:
+        return datetime(
+            int(value[0:4]),
+            int(value[5:7]),
+            int(value[8:10]),
+            int(value[11:13]),
+            int(value[14:16]),
+            int(value[17:19]),
+            tzinfo=UTC,
+        )
+    except ValueError:
+        raise BlobFormatError("not_after is not a real date and time") from None
+
+
+def check_context_key(key: str) -> str:
+    """Return `key` if a blob may carry it as metadata (custom `K=V` or not_after), else raise."""
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_CONTEXT_KEY:
+        raise BlobFormatError(f"context keys are 1 to {MAX_CONTEXT_KEY} characters")
+    if not _CONTEXT_KEY_CHARS.issuperset(key):
+        raise BlobFormatError("context keys may hold only letters, digits and _ . : / @ + -")
+    if key.startswith(RESERVED_CONTEXT_PREFIX) and key != CONTEXT_NOT_AFTER:
+        raise BlobFormatError(
+            f"context keys starting with {RESERVED_CONTEXT_PREFIX!r} are reserved"
+        )
+    return key
+
+
+def check_context_value(value: str) -> str:
+    """Return `value` if it may be a context value (printable, 1-1024 UTF-8 bytes), else raise."""
+    if not isinstance(value, str) or not value:
+        raise BlobFormatError("context values must be non-empty")
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_CONTEXT_VALUE:
+        raise BlobFormatError(f"context values are at most {MAX_CONTEXT_VALUE} bytes")
+    if not value.isprintable():
+        raise BlobFormatError("context values must be printable (no control characters)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BlobFormatError("context values must be valid Unicode") from None
+    return value
+
+
+def _check(blob: Blob) -> None:
+    """Every invariant of a Blob; one place, used by parsing and by the encryptor alike."""
+    if blob.mode == MODE_LEGACY:
+        if blob.version != 0 or blob.key_arn is not None or blob.binds_user or blob.metadata:
+            raise BlobFormatError("a legacy blob has version 0 and no ARN, bindings or metadata")
+        if blob.nonce is not None or blob.sealed is not None:
+            raise BlobFormatError("a legacy blob has no envelope")
+        _check_ciphertext(blob.ciphertext)
+        return
+    if blob.mode not in _MODE_CODES:
+        raise BlobFormatError("mode must be 'direct', 'envelope' or 'legacy'")
+    if blob.version != VERSION:
+        raise BlobFormatError(f"unsupported blob version {blob.version}")
+    if type(blob.binds_user) is not bool:
+        raise BlobFormatError("binds_user must be a bool")
+    arn = blob.key_arn
+    if (
+        not isinstance(arn, str)
+        or not 0 < len(arn) <= MAX_KEY_ARN
+        or not arn.isascii()
+        or not arn.isprintable()
+        or " " in arn
+    ):
+        raise BlobFormatError(f"key ARN must be 1 to {MAX_KEY_ARN} printable ASCII characters")
+    if not isinstance(blob.metadata, Mapping) or len(blob.metadata) > MAX_METADATA:
+        raise BlobFormatError(f"at most {MAX_METADATA} metadata entries")
+    for key, value in blob.metadata.items():
+        check_context_key(key)
+        check_context_value(value)
+        if key == CONTEXT_NOT_AFTER:
+            parse_not_after(value)
+    _check_ciphertext(blob.ciphertext)
+    if blob.mode == MODE_DIRECT:
+        if blob.nonce is not None or blob.sealed is not None:
+            raise BlobFormatError("a direct blob has no nonce or sealed part")
+        return
+    if not isinstance(blob.nonce, bytes) or len(blob.nonce) != NONCE_BYTES:
+        raise BlobFormatError(f"an envelope nonce is {NONCE_BYTES} bytes")
+    if not isinstance(blob.sealed, bytes) or not TAG_BYTES < len(blob.sealed) <= MAX_SEALED:
+        raise BlobFormatError(f"an envelope's sealed part is {TAG_BYTES + 1} to {MAX_SEALED} bytes")
+
+
+def _check_ciphertext(ciphertext: bytes) -> None:
+    if not isinstance(ciphertext, bytes) or not 0 < len(ciphertext) <= MAX_KMS_CIPHERTEXT:
+        raise BlobFormatError(f"KMS ciphertext must be 1 to {MAX_KMS_CIPHERTEXT} bytes")
+
+
+def _encode_body(blob: Blob) -> bytes:
+    # v1 body, big-endian (docs/blob-format.md):
+    #   u8 mode | u8 flags | u16 arn_len arn | u8 count (u8 klen key u16 vlen value)*
+    #   | u16 ct_len ct | envelope only: nonce[12] sealed[rest]
+    assert blob.key_arn is not None
+    arn = blob.key_arn.encode("ascii")
+    flags = _FLAG_BINDS_USER if blob.binds_user else 0
+    parts = [struct.pack(">BBH", _MODE_CODES[blob.mode], flags, len(arn)), arn]
+    parts.append(struct.pack(">B", len(blob.metadata)))
+    for key, value in blob.metadata.items():  # already sorted by key
+        k, v = key.encode("ascii"), value.encode("utf-8")
+        parts += [struct.pack(">B", len(k)), k, struct.pack(">H", len(v)), v]
+    parts += [struct.pack(">H", len(blob.ciphertext)), blob.ciphertext]
+    if blob.mode == MODE_ENVELOPE:
+        assert blob.nonce is not None and blob.sealed is not None
+        parts += [blob.nonce, blob.sealed]
+    return b"".join(parts)
+
+
+class _Reader:
+    """Bounds-checked reads from the decoded body; running short is a format error."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise BlobFormatError(f"truncated {what}")
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def u8(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def u16(self, what: str) -> int:
+        value: int = struct.unpack(">H", self.take(2, what))[0]
+        return value
+
+    def rest(self) -> bytes:
+        chunk = self.data[self.pos :]
+        self.pos = len(self.data)
+        return chunk
+
+
+def _decode_v1(encoded: str) -> Blob:
+    if not encoded:
+        raise BlobFormatError("no body after the prefix")
+    if not _URLSAFE.issuperset(encoded):
+        raise BlobFormatError("body is not unpadded base64url")
+    if len(encoded) % 4 == 1:
+        raise BlobFormatError("body has an impossible base64 length")
+    padded = encoded + "=" * (-len(encoded) % 4)
+    try:
+        body = base64.b64decode(padded.translate(_TO_STANDARD), validate=True)
+    except (binascii.Error, ValueError):
+        raise BlobFormatError("body is not valid base64url") from None
+    # One text per blob: reject non-zero padding bits so to_text(parse(x)) == x.
+    if base64.urlsafe_b64encode(body).decode("ascii").rstrip("=") != encoded:
+        raise BlobFormatError("body is not canonical base64url")
+
+    r = _Reader(body)
+    mode = _CODE_MODES.get(r.u8("mode"))
+    if mode is None:
+        raise BlobFormatError("unknown mode")
+    flags = r.u8("flags")
+    if flags & ~_KNOWN_FLAGS:
+        raise BlobFormatError("unknown flags set")
+    arn_bytes = r.take(r.u16("key ARN length"), "key ARN")
+    try:
+        arn = arn_bytes.decode("ascii")
+    except UnicodeDecodeError:
+        raise BlobFormatError("key ARN is not ASCII") from None
+    count = r.u8("metadata count")
+    if count > MAX_METADATA:
+        raise BlobFormatError(f"more than {MAX_METADATA} metadata entries")
+    metadata: dict[str, str] = {}
+    previous = ""
+    for _ in range(count):
+        key_bytes = r.take(r.u8("metadata key length"), "metadata key")
+        value_bytes = r.take(r.u16("metadata value length"), "metadata value")
+        try:
+            key = key_bytes.decode("ascii")
+            value = value_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BlobFormatError("metadata is not valid text") from None
+        if key in (CONTEXT_NAME, CONTEXT_USER):
+            # The request supplies these; a blob that carries them is forged or broken.
+            raise BlobFormatError(f"blob carries the request-bound context key {key!r}")
+        if metadata and key <= previous:
+            raise BlobFormatError("metadata keys are not in strictly ascending order")
+        previous = key
+        metadata[key] = value
+    ciphertext = r.take(r.u16("ciphertext length"), "ciphertext")
+    nonce = sealed = None
+    if mode == MODE_ENVELOPE:
+        nonce = r.take(NONCE_BYTES, "envelope nonce")
+        sealed = r.rest()
+    elif r.rest():
+        raise BlobFormatError("trailing bytes after the ciphertext")
+    return Blob(
+        version=VERSION,
+        mode=mode,
+        key_arn=arn,
+        binds_user=bool(flags & _FLAG_BINDS_USER),
+        metadata=metadata,
+        ciphertext=ciphertext,
+        nonce=nonce,
+        sealed=sealed,
+    )
+
+
+def _decode_legacy(text: str) -> Blob:
+    if not _STANDARD.issuperset(text) or len(text) % 4:
+        raise BlobFormatError("legacy blob is not standard padded base64")
+    try:
+        ciphertext = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BlobFormatError("legacy blob is not valid base64") from None
+    if base64.b64encode(ciphertext).decode("ascii") != text:
+        raise BlobFormatError("legacy blob is not canonical base64")
+    return Blob(version=0, mode=MODE_LEGACY, key_arn=None, binds_user=False, ciphertext=ciphertext)
+
+
+_TO_STANDARD = str.maketrans("-_", "+/")
+
+__all__ = [
+    "CONTEXT_NAME",
+    "CONTEXT_NOT_AFTER",
+    "CONTEXT_USER",
+    "MAX_BLOB_CHARS",
+    "MODE_DIRECT",
+    "MODE_ENVELOPE",
+    "MODE_LEGACY",
+    "Blob",
+    "BlobFormatError",
+    "check_context_key",
+    "check_context_value",
+    "envelope_aad",
+    "format_not_after",
+    "parse_blob",
+    "parse_not_after",
+]
