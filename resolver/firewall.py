@@ -1,0 +1,345 @@
+"""`kmskeys-resolver firewall`: only root and the resolver's users may reach the EC2 instance role.
+
+An app user who can reach the instance metadata service (IMDS) can take the host's instance role
+and decrypt every blob the host can, voiding the per-name and per-user bindings. These rules
+reject TCP to the IMDS addresses from every socket not owned by root or an `--allow-user` user,
+and all TCP to them forwarded for local containers (an owner match never applies to forwarded
+packets). Rejects are fast (TCP reset) so an app fails at once, and counted for `status`.
+
+Exit codes: 0 done (for `status`: the rules are present); 1 a backend command failed;
+2 bad usage (e.g. an unknown user); 3 `status`: the rules are not present;
+4 not root; 5 the backend's command is missing (the message names the Debian package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kmskeys.errors import KmsKeysError
+from kmskeys.imds import IMDS_IPV4, IMDS_IPV6, ProbeResult, probe
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ABSENT = 3
+EXIT_NOT_ROOT = 4
+EXIT_MISSING_BINARY = 5
+
+BACKENDS = ("nftables", "iptables")
+
+# (family label, IMDS address) in the order rules, counters and reports use.
+FAMILIES = (("ipv4", IMDS_IPV4), ("ipv6", IMDS_IPV6))
+
+# Recorded in rule comments, so only names that need no quoting in nft or iptables syntax.
+_USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
+
+
+class FirewallError(KmsKeysError):
+    """The firewall could not be changed or read; the message says which command failed."""
+
+    exit_code = EXIT_FAILED
+
+
+class FirewallUsageError(FirewallError, ValueError):
+    """Bad arguments, such as an unknown `--allow-user`; nothing was applied, fix the command."""
+
+    exit_code = EXIT_USAGE
+
+
+class NotRootError(FirewallError, PermissionError):
+    """Changing or reading firewall rules needs root; run the command with sudo."""
+
+    exit_code = EXIT_NOT_ROOT
+
+
+class MissingBinaryError(FirewallError, FileNotFoundError):
+    """The backend's command is not installed; install the Debian package the message names."""
+
+    exit_code = EXIT_MISSING_BINARY
+
+
+@dataclass(frozen=True, order=True)
+class AllowedUser:
+    """A user whose sockets may reach IMDS, resolved to a uid when the rules are built."""
+
+    uid: int
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.name} (uid {self.uid})"
+
+
+ROOT = AllowedUser(0, "root")
+
+
+@dataclass
+class RuleState:
+    """What one backend has in place: the allowed users and the reject counters by hook/family."""
+
+    backend: str
+    where: str
+    allowed: list[AllowedUser] = field(default_factory=list)
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """One way to install the rules: nftables or iptables."""
+
+    name: str
+    package: str
+    commands: tuple[str, ...]
+
+    def render(self, users: Sequence[AllowedUser]) -> str:
+        """The ruleset `apply` would load, in the backend's own file syntax."""
+
+    def apply(self, users: Sequence[AllowedUser]) -> None:
+        """Install the rules atomically, replacing any earlier copy of ours."""
+
+    def remove(self) -> bool:
+        """Remove exactly what `apply` made; False if there was nothing."""
+
+    def state(self) -> RuleState | None:
+        """The rules in place, or None if there are none of ours."""
+
+
+def run(argv: Sequence[str], stdin: str | None = None) -> str:
+    """Run a firewall command and return its stdout; a failure raises FirewallError with stderr."""
+    proc = subprocess.run(
+        list(argv), input=stdin, capture_output=True, text=True, check=False, timeout=60
+    )
+    if proc.returncode != 0:
+        message = proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}"
+        raise FirewallError(f"`{' '.join(argv[:3])}` failed: {message}")
+    return proc.stdout
+
+
+def resolve_user(given: str) -> AllowedUser:
+    """One user, by name or numeric uid, from the passwd database; unknown users fail."""
+    try:
+        entry = pwd.getpwuid(int(given)) if given.isdigit() else pwd.getpwnam(given)
+    except (KeyError, OverflowError):
+        raise FirewallUsageError(
+            f"unknown user {given!r}: no such user in the passwd database; nothing applied"
+        ) from None
+    if not _USER_NAME.fullmatch(entry.pw_name):
+        raise FirewallUsageError(f"user name {entry.pw_name!r} cannot be recorded in a rule")
+    return AllowedUser(entry.pw_uid, entry.pw_name)
+
+
+def resolve_users(names: Sequence[str]) -> list[AllowedUser]:
+    """Root plus each named user, resolved to uids now (the rules match uids, not names)."""
+    users = {ROOT.uid: ROOT}
+    for user in map(resolve_user, names):
+        users.setdefault(user.uid, user)
+    return sorted(users.values())
+
+
+def parse_user_comment(uid: int, comment: str | None) -> AllowedUser:
+    """An allowed user read back from a rule: the recorded name, else the name passwd gives."""
+    if comment:
+        return AllowedUser(uid, comment.removeprefix("kmskeys allow ").strip())
+    try:
+        return AllowedUser(uid, pwd.getpwuid(uid).pw_name)
+    except KeyError:
+        return AllowedUser(uid, str(uid))
+
+
+def _backend(name: str) -> Backend:
+    # Imported here: the backends import the shared types above from this module.
+    if name == "nftables":
+        from resolver.firewall_nft import NftBackend
+
+        return NftBackend()
+    from resolver.firewall_ipt import IptablesBackend
+
+    return IptablesBackend()
+
+
+def _installed(backend: Backend) -> bool:
+    return all(shutil.which(cmd) for cmd in backend.commands)
+
+
+def _require(backend: Backend) -> None:
+    missing = [cmd for cmd in backend.commands if shutil.which(cmd) is None]
+    if missing:
+        raise MissingBinaryError(
+            f"backend {backend.name}: command {', '.join(missing)} not found; "
+            f"install it with `apt-get install {backend.package}`"
+        )
+
+
+def _choose(name: str) -> Backend:
+    """The backend to apply with: the one named, or for `auto` nftables if `nft` is present."""
+    if name != "auto":
+        backend = _backend(name)
+        _require(backend)
+        return backend
+    for candidate in BACKENDS:
+        backend = _backend(candidate)
+        if _installed(backend):
+            return backend
+    raise MissingBinaryError(
+        "no firewall backend found (neither nft nor iptables); "
+        "install one with `apt-get install nftables` or `apt-get install iptables`"
+    )
+
+
+def _candidates(name: str) -> list[Backend]:
+    """Backends to inspect for `status`/`remove`: for `auto`, every installed one."""
+    if name != "auto":
+        return [_choose(name)]
+    found = [b for b in map(_backend, BACKENDS) if _installed(b)]
+    if not found:
+        _choose("auto")  # raises the clear error
+    return found
+
+
+def _require_root(action: str) -> None:
+    if os.geteuid() != 0:
+        raise NotRootError(f"firewall {action} needs root (CAP_NET_ADMIN); run it with sudo")
+
+
+def probe_as(user: AllowedUser | None, timeout: float = 0.5) -> list[ProbeResult]:
+    """Probe IMDS as the current user, or as `user` from a forked child that drops to its uid."""
+    if user is None:
+        return probe(timeout)
+    entry = pwd.getpwuid(user.uid)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        code = 0
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
+            os.setresuid(user.uid, user.uid, user.uid)
+            payload = json.dumps([r.as_dict() for r in probe(timeout)]).encode()
+            os.write(write_fd, payload)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    chunks = []
+    with os.fdopen(read_fd, "rb") as pipe:
+        chunks.append(pipe.read())
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise FirewallError(f"could not probe IMDS as {user}")
+    return [
+        ProbeResult(str(r["address"]), int(r["port"]), bool(r["reachable"]), str(r["detail"]))
+        for r in json.loads(b"".join(chunks))
+    ]
+
+
+def _format_state(state: RuleState) -> list[str]:
+    counts = ", ".join(f"{label} {n}" for label, n in state.rejected.items())
+    return [
+        f"{state.backend}: rules present ({state.where})",
+        "  allowed users: " + ", ".join(map(str, state.allowed)),
+        f"  rejected packets: {counts}",
+    ]
+
+
+def _status(backends: list[Backend], probe_user: AllowedUser | None) -> int:
+    states = [s for s in (b.state() for b in backends) if s is not None]
+    lines = [line for s in states for line in _format_state(s)]
+    if not states:
+        lines.append(f"rules not present ({', '.join(b.name for b in backends)} checked)")
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    who = [None, probe_user] if probe_user else [None]
+    for user in who:
+        label = str(user) if user else f"{me} (uid {os.geteuid()}, this process)"
+        results = probe_as(user)
+        lines.append(f"imds as {label}: " + ", ".join(map(str, results)))
+    print("\n".join(lines))
+    return EXIT_OK if states else EXIT_ABSENT
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kmskeys-resolver firewall",
+        description="Allow the EC2 instance metadata service (169.254.169.254, fd00:ec2::254) "
+        "to root and the --allow-user users only; reject everyone else fast.",
+        epilog="exit codes: 0 ok (status: rules present), 1 backend command failed, "
+        "2 bad usage or unknown user, 3 status: rules not present, 4 not root, "
+        "5 backend command missing",
+    )
+    parser.add_argument(
+        "action",
+        choices=("apply", "remove", "status", "print"),
+        help="apply or remove the rules, show their state, or print them without applying",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=(*BACKENDS, "auto"),
+        default="auto",
+        help="auto (default) prefers nftables when `nft` is installed; for status and remove "
+        "it looks at every installed backend",
+    )
+    parser.add_argument(
+        "--allow-user",
+        action="append",
+        default=[],
+        metavar="USER",
+        help="a user (name or uid) besides root whose sockets may reach IMDS; repeatable",
+    )
+    parser.add_argument(
+        "--probe-as",
+        metavar="USER",
+        help="status: also probe IMDS as this user, e.g. an app user",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `kmskeys-resolver firewall`; returns the documented exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        users = resolve_users(args.allow_user)
+        probe_user = resolve_user(args.probe_as) if args.probe_as else None
+        if args.action == "print":
+            backend = _backend(args.backend) if args.backend != "auto" else _print_backend()
+            sys.stdout.write(backend.render(users))
+            return EXIT_OK
+        _require_root(args.action)
+        if args.action == "apply":
+            backend = _choose(args.backend)
+            backend.apply(users)
+            print(f"{backend.name}: applied; IMDS allowed to " + ", ".join(map(str, users)))
+            return EXIT_OK
+        backends = _candidates(args.backend)
+        if args.action == "remove":
+            removed = [b.name for b in backends if b.remove()]
+            print(f"{', '.join(removed)}: removed" if removed else "nothing to remove")
+            return EXIT_OK
+        return _status(backends, probe_user)
+    except FirewallError as exc:
+        print(f"kmskeys-resolver firewall: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _print_backend() -> Backend:
+    """For `print --backend auto`: the backend apply would use, nftables if none is installed."""
+    for candidate in BACKENDS:
+        backend = _backend(candidate)
+        if _installed(backend):
+            return backend
+    return _backend("nftables")
+
+
+if __name__ == "__main__":
+    # Through the package name, so the backends and this entry point share one set of classes.
+    from resolver.firewall import main as _main
+
+    sys.exit(_main())
