@@ -56,4 +56,4 @@ soak: deps venv compile $(TEST_PREREQS)
 	KMSKEYS_SOAK=long $(PYTEST) -m soak $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info kmskeys/_keyutils_cffi*.so .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-checkov build *.egg-info kmskeys/_keyutils_cffi*.so .pytest_cache .mypy_cache .ruff_cache

@@ -48,7 +48,11 @@ def _netns() -> list[str]:
 
 
 def _terraform() -> list[str]:
-    return [] if importlib.util.find_spec("hcl2") else ["python-hcl2 (pip install -e '.[dev]')"]
+    missing = [] if importlib.util.find_spec("hcl2") else ["python-hcl2 (pip install -e '.[dev]')"]
+    # checkov lives in its own venv (mk/terraform.mk) so its pins never fight the dev deps.
+    if not (Path(__file__).resolve().parents[2] / ".venv-checkov/bin/checkov").exists():
+        missing.append("checkov in .venv-checkov (make .venv-checkov/.installed)")
+    return missing
 
 
 def _examples() -> list[str]:

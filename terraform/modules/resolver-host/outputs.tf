@@ -1,0 +1,39 @@
+output "role_arn" {
+  description = "ARN of the host role: a decryptor principal of the kms-key module."
+  value       = try(aws_iam_role.this.arn, null)
+}
+
+output "role_name" {
+  description = "Name of the host role."
+  value       = try(aws_iam_role.this.name, null)
+}
+
+output "instance_profile_arn" {
+  description = "ARN of the instance profile, for hosts not started from the launch template."
+  value       = try(aws_iam_instance_profile.this.arn, null)
+}
+
+output "instance_profile_name" {
+  description = "Name of the instance profile."
+  value       = try(aws_iam_instance_profile.this.name, null)
+}
+
+output "launch_template_id" {
+  description = "ID of the launch template, or null when it is not created."
+  value       = try(aws_launch_template.this[0].id, null)
+}
+
+output "launch_template_latest_version" {
+  description = "Latest version of the launch template, or null when it is not created."
+  value       = try(aws_launch_template.this[0].latest_version, null)
+}
+
+output "user_data" {
+  description = "The cloud-init user data (plain text), for hosts started another way."
+  value       = try(local.user_data, null)
+}
+
+output "policy_json" {
+  description = "The role's KMS permissions policy (JSON)."
+  value       = try(data.aws_iam_policy_document.kms.json, null)
+}

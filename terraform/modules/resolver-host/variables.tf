@@ -1,0 +1,109 @@
+variable "name" {
+  description = "Name of the host role, instance profile and launch template."
+  type        = string
+}
+
+variable "path" {
+  description = "IAM path of the role and instance profile."
+  type        = string
+  default     = "/"
+}
+
+variable "kms_key_arn" {
+  description = "ARN of the kmskeys KMS key (output key_arn of the kms-key module)."
+  type        = string
+}
+
+variable "allowed_secret_names" {
+  description = "StringLike patterns of the kmskeys names these hosts may decrypt (for example [\"web/*\", \"db-password\"]). [\"*\"] allows any name, yet still requires one."
+  type        = list(string)
+  default     = ["*"]
+
+  validation {
+    condition     = length(var.allowed_secret_names) > 0 && alltrue([for n in var.allowed_secret_names : n != ""])
+    error_message = "Give at least one non-empty pattern; use [\"*\"] to allow any name."
+  }
+}
+
+variable "permissions_boundary_arn" {
+  description = "ARN of a permissions boundary for the role, or null."
+  type        = string
+  default     = null
+}
+
+variable "create_launch_template" {
+  description = "Create a hardened launch template (IMDSv2 only, hop limit 1, kmskeys installed by cloud-init)."
+  type        = bool
+  default     = true
+}
+
+variable "image_id" {
+  description = "AMI for the launch template: a Debian or Ubuntu image with cloud-init (packages are installed with apt)."
+  type        = string
+  default     = null
+}
+
+variable "instance_type" {
+  description = "Instance type of the launch template."
+  type        = string
+  default     = "t3.micro"
+}
+
+variable "security_group_ids" {
+  description = "Security groups of the launch template's network interface."
+  type        = list(string)
+  default     = []
+}
+
+variable "root_volume_size" {
+  description = "Size in GiB of the encrypted root volume."
+  type        = number
+  default     = 20
+}
+
+variable "root_device_name" {
+  description = "Root device name of the AMI (/dev/xvda on Debian AMIs, /dev/sda1 on Ubuntu)."
+  type        = string
+  default     = "/dev/xvda"
+}
+
+variable "ebs_kms_key_arn" {
+  description = "KMS key for the root volume's encryption, or null for the account's EBS default key. Not the kmskeys key: hosts may not GenerateDataKey with it."
+  type        = string
+  default     = null
+}
+
+variable "imds_ipv6" {
+  description = "Also serve IMDS on its IPv6 address fd00:ec2::254 (the host firewall covers both)."
+  type        = bool
+  default     = false
+}
+
+variable "os_packages" {
+  description = "Debian packages cloud-init installs before kmskeys: the kernel key tools, and a venv for the resolver."
+  type        = list(string)
+  default     = ["keyutils", "python3-venv", "nftables"]
+}
+
+variable "kmskeys_requirement" {
+  description = "pip requirement for the resolver, installed into /opt/kmskeys (pin it, for example kmskeys[resolver]==0.1.0)."
+  type        = string
+  default     = "kmskeys[resolver]"
+
+  validation {
+    condition     = startswith(var.kmskeys_requirement, "kmskeys[resolver]")
+    error_message = "The requirement must install kmskeys with the resolver extra."
+  }
+}
+
+variable "resolver_config" {
+  description = "Contents of /etc/kmskeys/resolver.toml (root-owned, mode 0600). Empty keeps what kmskeys-resolver install writes."
+  type        = string
+  default     = ""
+}
+
+variable "tags" {
+  description = "Tags for the role, instance profile, launch template and the instances and volumes it starts."
+  type        = map(string)
+  default     = {}
+}
