@@ -146,7 +146,11 @@ def visible_keys(prefix: str) -> Iterator[ProcKey]:
     """The live `user` keys under `prefix:` that /proc/keys lists for this process."""
     with PROC_KEYS.open() as lines:
         for line in lines:
-            key = ProcKey(line)
+            try:
+                key = ProcKey(line)
+            except (ValueError, IndexError):
+                # A description may hold a newline: its continuation is not a key line.
+                continue
             # Invalidated and dead keys linger in /proc/keys until the key GC runs: skip them.
             if (
                 key.type == "user"
@@ -204,15 +208,17 @@ def cmd_flush(argv: Sequence[str]) -> int:
         for key in visible_keys(args.prefix):
             if key.description != desc:
                 continue
-            if key.state == "negative":
-                # An orphaned negative key (linked nowhere we can reach) waits for the GC: skip.
-                if _unlink_from_own_keyrings(key.serial):
-                    found.append(key)
-            else:
-                found.append(key)
-                # Invalidation (not unlink) removes the key from every keyring at once, so no
-                # other process of this user keeps serving the old value after a rotation.
+            if key.state != "negative":
+                # Invalidation removes the key from every keyring, so no other process of this
+                # user keeps serving the old value after a rotation. (A negative key cannot be
+                # invalidated: every lookup but unlink's returns its rejection errno.)
                 Key(key.serial).invalidate()
+                found.append(key)
+            # Until the key GC runs, a search still meets the invalidated key and request_key
+            # answers EKEYREVOKED without an upcall; unlinking it from our own keyrings now makes
+            # the very next request miss and ask the resolver.
+            if _unlink_from_own_keyrings(key.serial) and key.state == "negative":
+                found.append(key)
     except Exception as exc:  # every error: one line, one exit code
         return _fail("kmskeys flush", exc)
     if not found:
@@ -223,8 +229,8 @@ def cmd_flush(argv: Sequence[str]) -> int:
 
 
 def _unlink_from_own_keyrings(serial: int) -> bool:
-    # A negative key cannot be invalidated or revoked: every lookup but unlink's returns its
-    # rejection errno. Unlinking it from this process's keyrings is enough for a new upcall.
+    # Unlink is the one keyctl whose lookup skips validation, so it works on negative and
+    # invalidated keys alike; True if any of this process's keyrings held the key.
     from kmskeys.errors import KeyctlError
 
     unlinked = False

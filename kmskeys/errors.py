@@ -58,7 +58,7 @@ class KeyRejectedError(KeyctlError):
 
 class TemporarilyUnavailableError(KeyctlError):
     """KMS could not be reached in time (EAGAIN): unreachable, throttled or past the deadline;
-    retry after the negative TTL (a few seconds)."""
+    retry shortly (the kernel never caches this answer, so the next request asks KMS again)."""
 
     errno = _errno.EAGAIN
 

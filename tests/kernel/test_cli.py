@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from kmskeys import Keyring
+import kmskeys
+from kmskeys import Keyring, cli
 from kmskeys.cli import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
 from tests.support.names import unique, unique_prefix
+from tests.support.request_key_rule import request_key_rule
 
 pytestmark = pytest.mark.kernel
 
@@ -128,3 +130,29 @@ def test_plain_import_stays_lean() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=True)
     assert out.stdout.decode().strip() == "[]"
+
+
+def test_show_and_flush_survive_hostile_descriptions(session_keyring: Keyring) -> None:
+    prefix, name = unique_prefix(), unique()
+    session_keyring.add("user", f"{prefix}:{name}", b"ok")
+    session_keyring.add("user", f"{prefix}:evil\nffffffff I--Q--- 1 perm", b"x")
+    shown = run("show", "--prefix", prefix)
+    assert shown.returncode == EXIT_OK, shown.stderr
+    assert name.encode() in shown.stdout
+    assert run("flush", name, "--prefix", prefix).returncode == EXIT_OK
+
+
+@pytest.mark.upcall
+def test_flush_then_get_asks_the_resolver_at_once(
+    session_keyring: Keyring, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # flush unlinks as well as invalidates: a request right after it must miss (and upcall),
+    # not meet the invalidated key before the key GC has run (EKEYREVOKED, no upcall). In
+    # process and back to back: a subprocess's start-up would give the GC time and hide it.
+    with request_key_rule("/bin/keyctl instantiate %k fresh %S") as prefix:
+        name = unique()
+        for _ in range(50):
+            session_keyring.add("user", f"{prefix}:{name}", b"stale")
+            assert cli.main(["flush", name, "--prefix", prefix]) == EXIT_OK
+            assert kmskeys.get_secret(name, prefix=prefix) == b"fresh"
+    assert "flushed 1 cached key" in capsys.readouterr().out

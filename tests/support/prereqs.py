@@ -26,7 +26,9 @@ def _kernel() -> list[str]:
     try:
         from kmskeys import keyutils
 
-        keyutils.keyctl_get_keyring_ID(keyutils.KEY_SPEC_PROCESS_KEYRING, True)
+        # The user keyring always exists; creating a thread or process keyring here would
+        # become request_key's default destination for the rest of the run.
+        keyutils.keyctl_get_keyring_ID(keyutils.KEY_SPEC_USER_KEYRING, True)
     except Exception as exc:
         return [f"a working keyctl (libkeyutils binding failed: {exc})"]
     return []
