@@ -35,6 +35,7 @@ def session_keyring() -> Iterator[object]:
     """Run the test inside its own new anonymous session keyring, emptied afterwards."""
     from kmskeys import Keyring
 
+    _assert_no_thread_or_process_keyring()
     ring = Keyring.join_session()
     try:
         yield ring
@@ -44,3 +45,20 @@ def session_keyring() -> Iterator[object]:
         if Keyring.session() == ring:
             ring.clear()
         Keyring.join_session()
+
+
+def _assert_no_thread_or_process_keyring() -> None:
+    # request_key(2) puts new keys in the thread or process keyring ahead of the session keyring,
+    # and such a keyring also hides negative keys from searches: keys would outlive the test and
+    # negative caching would silently stop working. Code that needs one must run in a child.
+    from kmskeys import KeyNotFoundError, keyutils
+
+    for spec, what in (
+        (keyutils.KEY_SPEC_THREAD_KEYRING, "thread"),
+        (keyutils.KEY_SPEC_PROCESS_KEYRING, "process"),
+    ):
+        try:
+            keyutils.keyctl_get_keyring_ID(spec, False)
+        except KeyNotFoundError:
+            continue
+        pytest.fail(f"the pytest process has a {what} keyring: an earlier test created one")

@@ -1,0 +1,216 @@
+"""`kmskeys doctor`: check this host's kmskeys set-up and print one line, with a fix, per finding.
+
+Stdlib and the keyutils binding only (no boto3): it runs as an app user as well as root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import tomllib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from kmskeys.names import DEFAULT_PREFIX
+
+REQUEST_KEY = Path("/sbin/request-key")
+REQUEST_KEY_D = Path("/etc/request-key.d")
+DEFAULT_CONFIG = Path("/etc/kmskeys/resolver.toml")
+DEFAULT_BLOB_DIR = Path("/etc/kmskeys/secrets")
+PROC_KEY_USERS = Path("/proc/key-users")
+QUOTA_WARN_FRACTION = 0.8
+
+OK, WARN, FAIL, INFO = "ok", "warn", "FAIL", "info"
+Finding = tuple[str, str]
+
+
+def _unsafe(st: os.stat_result) -> str | None:
+    if st.st_uid != 0:
+        return f"owned by uid {st.st_uid}, not root"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def check_request_key(prefix: str) -> Iterator[Finding]:
+    """request-key present, and a rule for PREFIX:* installed."""
+    if not os.access(REQUEST_KEY, os.X_OK):
+        yield (
+            FAIL,
+            f"{REQUEST_KEY} missing; fix: apt-get install keyutils (or dnf install keyutils)",
+        )
+        return
+    yield OK, f"{REQUEST_KEY} present"
+    name = "kmskeys.conf" if prefix == DEFAULT_PREFIX else f"kmskeys-{prefix}.conf"
+    rule = REQUEST_KEY_D / name
+    try:
+        lines = rule.read_text().splitlines()
+    except OSError:
+        yield FAIL, f"no rule {rule}; fix: kmskeys-resolver install --prefix {prefix}"
+        return
+    rules = [line for line in lines if line.split()[:3] == ["create", "user", f"{prefix}:*"]]
+    if not rules:
+        yield FAIL, f"{rule} has no rule for {prefix}:*; fix: kmskeys-resolver install"
+        return
+    program = Path(rules[0].split()[4])
+    if not os.access(program, os.X_OK):
+        yield FAIL, f"{rule} runs {program}, which is missing; fix: kmskeys-resolver install"
+        return
+    yield OK, f"rule {rule} runs {program}"
+
+
+def check_config(path: Path) -> Iterator[Finding]:
+    """The resolver config: root-owned, not group/world-writable, valid TOML."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        yield FAIL, f"config {path} missing; fix: kmskeys-resolver install --config {path}"
+        return
+    reason = _unsafe(st)
+    if reason:
+        yield FAIL, f"config {path} is {reason}; fix: chown root:root {path}; chmod 644 {path}"
+        return
+    try:
+        tomllib.loads(path.read_text())
+    except PermissionError:
+        yield INFO, f"config {path} is safe but unreadable by this user; run doctor as root"
+        return
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        yield FAIL, f"config {path} is not valid TOML ({exc}); fix it (docs/resolver.md)"
+        return
+    yield OK, f"config {path} is root-owned and safe"
+
+
+def blob_dir_of(config: Path) -> Path:
+    """The config's blob_dir, or the default when unset or unreadable."""
+    try:
+        value = tomllib.loads(config.read_text()).get("blob_dir")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return DEFAULT_BLOB_DIR
+    return Path(value) if isinstance(value, str) else DEFAULT_BLOB_DIR
+
+
+def check_blob_dir(path: Path) -> Iterator[Finding]:
+    """The blob directory: root-owned and not writable by group or others."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        yield WARN, f"blob_dir {path} missing; fix: kmskeys-resolver install (or mkdir -m 755)"
+        return
+    except PermissionError:
+        yield INFO, f"blob_dir {path} is not visible to this user; run doctor as root"
+        return
+    reason = _unsafe(st)
+    if reason:
+        yield FAIL, f"blob_dir {path} is {reason}; fix: chown root:root {path}; chmod 755 {path}"
+        return
+    yield OK, f"blob_dir {path} is root-owned and safe"
+
+
+def check_quota(uid: int) -> Iterator[Finding]:
+    """This uid's kernel key quota headroom (/proc/key-users against maxkeys/maxbytes)."""
+    try:
+        lines = PROC_KEY_USERS.read_text().splitlines()
+    except OSError as exc:
+        yield WARN, f"cannot read {PROC_KEY_USERS} ({exc.strerror})"
+        return
+    for line in lines:
+        head, _, rest = line.partition(":")
+        if head.strip() != str(uid):
+            continue
+        # "<uid>: <usage> <nkeys>/<nikeys> <qnkeys>/<maxkeys> <qnbytes>/<maxbytes>"
+        fields = rest.split()
+        keys, max_keys = (int(x) for x in fields[2].split("/"))
+        used, max_bytes = (int(x) for x in fields[3].split("/"))
+        if keys >= QUOTA_WARN_FRACTION * max_keys or used >= QUOTA_WARN_FRACTION * max_bytes:
+            yield (
+                WARN,
+                (
+                    f"uid {uid} uses {keys}/{max_keys} keys and {used}/{max_bytes} bytes of "
+                    "its key quota; fix: raise sysctl kernel.keys.maxkeys and kernel.keys.maxbytes"
+                ),
+            )
+        else:
+            yield OK, f"uid {uid} key quota: {keys}/{max_keys} keys, {used}/{max_bytes} bytes"
+        return
+    yield OK, f"uid {uid} holds no keys yet (quota untouched)"
+
+
+def check_session_keyring() -> Iterator[Finding]:
+    """Which session keyring this process uses, and who shares the cached keys with it."""
+    from kmskeys.key import Keyring
+
+    try:
+        desc = Keyring.session(create=False).describe().description
+    except Exception:
+        yield (
+            WARN,
+            (
+                "no session keyring: cached keys go to the user session keyring; under systemd set "
+                "KeyringMode=private (the default) or shared"
+            ),
+        )
+        return
+    if desc.startswith("_uid_ses."):
+        yield (
+            INFO,
+            (
+                "session keyring is this user's default one: every process of the user shares the "
+                "cache; under systemd, services get a private one (KeyringMode=private)"
+            ),
+        )
+    elif desc == "_ses":
+        yield (
+            INFO,
+            (
+                "session keyring is a private one (_ses): only this process tree shares the cache, "
+                "e.g. a service under systemd KeyringMode=private and its CGI children"
+            ),
+        )
+    else:
+        yield INFO, f"session keyring {desc!r}: processes that joined it share the cache"
+
+
+def check_imds(uid: int) -> Iterator[Finding]:
+    """IMDS must be unreachable by app users (only root / the resolver may reach it)."""
+    from kmskeys import imds
+
+    results = imds.probe(0.5)
+    reachable = [r for r in results if r.reachable]
+    if not reachable:
+        shown = ", ".join(str(r) for r in results)
+        yield OK, f"IMDS not reachable by uid {uid} ({shown})"
+    elif uid == 0:
+        yield OK, f"IMDS reachable by root ({reachable[0].endpoint}), as the resolver needs"
+    else:
+        yield (
+            FAIL,
+            (
+                f"IMDS reachable by uid {uid} ({reachable[0].endpoint}): this user can borrow the "
+                "instance role; fix: kmskeys-resolver firewall install"
+            ),
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run every check; exit 1 if any finding is a failure."""
+    parser = argparse.ArgumentParser(prog="kmskeys doctor", description=__doc__)
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="description namespace")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="resolver config")
+    args = parser.parse_args(list(argv or []))
+    uid = os.getuid()
+    checks = (
+        check_request_key(args.prefix),
+        check_config(args.config),
+        check_blob_dir(blob_dir_of(args.config)),
+        check_quota(uid),
+        check_session_keyring(),
+        check_imds(uid),
+    )
+    failed = False
+    for findings in checks:
+        for level, message in findings:
+            failed |= level == FAIL
+            print(f"{level:<4} {message}")
+    return 1 if failed else 0

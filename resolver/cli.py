@@ -1,0 +1,70 @@
+"""`kmskeys-resolver`: handle (run by /sbin/request-key), install, uninstall, firewall."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+USAGE = """\
+usage: kmskeys-resolver COMMAND [ARGS...]
+
+  handle [--config PATH] %k %d %c %u %g %T %P %S
+                 the request-key handler (run by /sbin/request-key, as root)
+  install [--config PATH] [--prefix P]
+                 write the request-key rule, and a config and blob_dir when missing
+  uninstall [--config PATH] [--prefix P]
+                 remove exactly what install wrote
+  firewall ...   keep IMDS reachable by root only (see `kmskeys-resolver firewall --help`)
+"""
+
+
+def _install_command(command: str, argv: Sequence[str]) -> int:
+    from resolver import config as config_mod
+    from resolver import install as install_mod
+
+    parser = argparse.ArgumentParser(prog=f"kmskeys-resolver {command}")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=config_mod.DEFAULT_PATH,
+        help="resolver config file (default: %(default)s)",
+    )
+    parser.add_argument("--prefix", help="description namespace (default: the config's, or kms)")
+    args = parser.parse_args(argv)
+    action = install_mod.install if command == "install" else install_mod.uninstall
+    try:
+        for line in action(args.config, args.prefix):
+            print(line)
+    except (install_mod.InstallError, OSError) as exc:
+        print(f"kmskeys-resolver {command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `kmskeys-resolver` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="", file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "handle":
+        # Imported lazily: `install` and `firewall` never pay for the handler's imports.
+        from resolver.handler import main as handle_main
+
+        code = handle_main(rest)
+        # The kernel holds the requester that started the upcall until request-key and this
+        # handler exit (UMH_WAIT_PROC), so skip interpreter teardown: the answer is given.
+        sys.stderr.flush()
+        os._exit(code)
+    if command in ("install", "uninstall"):
+        return _install_command(command, rest)
+    if command == "firewall":
+        from resolver.firewall import main as firewall_main
+
+        return firewall_main(rest)
+    print(f"kmskeys-resolver: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
+    return 2

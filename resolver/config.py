@@ -1,0 +1,211 @@
+"""The resolver's one TOML config file: root-owned, strictly validated, never the environment."""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kmskeys.errors import InvalidNameError
+from kmskeys.names import DEFAULT_PREFIX, validate_prefix
+from resolver.errors import ConfigError, RefusedError
+from resolver.safefile import read_trusted
+
+DEFAULT_PATH = Path("/etc/kmskeys/resolver.toml")
+DEFAULT_BLOB_DIR = Path("/etc/kmskeys/secrets")
+DEFAULT_SYSLOG_SOCKET = Path("/dev/log")
+MAX_CONFIG_BYTES = 1 << 20
+MAX_TTL = 366 * 24 * 3600
+MAX_NEGATIVE_TTL = 3600
+MAX_DEADLINE = 60.0
+MIN_DEADLINE = 0.5
+BACKENDS = ("kms",)
+FACILITIES = {"authpriv": 10, "daemon": 3, "auth": 4, "user": 1}
+
+
+@dataclass(frozen=True)
+class NameRule:
+    """Policy for the names matching one glob (`[names."app/*"]`); first match wins."""
+
+    pattern: str
+    ttl: int | None = None
+    allow_users: tuple[str, ...] | None = None
+
+    def allows(self, user: str | None, uid: int) -> bool:
+        """True if this rule lets `user` (name, may be None) with `uid` have the secret."""
+        if self.allow_users is None:
+            return True
+        return str(uid) in self.allow_users or (user is not None and user in self.allow_users)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated resolver settings (docs/resolver.md lists each key)."""
+
+    path: Path = DEFAULT_PATH
+    backend: str = "kms"
+    region: str | None = None
+    endpoint_url: str | None = None
+    profile: str | None = None
+    shared_credentials_file: Path | None = None
+    ttl: int = 300
+    negative_ttl: int = 10
+    deadline: float = 8.0
+    blob_dir: Path = DEFAULT_BLOB_DIR
+    prefix: str = DEFAULT_PREFIX
+    allow_legacy_blobs: bool = False
+    syslog_socket: Path = DEFAULT_SYSLOG_SOCKET
+    syslog_facility: str = "authpriv"
+    names: tuple[NameRule, ...] = field(default_factory=tuple)
+
+    def rule_for(self, name: str) -> NameRule | None:
+        """The first `[names."GLOB"]` section whose glob matches `name`."""
+        return next((r for r in self.names if fnmatch.fnmatchcase(name, r.pattern)), None)
+
+    def ttl_for(self, name: str) -> int:
+        """Seconds a resolved key for `name` stays cached."""
+        rule = self.rule_for(name)
+        return rule.ttl if rule is not None and rule.ttl is not None else self.ttl
+
+
+def load(path: str | Path = DEFAULT_PATH) -> Config:
+    """Read and validate the config at `path`; raise ConfigError saying what is wrong."""
+    path = Path(path)
+    try:
+        raw = read_trusted(path, MAX_CONFIG_BYTES, "config")
+    except RefusedError as exc:
+        raise ConfigError(exc.reason) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config {path}: not valid TOML ({exc})") from None
+    return parse(data, path)
+
+
+def parse(data: Mapping[str, object], path: Path = DEFAULT_PATH) -> Config:
+    """Build a Config from parsed TOML; unknown keys and bad values are errors."""
+    where = f"config {path}"
+    values: dict[str, object] = {}
+    for key, value in data.items():
+        if key == "names":
+            values["names"] = _names(value, where)
+            continue
+        check = _KEYS.get(key)
+        if check is None:
+            raise ConfigError(f"{where}: unknown key {key!r}")
+        values[key] = check(value, f"{where}: {key}")
+    return Config(path=path, **values)  # type: ignore[arg-type]
+
+
+def _names(value: object, where: str) -> tuple[NameRule, ...]:
+    if not isinstance(value, dict):
+        raise ConfigError(f'{where}: names must be a table of [names."GLOB"] sections')
+    rules = []
+    for pattern, section in value.items():
+        here = f"{where}: names.{pattern!r}"
+        if not isinstance(section, dict):
+            raise ConfigError(f"{here} must be a table")
+        ttl: int | None = None
+        users: tuple[str, ...] | None = None
+        for key, item in section.items():
+            if key == "ttl":
+                ttl = _int(1, MAX_TTL)(item, f"{here}.ttl")
+            elif key == "allow_users":
+                users = _users(item, f"{here}.allow_users")
+            else:
+                raise ConfigError(f"{here}: unknown key {key!r}")
+        rules.append(NameRule(pattern, ttl, users))
+    return tuple(rules)
+
+
+def _users(value: object, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list of user names or uids")
+    users = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, str | int) or item == "":
+            raise ConfigError(f"{where}: {item!r} is not a user name or uid")
+        users.append(str(item))
+    return tuple(users)
+
+
+def _str(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a non-empty string")
+    return value
+
+
+def _abs_path(value: object, where: str) -> Path:
+    text = _str(value, where)
+    if not text.startswith("/"):
+        raise ConfigError(f"{where} must be an absolute path")
+    return Path(text)
+
+
+def _bool(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false")
+    return value
+
+
+def _int(low: int, high: int) -> Callable[[object, str], int]:
+    def check(value: object, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"{where} must be a whole number of seconds in [{low}, {high}]")
+        return value
+
+    return check
+
+
+def _deadline(value: object, where: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not MIN_DEADLINE <= value <= MAX_DEADLINE
+    ):
+        raise ConfigError(
+            f"{where} must be a number of seconds in [{MIN_DEADLINE}, {MAX_DEADLINE}]"
+        )
+    return float(value)
+
+
+def _endpoint(value: object, where: str) -> str:
+    text = _str(value, where)
+    if not text.startswith(("https://", "http://")):
+        raise ConfigError(f"{where} must be an http:// or https:// URL")
+    return text
+
+
+def _prefix(value: object, where: str) -> str:
+    try:
+        return validate_prefix(_str(value, where))
+    except InvalidNameError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[object, str], str]:
+    def check(value: object, where: str) -> str:
+        if value not in options:
+            raise ConfigError(f"{where} must be one of {', '.join(options)}")
+        return str(value)
+
+    return check
+
+
+_KEYS: dict[str, Callable[[object, str], object]] = {
+    "backend": _choice(BACKENDS),
+    "region": _str,
+    "endpoint_url": _endpoint,
+    "profile": _str,
+    "shared_credentials_file": _abs_path,
+    "ttl": _int(1, MAX_TTL),
+    "negative_ttl": _int(1, MAX_NEGATIVE_TTL),
+    "deadline": _deadline,
+    "blob_dir": _abs_path,
+    "prefix": _prefix,
+    "allow_legacy_blobs": _bool,
+    "syslog_socket": _abs_path,
+    "syslog_facility": _choice(tuple(FACILITIES)),
+}

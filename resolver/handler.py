@@ -1,0 +1,268 @@
+"""`kmskeys-resolver handle`: the request-key program that turns a blob into a kernel key.
+
+/sbin/request-key runs it as root for every cache miss, with the argv fixed by the rule install
+writes: `handle --config PATH %k %d %c %u %g %T %P %S`. It assumes authority over the key, then
+either instantiates it or rejects it with `negative_ttl` and the errno of the failure class, on
+every path, and writes exactly one log line. It prints nothing to stdout.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from kmskeys.blob import MAX_BLOB_CHARS, BlobFormatError, parse_blob
+from kmskeys.errors import InvalidNameError, KmsKeysError, QuotaExceededError
+from kmskeys.key import Key
+from kmskeys.names import parse_description
+from resolver import config as config_mod
+from resolver.backends import Request, Timings, backend_for
+from resolver.errors import (
+    DeadlineExceeded,
+    RefusedError,
+    ResolverError,
+    UnavailableError,
+    errno_name,
+)
+from resolver.log import LOG_ERR, LOG_INFO, LOG_WARNING, SyslogWriter, format_fields
+from resolver.policy import check_allowed, check_blob, user_name
+from resolver.safefile import read_below
+
+# The key belongs to the requester alone: its possessor may do anything, its owner uid may view,
+# read and search it; group and other get nothing (keyctl(1) "PERMISSIONS").
+KEY_POS_ALL = 0x3F000000
+KEY_USR_VIEW = 0x00010000
+KEY_USR_READ = 0x00020000
+KEY_USR_SEARCH = 0x00080000
+KEY_PERM = KEY_POS_ALL | KEY_USR_VIEW | KEY_USR_READ | KEY_USR_SEARCH
+
+MAX_USER_PAYLOAD = 32767  # the `user` key type refuses larger payloads
+BLOB_SUFFIX = ".kms"
+# Time kept back from the deadline for the reject and the log line after the watchdog fires.
+WATCHDOG_MARGIN = 0.25
+DEFAULT_DEADLINE = 8.0
+DEFAULT_NEGATIVE_TTL = 10
+USAGE = "usage: kmskeys-resolver handle [--config PATH] %k %d %c %u %g %T %P %S"
+
+
+@dataclass(frozen=True)
+class HandleArgs:
+    """The request as /sbin/request-key passes it."""
+
+    config: Path
+    key: int
+    description: str
+    callout: str
+    uid: int
+    gid: int
+    thread_keyring: int
+    process_keyring: int
+    session_keyring: int
+
+
+def parse_args(argv: Sequence[str]) -> HandleArgs:
+    """Parse the handler's fixed argv; raise ValueError if it does not fit."""
+    # Not argparse: %c is the requester's callout and may look like an option ("--config=...");
+    # only the leading `--config PATH` written by install is an option, the rest is positional.
+    args = list(argv)
+    config = config_mod.DEFAULT_PATH
+    if len(args) >= 2 and args[0] == "--config":
+        config = Path(args[1])
+        args = args[2:]
+    if len(args) != 8:
+        raise ValueError(USAGE)
+    key, desc, callout, uid, gid, thread, process, session = args
+    try:
+        return HandleArgs(
+            config,
+            int(key),
+            desc,
+            callout,
+            int(uid),
+            int(gid),
+            int(thread),
+            int(process),
+            int(session),
+        )
+    except ValueError:
+        raise ValueError(USAGE) from None
+
+
+def process_started() -> float:
+    """When this process started, on the time.monotonic() clock (its start from /proc)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            # Field 22, after the parenthesised command name, is the start time in clock ticks.
+            start_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+        return time.monotonic() - max(0.0, age)
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
+@contextmanager
+def watchdog(deadline: float) -> Iterator[None]:
+    """Raise DeadlineExceeded in this (main) thread when time.monotonic() reaches `deadline`."""
+
+    def fire(signum: int, frame: FrameType | None) -> None:
+        raise DeadlineExceeded
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, max(0.01, deadline - time.monotonic()))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _scrub_environment() -> None:
+    # The resolver's settings come from its root-owned config only; request-key already runs us
+    # with an almost empty environment, and a root shell running us by hand must not differ.
+    for var in list(os.environ):
+        if var.startswith(("AWS_", "BOTO_")):
+            del os.environ[var]
+
+
+class Handler:
+    """One request: resolve, then instantiate or reject, then log once."""
+
+    def __init__(self, args: HandleArgs, started: float) -> None:
+        self.args = args
+        self.started = started
+        self.key = Key(args.key)
+        self.log = SyslogWriter(config_mod.DEFAULT_SYSLOG_SOCKET, config_mod.FACILITIES["authpriv"])
+        self.negative_ttl = DEFAULT_NEGATIVE_TTL
+        self.name: str | None = None
+        self.user: str | None = None
+        self.source = "inline" if args.callout else "blob_dir"
+        self.mode: str | None = None
+        self.timings = Timings()
+
+    def run(self) -> int:
+        """Handle the request; the exit status is for request-key's log only."""
+        try:
+            self.key.assume_authority()
+        except KmsKeysError as exc:
+            # Without authority nothing can be instantiated or rejected: the kernel negates.
+            self._emit(LOG_ERR, "error", reason=f"cannot assume authority: {exc}")
+            return 1
+        try:
+            with watchdog(self.started + DEFAULT_DEADLINE - WATCHDOG_MARGIN):
+                config = self._load_config()
+                with watchdog(self.started + config.deadline - WATCHDOG_MARGIN):
+                    plaintext, ttl = self._resolve(config)
+        except DeadlineExceeded:
+            return self._reject(UnavailableError("deadline exceeded before KMS answered"))
+        except ResolverError as exc:
+            return self._reject(exc)
+        except Exception as exc:
+            # A bug must still reject: a key left under construction would be negated silently.
+            return self._reject(RefusedError(f"internal error: {type(exc).__name__}"))
+        return self._instantiate(plaintext, ttl)
+
+    def _load_config(self) -> config_mod.Config:
+        config = config_mod.load(self.args.config)
+        self.log = SyslogWriter(config.syslog_socket, config_mod.FACILITIES[config.syslog_facility])
+        self.negative_ttl = config.negative_ttl
+        return config
+
+    def _resolve(self, config: config_mod.Config) -> tuple[bytes, int]:
+        args = self.args
+        try:
+            name = parse_description(args.description, config.prefix)
+        except InvalidNameError as exc:
+            raise RefusedError(str(exc)) from None
+        self.name = name
+        self.user = user_name(args.uid)
+        check_allowed(config, name, args.uid, self.user)
+        if args.callout:
+            text: str | bytes = args.callout
+        else:
+            # Names were validated above (no '..', no empty segment); read_below also refuses
+            # symlinks, FIFOs and files that are not root-owned at every step.
+            text = read_below(config.blob_dir, name + BLOB_SUFFIX, MAX_BLOB_CHARS + 2, "blob")
+        try:
+            blob = parse_blob(text, allow_legacy=config.allow_legacy_blobs)
+        except BlobFormatError as exc:
+            raise RefusedError(f"{self.source} blob: {exc.reason}") from None
+        self.mode = blob.mode
+        check_blob(blob, self.user)
+        request = Request(name=name, uid=args.uid, gid=args.gid, user=self.user)
+        plaintext = backend_for(config).decrypt(
+            blob, request, self.started + config.deadline - WATCHDOG_MARGIN, self.timings
+        )
+        if not plaintext or len(plaintext) > MAX_USER_PAYLOAD:
+            raise RefusedError(f"plaintext size {len(plaintext)} is outside 1..{MAX_USER_PAYLOAD}")
+        return plaintext, config.ttl_for(name)
+
+    def _instantiate(self, plaintext: bytes, ttl: int) -> int:
+        key = self.key
+        try:
+            # Ownership, permissions and expiry are set before instantiation, so no waiter ever
+            # sees the key with the kernel's defaults.
+            key.chown(self.args.uid, self.args.gid)
+            key.setperm(KEY_PERM)
+            key.set_timeout(ttl)
+            key.instantiate(plaintext, 0)
+        except QuotaExceededError as exc:
+            # Not one of the three classes: the requester's key quota is full, and saying so
+            # (EDQUOT -> QuotaExceededError, `kmskeys doctor`) is more useful than "refused".
+            return self._reject(_QuotaError(f"requester's key quota is full: {exc.strerror}"))
+        except KmsKeysError as exc:
+            return self._reject(RefusedError(f"instantiate failed: {exc}"))
+        self._emit(LOG_INFO, "ok", ttl=ttl)
+        return 0
+
+    def _reject(self, error: ResolverError) -> int:
+        try:
+            self.key.reject(self.negative_ttl, error.errno, 0)
+        except KmsKeysError as exc:
+            reason = f"{error.reason}; reject failed: {exc}"
+            self._emit(LOG_ERR, error.outcome, errno=errno_name(error.errno), reason=reason)
+            return 1
+        severity = LOG_ERR if isinstance(error, UnavailableError) else LOG_WARNING
+        self._emit(severity, error.outcome, errno=errno_name(error.errno), reason=error.reason)
+        return 0
+
+    def _emit(self, severity: int, outcome: str, **extra: object) -> None:
+        elapsed = (time.monotonic() - self.started) * 1000
+        message = format_fields(
+            uid=self.args.uid,
+            user=self.user,
+            name=self.name if self.name is not None else self.args.description,
+            key=self.args.key,
+            outcome=outcome,
+            source=self.source,
+            mode=self.mode,
+            **extra,
+            ms=f"{elapsed:.0f}",
+            t=str(self.timings) or None,
+        )
+        self.log.emit(severity, message)
+
+
+class _QuotaError(ResolverError):
+    errno = _errno.EDQUOT
+    outcome = "quota"
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run the handler for request-key's argv (after `handle`)."""
+    started = process_started()
+    _scrub_environment()
+    try:
+        args = parse_args(argv)
+    except ValueError as exc:
+        SyslogWriter(config_mod.DEFAULT_SYSLOG_SOCKET, config_mod.FACILITIES["authpriv"]).emit(
+            LOG_ERR, format_fields(outcome="error", reason=str(exc))
+        )
+        return 2
+    return Handler(args, started).run()

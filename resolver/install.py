@@ -1,0 +1,229 @@
+"""`kmskeys-resolver install / uninstall`: the request-key rule, the config, the blob directory.
+
+The rule file records what install created, so uninstall removes exactly that and nothing an
+administrator added or changed since.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kmskeys.names import DEFAULT_PREFIX, validate_prefix
+from resolver import config as config_mod
+from resolver.errors import ConfigError
+
+REQUEST_KEY_D = Path("/etc/request-key.d")
+MARKER = "# kmskeys-resolver install"
+_CREATED_CONFIG = "# created-config: "
+_CREATED_DIR = "# created-dir: "
+# The kernel's request-key macros, in the order `handle` expects them.
+MACROS = "%k %d %c %u %g %T %P %S"
+
+
+class InstallError(Exception):
+    """install or uninstall cannot proceed; the message says why and what to do."""
+
+
+@dataclass
+class Manifest:
+    """What install created: the config (with its digest at creation) and directories."""
+
+    config: tuple[Path, str] | None = None
+    dirs: list[Path] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """The manifest as request-key.conf comment lines."""
+        out = []
+        if self.config is not None:
+            out.append(f"{_CREATED_CONFIG}{self.config[0]} sha256={self.config[1]}")
+        out += [f"{_CREATED_DIR}{d}" for d in self.dirs]
+        return out
+
+    @classmethod
+    def parse(cls, text: str) -> Manifest:
+        """Read the manifest back from a rule file written by install."""
+        manifest = cls()
+        for line in text.splitlines():
+            if line.startswith(_CREATED_CONFIG):
+                path, _, digest = line[len(_CREATED_CONFIG) :].rpartition(" sha256=")
+                manifest.config = (Path(path), digest)
+            elif line.startswith(_CREATED_DIR):
+                manifest.dirs.append(Path(line[len(_CREATED_DIR) :]))
+        return manifest
+
+
+def rule_path(prefix: str, request_key_d: Path = REQUEST_KEY_D) -> Path:
+    """`kmskeys.conf` for the default prefix, `kmskeys-PREFIX.conf` for any other."""
+    name = "kmskeys.conf" if prefix == DEFAULT_PREFIX else f"kmskeys-{prefix}.conf"
+    return request_key_d / name
+
+
+def resolver_executable() -> Path:
+    """The absolute path of this installation's `kmskeys-resolver` console script."""
+    argv0 = Path(sys.argv[0])
+    candidates = []
+    if argv0.name == "kmskeys-resolver":
+        candidates.append(Path(os.path.abspath(argv0)))
+    candidates.append(Path(os.path.abspath(sys.executable)).parent / "kmskeys-resolver")
+    found = shutil.which("kmskeys-resolver")
+    if found:
+        candidates.append(Path(os.path.abspath(found)))
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    raise InstallError("cannot find the kmskeys-resolver executable of this installation")
+
+
+def rule_line(prefix: str, executable: Path, config: Path) -> str:
+    """The request-key.conf line that routes `PREFIX:*` requests to the handler."""
+    for what, path in (("resolver", executable), ("config", config)):
+        # request-key splits its program line on whitespace.
+        if any(ch.isspace() for ch in str(path)) or not path.is_absolute():
+            raise InstallError(f"{what} path {str(path)!r} must be absolute and without spaces")
+    return f"create user {prefix}:* * {executable} handle --config {config} {MACROS}"
+
+
+def default_config_text(prefix: str) -> str:
+    """The config install writes when none exists: safe defaults, every key documented."""
+    comment = "# " if prefix == DEFAULT_PREFIX else ""
+    prefix_line = f'{comment}prefix = "{prefix}"\n'
+    return (
+        "# kmskeys-resolver config (docs/resolver.md). Root-owned; unknown keys are errors.\n"
+        '# region = "eu-west-1"            # default: the region in each blob\'s key ARN\n'
+        '# endpoint_url = "https://kms.eu-west-1.amazonaws.com"\n'
+        "# ttl = 300                       # seconds a resolved secret stays cached\n"
+        "# negative_ttl = 10               # seconds a failure is cached\n"
+        "# deadline = 8                    # seconds the handler may take, KMS included\n"
+        f'# blob_dir = "{config_mod.DEFAULT_BLOB_DIR}"\n'
+        f"{prefix_line}"
+        "# allow_legacy_blobs = false\n"
+        "#\n"
+        '# [names."app/*"]\n'
+        "# ttl = 60\n"
+        '# allow_users = ["www-data"]\n'
+    )
+
+
+def _prefix_for(
+    config_path: Path, prefix: str | None, *, strict: bool = True
+) -> tuple[str, config_mod.Config | None]:
+    if not config_path.exists():
+        return validate_prefix(prefix or DEFAULT_PREFIX), None
+    try:
+        config = config_mod.load(config_path)
+    except ConfigError as exc:
+        # uninstall must work even when the config has gone bad since, given the prefix.
+        if not strict and prefix is not None:
+            return validate_prefix(prefix), None
+        raise InstallError(exc.reason) from None
+    if prefix is not None and prefix != config.prefix:
+        raise InstallError(
+            f"--prefix {prefix!r} differs from prefix {config.prefix!r} in {config_path}"
+        )
+    return config.prefix, config
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_atomic(path: Path, text: str, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        os.write(fd, text.encode())
+        os.fchmod(fd, mode)
+        os.fchown(fd, 0, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _mkdirs(path: Path, manifest: Manifest, actions: list[str]) -> None:
+    missing = []
+    for parent in (path, *path.parents):
+        if parent.exists():
+            break
+        missing.append(parent)
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o755)
+        os.chown(directory, 0, 0)
+        manifest.dirs.append(directory)
+        actions.append(f"created directory {directory}")
+
+
+def install(
+    config_path: Path = config_mod.DEFAULT_PATH,
+    prefix: str | None = None,
+    request_key_d: Path = REQUEST_KEY_D,
+) -> list[str]:
+    """Install the rule (and a config and blob_dir when missing); return what was done."""
+    config_path = Path(os.path.abspath(config_path))
+    prefix, config = _prefix_for(config_path, prefix)
+    target = rule_path(prefix, request_key_d)
+    manifest = Manifest.parse(target.read_text()) if target.exists() else Manifest()
+    actions: list[str] = []
+    if config is None:
+        _mkdirs(config_path.parent, manifest, actions)
+        _write_atomic(config_path, default_config_text(prefix), 0o644)
+        manifest.config = (config_path, _digest(config_path))
+        actions.append(f"wrote {config_path}")
+        config = config_mod.load(config_path)
+    _mkdirs(config.blob_dir, manifest, actions)
+    if not request_key_d.is_dir():
+        raise InstallError(f"{request_key_d} is missing: install the keyutils package")
+    text = "\n".join(
+        [
+            f"{MARKER} (prefix {prefix}); `kmskeys-resolver uninstall` removes this file.",
+            *manifest.lines(),
+            rule_line(prefix, resolver_executable(), config_path),
+            "",
+        ]
+    )
+    if not target.exists() or target.read_text() != text:
+        _write_atomic(target, text, 0o644)
+        actions.append(f"wrote {target}")
+    return actions or [f"{target} already up to date"]
+
+
+def uninstall(
+    config_path: Path = config_mod.DEFAULT_PATH,
+    prefix: str | None = None,
+    request_key_d: Path = REQUEST_KEY_D,
+) -> list[str]:
+    """Remove the rule and whatever install created (unless changed since); say what was done."""
+    config_path = Path(os.path.abspath(config_path))
+    prefix, _ = _prefix_for(config_path, prefix, strict=False)
+    target = rule_path(prefix, request_key_d)
+    if not target.exists():
+        return [f"{target} not installed; nothing to do"]
+    text = target.read_text()
+    if not text.startswith(MARKER):
+        raise InstallError(f"{target} was not written by kmskeys-resolver install; left alone")
+    manifest = Manifest.parse(text)
+    actions = []
+    # The rule goes first: no upcall may reach a half-removed installation.
+    target.unlink()
+    actions.append(f"removed {target}")
+    if manifest.config is not None:
+        path, digest = manifest.config
+        if path.is_file() and _digest(path) == digest:
+            path.unlink()
+            actions.append(f"removed {path}")
+        elif path.exists():
+            actions.append(f"kept {path} (changed since install)")
+    for directory in reversed(manifest.dirs):
+        try:
+            directory.rmdir()
+            actions.append(f"removed directory {directory}")
+        except FileNotFoundError:
+            pass
+        except OSError:
+            actions.append(f"kept directory {directory} (not empty)")
+    return actions

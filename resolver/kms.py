@@ -1,0 +1,173 @@
+"""The `kms` backend: one KMS Decrypt bound to the request, through botocore alone.
+
+botocore, not boto3: boto3 adds import time and resource models the resolver never uses. Every
+setting comes from the resolver's config, none from the environment or ~/.aws.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from kmskeys.blob import MODE_ENVELOPE, Blob, BlobFormatError
+from resolver.backends import Request, Timings
+from resolver.config import Config
+from resolver.errors import (
+    ConfigError,
+    RefusedError,
+    ResolverError,
+    UnavailableError,
+)
+from resolver.safefile import unsafe_reason
+
+if TYPE_CHECKING:
+    from mypy_boto3_kms import KMSClient
+
+# KMS error codes that mean "try again later"; every other client error is a refusal.
+_TRANSIENT_CODES = frozenset(
+    {
+        "DependencyTimeoutException",
+        "KMSInternalException",
+        "KeyUnavailableException",
+        "ThrottlingException",
+        "ThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "LimitExceededException",
+        "ServiceUnavailable",
+        "InternalFailure",
+        "ExpiredTokenException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
+CONNECT_TIMEOUT_MAX = 1.0
+MIN_ATTEMPT_SECONDS = 0.2
+
+
+def region_of(arn: str | None) -> str | None:
+    """The region field of `arn:aws:kms:REGION:ACCOUNT:key/ID`, or None."""
+    if not arn:
+        return None
+    parts = arn.split(":")
+    return parts[3] if len(parts) >= 6 and parts[0] == "arn" and parts[3] else None
+
+
+class KmsBackend:
+    """Decrypts blobs with AWS KMS (or an endpoint that speaks its API)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def decrypt(self, blob: Blob, request: Request, deadline: float, timings: Timings) -> bytes:
+        """Decrypt `blob` for `request`; raise a classified ResolverError otherwise."""
+        try:
+            context = blob.encryption_context(request.name, request.user)
+        except BlobFormatError as exc:
+            raise RefusedError(exc.reason) from None
+        region = self.config.region or region_of(blob.key_arn)
+        if region is None:
+            raise ConfigError("no region: set `region` in the config (legacy blobs carry no ARN)")
+        client = self._client(region, deadline, timings)
+        kwargs: dict[str, Any] = {"CiphertextBlob": blob.ciphertext}
+        if context:
+            kwargs["EncryptionContext"] = context
+        if blob.key_arn is not None:
+            # KeyId pins the key: KMS refuses a ciphertext that a different key produced.
+            kwargs["KeyId"] = blob.key_arn
+        start = time.perf_counter()
+        try:
+            response = client.decrypt(**kwargs)
+        except Exception as exc:
+            raise classify(exc) from None
+        finally:
+            timings.add("decrypt", (time.perf_counter() - start) * 1000)
+        if blob.key_arn is not None and response.get("KeyId") != blob.key_arn:
+            raise RefusedError("KMS answered with a different KeyId than the blob names")
+        plaintext: bytes = response["Plaintext"]
+        if blob.mode != MODE_ENVELOPE:
+            return plaintext
+        from resolver.envelope import open_sealed
+
+        start = time.perf_counter()
+        try:
+            return open_sealed(blob, plaintext, context)
+        finally:
+            timings.add("open", (time.perf_counter() - start) * 1000)
+
+    def _client(self, region: str, deadline: float, timings: Timings) -> KMSClient:
+        start = time.perf_counter()
+        from botocore.config import Config as BotoConfig
+        from botocore.session import Session
+
+        timings.add("import", (time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        session = Session()
+        # Never ~/.aws/config: the resolver's settings come from its own file only.
+        session.set_config_variable("config_file", os.devnull)
+        creds = self.config.shared_credentials_file
+        if creds is not None:
+            _check_credentials_file(creds)
+        session.set_config_variable("credentials_file", os.fspath(creds) if creds else os.devnull)
+        if self.config.profile:
+            session.set_config_variable("profile", self.config.profile)
+        remaining = deadline - time.monotonic()
+        attempts = 2 if remaining >= 4 * MIN_ATTEMPT_SECONDS + 1.0 else 1
+        connect = max(0.1, min(CONNECT_TIMEOUT_MAX, remaining / (4 * attempts)))
+        # Leave room for a retry's backoff (at most 1 s for the first retry in standard mode).
+        read = max(MIN_ATTEMPT_SECONDS, (remaining - (attempts - 1)) / attempts - connect)
+        # Credentials from the instance role come from IMDS: bound that fetch as well.
+        session.set_config_variable("metadata_service_timeout", max(0.1, min(1.0, remaining / 4)))
+        session.set_config_variable("metadata_service_num_attempts", 1)
+        client: KMSClient = session.create_client(  # type: ignore[assignment]
+            "kms",
+            region_name=region,
+            endpoint_url=self.config.endpoint_url,
+            config=BotoConfig(
+                connect_timeout=connect,
+                read_timeout=read,
+                retries={"total_max_attempts": attempts, "mode": "standard"},
+                user_agent_extra="kmskeys-resolver",
+            ),
+        )
+        timings.add("client", (time.perf_counter() - start) * 1000)
+        return client
+
+
+def _check_credentials_file(path: os.PathLike[str]) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"shared_credentials_file {os.fspath(path)}: {exc.strerror}") from None
+    reason = unsafe_reason(st)
+    if reason:
+        raise ConfigError(f"shared_credentials_file {os.fspath(path)} is unsafe: {reason}")
+
+
+def classify(exc: BaseException) -> ResolverError:
+    """Map a botocore failure to a resolver failure class; the reason never holds a payload."""
+    from botocore import exceptions as bx
+
+    if isinstance(exc, ResolverError):
+        return exc
+    if isinstance(exc, bx.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", "Unknown"))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            return UnavailableError(f"KMS {code} (HTTP {status})")
+        return RefusedError(f"KMS {code}")
+    if isinstance(exc, bx.NoCredentialsError | bx.CredentialRetrievalError):
+        return UnavailableError(f"no AWS credentials ({type(exc).__name__})")
+    if isinstance(exc, bx.ConnectTimeoutError | bx.ReadTimeoutError):
+        return UnavailableError(f"KMS timed out ({type(exc).__name__})")
+    if isinstance(exc, bx.EndpointConnectionError | bx.ConnectionClosedError | bx.HTTPClientError):
+        return UnavailableError(f"KMS unreachable ({type(exc).__name__})")
+    if isinstance(exc, bx.ProfileNotFound | bx.PartialCredentialsError):
+        return ConfigError(f"credentials misconfigured ({type(exc).__name__})")
+    if isinstance(exc, bx.ParamValidationError):
+        return RefusedError("blob does not make a valid KMS request")
+    if isinstance(exc, bx.BotoCoreError):
+        return UnavailableError(f"KMS call failed ({type(exc).__name__})")
+    return RefusedError(f"unexpected {type(exc).__name__} calling KMS")

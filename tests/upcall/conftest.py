@@ -1,0 +1,82 @@
+"""Upcall-tier fixtures: a moto server behind a counting proxy, and a real resolver install.
+
+`resolver_install` (session) installs kmskeys-resolver under a unique prefix with a root-owned
+config, credentials file, blob_dir and its own syslog socket; `resolver` hands a test that
+install with counts, faults and log lines reset. `extra_install` makes a second installation
+with other settings (legacy blobs, short deadlines) for one test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.kms_emulator import KmsEmulator
+from tests.support.kms_proxy import KmsProxy
+from tests.upcall.harness import (
+    KMSKEYS,
+    NOBODY_ONLY_GLOB,
+    RESOLVER,
+    SHORT_TTL,
+    SHORT_TTL_GLOB,
+    Install,
+    installed,
+    run_resolver,
+)
+
+__all__ = ["KMSKEYS", "RESOLVER", "SHORT_TTL", "Install", "installed", "run_resolver"]
+
+
+@pytest.fixture(scope="session")
+def kms_backend() -> Iterator[tuple[KmsEmulator, KmsProxy, str]]:
+    """The session's moto server, the counting proxy in front of it, and one KMS key ARN."""
+    emulator = KmsEmulator().start()
+    proxy = KmsProxy(emulator.url).start()
+    try:
+        key_arn = emulator.client().create_key(Description="kmst resolver tests")["KeyMetadata"][
+            "Arn"
+        ]
+        yield emulator, proxy, key_arn
+    finally:
+        proxy.stop()
+        emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def resolver_install(kms_backend: tuple[KmsEmulator, KmsProxy, str]) -> Iterator[Install]:
+    """The session's resolver install (see the module docstring)."""
+    emulator, proxy, key_arn = kms_backend
+    names = (
+        f'\n[names."{SHORT_TTL_GLOB}"]\nttl = {SHORT_TTL}\n'
+        f'\n[names."{NOBODY_ONLY_GLOB}"]\nallow_users = ["nobody"]\n'
+    )
+    with installed(emulator, proxy, key_arn, names=names) as install:
+        yield install
+
+
+@pytest.fixture
+def resolver(resolver_install: Install, session_keyring: object) -> Iterator[Install]:
+    """The session install, in a fresh session keyring, with counts, faults and log reset."""
+    assert resolver_install.proxy is not None
+    resolver_install.proxy.set_fault(None)
+    resolver_install.proxy.reset_counts()
+    resolver_install.log.drain()
+    try:
+        yield resolver_install
+    finally:
+        resolver_install.proxy.set_fault(None)
+
+
+@pytest.fixture
+def extra_install(
+    kms_backend: tuple[KmsEmulator, KmsProxy, str], session_keyring: object
+) -> Callable[..., Any]:
+    """`with extra_install(allow_legacy_blobs=True) as other:` a second install for one test."""
+    emulator, proxy, key_arn = kms_backend
+
+    def make(**settings: Any) -> Any:
+        return installed(emulator, proxy, key_arn, **settings)
+
+    return make
