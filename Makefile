@@ -35,8 +35,8 @@ compile: venv
 	@$(PY) -m compileall -q kmskeys encryptor resolver
 
 lint: venv
-	$(VENV)/bin/ruff check kmskeys encryptor resolver tests
-	$(VENV)/bin/ruff format --check kmskeys encryptor resolver tests
+	$(VENV)/bin/ruff check kmskeys encryptor resolver tests examples scripts
+	$(VENV)/bin/ruff format --check kmskeys encryptor resolver tests examples scripts
 
 typecheck: venv
 	$(VENV)/bin/mypy

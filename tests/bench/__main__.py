@@ -24,7 +24,7 @@ README = ROOT / "README.md"
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 # Row modules, in table order. Each exposes rows(ctx) -> list[Row].
-MODULES = ["tests.bench.client", "tests.bench.miss"]
+MODULES = ["tests.bench.client", "tests.bench.fresh", "tests.bench.miss", "tests.bench.cgi"]
 
 
 def machine() -> str:
@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             rows += importlib.import_module(name).rows(ctx)
+        notes = list(ctx.notes)
     table = render(rows, time.monotonic() - started)
+    if notes:
+        table += "\n" + "\n".join(f"- {note}" for note in notes) + "\n"
     print(table)
     if names == MODULES:
         RESULTS.parent.mkdir(exist_ok=True)

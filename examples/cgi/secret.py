@@ -1,0 +1,57 @@
+"""CGI example: a 20 ms process that needs the database password, without boto3 or AWS access.
+
+Every request is a new process. `kmskeys.get_secret` asks the kernel, which answers from its
+cache in microseconds; only the first request after a flush or expiry waits for the root
+resolver's single KMS Decrypt. The page shows a fingerprint of the secret, never the secret.
+"""
+
+import hashlib
+import os
+import sys
+import time
+
+import kmskeys
+
+NAME = "db-password"
+# The resolver's description prefix: "kms" on a default install; the web server sets it.
+PREFIX = os.environ.get("KMSKEYS_PREFIX", "kms")
+
+
+def respond(status: str, body: str, *headers: str) -> None:
+    """Write one CGI response (headers, blank line, body) to stdout."""
+    head = "".join(f"{h}\r\n" for h in (f"Status: {status}", *headers))
+    sys.stdout.write(f"{head}Content-Type: text/html; charset=utf-8\r\n\r\n{body}")
+
+
+def main() -> int:
+    """Fetch the secret, use it (here: fingerprint it), answer the request."""
+    start = time.perf_counter()
+    try:
+        secret = kmskeys.get_secret(NAME, prefix=PREFIX)
+    except kmskeys.TemporarilyUnavailableError as exc:
+        # KMS unreachable or throttled: the kernel caches the failure for the negative TTL.
+        print(f"secret.py: {exc}", file=sys.stderr)
+        respond("503 Service Unavailable", f"<p>{NAME}: temporarily unavailable", "Retry-After: 10")
+        return 0
+    except kmskeys.KmsKeysError as exc:
+        # The full message (it names the resolver log) goes to the server's error log only.
+        print(f"secret.py: {exc}", file=sys.stderr)
+        respond("500 Internal Server Error", f"<p>{NAME}: {type(exc).__name__}")
+        return 0
+    took_us = (time.perf_counter() - start) * 1e6
+    # A real application would open its database connection here. A bare hash of a
+    # low-entropy password lets anyone who sees it test guesses: fine for a demo, not for prod.
+    fingerprint = hashlib.sha256(secret).hexdigest()[:16]
+    respond(
+        "200 OK",
+        "<!doctype html><title>kmskeys CGI example</title>\n"
+        f'<p>secret <code>{NAME}</code> obtained in <span id="us">{took_us:.0f}</span> µs\n'
+        f'<p>sha256 <code id="fingerprint">{fingerprint}</code>, '
+        f'<span id="size">{len(secret)}</span> bytes (the secret itself is never shown)\n'
+        f'<p>served by process <span id="pid">{os.getpid()}</span>\n',
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

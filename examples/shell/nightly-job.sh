@@ -1,0 +1,71 @@
+#!/bin/sh
+# A cron-style job that needs a secret: `kmskeys get`, with one decision per exit code.
+#
+#   # /etc/cron.d/nightly-report
+#   15 3 * * * report  /usr/local/bin/nightly-job.sh /usr/local/bin/make-report
+#
+# The secret goes to the job on stdin, never in argv or the environment (both are visible in
+# /proc to the same user). With no job given, the script prints the secret's fingerprint.
+#
+# Settings (environment): KMSKEYS_SECRET (default db-password), KMSKEYS_PREFIX (default kms),
+# KMSKEYS (the kmskeys command), KMSKEYS_RETRIES and KMSKEYS_RETRY_DELAY (seconds) for a
+# temporarily unavailable KMS. Keep the delay above the resolver's negative_ttl (default 10 s):
+# until then the kernel answers every retry from the cached failure without asking again.
+#
+# Exit status (sysexits.h, which cron wrappers and monitoring understand):
+#   0 done; 64 bad name; 69 unknown secret (no blob deployed); 75 still unavailable after the
+#   retries; 77 refused or permission denied; 78 key quota full; 70 anything else;
+#   otherwise the job's own status.
+
+set -u
+
+name=${KMSKEYS_SECRET:-db-password}
+prefix=${KMSKEYS_PREFIX:-kms}
+kmskeys=${KMSKEYS:-kmskeys}
+retries=${KMSKEYS_RETRIES:-3}
+delay=${KMSKEYS_RETRY_DELAY:-15}
+
+log() { echo "nightly-job: $*" >&2; }
+
+attempt=0
+flushed=no
+while :; do
+    # $(...) drops trailing newlines; a secret that ends in one needs `kmskeys get > file` instead.
+    secret=$("$kmskeys" get --prefix "$prefix" "$name")
+    status=$?
+    case $status in
+    0) break ;;
+    2) log "invalid secret name '$name'"; exit 64 ;;
+    3) log "unknown secret '$name': deploy its blob on this host (see the resolver log)"; exit 69 ;;
+    4) log "the resolver refused '$name': wrong name, user or key, or expired (see its log)"; exit 77 ;;
+    5)
+        attempt=$((attempt + 1))
+        if [ "$attempt" -gt "$retries" ]; then
+            log "KMS still unavailable for '$name' after $retries retries; giving up"
+            exit 75
+        fi
+        log "KMS temporarily unavailable for '$name'; retry $attempt/$retries in ${delay}s"
+        sleep "$delay"
+        ;;
+    6) log "the key quota of $(id -un) is full: run 'kmskeys doctor'"; exit 78 ;;
+    7) log "permission denied for '$name': the cached key belongs to another user"; exit 77 ;;
+    8)
+        # Expired or revoked while cached: drop it once and ask the resolver again.
+        if [ "$flushed" = yes ]; then
+            log "'$name' is still expired or revoked after a flush"
+            exit 70
+        fi
+        flushed=yes
+        "$kmskeys" flush --prefix "$prefix" "$name" || exit 70
+        sleep 1 # the kernel drops the flushed key asynchronously; until then it reads as revoked
+        ;;
+    *) log "kmskeys get '$name' failed with status $status"; exit 70 ;;
+    esac
+done
+
+# printf is a shell builtin: the secret is never in the argv of any process.
+if [ "$#" -eq 0 ]; then
+    printf '%s' "$secret" | sha256sum | cut -c1-16
+else
+    printf '%s' "$secret" | "$@"
+fi

@@ -1,0 +1,87 @@
+"""WSGI example: a long-running app that reads its secrets at request time, never at import time.
+
+Reading a secret once at import is the classic pitfall of secret caches: the process keeps the
+old value after a rotation until someone restarts it, and an import that runs before the host's
+resolver is ready kills the worker. `kmskeys.get_secret` is a kernel cache hit of a few
+microseconds, so asking on every request costs nothing and picks up `kmskeys flush` at once.
+
+    python app.py --port 8000 --prefix kms          # stdlib wsgiref, 127.0.0.1 only
+    gunicorn 'app:application'                      # or any WSGI server
+
+GET /db-password answers with the secret's fingerprint (never the secret) as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from wsgiref.simple_server import make_server
+
+import kmskeys
+
+# Which secrets this app may fingerprint; nothing else is looked up, whatever the path says.
+NAMES = tuple(os.environ.get("KMSKEYS_NAMES", "db-password").split(","))
+PREFIX = os.environ.get("KMSKEYS_PREFIX", "kms")
+
+StartResponse = Callable[[str, list[tuple[str, str]]], object]
+
+
+def answer(start_response: StartResponse, status: str, doc: dict[str, object]) -> list[bytes]:
+    """A JSON response."""
+    body = json.dumps(doc).encode()
+    start_response(
+        status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    )
+    return [body]
+
+
+def make_app(prefix: str = PREFIX) -> Callable[[dict[str, object], StartResponse], Iterable[bytes]]:
+    """A WSGI application serving NAMES under the resolver's `prefix`."""
+
+    def application(environ: dict[str, object], start_response: StartResponse) -> Iterable[bytes]:
+        name = str(environ.get("PATH_INFO", "")).strip("/") or NAMES[0]
+        if name not in NAMES:
+            return answer(start_response, "404 Not Found", {"error": "no such secret here"})
+        try:
+            secret = kmskeys.get_secret(name, prefix=prefix)  # now, not at import time
+        except kmskeys.TemporarilyUnavailableError:
+            # The kernel keeps the failure for the resolver's negative TTL; retry later.
+            return answer(start_response, "503 Service Unavailable", {"error": "try again later"})
+        except kmskeys.KmsKeysError as exc:
+            print(f"app: {name}: {exc}", file=sys.stderr)  # names the resolver log, never a secret
+            return answer(
+                start_response, "500 Internal Server Error", {"error": type(exc).__name__}
+            )
+        digest = hashlib.sha256(secret).hexdigest()[:16]
+        return answer(
+            start_response, "200 OK", {"name": name, "sha256": digest, "bytes": len(secret)}
+        )
+
+    return application
+
+
+# For WSGI servers that import `app:application` (gunicorn, uwsgi, mod_wsgi).
+application = make_app()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve the app with the stdlib's wsgiref on 127.0.0.1."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--prefix", default=PREFIX, help="the resolver's prefix (default: kms)")
+    args = parser.parse_args(argv)
+    with make_server(args.host, args.port, make_app(args.prefix)) as server:
+        print(f"serving on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
