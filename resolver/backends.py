@@ -49,6 +49,10 @@ class Backend(Protocol):
 def backend_for(config: Config) -> Backend:
     """The backend the config names."""
     if config.backend == "kms":
+        if config.warm_socket is not None:
+            from resolver.warm import WarmBackend
+
+            return WarmBackend(config)
         from resolver.kms import KmsBackend
 
         return KmsBackend(config)

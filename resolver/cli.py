@@ -17,6 +17,8 @@ usage: kmskeys-resolver COMMAND [ARGS...]
                  write the request-key rule, and a config and blob_dir when missing
   uninstall [--config PATH] [--prefix P]
                  remove exactly what install wrote
+  serve [--config PATH]
+                 the optional warm daemon: keeps a KMS client loaded for the handler
   firewall ...   keep IMDS reachable by root only (see `kmskeys-resolver firewall --help`)
 """
 
@@ -44,6 +46,27 @@ def _install_command(command: str, argv: Sequence[str]) -> int:
     return 0
 
 
+def _serve(argv: Sequence[str]) -> int:
+    from resolver import config as config_mod
+    from resolver.errors import ResolverError
+    from resolver.warm import serve
+
+    parser = argparse.ArgumentParser(
+        prog="kmskeys-resolver serve",
+        description="Run the warm daemon named by the config's warm_socket (as root).",
+    )
+    parser.add_argument("--config", type=Path, default=config_mod.DEFAULT_PATH)
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("kmskeys-resolver serve: must run as root", file=sys.stderr)
+        return 1
+    try:
+        return serve(config_mod.load(args.config))
+    except (ResolverError, OSError) as exc:
+        print(f"kmskeys-resolver serve: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kmskeys-resolver` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -62,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os._exit(code)
     if command in ("install", "uninstall"):
         return _install_command(command, rest)
+    if command == "serve":
+        return _serve(rest)
     if command == "firewall":
         from resolver.firewall import main as firewall_main
 

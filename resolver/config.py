@@ -58,6 +58,8 @@ class Config:
     allow_legacy_blobs: bool = False
     syslog_socket: Path = DEFAULT_SYSLOG_SOCKET
     syslog_facility: str = "authpriv"
+    # The warm daemon's socket (`kmskeys-resolver serve`); unset, every miss decrypts cold.
+    warm_socket: Path | None = None
     names: tuple[NameRule, ...] = field(default_factory=tuple)
 
     def rule_for(self, name: str) -> NameRule | None:
@@ -77,6 +79,11 @@ def load(path: str | Path = DEFAULT_PATH) -> Config:
         raw = read_trusted(path, MAX_CONFIG_BYTES, "config")
     except RefusedError as exc:
         raise ConfigError(exc.reason) from None
+    return parse_text(raw, path)
+
+
+def parse_text(raw: bytes, path: Path = DEFAULT_PATH) -> Config:
+    """Build a Config from the file's bytes; anything but valid settings is ConfigError."""
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -208,4 +215,5 @@ _KEYS: dict[str, Callable[[object, str], object]] = {
     "allow_legacy_blobs": _bool,
     "syslog_socket": _abs_path,
     "syslog_facility": _choice(tuple(FACILITIES)),
+    "warm_socket": _abs_path,
 }

@@ -102,6 +102,7 @@ def default_config_text(prefix: str) -> str:
         f'# blob_dir = "{config_mod.DEFAULT_BLOB_DIR}"\n'
         f"{prefix_line}"
         "# allow_legacy_blobs = false\n"
+        '# warm_socket = "/run/kmskeys/resolver.sock"  # kmskeys-resolver serve (warm path)\n'
         "#\n"
         '# [names."app/*"]\n'
         "# ttl = 60\n"

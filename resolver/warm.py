@@ -1,0 +1,301 @@
+"""The warm path: `kmskeys-resolver serve` keeps a KMS client loaded for the handler.
+
+A cold handler spends most of a miss importing botocore and building a client (about 100 ms of
+150, docs/resolver.md). The daemon pays that once. The handler, still run by request-key for
+every miss, sends it the request over a root-only unix socket and gets back the plaintext or a
+failure class. The daemon decrypts with the same KmsBackend, so what decrypts and what is refused
+are the same as on the cold path. When no daemon answers, the handler decrypts by itself.
+
+Trust runs both ways and is checked by the kernel's peer credentials (SO_PEERCRED): the daemon
+serves only uid 0, and the handler believes only a daemon running as uid 0 whose socket sits in
+a root-owned directory. Otherwise a local user could poison the cache with a fake plaintext.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kmskeys.blob import Blob, BlobFormatError, parse_blob
+from kmskeys.errors import InvalidNameError
+from kmskeys.names import validate_name
+from resolver.backends import Backend, Request, Timings
+from resolver.config import Config
+from resolver.errors import (
+    ConfigError,
+    RefusedError,
+    ResolverError,
+    UnavailableError,
+    UnknownSecretError,
+)
+from resolver.kms import KmsBackend
+from resolver.safefile import unsafe_reason
+
+if TYPE_CHECKING:
+    from mypy_boto3_kms import KMSClient
+
+PROTOCOL = 1
+_HEADER = struct.Struct("!I")
+MAX_REQUEST = 128 * 1024  # a 64 KiB blob plus the request's fields
+MAX_RESPONSE = 64 * 1024  # a 32767-byte payload, base64-encoded, plus the fields
+_ERRORS: dict[str, type[ResolverError]] = {
+    "unknown": UnknownSecretError,
+    "refused": RefusedError,
+    "unavailable": UnavailableError,
+}
+
+
+def send_message(sock: socket.socket, message: dict[str, Any]) -> None:
+    """Write one length-prefixed JSON message."""
+    data = json.dumps(message, separators=(",", ":")).encode()
+    sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def recv_message(sock: socket.socket, limit: int) -> dict[str, Any]:
+    """Read one length-prefixed JSON message of at most `limit` bytes."""
+    (size,) = _HEADER.unpack(_recv_exactly(sock, _HEADER.size))
+    if size > limit:
+        raise ValueError(f"message of {size} bytes is over {limit}")
+    message = json.loads(_recv_exactly(sock, size))
+    if not isinstance(message, dict):
+        raise ValueError("message is not a JSON object")
+    return message
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks, got = [], 0
+    while got < size:
+        chunk = sock.recv(size - got)
+        if not chunk:
+            raise ConnectionError("connection closed mid-message")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid the kernel recorded for the other end of a unix socket."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+class WarmBackend:
+    """Decrypts through the warm daemon; decrypts in this process when none is running."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def decrypt(self, blob: Blob, request: Request, deadline: float, timings: Timings) -> bytes:
+        """Ask the daemon; on no daemon (absent or refusing connections) go cold."""
+        start = time.perf_counter()
+        sock = self._connect(deadline)
+        if sock is None:
+            timings.add("cold", 0.0)
+            return self._cold().decrypt(blob, request, deadline, timings)
+        with sock:
+            try:
+                send_message(
+                    sock,
+                    {
+                        "v": PROTOCOL,
+                        "blob": blob.to_text(),
+                        "name": request.name,
+                        "uid": request.uid,
+                        "gid": request.gid,
+                        "user": request.user,
+                        "timeout": max(0.0, deadline - time.monotonic()),
+                    },
+                )
+                answer = recv_message(sock, MAX_RESPONSE)
+            except TimeoutError:
+                raise UnavailableError("warm daemon did not answer before the deadline") from None
+            except (OSError, ValueError) as exc:
+                raise UnavailableError(f"warm daemon failed: {type(exc).__name__}") from None
+        timings.add("warm", (time.perf_counter() - start) * 1000)
+        for phase, ms in (answer.get("t") or {}).items():
+            timings.add(f"d.{phase}", float(ms))
+        if "ok" in answer:
+            return base64.b64decode(answer["ok"], validate=True)
+        error = _ERRORS.get(str(answer.get("error")), RefusedError)
+        raise error(f"warm daemon: {answer.get('reason', 'no reason given')}")
+
+    def _cold(self) -> Backend:
+        return KmsBackend(self.config)
+
+    def _connect(self, deadline: float) -> socket.socket | None:
+        path = self.config.warm_socket
+        assert path is not None  # backend_for picks this backend only when it is set
+        try:
+            parent = os.stat(path.parent)
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None  # no daemon running: the cold path is the normal fallback
+        except OSError as exc:
+            raise RefusedError(f"warm_socket {path}: {exc.strerror}") from None
+        reason = unsafe_reason(parent) or unsafe_reason(st)
+        if reason or not stat.S_ISSOCK(st.st_mode):
+            raise RefusedError(f"warm_socket {path} is unsafe: {reason or 'not a socket'}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            sock.connect(os.fspath(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()
+            return None  # a stale socket from a daemon that is gone
+        except OSError as exc:
+            sock.close()
+            raise UnavailableError(f"warm_socket {path}: {exc.strerror}") from None
+        uid = peer_uid(sock)
+        if uid != 0:
+            sock.close()
+            # A daemon not run by root could answer with any plaintext: never believe it.
+            raise RefusedError(f"warm_socket {path} is served by uid {uid}, not root")
+        return sock
+
+
+class ReusingKmsBackend(KmsBackend):
+    """KmsBackend keeping one client per region for the daemon's lifetime."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self._lock = threading.Lock()
+        self._clients: dict[str, KMSClient] = {}
+
+    def _client(self, region: str, deadline: float, timings: Timings) -> KMSClient:
+        with self._lock:
+            client = self._clients.get(region)
+            if client is None:
+                # Timeouts sized for a whole handler deadline, not for what is left of the
+                # request that happens to build the client.
+                whole = time.monotonic() + self.config.deadline
+                client = self._clients[region] = super()._client(region, whole, timings)
+            return client
+
+
+class Daemon:
+    """The warm daemon's socket and request loop."""
+
+    def __init__(self, config: Config) -> None:
+        if config.warm_socket is None:
+            raise ConfigError(f"config {config.path}: set warm_socket to run the warm daemon")
+        self.config = config
+        self.path: Path = config.warm_socket
+        self.backend = ReusingKmsBackend(config)
+        self.listener: socket.socket | None = None
+        self._inode: int | None = None
+
+    def bind(self) -> None:
+        """Create the root-only socket, replacing a stale one atomically."""
+        parent = self.path.parent
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        reason = unsafe_reason(os.stat(parent))
+        if reason:
+            raise ConfigError(f"warm_socket directory {parent} is unsafe: {reason}")
+        temp = parent / f".{self.path.name}.{os.getpid()}"
+        temp.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
+        try:
+            listener.bind(os.fspath(temp))
+        finally:
+            os.umask(old_umask)
+        listener.listen(128)
+        os.replace(temp, self.path)
+        self._inode = os.lstat(self.path).st_ino
+        self.listener = listener
+
+    def serve_forever(self) -> None:
+        """Accept connections until the listener is closed."""
+        assert self.listener is not None
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed by shutdown()
+            threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
+
+    def shutdown(self) -> None:
+        """Stop accepting and remove our socket (never a newer daemon's)."""
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.close()
+        try:
+            if os.lstat(self.path).st_ino == self._inode:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        with conn:
+            if peer_uid(conn) != 0:
+                return  # only the root handler may ask: close without a word
+            conn.settimeout(self.config.deadline + 1.0)
+            try:
+                request = recv_message(conn, MAX_REQUEST)
+                answer = self.answer(request)
+                send_message(conn, answer)
+            except (OSError, ValueError):
+                return  # a broken client gets nothing; the handler then reports unavailable
+
+    def answer(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Decrypt one request; the answer carries the plaintext or the failure class."""
+        timings = Timings()
+        try:
+            blob, request, timeout = self._parse(message)
+            deadline = time.monotonic() + timeout
+            plaintext = self.backend.decrypt(blob, request, deadline, timings)
+        except ResolverError as exc:
+            return {"error": exc.outcome, "reason": exc.reason, "t": timings.phases}
+        except Exception as exc:
+            return {"error": "refused", "reason": f"internal error: {type(exc).__name__}"}
+        return {"ok": base64.b64encode(plaintext).decode(), "t": timings.phases}
+
+    def _parse(self, message: dict[str, Any]) -> tuple[Blob, Request, float]:
+        if message.get("v") != PROTOCOL:
+            raise RefusedError(f"warm protocol {message.get('v')!r} is not {PROTOCOL}")
+        try:
+            name = validate_name(str(message["name"]))
+            blob = parse_blob(str(message["blob"]), allow_legacy=self.config.allow_legacy_blobs)
+            user = message.get("user")
+            request = Request(
+                name=name,
+                uid=int(message["uid"]),
+                gid=int(message["gid"]),
+                user=None if user is None else str(user),
+            )
+            timeout = min(float(message["timeout"]), self.config.deadline)
+        except (KeyError, TypeError, ValueError, InvalidNameError, BlobFormatError) as exc:
+            raise RefusedError(f"malformed warm request: {type(exc).__name__}") from None
+        return blob, request, max(0.0, timeout)
+
+
+def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
+    """Run the warm daemon until SIGTERM or SIGINT."""
+    daemon = Daemon(config)
+    daemon.bind()
+
+    def stop(signum: int, _frame: object) -> None:
+        daemon.shutdown()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"kmskeys-resolver serve: listening on {daemon.path}", file=sys.stderr, flush=True)
+    if ready is not None:
+        ready()
+    try:
+        daemon.serve_forever()
+    finally:
+        daemon.shutdown()
+    return 0

@@ -1,0 +1,135 @@
+"""The warm daemon: same answers as the cold path, faster, and trusted only between root ends."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kmskeys.errors import KeyRejectedError
+from tests.support.names import unique
+from tests.support.proc import NOBODY, run_as
+from tests.support.warm_daemon import warm_daemon
+
+pytestmark = pytest.mark.upcall
+
+
+@pytest.fixture
+def warm_dir() -> Iterator[Path]:
+    """A root-owned directory for the daemon's socket, like /run/kmskeys."""
+    path = Path(tempfile.mkdtemp(prefix="kmst-warm-"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def phases(line: str) -> set[str]:
+    """The timing phases named in a resolver log line's t= field."""
+    field = next(part for part in line.split() if part.startswith("t="))
+    return {item.split(":")[0] for item in field[2:].split(",")}
+
+
+def test_warm_daemon_serves_misses_and_cold_path_takes_over(
+    extra_install: Any, warm_dir: Path
+) -> None:
+    sock = warm_dir / "run" / "resolver.sock"
+    with extra_install(warm_socket=sock) as other:
+        name, later = unique("warm"), unique("cold")
+        with warm_daemon(other.config, sock) as proc:
+            assert oct(os.stat(sock.parent).st_mode & 0o777) == "0o700"
+            assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
+            assert other.get(name, other.blob(b"warm-secret", name)) == b"warm-secret"
+            line = other.log.wait_for(name)
+            assert "outcome=ok" in line
+            # Decrypted by the daemon: no botocore import or client build in the handler.
+            assert {"warm", "d.decrypt"} <= phases(line)
+            assert "import" not in phases(line)
+            # The daemon refuses what the cold path refuses: KMS checks the name binding.
+            stolen = unique("stolen")
+            with pytest.raises(KeyRejectedError):
+                other.get(stolen, other.blob(b"x", name))
+            assert "outcome=refused" in other.log.wait_for(stolen)
+            proc.terminate()
+            proc.wait(timeout=10)
+            assert not sock.exists(), "the daemon must remove its socket on SIGTERM"
+        assert other.get(later, other.blob(b"cold-secret", later)) == b"cold-secret"
+        assert {"cold", "import"} <= phases(other.log.wait_for(later))
+
+
+def _ask(path: str) -> bytes:
+    """Send a request; the answer's first bytes, or b"" when the daemon closed on us instead
+    (EOF, reset or broken pipe: which one depends on timing, all mean no answer)."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(5)
+    conn.connect(path)
+    request = json.dumps({"v": 1, "blob": "x", "name": "n", "uid": 0, "gid": 0}).encode()
+    try:
+        conn.sendall(struct.pack("!I", len(request)) + request)
+        return conn.recv(100)
+    except (ConnectionResetError, BrokenPipeError):
+        return b""
+
+
+def test_daemon_answers_root_only(extra_install: Any, warm_dir: Path) -> None:
+    sock = warm_dir / "resolver.sock"
+    with extra_install(warm_socket=sock) as other, warm_daemon(other.config, sock):
+        assert run_as(NOBODY, NOBODY, lambda: _ask(str(sock)).hex()) == {
+            "error": "PermissionError",
+            "errno": 13,
+        }
+        os.chmod(sock, 0o666)  # even if the socket's mode is loosened...
+        assert run_as(NOBODY, NOBODY, lambda: _ask(str(sock)).hex()) == {"ok": ""}
+        assert _ask(str(sock)) != b""  # ...root still gets an answer
+
+
+def _impostor(path: Path, ready: Any) -> None:
+    # Bound as root (the directory is root's), but listening as nobody: SO_PEERCRED says 65534.
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    os.chmod(path, 0o600)
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    server.listen(8)
+    os.write(ready, b"x")
+    while True:
+        conn, _ = server.accept()
+        poisoned = json.dumps({"ok": base64.b64encode(b"poisoned").decode()}).encode()
+        conn.sendall(struct.pack("!I", len(poisoned)) + poisoned)
+        conn.close()
+
+
+def test_handler_never_believes_a_daemon_that_is_not_root(
+    extra_install: Any, warm_dir: Path
+) -> None:
+    sock = warm_dir / "resolver.sock"
+    with extra_install(warm_socket=sock) as other:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _impostor(sock, write_end)
+            finally:
+                os._exit(0)
+        try:
+            os.read(read_end, 1)
+            name = unique("poison")
+            with pytest.raises(KeyRejectedError):
+                other.get(name, other.blob(b"real", name))
+            line = other.log.wait_for(name)
+            assert "served by uid 65534, not root" in line
+        finally:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            os.close(read_end)
+            os.close(write_end)
