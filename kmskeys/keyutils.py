@@ -6,7 +6,9 @@ Payloads and descriptions are bytes; lengths are the C library's size_t, never a
 
 from __future__ import annotations
 
-import threading
+# threading.local is _thread._local; importing `threading` itself would cost ~2 ms (collections,
+# functools) on the client's import path.
+from _thread import _local as thread_local
 
 from kmskeys._keyutils_cffi import ffi, lib
 
@@ -24,7 +26,7 @@ _new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 # Most secrets are passwords and tokens: one read syscall into this per-thread buffer (wiped
 # after every read, so it holds no payload between calls) serves them.
 READ_GUESS = 1024
-_buffers = threading.local()
+_buffers = thread_local()
 
 
 def _fail(what: str, *, upcall: bool = False) -> Exception:

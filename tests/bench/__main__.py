@@ -43,6 +43,14 @@ def machine() -> str:
     )
 
 
+def _shown_python(path: str) -> str:
+    """Which interpreter the apps ran, relative to the repository when inside it."""
+    try:
+        return str(Path(path).absolute().relative_to(ROOT))
+    except ValueError:
+        return "the bench runner's own interpreter" if path == sys.executable else Path(path).name
+
+
 def render(rows: list[Row], took: float) -> str:
     """The markdown table with its header lines."""
     today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
@@ -76,10 +84,21 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="kmst-bench-") as tmp:
-        ctx = BenchContext(tmp=Path(tmp))
-        for name in names:
-            print(f"bench: {name} ...", file=sys.stderr, flush=True)
-            rows += importlib.import_module(name).rows(ctx)
+        # make bench points this at a regular (non-editable) install, as in production.
+        # Absolute but not resolved: a venv is recognised by the path of its own python link.
+        app_python = os.path.abspath(os.environ.get("KMSKEYS_BENCH_PYTHON") or sys.executable)
+        ctx = BenchContext(tmp=Path(tmp), python=app_python)
+        ctx.notes.append(f"apps (CGI scripts, fresh processes) run {_shown_python(app_python)}")
+        # Apps start in a scratch directory: from the repository root, `python -c` would import
+        # the source tree ahead of the installed package.
+        here = os.getcwd()
+        os.chdir(tmp)
+        try:
+            for name in names:
+                print(f"bench: {name} ...", file=sys.stderr, flush=True)
+                rows += importlib.import_module(name).rows(ctx)
+        finally:
+            os.chdir(here)
         notes = list(ctx.notes)
     table = render(rows, time.monotonic() - started)
     if notes:
