@@ -13,9 +13,11 @@ class ResolverError(KmsKeysError):
     errno: int = REFUSED
     outcome = "refused"
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, retryable: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        # Worth another attempt within the same request (throttled, 5xx, connection refused).
+        self.retryable = retryable
 
 
 class UnknownSecretError(ResolverError):

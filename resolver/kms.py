@@ -7,6 +7,7 @@ setting comes from the resolver's config, none from the environment or ~/.aws.
 from __future__ import annotations
 
 import os
+import random
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,8 @@ _TRANSIENT_CODES = frozenset(
 )
 CONNECT_TIMEOUT_MAX = 1.0
 MIN_ATTEMPT_SECONDS = 0.2
+MAX_ATTEMPTS = 4
+BACKOFF_BASE = 0.05
 
 
 def region_of(arn: str | None) -> str | None:
@@ -78,14 +81,12 @@ class KmsBackend:
             kwargs["KeyId"] = blob.key_arn
         start = time.perf_counter()
         try:
-            response = client.decrypt(**kwargs)
-        except Exception as exc:
-            raise classify(exc) from None
+            response = _decrypt_with_retries(client, kwargs, deadline)
         finally:
             timings.add("decrypt", (time.perf_counter() - start) * 1000)
-        if blob.key_arn is not None and response.get("KeyId") != blob.key_arn:
+        key_id, plaintext = _checked_answer(response)
+        if blob.key_arn is not None and key_id != blob.key_arn:
             raise RefusedError("KMS answered with a different KeyId than the blob names")
-        plaintext: bytes = response["Plaintext"]
         if blob.mode != MODE_ENVELOPE:
             return plaintext
         from resolver.envelope import open_sealed
@@ -113,10 +114,11 @@ class KmsBackend:
         if self.config.profile:
             session.set_config_variable("profile", self.config.profile)
         remaining = deadline - time.monotonic()
-        attempts = 2 if remaining >= 4 * MIN_ATTEMPT_SECONDS + 1.0 else 1
-        connect = max(0.1, min(CONNECT_TIMEOUT_MAX, remaining / (4 * attempts)))
-        # Leave room for a retry's backoff (at most 1 s for the first retry in standard mode).
-        read = max(MIN_ATTEMPT_SECONDS, (remaining - (attempts - 1)) / attempts - connect)
+        connect = max(0.1, min(CONNECT_TIMEOUT_MAX, remaining / 4))
+        # A slow answer may use all the time that is left: the watchdog fires first, the read
+        # timeout is only its backstop. Retries are ours (_decrypt_with_retries), sized to the
+        # deadline.
+        read = max(MIN_ATTEMPT_SECONDS, remaining)
         # Credentials from the instance role come from IMDS: bound that fetch as well.
         session.set_config_variable("metadata_service_timeout", max(0.1, min(1.0, remaining / 4)))
         session.set_config_variable("metadata_service_num_attempts", 1)
@@ -127,12 +129,47 @@ class KmsBackend:
             config=BotoConfig(
                 connect_timeout=connect,
                 read_timeout=read,
-                retries={"total_max_attempts": attempts, "mode": "standard"},
+                retries={"total_max_attempts": 1, "mode": "standard"},
                 user_agent_extra="kmskeys-resolver",
             ),
         )
         timings.add("client", (time.perf_counter() - start) * 1000)
         return client
+
+
+def _decrypt_with_retries(
+    client: KMSClient, kwargs: dict[str, Any], deadline: float
+) -> dict[str, Any]:
+    """Call Decrypt, retrying transient failures with jittered backoff while the deadline allows.
+
+    botocore's own backoff (up to 1 s, then 2 s, ...) ignores the deadline: a throttled first
+    attempt would use up a short deadline. Ours starts at 50 ms and never sleeps past the point
+    where an attempt still has MIN_ATTEMPT_SECONDS left.
+    """
+    for attempt in range(MAX_ATTEMPTS):
+        try:
+            return dict(client.decrypt(**kwargs))
+        except Exception as exc:
+            error = classify(exc)
+        delay = random.uniform(0.5, 1.0) * BACKOFF_BASE * 2**attempt  # noqa: S311 (jitter only)
+        left = deadline - time.monotonic() - delay
+        if not error.retryable or attempt + 1 == MAX_ATTEMPTS or left < MIN_ATTEMPT_SECONDS:
+            if attempt:
+                error.reason += f" after {attempt + 1} attempts"
+            raise error
+        time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _checked_answer(response: dict[str, Any]) -> tuple[str, bytes]:
+    """KeyId and Plaintext of a Decrypt answer; a malformed answer is a transient failure."""
+    # botocore turns an unparseable 200 body into an empty dict and lenient base64 into b"":
+    # neither may become a key. KMS never returns an empty plaintext.
+    key_id = response.get("KeyId")
+    plaintext = response.get("Plaintext")
+    if not isinstance(key_id, str) or not isinstance(plaintext, bytes) or not plaintext:
+        raise UnavailableError("KMS answered with a malformed Decrypt response")
+    return key_id, plaintext
 
 
 def _check_credentials_file(path: os.PathLike[str]) -> None:
@@ -156,18 +193,23 @@ def classify(exc: BaseException) -> ResolverError:
         code = str(error.get("Code", "Unknown"))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         if code in _TRANSIENT_CODES or status >= 500 or status == 429:
-            return UnavailableError(f"KMS {code} (HTTP {status})")
+            return UnavailableError(f"KMS {code} (HTTP {status})", retryable=True)
+        if not code or code.isdigit():
+            # botocore names the error after the status when the body is unreadable: we do not
+            # know what KMS said, so this is no refusal to cache.
+            return UnavailableError(f"KMS answered HTTP {status} with an unreadable error body")
         return RefusedError(f"KMS {code}")
     if isinstance(exc, bx.NoCredentialsError | bx.CredentialRetrievalError):
         return UnavailableError(f"no AWS credentials ({type(exc).__name__})")
     if isinstance(exc, bx.ConnectTimeoutError | bx.ReadTimeoutError):
         return UnavailableError(f"KMS timed out ({type(exc).__name__})")
     if isinstance(exc, bx.EndpointConnectionError | bx.ConnectionClosedError | bx.HTTPClientError):
-        return UnavailableError(f"KMS unreachable ({type(exc).__name__})")
+        return UnavailableError(f"KMS unreachable ({type(exc).__name__})", retryable=True)
     if isinstance(exc, bx.ProfileNotFound | bx.PartialCredentialsError):
         return ConfigError(f"credentials misconfigured ({type(exc).__name__})")
     if isinstance(exc, bx.ParamValidationError):
         return RefusedError("blob does not make a valid KMS request")
     if isinstance(exc, bx.BotoCoreError):
         return UnavailableError(f"KMS call failed ({type(exc).__name__})")
-    return RefusedError(f"unexpected {type(exc).__name__} calling KMS")
+    # botocore's parsers raise plain ValueError, TypeError, AttributeError... on a garbled body.
+    return UnavailableError(f"KMS answered with a malformed response ({type(exc).__name__})")

@@ -6,6 +6,7 @@ blobs) must be a regular file that only root can have written.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -28,10 +29,13 @@ def read_trusted(path: str | os.PathLike[str], limit: int, what: str) -> bytes:
     """Read a root-owned regular file of at most `limit` bytes, or raise RefusedError."""
     try:
         # O_NONBLOCK: opening a FIFO must not hang the handler; fstat then refuses it.
-        fd = os.open(path, _READ_FLAGS)
+        # O_NOFOLLOW: the file root trusts is the one at this path, not wherever a link points.
+        fd = os.open(path, _READ_FLAGS | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise RefusedError(f"{what} {os.fspath(path)} does not exist") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RefusedError(f"{what} {os.fspath(path)} is a symbolic link") from None
         raise RefusedError(f"{what} {os.fspath(path)}: {exc.strerror}") from None
     try:
         return _read_fd(fd, limit, f"{what} {os.fspath(path)}")
@@ -96,7 +100,9 @@ def _open_component(part: str, dir_fd: int, flags: int, what: str, shown: str) -
     except FileNotFoundError:
         raise UnknownSecretError(f"no {what} {shown!r}") from None
     except OSError as exc:
-        # ELOOP (a symlink under O_NOFOLLOW) and ENOTDIR land here: never followed.
+        if exc.errno == errno.ELOOP:
+            raise RefusedError(f"{what} {shown!r} is a symbolic link") from None
+        # ENOTDIR and the like: never followed, never opened.
         raise RefusedError(f"{what} {shown!r}: {exc.strerror}") from None
 
 

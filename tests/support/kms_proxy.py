@@ -47,6 +47,8 @@ class Fault:
     headers: dict[str, str] = field(
         default_factory=lambda: {"Content-Type": "application/x-amz-json-1.1"}
     )
+    # Announce this Content-Length instead of the body's, then close: a truncated answer.
+    declared_length: int | None = None
 
 
 class _Drop:
@@ -160,7 +162,7 @@ class KmsProxy:
                     self.close_connection = True
                     return
                 if isinstance(answer, Fault):
-                    self._answer(answer.status, answer.headers, answer.body)
+                    self._answer(answer.status, answer.headers, answer.body, answer.declared_length)
                     return
                 self._forward(request)
 
@@ -181,12 +183,26 @@ class KmsProxy:
                 finally:
                     conn.close()
 
-            def _answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
+            def _answer(
+                self,
+                status: int,
+                headers: dict[str, str],
+                body: bytes,
+                declared_length: int | None = None,
+            ) -> None:
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
+                length = len(body) if declared_length is None else declared_length
+                self.send_header("Content-Length", str(length))
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.wfile.write(body)
+                    self.wfile.flush()
+                except OSError:
+                    # The resolver gave up (deadline) or was killed while the proxy answered.
+                    self.close_connection = True
+                if length != len(body):
+                    self.close_connection = True
 
         return Handler

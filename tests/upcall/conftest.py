@@ -23,6 +23,7 @@ from tests.upcall.harness import (
     SHORT_TTL_GLOB,
     Install,
     installed,
+    kms_stack,
     run_resolver,
 )
 
@@ -32,16 +33,8 @@ __all__ = ["KMSKEYS", "RESOLVER", "SHORT_TTL", "Install", "installed", "run_reso
 @pytest.fixture(scope="session")
 def kms_backend() -> Iterator[tuple[KmsEmulator, KmsProxy, str]]:
     """The session's moto server, the counting proxy in front of it, and one KMS key ARN."""
-    emulator = KmsEmulator().start()
-    proxy = KmsProxy(emulator.url).start()
-    try:
-        key_arn = emulator.client().create_key(Description="kmst resolver tests")["KeyMetadata"][
-            "Arn"
-        ]
-        yield emulator, proxy, key_arn
-    finally:
-        proxy.stop()
-        emulator.stop()
+    with kms_stack() as stack:
+        yield stack
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,50 +34,70 @@ NOBODY_ONLY_GLOB = "kmst-*-nobodyonly-*"
 
 
 class SyslogReader:
-    """A unix datagram socket standing in for /dev/log; collects the resolver's lines."""
+    """A unix datagram socket standing in for /dev/log; collects the resolver's lines.
+
+    A thread receives continuously: the kernel queues only net.unix.max_dgram_qlen (10 by
+    default) datagrams per socket, and the resolver's non-blocking send drops a line (to its
+    stderr, which request-key discards) when that queue is full.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(os.fspath(path))
+        self.sock.settimeout(0.1)
         self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._last = time.monotonic()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="syslog-reader", daemon=True)
+        self._thread.start()
 
-    def _receive(self, timeout: float) -> bool:
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(65536)
-        except (TimeoutError, BlockingIOError):
-            return False
-        self.lines.append(data.decode("utf-8", "replace"))
-        return True
+    def _run(self) -> None:
+        while not self._closing:
+            try:
+                data = self.sock.recv(65536)
+            except (TimeoutError, BlockingIOError):
+                continue
+            except OSError:
+                return  # closed
+            with self._changed:
+                self.lines.append(data.decode("utf-8", "replace"))
+                self._last = time.monotonic()
+                self._changed.notify_all()
 
     def collect(self, timeout: float = 1.0) -> None:
-        """Receive at least one pending line (waiting up to `timeout`), keeping it for later."""
-        if self._receive(timeout):
-            while self._receive(0):
-                pass
+        """Wait up to `timeout` for at least one line to be pending."""
+        with self._changed:
+            self._changed.wait_for(lambda: bool(self.lines), timeout)
 
     def drain(self) -> list[str]:
         """Every line received so far (waiting a moment for stragglers), then forget them."""
-        while self._receive(0.05):
-            pass
-        lines, self.lines = self.lines, []
+        with self._changed:
+            quiet_until = time.monotonic() + 0.05
+            while (left := max(quiet_until, self._last + 0.05) - time.monotonic()) > 0:
+                self._changed.wait(left)
+            lines, self.lines = self.lines, []
         return lines
 
     def wait_for(self, name: str, timeout: float = 15.0) -> str:
         """The first line about secret `name`; the resolver logs after answering the kernel."""
         needle = f" name={name} "
-        end = time.monotonic() + timeout
-        while True:
-            for line in self.lines:
-                if needle in line + " ":
-                    self.lines.remove(line)
-                    return line
-            remaining = end - time.monotonic()
-            if remaining <= 0 or not self._receive(remaining):
-                raise AssertionError(f"no resolver log line for {name!r}; got {self.lines!r}")
+
+        def find() -> str | None:
+            return next((line for line in self.lines if needle in line + " "), None)
+
+        with self._changed:
+            if self._changed.wait_for(lambda: find() is not None, timeout):
+                line = find()
+                assert line is not None
+                self.lines.remove(line)
+                return line
+            raise AssertionError(f"no resolver log line for {name!r}; got {self.lines!r}")
 
     def close(self) -> None:
+        self._closing = True
+        self._thread.join(timeout=5)
         self.sock.close()
 
 
@@ -125,6 +146,34 @@ class Install:
         """KMS Decrypt calls the proxy has forwarded (or answered) since the last reset."""
         assert self.proxy is not None
         return self.proxy.count("Decrypt")
+
+
+@contextmanager
+def kms_stack() -> Iterator[tuple[KmsEmulator, KmsProxy, str]]:
+    """A moto server, the counting proxy in front of it, and one KMS key ARN; stopped after."""
+    emulator = KmsEmulator().start()
+    proxy = KmsProxy(emulator.url).start()
+    try:
+        key = emulator.client().create_key(Description="kmst resolver tests")["KeyMetadata"]
+        yield emulator, proxy, key["Arn"]
+    finally:
+        proxy.stop()
+        emulator.stop()
+
+
+def handler_pids(config: Path) -> list[int]:
+    """Pids of running `kmskeys-resolver handle` processes of the install using `config`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if b"handle" in argv and os.fsencode(config) in argv:
+            pids.append(int(entry.name))
+    return pids
 
 
 def _write_root_file(path: Path, text: str, mode: int) -> None:

@@ -1,0 +1,49 @@
+"""Fault-tier fixtures: a resolver install with a short deadline behind the fault proxy.
+
+`faulty` is one install for the whole tier (deadline 2.5 s, negative_ttl 1 s) so that every
+fault resolves in seconds; each test gets it with the fault cleared, counts and log reset, in a
+fresh session keyring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.kms_emulator import KmsEmulator
+from tests.support.kms_proxy import KmsProxy
+from tests.upcall.harness import Install, installed, kms_stack
+
+DEADLINE = 2.5
+NEGATIVE_TTL = 1
+
+
+@pytest.fixture(scope="session")
+def fault_backend() -> Iterator[tuple[KmsEmulator, KmsProxy, str]]:
+    """The tier's moto server, fault proxy and KMS key."""
+    with kms_stack() as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def fault_install(fault_backend: tuple[KmsEmulator, KmsProxy, str]) -> Iterator[Install]:
+    """One resolver install with a short deadline and negative_ttl, behind the proxy."""
+    emulator, proxy, key_arn = fault_backend
+    with installed(
+        emulator, proxy, key_arn, deadline=DEADLINE, negative_ttl=NEGATIVE_TTL
+    ) as install:
+        yield install
+
+
+@pytest.fixture
+def faulty(fault_install: Install, session_keyring: object) -> Iterator[Install]:
+    """The tier's install with no fault, counts and log reset, in a fresh session keyring."""
+    assert fault_install.proxy is not None
+    fault_install.proxy.set_fault(None)
+    fault_install.proxy.reset_counts()
+    fault_install.log.drain()
+    try:
+        yield fault_install
+    finally:
+        fault_install.proxy.set_fault(None)

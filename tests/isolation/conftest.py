@@ -1,0 +1,124 @@
+"""Isolation-tier fixtures: two real test users (kmst-tagged, removed afterwards) and an install.
+
+Per-user code runs in forked children that setuid (tests/support/proc.py); `Resident` keeps
+such a child alive, holding its keys, while another user probes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.support.names import TEST_TAG
+from tests.upcall.harness import Install, installed, kms_stack
+
+# Names matching these globs may only be resolved by user A (by name, and by uid).
+A_ONLY_GLOB = "kmst-*-aonly-*"
+A_UID_GLOB = "kmst-*-auid-*"
+
+
+def _missing() -> list[str]:
+    tools = ("useradd", "userdel")
+    return [f"the '{tool}' command (passwd)" for tool in tools if not shutil.which(tool)]
+
+
+@pytest.fixture(scope="session")
+def users() -> Iterator[tuple[pwd.struct_passwd, pwd.struct_passwd]]:
+    """Users A and B, created for this run with useradd and deleted after, even on failure."""
+    missing = _missing()
+    if missing:
+        pytest.fail("tier 'isolation' cannot run here; missing: " + "; ".join(missing))
+    token = secrets.token_hex(3)
+    names = [f"{TEST_TAG}-a-{token}", f"{TEST_TAG}-b-{token}"]
+    created: list[str] = []
+    try:
+        for name in names:
+            subprocess.run(
+                ["useradd", "--system", "--user-group", "--no-create-home",
+                 "--shell", "/usr/sbin/nologin", name],
+                check=True, capture_output=True, timeout=30,
+            )  # fmt: skip
+            created.append(name)
+        yield pwd.getpwnam(names[0]), pwd.getpwnam(names[1])
+    finally:
+        for name in created:
+            subprocess.run(["userdel", name], check=False, capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def iso_install(users: tuple[pwd.struct_passwd, pwd.struct_passwd]) -> Iterator[Install]:
+    """A resolver install whose policy gives the a-only names to user A alone."""
+    a, _ = users
+    names = (
+        f'\n[names."{A_ONLY_GLOB}"]\nallow_users = ["{a.pw_name}"]\n'
+        f'\n[names."{A_UID_GLOB}"]\nallow_users = [{a.pw_uid}]\n'
+    )
+    with kms_stack() as stack, installed(*stack, names=names) as install:
+        yield install
+
+
+@pytest.fixture
+def iso(iso_install: Install, session_keyring: object) -> Install:
+    """The tier's install with counts and log reset."""
+    assert iso_install.proxy is not None
+    iso_install.proxy.reset_counts()
+    iso_install.log.drain()
+    return iso_install
+
+
+class Resident:
+    """A child running as `user` in its own session keyring, alive until the block ends.
+
+    `setup` runs in the child; its JSON-able result is `self.result`. The child then waits, so
+    the keys it holds stay alive while other users probe them.
+    """
+
+    def __init__(self, user: pwd.struct_passwd, setup: Callable[[], object]) -> None:
+        self.user = user
+        self.setup = setup
+        self.result: object = None
+        self.pid = -1
+        self._hold = -1
+
+    def __enter__(self) -> Resident:
+        result_r, result_w = os.pipe()
+        hold_r, hold_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 0
+            try:
+                os.close(result_r)
+                os.close(hold_w)
+                os.setgroups([])
+                os.setgid(self.user.pw_gid)
+                os.setuid(self.user.pw_uid)
+                from kmskeys import Keyring
+
+                Keyring.join_session()
+                result: object = {"ok": self.setup()}
+            except BaseException as exc:
+                result = {"error": type(exc).__name__, "errno": getattr(exc, "errno", None)}
+                code = 1
+            try:
+                os.write(result_w, json.dumps(result).encode())
+                os.close(result_w)
+                os.read(hold_r, 1)  # until the parent closes its end
+            finally:
+                os._exit(code)
+        os.close(result_w)
+        os.close(hold_r)
+        self.pid, self._hold = pid, hold_w
+        with os.fdopen(result_r, "rb") as pipe:
+            self.result = json.loads(pipe.read())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._hold)
+        os.waitpid(self.pid, 0)
