@@ -75,10 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "handle":
-        # Imported lazily: `install` and `firewall` never pay for the handler's imports.
-        from resolver.handler import main as handle_main
+        # Imported lazily: `install` and `firewall` never pay for the handler's imports. The
+        # handler runs in a supervised worker, so that even its SIGKILL gets the key answered.
+        from resolver.supervise import supervise
 
-        code = handle_main(rest)
+        code = supervise(rest)
         # The kernel holds the requester that started the upcall until request-key and this
         # handler exit (UMH_WAIT_PROC), so skip interpreter teardown: the answer is given.
         sys.stderr.flush()

@@ -254,9 +254,10 @@ class _QuotaError(ResolverError):
     outcome = "quota"
 
 
-def main(argv: Sequence[str]) -> int:
-    """Run the handler for request-key's argv (after `handle`)."""
-    started = process_started()
+def main(argv: Sequence[str], started: float | None = None) -> int:
+    """Run the handler for request-key's argv (after `handle`); `started` is when handling began
+    (the supervising parent's start), by default this process's start."""
+    started = process_started() if started is None else started
     _scrub_environment()
     try:
         args = parse_args(argv)

@@ -176,6 +176,23 @@ def handler_pids(config: Path) -> list[int]:
     return pids
 
 
+def worker_pids(config: Path) -> list[int]:
+    """Pids of the handler workers (the supervised children) of the install using `config`."""
+    handlers = set(handler_pids(config))
+    workers = []
+    for pid in handlers:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        ppid = int(
+            next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
+        )
+        if ppid in handlers:
+            workers.append(pid)
+    return workers
+
+
 def _write_root_file(path: Path, text: str, mode: int) -> None:
     path.write_text(text)
     os.chown(path, 0, 0)

@@ -1,0 +1,129 @@
+"""Run the handler in a worker process, so that its death, however it comes, still gets an answer.
+
+A request-key program that exits without instantiating or rejecting the key leaves the kernel to
+negate it with ENOKEY for 60 seconds. No sysctl changes that timeout, so a handler killed by the
+OOM killer or by an operator (SIGKILL), or one that crashes in C code, would make the name
+unresolvable for a minute. The parent waits for the worker and kills it if it outlives the
+deadline, which backs up the worker's own SIGALRM watchdog. If the worker left the key
+unanswered, the parent rejects it with EAGAIN, which the kernel never caches, and logs why.
+
+The parent forks after the handler's imports, so the worker pays nothing extra for them. The
+requester that started the upcall waits for request-key, which waits for this parent.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from kmskeys.errors import InvalidNameError, KmsKeysError
+from kmskeys.key import Key
+from kmskeys.names import DEFAULT_PREFIX, parse_description
+from resolver import config as config_mod
+from resolver import handler
+from resolver.errors import ResolverError, UnavailableError, errno_name
+from resolver.log import LOG_ERR, SyslogWriter, format_fields
+
+# How long past the deadline the parent lets a worker run: the worker's watchdog fires
+# WATCHDOG_MARGIN before the deadline, so a live worker has always answered by then.
+BACKSTOP_GRACE = 0.25
+
+
+def supervise(argv: Sequence[str]) -> int:
+    """Run `handler.main(argv)` in a worker; answer the kernel if the worker could not."""
+    started = handler.process_started()
+    pid = os.fork()
+    if pid == 0:  # the worker
+        code = 1
+        try:
+            code = handler.main(argv, started)
+        finally:
+            sys.stderr.flush()
+            os._exit(code)  # never return into the parent's code
+    try:
+        args = handler.parse_args(argv)
+    except ValueError:
+        _wait(pid, None)  # the worker logs the bad argv; there is no key to answer
+        return 2
+    config = _config(args)
+    deadline = started + (config.deadline if config else handler.DEFAULT_DEADLINE)
+    status = _wait(pid, deadline + BACKSTOP_GRACE)
+    if status is None:
+        how = "killed past its deadline"
+    elif os.WIFSIGNALED(status):
+        how = f"killed by signal {signal.Signals(os.WTERMSIG(status)).name}"
+    else:
+        how = f"exited with status {os.waitstatus_to_exitcode(status)}"
+    return _answer_if_unanswered(args, config, how)
+
+
+def _config(args: handler.HandleArgs) -> config_mod.Config | None:
+    try:
+        return config_mod.load(args.config)
+    except ResolverError:
+        return None  # the worker refuses and logs that; the defaults serve the backstop
+
+
+def _name(description: str, config: config_mod.Config | None) -> str:
+    # Log the name as the handler does; a description it could not parse is logged whole.
+    try:
+        return parse_description(description, config.prefix if config else DEFAULT_PREFIX)
+    except InvalidNameError:
+        return description
+
+
+def _wait(pid: int, deadline: float | None) -> int | None:
+    """The worker's wait status; None if it had to be killed at `deadline`."""
+    if deadline is None:
+        return os.waitpid(pid, 0)[1]
+    pidfd = os.pidfd_open(pid)
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        while not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            if time.monotonic() >= deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return None
+        return os.waitpid(pid, 0)[1]
+    finally:
+        os.close(pidfd)
+
+
+def _answer_if_unanswered(
+    args: handler.HandleArgs, config: config_mod.Config | None, how: str
+) -> int:
+    key = Key(args.key)
+    try:
+        # Instantiating or rejecting revokes the authorisation key: if the worker answered,
+        # authority can no longer be assumed, and there is nothing left to do.
+        key.assume_authority()
+    except KmsKeysError:
+        return 0
+    error = UnavailableError(f"resolver worker {how} before answering")
+    ttl = config.negative_ttl if config else handler.DEFAULT_NEGATIVE_TTL
+    try:
+        key.reject(ttl, error.errno, 0)
+    except KmsKeysError:
+        return 1  # answered meanwhile after all
+    log = (
+        SyslogWriter(config.syslog_socket, config_mod.FACILITIES[config.syslog_facility])
+        if config
+        else SyslogWriter(config_mod.DEFAULT_SYSLOG_SOCKET, config_mod.FACILITIES["authpriv"])
+    )
+    log.emit(
+        LOG_ERR,
+        format_fields(
+            uid=args.uid,
+            name=_name(args.description, config),
+            key=args.key,
+            outcome=error.outcome,
+            errno=errno_name(error.errno),
+            reason=error.reason,
+        ),
+    )
+    return 1
