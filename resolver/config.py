@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from pathlib import Path
 from kmskeys.errors import InvalidNameError
 from kmskeys.names import DEFAULT_PREFIX, validate_prefix
 from resolver.errors import ConfigError, RefusedError
-from resolver.safefile import read_trusted
+from resolver.safefile import read_trusted, unsafe_reason
 
 DEFAULT_PATH = Path("/etc/kmskeys/resolver.toml")
 DEFAULT_BLOB_DIR = Path("/etc/kmskeys/secrets")
@@ -75,6 +76,13 @@ class Config:
 def load(path: str | Path = DEFAULT_PATH) -> Config:
     """Read and validate the config at `path`; raise ConfigError saying what is wrong."""
     path = Path(path)
+    # Whoever may write the directory may replace or remove the file in it.
+    try:
+        reason = unsafe_reason(os.stat(path.parent))
+    except OSError as exc:
+        raise ConfigError(f"config directory {path.parent}: {exc.strerror}") from None
+    if reason:
+        raise ConfigError(f"config directory {path.parent} is unsafe: {reason}")
     try:
         raw = read_trusted(path, MAX_CONFIG_BYTES, "config")
     except RefusedError as exc:

@@ -174,6 +174,22 @@ def test_group_or_world_writable_config_is_refused(extra_install, mode: int) -> 
         assert get_secret(name, text, prefix=other.prefix) == b"x"
 
 
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o1777])
+def test_config_in_a_directory_others_can_write_is_refused(extra_install, mode: int) -> None:  # type: ignore[no-untyped-def]
+    # Whoever may write the directory may swap or remove the config, even a root-owned 0644 one.
+    with extra_install() as other:
+        name = unique("configdir")
+        text = other.blob(b"x", name)
+        os.chmod(other.config.parent, mode)
+        try:
+            with pytest.raises(KeyRejectedError):
+                get_secret(name, text, prefix=other.prefix)
+        finally:
+            os.chmod(other.config.parent, 0o755)
+        assert cli.main(["flush", name, "--prefix", other.prefix]) == 0
+        assert get_secret(name, text, prefix=other.prefix) == b"x"
+
+
 def test_config_with_unknown_key_is_refused(extra_install) -> None:  # type: ignore[no-untyped-def]
     with extra_install() as other:
         name = unique("config")
