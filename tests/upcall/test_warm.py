@@ -9,13 +9,16 @@ import shutil
 import socket
 import struct
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kmskeys.errors import KeyRejectedError
+from kmskeys.errors import KeyRejectedError, TemporarilyUnavailableError
+from tests.support.kms_proxy import DROP, ProxiedRequest
 from tests.support.names import unique
 from tests.support.proc import NOBODY, run_as
 from tests.support.warm_daemon import warm_daemon
@@ -133,3 +136,73 @@ def test_handler_never_believes_a_daemon_that_is_not_root(
             os.waitpid(pid, 0)
             os.close(read_end)
             os.close(write_end)
+
+
+def _hang_decrypt(request: ProxiedRequest) -> object:
+    if request.operation == "Decrypt":
+        time.sleep(30)
+        return DROP
+    return None
+
+
+def test_kms_hanging_behind_the_daemon_is_unavailable_within_the_deadline(
+    extra_install: Any, warm_dir: Path
+) -> None:
+    sock = warm_dir / "resolver.sock"
+    with extra_install(warm_socket=sock, deadline=2) as other, warm_daemon(other.config, sock):
+        assert other.proxy is not None
+        name = unique("warmhang")
+        text = other.blob(b"later", name)
+        other.proxy.set_fault(_hang_decrypt)
+        try:
+            start = time.monotonic()
+            with pytest.raises(TemporarilyUnavailableError):
+                other.get(name, text)
+            assert time.monotonic() - start < 2 + 1
+        finally:
+            other.proxy.set_fault(None)
+        assert "outcome=unavailable" in other.log.wait_for(name)
+        # EAGAIN is not cached, and the daemon is still serving.
+        assert other.get(name, text) == b"later"
+
+
+def test_daemon_dying_mid_request_is_unavailable_then_cold(
+    extra_install: Any, warm_dir: Path
+) -> None:
+    sock = warm_dir / "resolver.sock"
+    with extra_install(warm_socket=sock, deadline=3) as other:
+        assert other.proxy is not None
+        name = unique("warmdies")
+        text = other.blob(b"survives", name)
+        with warm_daemon(other.config, sock) as proc:
+            arrived = threading.Event()
+
+            def stall(request: ProxiedRequest) -> object:
+                if request.operation != "Decrypt":
+                    return None
+                arrived.set()
+                time.sleep(30)
+                return DROP
+
+            other.proxy.set_fault(stall)
+            outcome: list[object] = []
+            caller = threading.Thread(target=lambda: outcome.append(_try(other, name, text)))
+            caller.start()
+            try:
+                assert arrived.wait(5), "the daemon never called KMS"
+                proc.kill()  # SIGKILL mid-request: the handler's connection breaks
+                caller.join(timeout=5)
+            finally:
+                other.proxy.set_fault(None)
+        assert [type(o) for o in outcome] == [TemporarilyUnavailableError], outcome
+        assert "warm daemon failed" in other.log.wait_for(name)
+        # The daemon's socket is left behind, refusing connections: the handler goes cold.
+        assert other.get(name, text) == b"survives"
+        assert "cold" in phases(other.log.wait_for(name))
+
+
+def _try(install: Any, name: str, text: str) -> object:
+    try:
+        return install.get(name, text)
+    except Exception as exc:
+        return exc
