@@ -36,7 +36,12 @@ BACKSTOP_GRACE = 0.25
 def supervise(argv: Sequence[str]) -> int:
     """Run `handler.main(argv)` in a worker; answer the kernel if the worker could not."""
     started = handler.process_started()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        # No process to spare (EAGAIN, ENOMEM): handle in this process, unsupervised, rather
+        # than die unanswered and leave the name negated for a minute.
+        return handler.main(argv, started)
     if pid == 0:  # the worker
         code = 1
         try:

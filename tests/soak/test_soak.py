@@ -131,6 +131,9 @@ def _workload(
     return rows
 
 
+# A fixed number of requests, so the run ends by itself; the long one takes minutes, past the
+# suite's default per-test timeout.
+@pytest.mark.timeout(1200)
 def test_soak_mixed_traffic_with_faults(soak_size: str) -> None:
     threads, per_thread = SIZES[soak_size]
     seed = int.from_bytes(os.urandom(4), "big")
