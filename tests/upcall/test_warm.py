@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 import tempfile
 import threading
 import time
@@ -21,7 +22,7 @@ from kmskeys.errors import KeyRejectedError, TemporarilyUnavailableError
 from tests.support.kms_proxy import DROP, ProxiedRequest
 from tests.support.names import unique
 from tests.support.proc import NOBODY, run_as
-from tests.support.warm_daemon import warm_daemon
+from tests.support.warm_daemon import RESOLVER, warm_daemon
 
 pytestmark = pytest.mark.upcall
 
@@ -206,3 +207,19 @@ def _try(install: Any, name: str, text: str) -> object:
         return install.get(name, text)
     except Exception as exc:
         return exc
+
+
+def test_doctor_reports_the_warm_daemon(extra_install: Any, warm_dir: Path) -> None:
+    sock = warm_dir / "resolver.sock"
+    doctor = [str(RESOLVER.with_name("kmskeys")), "doctor"]
+    with extra_install(warm_socket=sock) as other:
+        args = [*doctor, "--prefix", other.prefix, "--config", str(other.config)]
+        idle = subprocess.run(args, capture_output=True, text=True, check=False, timeout=30)
+        assert f"warn warm_socket {sock} set but no daemon answers" in idle.stdout
+        with warm_daemon(other.config, sock):
+            up = subprocess.run(args, capture_output=True, text=True, check=False, timeout=30)
+        assert f"ok   warm daemon answering on {sock}" in up.stdout
+    with extra_install() as cold:
+        args = [*doctor, "--prefix", cold.prefix, "--config", str(cold.config)]
+        off = subprocess.run(args, capture_output=True, text=True, check=False, timeout=30)
+        assert "info warm daemon off" in off.stdout
