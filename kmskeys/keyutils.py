@@ -23,10 +23,10 @@ KEY_SPEC_REQKEY_AUTH_KEY: int = lib.KEY_SPEC_REQKEY_AUTH_KEY
 _NULL = ffi.NULL
 # Read buffers need no zeroing on allocation: they are wiped after use instead.
 _new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
-# Most secrets are passwords and tokens: one read syscall into this per-thread buffer (wiped
-# after every read, so it holds no payload between calls) serves them.
+# Most secrets are passwords and tokens: one read syscall with a buffer this size serves them.
 READ_GUESS = 1024
-_buffers = thread_local()
+# Each thread keeps one such buffer between reads, wiped after every use.
+_spare = thread_local()
 
 
 def _fail(what: str, *, upcall: bool = False) -> Exception:
@@ -71,27 +71,33 @@ def keyctl_read_alloc(key: int) -> bytes:
 
 
 def keyctl_read(key: int) -> bytes:
-    """Read a key's payload, with one syscall when it fits the thread's buffer; wipe after use.
+    """Read a key's payload, with one syscall when it fits READ_GUESS bytes; wipe the buffer.
 
     keyctl_read_alloc() always costs two syscalls (size, then data) and a malloc; this is the
     client's hot path, whose budget is 2x a C program doing request_key + keyctl_read.
     """
+    # The thread's spare buffer is taken out while in use: a signal handler that reads another
+    # key between our syscall and our copy gets a buffer of its own, never ours (a wrong secret
+    # is the one thing worse than none).
     try:
-        buf = _buffers.buf
+        buf = _spare.buf
+        del _spare.buf
     except AttributeError:
-        buf = _buffers.buf = _new_uncleared("char[]", READ_GUESS)
-    size = READ_GUESS
+        buf = _new_uncleared("char[]", READ_GUESS)
+    spare, size = buf, READ_GUESS
     while True:
         got: int = lib.keyctl_read(key, buf, size)
         if got == -1:
+            _spare.buf = spare
             raise _fail("keyctl_read")
         # keyctl_read returns the full payload size even when the buffer is smaller.
         if got <= size:
             payload: bytes = ffi.unpack(buf, got)
             lib.explicit_bzero(buf, got)
+            _spare.buf = spare
             return payload
         lib.explicit_bzero(buf, size)
-        # Larger than the usual secret (or grown since): read again into a buffer of its own.
+        # Larger than the usual secret (or grown since): read again with room for it.
         buf, size = _new_uncleared("char[]", got), got
 
 
