@@ -281,3 +281,33 @@ def test_get_secret_without_blob_still_upcalls(session_keyring: Keyring) -> None
         # The essay's call form, with the blob as callout info.
         key = Key.request(f"{prefix}:{unique()}".encode(), callout_info=b"Q0lDSQ==")
         assert key.read() == b"upcalled"
+
+
+@pytest.mark.upcall
+@pytest.mark.parametrize(("action", "answered"), [("reject", KeyRejectedError), ("inst", bytes)])
+def test_a_key_that_expires_before_the_upcall_exits_is_enokey_to_its_requester(
+    session_keyring: Keyring, tmp_path: Path, action: str, answered: type
+) -> None:
+    # Kernel fact (call_sbin_request_key): when the upcall program exits, a key that no longer
+    # validates, e.g. because its timeout has already passed, makes the requester that started
+    # the upcall get ENOKEY, whatever the handler answered. ttl and negative_ttl must therefore
+    # outlast the handler's exit by a wide margin (docs/resolver.md).
+    script = tmp_path / "late.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        'if [ "$3" = reject ]; then keyctl reject "$1" 1 rejected "$2"\n'
+        'else keyctl timeout "$1" 1; keyctl instantiate "$1" hello "$2"; fi\n'
+        'sleep "$4"\n'
+    )
+    script.chmod(0o755)
+    with request_key_rule(f"{script} %k %S {action} 0") as prefix:
+        if answered is bytes:
+            assert kmskeys.get_secret(unique(), prefix=prefix) == b"hello"
+        else:
+            with pytest.raises(answered):
+                kmskeys.get_secret(unique(), prefix=prefix)
+    with (
+        request_key_rule(f"{script} %k %S {action} 1.5") as prefix,
+        pytest.raises(KeyNotFoundError),
+    ):
+        kmskeys.get_secret(unique(), prefix=prefix)
