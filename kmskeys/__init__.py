@@ -33,26 +33,6 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_ERRORS = frozenset(
-    {
-        "InvalidArgumentError",
-        "InvalidNameError",
-        "KeyExpiredError",
-        "KeyNotFoundError",
-        "KeyPermissionError",
-        "KeyRejectedError",
-        "KeyRevokedError",
-        "KeyTypeUnavailableError",
-        "KeyctlError",
-        "KmsKeysError",
-        "OperationNotPermittedError",
-        "OutOfMemoryError",
-        "PayloadTooLargeError",
-        "QuotaExceededError",
-        "TemporarilyUnavailableError",
-    }
-)
-
 
 def __getattr__(name: str) -> object:
     # Error classes load on first use (usually inside an `except` clause, which is evaluated only
@@ -87,3 +67,6 @@ __all__ = [
     "get_secret",
     "validate_name",
 ]
+
+# Every exported name ending in "Error" lives in kmskeys.errors and is loaded by __getattr__.
+_ERRORS = frozenset(name for name in __all__ if name.endswith("Error"))

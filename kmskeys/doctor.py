@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import stat
 import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from kmskeys.names import DEFAULT_PREFIX
+from kmskeys.trust import unsafe_reason
 
 REQUEST_KEY = Path("/sbin/request-key")
 REQUEST_KEY_D = Path("/etc/request-key.d")
@@ -23,14 +23,6 @@ QUOTA_WARN_FRACTION = 0.8
 
 OK, WARN, FAIL, INFO = "ok", "warn", "FAIL", "info"
 Finding = tuple[str, str]
-
-
-def _unsafe(st: os.stat_result) -> str | None:
-    if st.st_uid != 0:
-        return f"owned by uid {st.st_uid}, not root"
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
 
 
 def check_request_key(prefix: str) -> Iterator[Finding]:
@@ -67,7 +59,7 @@ def check_config(path: Path) -> Iterator[Finding]:
     except FileNotFoundError:
         yield FAIL, f"config {path} missing; fix: kmskeys-resolver install --config {path}"
         return
-    reason = _unsafe(st)
+    reason = unsafe_reason(st)
     if reason:
         yield FAIL, f"config {path} is {reason}; fix: chown root:root {path}; chmod 644 {path}"
         return
@@ -148,7 +140,7 @@ def check_blob_dir(path: Path) -> Iterator[Finding]:
     except PermissionError:
         yield INFO, f"blob_dir {path} is not visible to this user; run doctor as root"
         return
-    reason = _unsafe(st)
+    reason = unsafe_reason(st)
     if reason:
         yield FAIL, f"blob_dir {path} is {reason}; fix: chown root:root {path}; chmod 755 {path}"
         return

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from kmskeys.errors import InvalidNameError
 from kmskeys.names import DEFAULT_PREFIX, validate_prefix
+from kmskeys.trust import unsafe_reason
 from resolver.errors import ConfigError, RefusedError
-from resolver.safefile import read_trusted, unsafe_reason
+from resolver.safefile import read_trusted
 
 DEFAULT_PATH = Path("/etc/kmskeys/resolver.toml")
 DEFAULT_BLOB_DIR = Path("/etc/kmskeys/secrets")

@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from kmskeys.blob import MODE_ENVELOPE, Blob, BlobFormatError
+from kmskeys.trust import unsafe_reason
 from resolver.backends import Request, Timings
 from resolver.config import Config
 from resolver.errors import (
@@ -20,7 +21,6 @@ from resolver.errors import (
     ResolverError,
     UnavailableError,
 )
-from resolver.safefile import unsafe_reason
 
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient

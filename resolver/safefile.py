@@ -10,19 +10,11 @@ import errno
 import os
 import stat
 
+from kmskeys.trust import unsafe_reason
 from resolver.errors import RefusedError, UnknownSecretError
 
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 _DIR_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY | os.O_NOFOLLOW
-
-
-def unsafe_reason(st: os.stat_result) -> str | None:
-    """Why a file with this stat must not be trusted by root, or None if it may be."""
-    if st.st_uid != 0:
-        return f"owned by uid {st.st_uid}, not root"
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
 
 
 def read_trusted(path: str | os.PathLike[str], limit: int, what: str) -> bytes:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from kmskeys.blob import Blob, BlobFormatError, parse_blob
 from kmskeys.errors import InvalidNameError
 from kmskeys.names import validate_name
+from kmskeys.trust import unsafe_reason
 from resolver.backends import Backend, Request, Timings
 from resolver.config import Config
 from resolver.errors import (
@@ -40,7 +41,6 @@ from resolver.errors import (
     UnknownSecretError,
 )
 from resolver.kms import KmsBackend
-from resolver.safefile import unsafe_reason
 
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient

@@ -54,13 +54,10 @@ def respond(secret):
     )
 """
 
-BOTO3_CGI = (
-    '"""The CGI without kmskeys: a boto3 KMS client and a Decrypt on every request."""\n'
-    "import hashlib, json, os, sys\n"
-    "import boto3\n"
-    + _PAGE
-    + """
-here = os.path.dirname(os.path.abspath(__file__))
+# What a process without kmskeys must do for the secret: a boto3 client and a Decrypt, with its
+# settings and blob read from `here` (shared with the fresh-process row in fresh.py).
+BOTO3_DECRYPT = """
+import json, os, boto3
 with open(os.path.join(here, "boto3.json")) as f:
     conf = json.load(f)
 with open(os.path.join(here, "db-password.bin"), "rb") as f:
@@ -73,8 +70,15 @@ kms = boto3.client(
     aws_secret_access_key=conf["secret_key"],
 )
 answer = kms.decrypt(CiphertextBlob=blob, EncryptionContext=conf["context"], KeyId=conf["key"])
-respond(answer["Plaintext"])
 """
+
+BOTO3_CGI = (
+    '"""The CGI without kmskeys: a boto3 KMS client and a Decrypt on every request."""\n'
+    "import hashlib, os, sys\n"
+    + _PAGE
+    + "here = os.path.dirname(os.path.abspath(__file__))\n"
+    + BOTO3_DECRYPT
+    + 'respond(answer["Plaintext"])\n'
 )
 
 STATIC_CGI = (
