@@ -13,11 +13,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from encryptor.encryption import MAX_SECRET, build_metadata, check_key_id, check_user, encrypt
+from encryptor.encryption import build_metadata, check_key_id, check_user, encrypt
 from encryptor.errors import InputError
 from encryptor.expiry import parse_when
 from encryptor.files import write_atomic
 from kmskeys.blob import Blob
+from kmskeys.contract import USER_PAYLOAD_MAX
 from kmskeys.errors import InvalidNameError
 from kmskeys.names import validate_name
 
@@ -99,9 +100,9 @@ def _parse_line(line: str, number: int) -> Entry:
     if not value:
         raise InputError(f"line {number}: {name} has an empty value")
     encoded = value.encode("utf-8")
-    if len(encoded) > MAX_SECRET:
+    if len(encoded) > USER_PAYLOAD_MAX:
         raise InputError(
-            f"line {number}: {name} is over {MAX_SECRET} bytes, more than a `user` key holds"
+            f"line {number}: {name} is over {USER_PAYLOAD_MAX} bytes, more than a `user` key holds"
         )
     return Entry(name=name, line=number, value=encoded)
 

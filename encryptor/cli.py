@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from encryptor.errors import EXIT_INPUT, EXIT_KMS, EXIT_OK, EncryptorError, UsageError
+from kmskeys.contract import CALLOUT_MAX, USER_PAYLOAD_MAX
 from kmskeys.errors import KmsKeysError
 
-CALLOUT_MAX = 4095  # request-key callout info is capped at PAGE_SIZE - 1 bytes
 KEY_ID_ENV = "KMSKEYS_KEY_ID"
 DEBUG_ENV = "KMSKEYS_DEBUG"
 
@@ -157,7 +157,6 @@ def _require_key_id(args: argparse.Namespace) -> str:
 
 def _encrypt(args: argparse.Namespace) -> int:
     from encryptor.encryption import (
-        MAX_SECRET,
         TOO_BIG,
         encrypt,
         encrypt_raw,
@@ -173,7 +172,7 @@ def _encrypt(args: argparse.Namespace) -> int:
     context = parse_context_option(args.context)
     if args.input == "-" and sys.stdin.isatty():
         print("reading the secret from stdin; end it with Ctrl-D", file=sys.stderr)
-    plaintext = read_bounded(args.input, MAX_SECRET, "the secret", TOO_BIG)
+    plaintext = read_bounded(args.input, USER_PAYLOAD_MAX, "the secret", TOO_BIG)
     if args.raw:
         blob = encrypt_raw(plaintext, key_id, **_aws(args))
         print("note: --raw blobs are legacy: not bound to any name or user", file=sys.stderr)

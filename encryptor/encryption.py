@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from encryptor import envelope as _envelope
 from encryptor import kms
 from encryptor.errors import InputError, KmsError
 from encryptor.expiry import parse_when
@@ -23,18 +22,17 @@ from kmskeys.blob import (
     check_context_value,
     format_not_after,
 )
+from kmskeys.contract import KMS_PLAINTEXT_MAX, USER_PAYLOAD_MAX
+from kmskeys.envelope import seal
 from kmskeys.errors import InvalidNameError
 from kmskeys.names import validate_name
 
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient
 
-DIRECT_MAX = 4096  # KMS Encrypt takes at most 4096 bytes of plaintext
-MAX_SECRET = 32767  # the kernel's `user` key payload limit
-CALLOUT_MAX = 4095  # request-key callout info is capped at PAGE_SIZE - 1 bytes
 MAX_USER = 256
 TOO_BIG = (
-    f"the secret is over {MAX_SECRET} bytes: a kernel `user` key cannot hold it; "
+    f"the secret is over {USER_PAYLOAD_MAX} bytes: a kernel `user` key cannot hold it; "
     "store a smaller secret (e.g. a key that decrypts a file)"
 )
 _USER_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.@-$")
@@ -69,10 +67,10 @@ def encrypt(
         request_context[CONTEXT_USER] = check_user(user)
     request_context.update(metadata)
 
-    use_envelope = len(plaintext) > DIRECT_MAX if envelope is None else envelope
-    if not use_envelope and len(plaintext) > DIRECT_MAX:
+    use_envelope = len(plaintext) > KMS_PLAINTEXT_MAX if envelope is None else envelope
+    if not use_envelope and len(plaintext) > KMS_PLAINTEXT_MAX:
         raise InputError(
-            f"direct mode holds at most {DIRECT_MAX} bytes ({len(plaintext)} given); "
+            f"direct mode holds at most {KMS_PLAINTEXT_MAX} bytes ({len(plaintext)} given); "
             "use envelope mode"
         )
     client = client or kms.make_client(region=region, profile=profile, endpoint_url=endpoint_url)
@@ -84,7 +82,7 @@ def encrypt(
             KeySpec="AES_256",
             EncryptionContext=request_context,
         )
-        return _envelope.seal(
+        return seal(
             key_arn=_returned_key(generated.get("KeyId")),
             binds_user=binds_user,
             metadata=metadata,
@@ -122,8 +120,8 @@ def encrypt_raw(
     """A legacy blob: bare KMS ciphertext with no encryption context (interoperability only)."""
     plaintext = check_plaintext(plaintext)
     key_id = check_key_id(key_id)
-    if len(plaintext) > DIRECT_MAX:
-        raise InputError(f"a raw (legacy) blob holds at most {DIRECT_MAX} bytes")
+    if len(plaintext) > KMS_PLAINTEXT_MAX:
+        raise InputError(f"a raw (legacy) blob holds at most {KMS_PLAINTEXT_MAX} bytes")
     client = client or kms.make_client(region=region, profile=profile, endpoint_url=endpoint_url)
     encrypted = kms.call("Encrypt", client.encrypt, KeyId=key_id, Plaintext=plaintext)
     return Blob(
@@ -142,7 +140,7 @@ def check_plaintext(plaintext: bytes) -> bytes:
     plaintext = bytes(plaintext)
     if not plaintext:
         raise InputError("the secret is empty")
-    if len(plaintext) > MAX_SECRET:
+    if len(plaintext) > USER_PAYLOAD_MAX:
         raise InputError(TOO_BIG)
     return plaintext
 

@@ -19,6 +19,7 @@ EXIT_KEY_UNAVAILABLE = 12
 EXIT_NO_REGION = 13
 EXIT_UNREACHABLE = 14
 EXIT_THROTTLED = 15
+EXIT_KMS_UNAVAILABLE = 16
 
 
 class EncryptorError(KmsKeysError):
@@ -64,8 +65,8 @@ class AccessDeniedError(KmsError, PermissionError):
 
 
 class KeyUnavailableError(KmsError, LookupError):
-    """The KMS key does not exist here, or is disabled or pending deletion; check --key-id and
-    --region, or enable the key."""
+    """The KMS key does not exist here, or is disabled, pending deletion or of the wrong kind;
+    check --key-id and --region, or enable the key."""
 
     exit_code = EXIT_KEY_UNAVAILABLE
 
@@ -86,6 +87,13 @@ class ThrottledError(KmsError):
     """KMS kept throttling the requests after the standard retries; retry later, more slowly."""
 
     exit_code = EXIT_THROTTLED
+
+
+class KmsUnavailableError(KmsError):
+    """KMS failed this request on its side (internal error, key briefly unavailable, dependency
+    timeout) after the standard retries; retry later."""
+
+    exit_code = EXIT_KMS_UNAVAILABLE
 
 
 def advice(cls: type[EncryptorError]) -> str:

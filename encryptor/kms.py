@@ -16,11 +16,21 @@ from encryptor.errors import (
     EndpointUnreachableError,
     KeyUnavailableError,
     KmsError,
+    KmsUnavailableError,
     NoCredentialsError,
     NoRegionError,
     ThrottledError,
     UsageError,
     advice,
+)
+from kmskeys.contract import (
+    AWS_ACCESS_DENIED,
+    AWS_BAD_CREDENTIALS,
+    AWS_EXPIRED_CREDENTIALS,
+    AWS_KEY_STATE,
+    AWS_THROTTLED,
+    AWS_TRANSIENT,
+    classify_aws_error,
 )
 
 if TYPE_CHECKING:
@@ -32,30 +42,12 @@ USER_AGENT = "kmskeys-encryptor"
 CONNECT_TIMEOUT = 5
 READ_TIMEOUT = 30
 
-_ACCESS_DENIED = {"AccessDeniedException", "AccessDenied"}
-_BAD_CREDENTIALS = {
-    "UnrecognizedClientException",
-    "InvalidSignatureException",
-    "InvalidClientTokenId",
-    "ExpiredTokenException",
-    "ExpiredToken",
-    "IncompleteSignature",
-    "MissingAuthenticationToken",
-}
-_KEY_UNAVAILABLE = {
+# What each class of AWS error code (kmskeys.contract) means for a KMS key on the build side.
+_KEY_STATES = {
     "NotFoundException": "not found",
     "DisabledException": "disabled",
     "KMSInvalidStateException": "not in a usable state (disabled, pending deletion or import)",
     "InvalidKeyUsageException": "not a symmetric ENCRYPT_DECRYPT key",
-    "KeyUnavailableException": "unavailable",
-}
-_THROTTLED = {
-    "ThrottlingException",
-    "Throttling",
-    "ThrottledException",
-    "RequestLimitExceeded",
-    "TooManyRequestsException",
-    "LimitExceededException",
 }
 
 
@@ -129,20 +121,29 @@ def classify(exc: Exception, operation: str, *, key_id: str | None = None) -> En
         code = str(error.get("Code", "Unknown"))
         message = _one_line(str(error.get("Message", "")))
         detail = f"KMS {operation}: {code}" + (f" ({message})" if message else "")
-        if code in _ACCESS_DENIED:
+        kind = classify_aws_error(code, _status(exc))
+        if kind == AWS_ACCESS_DENIED:
             return AccessDeniedError(f"{detail} - {advice(AccessDeniedError)}")
-        if code in _BAD_CREDENTIALS:
+        if kind in (AWS_BAD_CREDENTIALS, AWS_EXPIRED_CREDENTIALS):
             return NoCredentialsError(
                 f"{detail}: the credentials were rejected - {advice(NoCredentialsError)}"
             )
-        if code in _KEY_UNAVAILABLE:
+        if kind == AWS_KEY_STATE:
+            state = _KEY_STATES.get(code, "not usable")
             return KeyUnavailableError(
-                f"KMS key{key} is {_KEY_UNAVAILABLE[code]} ({code}) - {advice(KeyUnavailableError)}"
+                f"KMS key{key} is {state} ({code}) - {advice(KeyUnavailableError)}"
             )
-        if code in _THROTTLED:
+        if kind == AWS_THROTTLED:
             return ThrottledError(f"{detail} - {advice(ThrottledError)}")
+        if kind == AWS_TRANSIENT:
+            return KmsUnavailableError(f"{detail} - {advice(KmsUnavailableError)}")
         return KmsError(detail)
     return KmsError(f"KMS {operation}: {_one_line(str(exc))}")
+
+
+def _status(exc: Exception) -> int:
+    response = getattr(exc, "response", None) or {}
+    return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
 def _one_line(text: str, limit: int = 300) -> str:

@@ -46,7 +46,6 @@ long keyctl_reject(key_serial_t id, unsigned timeout, unsigned error, key_serial
 long keyctl_invalidate(key_serial_t id);
 
 int keyctl_describe_alloc(key_serial_t id, char **_buffer);
-int keyctl_read_alloc(key_serial_t id, void **_buffer);
 
 void free(void *ptr);
 void explicit_bzero(void *s, size_t n);

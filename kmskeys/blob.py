@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from kmskeys.contract import USER_PAYLOAD_MAX
 from kmskeys.errors import KmsKeysError
 
 # Encryption-context keys: the fixed contract shared by encryptor, resolver and terraform.
@@ -45,7 +46,7 @@ MAX_CONTEXT_KEY = 128
 MAX_CONTEXT_VALUE = 1024
 NONCE_BYTES = 12  # AES-GCM's standard 96-bit nonce
 TAG_BYTES = 16
-MAX_SEALED = 32767 + TAG_BYTES  # a `user` key payload is at most 32767 bytes
+MAX_SEALED = USER_PAYLOAD_MAX + TAG_BYTES  # what opens must fit a `user` key
 
 _MODE_CODES = {MODE_DIRECT: 1, MODE_ENVELOPE: 2}
 _CODE_MODES = {code: mode for mode, code in _MODE_CODES.items()}

@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from kmskeys import keyutils
+from kmskeys.contract import DEFAULT_PREFIX
 from kmskeys.key import Key
-from kmskeys.names import DEFAULT_PREFIX, description
+from kmskeys.names import description
 
 PROC_KEYS = Path("/proc/keys")
 

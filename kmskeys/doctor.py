@@ -11,13 +11,14 @@ import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from kmskeys.names import DEFAULT_PREFIX
-from kmskeys.trust import unsafe_reason
+from kmskeys import contract
+from kmskeys.contract import DEFAULT_PREFIX, rule_file_name
+from kmskeys.trust import peer_uid, unsafe_reason
 
-REQUEST_KEY = Path("/sbin/request-key")
-REQUEST_KEY_D = Path("/etc/request-key.d")
-DEFAULT_CONFIG = Path("/etc/kmskeys/resolver.toml")
-DEFAULT_BLOB_DIR = Path("/etc/kmskeys/secrets")
+REQUEST_KEY = Path(contract.REQUEST_KEY)
+REQUEST_KEY_D = Path(contract.REQUEST_KEY_D)
+DEFAULT_CONFIG = Path(contract.DEFAULT_CONFIG)
+DEFAULT_BLOB_DIR = Path(contract.DEFAULT_BLOB_DIR)
 PROC_KEY_USERS = Path("/proc/key-users")
 QUOTA_WARN_FRACTION = 0.8
 
@@ -34,8 +35,7 @@ def check_request_key(prefix: str) -> Iterator[Finding]:
         )
         return
     yield OK, f"{REQUEST_KEY} present"
-    name = "kmskeys.conf" if prefix == DEFAULT_PREFIX else f"kmskeys-{prefix}.conf"
-    rule = REQUEST_KEY_D / name
+    rule = REQUEST_KEY_D / rule_file_name(prefix)
     try:
         lines = rule.read_text().splitlines()
     except OSError:
@@ -104,13 +104,12 @@ def check_warm_daemon(config: Path) -> Iterator[Finding]:
         yield INFO, f"warm daemon at {path} answers root only; run doctor as root to check it"
         return
     import socket
-    import struct
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(1.0)
         try:
             conn.connect(os.fspath(path))
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            uid = peer_uid(conn)
         except OSError as exc:
             yield (
                 WARN,
@@ -120,7 +119,6 @@ def check_warm_daemon(config: Path) -> Iterator[Finding]:
                 ),
             )
             return
-    uid = struct.unpack("3i", creds)[1]
     if uid != 0:
         yield (
             FAIL,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+from kmskeys.contract import ERRNO_REFUSED, ERRNO_UNAVAILABLE, ERRNO_UNKNOWN_SECRET
+
 RESOLVER_LOG_HINT = "see the resolver log: journalctl -t kmskeys-resolver (or syslog)"
 
 
@@ -126,11 +128,6 @@ _BY_ERRNO: dict[int, type[KeyctlError]] = {
     )
 }
 
-# The resolver answers every failure with exactly one of these errnos (DESIGN.md: error contract).
-UNKNOWN_SECRET = _errno.ENOKEY
-REFUSED = _errno.EKEYREJECTED
-UNAVAILABLE = _errno.EAGAIN
-
 
 def error_for_errno(err: int, what: str, *, upcall: bool = False) -> KeyctlError:
     """Return the exception for `err`; `what` names the call and key, never a payload.
@@ -143,6 +140,6 @@ def error_for_errno(err: int, what: str, *, upcall: bool = False) -> KeyctlError
     message = f"{what}: {os.strerror(err)} [{name}]"
     if cls is not KeyctlError and cls.__doc__:
         message += " - " + " ".join(cls.__doc__.split())
-    if upcall and err in (UNKNOWN_SECRET, REFUSED, UNAVAILABLE):
+    if upcall and err in (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED, ERRNO_UNAVAILABLE):
         message += f" ({RESOLVER_LOG_HINT})"
     return cls(message, errno=err)

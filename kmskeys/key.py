@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from kmskeys import keyutils
-from kmskeys.names import DEFAULT_PREFIX, description
+from kmskeys.contract import DEFAULT_PREFIX, USER_PAYLOAD_MAX
+from kmskeys.names import description
 
 _USER = b"user"
-# The kernel's `user` and `logon` types hold 1 to 32767 bytes; anything else is EINVAL.
-USER_PAYLOAD_MAX = 32767
 _SIZED_TYPES = (b"user", b"logon")
 
 
@@ -188,7 +187,8 @@ class Key:
 class Keyring(Key):
     """A keyring: a key that holds links to other keys.
 
-    `Key.link(keyring)` links a key into a keyring; `Keyring.add/search/list` act on its contents.
+    `Key.link(keyring)` links a key into a keyring; `add_key`, `search` and `list` act on its
+    contents.
     """
 
     __slots__ = ()
@@ -229,13 +229,8 @@ class Keyring(Key):
             keyutils.keyctl_join_session_keyring(None if name is None else _as_bytes(name, "name"))
         )
 
-    def add(  # type: ignore[override]
-        self,
-        type: str | bytes,
-        description: str | bytes,
-        payload: str | bytes,
-    ) -> Key:
-        """Add a key to this keyring."""
+    def add_key(self, type: str | bytes, description: str | bytes, payload: str | bytes) -> Key:
+        """Add (or update) a key in this keyring; `Key.add(..., keyring)` is the same call."""
         return Key.add(type, description, payload, self)
 
     def search(

@@ -56,25 +56,11 @@ def request_key(type_: bytes, description: bytes, callout_info: bytes | None, ke
     return serial
 
 
-def keyctl_read_alloc(key: int) -> bytes:
-    """Read a key's payload; the C buffer is wiped and freed before returning."""
-    out = ffi.new("void **")
-    size: int = lib.keyctl_read_alloc(key, out)
-    if size == -1:
-        raise _fail("keyctl_read")
-    try:
-        payload: bytes = ffi.unpack(ffi.cast("char *", out[0]), size)
-        return payload
-    finally:
-        lib.explicit_bzero(out[0], size)
-        lib.free(out[0])
-
-
 def keyctl_read(key: int) -> bytes:
     """Read a key's payload, with one syscall when it fits READ_GUESS bytes; wipe the buffer.
 
-    keyctl_read_alloc() always costs two syscalls (size, then data) and a malloc; this is the
-    client's hot path, whose budget is 2x a C program doing request_key + keyctl_read.
+    A larger payload costs a second read, sized by what the first returned. (keyctl_read_alloc
+    would always cost two syscalls and a malloc.)
     """
     # The thread's spare buffer is taken out while in use: a signal handler that reads another
     # key between our syscall and our copy gets a buffer of its own, never ours (a wrong secret

@@ -6,12 +6,13 @@ host, a path below the resolver's blob_dir: so it is checked here, before any sy
 
 from __future__ import annotations
 
-DEFAULT_PREFIX = "kms"
+from kmskeys.contract import DEFAULT_PREFIX
+
 MAX_NAME_BYTES = 200
 MAX_PREFIX_BYTES = 32
 
 # Plain character sets instead of `re`: this module is on the client's import path, which has a
-# budget of a few milliseconds (DESIGN.md).
+# budget of a few milliseconds (docs/design.md).
 _ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 _NAME_CHARS = _ALNUM | frozenset("_./@+-")
 _LOWER = frozenset("abcdefghijklmnopqrstuvwxyz")

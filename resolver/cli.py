@@ -26,6 +26,7 @@ usage: kmskeys-resolver COMMAND [ARGS...]
 def _install_command(command: str, argv: Sequence[str]) -> int:
     from resolver import config as config_mod
     from resolver import install as install_mod
+    from resolver.errors import InstallError
 
     parser = argparse.ArgumentParser(prog=f"kmskeys-resolver {command}")
     parser.add_argument(
@@ -40,7 +41,7 @@ def _install_command(command: str, argv: Sequence[str]) -> int:
     try:
         for line in action(args.config, args.prefix):
             print(line)
-    except (install_mod.InstallError, OSError) as exc:
+    except (InstallError, OSError) as exc:
         print(f"kmskeys-resolver {command}: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -89,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "serve":
         return _serve(rest)
     if command == "firewall":
-        from resolver.firewall import main as firewall_main
+        from resolver.firewall.cli import main as firewall_main
 
         return firewall_main(rest)
     print(f"kmskeys-resolver: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)

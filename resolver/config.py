@@ -9,14 +9,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmskeys import contract
+from kmskeys.contract import DEFAULT_PREFIX
 from kmskeys.errors import InvalidNameError
-from kmskeys.names import DEFAULT_PREFIX, validate_prefix
+from kmskeys.names import validate_prefix
 from kmskeys.trust import unsafe_reason
 from resolver.errors import ConfigError, RefusedError
 from resolver.safefile import read_trusted
 
-DEFAULT_PATH = Path("/etc/kmskeys/resolver.toml")
-DEFAULT_BLOB_DIR = Path("/etc/kmskeys/secrets")
+DEFAULT_PATH = Path(contract.DEFAULT_CONFIG)
+DEFAULT_BLOB_DIR = Path(contract.DEFAULT_BLOB_DIR)
 DEFAULT_SYSLOG_SOCKET = Path("/dev/log")
 MAX_CONFIG_BYTES = 1 << 20
 MAX_TTL = 366 * 24 * 3600

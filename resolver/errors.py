@@ -1,16 +1,22 @@
-"""Resolver failure classes, each answered to the requester with one errno (DESIGN.md)."""
+"""Resolver failure classes, each answered to the requester with one errno (docs/design.md).
+
+`answer_errno` is what the handler rejects the key with, i.e. the errno the requester will
+receive; it is not `KmsKeysError.errno`, which on the client side is the errno received.
+"""
 
 from __future__ import annotations
 
 import errno as _errno
 
-from kmskeys.errors import REFUSED, UNAVAILABLE, UNKNOWN_SECRET, KmsKeysError
+from kmskeys.contract import ERRNO_REFUSED, ERRNO_UNAVAILABLE, ERRNO_UNKNOWN_SECRET
+from kmskeys.errors import KmsKeysError
 
 
 class ResolverError(KmsKeysError):
-    """A request the resolver could not serve; `reason` goes to the log, `errno` to the kernel."""
+    """A request the resolver could not serve; `reason` goes to the log, `answer_errno` to the
+    kernel."""
 
-    errno: int = REFUSED
+    answer_errno: int = ERRNO_REFUSED
     outcome = "refused"
 
     def __init__(self, reason: str, *, retryable: bool = False) -> None:
@@ -23,26 +29,39 @@ class ResolverError(KmsKeysError):
 class UnknownSecretError(ResolverError):
     """No blob exists for this name (ENOKEY): deploy NAME.kms to blob_dir or pass it inline."""
 
-    errno = UNKNOWN_SECRET
+    answer_errno = ERRNO_UNKNOWN_SECRET
     outcome = "unknown"
 
 
 class RefusedError(ResolverError):
     """The resolver refused (EKEYREJECTED): policy, name or user binding, expiry, bad blob."""
 
-    errno = REFUSED
+    answer_errno = ERRNO_REFUSED
     outcome = "refused"
 
 
 class UnavailableError(ResolverError):
     """KMS could not answer in time (EAGAIN): unreachable, throttled or past the deadline."""
 
-    errno = UNAVAILABLE
+    answer_errno = ERRNO_UNAVAILABLE
     outcome = "unavailable"
+
+
+class QuotaError(ResolverError):
+    """The requester's kernel key quota is full (EDQUOT): `kmskeys doctor` says how to raise it."""
+
+    # Not one of the three classes: saying so (EDQUOT -> QuotaExceededError) is more useful to
+    # the requester than "refused".
+    answer_errno = _errno.EDQUOT
+    outcome = "quota"
 
 
 class ConfigError(RefusedError):
     """The resolver's config file is missing, unsafe or invalid; fix it (docs/resolver.md)."""
+
+
+class InstallError(KmsKeysError):
+    """install or uninstall cannot proceed; the message says why and what to do."""
 
 
 class DeadlineExceeded(BaseException):

@@ -8,7 +8,6 @@ every path, and writes exactly one log line. It prints nothing to stdout.
 
 from __future__ import annotations
 
-import errno as _errno
 import os
 import signal
 import time
@@ -18,33 +17,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from kmskeys.blob import MAX_BLOB_CHARS, BlobFormatError, parse_blob
+from kmskeys.contract import RESOLVED_KEY_PERM, USER_PAYLOAD_MAX
 from kmskeys.errors import InvalidNameError, KmsKeysError, QuotaExceededError
 from kmskeys.key import Key
 from kmskeys.names import parse_description
 from resolver import config as config_mod
-from resolver.backends import Request, Timings, backend_for
+from resolver.backend import Request, Trace
 from resolver.errors import (
     DeadlineExceeded,
+    QuotaError,
     RefusedError,
     ResolverError,
     UnavailableError,
     errno_name,
 )
 from resolver.log import LOG_ERR, LOG_INFO, LOG_WARNING, SyslogWriter, format_fields
-from resolver.policy import check_allowed, check_blob, user_name
-from resolver.safefile import read_below
+from resolver.policy import check_allowed, user_name
+from resolver.registry import backend_for
 
-# The key belongs to the requester alone: its possessor may do anything, its owner uid may view,
-# read and search it; group and other get nothing (keyctl(1) "PERMISSIONS").
-KEY_POS_ALL = 0x3F000000
-KEY_USR_VIEW = 0x00010000
-KEY_USR_READ = 0x00020000
-KEY_USR_SEARCH = 0x00080000
-KEY_PERM = KEY_POS_ALL | KEY_USR_VIEW | KEY_USR_READ | KEY_USR_SEARCH
-
-MAX_USER_PAYLOAD = 32767  # the `user` key type refuses larger payloads
-BLOB_SUFFIX = ".kms"
 # Time kept back from the deadline for the reject and the log line after the watchdog fires.
 WATCHDOG_MARGIN = 0.25
 DEFAULT_DEADLINE = 8.0
@@ -142,9 +132,7 @@ class Handler:
         self.negative_ttl = DEFAULT_NEGATIVE_TTL
         self.name: str | None = None
         self.user: str | None = None
-        self.source = "inline" if args.callout else "blob_dir"
-        self.mode: str | None = None
-        self.timings = Timings()
+        self.trace = Trace()
 
     def run(self) -> int:
         """Handle the request; the exit status is for request-key's log only."""
@@ -183,24 +171,20 @@ class Handler:
         self.name = name
         self.user = user_name(args.uid)
         check_allowed(config, name, args.uid, self.user)
-        if args.callout:
-            text: str | bytes = args.callout
-        else:
-            # Names were validated above (no '..', no empty segment); read_below also refuses
-            # symlinks, FIFOs and files that are not root-owned at every step.
-            text = read_below(config.blob_dir, name + BLOB_SUFFIX, MAX_BLOB_CHARS + 2, "blob")
-        try:
-            blob = parse_blob(text, allow_legacy=config.allow_legacy_blobs)
-        except BlobFormatError as exc:
-            raise RefusedError(f"{self.source} blob: {exc.reason}") from None
-        self.mode = blob.mode
-        check_blob(blob, self.user)
-        request = Request(name=name, uid=args.uid, gid=args.gid, user=self.user)
-        plaintext = backend_for(config).decrypt(
-            blob, request, self.started + config.deadline - WATCHDOG_MARGIN, self.timings
+        request = Request(
+            prefix=config.prefix,
+            name=name,
+            uid=args.uid,
+            gid=args.gid,
+            user=self.user,
+            callout=os.fsencode(args.callout),
         )
-        if not plaintext or len(plaintext) > MAX_USER_PAYLOAD:
-            raise RefusedError(f"plaintext size {len(plaintext)} is outside 1..{MAX_USER_PAYLOAD}")
+        backend = backend_for(config, request.prefix)
+        plaintext = backend.resolve(
+            request, self.started + config.deadline - WATCHDOG_MARGIN, self.trace
+        )
+        if not plaintext or len(plaintext) > USER_PAYLOAD_MAX:
+            raise RefusedError(f"plaintext size {len(plaintext)} is outside 1..{USER_PAYLOAD_MAX}")
         return plaintext, config.ttl_for(name)
 
     def _instantiate(self, plaintext: bytes, ttl: int) -> int:
@@ -209,13 +193,11 @@ class Handler:
             # Ownership, permissions and expiry are set before instantiation, so no waiter ever
             # sees the key with the kernel's defaults.
             key.chown(self.args.uid, self.args.gid)
-            key.setperm(KEY_PERM)
+            key.setperm(RESOLVED_KEY_PERM)
             key.set_timeout(ttl)
             key.instantiate(plaintext, 0)
         except QuotaExceededError as exc:
-            # Not one of the three classes: the requester's key quota is full, and saying so
-            # (EDQUOT -> QuotaExceededError, `kmskeys doctor`) is more useful than "refused".
-            return self._reject(_QuotaError(f"requester's key quota is full: {exc.strerror}"))
+            return self._reject(QuotaError(f"requester's key quota is full: {exc.strerror}"))
         except KmsKeysError as exc:
             return self._reject(RefusedError(f"instantiate failed: {exc}"))
         self._emit(LOG_INFO, "ok", ttl=ttl)
@@ -223,13 +205,15 @@ class Handler:
 
     def _reject(self, error: ResolverError) -> int:
         try:
-            self.key.reject(self.negative_ttl, error.errno, 0)
+            self.key.reject(self.negative_ttl, error.answer_errno, 0)
         except KmsKeysError as exc:
             reason = f"{error.reason}; reject failed: {exc}"
-            self._emit(LOG_ERR, error.outcome, errno=errno_name(error.errno), reason=reason)
+            self._emit(LOG_ERR, error.outcome, errno=errno_name(error.answer_errno), reason=reason)
             return 1
         severity = LOG_ERR if isinstance(error, UnavailableError) else LOG_WARNING
-        self._emit(severity, error.outcome, errno=errno_name(error.errno), reason=error.reason)
+        self._emit(
+            severity, error.outcome, errno=errno_name(error.answer_errno), reason=error.reason
+        )
         return 0
 
     def _emit(self, severity: int, outcome: str, **extra: object) -> None:
@@ -240,18 +224,13 @@ class Handler:
             name=self.name if self.name is not None else self.args.description,
             key=self.args.key,
             outcome=outcome,
-            source=self.source,
-            mode=self.mode,
+            source=self.trace.details.get("source"),
+            mode=self.trace.details.get("mode"),
             **extra,
             ms=f"{elapsed:.0f}",
-            t=str(self.timings) or None,
+            t=str(self.trace.timings) or None,
         )
         self.log.emit(severity, message)
-
-
-class _QuotaError(ResolverError):
-    errno = _errno.EDQUOT
-    outcome = "quota"
 
 
 def main(argv: Sequence[str], started: float | None = None) -> int:

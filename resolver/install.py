@@ -13,20 +13,18 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmskeys.names import DEFAULT_PREFIX, validate_prefix
+from kmskeys import contract
+from kmskeys.contract import DEFAULT_PREFIX, rule_file_name
+from kmskeys.names import validate_prefix
 from resolver import config as config_mod
-from resolver.errors import ConfigError
+from resolver.errors import ConfigError, InstallError
 
-REQUEST_KEY_D = Path("/etc/request-key.d")
+REQUEST_KEY_D = Path(contract.REQUEST_KEY_D)
 MARKER = "# kmskeys-resolver install"
 _CREATED_CONFIG = "# created-config: "
 _CREATED_DIR = "# created-dir: "
 # The kernel's request-key macros, in the order `handle` expects them.
 MACROS = "%k %d %c %u %g %T %P %S"
-
-
-class InstallError(Exception):
-    """install or uninstall cannot proceed; the message says why and what to do."""
 
 
 @dataclass
@@ -59,8 +57,7 @@ class Manifest:
 
 def rule_path(prefix: str, request_key_d: Path = REQUEST_KEY_D) -> Path:
     """`kmskeys.conf` for the default prefix, `kmskeys-PREFIX.conf` for any other."""
-    name = "kmskeys.conf" if prefix == DEFAULT_PREFIX else f"kmskeys-{prefix}.conf"
-    return request_key_d / name
+    return request_key_d / rule_file_name(prefix)
 
 
 def resolver_executable() -> Path:

@@ -1,4 +1,4 @@
-"""The `kms` backend: one KMS Decrypt bound to the request, through botocore alone.
+"""KMS decryption in this process: one Decrypt bound to the request, through botocore alone.
 
 botocore, not boto3: boto3 adds import time and resource models the resolver never uses. Every
 setting comes from the resolver's config, none from the environment or ~/.aws.
@@ -12,8 +12,15 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from kmskeys.blob import MODE_ENVELOPE, Blob, BlobFormatError
+from kmskeys.contract import (
+    AWS_EXPIRED_CREDENTIALS,
+    AWS_THROTTLED,
+    AWS_TRANSIENT,
+    classify_aws_error,
+)
+from kmskeys.envelope import EnvelopeError, open_sealed
 from kmskeys.trust import unsafe_reason
-from resolver.backends import Request, Timings
+from resolver.backend import Request, Timings
 from resolver.config import Config
 from resolver.errors import (
     ConfigError,
@@ -25,24 +32,6 @@ from resolver.errors import (
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient
 
-# KMS error codes that mean "try again later"; every other client error is a refusal.
-_TRANSIENT_CODES = frozenset(
-    {
-        "DependencyTimeoutException",
-        "KMSInternalException",
-        "KeyUnavailableException",
-        "ThrottlingException",
-        "ThrottledException",
-        "TooManyRequestsException",
-        "RequestLimitExceeded",
-        "LimitExceededException",
-        "ServiceUnavailable",
-        "InternalFailure",
-        "ExpiredTokenException",
-        "RequestTimeout",
-        "RequestTimeoutException",
-    }
-)
 CONNECT_TIMEOUT_MAX = 1.0
 MIN_ATTEMPT_SECONDS = 0.2
 MAX_ATTEMPTS = 4
@@ -57,7 +46,7 @@ def region_of(arn: str | None) -> str | None:
     return parts[3] if len(parts) >= 6 and parts[0] == "arn" and parts[3] else None
 
 
-class KmsBackend:
+class KmsDecrypter:
     """Decrypts blobs with AWS KMS (or an endpoint that speaks its API)."""
 
     def __init__(self, config: Config) -> None:
@@ -89,11 +78,11 @@ class KmsBackend:
             raise RefusedError("KMS answered with a different KeyId than the blob names")
         if blob.mode != MODE_ENVELOPE:
             return plaintext
-        from resolver.envelope import open_sealed
-
         start = time.perf_counter()
         try:
-            return open_sealed(blob, plaintext, context)
+            return open_sealed(blob, context, plaintext)
+        except EnvelopeError as exc:
+            raise RefusedError(str(exc)) from None
         finally:
             timings.add("open", (time.perf_counter() - start) * 1000)
 
@@ -192,7 +181,8 @@ def classify(exc: BaseException) -> ResolverError:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", "Unknown"))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+        kind = classify_aws_error(code, status)
+        if kind in (AWS_THROTTLED, AWS_TRANSIENT, AWS_EXPIRED_CREDENTIALS):
             return UnavailableError(f"KMS {code} (HTTP {status})", retryable=True)
         if not code or code.isdigit():
             # botocore names the error after the status when the body is unreadable: we do not

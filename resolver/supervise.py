@@ -20,9 +20,10 @@ import sys
 import time
 from collections.abc import Sequence
 
+from kmskeys.contract import DEFAULT_PREFIX
 from kmskeys.errors import InvalidNameError, KmsKeysError
 from kmskeys.key import Key
-from kmskeys.names import DEFAULT_PREFIX, parse_description
+from kmskeys.names import parse_description
 from resolver import config as config_mod
 from resolver import handler
 from resolver.errors import ResolverError, UnavailableError, errno_name
@@ -112,7 +113,7 @@ def _answer_if_unanswered(
     error = UnavailableError(f"resolver worker {how} before answering")
     ttl = config.negative_ttl if config else handler.DEFAULT_NEGATIVE_TTL
     try:
-        key.reject(ttl, error.errno, 0)
+        key.reject(ttl, error.answer_errno, 0)
     except KmsKeysError:
         return 1  # answered meanwhile after all
     log = (
@@ -127,7 +128,7 @@ def _answer_if_unanswered(
             name=_name(args.description, config),
             key=args.key,
             outcome=error.outcome,
-            errno=errno_name(error.errno),
+            errno=errno_name(error.answer_errno),
             reason=error.reason,
         ),
     )

@@ -3,7 +3,7 @@
 A cold handler spends most of a miss importing botocore and building a client (about 100 ms of
 150, docs/resolver.md). The daemon pays that once. The handler, still run by request-key for
 every miss, sends it the request over a root-only unix socket and gets back the plaintext or a
-failure class. The daemon decrypts with the same KmsBackend, so what decrypts and what is refused
+failure class. The daemon decrypts with the same KmsDecrypter, so what decrypts and what is refused
 are the same as on the cold path. When no daemon answers, the handler decrypts by itself.
 
 Trust runs both ways and is checked by the kernel's peer credentials (SO_PEERCRED): the daemon
@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 from kmskeys.blob import Blob, BlobFormatError, parse_blob
 from kmskeys.errors import InvalidNameError
 from kmskeys.names import validate_name
-from kmskeys.trust import unsafe_reason
-from resolver.backends import Backend, Request, Timings
+from kmskeys.trust import peer_uid, unsafe_reason
+from resolver.backend import Request, Timings
 from resolver.config import Config
 from resolver.errors import (
     ConfigError,
@@ -40,7 +40,7 @@ from resolver.errors import (
     UnavailableError,
     UnknownSecretError,
 )
-from resolver.kms import KmsBackend
+from resolver.kms import KmsDecrypter
 
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient
@@ -84,14 +84,7 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def peer_uid(sock: socket.socket) -> int:
-    """The uid the kernel recorded for the other end of a unix socket."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
-
-
-class WarmBackend:
+class WarmDecrypter:
     """Decrypts through the warm daemon; decrypts in this process when none is running."""
 
     def __init__(self, config: Config) -> None:
@@ -103,7 +96,7 @@ class WarmBackend:
         sock = self._connect(deadline)
         if sock is None:
             timings.add("cold", 0.0)
-            return self._cold().decrypt(blob, request, deadline, timings)
+            return KmsDecrypter(self.config).decrypt(blob, request, deadline, timings)
         with sock:
             try:
                 send_message(
@@ -131,12 +124,9 @@ class WarmBackend:
         error = _ERRORS.get(str(answer.get("error")), RefusedError)
         raise error(f"warm daemon: {answer.get('reason', 'no reason given')}")
 
-    def _cold(self) -> Backend:
-        return KmsBackend(self.config)
-
     def _connect(self, deadline: float) -> socket.socket | None:
         path = self.config.warm_socket
-        assert path is not None  # backend_for picks this backend only when it is set
+        assert path is not None  # BlobBackend picks this decrypter only when it is set
         try:
             parent = os.stat(path.parent)
             st = os.lstat(path)
@@ -165,8 +155,8 @@ class WarmBackend:
         return sock
 
 
-class ReusingKmsBackend(KmsBackend):
-    """KmsBackend keeping one client per region for the daemon's lifetime."""
+class ReusingKmsDecrypter(KmsDecrypter):
+    """KmsDecrypter keeping one client per region for the daemon's lifetime."""
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -192,7 +182,7 @@ class Daemon:
             raise ConfigError(f"config {config.path}: set warm_socket to run the warm daemon")
         self.config = config
         self.path: Path = config.warm_socket
-        self.backend = ReusingKmsBackend(config)
+        self.decrypter = ReusingKmsDecrypter(config)
         self.listener: socket.socket | None = None
         self._inode: int | None = None
 
@@ -255,7 +245,7 @@ class Daemon:
         try:
             blob, request, timeout = self._parse(message)
             deadline = time.monotonic() + timeout
-            plaintext = self.backend.decrypt(blob, request, deadline, timings)
+            plaintext = self.decrypter.decrypt(blob, request, deadline, timings)
         except ResolverError as exc:
             return {"error": exc.outcome, "reason": exc.reason, "t": timings.phases}
         except Exception as exc:
@@ -270,6 +260,7 @@ class Daemon:
             blob = parse_blob(str(message["blob"]), allow_legacy=self.config.allow_legacy_blobs)
             user = message.get("user")
             request = Request(
+                prefix=self.config.prefix,
                 name=name,
                 uid=int(message["uid"]),
                 gid=int(message["gid"]),

@@ -82,7 +82,7 @@ def rows(ctx: BenchContext) -> list[Row]:
     ring = Keyring.join_session()
     try:
         prefix, name = "kmstbench", unique("hit")
-        ring.add("user", f"{prefix}:{name}", SECRET)
+        ring.add_key("user", f"{prefix}:{name}", SECRET)
         return [hit_row(ctx, f"{prefix}:{name}"), fresh_row(ctx, name, prefix)]
     finally:
         ring.clear()

@@ -171,7 +171,7 @@ def _fill_quota(keep_free: int) -> int:
     for size in (4000, 1000, 250, 60, 15, 1):
         while True:
             try:
-                ring.add("user", f"kmst-fill-{size:04d}-{added:04d}-" + "f" * 30, b"q" * size)
+                ring.add_key("user", f"kmst-fill-{size:04d}-{added:04d}-" + "f" * 30, b"q" * size)
             except QuotaExceededError:
                 break
             added += 1

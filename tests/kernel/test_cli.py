@@ -29,7 +29,7 @@ def run(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
 
 def test_get_prints_the_cached_secret_only(session_keyring: Keyring) -> None:
     prefix, name = unique_prefix(), unique()
-    session_keyring.add("user", f"{prefix}:{name}", b"\x00binary\xffsecret")
+    session_keyring.add_key("user", f"{prefix}:{name}", b"\x00binary\xffsecret")
     result = run("get", name, "--prefix", prefix)
     assert result.returncode == EXIT_OK, result.stderr
     assert result.stdout == b"\x00binary\xffsecret"
@@ -38,9 +38,9 @@ def test_get_prints_the_cached_secret_only(session_keyring: Keyring) -> None:
 
 def test_show_lists_names_and_expiry_never_payloads(session_keyring: Keyring) -> None:
     prefix, name, secret = unique_prefix(), unique(), unique("payload").encode()
-    key = session_keyring.add("user", f"{prefix}:{name}", secret)
+    key = session_keyring.add_key("user", f"{prefix}:{name}", secret)
     key.set_timeout(3600)
-    session_keyring.add("user", f"other{prefix}:{name}", b"x")  # another namespace: not shown
+    session_keyring.add_key("user", f"other{prefix}:{name}", b"x")  # another namespace: not shown
     result = run("show", "--prefix", prefix)
     assert result.returncode == EXIT_OK, result.stderr
     lines = result.stdout.decode().splitlines()
@@ -55,7 +55,7 @@ def test_show_lists_names_and_expiry_never_payloads(session_keyring: Keyring) ->
 
 def test_flush_makes_the_next_request_miss(session_keyring: Keyring) -> None:
     prefix, name = unique_prefix(), unique()
-    session_keyring.add("user", f"{prefix}:{name}", b"v1")
+    session_keyring.add_key("user", f"{prefix}:{name}", b"v1")
     flushed = run("flush", name, "--prefix", prefix)
     assert flushed.returncode == EXIT_OK, flushed.stderr
     assert b"flushed 1 cached key" in flushed.stdout
@@ -86,7 +86,7 @@ def test_get_refuses_bad_names_before_any_syscall(bad: str) -> None:
 
 def test_get_reads_the_blob_from_a_file_or_stdin(session_keyring: Keyring, tmp_path: Path) -> None:
     prefix, name = unique_prefix(), unique()
-    session_keyring.add("user", f"{prefix}:{name}", b"cached")
+    session_keyring.add_key("user", f"{prefix}:{name}", b"cached")
     blob = tmp_path / "blob"
     blob.write_text("Q0lDSQ==\n")
     # A cached key is served whatever blob is passed: the callout only matters on a miss.
@@ -105,7 +105,7 @@ def test_unknown_command_and_usage() -> None:
 
 def test_client_paths_never_import_boto3_or_pycparser(session_keyring: Keyring) -> None:
     prefix, name = unique_prefix(), unique()
-    session_keyring.add("user", f"{prefix}:{name}", b"x")
+    session_keyring.add_key("user", f"{prefix}:{name}", b"x")
     probe = (
         "import sys, io, kmskeys, kmskeys.cli\n"
         f"kmskeys.get_secret({name!r}, prefix={prefix!r})\n"
@@ -134,8 +134,8 @@ def test_plain_import_stays_lean() -> None:
 
 def test_show_and_flush_survive_hostile_descriptions(session_keyring: Keyring) -> None:
     prefix, name = unique_prefix(), unique()
-    session_keyring.add("user", f"{prefix}:{name}", b"ok")
-    session_keyring.add("user", f"{prefix}:evil\nffffffff I--Q--- 1 perm", b"x")
+    session_keyring.add_key("user", f"{prefix}:{name}", b"ok")
+    session_keyring.add_key("user", f"{prefix}:evil\nffffffff I--Q--- 1 perm", b"x")
     shown = run("show", "--prefix", prefix)
     assert shown.returncode == EXIT_OK, shown.stderr
     assert name.encode() in shown.stdout
@@ -152,7 +152,7 @@ def test_flush_then_get_asks_the_resolver_at_once(
     with request_key_rule("/bin/keyctl instantiate %k fresh %S") as prefix:
         name = unique()
         for _ in range(50):
-            session_keyring.add("user", f"{prefix}:{name}", b"stale")
+            session_keyring.add_key("user", f"{prefix}:{name}", b"stale")
             assert cli.main(["flush", name, "--prefix", prefix]) == EXIT_OK
             assert kmskeys.get_secret(name, prefix=prefix) == b"fresh"
     assert "flushed 1 cached key" in capsys.readouterr().out

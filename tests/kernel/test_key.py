@@ -63,28 +63,28 @@ def test_str_and_bytes_inputs(
 
 def test_binary_payload_is_byte_exact(session_keyring: Keyring) -> None:
     payload = bytes(range(256)) * 4 + b"\x00\x00trailing-nul\x00"
-    key = session_keyring.add("user", desc(), payload)
+    key = session_keyring.add_key("user", desc(), payload)
     assert key.read() == payload
 
 
 def test_largest_user_payload_round_trips(session_keyring: Keyring) -> None:
     payload = bytes(i % 251 for i in range(32767))
-    assert session_keyring.add("user", desc(), payload).read() == payload
+    assert session_keyring.add_key("user", desc(), payload).read() == payload
 
 
 def test_oversized_payload_is_a_clear_error(session_keyring: Keyring) -> None:
     with pytest.raises(PayloadTooLargeError, match="at most 32767 bytes"):
-        session_keyring.add("user", desc(), b"x" * 32768)
+        session_keyring.add_key("user", desc(), b"x" * 32768)
 
 
 def test_empty_payload_is_a_clear_error(session_keyring: Keyring) -> None:
     # The kernel's `user` type refuses 0-byte payloads (EINVAL); say so before the syscall.
     with pytest.raises(InvalidArgumentError, match="empty payload"):
-        session_keyring.add("user", desc(), b"")
+        session_keyring.add_key("user", desc(), b"")
 
 
 def test_timeout_expires_the_key(session_keyring: Keyring) -> None:
-    key = session_keyring.add("user", desc(), b"short-lived")
+    key = session_keyring.add_key("user", desc(), b"short-lived")
     key.set_timeout(1)
     assert key.read() == b"short-lived"
     deadline = time.monotonic() + 5
@@ -99,7 +99,7 @@ def test_timeout_expires_the_key(session_keyring: Keyring) -> None:
 
 
 def test_revoke(session_keyring: Keyring) -> None:
-    key = session_keyring.add("user", desc(), b"x")
+    key = session_keyring.add_key("user", desc(), b"x")
     key.revoke()
     with pytest.raises(KeyRevokedError):
         key.read()
@@ -107,7 +107,7 @@ def test_revoke(session_keyring: Keyring) -> None:
 
 def test_invalidate_removes_key_everywhere(session_keyring: Keyring) -> None:
     name = desc()
-    key = session_keyring.add("user", name, b"x")
+    key = session_keyring.add_key("user", name, b"x")
     key.invalidate()
     # The serial is dead to us: unlinked (no longer possessed, EACCES) or freed (ENOKEY),
     # depending on the key GC's timing.
@@ -130,7 +130,7 @@ def test_invalidate_removes_key_everywhere(session_keyring: Keyring) -> None:
 
 
 def test_unlink_and_link(session_keyring: Keyring) -> None:
-    key = session_keyring.add("user", desc(), b"x")
+    key = session_keyring.add_key("user", desc(), b"x")
     other = Keyring(Key.add("keyring", unique("ring"), b"", session_keyring).serial)
     key.link(other)
     assert other.list() == [key]
@@ -171,7 +171,7 @@ def test_special_keyrings_resolve() -> None:
 
 
 def test_join_session_gives_a_new_empty_keyring(session_keyring: Keyring) -> None:
-    session_keyring.add("user", desc(), b"x")
+    session_keyring.add_key("user", desc(), b"x")
     fresh = Keyring.join_session()
     assert fresh != session_keyring
     assert Keyring.session() == fresh
@@ -179,14 +179,14 @@ def test_join_session_gives_a_new_empty_keyring(session_keyring: Keyring) -> Non
 
 
 def test_other_uid_cannot_read_the_key(session_keyring: Keyring) -> None:
-    key = session_keyring.add("user", desc(), b"root-only")
+    key = session_keyring.add_key("user", desc(), b"root-only")
     result = run_as(NOBODY, NOBODY, key.read)
     assert result == {"error": "KeyPermissionError", "errno": errno.EACCES}
 
 
 def test_other_uid_cannot_find_the_key_by_search(session_keyring: Keyring) -> None:
     name = desc()
-    session_keyring.add("user", name, b"root-only")
+    session_keyring.add_key("user", name, b"root-only")
     result = run_as(NOBODY, NOBODY, lambda: Key.request(name).serial)
     assert result == {"error": "KeyNotFoundError", "errno": errno.ENOKEY}
 
@@ -197,33 +197,35 @@ def _enokey(ring: Keyring) -> None:
 
 
 def _ekeyexpired(ring: Keyring) -> None:
-    key = ring.add("user", desc(), b"x")
+    key = ring.add_key("user", desc(), b"x")
     key.set_timeout(1)
     time.sleep(1.5)
     key.read()
 
 
 def _ekeyrevoked(ring: Keyring) -> None:
-    key = ring.add("user", desc(), b"x")
+    key = ring.add_key("user", desc(), b"x")
     key.revoke()
     key.read()
 
 
 def _eacces(ring: Keyring) -> None:
-    key = ring.add("user", desc(), b"x")
+    key = ring.add_key("user", desc(), b"x")
     key.setperm(0)
     key.read()
 
 
 def _eperm(ring: Keyring) -> None:
-    ring.add(".request_key_auth", desc(), b"x")  # key types named with a leading '.' are internal
+    ring.add_key(
+        ".request_key_auth", desc(), b"x"
+    )  # key types named with a leading '.' are internal
 
 
 def _edquot(ring: Keyring) -> None:
     def fill() -> None:
         session = Keyring.session()
         for i in range(400):  # far past the default 200 keys / 20000 bytes of a non-root uid
-            session.add("user", f"kms:{unique()}-{i}", b"q" * 2000)
+            session.add_key("user", f"kms:{unique()}-{i}", b"q" * 2000)
 
     result = run_as(NOBODY, NOBODY, fill)
     raise kmskeys.errors.error_for_errno(result["errno"], "add_key")  # type: ignore[index]
@@ -234,7 +236,7 @@ def _einval(ring: Keyring) -> None:
 
 
 def _enodev(ring: Keyring) -> None:
-    ring.add("no_such_key_type", desc(), b"x")
+    ring.add_key("no_such_key_type", desc(), b"x")
 
 
 @pytest.mark.parametrize(

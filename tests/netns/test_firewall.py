@@ -212,7 +212,7 @@ def test_missing_backend_binary_names_the_package(netns: Netns, backend: str, pa
 
 @pytest.mark.parametrize("action", ["apply", "remove", "status"])
 def test_not_root_is_a_clear_error(action: str, capfd: pytest.CaptureFixture[str]) -> None:
-    from resolver.firewall import main
+    from resolver.firewall.cli import main
 
     pid = os.fork()
     if pid == 0:

@@ -10,7 +10,7 @@ import pytest
 
 from kmskeys import Key, KeyRejectedError, get_secret
 from kmskeys.blob import CONTEXT_NAME, CONTEXT_NOT_AFTER, VERSION, Blob, format_not_after
-from resolver.handler import KEY_PERM
+from kmskeys.contract import RESOLVED_KEY_PERM as KEY_PERM
 from tests.support.names import unique
 from tests.support.proc import NOBODY, run_as
 from tests.upcall.conftest import Install

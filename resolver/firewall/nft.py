@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from resolver.firewall import (
+from resolver.firewall.model import (
     FAMILIES,
     AllowedUser,
     FirewallError,

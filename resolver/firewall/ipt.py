@@ -11,7 +11,7 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from resolver.firewall import (
+from resolver.firewall.model import (
     FAMILIES,
     AllowedUser,
     FirewallError,

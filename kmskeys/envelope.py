@@ -1,4 +1,10 @@
-"""Envelope mode: a KMS data key wraps the secret with AES-256-GCM (docs/blob-format.md)."""
+"""Envelope mode: a KMS data key seals the secret with AES-256-GCM (docs/blob-format.md).
+
+The one implementation of both directions: the encryptor seals, the resolver opens. The AAD is
+`kmskeys.blob.envelope_aad`: the blob's header plus the request's encryption context, so a seal
+opens only for the name (and user) the data key was generated for. `cryptography` is imported
+inside the functions: the client's `import kmskeys` never loads it.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,13 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from kmskeys.blob import MODE_ENVELOPE, NONCE_BYTES, TAG_BYTES, VERSION, Blob, envelope_aad
+from kmskeys.errors import KmsKeysError
 
 DATA_KEY_BYTES = 32  # AES-256
+
+
+class EnvelopeError(KmsKeysError, ValueError):
+    """An envelope blob does not open: wrong data key, context or a tampered seal; re-encrypt."""
 
 
 def seal(
@@ -25,7 +36,7 @@ def seal(
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     if len(data_key) != DATA_KEY_BYTES:
-        raise ValueError(f"an AES-256 data key is {DATA_KEY_BYTES} bytes")
+        raise EnvelopeError(f"an AES-256 data key is {DATA_KEY_BYTES} bytes")
     # A random 96-bit nonce is safe here: each data key seals exactly one message.
     nonce = os.urandom(NONCE_BYTES)
     # The AAD covers the header and the context, never the nonce or the sealed part, so the
@@ -45,9 +56,13 @@ def seal(
 
 
 def open_sealed(blob: Blob, context: Mapping[str, str], data_key: bytes) -> bytes:
-    """The plaintext of an envelope blob, given its unwrapped data key (tests and tooling)."""
+    """The plaintext of an envelope blob opened under `context` with its unwrapped data key."""
+    from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    if blob.nonce is None or blob.sealed is None:
-        raise ValueError("not an envelope blob")
-    return AESGCM(data_key).decrypt(blob.nonce, blob.sealed, envelope_aad(blob, context))
+    if len(data_key) != DATA_KEY_BYTES or blob.nonce is None or blob.sealed is None:
+        raise EnvelopeError("envelope blob: data key or sealed part has the wrong shape")
+    try:
+        return AESGCM(data_key).decrypt(blob.nonce, blob.sealed, envelope_aad(blob, context))
+    except InvalidTag:
+        raise EnvelopeError("envelope blob: sealed part does not authenticate") from None

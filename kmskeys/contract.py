@@ -1,0 +1,120 @@
+"""The facts the client, the encryptor and the resolver share: each defined once, here.
+
+Limits, file suffixes, where the request-key rules live, the permission mask of a resolved key,
+and how an AWS error code is classified. `encryptor/` and `resolver/` import these; nothing here
+imports anything, because the client's import path (`import kmskeys`) loads this module.
+The kernel or AWS fact each value rests on is its comment; docs/design.md explains the whole.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+# --- Kernel limits ---------------------------------------------------------------------------
+# The `user` and `logon` key types hold 1 to 32767 bytes: 0 and 32768 are EINVAL
+# (security/keys/user_defined.c: datalen <= 0 || datalen > 32767).
+USER_PAYLOAD_MAX = 32767
+# request_key(2) copies the callout info with strndup_user(.., PAGE_SIZE): at most 4095 bytes.
+CALLOUT_MAX = 4095
+# A key description is at most 4095 bytes too; ours are far shorter (names are <= 200 bytes).
+
+# --- AWS KMS limits --------------------------------------------------------------------------
+# KMS Encrypt takes at most 4096 bytes of plaintext; larger secrets go in envelope mode.
+KMS_PLAINTEXT_MAX = 4096
+
+# --- Files and rules -------------------------------------------------------------------------
+# A blob deployed for NAME lives at blob_dir/NAME + BLOB_SUFFIX.
+BLOB_SUFFIX = ".kms"
+REQUEST_KEY = "/sbin/request-key"
+# request-key(8) reads every *.conf file here (keyutils >= 1.5.11), first match wins.
+REQUEST_KEY_D = "/etc/request-key.d"
+DEFAULT_CONFIG = "/etc/kmskeys/resolver.toml"
+DEFAULT_BLOB_DIR = "/etc/kmskeys/secrets"
+# The description namespace of KMS-backed secrets: keys are described `kms:NAME`.
+DEFAULT_PREFIX = "kms"
+
+
+def rule_file_name(prefix: str) -> str:
+    """The request-key.d file install writes for `prefix`: kmskeys.conf, or kmskeys-P.conf."""
+    return "kmskeys.conf" if prefix == DEFAULT_PREFIX else f"kmskeys-{prefix}.conf"
+
+
+# --- Key permissions (keyctl(1) PERMISSIONS; include/uapi/linux/keyctl.h) ---------------------
+# Four groups of six bits: possessor, owner uid, group, other. For a caller that possesses the
+# key (found it by searching its own keyrings), the possessor bits are ORed onto the bits of
+# whichever of owner/group/other applies: possessor bits ADD to the owner's.
+PERM_VIEW, PERM_READ, PERM_WRITE, PERM_SEARCH, PERM_LINK, PERM_SETATTR = 1, 2, 4, 8, 16, 32
+POSSESSOR_SHIFT, USER_SHIFT, GROUP_SHIFT, OTHER_SHIFT = 24, 16, 8, 0
+
+# A key the resolver instantiates answers to its owner uid alone:
+# - owner VIEW: describe() (the client's ownership check), /proc/keys (`kmskeys show`);
+# - owner READ: the payload;
+# - owner SEARCH: request_key(2) finds the cached key in the owner's keyrings, and
+#   keyctl_invalidate (`kmskeys flush`) needs it.
+# Possessors get nothing: any process that shares the keyring (a joined session keyring,
+# `su`/`runuser` inheriting one) possesses the key, and keyctl_read succeeds on a possessed key
+# even without READ; possession comes from a search, so possessors must not have SEARCH (nor
+# LINK, which would let them link it into a keyring they search). No WRITE or SETATTR for
+# anyone, so nobody can update or re-permission the cached secret.
+RESOLVED_KEY_PERM = (PERM_VIEW | PERM_READ | PERM_SEARCH) << USER_SHIFT
+
+# --- What the resolver answers ----------------------------------------------------------------
+# Every failure is rejected with exactly one of three errnos, one per class; the client maps
+# each to one exception class (kmskeys.errors). EAGAIN is special in the kernel: a key rejected
+# with it is never found by a later search (-EAGAIN means "not found" there), so it is not
+# cached; the other two are cached for the config's negative_ttl.
+ERRNO_UNKNOWN_SECRET = _errno.ENOKEY  # no blob for this name
+ERRNO_REFUSED = _errno.EKEYREJECTED  # policy, binding, expiry, invalid blob, KMS refusal
+ERRNO_UNAVAILABLE = _errno.EAGAIN  # KMS unreachable, throttled, past the deadline
+
+# --- AWS error codes -------------------------------------------------------------------------
+# One classification of KMS/STS error codes, for the build side (exit codes) and the resolver
+# (errno classes). A code not listed is a refusal; HTTP 5xx and 429 count as AWS_TRANSIENT.
+AWS_THROTTLED = "throttled"  # slow down and retry
+AWS_TRANSIENT = "transient"  # KMS or a dependency failed this once: retry
+AWS_EXPIRED_CREDENTIALS = "expired-credentials"  # fresh credentials will come (instance role)
+AWS_BAD_CREDENTIALS = "bad-credentials"  # these credentials are not accepted at all
+AWS_ACCESS_DENIED = "access-denied"  # the caller may not use this key
+AWS_KEY_STATE = "key-state"  # the key is disabled, pending deletion, missing or of the wrong kind
+AWS_INVALID_CIPHERTEXT = "invalid-ciphertext"  # not this key's ciphertext, or the context differs
+AWS_REFUSED = "refused"  # any other answer
+
+AWS_ERROR_CLASSES: dict[str, str] = {
+    "ThrottlingException": AWS_THROTTLED,
+    "Throttling": AWS_THROTTLED,
+    "ThrottledException": AWS_THROTTLED,
+    "TooManyRequestsException": AWS_THROTTLED,
+    "RequestLimitExceeded": AWS_THROTTLED,
+    "LimitExceededException": AWS_THROTTLED,
+    "DependencyTimeoutException": AWS_TRANSIENT,
+    "KMSInternalException": AWS_TRANSIENT,
+    # "The request was rejected because the specified KMS key was not available. You can retry."
+    "KeyUnavailableException": AWS_TRANSIENT,
+    "ServiceUnavailable": AWS_TRANSIENT,
+    "InternalFailure": AWS_TRANSIENT,
+    "RequestTimeout": AWS_TRANSIENT,
+    "RequestTimeoutException": AWS_TRANSIENT,
+    "ExpiredTokenException": AWS_EXPIRED_CREDENTIALS,
+    "ExpiredToken": AWS_EXPIRED_CREDENTIALS,
+    "UnrecognizedClientException": AWS_BAD_CREDENTIALS,
+    "InvalidSignatureException": AWS_BAD_CREDENTIALS,
+    "InvalidClientTokenId": AWS_BAD_CREDENTIALS,
+    "IncompleteSignature": AWS_BAD_CREDENTIALS,
+    "MissingAuthenticationToken": AWS_BAD_CREDENTIALS,
+    "AccessDeniedException": AWS_ACCESS_DENIED,
+    "AccessDenied": AWS_ACCESS_DENIED,
+    "NotFoundException": AWS_KEY_STATE,
+    "DisabledException": AWS_KEY_STATE,
+    "KMSInvalidStateException": AWS_KEY_STATE,
+    "InvalidKeyUsageException": AWS_KEY_STATE,
+    "InvalidCiphertextException": AWS_INVALID_CIPHERTEXT,
+    "IncorrectKeyException": AWS_INVALID_CIPHERTEXT,
+}
+
+
+def classify_aws_error(code: str, status: int = 0) -> str:
+    """The class of an AWS error `code` answered with HTTP `status` (0 when unknown)."""
+    found = AWS_ERROR_CLASSES.get(code)
+    if found is not None:
+        return found
+    return AWS_TRANSIENT if status >= 500 or status == 429 else AWS_REFUSED
