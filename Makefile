@@ -37,6 +37,7 @@ compile: venv
 lint: venv
 	$(VENV)/bin/ruff check kmskeys encryptor resolver tests examples scripts
 	$(VENV)/bin/ruff format --check kmskeys encryptor resolver tests examples scripts
+	$(VENV)/bin/lint-imports --no-logo --no-cache
 
 typecheck: venv
 	$(VENV)/bin/mypy

@@ -1,1 +1,1 @@
-"""`make bench`: one table, measured in one run, ratios first (DESIGN.md budgets)."""
+"""`make bench`: one table, measured in one run, ratios first (docs/design.md budgets)."""

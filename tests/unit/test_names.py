@@ -1,4 +1,4 @@
-"""The shared name validator: the description contract of DESIGN.md."""
+"""The shared name validator: the description contract of docs/design.md."""
 
 from __future__ import annotations
 
