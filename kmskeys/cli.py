@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kmskeys import keyutils
 from kmskeys.contract import DEFAULT_PREFIX
-from kmskeys.key import Key
+from kmskeys.key import KEYRINGS, Key
 from kmskeys.names import description
 
 PROC_KEYS = Path("/proc/keys")
@@ -29,6 +29,7 @@ EXIT_UNAVAILABLE = 5
 EXIT_QUOTA = 6
 EXIT_PERMISSION = 7
 EXIT_STALE = 8
+EXIT_FOREIGN = 9
 
 COMMAND_GROUP = "kmskeys.commands"
 
@@ -59,6 +60,7 @@ def _exit_code(exc: BaseException) -> int:
         (errors.KeyRejectedError, EXIT_REFUSED),
         (errors.TemporarilyUnavailableError, EXIT_UNAVAILABLE),
         (errors.QuotaExceededError, EXIT_QUOTA),
+        (errors.KeyOwnershipError, EXIT_FOREIGN),
         (PermissionError, EXIT_PERMISSION),
         (errors.KeyExpiredError, EXIT_STALE),
         (errors.KeyRevokedError, EXIT_STALE),
@@ -88,6 +90,12 @@ def cmd_get(argv: Sequence[str]) -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--blob", help="the blob itself (ciphertext, safe in argv)")
     source.add_argument("--blob-file", type=Path, help="read the blob from FILE ('-' for stdin)")
+    parser.add_argument(
+        "--keyring",
+        choices=KEYRINGS,
+        help="cache in this keyring: session, or user/persistent to share across this uid's "
+        "sessions (default: this process's session keyring)",
+    )
     args = parser.parse_args(argv)
     from kmskeys.key import get_secret
 
@@ -95,7 +103,7 @@ def cmd_get(argv: Sequence[str]) -> int:
         blob: str | bytes | None = args.blob
         if args.blob_file is not None:
             blob = _read_blob_file(args.blob_file)
-        secret = get_secret(args.name, blob, prefix=args.prefix)
+        secret = get_secret(args.name, blob, prefix=args.prefix, keyring=args.keyring)
     except Exception as exc:  # every error: one line, one exit code
         return _fail("kmskeys get", exc)
     sys.stdout.buffer.write(secret)

@@ -73,9 +73,24 @@ class QuotaExceededError(KeyctlError):
 
 
 class KeyPermissionError(KeyctlError, PermissionError):
-    """The key's permissions deny this process (EACCES); request it as the user it belongs to."""
+    """The key's permissions deny this process (EACCES): it belongs to another user who shares a
+    keyring with this process. Request secrets from a keyring of your own: a fresh session
+    keyring (`keyctl new_session`), KeyringMode=private under systemd, or keyring="user" /
+    "persistent" (`kmskeys get --keyring user`)."""
 
     errno = _errno.EACCES
+
+
+class KeyOwnershipError(KeyPermissionError):
+    """A cached key under this name belongs to another uid, so kmskeys will not return its
+    payload: this process shares a keyring with another user. Request secrets from a keyring of
+    your own: a fresh session keyring (`keyctl new_session`), KeyringMode=private under systemd,
+    or keyring="user" / "persistent" (`kmskeys get --keyring user`)."""
+
+    def __init__(self, message: str, *, serial: int, owner: int | None) -> None:
+        super().__init__(message, errno=_errno.EACCES)
+        self.serial = serial
+        self.owner = owner
 
 
 class OperationNotPermittedError(KeyctlError, PermissionError):
@@ -127,6 +142,16 @@ _BY_ERRNO: dict[int, type[KeyctlError]] = {
         OutOfMemoryError,
     )
 }
+
+
+def foreign_key_error(description: str, serial: int, owner: int, me: int) -> KeyOwnershipError:
+    """The error for a found key that this process's fsuid `me` does not own (owner -1: hidden)."""
+    who = "another uid (its permissions hide which)" if owner < 0 else f"uid {owner}"
+    message = (
+        f"{description}: the cached key {serial} is owned by {who}, not by uid {me} - "
+        + " ".join((KeyOwnershipError.__doc__ or "").split())
+    )
+    return KeyOwnershipError(message, serial=serial, owner=None if owner < 0 else owner)
 
 
 def error_for_errno(err: int, what: str, *, upcall: bool = False) -> KeyctlError:

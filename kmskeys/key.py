@@ -7,6 +7,9 @@ from kmskeys.contract import DEFAULT_PREFIX, USER_PAYLOAD_MAX
 from kmskeys.names import description
 
 _USER = b"user"
+# A named session keyring this uid joins: possessors all, owner view/read/search/link (the
+# kernel's default lacks owner SEARCH, which joining by name needs), nobody else anything.
+SESSION_KEYRING_PERM = 0x3F1B0000
 _SIZED_TYPES = (b"user", b"logon")
 
 
@@ -224,10 +227,33 @@ class Keyring(Key):
 
     @classmethod
     def join_session(cls, name: str | bytes | None = None) -> Keyring:
-        """Join the named session keyring, or start a new anonymous one."""
-        return cls(
-            keyutils.keyctl_join_session_keyring(None if name is None else _as_bytes(name, "name"))
-        )
+        """Start a new anonymous session keyring, or join the named one if this uid owns it.
+
+        Named session keyrings can be squatted: any user may create one under the name first,
+        with permissions that let it read and plant keys. A named keyring owned by another uid
+        is refused (the process is left in a new anonymous session instead). Prefer the user or
+        persistent keyring to share across sessions of one uid (docs/client.md).
+        """
+        if name is None:
+            return cls(keyutils.keyctl_join_session_keyring(None))
+        ring = cls(keyutils.keyctl_join_session_keyring(_as_bytes(name, "name")))
+        desc = ring.describe()
+        fsuid = keyutils.current_fsuid()
+        if desc.uid != fsuid:
+            keyutils.keyctl_join_session_keyring(None)
+            from kmskeys.errors import KeyOwnershipError
+
+            raise KeyOwnershipError(
+                f"session keyring {desc.description!r} is owned by uid {desc.uid}, not by uid "
+                f"{fsuid}: another user created it first; joined a new anonymous session instead"
+                " - " + " ".join((KeyOwnershipError.__doc__ or "").split()),
+                serial=ring.serial,
+                owner=desc.uid,
+            )
+        # The kernel's default keyring mask lacks owner SEARCH, without which another process
+        # of this uid joining the name would get a new keyring instead of this one.
+        ring.setperm(SESSION_KEYRING_PERM)
+        return ring
 
     def add_key(self, type: str | bytes, description: str | bytes, payload: str | bytes) -> Key:
         """Add (or update) a key in this keyring; `Key.add(..., keyring)` is the same call."""
@@ -266,22 +292,59 @@ class Keyring(Key):
         keyutils.keyctl_clear(self.serial)
 
 
+# Where get_secret keeps what it caches: (search ring, request_key destination). The user and
+# persistent keyrings are shared by every process of the uid, but request_key(2) searches only
+# the thread, process and session keyrings, so they are searched explicitly first.
+KEYRINGS = ("session", "user", "persistent")
+_DESCRIPTIONS: dict[tuple[object, str], bytes] = {}
+_PERSISTENT: list[int] = []
+
+
+def _rings(keyring: str | Key | int | None) -> tuple[int, int]:
+    if keyring is None:
+        return 0, 0  # request_key's default destination (docs/client.md)
+    if keyring == "session":
+        return 0, keyutils.KEY_SPEC_SESSION_KEYRING
+    if keyring == "user":
+        return keyutils.KEY_SPEC_USER_KEYRING, keyutils.KEY_SPEC_USER_KEYRING
+    if keyring == "persistent":
+        if not _PERSISTENT:
+            # Linked into the session keyring so that later searches possess it; the kernel
+            # resets its expiry timer (kernel.keys.persistent_keyring_expiry) at each call.
+            _PERSISTENT.append(
+                keyutils.keyctl_get_persistent(-1, keyutils.KEY_SPEC_SESSION_KEYRING)
+            )
+        return _PERSISTENT[0], _PERSISTENT[0]
+    if isinstance(keyring, Key | int):
+        return 0, _serial(keyring)
+    from kmskeys.errors import InvalidArgumentError
+
+    raise InvalidArgumentError(f"keyring must be one of {', '.join(KEYRINGS)} or a Keyring")
+
+
 def get_secret(
     name: str | bytes,
     blob: str | bytes | None = None,
     *,
     prefix: str = DEFAULT_PREFIX,
-    destination: Key | Keyring | int = 0,
+    keyring: str | Key | int | None = None,
 ) -> bytes:
     """Return the secret `NAME` as bytes: from the kernel cache, or through one resolver upcall.
 
-    Without `blob` the resolver loads `NAME.kms` from its blob_dir. The callout is then b"", not
-    NULL, because request_key(2) never upcalls with a NULL callout.
+    Only a key owned by this process's uid is accepted (KeyOwnershipError otherwise).
+    `keyring` is None (this process's session keyring, as request_key(2) chooses), "session",
+    "user" or "persistent" (shared by every process of this uid), or a Keyring. Without `blob`
+    the resolver loads `NAME.kms` from its blob_dir; the callout is then b"", not NULL, because
+    request_key(2) never upcalls with a NULL callout.
     """
-    serial = keyutils.request_key(
-        _USER,
-        description(name, prefix).encode(),
-        b"" if blob is None else _as_bytes(blob, "blob"),
-        _serial(destination),
-    )
-    return keyutils.keyctl_read(serial)
+    # The client's hot path (budget: 1.5x a C request_key + keyctl_read): a validated name's
+    # description is computed once per process, and the whole hit is one C call.
+    try:
+        desc = _DESCRIPTIONS[name, prefix]
+    except (KeyError, TypeError):
+        desc = description(name, prefix).encode()
+        if len(_DESCRIPTIONS) < 1024:
+            _DESCRIPTIONS[name, prefix] = desc
+    search, dest = (0, 0) if keyring is None else _rings(keyring)
+    callout = b"" if blob is None else blob if blob.__class__ is bytes else _as_bytes(blob, "blob")
+    return keyutils.kmsk_fetch(desc, callout, search, dest)

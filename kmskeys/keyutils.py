@@ -12,6 +12,10 @@ from _thread import _local as thread_local
 
 from kmskeys._keyutils_cffi import ffi, lib
 
+TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
+if TYPE_CHECKING:
+    from typing import Any
+
 KEY_SPEC_THREAD_KEYRING: int = lib.KEY_SPEC_THREAD_KEYRING
 KEY_SPEC_PROCESS_KEYRING: int = lib.KEY_SPEC_PROCESS_KEYRING
 KEY_SPEC_SESSION_KEYRING: int = lib.KEY_SPEC_SESSION_KEYRING
@@ -27,6 +31,12 @@ _new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 READ_GUESS = 1024
 # Each thread keeps one such buffer between reads, wiped after every use.
 _spare = thread_local()
+# (buffer, out struct) pairs for kmsk_fetch, wiped after every use.
+_FETCH_POOL: list[tuple[Any, Any]] = []
+# Bound once: attribute lookups on `lib` and `ffi` cost a measurable share of a hit.
+_kmsk_fetch = lib.kmsk_fetch
+_unpack = ffi.unpack
+_bzero = lib.explicit_bzero
 
 
 def _fail(what: str, *, upcall: bool = False) -> Exception:
@@ -54,6 +64,49 @@ def request_key(type_: bytes, description: bytes, callout_info: bytes | None, ke
         what = "request_key " + description.decode(errors="replace")[:256]
         raise _fail(what, upcall=callout_info is not None)
     return serial
+
+
+def kmsk_fetch(
+    description: bytes, callout_info: bytes | None, search_ring: int, dest: int
+) -> bytes:
+    """The client's hit path in one crossing: find or construct `description`, check that this
+    process's fsuid owns it, read it (HELPERS in _build_keyutils.py); wipe the buffer.
+
+    `search_ring` (0: none) is searched before request_key(2), which links into `dest`.
+    """
+    # A buffer pair is popped from the pool while in use (list.pop/append are atomic): another
+    # thread, or a signal handler fetching a key meanwhile, gets a pair of its own, never ours.
+    try:
+        spare = _FETCH_POOL.pop()
+    except IndexError:
+        spare = (_new_uncleared("char[]", READ_GUESS), ffi.new("struct kmsk_fetched *"))
+    buf, out = spare
+    got: int = _kmsk_fetch(
+        description, _NULL if callout_info is None else callout_info, search_ring, dest, buf,
+        READ_GUESS, out,
+    )  # fmt: skip
+    if 0 <= got <= READ_GUESS:
+        payload: bytes = _unpack(buf, got)
+        _bzero(buf, got)
+        _FETCH_POOL.append(spare)
+        return payload
+    if got == -1:
+        err = ffi.errno  # before anything else can overwrite it
+        _FETCH_POOL.append(spare)
+        from kmskeys.errors import error_for_errno
+
+        what = "request_key " + description.decode(errors="replace")[:256]
+        raise error_for_errno(err, what, upcall=callout_info is not None)
+    serial, owner, fsuid = out.serial, out.owner, out.fsuid
+    if got == -2:
+        _FETCH_POOL.append(spare)
+        from kmskeys.errors import foreign_key_error
+
+        raise foreign_key_error(description.decode(errors="replace"), serial, owner, fsuid)
+    _bzero(buf, READ_GUESS)
+    _FETCH_POOL.append(spare)
+    # Larger than the usual secret: the key is ours (checked above), read it at its size.
+    return keyctl_read(serial)
 
 
 def keyctl_read(key: int) -> bytes:
@@ -184,6 +237,25 @@ def keyctl_update(key: int, payload: bytes) -> None:
     """Replace a key's payload."""
     if lib.keyctl_update(key, payload, len(payload)) == -1:
         raise _fail("keyctl_update")
+
+
+def keyctl_get_persistent(uid: int, keyring: int) -> int:
+    """This uid's persistent keyring (-1: the caller's), linked into `keyring`; its serial."""
+    serial: int = lib.keyctl_get_persistent(uid & 0xFFFFFFFF, keyring)
+    if serial == -1:
+        raise _fail("keyctl_get_persistent")
+    return serial
+
+
+def current_fsuid() -> int:
+    """The fsuid the kernel checks key permissions with (setfsuid(-1) changes nothing)."""
+    return int(lib.setfsuid(0xFFFFFFFF)) & 0xFFFFFFFF
+
+
+def disable_core_dumps() -> None:
+    """RLIMIT_CORE 0 and PR_SET_DUMPABLE 0 for this process (the resolver's, not the client's)."""
+    if lib.kmsk_disable_core_dumps() == -1:
+        raise _fail("prctl(PR_SET_DUMPABLE)")
 
 
 def keyctl_get_keyring_ID(key: int, create: bool) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 USAGE = """\
 usage: kmskeys-resolver COMMAND [ARGS...]
 
-  handle [--config PATH] %k %d %c %u %g %T %P %S
+  handle [--config PATH] %k %d %u %g %T %P %S
                  the request-key handler (run by /sbin/request-key, as root)
   install [--config PATH] [--prefix P]
                  write the request-key rule, and a config and blob_dir when missing

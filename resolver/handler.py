@@ -1,7 +1,7 @@
 """`kmskeys-resolver handle`: the request-key program that turns a blob into a kernel key.
 
 /sbin/request-key runs it as root for every cache miss, with the argv fixed by the rule install
-writes: `handle --config PATH %k %d %c %u %g %T %P %S`. It assumes authority over the key, then
+writes: `handle --config PATH %k %d %u %g %T %P %S`. It assumes authority over the key, then
 either instantiates it or rejects it with `negative_ttl` and the errno of the failure class, on
 every path, and writes exactly one log line. It prints nothing to stdout.
 """
@@ -20,6 +20,7 @@ from types import FrameType
 from kmskeys.contract import RESOLVED_KEY_PERM, USER_PAYLOAD_MAX
 from kmskeys.errors import InvalidNameError, KmsKeysError, QuotaExceededError
 from kmskeys.key import Key
+from kmskeys.keyutils import KEY_SPEC_REQKEY_AUTH_KEY, disable_core_dumps, keyctl_read
 from kmskeys.names import parse_description
 from resolver import config as config_mod
 from resolver.backend import Request, Trace
@@ -39,7 +40,11 @@ from resolver.registry import backend_for
 WATCHDOG_MARGIN = 0.25
 DEFAULT_DEADLINE = 8.0
 DEFAULT_NEGATIVE_TTL = 10
-USAGE = "usage: kmskeys-resolver handle [--config PATH] %k %d %c %u %g %T %P %S"
+USAGE = "usage: kmskeys-resolver handle [--config PATH] %k %d %u %g %T %P %S"
+# The request-key macros install puts in the rule, in this order. The callout (%c) is not among
+# them: it would show in this process's argv (/proc/PID/cmdline) to every local user; the
+# handler reads it from the request's authorization key instead.
+MACROS = "%k %d %u %g %T %P %S"
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,6 @@ class HandleArgs:
     config: Path
     key: int
     description: str
-    callout: str
     uid: int
     gid: int
     thread_keyring: int
@@ -59,27 +63,22 @@ class HandleArgs:
 
 def parse_args(argv: Sequence[str]) -> HandleArgs:
     """Parse the handler's fixed argv; raise ValueError if it does not fit."""
-    # Not argparse: %c is the requester's callout and may look like an option ("--config=...");
-    # only the leading `--config PATH` written by install is an option, the rest is positional.
+    # Not argparse: only the leading `--config PATH` written by install is an option.
     args = list(argv)
     config = config_mod.DEFAULT_PATH
     if len(args) >= 2 and args[0] == "--config":
         config = Path(args[1])
         args = args[2:]
-    if len(args) != 8:
+    if len(args) == 8:
+        # A rule written by an older install also passes %c third: never used (the callout
+        # comes from the authorization key), and `kmskeys doctor` says to re-run install.
+        del args[2]
+    if len(args) != 7:
         raise ValueError(USAGE)
-    key, desc, callout, uid, gid, thread, process, session = args
+    key, desc, uid, gid, thread, process, session = args
     try:
         return HandleArgs(
-            config,
-            int(key),
-            desc,
-            callout,
-            int(uid),
-            int(gid),
-            int(thread),
-            int(process),
-            int(session),
+            config, int(key), desc, int(uid), int(gid), int(thread), int(process), int(session)
         )
     except ValueError:
         raise ValueError(USAGE) from None
@@ -97,20 +96,31 @@ def process_started() -> float:
         return time.monotonic()
 
 
-@contextmanager
-def watchdog(deadline: float) -> Iterator[None]:
-    """Raise DeadlineExceeded in this (main) thread when time.monotonic() reaches `deadline`."""
+class Watchdog:
+    """Raises DeadlineExceeded in this (main) thread when time.monotonic() reaches a deadline.
 
-    def fire(signum: int, frame: FrameType | None) -> None:
-        raise DeadlineExceeded
+    `fired` stays True once it has: whatever exception follows (the signal may land inside an
+    import or a class creation and surface as something else) is then a missed deadline.
+    """
 
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, max(0.01, deadline - time.monotonic()))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    def __init__(self) -> None:
+        self.fired = False
+
+    @contextmanager
+    def armed(self, deadline: float) -> Iterator[None]:
+        """Arm for `deadline` for the duration of the block."""
+
+        def fire(signum: int, frame: FrameType | None) -> None:
+            self.fired = True
+            raise DeadlineExceeded
+
+        previous = signal.signal(signal.SIGALRM, fire)
+        signal.setitimer(signal.ITIMER_REAL, max(0.01, deadline - time.monotonic()))
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
 
 
 def _scrub_environment() -> None:
@@ -133,6 +143,8 @@ class Handler:
         self.name: str | None = None
         self.user: str | None = None
         self.trace = Trace()
+        self.watchdog = Watchdog()
+        self.callout = b""
 
     def run(self) -> int:
         """Handle the request; the exit status is for request-key's log only."""
@@ -142,16 +154,33 @@ class Handler:
             # Without authority nothing can be instantiated or rejected: the kernel negates.
             self._emit(LOG_ERR, "error", reason=f"cannot assume authority: {exc}")
             return 1
+        watchdog = self.watchdog
         try:
-            with watchdog(self.started + DEFAULT_DEADLINE - WATCHDOG_MARGIN):
+            with watchdog.armed(self.started + DEFAULT_DEADLINE - WATCHDOG_MARGIN):
+                # After assume_authority, reading the authorization key gives the callout.
+                self.callout = keyctl_read(KEY_SPEC_REQKEY_AUTH_KEY)
                 config = self._load_config()
-                with watchdog(self.started + config.deadline - WATCHDOG_MARGIN):
+                with watchdog.armed(self.started + config.deadline - WATCHDOG_MARGIN):
                     plaintext, ttl = self._resolve(config)
         except DeadlineExceeded:
             return self._reject(UnavailableError("deadline exceeded before KMS answered"))
         except ResolverError as exc:
+            if watchdog.fired:
+                return self._reject(UnavailableError(f"deadline exceeded ({exc.reason})"))
             return self._reject(exc)
         except Exception as exc:
+            if watchdog.fired:
+                # The signal surfaced as another exception (inside an import, say): a missed
+                # deadline, never a cached refusal.
+                return self._reject(UnavailableError(f"deadline exceeded ({type(exc).__name__})"))
+            if isinstance(exc, ImportError):
+                # A resolver installed without its dependencies: loud (ERR), and not cached.
+                missing = exc.name or str(exc)
+                return self._reject(
+                    UnavailableError(
+                        f"missing dependency {missing}: pip install 'kmskeys[resolver]'"
+                    )
+                )
             # A bug must still reject: a key left under construction would be negated silently.
             return self._reject(RefusedError(f"internal error: {type(exc).__name__}"))
         return self._instantiate(plaintext, ttl)
@@ -177,7 +206,7 @@ class Handler:
             uid=args.uid,
             gid=args.gid,
             user=self.user,
-            callout=os.fsencode(args.callout),
+            callout=self.callout,
         )
         backend = backend_for(config, request.prefix)
         plaintext = backend.resolve(
@@ -238,6 +267,8 @@ def main(argv: Sequence[str], started: float | None = None) -> int:
     (the supervising parent's start), by default this process's start."""
     started = process_started() if started is None else started
     _scrub_environment()
+    # Plaintext passes through this process: no core file may ever hold it.
+    disable_core_dumps()
     try:
         args = parse_args(argv)
     except ValueError as exc:

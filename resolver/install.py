@@ -18,13 +18,12 @@ from kmskeys.contract import DEFAULT_PREFIX, rule_file_name
 from kmskeys.names import validate_prefix
 from resolver import config as config_mod
 from resolver.errors import ConfigError, InstallError
+from resolver.handler import MACROS
 
 REQUEST_KEY_D = Path(contract.REQUEST_KEY_D)
 MARKER = "# kmskeys-resolver install"
 _CREATED_CONFIG = "# created-config: "
 _CREATED_DIR = "# created-dir: "
-# The kernel's request-key macros, in the order `handle` expects them.
-MACROS = "%k %d %c %u %g %T %P %S"
 
 
 @dataclass

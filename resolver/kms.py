@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -167,6 +168,8 @@ def _check_credentials_file(path: os.PathLike[str]) -> None:
     except OSError as exc:
         raise ConfigError(f"shared_credentials_file {os.fspath(path)}: {exc.strerror}") from None
     reason = unsafe_reason(st)
+    if not reason and st.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        reason = f"readable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
     if reason:
         raise ConfigError(f"shared_credentials_file {os.fspath(path)} is unsafe: {reason}")
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from kmskeys.contract import DEFAULT_PREFIX
 from kmskeys.errors import InvalidNameError, KmsKeysError
 from kmskeys.key import Key
+from kmskeys.keyutils import disable_core_dumps
 from kmskeys.names import parse_description
 from resolver import config as config_mod
 from resolver import handler
@@ -37,6 +38,7 @@ BACKSTOP_GRACE = 0.25
 def supervise(argv: Sequence[str]) -> int:
     """Run `handler.main(argv)` in a worker; answer the kernel if the worker could not."""
     started = handler.process_started()
+    disable_core_dumps()  # inherited by the worker
     try:
         pid = os.fork()
     except OSError:

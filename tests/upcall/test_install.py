@@ -21,7 +21,7 @@ def test_rule_names_this_installation_and_the_fixed_argv(resolver_install: Insta
     rule = rule_path(resolver_install.prefix).read_text().splitlines()[-1]
     assert rule == (
         f"create user {resolver_install.prefix}:* * {RESOLVER} handle "
-        f"--config {resolver_install.config} %k %d %c %u %g %T %P %S"
+        f"--config {resolver_install.config} %k %d %u %g %T %P %S"
     )
 
 
