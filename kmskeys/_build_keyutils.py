@@ -81,12 +81,15 @@ static __thread unsigned kmsk_owned_next;
 /* The owner uid of `id` from keyctl_describe's "type;uid;gid;perm;description", or -1. */
 static long long kmsk_owner(key_serial_t id)
 {
-    char d[64];
+    /* A description is at most 4095 bytes; keyctl_describe copies nothing at all into a buffer
+     * too small for the whole string (and returns the size it needs). */
+    char d[4096 + 64];
+    long n;
     char *end;
     unsigned long uid;
 
-    /* Truncated output is not NUL-terminated, and only the head is needed. */
-    if (keyctl_describe(id, d, sizeof(d) - 1) < 0)
+    n = keyctl_describe(id, d, sizeof(d));
+    if (n < 0 || (size_t)n > sizeof(d))
         return -1;
     d[sizeof(d) - 1] = '\0';
     end = strchr(d, ';');

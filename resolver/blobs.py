@@ -12,7 +12,7 @@ from kmskeys.contract import BLOB_SUFFIX
 from resolver.backend import BlobDecrypter, Request, Trace
 from resolver.config import Config
 from resolver.errors import RefusedError
-from resolver.policy import check_blob
+from resolver.policy import check_blob, check_key
 from resolver.safefile import read_below
 
 
@@ -26,6 +26,9 @@ class BlobBackend:
         """The plaintext of NAME's blob for this request."""
         blob = self.load(request, trace)
         check_blob(blob, request.user)
+        # Cheap refusals come first: a key or region the config does not list never reaches
+        # the daemon or a KMS client (and never makes this process import botocore).
+        check_key(self.config, blob)
         return self.decrypter().decrypt(blob, request, deadline, trace.timings)
 
     def load(self, request: Request, trace: Trace) -> Blob:

@@ -13,7 +13,7 @@ usage: kmskeys-resolver COMMAND [ARGS...]
 
   handle [--config PATH] %k %d %u %g %T %P %S
                  the request-key handler (run by /sbin/request-key, as root)
-  install [--config PATH] [--prefix P]
+  install [--config PATH] [--prefix P] [--key-arn ARN ...]
                  write the request-key rule, and a config and blob_dir when missing
   uninstall [--config PATH] [--prefix P]
                  remove exactly what install wrote
@@ -36,10 +36,21 @@ def _install_command(command: str, argv: Sequence[str]) -> int:
         help="resolver config file (default: %(default)s)",
     )
     parser.add_argument("--prefix", help="description namespace (default: the config's, or kms)")
+    if command == "install":
+        parser.add_argument(
+            "--key-arn",
+            action="append",
+            default=[],
+            metavar="ARN",
+            help="a KMS key ARN the resolver may use (key_arns); repeatable",
+        )
     args = parser.parse_args(argv)
-    action = install_mod.install if command == "install" else install_mod.uninstall
     try:
-        for line in action(args.config, args.prefix):
+        if command == "install":
+            lines = install_mod.install(args.config, args.prefix, key_arns=args.key_arn)
+        else:
+            lines = install_mod.uninstall(args.config, args.prefix)
+        for line in lines:
             print(line)
     except (InstallError, OSError) as exc:
         print(f"kmskeys-resolver {command}: {exc}", file=sys.stderr)

@@ -25,6 +25,9 @@ MAX_TTL = 366 * 24 * 3600
 MAX_NEGATIVE_TTL = 3600
 MAX_DEADLINE = 60.0
 MIN_DEADLINE = 0.5
+DEFAULT_STATE_DIR = Path("/run/kmskeys")
+MAX_CONCURRENT = 1000
+MAX_RATE = 10000.0
 BACKENDS = ("kms",)
 FACILITIES = {"authpriv": 10, "daemon": 3, "auth": 4, "user": 1}
 
@@ -50,7 +53,14 @@ class Config:
 
     path: Path = DEFAULT_PATH
     backend: str = "kms"
-    region: str | None = None
+    # Strict mode (as in the AWS Encryption SDK): the only KMS keys the resolver will use, and
+    # the regions it builds clients for. A blob naming another key is refused before any KMS
+    # call. Discovery mode, only when asked for, accepts any key of the given accounts.
+    key_arns: tuple[str, ...] = ()
+    discovery: bool = False
+    discovery_accounts: tuple[str, ...] = ()
+    discovery_partition: str = "aws"
+    region_list: tuple[str, ...] = ()
     endpoint_url: str | None = None
     profile: str | None = None
     shared_credentials_file: Path | None = None
@@ -64,7 +74,20 @@ class Config:
     syslog_facility: str = "authpriv"
     # The warm daemon's socket (`kmskeys-resolver serve`); unset, every miss decrypts cold.
     warm_socket: Path | None = None
+    # Per-uid limits, checked before any expensive work: concurrent handler runs (the rest get
+    # EAGAIN at once), and a token bucket for KMS calls. Their lock files live in state_dir.
+    max_concurrent_per_uid: int = 8
+    kms_rate_per_uid: float = 5.0
+    kms_burst_per_uid: int = 50
+    state_dir: Path = DEFAULT_STATE_DIR
     names: tuple[NameRule, ...] = field(default_factory=tuple)
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        """The regions clients may be built for: `regions`/`region`, else the key ARNs'."""
+        if self.region_list:
+            return self.region_list
+        return tuple(dict.fromkeys(arn.split(":")[3] for arn in self.key_arns))
 
     def rule_for(self, name: str) -> NameRule | None:
         """The first `[names."GLOB"]` section whose glob matches `name`."""
@@ -113,8 +136,30 @@ def parse(data: Mapping[str, object], path: Path = DEFAULT_PATH) -> Config:
         check = _KEYS.get(key)
         if check is None:
             raise ConfigError(f"{where}: unknown key {key!r}")
-        values[key] = check(value, f"{where}: {key}")
-    return Config(path=path, **values)  # type: ignore[arg-type]
+        field_name = "region_list" if key in ("region", "regions") else key
+        if field_name in values:
+            raise ConfigError(f"{where}: set region or regions, not both")
+        values[field_name] = check(value, f"{where}: {key}")
+    config = Config(path=path, **values)  # type: ignore[arg-type]
+    _check_keys(config, where)
+    return config
+
+
+def _check_keys(config: Config, where: str) -> None:
+    if config.discovery:
+        if config.key_arns:
+            raise ConfigError(f"{where}: set key_arns (strict mode) or discovery, not both")
+        if not config.discovery_accounts:
+            raise ConfigError(f"{where}: discovery needs discovery_accounts (AWS account IDs)")
+        if not config.region_list:
+            raise ConfigError(f"{where}: discovery needs region (or regions)")
+        return
+    if config.discovery_accounts:
+        raise ConfigError(f"{where}: discovery_accounts is set but discovery is not true")
+    for arn in config.key_arns:
+        region = arn.split(":")[3]
+        if config.region_list and region not in config.region_list:
+            raise ConfigError(f"{where}: key_arns: {arn} is in {region}, not in regions")
 
 
 def _names(value: object, where: str) -> tuple[NameRule, ...]:
@@ -212,9 +257,81 @@ def _choice(options: tuple[str, ...]) -> Callable[[object, str], str]:
     return check
 
 
+def _region(value: object, where: str) -> str:
+    text = _str(value, where)
+    if not (text[0].isalpha() and all(ch.isalnum() or ch == "-" for ch in text) and len(text) < 32):
+        raise ConfigError(f"{where}: {text!r} is not an AWS region name")
+    return text
+
+
+def _regions(value: object, where: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{where} must be a region name or a non-empty list of them")
+    return tuple(dict.fromkeys(_region(item, where) for item in items))
+
+
+def _key_arn(value: object, where: str) -> str:
+    text = _str(value, where)
+    parts = text.split(":")
+    if (
+        len(parts) != 6
+        or parts[0] != "arn"
+        or not parts[1].startswith("aws")
+        or parts[2] != "kms"
+        or not parts[4].isdigit()
+        or len(parts[4]) != 12
+        or not parts[5].startswith("key/")
+        or len(parts[5]) <= 4
+    ):
+        raise ConfigError(
+            f"{where}: {text!r} is not a KMS key ARN (arn:aws:kms:REGION:ACCOUNT:key/ID; "
+            "aliases are not accepted: a key ARN names exactly one key)"
+        )
+    _region(parts[3], where)
+    return text
+
+
+def _key_arns(value: object, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where} must be a non-empty list of KMS key ARNs")
+    return tuple(dict.fromkeys(_key_arn(item, where) for item in value))
+
+
+def _accounts(value: object, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where} must be a non-empty list of 12-digit AWS account IDs")
+    accounts = []
+    for item in value:
+        if not isinstance(item, str) or len(item) != 12 or not item.isdigit():
+            raise ConfigError(f"{where}: {item!r} is not a 12-digit AWS account ID")
+        accounts.append(item)
+    return tuple(accounts)
+
+
+def _rate(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_RATE:
+        raise ConfigError(f"{where} must be a number of calls per second in (0, {MAX_RATE:g}]")
+    return float(value)
+
+
+def _count(low: int, high: int) -> Callable[[object, str], int]:
+    def check(value: object, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"{where} must be a whole number in [{low}, {high}]")
+        return value
+
+    return check
+
+
 _KEYS: dict[str, Callable[[object, str], object]] = {
     "backend": _choice(BACKENDS),
-    "region": _str,
+    "key_arns": _key_arns,
+    "discovery": _bool,
+    "discovery_accounts": _accounts,
+    "discovery_partition": _choice(("aws", "aws-cn", "aws-us-gov")),
+    "region": _regions,
+    "regions": _regions,
     "endpoint_url": _endpoint,
     "profile": _str,
     "shared_credentials_file": _abs_path,
@@ -227,4 +344,8 @@ _KEYS: dict[str, Callable[[object, str], object]] = {
     "syslog_socket": _abs_path,
     "syslog_facility": _choice(tuple(FACILITIES)),
     "warm_socket": _abs_path,
+    "max_concurrent_per_uid": _count(1, MAX_CONCURRENT),
+    "kms_rate_per_uid": _rate,
+    "kms_burst_per_uid": _count(1, MAX_CONCURRENT * 100),
+    "state_dir": _abs_path,
 }

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,26 +86,49 @@ def rule_line(prefix: str, executable: Path, config: Path) -> str:
     return f"create user {prefix}:* * {executable} handle --config {config} {MACROS}"
 
 
-def default_config_text(prefix: str) -> str:
-    """The config install writes when none exists: safe defaults, every key documented."""
-    comment = "# " if prefix == DEFAULT_PREFIX else ""
-    prefix_line = f'{comment}prefix = "{prefix}"\n'
-    return (
-        "# kmskeys-resolver config (docs/resolver.md). Root-owned; unknown keys are errors.\n"
-        '# region = "eu-west-1"            # default: the region in each blob\'s key ARN\n'
-        '# endpoint_url = "https://kms.eu-west-1.amazonaws.com"\n'
-        "# ttl = 300                       # seconds a resolved secret stays cached\n"
-        "# negative_ttl = 10               # seconds a failure is cached\n"
-        "# deadline = 8                    # seconds the handler may take, KMS included\n"
-        f'# blob_dir = "{config_mod.DEFAULT_BLOB_DIR}"\n'
-        f"{prefix_line}"
-        "# allow_legacy_blobs = false\n"
-        '# warm_socket = "/run/kmskeys/resolver.sock"  # kmskeys-resolver serve (warm path)\n'
-        "#\n"
-        '# [names."app/*"]\n'
-        "# ttl = 60\n"
-        '# allow_users = ["www-data"]\n'
-    )
+def _toml_list(items: Sequence[str]) -> str:
+    return "[" + ", ".join(f'"{item}"' for item in items) + "]"
+
+
+def default_config_text(prefix: str, blob_dir: Path, key_arns: Sequence[str] = ()) -> str:
+    """The config install writes when none exists: every key, commented out at its default,
+    except the ones given (docs/resolver.md explains each)."""
+    keys = f"key_arns = {_toml_list(key_arns)}" if key_arns else '# key_arns = ["arn:aws:kms:…"]'
+    set_prefix = "" if prefix == DEFAULT_PREFIX else f'prefix = "{prefix}"\n'
+    set_blob_dir = "" if blob_dir == config_mod.DEFAULT_BLOB_DIR else f'blob_dir = "{blob_dir}"\n'
+    return f"""\
+# kmskeys-resolver config (docs/resolver.md). Root-owned; unknown keys and bad values are errors.
+# Every key is shown with its default.
+
+# The only KMS keys the resolver uses (strict mode); a blob naming another key is refused.
+{keys}
+# discovery = false                # instead of key_arns: any key of discovery_accounts
+# discovery_accounts = []          # 12-digit AWS account IDs (discovery only)
+# discovery_partition = "aws"
+# region = "eu-west-1"             # or regions = [...]; default: the regions of key_arns
+# endpoint_url = "https://kms.eu-west-1.amazonaws.com"   # off EC2, or a VPC endpoint
+# profile = "default"              # a profile of shared_credentials_file
+# shared_credentials_file = "/etc/kmskeys/credentials"   # root-only (0600); off EC2
+{set_prefix}# prefix = "{DEFAULT_PREFIX}"                 # key descriptions are PREFIX:NAME
+{set_blob_dir}# blob_dir = "{config_mod.DEFAULT_BLOB_DIR}"
+# allow_legacy_blobs = false       # raw base64 KMS ciphertext without a kmsk1: header
+# ttl = 300                        # seconds a resolved secret stays cached
+# negative_ttl = 10                # seconds a refusal or unknown name stays cached
+# deadline = 8                     # seconds the handler may take, KMS included
+# warm_socket = "/run/kmskeys/resolver.sock"   # kmskeys-resolver serve (the warm path)
+# max_concurrent_per_uid = 8       # handler runs per requesting uid; the rest get EAGAIN
+# kms_rate_per_uid = 5.0           # KMS calls per second per uid (token bucket) ...
+# kms_burst_per_uid = 50           # ... holding this many tokens
+# state_dir = "{config_mod.DEFAULT_STATE_DIR}"         # root-only: the per-uid limits' lock files
+# syslog_socket = "/dev/log"
+# syslog_facility = "authpriv"     # authpriv, auth, daemon or user
+# backend = "kms"
+
+# Per-name policy: the first matching glob wins.
+# [names."app/*"]
+# ttl = 60
+# allow_users = ["www-data", 33]
+"""
 
 
 def _prefix_for(
@@ -155,22 +180,65 @@ def _mkdirs(path: Path, manifest: Manifest, actions: list[str]) -> None:
         actions.append(f"created directory {directory}")
 
 
+def check_dependencies() -> None:
+    """Raise InstallError unless the resolver's own imports work (a client-only install lacks
+    them, and every miss would then fail)."""
+    try:
+        import botocore.session  # noqa: F401
+        import cryptography.hazmat.primitives.ciphers.aead  # noqa: F401
+    except ImportError as exc:
+        raise InstallError(
+            f"the resolver's dependency {exc.name or exc} cannot be imported; install them "
+            f"with: {sys.executable} -m pip install 'kmskeys[resolver]'"
+        ) from None
+
+
+def _add_key_arns(config: config_mod.Config, key_arns: Sequence[str], actions: list[str]) -> None:
+    if not key_arns or set(config.key_arns) == set(key_arns):
+        return
+    if config.key_arns or config.discovery:
+        raise InstallError(
+            f"{config.path} already lists other keys (key_arns or discovery); edit it by hand"
+        )
+    # Top-level keys must come before the first [table]: prepending is always valid TOML.
+    text = config.path.read_text()
+    added = f"# added by kmskeys-resolver install\nkey_arns = {_toml_list(key_arns)}\n\n"
+    _write_atomic(config.path, added + text, stat.S_IMODE(config.path.stat().st_mode))
+    actions.append(f"added key_arns to {config.path}")
+
+
 def install(
     config_path: Path = config_mod.DEFAULT_PATH,
     prefix: str | None = None,
     request_key_d: Path = REQUEST_KEY_D,
+    key_arns: Sequence[str] = (),
 ) -> list[str]:
     """Install the rule (and a config and blob_dir when missing); return what was done."""
+    check_dependencies()
     config_path = Path(os.path.abspath(config_path))
     prefix, config = _prefix_for(config_path, prefix)
     target = rule_path(prefix, request_key_d)
     manifest = Manifest.parse(target.read_text()) if target.exists() else Manifest()
     actions: list[str] = []
+    for arn in key_arns:
+        try:
+            config_mod.parse({"key_arns": [arn]}, config_path)
+        except ConfigError as exc:
+            raise InstallError(f"--key-arn: {exc.reason}") from None
     if config is None:
         _mkdirs(config_path.parent, manifest, actions)
-        _write_atomic(config_path, default_config_text(prefix), 0o644)
+        # Next to a config of its own, not the default install's blob_dir.
+        blob_dir = (
+            config_mod.DEFAULT_BLOB_DIR
+            if config_path == config_mod.DEFAULT_PATH
+            else config_path.parent / "secrets"
+        )
+        _write_atomic(config_path, default_config_text(prefix, blob_dir, key_arns), 0o644)
         manifest.config = (config_path, _digest(config_path))
         actions.append(f"wrote {config_path}")
+        config = config_mod.load(config_path)
+    else:
+        _add_key_arns(config, key_arns, actions)
         config = config_mod.load(config_path)
     _mkdirs(config.blob_dir, manifest, actions)
     if not request_key_d.is_dir():

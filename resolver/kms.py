@@ -10,6 +10,7 @@ import os
 import random
 import stat
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kmskeys.blob import MODE_ENVELOPE, Blob, BlobFormatError
@@ -29,6 +30,8 @@ from resolver.errors import (
     ResolverError,
     UnavailableError,
 )
+from resolver.limits import take_token
+from resolver.policy import check_key
 
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient
@@ -37,14 +40,6 @@ CONNECT_TIMEOUT_MAX = 1.0
 MIN_ATTEMPT_SECONDS = 0.2
 MAX_ATTEMPTS = 4
 BACKOFF_BASE = 0.05
-
-
-def region_of(arn: str | None) -> str | None:
-    """The region field of `arn:aws:kms:REGION:ACCOUNT:key/ID`, or None."""
-    if not arn:
-        return None
-    parts = arn.split(":")
-    return parts[3] if len(parts) >= 6 and parts[0] == "arn" and parts[3] else None
 
 
 class KmsDecrypter:
@@ -59,23 +54,21 @@ class KmsDecrypter:
             context = blob.encryption_context(request.name, request.user)
         except BlobFormatError as exc:
             raise RefusedError(exc.reason) from None
-        region = self.config.region or region_of(blob.key_arn)
-        if region is None:
-            raise ConfigError("no region: set `region` in the config (legacy blobs carry no ARN)")
+        # Refused before any client exists: only configured keys, only configured regions.
+        key_id, region = check_key(self.config, blob)
+        self._spend(request)  # a uid over its KMS rate never builds a client
         client = self._client(region, deadline, timings)
-        kwargs: dict[str, Any] = {"CiphertextBlob": blob.ciphertext}
+        # KeyId pins the key: KMS refuses a ciphertext that a different key produced.
+        kwargs: dict[str, Any] = {"CiphertextBlob": blob.ciphertext, "KeyId": key_id}
         if context:
             kwargs["EncryptionContext"] = context
-        if blob.key_arn is not None:
-            # KeyId pins the key: KMS refuses a ciphertext that a different key produced.
-            kwargs["KeyId"] = blob.key_arn
         start = time.perf_counter()
         try:
-            response = _decrypt_with_retries(client, kwargs, deadline)
+            response = _decrypt_with_retries(client, kwargs, deadline, lambda: self._spend(request))
         finally:
             timings.add("decrypt", (time.perf_counter() - start) * 1000)
-        key_id, plaintext = _checked_answer(response)
-        if blob.key_arn is not None and key_id != blob.key_arn:
+        answered_key, plaintext = _checked_answer(response)
+        if answered_key != key_id:
             raise RefusedError("KMS answered with a different KeyId than the blob names")
         if blob.mode != MODE_ENVELOPE:
             return plaintext
@@ -86,6 +79,17 @@ class KmsDecrypter:
             raise RefusedError(str(exc)) from None
         finally:
             timings.add("open", (time.perf_counter() - start) * 1000)
+
+    def _spend(self, request: Request) -> None:
+        """Take a token from the requester's KMS-call bucket, or refuse for now (EAGAIN)."""
+        config = self.config
+        if not take_token(
+            config.state_dir, request.uid, config.kms_rate_per_uid, config.kms_burst_per_uid
+        ):
+            raise UnavailableError(
+                f"uid {request.uid} is over its KMS call rate (kms_rate_per_uid "
+                f"{config.kms_rate_per_uid:g}/s, burst {config.kms_burst_per_uid})"
+            )
 
     def _client(self, region: str, deadline: float, timings: Timings) -> KMSClient:
         start = time.perf_counter()
@@ -128,7 +132,7 @@ class KmsDecrypter:
 
 
 def _decrypt_with_retries(
-    client: KMSClient, kwargs: dict[str, Any], deadline: float
+    client: KMSClient, kwargs: dict[str, Any], deadline: float, spend: Callable[[], None]
 ) -> dict[str, Any]:
     """Call Decrypt, retrying transient failures with jittered backoff while the deadline allows.
 
@@ -148,6 +152,7 @@ def _decrypt_with_retries(
                 error.reason += f" after {attempt + 1} attempts"
             raise error
         time.sleep(delay)
+        spend()  # every retry is a KMS call too
     raise AssertionError("unreachable")  # pragma: no cover
 
 

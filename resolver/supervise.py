@@ -28,6 +28,7 @@ from kmskeys.names import parse_description
 from resolver import config as config_mod
 from resolver import handler
 from resolver.errors import ResolverError, UnavailableError, errno_name
+from resolver.limits import acquire_slot
 from resolver.log import LOG_ERR, SyslogWriter, format_fields
 
 # How long past the deadline the parent lets a worker run: the worker's watchdog fires
@@ -39,6 +40,25 @@ def supervise(argv: Sequence[str]) -> int:
     """Run `handler.main(argv)` in a worker; answer the kernel if the worker could not."""
     started = handler.process_started()
     disable_core_dumps()  # inherited by the worker
+    try:
+        args: handler.HandleArgs | None = handler.parse_args(argv)
+    except ValueError:
+        args = None  # the worker logs the bad argv; there is no key to answer
+    config = _config(args) if args is not None else None
+    if args is not None and config is not None:
+        # Before any fork or import: a uid with all its slots busy is answered EAGAIN now.
+        try:
+            slot = acquire_slot(config.state_dir, args.uid, config.max_concurrent_per_uid)
+        except ResolverError as exc:
+            return _answer(args, config, exc)
+        if slot is None:
+            busy = UnavailableError(
+                f"uid {args.uid} already has {config.max_concurrent_per_uid} requests being "
+                "resolved (max_concurrent_per_uid)"
+            )
+            return _answer(args, config, busy)
+        # The slot stays held by this process and the worker (which inherits the fd) until
+        # both have exited.
     try:
         pid = os.fork()
     except OSError:
@@ -52,12 +72,9 @@ def supervise(argv: Sequence[str]) -> int:
         finally:
             sys.stderr.flush()
             os._exit(code)  # never return into the parent's code
-    try:
-        args = handler.parse_args(argv)
-    except ValueError:
-        _wait(pid, None)  # the worker logs the bad argv; there is no key to answer
+    if args is None:
+        _wait(pid, None)
         return 2
-    config = _config(args)
     deadline = started + (config.deadline if config else handler.DEFAULT_DEADLINE)
     status = _wait(pid, deadline + BACKSTOP_GRACE)
     if status is None:
@@ -66,7 +83,7 @@ def supervise(argv: Sequence[str]) -> int:
         how = f"killed by signal {signal.Signals(os.WTERMSIG(status)).name}"
     else:
         how = f"exited with status {os.waitstatus_to_exitcode(status)}"
-    return _answer_if_unanswered(args, config, how)
+    return _answer(args, config, UnavailableError(f"resolver worker {how} before answering"))
 
 
 def _config(args: handler.HandleArgs) -> config_mod.Config | None:
@@ -102,9 +119,10 @@ def _wait(pid: int, deadline: float | None) -> int | None:
         os.close(pidfd)
 
 
-def _answer_if_unanswered(
-    args: handler.HandleArgs, config: config_mod.Config | None, how: str
+def _answer(
+    args: handler.HandleArgs, config: config_mod.Config | None, error: ResolverError
 ) -> int:
+    """Reject the key with `error` and log it, unless it has been answered already."""
     key = Key(args.key)
     try:
         # Instantiating or rejecting revokes the authorisation key: if the worker answered,
@@ -112,7 +130,6 @@ def _answer_if_unanswered(
         key.assume_authority()
     except KmsKeysError:
         return 0
-    error = UnavailableError(f"resolver worker {how} before answering")
     ttl = config.negative_ttl if config else handler.DEFAULT_NEGATIVE_TTL
     try:
         key.reject(ttl, error.answer_errno, 0)

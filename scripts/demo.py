@@ -190,11 +190,15 @@ class Demo:
             f'endpoint_url = "{self.proxy.url}"\n'
             f'shared_credentials_file = "{credentials}"\n'
             f'blob_dir = "{self.blob_dir}"\n'
+            f'state_dir = "{self.tmp / "state"}"\n'
             f'syslog_socket = "{self.tmp / "log.sock"}"\n'
             "ttl = 300\nnegative_ttl = 5\ndeadline = 8\n",
             0o644,
         )
-        out = run([str(RESOLVER), "install", "--config", str(self.config), "--prefix", self.prefix])
+        out = run(
+            [str(RESOLVER), "install", "--config", str(self.config), "--prefix", self.prefix]
+            + ["--key-arn", self.key_arn]
+        )
         self.installed = True
         rule = next((line for line in out.splitlines() if "request-key.d" in line), out.strip())
         step.result = f"{rule}; config {self.config}"

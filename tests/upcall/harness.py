@@ -200,6 +200,8 @@ def _write_root_file(path: Path, text: str, mode: int) -> None:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str | Path):
@@ -239,9 +241,11 @@ def installed(
     log = SyslogReader(root / "log.sock")
     values: dict[str, Any] = {
         "region": TEST_CREDENTIALS["AWS_REGION"],
+        "key_arns": [key_arn],
         "endpoint_url": proxy.url if proxy is not None else emulator.url,
         "shared_credentials_file": credentials,
         "blob_dir": blob_dir,
+        "state_dir": root / "state",
         "prefix": prefix,
         "syslog_socket": log.path,
         "deadline": 4,

@@ -52,19 +52,19 @@ def test_install_creates_what_is_missing_and_uninstall_removes_exactly_that() ->
         assert done.returncode == 0, done.stderr
         st = config.stat()
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o644)
-        assert f'prefix = "{prefix}"' in config.read_text()
-        # The default blob_dir is the real /etc/kmskeys/secrets: point it into our tree.
+        # A config of its own gets a blob_dir of its own, next to it.
         blob_dir = root / "etc" / "secrets"
-        config.write_text(config.read_text() + f'blob_dir = "{blob_dir}"\n')
-        assert run_resolver("install", "--config", str(config)).returncode == 0
+        assert f'prefix = "{prefix}"' in config.read_text()
+        assert f'blob_dir = "{blob_dir}"' in config.read_text()
         assert blob_dir.is_dir() and stat.S_IMODE(blob_dir.stat().st_mode) == 0o755
-        # Something the administrator added is never removed.
+        assert run_resolver("install", "--config", str(config)).returncode == 0
+        # Something the administrator added or changed is never removed.
         (root / "keep.txt").write_text("mine")
+        config.write_text(config.read_text() + "# edited by the administrator\n")
         done = run_resolver("uninstall", "--config", str(config), "--prefix", prefix)
         assert done.returncode == 0, done.stderr
         assert not rule_path(prefix).exists()
         assert not blob_dir.exists()
-        # The config changed since install (blob_dir was added): it stays, and says so.
         assert config.exists() and "kept" in done.stdout
         assert (root / "keep.txt").exists()
         again = run_resolver("uninstall", "--config", str(config), "--prefix", prefix)
@@ -78,15 +78,15 @@ def test_uninstall_removes_an_unchanged_config_and_its_directory() -> None:
     root = Path(tempfile.mkdtemp(prefix=unique("install") + "-"))
     prefix = unique_prefix()
     config = root / "etc" / "resolver.toml"
-    blob_dir = Path("/etc/kmskeys/secrets")
-    had_blob_dir = blob_dir.exists()
+    default_blob_dir = Path("/etc/kmskeys/secrets")
+    had_default_blob_dir = default_blob_dir.exists()
     try:
         assert run_resolver("install", "--config", str(config), "--prefix", prefix).returncode == 0
-        assert blob_dir.is_dir()
+        # Never the default install's blob_dir for another config (it used to be created).
+        assert default_blob_dir.exists() == had_default_blob_dir
         done = run_resolver("uninstall", "--config", str(config), "--prefix", prefix)
         assert done.returncode == 0, done.stderr
         assert not (root / "etc").exists()
-        assert blob_dir.exists() == had_blob_dir
     finally:
         rule_path(prefix).unlink(missing_ok=True)
         shutil.rmtree(root, ignore_errors=True)
