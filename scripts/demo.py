@@ -195,9 +195,9 @@ class Demo:
             "ttl = 300\nnegative_ttl = 5\ndeadline = 8\n",
             0o644,
         )
+        config, prefix, key = str(self.config), self.prefix, self.key_arn
         out = run(
-            [str(RESOLVER), "install", "--config", str(self.config), "--prefix", self.prefix]
-            + ["--key-arn", self.key_arn]
+            [str(RESOLVER), "install", "--config", config, "--prefix", prefix, "--key-arn", key]
         )
         self.installed = True
         rule = next((line for line in out.splitlines() if "request-key.d" in line), out.strip())
