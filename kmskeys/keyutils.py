@@ -10,11 +10,13 @@ from __future__ import annotations
 # functools) on the client's import path.
 from _thread import _local as thread_local
 
+from kmskeys._hitpath import fetch as _fetch
+from kmskeys._hitpath import read_recent as _read_recent
 from kmskeys._keyutils_cffi import ffi, lib
 
 TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
 if TYPE_CHECKING:
-    from typing import Any
+    from collections.abc import Callable
 
 KEY_SPEC_THREAD_KEYRING: int = lib.KEY_SPEC_THREAD_KEYRING
 KEY_SPEC_PROCESS_KEYRING: int = lib.KEY_SPEC_PROCESS_KEYRING
@@ -31,12 +33,6 @@ _new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 READ_GUESS = 1024
 # Each thread keeps one such buffer between reads, wiped after every use.
 _spare = thread_local()
-# (buffer, out struct) pairs for kmsk_fetch, wiped after every use.
-_FETCH_POOL: list[tuple[Any, Any]] = []
-# Bound once: attribute lookups on `lib` and `ffi` cost a measurable share of a hit.
-_kmsk_fetch = lib.kmsk_fetch
-_unpack = ffi.unpack
-_bzero = lib.explicit_bzero
 
 
 def _fail(what: str, *, upcall: bool = False) -> Exception:
@@ -66,47 +62,34 @@ def request_key(type_: bytes, description: bytes, callout_info: bytes | None, ke
     return serial
 
 
-def kmsk_fetch(
+def fetch(
     description: bytes, callout_info: bytes | None, search_ring: int, dest: int
-) -> bytes:
-    """The client's hit path in one crossing: find or construct `description`, check that this
-    process's fsuid owns it, read it (HELPERS in _build_keyutils.py); wipe the buffer.
+) -> tuple[int, bytes]:
+    """The full path of get_secret (kmskeys/_hitpath.c): find or construct `description`, check
+    that this process's fsuid owns it, read it: (serial, payload). KeyOwnershipError for a
+    key of another uid.
 
     `search_ring` (0: none) is searched before request_key(2), which links into `dest`.
     """
-    # A buffer pair is popped from the pool while in use (list.pop/append are atomic): another
-    # thread, or a signal handler fetching a key meanwhile, gets a pair of its own, never ours.
     try:
-        spare = _FETCH_POOL.pop()
-    except IndexError:
-        spare = (_new_uncleared("char[]", READ_GUESS), ffi.new("struct kmsk_fetched *"))
-    buf, out = spare
-    got: int = _kmsk_fetch(
-        description, _NULL if callout_info is None else callout_info, search_ring, dest, buf,
-        READ_GUESS, out,
-    )  # fmt: skip
-    if 0 <= got <= READ_GUESS:
-        payload: bytes = _unpack(buf, got)
-        _bzero(buf, got)
-        _FETCH_POOL.append(spare)
-        return payload
-    if got == -1:
-        err = ffi.errno  # before anything else can overwrite it
-        _FETCH_POOL.append(spare)
+        found = _fetch(description, callout_info, search_ring, dest)
+    except OSError as exc:
         from kmskeys.errors import error_for_errno
 
         what = "request_key " + description.decode(errors="replace")[:256]
-        raise error_for_errno(err, what, upcall=callout_info is not None)
-    serial, owner, fsuid = out.serial, out.owner, out.fsuid
-    if got == -2:
-        _FETCH_POOL.append(spare)
+        raise error_for_errno(exc.errno or 0, what, upcall=callout_info is not None) from None
+    if len(found) == 4:
         from kmskeys.errors import foreign_key_error
 
+        serial, _, owner, fsuid = found
         raise foreign_key_error(description.decode(errors="replace"), serial, owner, fsuid)
-    _bzero(buf, READ_GUESS)
-    _FETCH_POOL.append(spare)
-    # Larger than the usual secret: the key is ours (checked above), read it at its size.
-    return keyctl_read(serial)
+    serial, payload = found
+    return serial, payload
+
+
+# The hit: the payload of a serial fetch() checked in this thread less than a second ago, or
+# None. One keyctl_read, no Python frame of ours (kmskeys/_hitpath.c).
+read_recent: Callable[[int], bytes | None] = _read_recent
 
 
 def keyctl_read(key: int) -> bytes:

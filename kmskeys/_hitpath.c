@@ -1,0 +1,222 @@
+/* kmskeys._hitpath: the hit path of kmskeys.get_secret, as two calls into C.
+ *
+ * The rest of the binding is cffi (kmskeys/_build_keyutils.py). These two functions are a
+ * CPython extension (limited API, abi3) because the hit path's budget is 1.5x a C program that
+ * does request_key + keyctl_read: a cffi call releases and retakes the GIL and converts its
+ * arguments and result in Python, which alone costs about as much as the C program.
+ *
+ * fetch(desc, callout, search_ring, dest) -> (serial, payload) or (serial, None, owner, fsuid)
+ *     The full path: find the `user` key (keyctl_search of search_ring first when non-zero,
+ *     then request_key(2), which may upcall and wait, with the GIL released), check that this
+ *     thread's fsuid owns it (keyctl_describe), read it. A key owned by someone else is never
+ *     read: the 4-tuple names its owner (-1: its permissions hide it). Errors raise OSError.
+ *     A key found and checked here is remembered for this thread, for one second.
+ *
+ * read_recent(serial) -> payload or None
+ *     The hit: one keyctl_read of a serial this thread checked less than a second ago, or None
+ *     (then the caller takes the full path). The kernel still checks the permissions, and a
+ *     revoked, expired or invalidated key fails the read at once. The one-second bound caps how
+ *     long a serial freed by the key GC and reused by an unrelated key could be trusted.
+ *
+ * Payloads are read into a stack buffer that is wiped before returning.
+ */
+#define PY_SSIZE_T_CLEAN
+#define Py_LIMITED_API 0x030B0000
+#include <Python.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <sys/fsuid.h>
+#include <keyutils.h>
+
+/* The `user` key type holds at most 32767 bytes (kmskeys.contract.USER_PAYLOAD_MAX). */
+#define PAYLOAD_MAX 32767
+/* A description is at most 4095 bytes (plus the "type;uid;gid;perm;" head). */
+#define DESCRIBE_MAX (4096 + 64)
+#define RECENT 16
+#define RECENT_NS 1000000000LL
+
+static __thread struct {
+    key_serial_t serial;
+    uid_t fsuid;
+    long long checked_ns;
+} recent[RECENT];
+static __thread unsigned recent_next;
+
+static long long now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void remember(key_serial_t serial, uid_t fsuid)
+{
+    unsigned i;
+
+    for (i = 0; i < RECENT; i++)
+        if (recent[i].serial == serial)
+            break;
+    if (i == RECENT) {
+        i = recent_next;
+        recent_next = (recent_next + 1) % RECENT;
+    }
+    recent[i].serial = serial;
+    recent[i].fsuid = fsuid;
+    recent[i].checked_ns = now_ns();
+}
+
+static void forget(key_serial_t serial)
+{
+    unsigned i;
+
+    for (i = 0; i < RECENT; i++)
+        if (recent[i].serial == serial)
+            recent[i].serial = 0;
+}
+
+/* The owner uid of `id`, from keyctl_describe's "type;uid;gid;perm;description", or -1.
+ * keyctl_describe copies nothing into a buffer too small for the whole string. */
+static long long owner_of(key_serial_t id)
+{
+    char d[DESCRIBE_MAX];
+    long n;
+    char *end;
+    unsigned long uid;
+
+    n = keyctl_describe(id, d, sizeof(d));
+    if (n < 0 || (size_t)n > sizeof(d))
+        return -1;
+    d[sizeof(d) - 1] = '\0';
+    end = strchr(d, ';');
+    if (end == NULL)
+        return -1;
+    uid = strtoul(end + 1, &end, 10);
+    return *end == ';' ? (long long)uid : -1;
+}
+
+static PyObject *payload_of(key_serial_t serial, int *failed)
+{
+    char buf[PAYLOAD_MAX + 1];
+    long n;
+    PyObject *payload;
+
+    n = keyctl_read(serial, buf, sizeof(buf));
+    if (n < 0 || n > PAYLOAD_MAX) {
+        *failed = n < 0 ? errno : EMSGSIZE;
+        explicit_bzero(buf, sizeof(buf));
+        return NULL;
+    }
+    payload = PyBytes_FromStringAndSize(buf, n);
+    explicit_bzero(buf, (size_t)n);
+    *failed = 0;
+    return payload;
+}
+
+static PyObject *fetch(PyObject *self, PyObject *args)
+{
+    const char *desc;
+    PyObject *callout_obj;
+    const char *callout = NULL;
+    int search_ring, dest, err = 0, failed;
+    key_serial_t id = -1;
+    long long owner;
+    uid_t me;
+    PyObject *payload;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "yOii", &desc, &callout_obj, &search_ring, &dest))
+        return NULL;
+    if (callout_obj != Py_None) {
+        callout = PyBytes_AsString(callout_obj);
+        if (callout == NULL)
+            return NULL;
+    }
+    /* request_key may upcall and wait for the resolver: other threads run meanwhile. The
+     * arguments stay alive: the caller holds references to them. */
+    Py_BEGIN_ALLOW_THREADS
+    if (search_ring != 0) {
+        id = keyctl_search(search_ring, "user", desc, 0);
+        if (id < 0 && errno != ENOKEY)
+            err = errno;
+    }
+    if (id < 0 && err == 0) {
+        id = request_key("user", desc, callout, dest);
+        if (id < 0)
+            err = errno;
+    }
+    Py_END_ALLOW_THREADS
+    if (err != 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    /* The kernel checks permissions and sets ownership by fsuid; setfsuid(-1) changes nothing
+     * and returns it. */
+    me = (uid_t)setfsuid((uid_t)-1);
+    owner = owner_of(id);
+    if (owner != (long long)me) {
+        forget(id);
+        return Py_BuildValue("(iOLL)", id, Py_None, owner, (long long)me);
+    }
+    payload = payload_of(id, &failed);
+    if (payload == NULL) {
+        if (failed == 0)
+            return NULL; /* no memory for the bytes object */
+        errno = failed;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    remember(id, me);
+    return Py_BuildValue("(iN)", id, payload);
+}
+
+static PyObject *read_recent(PyObject *self, PyObject *arg)
+{
+    long serial = PyLong_AsLong(arg);
+    long long now;
+    unsigned i;
+    int failed;
+    PyObject *payload;
+
+    (void)self;
+    if (serial == -1 && PyErr_Occurred())
+        return NULL;
+    now = now_ns();
+    for (i = 0; i < RECENT; i++)
+        if (recent[i].serial == (key_serial_t)serial && now - recent[i].checked_ns < RECENT_NS)
+            break;
+    /* Checked for the identity this thread had then: a process that changed its fsuid since
+     * (setuid after fork, say) takes the full path, so it never reads a key it does not own. */
+    if (i < RECENT && recent[i].fsuid != (uid_t)setfsuid((uid_t)-1))
+        i = RECENT;
+    if (i == RECENT)
+        Py_RETURN_NONE;
+    payload = payload_of((key_serial_t)serial, &failed);
+    if (payload == NULL) {
+        if (failed == 0)
+            return NULL;
+        recent[i].serial = 0;
+        Py_RETURN_NONE;
+    }
+    return payload;
+}
+
+static PyMethodDef methods[] = {
+    {"fetch", fetch, METH_VARARGS,
+     "fetch(desc, callout, search_ring, dest): the full path of get_secret."},
+    {"read_recent", read_recent, METH_O,
+     "read_recent(serial): the payload of a key checked in the last second, or None."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "kmskeys._hitpath", "The hit path of kmskeys.get_secret.", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__hitpath(void)
+{
+    return PyModule_Create(&module);
+}
