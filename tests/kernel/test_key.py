@@ -24,8 +24,8 @@ from kmskeys.errors import (
     QuotaExceededError,
 )
 from tests.support.names import unique
-from tests.support.proc import NOBODY, run_as
 from tests.support.request_key_rule import request_key_rule
+from tests.support.requester import NOBODY, as_user
 
 pytestmark = pytest.mark.kernel
 
@@ -163,7 +163,7 @@ def test_special_keyrings_resolve() -> None:
         }
         return {"serials": serials, "user_type": Keyring.user().describe().type}
 
-    result = run_as(0, 0, resolve)
+    result = as_user(0, resolve)
     serials = result["ok"]["serials"]  # type: ignore[index]
     assert all(serial > 0 for serial in serials.values()), serials
     assert len(set(serials.values())) == len(serials)
@@ -180,14 +180,14 @@ def test_join_session_gives_a_new_empty_keyring(session_keyring: Keyring) -> Non
 
 def test_other_uid_cannot_read_the_key(session_keyring: Keyring) -> None:
     key = session_keyring.add("user", desc(), b"root-only")
-    result = run_as(NOBODY, NOBODY, key.read)
+    result = as_user(NOBODY, key.read)
     assert result == {"error": "KeyPermissionError", "errno": errno.EACCES}
 
 
 def test_other_uid_cannot_find_the_key_by_search(session_keyring: Keyring) -> None:
     name = desc()
     session_keyring.add("user", name, b"root-only")
-    result = run_as(NOBODY, NOBODY, lambda: Key.request(name).serial)
+    result = as_user(NOBODY, lambda: Key.request(name).serial)
     assert result == {"error": "KeyNotFoundError", "errno": errno.ENOKEY}
 
 
@@ -225,7 +225,7 @@ def _edquot(ring: Keyring) -> None:
         for i in range(400):  # far past the default 200 keys / 20000 bytes of a non-root uid
             session.add("user", f"kms:{unique()}-{i}", b"q" * 2000)
 
-    result = run_as(NOBODY, NOBODY, fill)
+    result = as_user(NOBODY, fill)
     raise kmskeys.errors.error_for_errno(result["errno"], "add_key")  # type: ignore[index]
 
 

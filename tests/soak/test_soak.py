@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import random
 import threading
 import time
@@ -23,7 +22,7 @@ import pytest
 from kmskeys import KmsKeysError, get_secret
 from tests.soak.conftest import record
 from tests.support.kms_proxy import DROP, Fault, ProxiedRequest, kms_error
-from tests.support.proc import run_as
+from tests.support.requester import as_user
 from tests.upcall.harness import Install, handler_pids, installed, kms_stack
 
 pytestmark = pytest.mark.soak
@@ -159,10 +158,8 @@ def test_soak_mixed_traffic_with_faults(soak_size: str) -> None:
         results: dict[str, object] = {}
 
         def run_user(user: str, index: int) -> None:
-            entry = pwd.getpwnam(user)
-            results[user] = run_as(
-                entry.pw_uid,
-                entry.pw_gid,
+            results[user] = as_user(
+                user,
                 lambda: _workload(
                     install,
                     secrets,
