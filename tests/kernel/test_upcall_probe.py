@@ -7,7 +7,6 @@ invocation.
 
 from __future__ import annotations
 
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -15,29 +14,11 @@ from pathlib import Path
 import pytest
 
 from kmskeys.upcall_probe import REQUEST_KEY_D, UpcallOutcome, nobody, probe, probe_upcalls
-from tests.support.names import unique, unique_prefix
-from tests.support.request_key_rule import request_key_rule
+from tests.support.names import unique_prefix
+from tests.support.request_key_rule import recorded_request
 from tests.support.requester import as_user
 
 pytestmark = pytest.mark.upcall
-
-
-def _independent_request(tmp_path: Path, argv_prefix: list[str]) -> tuple[bool, bool]:
-    """(request-key ran, keyctl got the key) for `keyctl request2` run under argv_prefix."""
-    calls = tmp_path / "calls"
-    script = tmp_path / "record.sh"
-    script.write_text(f'#!/bin/sh\necho "$2" >> {calls}\nexec keyctl instantiate "$1" x "$3"\n')
-    script.chmod(0o755)
-    with request_key_rule(f"{script} %k %u %S") as prefix:
-        request = [f"{prefix}:{unique()}", "callout"]
-        done = subprocess.run(
-            [*argv_prefix, "keyctl", "session", "-", "keyctl", "request2", "user", *request],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-    return calls.exists(), done.returncode == 0
 
 
 def test_probe_agrees_with_keyctl_as_root_and_under_setpriv(tmp_path: Path) -> None:
@@ -45,9 +26,9 @@ def test_probe_agrees_with_keyctl_as_root_and_under_setpriv(tmp_path: Path) -> N
     uid, gid = nobody()
     (tmp_path / "root").mkdir()
     (tmp_path / "nobody").mkdir()
-    root_ran, root_got = _independent_request(tmp_path / "root", [])
+    root_ran, root_got = recorded_request(tmp_path / "root", [])
     setpriv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
-    user_ran, user_got = _independent_request(tmp_path / "nobody", setpriv)
+    user_ran, user_got = recorded_request(tmp_path / "nobody", setpriv)
     assert (caps.root.ran, caps.root.works) == (root_ran, root_got), caps.root
     assert (caps.non_root.ran, caps.non_root.works) == (user_ran, user_got), caps.non_root
     # Whatever this host allows, the kernel passes the requester's fsuid as %u.
