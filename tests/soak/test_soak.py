@@ -1,7 +1,7 @@
 """Mixed traffic for a fixed number of requests, with KMS faults 5% of the time.
 
 20 names (half deployed in blob_dir, half sent inline), 3 users (root, daemon, nobody, each in
-its own session keyring with several threads), TTLs of 2-5 s so keys expire throughout, and the
+its own session keyring with several threads), TTLs of 3-6 s so keys expire throughout, and the
 proxy failing 5% of the Decrypt calls (throttling, HTTP 500, AccessDenied, dropped connections,
 hangs past the deadline). Counted: wrong payloads, hangs past deadline + 1 s, leaked resolver
 processes and file descriptors, and the success rate of requests no fault could have touched.
@@ -23,14 +23,16 @@ from kmskeys import KmsKeysError, get_secret
 from tests.soak.conftest import record
 from tests.support.kms_proxy import DROP, Fault, ProxiedRequest, kms_error
 from tests.support.requester import as_user
+from tests.support.ttl import MIN_TTL
 from tests.upcall.harness import Install, handler_pids, installed, kms_stack
 
 pytestmark = pytest.mark.soak
 
-TTLS = (2, 3, 4, 5)
+# No shorter than MIN_TTL: a key must outlive its handler's exit (tests/support/ttl.py).
+TTLS = (MIN_TTL, MIN_TTL + 1, MIN_TTL + 2, MIN_TTL + 3)
 NAMES = 20
 DEADLINE = 4
-NEGATIVE_TTL = 1
+NEGATIVE_TTL = MIN_TTL
 FAULT_RATE = 0.05
 USERS = ("root", "daemon", "nobody")
 SIZES = {"short": (2, 250), "long": (3, 800)}  # threads per user, requests per thread

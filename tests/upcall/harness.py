@@ -23,12 +23,13 @@ from kmskeys import get_secret
 from tests.support.kms_emulator import TEST_CREDENTIALS, KmsEmulator
 from tests.support.kms_proxy import KmsProxy
 from tests.support.names import unique, unique_prefix
+from tests.support.ttl import MIN_TTL
 
 RESOLVER = Path(sys.executable).parent / "kmskeys-resolver"
 KMSKEYS = Path(sys.executable).parent / "kmskeys"
-# Names matching this glob get a 2 s ttl in the session config (the ttl expiry test).
+# Names matching this glob get a short ttl in the session config (the ttl expiry test).
 SHORT_TTL_GLOB = "kmst-*-shortttl-*"
-SHORT_TTL = 2
+SHORT_TTL = MIN_TTL
 # Names matching this glob may be resolved only by `nobody` (the allow_users policy test).
 NOBODY_ONLY_GLOB = "kmst-*-nobodyonly-*"
 
@@ -245,7 +246,7 @@ def installed(
         "prefix": prefix,
         "syslog_socket": log.path,
         "deadline": 4,
-        "negative_ttl": 2,
+        "negative_ttl": MIN_TTL,
         **settings,
     }
     config = root / "resolver.toml"

@@ -12,6 +12,7 @@ from tests.support.kms_emulator import KmsEmulator
 from tests.support.kms_proxy import DROP, ProxiedRequest, kms_error
 from tests.support.names import unique
 from tests.support.requester import as_user
+from tests.support.ttl import gone_after
 from tests.upcall.conftest import Install, installed
 
 pytestmark = pytest.mark.upcall
@@ -115,7 +116,7 @@ def test_refusal_is_cached_for_negative_ttl_then_resolves_again(resolver: Instal
     # Within negative_ttl the refusal is served by the kernel, without an upcall.
     assert as_user(0, fetch, session="inherit") == refused
     assert resolver.decrypts() == 1
-    time.sleep(resolver.settings["negative_ttl"] + 0.5)
+    time.sleep(gone_after(resolver.settings["negative_ttl"]))
     assert as_user(0, fetch, session="inherit") == {"ok": "back"}
     assert resolver.decrypts() == 2
 
