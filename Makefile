@@ -12,7 +12,7 @@ APT_PACKAGES := keyutils libkeyutils-dev gcc libc6-dev iproute2 procps iptables 
 TEST_PREREQS :=
 PYTEST_ARGS  ?=
 
-.PHONY: all deps venv compile test lint typecheck pytest demo bench soak clean
+.PHONY: all deps venv compile test lint typecheck pytest demo bench soak flake-check clean
 
 all: test
 
@@ -65,6 +65,16 @@ bench: deps venv compile $(TEST_PREREQS) $(BENCH_VENV)/.installed
 
 soak: deps venv compile $(TEST_PREREQS)
 	KMSKEYS_SOAK=long $(PYTEST) -m soak $(PYTEST_ARGS)
+
+# The timing-sensitive tiers (faults, kernel), FLAKE_RUNS times in a row; the first failing run
+# stops it. A flake here is a test that relies on timing it cannot have (docs/reliability.md).
+FLAKE_RUNS ?= 10
+
+flake-check: deps venv compile
+	@for run in $$(seq 1 $(FLAKE_RUNS)); do \
+		echo "flake-check: run $$run/$(FLAKE_RUNS)"; \
+		$(PYTEST) -q -p no:cacheprovider tests/faults tests/kernel $(PYTEST_ARGS) || exit 1; \
+	done; echo "flake-check: $(FLAKE_RUNS)/$(FLAKE_RUNS) runs passed"
 
 clean:
 	rm -rf $(VENV) .venv-checkov $(BENCH_VENV) build *.egg-info kmskeys/_keyutils_cffi*.so .pytest_cache .mypy_cache .ruff_cache
