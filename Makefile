@@ -49,8 +49,9 @@ test: lint typecheck pytest
 demo: deps venv compile $(TEST_PREREQS)
 	$(PY) scripts/demo.py
 
-# The apps the benchmark starts (CGI scripts, fresh processes) run from a regular install, as in
-# production: an editable install adds its import finder (~8 ms) to every interpreter start.
+# The apps the benchmark starts (CGI scripts, fresh processes) and the resolver its misses run
+# come from a regular install, as in production: an editable install adds its import finder to
+# every interpreter start.
 BENCH_VENV := .venv-bench
 
 $(BENCH_VENV)/.installed: pyproject.toml setup.py $(wildcard kmskeys/*.py encryptor/*.py resolver/*.py) | deps

@@ -133,13 +133,13 @@ def blob_dir_of(config: Path) -> Path:
 
 
 def check_warm_daemon(config: Path) -> Iterator[Finding]:
-    """Whether misses go through the warm daemon (about 45 ms) or decrypt cold (about 150 ms)."""
+    """Whether misses go through the warm daemon or decrypt cold (bench/results.md: how long)."""
     path = _config_path(config, "warm_socket")
     if path is None:
         yield (
             INFO,
             (
-                "warm daemon off: each miss loads botocore (~150 ms); for ~45 ms set warm_socket "
+                "warm daemon off: each miss loads botocore; for faster misses set warm_socket "
                 "and run kmskeys-resolver serve (docs/resolver.md)"
             ),
         )
