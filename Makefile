@@ -12,7 +12,7 @@ APT_PACKAGES := keyutils libkeyutils-dev gcc libc6-dev iproute2 procps iptables 
 TEST_PREREQS :=
 PYTEST_ARGS  ?=
 
-.PHONY: all deps venv compile test lint typecheck pytest demo bench soak clean
+.PHONY: all deps venv compile test lint typecheck pytest demo bench soak flake-check clean
 
 all: test
 
@@ -50,8 +50,9 @@ test: lint typecheck pytest
 demo: deps venv compile $(TEST_PREREQS)
 	$(PY) scripts/demo.py
 
-# The apps the benchmark starts (CGI scripts, fresh processes) run from a regular install, as in
-# production: an editable install adds its import finder (~8 ms) to every interpreter start.
+# The apps the benchmark starts (CGI scripts, fresh processes) and the resolver its misses run
+# come from a regular install, as in production: an editable install adds its import finder to
+# every interpreter start.
 BENCH_VENV := .venv-bench
 
 $(BENCH_VENV)/.installed: pyproject.toml setup.py $(wildcard kmskeys/*.py kmskeys/*.c encryptor/*.py resolver/*.py resolver/*/*.py) | deps
@@ -66,6 +67,16 @@ bench: deps venv compile $(TEST_PREREQS) $(BENCH_VENV)/.installed
 
 soak: deps venv compile $(TEST_PREREQS)
 	KMSKEYS_SOAK=long $(PYTEST) -m soak $(PYTEST_ARGS)
+
+# The timing-sensitive tiers (faults, kernel), FLAKE_RUNS times in a row; the first failing run
+# stops it. A flake here is a test that relies on timing it cannot have (docs/reliability.md).
+FLAKE_RUNS ?= 10
+
+flake-check: deps venv compile
+	@for run in $$(seq 1 $(FLAKE_RUNS)); do \
+		echo "flake-check: run $$run/$(FLAKE_RUNS)"; \
+		$(PYTEST) -q -p no:cacheprovider tests/faults tests/kernel $(PYTEST_ARGS) || exit 1; \
+	done; echo "flake-check: $(FLAKE_RUNS)/$(FLAKE_RUNS) runs passed"
 
 clean:
 	rm -rf $(VENV) .venv-checkov $(BENCH_VENV) build *.egg-info kmskeys/_keyutils_cffi*.so .pytest_cache .mypy_cache .ruff_cache

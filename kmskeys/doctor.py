@@ -52,6 +52,50 @@ def check_request_key(prefix: str) -> Iterator[Finding]:
     yield OK, f"rule {rule} runs {program}"
 
 
+def check_upcalls() -> Iterator[Finding]:
+    """Whether a miss runs request-key here, for root and for a non-root requester (probed)."""
+    if os.geteuid() != 0:
+        yield (
+            INFO,
+            (
+                "upcall probe not run (its throwaway rule in /etc/request-key.d needs root): "
+                "a miss that fails at once with ENOENT means request-key does not run for this "
+                "user; run doctor as root to probe"
+            ),
+        )
+        return
+    from kmskeys.upcall_probe import probe_upcalls
+
+    try:
+        caps = probe_upcalls()
+    except (OSError, ValueError) as exc:
+        yield WARN, f"upcall probe could not run ({exc})"
+        return
+    if not caps.root.works:
+        yield (
+            FAIL,
+            (
+                f"a root request under a throwaway rule did not resolve, {caps.root}: no miss can "
+                f"resolve here; fix: check that {REQUEST_KEY} runs (keyctl request2 user debug:x y)"
+            ),
+        )
+    elif not caps.non_root.works:
+        yield (
+            WARN,
+            (
+                f"request-key does not run for non-root requesters here (uid {caps.uid}: "
+                f"{caps.non_root}): misses of apps running as non-root never resolve; fix: resolve "
+                "their secrets as root on their behalf before each ttl ends (docs/reliability.md, "
+                "hosts that refuse non-root upcalls)"
+            ),
+        )
+    else:
+        yield (
+            OK,
+            f"request-key runs for root and for a non-root requester (probed as uid {caps.uid})",
+        )
+
+
 def check_config(path: Path) -> Iterator[Finding]:
     """The resolver config: root-owned, not group/world-writable, valid TOML."""
     try:
@@ -89,13 +133,13 @@ def blob_dir_of(config: Path) -> Path:
 
 
 def check_warm_daemon(config: Path) -> Iterator[Finding]:
-    """Whether misses go through the warm daemon (about 45 ms) or decrypt cold (about 150 ms)."""
+    """Whether misses go through the warm daemon or decrypt cold (bench/results.md: how long)."""
     path = _config_path(config, "warm_socket")
     if path is None:
         yield (
             INFO,
             (
-                "warm daemon off: each miss loads botocore (~150 ms); for ~45 ms set warm_socket "
+                "warm daemon off: each miss loads botocore; for faster misses set warm_socket "
                 "and run kmskeys-resolver serve (docs/resolver.md)"
             ),
         )
@@ -239,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     uid = os.getuid()
     checks = (
         check_request_key(args.prefix),
+        check_upcalls(),
         check_config(args.config),
         check_blob_dir(blob_dir_of(args.config)),
         check_warm_daemon(args.config),

@@ -11,8 +11,21 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.support.prereqs import CHECKS, missing_for
+from tests.support.requester import Requester, header, requester_modes
 
 _missing_cache: dict[str, list[str]] = {}
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """What the session's upcall probe found, and which kinds of requester the tests use."""
+    return header()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test taking `requester` runs once per kind of requester this session exercises."""
+    if "requester" in metafunc.fixturenames:
+        kinds = [Requester(mode) for mode in requester_modes()]
+        metafunc.parametrize("requester", kinds, ids=[kind.mode for kind in kinds])
 
 
 @pytest.fixture(autouse=True)

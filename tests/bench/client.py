@@ -5,16 +5,19 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from kmskeys import Key, Keyring
-from tests.bench.common import BenchContext, Row, median, row, time_process
+from kmskeys import Key, Keyring, get_secret
+from tests.bench.common import BenchContext, Row, median, percentile, row, time_process
 from tests.support.names import unique
 
 HIT_C = Path(__file__).with_name("hit.c")
 HIT_ITERATIONS = 100_000
 HIT_ROUNDS = 7
 FRESH_RUNS = 30
+# DESIGN.md: a hit through get_secret costs at most 1.5x the C program's request + read.
+HIT_BUDGET = 1.5
 SECRET = b"bench-secret-" + b"x" * 19  # a typical 32-byte password
 
 
@@ -27,50 +30,68 @@ def _compile_hit(ctx: BenchContext) -> Path:
     return exe
 
 
-def _python_hit_ns(desc: bytes) -> float:
-    request = Key.request
+def _per_call_ns(call: Callable[[], object]) -> float:
     start = time.perf_counter()
     for _ in range(HIT_ITERATIONS):
-        request(desc).read()
+        call()
     return (time.perf_counter() - start) / HIT_ITERATIONS * 1e9
 
 
-def hit_row(ctx: BenchContext, desc: str) -> Row:
-    """Key.request + read on a cached key vs C request_key + keyctl_read, interleaved rounds."""
+def hit_rows(ctx: BenchContext, prefix: str, name: str) -> list[Row]:
+    """get_secret and Key.request + read on a cached key vs C, in interleaved rounds."""
     exe = _compile_hit(ctx)
-    ratios, py_ns, c_ns = [], [], []
+    desc = f"{prefix}:{name}"
+    request = Key.request
+    calls: dict[str, Callable[[], object]] = {
+        # The README's API: what an application calls on every use of the secret.
+        "get_secret": lambda: get_secret(name, prefix=prefix),
+        "request": lambda: request(desc.encode()).read(),
+    }
+    ns: dict[str, list[float]] = {"c": [], "get_secret": [], "request": []}
+    ratios: dict[str, list[float]] = {"get_secret": [], "request": []}
     for _ in range(HIT_ROUNDS):
         out = subprocess.run(
             [str(exe), desc, str(HIT_ITERATIONS)], capture_output=True, text=True, check=True
         )
         c = float(out.stdout)
-        py = _python_hit_ns(desc.encode())
-        c_ns.append(c)
-        py_ns.append(py)
-        ratios.append(py / c)
-    ratio = median(ratios)
-    return row(
-        "hit per call: Key.request + read",
-        value=f"{median(py_ns) / 1000:.2f} µs",
-        baseline=f"C request_key + keyctl_read {median(c_ns) / 1000:.2f} µs",
-        ratio=f"{ratio:.2f}x",
-        budget="≤ 2.0x",
-        ok=ratio <= 2.0,
-    )
+        ns["c"].append(c)
+        for label, call in calls.items():
+            measured = _per_call_ns(call)
+            ns[label].append(measured)
+            ratios[label].append(measured / c)
+    baseline = f"C request_key + keyctl_read {median(ns['c']) / 1000:.2f} µs"
+    get_ratio, request_ratio = median(ratios["get_secret"]), median(ratios["request"])
+    return [
+        row(
+            "hit per call: kmskeys.get_secret (the README's API)",
+            value=f"{median(ns['get_secret']) / 1000:.2f} µs",
+            baseline=baseline,
+            ratio=f"{get_ratio:.2f}x",
+            budget=f"≤ {HIT_BUDGET}x",
+            ok=get_ratio <= HIT_BUDGET,
+        ),
+        row(
+            "hit per call: Key.request + read (the layer below, for reference)",
+            value=f"{median(ns['request']) / 1000:.2f} µs",
+            baseline=baseline,
+            ratio=f"{request_ratio:.2f}x",
+            budget="none",
+            ok=None,
+        ),
+    ]
 
 
 def fresh_row(ctx: BenchContext, name: str, prefix: str) -> Row:
-    """`python -c 'import kmskeys; get_secret()'` vs `python -c pass`, interleaved runs."""
+    """`python -c 'import kmskeys; get_secret()'` against the run's `python -c pass` baseline."""
     get = f"import kmskeys; kmskeys.get_secret({name!r}, prefix={prefix!r})"
-    bare, client = [], []
-    for _ in range(FRESH_RUNS):
-        bare.append(time_process([ctx.python, "-c", "pass"]))
-        client.append(time_process([ctx.python, "-c", get]))
-    delta_ms = (median(client) - median(bare)) * 1000
+    bare = ctx.bare()
+    client = [time_process([ctx.python, "-c", get], env=ctx.env()) for _ in range(FRESH_RUNS)]
+    delta_ms = median(client) * 1000 - bare.median_ms
+    low, high = percentile(client, 10) * 1000, percentile(client, 90) * 1000
     return row(
         "fresh process time-to-secret (cached key)",
-        value=f"{median(client) * 1000:.1f} ms",
-        baseline=f"python -c pass {median(bare) * 1000:.1f} ms",
+        value=f"{median(client) * 1000:.1f} ms (p10-p90 {low:.1f}-{high:.1f})",
+        baseline=bare.describe(),
         ratio=f"+{delta_ms:.1f} ms",
         budget="≤ +5 ms",
         ok=delta_ms <= 5.0,
@@ -83,7 +104,7 @@ def rows(ctx: BenchContext) -> list[Row]:
     try:
         prefix, name = "kmstbench", unique("hit")
         ring.add_key("user", f"{prefix}:{name}", SECRET)
-        return [hit_row(ctx, f"{prefix}:{name}"), fresh_row(ctx, name, prefix)]
+        return [*hit_rows(ctx, prefix, name), fresh_row(ctx, name, prefix)]
     finally:
         ring.clear()
         Keyring.join_session()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -11,16 +12,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict
 
+BARE_RUNS = 40
+
 
 class Row(TypedDict):
-    """One line of the results table."""
+    """One line of the results table; `ok` is None for a row with no budget ("n/a")."""
 
     row: str
     value: str
     baseline: str
     ratio: str
     budget: str
-    ok: bool
+    ok: bool | None
+
+
+def within(row: Row) -> str:
+    """The table's "within" cell: yes, no, or n/a for a row without a budget."""
+    return {True: "yes", False: "**no**", None: "n/a"}[row["ok"]]
+
+
+@dataclass
+class BareBaseline:
+    """`python -c pass` measured once per run and shared by every fresh-process row."""
+
+    samples: list[float]  # seconds
+
+    @property
+    def median_ms(self) -> float:
+        return median(self.samples) * 1000
+
+    def describe(self) -> str:
+        low, high = percentile(self.samples, 10) * 1000, percentile(self.samples, 90) * 1000
+        return (
+            f"python -c pass {self.median_ms:.1f} ms "
+            f"(p10-p90 {low:.1f}-{high:.1f} ms, {len(self.samples)} runs)"
+        )
 
 
 @dataclass
@@ -30,10 +56,33 @@ class BenchContext:
     tmp: Path
     python: str = sys.executable
     notes: list[str] = field(default_factory=list)
+    _bare: BareBaseline | None = None
+
+    @property
+    def resolver(self) -> Path:
+        """The kmskeys-resolver of the apps' install (the regular one under make bench)."""
+        return Path(self.python).parent / "kmskeys-resolver"
+
+    def env(self) -> dict[str, str]:
+        """The small environment every fresh process of the bench gets."""
+        return {"PATH": os.environ.get("PATH", "")}
+
+    def bare(self) -> BareBaseline:
+        """The run's one `python -c pass` baseline, measured on first use."""
+        if self._bare is None:
+            argv = [self.python, "-c", "pass"]
+            time_process(argv, env=self.env())  # page cache
+            self._bare = BareBaseline(
+                [time_process(argv, env=self.env()) for _ in range(BARE_RUNS)]
+            )
+            self.notes.append(
+                f"shared baseline for the fresh-process rows: {self._bare.describe()}"
+            )
+        return self._bare
 
 
-def row(name: str, *, value: str, baseline: str, ratio: str, budget: str, ok: bool) -> Row:
-    """Build a table row."""
+def row(name: str, *, value: str, baseline: str, ratio: str, budget: str, ok: bool | None) -> Row:
+    """Build a table row (ok=None: the row has no budget)."""
     return Row(row=name, value=value, baseline=baseline, ratio=ratio, budget=budget, ok=ok)
 
 

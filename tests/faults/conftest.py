@@ -1,8 +1,8 @@
 """Fault-tier fixtures: a resolver install with a short deadline behind the fault proxy.
 
-`faulty` is one install for the whole tier (deadline 2.5 s, negative_ttl 1 s) so that every
-fault resolves in seconds; each test gets it with the fault cleared, counts and log reset, in a
-fresh session keyring.
+`faulty` is one install for the whole tier (deadline 2.5 s; negative_ttl 3 s, the shortest a test
+may rely on, tests/support/ttl.py) so that every fault resolves in seconds; each test gets it
+with the fault cleared, counts and log reset, in a fresh session keyring.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import pytest
 
 from tests.support.kms_emulator import KmsEmulator
 from tests.support.kms_proxy import KmsProxy
+from tests.support.ttl import MIN_TTL
 from tests.upcall.harness import Install, installed, kms_stack
 
 DEADLINE = 2.5
-NEGATIVE_TTL = 1
+NEGATIVE_TTL = MIN_TTL
 
 
 @pytest.fixture(scope="session")

@@ -89,6 +89,8 @@ def test_herd_of_cold_callers_all_get_the_same_error_promptly(
     # after the answer starts a new run, but a herd never becomes one run per caller.
     assert 1 <= len(runs) <= HERD // 10, len(runs)
     if error is KeyRejectedError:
+        # The refusal stays cached for at least negative_ttl - 1 s (whole-second expiry), far
+        # longer than the herd takes to arrive: every latecomer gets it from the kernel.
         assert len(runs) == 1
 
 

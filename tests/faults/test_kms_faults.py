@@ -21,6 +21,7 @@ from tests.faults.conftest import DEADLINE, NEGATIVE_TTL
 from tests.support.kms_emulator import free_port
 from tests.support.kms_proxy import DROP, Fault, ProxiedRequest, kms_error
 from tests.support.names import unique
+from tests.support.ttl import gone_after
 from tests.upcall.harness import Install, installed
 
 pytestmark = pytest.mark.faults
@@ -159,12 +160,13 @@ def test_fault_gives_its_errno_in_time_and_recovers(
     assert _lines_for(faulty, name) == []  # exactly one line for the request
     faulty.proxy.set_fault(None)
     if spec.error is KeyRejectedError:
-        # A refusal is cached for negative_ttl: the kernel answers, the resolver is not run.
+        # A refusal is cached for negative_ttl (at least NEGATIVE_TTL - 1 s, the kernel rounding
+        # to whole seconds): the kernel answers, the resolver is not run.
         before = faulty.decrypts()
         with pytest.raises(KeyRejectedError):
             faulty.get(name, text)
         assert faulty.decrypts() == before
-        time.sleep(NEGATIVE_TTL + 0.2)
+        time.sleep(gone_after(NEGATIVE_TTL))
     # EAGAIN is never cached (the kernel's search treats it as "not found"): retry at once.
     assert faulty.get(name, text) == secret
     assert "outcome=ok" in faulty.log.wait_for(name)

@@ -1,18 +1,17 @@
 """Isolation-tier fixtures: two real test users (kmst-tagged, removed afterwards) and an install.
 
-Per-user code runs in forked children that setuid (tests/support/proc.py); `Resident` keeps
-such a child alive, holding its keys, while another user probes them.
+Per-user code runs in forked children made by the one requester helper
+(tests/support/requester.py), under each kind of requester the session exercises; a resident
+child keeps its keys alive while another user probes them.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import pwd
 import secrets
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -71,54 +70,3 @@ def iso(iso_install: Install, session_keyring: object) -> Install:
     iso_install.proxy.reset_counts()
     iso_install.log.drain()
     return iso_install
-
-
-class Resident:
-    """A child running as `user` in its own session keyring, alive until the block ends.
-
-    `setup` runs in the child; its JSON-able result is `self.result`. The child then waits, so
-    the keys it holds stay alive while other users probe them.
-    """
-
-    def __init__(self, user: pwd.struct_passwd, setup: Callable[[], object]) -> None:
-        self.user = user
-        self.setup = setup
-        self.result: object = None
-        self.pid = -1
-        self._hold = -1
-
-    def __enter__(self) -> Resident:
-        result_r, result_w = os.pipe()
-        hold_r, hold_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child
-            code = 0
-            try:
-                os.close(result_r)
-                os.close(hold_w)
-                os.setgroups([])
-                os.setgid(self.user.pw_gid)
-                os.setuid(self.user.pw_uid)
-                from kmskeys import Keyring
-
-                Keyring.join_session()
-                result: object = {"ok": self.setup()}
-            except BaseException as exc:
-                result = {"error": type(exc).__name__, "errno": getattr(exc, "errno", None)}
-                code = 1
-            try:
-                os.write(result_w, json.dumps(result).encode())
-                os.close(result_w)
-                os.read(hold_r, 1)  # until the parent closes its end
-            finally:
-                os._exit(code)
-        os.close(result_w)
-        os.close(hold_r)
-        self.pid, self._hold = pid, hold_w
-        with os.fdopen(result_r, "rb") as pipe:
-            self.result = json.loads(pipe.read())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self._hold)
-        os.waitpid(self.pid, 0)

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from kmskeys import Key, Keyring, KmsKeysError, QuotaExceededError, get_secret
-from tests.isolation.conftest import Resident
 from tests.support.names import unique
-from tests.support.proc import run_as
+from tests.support.requester import Requester
 from tests.upcall.harness import Install
 
 pytestmark = pytest.mark.isolation
@@ -28,10 +27,6 @@ DENIED = {"error": "KeyPermissionError", "errno": errno.EACCES}
 NOT_FOUND = {"error": "KeyNotFoundError", "errno": errno.ENOKEY}
 
 
-def _as(user: User, func: object) -> object:
-    return run_as(user.pw_uid, user.pw_gid, func)  # type: ignore[arg-type]
-
-
 def _attempt(func: object) -> object:
     """func()'s result, or the error class and errno it raised (JSON-able)."""
     try:
@@ -40,7 +35,9 @@ def _attempt(func: object) -> object:
         return {"error": type(exc).__name__, "errno": exc.errno}
 
 
-def test_b_never_reads_as_instantiated_key(users: tuple[User, User], iso: Install) -> None:
+def test_b_never_reads_as_instantiated_key(
+    users: tuple[User, User], iso: Install, requester: Requester
+) -> None:
     a, b = users
     name = unique("private")
     text = iso.blob(b"kmst-for-a-only", name)
@@ -50,7 +47,7 @@ def test_b_never_reads_as_instantiated_key(users: tuple[User, User], iso: Instal
         key = Key.request(desc, text)
         return {"serial": key.serial, "ring": Keyring.session().serial, "read": key.read().decode()}
 
-    with Resident(a, resolve_as_a) as holder:
+    with requester.resident(a, resolve_as_a) as holder:
         assert isinstance(holder.result, dict) and "ok" in holder.result, holder.result
         held = holder.result["ok"]
         assert held["read"] == "kmst-for-a-only"
@@ -68,7 +65,7 @@ def test_b_never_reads_as_instantiated_key(users: tuple[User, User], iso: Instal
                 "in /proc/keys": f"{serial:08x}" in proc_keys or desc in proc_keys,
             }
 
-        probed = _as(b, probe_as_b)
+        probed = requester.run(b, probe_as_b)
     assert probed == {
         "ok": {
             "read": DENIED,
@@ -82,7 +79,9 @@ def test_b_never_reads_as_instantiated_key(users: tuple[User, User], iso: Instal
     }
 
 
-def test_blob_bound_to_a_never_decrypts_for_b(users: tuple[User, User], iso: Install) -> None:
+def test_blob_bound_to_a_never_decrypts_for_b(
+    users: tuple[User, User], iso: Install, requester: Requester
+) -> None:
     a, b = users
     name = unique("bound")
     text = iso.blob(b"kmst-bound-to-a", name, user=a.pw_name)
@@ -94,17 +93,17 @@ def test_blob_bound_to_a_never_decrypts_for_b(users: tuple[User, User], iso: Ins
     def fetch_from_blob_dir() -> str:
         return get_secret(name, prefix=iso.prefix).decode()
 
-    assert _as(b, fetch_inline) == REFUSED
-    assert _as(b, fetch_from_blob_dir) == REFUSED
+    assert requester.run(b, fetch_inline) == REFUSED
+    assert requester.run(b, fetch_from_blob_dir) == REFUSED
     for _ in range(2):
         line = iso.log.wait_for(name)
         assert f"user={b.pw_name} " in line and "InvalidCiphertextException" in line, line
-    assert _as(a, fetch_inline) == {"ok": "kmst-bound-to-a"}
-    assert _as(a, fetch_from_blob_dir) == {"ok": "kmst-bound-to-a"}
+    assert requester.run(a, fetch_inline) == {"ok": "kmst-bound-to-a"}
+    assert requester.run(a, fetch_from_blob_dir) == {"ok": "kmst-bound-to-a"}
 
 
 def test_b_cannot_have_the_resolver_instantiate_into_as_keyring(
-    users: tuple[User, User], iso: Install
+    users: tuple[User, User], iso: Install, requester: Requester
 ) -> None:
     a, b = users
     mine, theirs = unique("a-own"), unique("pushed")
@@ -118,7 +117,7 @@ def test_b_cannot_have_the_resolver_instantiate_into_as_keyring(
     def a_lists() -> list[int]:
         return [key.serial for key in Keyring.session().list()]
 
-    with Resident(a, a_resolves) as holder:
+    with requester.resident(a, a_resolves) as holder:
         assert isinstance(holder.result, dict) and "ok" in holder.result, holder.result
         ring = holder.result["ok"]["ring"]
         before = iso.decrypts()
@@ -127,7 +126,7 @@ def test_b_cannot_have_the_resolver_instantiate_into_as_keyring(
             return Key.request(iso.description(theirs), blob_b, destination=ring).serial
 
         # The kernel checks write permission on the destination before any upcall.
-        assert _as(b, push_as_b) == DENIED
+        assert requester.run(b, push_as_b) == DENIED
         assert iso.decrypts() == before
 
         def same_name_as_b() -> list[int]:
@@ -136,16 +135,18 @@ def test_b_cannot_have_the_resolver_instantiate_into_as_keyring(
             return [key.serial, desc.uid]
 
         # Machine scope: B may have the secret, but only as its own key, owned by B.
-        result = _as(b, same_name_as_b)
+        result = requester.run(b, same_name_as_b)
         assert isinstance(result, dict) and "ok" in result, result
         assert result["ok"][0] != holder.result["ok"]["key"] and result["ok"][1] == b.pw_uid
 
     # A's keyring still holds only A's key (checked from a fresh child joining nothing).
-    with Resident(a, a_lists) as again:
+    with requester.resident(a, a_lists) as again:
         assert again.result == {"ok": []}  # a new session: nothing was pushed anywhere shared
 
 
-def test_allow_users_is_enforced_by_name_and_uid(users: tuple[User, User], iso: Install) -> None:
+def test_allow_users_is_enforced_by_name_and_uid(
+    users: tuple[User, User], iso: Install, requester: Requester
+) -> None:
     a, b = users
     for stem in ("aonly", "auid"):
         name = unique(stem)
@@ -154,13 +155,13 @@ def test_allow_users_is_enforced_by_name_and_uid(users: tuple[User, User], iso: 
         def fetch(name: str = name, text: str = text) -> str:
             return get_secret(name, text, prefix=iso.prefix).decode()
 
-        assert _as(b, fetch) == REFUSED
+        assert requester.run(b, fetch) == REFUSED
         assert "policy" in iso.log.wait_for(name)
         with pytest.raises(KmsKeysError):
             fetch()  # root is not on the list either
         assert "policy" in iso.log.wait_for(name)
         assert iso.decrypts() == 0
-        assert _as(a, fetch) == {"ok": "kmst-policy"}
+        assert requester.run(a, fetch) == {"ok": "kmst-policy"}
         iso.proxy.reset_counts()  # type: ignore[union-attr]
 
 
@@ -200,7 +201,7 @@ def _wait_for_quota_release(uid: int) -> None:
 
 
 def test_full_key_quota_is_quota_exceeded_pointing_to_doctor(
-    users: tuple[User, User], iso: Install
+    users: tuple[User, User], iso: Install, requester: Requester
 ) -> None:
     a, _ = users
     full, nearly = unique("quota"), unique("quota")
@@ -224,11 +225,11 @@ def test_full_key_quota_is_quota_exceeded_pointing_to_doctor(
         return "no error"
 
     # Completely full: the kernel cannot even create the key, before any upcall.
-    result = _as(a, when_full)
+    result = requester.run(a, when_full)
     assert isinstance(result, dict) and "kmskeys doctor" in str(result.get("ok")), result
     _wait_for_quota_release(a.pw_uid)
     # Room for the key but not its payload: the resolver's instantiate fails and it says so.
-    result = _as(a, when_nearly_full)
+    result = requester.run(a, when_nearly_full)
     assert isinstance(result, dict) and "kmskeys doctor" in str(result.get("ok")), result
     line = iso.log.wait_for(nearly)
     assert "outcome=quota" in line and "errno=EDQUOT" in line, line

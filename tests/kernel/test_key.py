@@ -24,8 +24,9 @@ from kmskeys.errors import (
     QuotaExceededError,
 )
 from tests.support.names import unique
-from tests.support.proc import NOBODY, run_as
 from tests.support.request_key_rule import request_key_rule
+from tests.support.requester import NOBODY, as_user
+from tests.support.ttl import MIN_TTL, gone_after, shortest_life
 
 pytestmark = pytest.mark.kernel
 
@@ -83,19 +84,22 @@ def test_empty_payload_is_a_clear_error(session_keyring: Keyring) -> None:
         session_keyring.add_key("user", desc(), b"")
 
 
-def test_timeout_expires_the_key(session_keyring: Keyring) -> None:
+def test_timeout_expires_the_key_within_whole_seconds(session_keyring: Keyring) -> None:
     key = session_keyring.add_key("user", desc(), b"short-lived")
-    key.set_timeout(1)
+    set_at = time.monotonic()
+    key.set_timeout(MIN_TTL)
     assert key.read() == b"short-lived"
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+    while time.monotonic() < set_at + gone_after(MIN_TTL):
         try:
             key.read()
         except KeyExpiredError as exc:
             assert exc.errno == errno.EKEYEXPIRED
-            return
-        time.sleep(0.1)
-    pytest.fail("key did not expire within 5 s of a 1 s timeout")
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"key did not expire within {gone_after(MIN_TTL)} s of a {MIN_TTL} s timeout")
+    # Expiry is counted in whole seconds: a T s timeout ends between T - 1 and T s after it is set.
+    assert time.monotonic() - set_at >= shortest_life(MIN_TTL) - 0.05
 
 
 def test_revoke(session_keyring: Keyring) -> None:
@@ -163,7 +167,7 @@ def test_special_keyrings_resolve() -> None:
         }
         return {"serials": serials, "user_type": Keyring.user().describe().type}
 
-    result = run_as(0, 0, resolve)
+    result = as_user(0, resolve)
     serials = result["ok"]["serials"]  # type: ignore[index]
     assert all(serial > 0 for serial in serials.values()), serials
     assert len(set(serials.values())) == len(serials)
@@ -180,14 +184,14 @@ def test_join_session_gives_a_new_empty_keyring(session_keyring: Keyring) -> Non
 
 def test_other_uid_cannot_read_the_key(session_keyring: Keyring) -> None:
     key = session_keyring.add_key("user", desc(), b"root-only")
-    result = run_as(NOBODY, NOBODY, key.read)
+    result = as_user(NOBODY, key.read)
     assert result == {"error": "KeyPermissionError", "errno": errno.EACCES}
 
 
 def test_other_uid_cannot_find_the_key_by_search(session_keyring: Keyring) -> None:
     name = desc()
     session_keyring.add_key("user", name, b"root-only")
-    result = run_as(NOBODY, NOBODY, lambda: Key.request(name).serial)
+    result = as_user(NOBODY, lambda: Key.request(name).serial)
     assert result == {"error": "KeyNotFoundError", "errno": errno.ENOKEY}
 
 
@@ -198,8 +202,8 @@ def _enokey(ring: Keyring) -> None:
 
 def _ekeyexpired(ring: Keyring) -> None:
     key = ring.add_key("user", desc(), b"x")
-    key.set_timeout(1)
-    time.sleep(1.5)
+    key.set_timeout(MIN_TTL)
+    time.sleep(gone_after(MIN_TTL))
     key.read()
 
 
@@ -216,9 +220,7 @@ def _eacces(ring: Keyring) -> None:
 
 
 def _eperm(ring: Keyring) -> None:
-    ring.add_key(
-        ".request_key_auth", desc(), b"x"
-    )  # key types named with a leading '.' are internal
+    ring.add_key(".request_key_auth", desc(), b"x")  # key types named with a leading '.' are internal
 
 
 def _edquot(ring: Keyring) -> None:
@@ -227,7 +229,7 @@ def _edquot(ring: Keyring) -> None:
         for i in range(400):  # far past the default 200 keys / 20000 bytes of a non-root uid
             session.add_key("user", f"kms:{unique()}-{i}", b"q" * 2000)
 
-    result = run_as(NOBODY, NOBODY, fill)
+    result = as_user(NOBODY, fill)
     raise kmskeys.errors.error_for_errno(result["errno"], "add_key")  # type: ignore[index]
 
 
@@ -292,24 +294,26 @@ def test_a_key_that_expires_before_the_upcall_exits_is_enokey_to_its_requester(
 ) -> None:
     # Kernel fact (call_sbin_request_key): when the upcall program exits, a key that no longer
     # validates, e.g. because its timeout has already passed, makes the requester that started
-    # the upcall get ENOKEY, whatever the handler answered. ttl and negative_ttl must therefore
-    # outlast the handler's exit by a wide margin (docs/resolver.md).
+    # the upcall get ENOKEY, whatever the handler answered. Expiry counts whole seconds, so a
+    # 1 s timeout can pass milliseconds after it is set: ttl and negative_ttl must be at least
+    # MIN_TTL (tests/support/ttl.py), which outlives a prompt exit by a second or more.
     script = tmp_path / "late.sh"
     script.write_text(
         "#!/bin/sh\n"
-        'if [ "$3" = reject ]; then keyctl reject "$1" 1 rejected "$2"\n'
-        'else keyctl timeout "$1" 1; keyctl instantiate "$1" hello "$2"; fi\n'
+        'if [ "$3" = reject ]; then keyctl reject "$1" "$5" rejected "$2"\n'
+        'else keyctl timeout "$1" "$5"; keyctl instantiate "$1" hello "$2"; fi\n'
         'sleep "$4"\n'
     )
     script.chmod(0o755)
-    with request_key_rule(f"{script} %k %S {action} 0") as prefix:
+    with request_key_rule(f"{script} %k %S {action} 0 {MIN_TTL}") as prefix:
         if answered is bytes:
             assert kmskeys.get_secret(unique(), prefix=prefix) == b"hello"
         else:
             with pytest.raises(answered):
                 kmskeys.get_secret(unique(), prefix=prefix)
+    # The same answer, but the program exits only once the key's whole timeout has passed.
     with (
-        request_key_rule(f"{script} %k %S {action} 1.5") as prefix,
+        request_key_rule(f"{script} %k %S {action} {gone_after(MIN_TTL)} {MIN_TTL}") as prefix,
         pytest.raises(KeyNotFoundError),
     ):
         kmskeys.get_secret(unique(), prefix=prefix)

@@ -1,7 +1,7 @@
 """Mixed traffic for a fixed number of requests, with KMS faults 5% of the time.
 
 20 names (half deployed in blob_dir, half sent inline), 3 users (root, daemon, nobody, each in
-its own session keyring with several threads), TTLs of 2-5 s so keys expire throughout, and the
+its own session keyring with several threads), TTLs of 3-6 s so keys expire throughout, and the
 proxy failing 5% of the Decrypt calls (throttling, HTTP 500, AccessDenied, dropped connections,
 hangs past the deadline). Counted: wrong payloads, hangs past deadline + 1 s, leaked resolver
 processes and file descriptors, and the success rate of requests no fault could have touched.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import random
 import threading
 import time
@@ -23,15 +22,17 @@ import pytest
 from kmskeys import KmsKeysError, get_secret
 from tests.soak.conftest import record
 from tests.support.kms_proxy import DROP, Fault, ProxiedRequest, kms_error
-from tests.support.proc import run_as
+from tests.support.requester import as_user
+from tests.support.ttl import MIN_TTL
 from tests.upcall.harness import Install, handler_pids, installed, kms_stack
 
 pytestmark = pytest.mark.soak
 
-TTLS = (2, 3, 4, 5)
+# No shorter than MIN_TTL: a key must outlive its handler's exit (tests/support/ttl.py).
+TTLS = (MIN_TTL, MIN_TTL + 1, MIN_TTL + 2, MIN_TTL + 3)
 NAMES = 20
 DEADLINE = 4
-NEGATIVE_TTL = 1
+NEGATIVE_TTL = MIN_TTL
 FAULT_RATE = 0.05
 USERS = ("root", "daemon", "nobody")
 SIZES = {"short": (2, 250), "long": (3, 800)}  # threads per user, requests per thread
@@ -159,10 +160,8 @@ def test_soak_mixed_traffic_with_faults(soak_size: str) -> None:
         results: dict[str, object] = {}
 
         def run_user(user: str, index: int) -> None:
-            entry = pwd.getpwnam(user)
-            results[user] = run_as(
-                entry.pw_uid,
-                entry.pw_gid,
+            results[user] = as_user(
+                user,
                 lambda: _workload(
                     install,
                     secrets,

@@ -10,6 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
+from tests.support import requester
+
 REQUEST_KEY = Path("/sbin/request-key")
 REQUEST_KEY_D = Path("/etc/request-key.d")
 
@@ -42,7 +44,19 @@ def _upcall() -> list[str]:
         missing.append(f"{REQUEST_KEY_D}/ (apt-get install keyutils)")
     if importlib.util.find_spec("moto") is None:
         missing.append("moto[server] in the venv (pip install -e '.[dev]')")
+    if not missing:
+        # Presence is not capability: the session probe made a root request through a rule.
+        caps = requester.capabilities()
+        if not isinstance(caps, requester.UpcallCapabilities):
+            missing.append(f"the upcall probe ({caps})")
+        elif not caps.root.works:
+            missing.append(f"a root requester whose miss runs {REQUEST_KEY} ({caps.root})")
     return missing
+
+
+def _non_root_upcall() -> list[str]:
+    """Tiers whose requesters are other users: one kind of requester must upcall here."""
+    return _upcall() or requester.missing()
 
 
 def _netns() -> list[str]:
@@ -65,8 +79,8 @@ CHECKS = {
     "kernel": _kernel,
     "upcall": _upcall,
     "faults": _upcall,
-    "isolation": _upcall,
-    "soak": _upcall,
+    "isolation": _non_root_upcall,
+    "soak": _non_root_upcall,
     "netns": _netns,
     "terraform": _terraform,
     "examples": _examples,

@@ -13,10 +13,12 @@ RESOLVER = Path(sys.executable).parent / "kmskeys-resolver"
 
 
 @contextmanager
-def warm_daemon(config: Path, sock: Path) -> Iterator[subprocess.Popen[bytes]]:
+def warm_daemon(
+    config: Path, sock: Path, resolver: Path = RESOLVER
+) -> Iterator[subprocess.Popen[bytes]]:
     """The daemon for `config`, once its socket `sock` exists; SIGTERM and wait afterwards."""
     proc = subprocess.Popen(
-        [str(RESOLVER), "serve", "--config", str(config)], stderr=subprocess.PIPE
+        [str(resolver), "serve", "--config", str(config)], stderr=subprocess.PIPE
     )
     try:
         deadline = time.monotonic() + 15

@@ -23,12 +23,13 @@ from kmskeys import get_secret
 from tests.support.kms_emulator import TEST_CREDENTIALS, KmsEmulator
 from tests.support.kms_proxy import KmsProxy
 from tests.support.names import unique, unique_prefix
+from tests.support.ttl import MIN_TTL
 
 RESOLVER = Path(sys.executable).parent / "kmskeys-resolver"
 KMSKEYS = Path(sys.executable).parent / "kmskeys"
-# Names matching this glob get a 2 s ttl in the session config (the ttl expiry test).
+# Names matching this glob get a short ttl in the session config (the ttl expiry test).
 SHORT_TTL_GLOB = "kmst-*-shortttl-*"
-SHORT_TTL = 2
+SHORT_TTL = MIN_TTL
 # Names matching this glob may be resolved only by `nobody` (the allow_users policy test).
 NOBODY_ONLY_GLOB = "kmst-*-nobodyonly-*"
 
@@ -209,10 +210,10 @@ def _toml_value(value: Any) -> str:
     return str(value)
 
 
-def run_resolver(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run the installed kmskeys-resolver console script."""
+def run_resolver(*args: str, resolver: Path = RESOLVER) -> subprocess.CompletedProcess[str]:
+    """Run the installed kmskeys-resolver console script (default: this venv's)."""
     return subprocess.run(
-        [str(RESOLVER), *args], check=False, capture_output=True, text=True, timeout=60
+        [str(resolver), *args], check=False, capture_output=True, text=True, timeout=60
     )
 
 
@@ -222,9 +223,13 @@ def installed(
     proxy: KmsProxy | None,
     key_arn: str,
     names: str = "",
+    resolver: Path = RESOLVER,
     **settings: Any,
 ) -> Iterator[Install]:
-    """Install a resolver under a fresh prefix with `settings` in its config; remove it after."""
+    """Install a resolver under a fresh prefix with `settings` in its config; remove it after.
+
+    `resolver` is the kmskeys-resolver that installs itself: the rule runs that one.
+    """
     root = Path(tempfile.mkdtemp(prefix=unique("resolver") + "-"))
     os.chmod(root, 0o755)
     prefix = unique_prefix()
@@ -249,18 +254,20 @@ def installed(
         "prefix": prefix,
         "syslog_socket": log.path,
         "deadline": 4,
-        "negative_ttl": 2,
+        "negative_ttl": MIN_TTL,
         **settings,
     }
     config = root / "resolver.toml"
     body = "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
     _write_root_file(config, body + names, 0o644)
-    done = run_resolver("install", "--config", str(config), "--prefix", prefix)
+    done = run_resolver("install", "--config", str(config), "--prefix", prefix, resolver=resolver)
     assert done.returncode == 0, done.stderr
     try:
         yield Install(root, prefix, config, blob_dir, emulator, proxy, key_arn, log, values)
     finally:
-        undone = run_resolver("uninstall", "--config", str(config), "--prefix", prefix)
+        undone = run_resolver(
+            "uninstall", "--config", str(config), "--prefix", prefix, resolver=resolver
+        )
         log.close()
         shutil.rmtree(root, ignore_errors=True)
         assert undone.returncode == 0, undone.stderr

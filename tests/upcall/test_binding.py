@@ -12,7 +12,7 @@ from kmskeys import Key, KeyRejectedError, get_secret
 from kmskeys.blob import CONTEXT_NAME, CONTEXT_NOT_AFTER, VERSION, Blob, format_not_after
 from kmskeys.contract import RESOLVED_KEY_PERM as KEY_PERM
 from tests.support.names import unique
-from tests.support.proc import NOBODY, run_as
+from tests.support.requester import NOBODY, Requester
 from tests.upcall.conftest import Install
 
 pytestmark = pytest.mark.upcall
@@ -22,26 +22,30 @@ OTHER = pwd.getpwnam("daemon")
 NOBODY_ENTRY = pwd.getpwuid(NOBODY)
 
 
-def _request_as(entry: pwd.struct_passwd, install: Install, name: str, blob: str | None) -> object:
+def _request_as(
+    requester: Requester, entry: pwd.struct_passwd, install: Install, name: str, blob: str | None
+) -> object:
     def fetch() -> str:
         return get_secret(name, blob, prefix=install.prefix).decode()
 
-    return run_as(entry.pw_uid, entry.pw_gid, fetch)
+    return requester.run(entry, fetch)
 
 
-def test_user_bound_blob_resolves_for_its_user(resolver: Install) -> None:
+def test_user_bound_blob_resolves_for_its_user(resolver: Install, requester: Requester) -> None:
     name = unique("bound")
     text = resolver.blob(b"for nobody", name, user=NOBODY_ENTRY.pw_name)
-    assert _request_as(NOBODY_ENTRY, resolver, name, text) == {"ok": "for nobody"}
+    assert _request_as(requester, NOBODY_ENTRY, resolver, name, text) == {"ok": "for nobody"}
     assert f"uid={NOBODY} user={NOBODY_ENTRY.pw_name} " in resolver.log.wait_for(name)
 
 
-def test_user_bound_blob_is_refused_to_another_user(resolver: Install) -> None:
+def test_user_bound_blob_is_refused_to_another_user(
+    resolver: Install, requester: Requester
+) -> None:
     name = unique("bound")
     text = resolver.blob(b"for nobody", name, user=NOBODY_ENTRY.pw_name)
     resolver.deploy(name, text)
     for blob in (text, None):
-        result = _request_as(OTHER, resolver, name, blob)
+        result = _request_as(requester, OTHER, resolver, name, blob)
         assert result == {"error": "KeyRejectedError", "errno": errno.EKEYREJECTED}, (
             resolver.log.drain()
         )
@@ -100,20 +104,22 @@ def test_unexpired_blob_resolves(resolver: Install) -> None:
     assert resolver.get(name, text) == b"dated"
 
 
-def test_allow_users_policy_refuses_before_kms(resolver: Install) -> None:
+def test_allow_users_policy_refuses_before_kms(resolver: Install, requester: Requester) -> None:
     name = unique("nobodyonly")  # the session config allows only `nobody` for these names
     text = resolver.blob(b"policy", name)
     with pytest.raises(KeyRejectedError):
         resolver.get(name, text)
     assert "policy" in resolver.log.wait_for(name)
     assert resolver.decrypts() == 0
-    assert _request_as(NOBODY_ENTRY, resolver, name, text) == {"ok": "policy"}
+    assert _request_as(requester, NOBODY_ENTRY, resolver, name, text) == {"ok": "policy"}
 
 
-def test_key_belongs_to_the_requester_and_denies_other_uids(resolver: Install) -> None:
+def test_key_belongs_to_the_requester_and_denies_other_uids(
+    resolver: Install, requester: Requester
+) -> None:
     name = unique("perm")
     text = resolver.blob(b"private", name)
-    assert _request_as(NOBODY_ENTRY, resolver, name, text) == {"ok": "private"}
+    assert _request_as(requester, NOBODY_ENTRY, resolver, name, text) == {"ok": "private"}
     key = Key.request(resolver.description(name), text)  # root's own copy
     assert key.read() == b"private"
     desc = key.describe()
@@ -124,11 +130,13 @@ def test_key_belongs_to_the_requester_and_denies_other_uids(resolver: Install) -
 
     # A fresh session keyring: no possession, so only the uid/group/other bits apply.
     for entry in (NOBODY_ENTRY, OTHER):
-        result = run_as(entry.pw_uid, entry.pw_gid, read_without_possession)
+        result = requester.run(entry, read_without_possession)
         assert result == {"error": "KeyPermissionError", "errno": errno.EACCES}
 
 
-def test_key_of_an_unprivileged_requester_is_owned_by_it(resolver: Install) -> None:
+def test_key_of_an_unprivileged_requester_is_owned_by_it(
+    resolver: Install, requester: Requester
+) -> None:
     name = unique("owner")
     text = resolver.blob(b"owned", name)
 
@@ -137,5 +145,5 @@ def test_key_of_an_unprivileged_requester_is_owned_by_it(resolver: Install) -> N
         desc = key.describe()
         return [desc.uid, desc.gid, desc.perm]
 
-    result = run_as(NOBODY_ENTRY.pw_uid, NOBODY_ENTRY.pw_gid, describe)
+    result = requester.run(NOBODY_ENTRY, describe)
     assert result == {"ok": [NOBODY, NOBODY_ENTRY.pw_gid, KEY_PERM]}

@@ -17,6 +17,7 @@ from kmskeys import (
     get_secret,
 )
 from tests.support.names import unique
+from tests.support.ttl import gone_after
 from tests.upcall.conftest import Install
 
 pytestmark = pytest.mark.upcall
@@ -167,7 +168,7 @@ def test_group_or_world_writable_config_is_refused(extra_install, mode: int) -> 
         assert other.log.drain() == []
         # Nor its negative_ttl: the refusal is cached for the built-in default, longer than the
         # config's, until an operator who fixed the file flushes it.
-        time.sleep(other.settings["negative_ttl"] + 0.5)
+        time.sleep(gone_after(other.settings["negative_ttl"]))
         with pytest.raises(KeyRejectedError):
             get_secret(name, text, prefix=other.prefix)
         assert cli.main(["flush", name, "--prefix", other.prefix]) == 0

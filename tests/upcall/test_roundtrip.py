@@ -14,6 +14,7 @@ from kmskeys import Key, Keyring
 from kmskeys.blob import parse_blob
 from tests.support.kms_proxy import ProxiedRequest
 from tests.support.names import unique
+from tests.support.ttl import gone_after
 from tests.upcall.conftest import KMSKEYS, SHORT_TTL, Install
 
 pytestmark = pytest.mark.upcall
@@ -79,11 +80,11 @@ def test_second_request_is_a_kernel_hit(resolver: Install) -> None:
 
 
 def test_key_carries_the_ttl_and_expires_into_a_new_resolution(resolver: Install) -> None:
-    name = unique("shortttl")  # matches the session config's 2 s ttl section
+    name = unique("shortttl")  # matches the session config's SHORT_TTL section
     text = resolver.blob(b"short-lived", name)
     assert resolver.get(name, text) == b"short-lived"
     assert resolver.decrypts() == 1
-    time.sleep(SHORT_TTL + 1)
+    time.sleep(gone_after(SHORT_TTL))
     assert resolver.get(name, text) == b"short-lived"
     assert resolver.decrypts() == 2
 

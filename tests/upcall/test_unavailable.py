@@ -11,7 +11,8 @@ from kmskeys import KeyRejectedError, TemporarilyUnavailableError
 from tests.support.kms_emulator import KmsEmulator
 from tests.support.kms_proxy import DROP, ProxiedRequest, kms_error
 from tests.support.names import unique
-from tests.support.proc import run_as
+from tests.support.requester import as_user
+from tests.support.ttl import gone_after
 from tests.upcall.conftest import Install, installed
 
 pytestmark = pytest.mark.upcall
@@ -110,13 +111,13 @@ def test_refusal_is_cached_for_negative_ttl_then_resolves_again(resolver: Instal
     # in the session keyring, and every request would upcall again.
     refused = {"error": "KeyRejectedError", "errno": errno.EKEYREJECTED}
     resolver.proxy.set_fault(lambda r: kms_error("AccessDeniedException", 400))
-    assert run_as(0, 0, fetch, new_session=False) == refused
+    assert as_user(0, fetch, session="inherit") == refused
     resolver.proxy.set_fault(None)
     # Within negative_ttl the refusal is served by the kernel, without an upcall.
-    assert run_as(0, 0, fetch, new_session=False) == refused
+    assert as_user(0, fetch, session="inherit") == refused
     assert resolver.decrypts() == 1
-    time.sleep(resolver.settings["negative_ttl"] + 0.5)
-    assert run_as(0, 0, fetch, new_session=False) == {"ok": "back"}
+    time.sleep(gone_after(resolver.settings["negative_ttl"]))
+    assert as_user(0, fetch, session="inherit") == {"ok": "back"}
     assert resolver.decrypts() == 2
 
 

@@ -21,7 +21,7 @@ import pytest
 from kmskeys.errors import KeyRejectedError, TemporarilyUnavailableError
 from tests.support.kms_proxy import DROP, ProxiedRequest
 from tests.support.names import unique
-from tests.support.proc import NOBODY, run_as
+from tests.support.requester import NOBODY, as_user
 from tests.support.warm_daemon import RESOLVER, warm_daemon
 
 pytestmark = pytest.mark.upcall
@@ -87,13 +87,15 @@ def _ask(path: str) -> bytes:
 
 def test_daemon_answers_root_only(extra_install: Any, warm_dir: Path) -> None:
     sock = warm_dir / "resolver.sock"
+    # A real setuid child: the daemon judges its peer by SO_PEERCRED, which reports the euid,
+    # so an fsuid stand-in would look like root there.
     with extra_install(warm_socket=sock) as other, warm_daemon(other.config, sock):
-        assert run_as(NOBODY, NOBODY, lambda: _ask(str(sock)).hex()) == {
+        assert as_user(NOBODY, lambda: _ask(str(sock)).hex(), mode="setuid") == {
             "error": "PermissionError",
             "errno": 13,
         }
         os.chmod(sock, 0o666)  # even if the socket's mode is loosened...
-        assert run_as(NOBODY, NOBODY, lambda: _ask(str(sock)).hex()) == {"ok": ""}
+        assert as_user(NOBODY, lambda: _ask(str(sock)).hex(), mode="setuid") == {"ok": ""}
         assert _ask(str(sock)) != b""  # ...root still gets an answer
 
 
