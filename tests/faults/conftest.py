@@ -31,8 +31,16 @@ def fault_backend() -> Iterator[tuple[KmsEmulator, KmsProxy, str]]:
 def fault_install(fault_backend: tuple[KmsEmulator, KmsProxy, str]) -> Iterator[Install]:
     """One resolver install with a short deadline and negative_ttl, behind the proxy."""
     emulator, proxy, key_arn = fault_backend
+    # This tier counts KMS calls and retries under faults: the per-uid KMS call rate (its own
+    # tests are in tests/security) must not be what runs out.
     with installed(
-        emulator, proxy, key_arn, deadline=DEADLINE, negative_ttl=NEGATIVE_TTL
+        emulator,
+        proxy,
+        key_arn,
+        deadline=DEADLINE,
+        negative_ttl=NEGATIVE_TTL,
+        kms_rate_per_uid=1000,
+        kms_burst_per_uid=100000,
     ) as install:
         yield install
 

@@ -220,7 +220,8 @@ def _eacces(ring: Keyring) -> None:
 
 
 def _eperm(ring: Keyring) -> None:
-    ring.add_key(".request_key_auth", desc(), b"x")  # key types named with a leading '.' are internal
+    # Key types named with a leading '.' are internal.
+    ring.add_key(".request_key_auth", desc(), b"x")
 
 
 def _edquot(ring: Keyring) -> None:

@@ -109,7 +109,7 @@ def test_doctors_fix_root_resolves_for_the_uid_and_the_app_hits(resolver: Instal
         # The handler sets the key's owner and mask through possession, which the kernel finds
         # by searching the requester's keyrings: the destination must be reachable from them.
         Keyring.session().link_key(ring.serial)
-        get_secret(name, text, prefix=resolver.prefix, destination=ring)
+        get_secret(name, text, prefix=resolver.prefix, keyring=ring)
         return Key.request(resolver.description(name)).describe().uid
 
     def app() -> str:
