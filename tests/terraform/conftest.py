@@ -86,8 +86,16 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(f"terraform tier jobs ({last:.0f} s in all): {jobs}")
 
 
+# How long a background job may take (Workspace.result); a test waiting for one gets as long,
+# since pytest-timeout counts the setup of the fixture that waits.
+JOB_TIMEOUT = 900
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the tests that wait for the demo (the longest job) last; the others meanwhile."""
+    for item in items:
+        if set(getattr(item, "fixturenames", ())) & set(FIXTURE_JOBS):
+            item.add_marker(pytest.mark.timeout(JOB_TIMEOUT))
     waits = [i for i in items if "demo_run" in getattr(i, "fixturenames", ())]
     if waits:
         items[:] = [i for i in items if i not in waits] + waits
@@ -137,7 +145,7 @@ class Workspace:
             TIMINGS[job] = (started - self.created, time.monotonic() - self.created)
 
     def result(self, job: str) -> Any:
-        return self.start(job).result(timeout=900)
+        return self.start(job).result(timeout=JOB_TIMEOUT)
 
     def close(self) -> None:
         for future in self.jobs.values():
