@@ -18,3 +18,10 @@ $(CHECKOV_VENV)/.installed: mk/terraform.mk | deps
 checkov: $(CHECKOV_VENV)/.installed
 	BC_SKIP_MAPPING=TRUE CKV_NO_DOWNLOAD=TRUE $(CHECKOV_VENV)/bin/checkov --quiet --compact \
 		--skip-download --framework terraform -d terraform
+
+# The modules applied and used against a local moto server (scripts/demo_terraform.py): the
+# real terraform with the offline provider mirror, the roles it creates encrypting and decrypting
+# through a real resolver install, then terraform destroy.
+.PHONY: demo-terraform
+demo-terraform: deps venv compile
+	$(PY) scripts/demo_terraform.py

@@ -59,10 +59,11 @@ class Step:
 
 
 class Steps:
-    """Numbered steps with their timing; a progress line each second a step runs past one."""
+    """Numbered steps with their timing; a progress line each `tick` seconds a step runs."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, tick: float = 1.0) -> None:
         self.total = total
+        self.tick = tick
         self.number = 0
 
     @contextmanager
@@ -74,7 +75,7 @@ class Steps:
         start = time.monotonic()
 
         def progress() -> None:
-            while not done.wait(1.0):
+            while not done.wait(self.tick):
                 doing = f" ({current.doing})" if current.doing else ""
                 print(f"{INDENT}... {time.monotonic() - start:.0f} s{doing}", flush=True)
 
@@ -291,7 +292,6 @@ class Demo:
 
     def cleanup(self) -> list[str]:
         """Undo every step that ran; the problems met on the way (empty when all went well)."""
-        problems: list[str] = []
         actions: list[tuple[str, Callable[[], object]]] = []
         if self.web is not None:
             actions.append(("stop lighttpd", self.web.stop))
@@ -311,12 +311,18 @@ class Demo:
             actions.append(("close the log socket", self.log.close))
         actions.append(("empty the demo's session keyring", lambda: Keyring.session().clear()))
         actions.append(("remove temp files", lambda: shutil.rmtree(self.tmp)))
-        for what, action in actions:
-            try:
-                action()
-            except Exception as exc:
-                problems.append(f"{what}: {exc}")
-        return problems
+        return undo_all(actions)
+
+
+def undo_all(actions: list[tuple[str, Callable[[], object]]]) -> list[str]:
+    """Run every (what, action) in turn, whatever fails; the failures as "what: error"."""
+    problems = []
+    for what, action in actions:
+        try:
+            action()
+        except Exception as exc:
+            problems.append(f"{what}: {exc}")
+    return problems
 
 
 def wait_until_collected(description: str, timeout: float = 5.0) -> None:
@@ -379,9 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     demo = Demo(args.prefix)
     steps = demo.steps
-    ok = False
     v1, v2 = secrets.token_urlsafe(24).encode(), secrets.token_urlsafe(24).encode()
-    try:
+
+    def body() -> None:
         with steps.step("create a KMS key in the emulator (moto server on 127.0.0.1)") as s:
             demo.start_kms(s)
         with steps.step(f"kmskeys encrypt {NAME}: the secret on stdin, as CI would") as s:
@@ -396,6 +402,30 @@ def main(argv: list[str] | None = None) -> int:
             demo.hits(s, v1)
         with steps.step("rotate the secret, kmskeys flush, re-resolution") as s:
             demo.flush(s, v1, v2)
+
+    return run_demo(
+        steps,
+        body,
+        cleanup_title="clean up: lighttpd, resolver install, emulator, temp files",
+        cleanup=demo.cleanup,
+        started=started,
+    )
+
+
+def run_demo(
+    steps: Steps,
+    body: Callable[[], None],
+    *,
+    cleanup_title: str,
+    cleanup: Callable[[], list[str]],
+    started: float,
+    note: str = "",
+) -> int:
+    """Run the steps in `body`, then always `cleanup` as the last step; 0 only if all worked."""
+    ok = False
+    problems: list[str] = []
+    try:
+        body()
         ok = True
     except DemoError as exc:
         print(f"{INDENT}{exc}", file=sys.stderr)
@@ -404,13 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         traceback.print_exc()
     finally:
-        steps.number = STEPS - 1  # cleanup is always the last step, whichever step failed
-        with steps.step("clean up: lighttpd, resolver install, emulator, temp files") as s:
-            problems = demo.cleanup()
+        steps.number = steps.total - 1  # cleanup is always the last step, whichever step failed
+        with steps.step(cleanup_title) as s:
+            problems = cleanup()
             s.result = "nothing left behind" if not problems else "; ".join(problems)
     took = time.monotonic() - started
     if ok and not problems:
-        print(f"demo OK: {STEPS} steps in {took:.1f} s")
+        print(f"demo OK: {steps.total} steps in {took:.1f} s{note}")
         return 0
     print(f"demo FAILED after {took:.1f} s", file=sys.stderr)
     return 1

@@ -1,13 +1,16 @@
-"""The modules' policy JSON on real IAM principals in a moto server with IAM enforcement on.
+"""The policy JSON terraform rendered, on real IAM principals in a moto server enforcing IAM.
 
 What moto 5.2 evaluates (read from moto/iam/access_control.py and checked here): the Action of
 identity policies and explicit Deny statements, for users and for assumed roles, plus a role's
 trust policy on sts:AssumeRole. What it does not: KMS calls are authorised against the resource
 "*", so a statement scoped to the key's ARN never matches (the tests widen Resource to "*"
-and test_policies.py asserts the real scoping); conditions other than sts:ExternalId are
-ignored (kms:EncryptionContext* conditions are asserted statically); key policies are only
-consulted for DescribeKey denies. KMS itself does enforce the encryption context: a blob only
-decrypts under the context it was encrypted with.
+and test_policies.py asserts the real scoping); a statement with NotResource and no Resource
+is taken for a trust-policy statement and *permits* (so the seal variant's NotResource deny
+cannot be run here: asserted statically); conditions are only evaluated for StringEquals on
+sts:ExternalId (kms:EncryptionContext* and ec2:SourceInstanceARN conditions are asserted
+statically; policy variables are never resolved); key policies are only consulted for
+DescribeKey denies. KMS itself does enforce the encryption context: a blob only decrypts under
+the context it was encrypted with.
 """
 
 from __future__ import annotations
@@ -23,16 +26,30 @@ from botocore.exceptions import ClientError
 
 from tests.support.kms_emulator import TEST_CREDENTIALS, KmsEmulator
 from tests.support.names import unique
-from tests.terraform.conftest import ModuleFactory
+from tests.terraform.conftest import policy_of
+from tests.terraform.rendered import Rendered
+from tests.terraform.variants import KEY_ARN, MOTO_BUILDER
 
 pytestmark = pytest.mark.terraform
 
 REGION = TEST_CREDENTIALS["AWS_REGION"]
 
+ASSUME_ONLY = {
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": "*"}],
+}
+
 
 def enforced(policy: dict[str, Any]) -> str:
-    """The policy with every Resource widened to "*": moto authorises KMS calls against "*"."""
-    widened = [{**s, "Resource": ["*"]} for s in policy["Statement"]]
+    """The policy with every Resource widened to "*": moto authorises KMS calls against "*".
+
+    Each Resource must have been the planned key or "*" (nothing else gets widened).
+    """
+    widened = []
+    for statement in policy["Statement"]:
+        resources = statement["Resource"]
+        assert resources in (KEY_ARN, "*", [KEY_ARN]), statement
+        widened.append({**statement, "Resource": ["*"]})
     return json.dumps({**policy, "Statement": widened})
 
 
@@ -107,33 +124,21 @@ def principals() -> Iterator[Principals]:
 
 
 @pytest.fixture
-def sessions(principals: Principals, module: ModuleFactory) -> dict[str, Any]:
-    """CI and host principals carrying the modules' real policies, enforcement on."""
-    encryptor = module("encryptor-role", kms_key_arn=principals.key["Arn"]).policy("kms")
-    host = module("resolver-host", kms_key_arn=principals.key["Arn"]).policy("kms")
-    ci_user = principals.user(unique("ci"), enforced(encryptor))
-    host_user = principals.user(unique("host"), enforced(host))
+def sessions(principals: Principals, good_plan: Rendered) -> dict[str, Any]:
+    """CI and host principals carrying the modules' rendered policies, enforcement on."""
+    ci_user = principals.user(unique("ci"), enforced(policy_of(good_plan, "enc_default", "kms")))
+    host_user = principals.user(
+        unique("host"), enforced(policy_of(good_plan, "host_default", "kms"))
+    )
 
     # The CI role proper: its trust policy is the module's plain-principal variant, naming a
     # builder user that may do nothing but assume it.
-    builder_name = unique("builder")
-    assume_only = {
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": "*"}],
-    }
-    builder = principals.user(builder_name, json.dumps(assume_only))
-    stranger = principals.user(unique("stranger"), json.dumps(assume_only))
-    builder_arn = f"arn:aws:iam::123456789012:user/{builder_name}"
-    role_module = module(
-        "encryptor-role",
-        kms_key_arn=principals.key["Arn"],
-        github_repository="",
-        trusted_principal_arns=[builder_arn],
-    )
+    builder = principals.user(MOTO_BUILDER, json.dumps(ASSUME_ONLY))
+    stranger = principals.user(unique("stranger"), json.dumps(ASSUME_ONLY))
     role_arn = principals.role(
         unique("ci-role"),
-        json.dumps(role_module.policy("trust")),
-        enforced(role_module.policy("kms")),
+        json.dumps(policy_of(good_plan, "enc_builder_user", "trust")),
+        enforced(policy_of(good_plan, "enc_builder_user", "kms")),
     )
     principals.enforce()
     return {

@@ -25,6 +25,10 @@ module "web_hosts" {
   allowed_secret_names = ["${var.secret_name_prefix}/*"]
   image_id             = var.image_id
   security_group_ids   = var.security_group_ids
+  kmskeys_wheel        = var.kmskeys_wheel
+  kmskeys_wheel_sha256 = var.kmskeys_wheel_sha256
+  enable_seal          = var.enable_seal
+  seal_key_arn         = module.kms_key.seal_key_arn
   tags                 = var.tags
 }
 
@@ -37,5 +41,7 @@ module "kms_key" {
   decryptor_principal_arns = [module.web_hosts.role_arn]
   encrypt_name_patterns    = ["${var.secret_name_prefix}/*"]
   decrypt_name_patterns    = ["${var.secret_name_prefix}/*"]
+  create_seal_key          = var.enable_seal
+  sealer_principal_arns    = var.enable_seal ? [module.web_hosts.role_arn] : []
   tags                     = var.tags
 }

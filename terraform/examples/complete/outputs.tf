@@ -22,3 +22,8 @@ output "host_launch_template_id" {
   description = "Launch template that starts hardened resolver hosts."
   value       = try(module.web_hosts.launch_template_id, null)
 }
+
+output "seal_key_arn" {
+  description = "The seal key of the stored: keystore, or null without enable_seal."
+  value       = try(module.kms_key.seal_key_arn, null)
+}

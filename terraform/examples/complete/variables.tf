@@ -38,6 +38,23 @@ variable "image_id" {
   type        = string
 }
 
+variable "kmskeys_wheel" {
+  description = "The kmskeys wheel CI published (make dist): https://.../kmskeys-*.whl or s3://BUCKET/.../kmskeys-*.whl."
+  type        = string
+}
+
+variable "kmskeys_wheel_sha256" {
+  description = "SHA-256 of that wheel (hex), checked by pip before it installs anything; null to skip the check."
+  type        = string
+  default     = null
+}
+
+variable "enable_seal" {
+  description = "Also create the seal key of the stored: keystore and let the web hosts use it, bound to their own instance ARN."
+  type        = bool
+  default     = false
+}
+
 variable "security_group_ids" {
   description = "Security groups of the resolver hosts."
   type        = list(string)

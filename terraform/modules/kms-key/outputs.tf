@@ -22,3 +22,13 @@ output "key_policy" {
   description = "The key policy document (JSON)."
   value       = try(data.aws_iam_policy_document.this.json, null)
 }
+
+output "seal_key_arn" {
+  description = "ARN of the seal key, or null when create_seal_key is false."
+  value       = try(aws_kms_key.seal[0].arn, null)
+}
+
+output "seal_key_policy" {
+  description = "The seal key's policy document (JSON), or null when create_seal_key is false."
+  value       = try(data.aws_iam_policy_document.seal[0].json, null)
+}

@@ -76,6 +76,18 @@ variable "decrypt_name_patterns" {
   }
 }
 
+variable "create_seal_key" {
+  description = "Also create the seal key of the stored: keystore (seal = \"kms\"), alias <alias_name>-seal. Off by default."
+  type        = bool
+  default     = false
+}
+
+variable "sealer_principal_arns" {
+  description = "Host roles that may Encrypt, Decrypt and GenerateDataKey under the seal key, only with kmskeys_host equal to their own instance ARN (ec2:SourceInstanceARN) and kmskeys_seal = stored."
+  type        = list(string)
+  default     = []
+}
+
 variable "key_administrator_arns" {
   description = "Extra IAM principals allowed to administer the key (never to use it). The account root always keeps administration."
   type        = list(string)

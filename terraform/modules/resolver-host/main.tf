@@ -1,7 +1,43 @@
+data "aws_partition" "current" {}
+
+data "aws_region" "current" {}
+
 locals {
+  # The wheel that `make dist` builds and CI publishes: an https:// URL, or an s3:// object
+  # that the host fetches with its instance role. pip installs it with --only-binary=:all:, so
+  # neither kmskeys nor a dependency is ever built from source: the host has no compiler.
+  wheel      = var.kmskeys_wheel == null ? "" : var.kmskeys_wheel
+  wheel_s3   = startswith(local.wheel, "s3://")
+  wheel_name = try(regex("[^/]+$", local.wheel), "")
+  s3_parts   = split("/", trimprefix(local.wheel, "s3://"))
+  s3_bucket  = local.s3_parts[0]
+  s3_key     = join("/", slice(local.s3_parts, 1, length(local.s3_parts)))
+  wheel_file = "/opt/kmskeys/dist/${local.wheel_name}"
+  # pip checks a #sha256= fragment of a direct reference before it installs anything.
+  wheel_hash        = var.kmskeys_wheel_sha256 == null ? "" : "#sha256=${var.kmskeys_wheel_sha256}"
+  wheel_url         = local.wheel_s3 ? "file://${local.wheel_file}" : local.wheel
+  wheel_requirement = "kmskeys[resolver] @ ${local.wheel_url}${local.wheel_hash}"
+
+  pip = ["/opt/kmskeys/bin/pip", "install", "--no-input", "--only-binary=:all:"]
+
+  # Only for an s3:// wheel: botocore first (a wheel from the index), then the object, read
+  # with the instance role's credentials from IMDS.
+  fetch_wheel = local.wheel_s3 ? [
+    ["install", "-d", "-m", "0755", "/opt/kmskeys/dist"],
+    concat(local.pip, ["botocore"]),
+    ["/opt/kmskeys/bin/python", "-c", local.fetch_snippet, local.s3_bucket, local.s3_key, local.wheel_file, data.aws_region.current.name],
+  ] : []
+
+  fetch_snippet = join("; ", [
+    "import pathlib, sys, botocore.session",
+    "bucket, key, dest, region = sys.argv[1:5]",
+    "s3 = botocore.session.get_session().create_client('s3', region_name=region)",
+    "pathlib.Path(dest).write_bytes(s3.get_object(Bucket=bucket, Key=key)['Body'].read())",
+  ])
+
   # cloud-init user data. runcmd runs once, as root, after packages are installed.
-  # `kmskeys-resolver install` registers the request-key handler; the firewall lets only
-  # root reach IMDS, so no other local user can borrow the instance role.
+  # `kmskeys-resolver install` registers the request-key handler for this module's key; the
+  # firewall lets only root reach IMDS, so no other local user can borrow the instance role.
   cloud_config = {
     package_update = true
     packages       = var.os_packages
@@ -13,19 +49,22 @@ locals {
         content     = var.resolver_config
       },
     ]
-    runcmd = [
-      ["python3", "-m", "venv", "/opt/kmskeys"],
-      ["/opt/kmskeys/bin/pip", "install", "--no-input", var.kmskeys_requirement],
-      ["ln", "-sf", "/opt/kmskeys/bin/kmskeys-resolver", "/usr/local/sbin/kmskeys-resolver"],
-      ["ln", "-sf", "/opt/kmskeys/bin/kmskeys", "/usr/local/bin/kmskeys"],
-      ["/usr/local/sbin/kmskeys-resolver", "install"],
-      ["/usr/local/sbin/kmskeys-resolver", "firewall", "apply"],
-      # The unit re-applies the rules on every boot, before the network comes up; it ships
-      # as package data of the resolver.
-      ["/opt/kmskeys/bin/python", "-c", local.copy_unit],
-      ["systemctl", "daemon-reload"],
-      ["systemctl", "enable", "--now", "kmskeys-firewall.service"],
-    ]
+    runcmd = concat(
+      [["python3", "-m", "venv", "/opt/kmskeys"]],
+      local.fetch_wheel,
+      [
+        concat(local.pip, [local.wheel_requirement]),
+        ["ln", "-sf", "/opt/kmskeys/bin/kmskeys-resolver", "/usr/local/sbin/kmskeys-resolver"],
+        ["ln", "-sf", "/opt/kmskeys/bin/kmskeys", "/usr/local/bin/kmskeys"],
+        ["/usr/local/sbin/kmskeys-resolver", "install", "--key-arn", var.kms_key_arn],
+        ["/usr/local/sbin/kmskeys-resolver", "firewall", "apply"],
+        # The unit re-applies the rules on every boot, before the network comes up; it ships
+        # as package data of the resolver.
+        ["/opt/kmskeys/bin/python", "-c", local.copy_unit],
+        ["systemctl", "daemon-reload"],
+        ["systemctl", "enable", "--now", "kmskeys-firewall.service"],
+      ],
+    )
   }
 
   user_data = "#cloud-config\n${yamlencode(local.cloud_config)}"
@@ -35,6 +74,20 @@ locals {
     "unit = importlib.resources.files('resolver') / 'data' / 'kmskeys-firewall.service'",
     "shutil.copyfile(unit, '/etc/systemd/system/kmskeys-firewall.service')",
   ])
+
+  # Every KMS action that creates ciphertext or hands out a way to.
+  encrypting_actions = ["kms:Encrypt", "kms:GenerateDataKey*", "kms:ReEncrypt*", "kms:CreateGrant"]
+
+  # The seal key's binding: the same conditions as the seal key's own policy (modules/kms-key,
+  # where each one is explained).
+  seal_conditions = [
+    { test = "StringEquals", variable = "kms:EncryptionContext:kmskeys_seal", values = ["stored"] },
+    { test = "StringEquals", variable = "kms:EncryptionContext:kmskeys_host", values = ["$${ec2:SourceInstanceARN}"] },
+    { test = "StringLike", variable = "kms:EncryptionContext:kmskeys_scope", values = ["user:*", "machine"] },
+    { test = "Null", variable = "kms:EncryptionContext:kmskeys_name", values = ["false"] },
+    { test = "Null", variable = "ec2:SourceInstanceARN", values = ["false"] },
+    { test = "ForAllValues:StringEquals", variable = "kms:EncryptionContextKeys", values = ["kmskeys_host", "kmskeys_name", "kmskeys_scope", "kmskeys_seal"] },
+  ]
 }
 
 data "aws_iam_policy_document" "trust" {
@@ -85,13 +138,61 @@ data "aws_iam_policy_document" "kms" {
     }
   }
 
+  # The opt-in seal key of the stored: keystore: wrap and unwrap entries bound to this very
+  # instance, nothing else.
+  dynamic "statement" {
+    for_each = var.enable_seal ? [1] : []
+
+    content {
+      sid       = "SealWithHostBinding"
+      effect    = "Allow"
+      actions   = ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey"]
+      resources = [var.seal_key_arn]
+
+      dynamic "condition" {
+        for_each = local.seal_conditions
+
+        content {
+          test     = condition.value.test
+          variable = condition.value.variable
+          values   = condition.value.values
+        }
+      }
+    }
+  }
+
   # Explicit deny: a host never creates blobs, even if a broader policy is attached later.
-  # ReEncrypt and grants are refused for the same reason.
+  # ReEncrypt and grants are refused for the same reason. With the seal on, the deny covers
+  # every key but the seal key (NotResource), and the next statement narrows that one.
   statement {
-    sid       = "NeverEncrypt"
-    effect    = "Deny"
-    actions   = ["kms:Encrypt", "kms:GenerateDataKey*", "kms:ReEncrypt*", "kms:CreateGrant"]
-    resources = ["*"]
+    sid           = "NeverEncrypt"
+    effect        = "Deny"
+    actions       = local.encrypting_actions
+    resources     = var.enable_seal ? null : ["*"]
+    not_resources = var.enable_seal ? [var.seal_key_arn] : null
+  }
+
+  dynamic "statement" {
+    for_each = var.enable_seal ? [1] : []
+
+    content {
+      sid    = "SealKeyOnlyWrapsAndUnwraps"
+      effect = "Deny"
+      actions = [
+        "kms:CreateGrant",
+        "kms:GenerateDataKeyPair*",
+        "kms:GenerateDataKeyWithoutPlaintext",
+        "kms:ReEncrypt*",
+      ]
+      resources = [var.seal_key_arn]
+    }
+  }
+
+  lifecycle {
+    precondition {
+      condition     = !var.enable_seal || var.seal_key_arn != null
+      error_message = "enable_seal needs seal_key_arn (output seal_key_arn of the kms-key module)."
+    }
   }
 }
 
@@ -99,6 +200,26 @@ resource "aws_iam_role_policy" "kms" {
   name   = "kmskeys-decrypt"
   role   = aws_iam_role.this.id
   policy = data.aws_iam_policy_document.kms.json
+}
+
+# Only with an s3:// wheel: that one object, nothing else in the bucket.
+data "aws_iam_policy_document" "wheel" {
+  count = local.wheel_s3 ? 1 : 0
+
+  statement {
+    sid       = "FetchKmskeysWheel"
+    effect    = "Allow"
+    actions   = ["s3:GetObject"]
+    resources = ["arn:${data.aws_partition.current.partition}:s3:::${local.s3_bucket}/${local.s3_key}"]
+  }
+}
+
+resource "aws_iam_role_policy" "wheel" {
+  count = local.wheel_s3 ? 1 : 0
+
+  name   = "kmskeys-wheel"
+  role   = aws_iam_role.this.id
+  policy = data.aws_iam_policy_document.wheel[0].json
 }
 
 resource "aws_iam_instance_profile" "this" {
@@ -166,6 +287,11 @@ resource "aws_launch_template" "this" {
     precondition {
       condition     = var.image_id != null
       error_message = "create_launch_template needs image_id."
+    }
+
+    precondition {
+      condition     = var.kmskeys_wheel != null
+      error_message = "create_launch_template needs kmskeys_wheel: the wheel `make dist` builds, published by CI."
     }
   }
 }

@@ -37,3 +37,8 @@ output "policy_json" {
   description = "The role's KMS permissions policy (JSON)."
   value       = try(data.aws_iam_policy_document.kms.json, null)
 }
+
+output "wheel_policy_json" {
+  description = "The role's s3:GetObject policy for an s3:// kmskeys_wheel (JSON), or null."
+  value       = try(data.aws_iam_policy_document.wheel[0].json, null)
+}

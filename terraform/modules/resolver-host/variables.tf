@@ -85,15 +85,38 @@ variable "os_packages" {
   default     = ["keyutils", "python3-venv", "nftables"]
 }
 
-variable "kmskeys_requirement" {
-  description = "pip requirement for the resolver, installed into /opt/kmskeys (pin it, for example kmskeys[resolver]==0.1.0)."
+variable "kmskeys_wheel" {
+  description = "Where cloud-init gets kmskeys: the wheel `make dist` builds, as published by CI. An https:// URL, or s3://BUCKET/KEY fetched with the instance role (the role then gets s3:GetObject on that one object). Needed by the launch template."
   type        = string
-  default     = "kmskeys[resolver]"
+  default     = null
 
   validation {
-    condition     = startswith(var.kmskeys_requirement, "kmskeys[resolver]")
-    error_message = "The requirement must install kmskeys with the resolver extra."
+    condition     = var.kmskeys_wheel == null || can(regex("^(https://[^/?#\\s]+|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/([^?#\\s]+/)?kmskeys-[^/?#\\s]+\\.whl$", var.kmskeys_wheel))
+    error_message = "kmskeys_wheel must be https://HOST/.../kmskeys-*.whl or s3://BUCKET/.../kmskeys-*.whl."
   }
+}
+
+variable "kmskeys_wheel_sha256" {
+  description = "SHA-256 of the wheel (hex). When set, pip refuses a wheel with another digest before installing anything."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.kmskeys_wheel_sha256 == null || can(regex("^[0-9a-f]{64}$", var.kmskeys_wheel_sha256))
+    error_message = "kmskeys_wheel_sha256 must be 64 lowercase hex digits (sha256sum of the wheel)."
+  }
+}
+
+variable "enable_seal" {
+  description = "Let the hosts use the seal key of the stored: keystore (seal = \"kms\"): Encrypt, Decrypt and GenerateDataKey under seal_key_arn, only bound to their own instance ARN. Off by default."
+  type        = bool
+  default     = false
+}
+
+variable "seal_key_arn" {
+  description = "ARN of the seal key (output seal_key_arn of the kms-key module with create_seal_key = true). Needed by enable_seal."
+  type        = string
+  default     = null
 }
 
 variable "resolver_config" {
