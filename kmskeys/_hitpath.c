@@ -5,9 +5,9 @@
  * does request_key + keyctl_read: a cffi call releases and retakes the GIL and converts its
  * arguments and result in Python, which alone costs about as much as the C program.
  *
- * fetch(desc, callout, search_ring, dest) -> (serial, payload) or (serial, None, owner, fsuid)
- *     The full path: find the `user` key (keyctl_search of search_ring first when non-zero,
- *     then request_key(2), which may upcall and wait, with the GIL released), check that this
+ * fetch(desc, callout, dest) -> (serial, payload) or (serial, None, owner, fsuid)
+ *     The full path: find the `user` key with request_key(2), which may upcall and wait (with
+ *     the GIL released) and links it into dest (0: the kernel's default), check that this
  *     thread's fsuid owns it (keyctl_describe), read it. A key owned by someone else is never
  *     read: the 4-tuple names its owner (-1: its permissions hide it). Errors raise OSError.
  *     A key found and checked here is remembered for this thread, for one second.
@@ -121,14 +121,14 @@ static PyObject *fetch(PyObject *self, PyObject *args)
     const char *desc;
     PyObject *callout_obj;
     const char *callout = NULL;
-    int search_ring, dest, err = 0, failed;
+    int dest, err = 0, failed;
     key_serial_t id = -1;
     long long owner;
     uid_t me;
     PyObject *payload;
 
     (void)self;
-    if (!PyArg_ParseTuple(args, "yOii", &desc, &callout_obj, &search_ring, &dest))
+    if (!PyArg_ParseTuple(args, "yOi", &desc, &callout_obj, &dest))
         return NULL;
     if (callout_obj != Py_None) {
         callout = PyBytes_AsString(callout_obj);
@@ -138,16 +138,9 @@ static PyObject *fetch(PyObject *self, PyObject *args)
     /* request_key may upcall and wait for the resolver: other threads run meanwhile. The
      * arguments stay alive: the caller holds references to them. */
     Py_BEGIN_ALLOW_THREADS
-    if (search_ring != 0) {
-        id = keyctl_search(search_ring, "user", desc, 0);
-        if (id < 0 && errno != ENOKEY)
-            err = errno;
-    }
-    if (id < 0 && err == 0) {
-        id = request_key("user", desc, callout, dest);
-        if (id < 0)
-            err = errno;
-    }
+    id = request_key("user", desc, callout, dest);
+    if (id < 0)
+        err = errno;
     Py_END_ALLOW_THREADS
     if (err != 0) {
         errno = err;
@@ -205,7 +198,7 @@ static PyObject *read_recent(PyObject *self, PyObject *arg)
 
 static PyMethodDef methods[] = {
     {"fetch", fetch, METH_VARARGS,
-     "fetch(desc, callout, search_ring, dest): the full path of get_secret."},
+     "fetch(desc, callout, dest): the full path of get_secret."},
     {"read_recent", read_recent, METH_O,
      "read_recent(serial): the payload of a key checked in the last second, or None."},
     {NULL, NULL, 0, NULL},

@@ -50,13 +50,15 @@ POSSESSOR_SHIFT, USER_SHIFT, GROUP_SHIFT, OTHER_SHIFT = 24, 16, 8, 0
 # - owner VIEW: describe() (the client's ownership check), /proc/keys (`kmskeys show`);
 # - owner READ: the payload;
 # - owner SEARCH: request_key(2) finds the cached key in the owner's keyrings, and
-#   keyctl_invalidate (`kmskeys flush`) needs it.
+#   keyctl_invalidate (`kmskeys flush`) needs it;
+# - owner LINK: request_key(2) links a key it finds into an explicit destination keyring only
+#   with LINK (get_secret's keyring="user"/"persistent"); the owner can read the key anyway.
 # Possessors get nothing: any process that shares the keyring (a joined session keyring,
 # `su`/`runuser` inheriting one) possesses the key, and keyctl_read succeeds on a possessed key
 # even without READ; possession comes from a search, so possessors must not have SEARCH (nor
 # LINK, which would let them link it into a keyring they search). No WRITE or SETATTR for
 # anyone, so nobody can update or re-permission the cached secret.
-RESOLVED_KEY_PERM = (PERM_VIEW | PERM_READ | PERM_SEARCH) << USER_SHIFT
+RESOLVED_KEY_PERM = (PERM_VIEW | PERM_READ | PERM_SEARCH | PERM_LINK) << USER_SHIFT
 
 # --- What the resolver answers ----------------------------------------------------------------
 # Every failure is rejected with exactly one of three errnos, one per class; the client maps

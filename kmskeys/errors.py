@@ -74,18 +74,18 @@ class QuotaExceededError(KeyctlError):
 
 class KeyPermissionError(KeyctlError, PermissionError):
     """The key's permissions deny this process (EACCES): it belongs to another user who shares a
-    keyring with this process. Request secrets from a keyring of your own: a fresh session
-    keyring (`keyctl new_session`), KeyringMode=private under systemd, or keyring="user" /
-    "persistent" (`kmskeys get --keyring user`)."""
+    keyring with this process (a joined, inherited or `su`/`runuser` session). Run with a
+    session keyring of your own (`keyctl new_session`, KeyringMode=private under systemd); to
+    share across this uid's sessions, use keyring="user" or "persistent"."""
 
     errno = _errno.EACCES
 
 
 class KeyOwnershipError(KeyPermissionError):
     """A cached key under this name belongs to another uid, so kmskeys will not return its
-    payload: this process shares a keyring with another user. Request secrets from a keyring of
-    your own: a fresh session keyring (`keyctl new_session`), KeyringMode=private under systemd,
-    or keyring="user" / "persistent" (`kmskeys get --keyring user`)."""
+    payload: this process shares a keyring with another user. Run with a session keyring of
+    your own (`keyctl new_session`, KeyringMode=private under systemd); to share across this
+    uid's sessions, use keyring="user" or "persistent" (`kmskeys get --keyring user`)."""
 
     def __init__(self, message: str, *, serial: int, owner: int | None) -> None:
         super().__init__(message, errno=_errno.EACCES)

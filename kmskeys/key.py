@@ -292,33 +292,51 @@ class Keyring(Key):
         keyutils.keyctl_clear(self.serial)
 
 
-# Where get_secret keeps what it caches: (search ring, request_key destination). The user and
-# persistent keyrings are shared by every process of the uid, but request_key(2) searches only
-# the thread, process and session keyrings, so they are searched explicitly first.
+# Where get_secret caches: None (request_key's default, the session keyring), "session", or a
+# keyring every process of the uid shares ("user", "persistent"). A shared keyring is linked
+# into this process's own keyring (private: children do not inherit it) so that request_key
+# searches it and the resolver possesses the key it constructs there: the kernel gives the
+# handler possession only through the requester's thread, process and session keyrings, and
+# an anonymous session keyring does not link the user keyring.
 KEYRINGS = ("session", "user", "persistent")
 _DESCRIPTIONS: dict[tuple[object, str], bytes] = {}
 _SERIALS: dict[bytes, int] = {}
 _read_recent = keyutils.read_recent
-_PERSISTENT: list[int] = []
+_SHARED: dict[str, int] = {}
 
 
-def _rings(keyring: str | Key | int | None) -> tuple[int, int]:
+def _forget_shared() -> None:
+    _SHARED.clear()  # a forked child has no process keyring: link again when asked
+
+
+def _shared(kind: str) -> int:
+    ring = _SHARED.get(kind)
+    if ring is None:
+        if not _SHARED:
+            import os
+
+            os.register_at_fork(after_in_child=_forget_shared)
+        process = keyutils.KEY_SPEC_PROCESS_KEYRING
+        if kind == "user":
+            ring = keyutils.keyctl_get_keyring_ID(keyutils.KEY_SPEC_USER_KEYRING, True)
+            keyutils.keyctl_link(ring, process)  # creates the process keyring
+        else:
+            # Also resets its expiry timer (kernel.keys.persistent_keyring_expiry).
+            ring = keyutils.keyctl_get_persistent(-1, process)
+        _SHARED[kind] = ring
+    return ring
+
+
+def _destination(keyring: str | Key | int | None) -> int:
     if keyring is None:
-        return 0, 0  # request_key's default destination (docs/client.md)
+        # With a process keyring of ours, the kernel's default would be it: keep the session's.
+        return keyutils.KEY_SPEC_SESSION_KEYRING if _SHARED else 0
     if keyring == "session":
-        return 0, keyutils.KEY_SPEC_SESSION_KEYRING
-    if keyring == "user":
-        return keyutils.KEY_SPEC_USER_KEYRING, keyutils.KEY_SPEC_USER_KEYRING
-    if keyring == "persistent":
-        if not _PERSISTENT:
-            # Linked into the session keyring so that later searches possess it; the kernel
-            # resets its expiry timer (kernel.keys.persistent_keyring_expiry) at each call.
-            _PERSISTENT.append(
-                keyutils.keyctl_get_persistent(-1, keyutils.KEY_SPEC_SESSION_KEYRING)
-            )
-        return _PERSISTENT[0], _PERSISTENT[0]
-    if isinstance(keyring, Key | int):
-        return 0, _serial(keyring)
+        return keyutils.KEY_SPEC_SESSION_KEYRING
+    if keyring in ("user", "persistent"):
+        return _shared(str(keyring))
+    if isinstance(keyring, Key | int) and not isinstance(keyring, bool):
+        return _serial(keyring)
     from kmskeys.errors import InvalidArgumentError
 
     raise InvalidArgumentError(f"keyring must be one of {', '.join(KEYRINGS)} or a Keyring")
@@ -355,9 +373,9 @@ def get_secret(
         payload = _read_recent(serial)
         if payload is not None:
             return payload
-    search, dest = (0, 0) if keyring is None else _rings(keyring)
+    dest = _destination(keyring)
     callout = b"" if blob is None else blob if blob.__class__ is bytes else _as_bytes(blob, "blob")
-    serial, payload = keyutils.fetch(desc, callout, search, dest)
+    serial, payload = keyutils.fetch(desc, callout, dest)
     if len(_SERIALS) < 1024:
         _SERIALS[desc] = serial
     return payload

@@ -62,17 +62,15 @@ def request_key(type_: bytes, description: bytes, callout_info: bytes | None, ke
     return serial
 
 
-def fetch(
-    description: bytes, callout_info: bytes | None, search_ring: int, dest: int
-) -> tuple[int, bytes]:
+def fetch(description: bytes, callout_info: bytes | None, dest: int) -> tuple[int, bytes]:
     """The full path of get_secret (kmskeys/_hitpath.c): find or construct `description`, check
     that this process's fsuid owns it, read it: (serial, payload). KeyOwnershipError for a
     key of another uid.
 
-    `search_ring` (0: none) is searched before request_key(2), which links into `dest`.
+    request_key(2) links the key it finds or constructs into `dest` (0: the kernel's default).
     """
     try:
-        found = _fetch(description, callout_info, search_ring, dest)
+        found = _fetch(description, callout_info, dest)
     except OSError as exc:
         from kmskeys.errors import error_for_errno
 

@@ -162,28 +162,28 @@ class Handler:
                 config = self._load_config()
                 with watchdog.armed(self.started + config.deadline - WATCHDOG_MARGIN):
                     plaintext, ttl = self._resolve(config)
-        except DeadlineExceeded:
-            return self._reject(UnavailableError("deadline exceeded before KMS answered"))
-        except ResolverError as exc:
-            if watchdog.fired:
-                return self._reject(UnavailableError(f"deadline exceeded ({exc.reason})"))
-            return self._reject(exc)
-        except Exception as exc:
-            if watchdog.fired:
-                # The signal surfaced as another exception (inside an import, say): a missed
-                # deadline, never a cached refusal.
-                return self._reject(UnavailableError(f"deadline exceeded ({type(exc).__name__})"))
-            if isinstance(exc, ImportError):
-                # A resolver installed without its dependencies: loud (ERR), and not cached.
-                missing = exc.name or str(exc)
-                return self._reject(
-                    UnavailableError(
-                        f"missing dependency {missing}: pip install 'kmskeys[resolver]'"
-                    )
-                )
-            # A bug must still reject: a key left under construction would be negated silently.
-            return self._reject(RefusedError(f"internal error: {type(exc).__name__}"))
+        except (Exception, DeadlineExceeded) as exc:  # every failure is answered
+            return self._reject(self.failure(exc))
         return self._instantiate(plaintext, ttl)
+
+    def failure(self, exc: BaseException) -> ResolverError:
+        """The class a failure is answered with: once the watchdog has fired, always EAGAIN."""
+        if isinstance(exc, DeadlineExceeded):
+            return UnavailableError("deadline exceeded before KMS answered")
+        if self.watchdog.fired:
+            # The signal surfaced as another exception (inside an import or a class creation,
+            # say): a missed deadline, never a cached refusal.
+            what = exc.reason if isinstance(exc, ResolverError) else type(exc).__name__
+            return UnavailableError(f"deadline exceeded ({what})")
+        if isinstance(exc, ResolverError):
+            return exc
+        if isinstance(exc, ImportError):
+            # A resolver installed without its dependencies: loud (ERR), and not cached.
+            return UnavailableError(
+                f"missing dependency {exc.name or exc}: pip install 'kmskeys[resolver]'"
+            )
+        # A bug must still reject: a key left under construction would be negated silently.
+        return RefusedError(f"internal error: {type(exc).__name__}")
 
     def _load_config(self) -> config_mod.Config:
         config = config_mod.load(self.args.config)
