@@ -25,6 +25,8 @@ _CREATED_CONFIG = "# created-config: "
 _CREATED_DIR = "# created-dir: "
 # The kernel's request-key macros, in the order `handle` expects them.
 MACROS = "%k %d %c %u %g %T %P %S"
+# Which descriptions `install --rules` routes to the handler: one config serves both.
+RULES = ("kms", "stored", "both")
 
 
 @dataclass
@@ -104,6 +106,16 @@ def default_config_text(prefix: str) -> str:
         '# [names."app/*"]\n'
         "# ttl = 60\n"
         '# allow_users = ["www-data"]\n'
+        "#\n"
+        "# The stored: keystore (docs/dpapi.md):\n"
+        '# stored_prefix = "stored"\n'
+        f'# keystore_dir = "{config_mod.DEFAULT_KEYSTORE_DIR}"\n'
+        '# seal = "none"                   # "kms": entries wrapped by seal_key_arn\n'
+        '# seal_key_arn = "arn:aws:kms:eu-west-1:111122223333:key/..."\n'
+        '# seal_host = "arn:aws:ec2:eu-west-1:111122223333:instance/i-..."\n'
+        '# [stored."shared/*"]\n'
+        '# scope = "machine"               # one key per host instead of one per uid\n'
+        '# allow_users = ["www-data"]\n'
     )
 
 
@@ -143,15 +155,16 @@ def _write_atomic(path: Path, text: str, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def _mkdirs(path: Path, manifest: Manifest, actions: list[str]) -> None:
+def _mkdirs(path: Path, manifest: Manifest, actions: list[str], mode: int = 0o755) -> None:
     missing = []
     for parent in (path, *path.parents):
         if parent.exists():
             break
         missing.append(parent)
     for directory in reversed(missing):
-        directory.mkdir(mode=0o755)
+        directory.mkdir(mode=mode if directory == path else 0o755)
         os.chown(directory, 0, 0)
+        os.chmod(directory, mode if directory == path else 0o755)  # whatever the umask
         manifest.dirs.append(directory)
         actions.append(f"created directory {directory}")
 
@@ -160,8 +173,14 @@ def install(
     config_path: Path = config_mod.DEFAULT_PATH,
     prefix: str | None = None,
     request_key_d: Path = REQUEST_KEY_D,
+    rules: str = "kms",
 ) -> list[str]:
-    """Install the rule (and a config and blob_dir when missing); return what was done."""
+    """Install the rule(s) (and a config, blob_dir, keystore when missing); say what was done.
+
+    `rules` is "kms", "stored" or "both": which prefixes the one rule file routes to the handler.
+    """
+    if rules not in RULES:
+        raise InstallError(f"--rules must be one of {', '.join(RULES)}")
     config_path = Path(os.path.abspath(config_path))
     prefix, config = _prefix_for(config_path, prefix)
     target = rule_path(prefix, request_key_d)
@@ -173,14 +192,22 @@ def install(
         manifest.config = (config_path, _digest(config_path))
         actions.append(f"wrote {config_path}")
         config = config_mod.load(config_path)
-    _mkdirs(config.blob_dir, manifest, actions)
+    routed = {"kms": [prefix], "stored": [config.stored_prefix]}.get(
+        rules, [prefix, config.stored_prefix]
+    )
+    if rules != "stored":
+        _mkdirs(config.blob_dir, manifest, actions)
+    if rules != "kms":
+        # Root's alone, 0700: the stored: keys live here (resolver/keystore.py).
+        _mkdirs(config.keystore_dir, manifest, actions, mode=0o700)
     if not request_key_d.is_dir():
         raise InstallError(f"{request_key_d} is missing: install the keyutils package")
+    executable = resolver_executable()
     text = "\n".join(
         [
             f"{MARKER} (prefix {prefix}); `kmskeys-resolver uninstall` removes this file.",
             *manifest.lines(),
-            rule_line(prefix, resolver_executable(), config_path),
+            *(rule_line(p, executable, config_path) for p in routed),
             "",
         ]
     )
