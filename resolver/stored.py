@@ -83,18 +83,21 @@ class StoredBackend:
             entry = self.store.read(eid)
         except UnknownSecretError:
             versions = self.store.versions(scope, uid, request.name)
-            if query.version != 1:
+            if query.version in versions:  # a concurrent request created it since we looked
+                entry = self.store.read(eid)
+            elif query.version != 1:
                 raise UnknownSecretError(
                     f"no version {query.version} of {eid.name!r} ({scope} scope"
                     f"{'' if uid is None else f', uid {uid}'}); versions kept: "
                     f"{', '.join(map(str, versions)) or 'none'}"
                 ) from None
-            if versions:
+            elif versions:
                 raise KeystoreError(
                     f"keystore entry {eid} is missing while later versions exist; it is never "
                     "recreated: restore it from a backup"
                 ) from None
-            entry, key = self._first(eid, size, deadline, trace)
+            else:
+                entry, key = self._first(eid, size, deadline, trace)
         self._check_size(entry, size)
         trace.details["mode"] = f"{scope}.v{entry.id.version}" + (
             ".sealed" if entry.seal == SEAL_KMS else ""
