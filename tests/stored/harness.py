@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kmskeys import Key
+from tests.support.kms_emulator import TEST_CREDENTIALS
 from tests.support.names import unique, unique_prefix
 from tests.upcall.harness import SyslogReader, run_resolver
 
@@ -74,13 +75,36 @@ def write_config(path: Path, values: dict[str, Any], extra: str = "") -> None:
 
 @contextmanager
 def stored_installed(
-    *, names: str = "", rules: str = "stored", keystore: Path | None = None, **settings: Any
+    *,
+    names: str = "",
+    rules: str = "stored",
+    keystore: Path | None = None,
+    kms_endpoint: str | None = None,
+    **settings: Any,
 ) -> Iterator[StoredInstall]:
-    """Install a resolver for a fresh stored prefix with `settings`; remove all of it after."""
+    """Install a resolver for a fresh stored prefix with `settings`; remove all of it after.
+
+    `kms_endpoint` points its KMS client (the seal's) at an emulator, with test credentials.
+    """
     root = Path(tempfile.mkdtemp(prefix=unique("stored") + "-"))
     os.chmod(root, 0o755)
     keystore = keystore or root / "keystore"
     log = SyslogReader(root / "log.sock")
+    if kms_endpoint is not None:
+        credentials = root / "credentials"
+        write_root_file(
+            credentials,
+            "[default]\n"
+            f"aws_access_key_id = {TEST_CREDENTIALS['AWS_ACCESS_KEY_ID']}\n"
+            f"aws_secret_access_key = {TEST_CREDENTIALS['AWS_SECRET_ACCESS_KEY']}\n",
+            0o600,
+        )
+        settings = {
+            "region": TEST_CREDENTIALS["AWS_REGION"],
+            "endpoint_url": kms_endpoint,
+            "shared_credentials_file": credentials,
+            **settings,
+        }
     values: dict[str, Any] = {
         # The kms prefix is unused here, but names the rule file: unique, like every test install.
         "prefix": unique_prefix(),
