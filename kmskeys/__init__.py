@@ -13,7 +13,7 @@ from kmskeys.names import description, validate_name
 TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
 
 if TYPE_CHECKING:
-    from kmskeys.dpapi import protect, unprotect, unprotect_with_description
+    from kmskeys.dpapi import protect, protect_bytes, unprotect, unprotect_with_description
     from kmskeys.errors import (
         InvalidArgumentError,
         InvalidNameError,
@@ -86,6 +86,7 @@ __all__ = [
     "description",
     "get_secret",
     "protect",
+    "protect_bytes",
     "unprotect",
     "unprotect_with_description",
     "validate_name",
@@ -93,4 +94,4 @@ __all__ = [
 
 # Every exported name ending in "Error" lives in kmskeys.errors and is loaded by __getattr__.
 _ERRORS = frozenset(name for name in __all__ if name.endswith("Error"))
-_DPAPI = frozenset(("protect", "unprotect", "unprotect_with_description"))
+_DPAPI = frozenset(("protect", "protect_bytes", "unprotect", "unprotect_with_description"))

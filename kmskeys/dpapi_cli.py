@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import io
 import os
 import stat
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
-from typing import BinaryIO, cast
 
 from kmskeys.contract import DEFAULT_STORED_PREFIX
-from kmskeys.dpapi import DEFAULT_NAME, Reader, protect_stream, unprotect_stream
+from kmskeys.dpapi import DEFAULT_NAME, protect_stream, unprotect_stream
 from kmskeys.stored import SCOPE_USER, SCOPES
+
+TYPE_CHECKING = False  # not `from typing import`: a fresh process pays for typing
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 MAX_ENTROPY_BYTES = 1 << 20
 
@@ -64,7 +68,7 @@ def protect_main(argv: Sequence[str]) -> int:
     _common(parser)
     args = parser.parse_args(argv)
     protect_stream(
-        cast(Reader, sys.stdin.buffer),  # a BufferedReader: it has readinto
+        _stdin(),
         sys.stdout.buffer,
         name=args.name,
         scope=args.scope,
@@ -74,6 +78,11 @@ def protect_main(argv: Sequence[str]) -> int:
     )
     sys.stdout.buffer.flush()
     return 0
+
+
+def _stdin() -> io.FileIO:
+    # Unbuffered: chunks are read straight into their buffers, with no second copy.
+    return open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
 
 
 def _rollback_point(out: BinaryIO) -> Callable[[], None]:
@@ -114,9 +123,7 @@ def unprotect_main(argv: Sequence[str]) -> int:
     out = sys.stdout.buffer
     undo = _rollback_point(out)
     try:
-        header = unprotect_stream(
-            cast(Reader, sys.stdin.buffer), out, entropy=entropy, prefix=args.prefix
-        )
+        header = unprotect_stream(_stdin(), out, entropy=entropy, prefix=args.prefix)
         out.flush()
     except BaseException:
         undo()

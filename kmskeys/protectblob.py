@@ -16,11 +16,9 @@ HKDF over the whole header, so a changed header byte makes every chunk fail. The
 
 from __future__ import annotations
 
-import base64
 import binascii
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from kmskeys.errors import InvalidNameError, NotAProtectBlobError
 from kmskeys.names import validate_name
@@ -44,7 +42,10 @@ _CODE_SCOPES = {code: scope for scope, code in _SCOPE_CODES.items()}
 # magic, format, scope, key version, uid, chunk size, salt, nonce prefix, name length
 _FIXED = struct.Struct(f">8sBBIII{SALT_BYTES}s{NONCE_PREFIX_BYTES}sB")
 _U16 = struct.Struct(">H")
-_URLSAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_URLSAFE_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_URLSAFE_VALUE = {char: value for value, char in enumerate(_URLSAFE_ALPHABET)}
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
 def _bad(reason: str) -> NotAProtectBlobError:
@@ -61,34 +62,106 @@ def _check_description(text: str) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class ProtectHeader:
-    """Everything a blob says about itself; authenticated only once a chunk decrypts under it."""
+_FIELDS = (
+    "scope",
+    "name",
+    "key_version",
+    "uid",
+    "chunk_size",
+    "salt",
+    "nonce_prefix",
+    "description",
+)
 
-    scope: str
-    name: str
-    key_version: int
-    uid: int | None  # the protecting uid for user scope, None for machine scope
-    chunk_size: int
-    salt: bytes
-    nonce_prefix: bytes
-    description: str = ""
 
-    def __post_init__(self) -> None:
-        if self.scope not in _SCOPE_CODES:
+class ProtectHeader(tuple[str, str, int, "int | None", int, bytes, bytes, str]):
+    """Everything a blob says about itself; authenticated only once a chunk decrypts under it.
+
+    An immutable tuple of the header fields, checked on construction (not a dataclass: that
+    module costs a fresh `kmskeys unprotect` over 10 ms to import).
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        *,
+        scope: str,
+        name: str,
+        key_version: int,
+        uid: int | None,
+        chunk_size: int,
+        salt: bytes,
+        nonce_prefix: bytes,
+        description: str = "",
+    ) -> ProtectHeader:
+        if scope not in _SCOPE_CODES:
             raise ValueError(f"scope must be {SCOPE_USER!r} or {SCOPE_MACHINE!r}")
-        validate_name(self.name)
-        if not 1 <= self.key_version <= MAX_VERSION:
+        validate_name(name)
+        if not 1 <= key_version <= MAX_VERSION:
             raise ValueError(f"key version must be in 1..{MAX_VERSION}")
-        if (self.scope == SCOPE_USER) != (self.uid is not None) or not (
-            self.uid is None or 0 <= self.uid < NO_UID
-        ):
+        if (scope == SCOPE_USER) != (uid is not None) or not (uid is None or 0 <= uid < NO_UID):
             raise ValueError("a user-scope blob names its uid, a machine-scope blob none")
-        if not MIN_CHUNK <= self.chunk_size <= MAX_CHUNK:
+        if not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
             raise ValueError(f"chunk size must be in {MIN_CHUNK}..{MAX_CHUNK}")
-        if len(self.salt) != SALT_BYTES or len(self.nonce_prefix) != NONCE_PREFIX_BYTES:
+        if len(salt) != SALT_BYTES or len(nonce_prefix) != NONCE_PREFIX_BYTES:
             raise ValueError("salt or nonce prefix has the wrong length")
-        _check_description(self.description)
+        _check_description(description)
+        fields = (scope, name, key_version, uid, chunk_size, salt, nonce_prefix, description)
+        return super().__new__(cls, fields)
+
+    @property
+    def scope(self) -> str:
+        """'user' or 'machine'."""
+        return self[0]
+
+    @property
+    def name(self) -> str:
+        """The master key's NAME."""
+        return self[1]
+
+    @property
+    def key_version(self) -> int:
+        """The master key's version."""
+        return self[2]
+
+    @property
+    def uid(self) -> int | None:
+        """The protecting uid (user scope), else None."""
+        return self[3]
+
+    @property
+    def chunk_size(self) -> int:
+        """Plaintext bytes per chunk."""
+        return self[4]
+
+    @property
+    def salt(self) -> bytes:
+        """The HKDF salt."""
+        return self[5]
+
+    @property
+    def nonce_prefix(self) -> bytes:
+        """The chunks' nonce prefix."""
+        return self[6]
+
+    @property
+    def description(self) -> str:
+        """The authenticated description."""
+        return self[7]
+
+    def replace(self, **changes: object) -> ProtectHeader:
+        """A copy with some fields changed (and checked again)."""
+        fields: dict[str, object] = {**dict(zip(_FIELDS, self, strict=True)), **changes}
+        return ProtectHeader(**fields)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{k}={v!r}"
+            for k, v in zip(_FIELDS, self, strict=True)
+            if k not in ("salt", "nonce_prefix")
+        )
+        return f"ProtectHeader({shown})"
 
     def encode(self) -> bytes:
         """The header's exact bytes (the HKDF info covers all of them)."""
@@ -179,9 +252,10 @@ def chunk_nonce(prefix: bytes, index: int, last: bool) -> bytes:
     return prefix + index.to_bytes(4, "big") + (b"\x01" if last else b"\x00")
 
 
-def to_text(blob: bytes) -> str:
+def to_text(blob: bytes | bytearray | memoryview) -> str:
     """The one-line text form of a binary blob: `kmsdp1:` + base64url without padding."""
-    return TEXT_PREFIX + base64.urlsafe_b64encode(blob).rstrip(b"=").decode("ascii")
+    encoded = binascii.b2a_base64(blob, newline=False).translate(_TO_URLSAFE).rstrip(b"=")
+    return TEXT_PREFIX + encoded.decode("ascii")
 
 
 def from_text(text: str | bytes) -> bytes:
@@ -192,13 +266,17 @@ def from_text(text: str | bytes) -> bytes:
     if not raw.startswith(prefix):
         raise _bad(f"text form must start with {TEXT_PREFIX!r}")
     body = raw[len(prefix) :]
-    if not _URLSAFE.issuperset(body) or len(body) % 4 == 1:
+    # One text per blob: standard characters, '=' or a length that no encoding has are refused
+    # (strict mode does the alphabet), and so are unused trailing bits that are not zero.
+    if b"+" in body or b"/" in body or b"=" in body or len(body) % 4 == 1:
         raise _bad("its text form is not base64url")
     try:
-        data = base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4))
-    except (binascii.Error, ValueError):
+        data = binascii.a2b_base64(
+            body.translate(_FROM_URLSAFE) + b"=" * (-len(body) % 4), strict_mode=True
+        )
+    except binascii.Error:
         raise _bad("its text form is not base64url") from None
-    # Canonical: one text per blob, so unused trailing bits must be zero.
-    if base64.urlsafe_b64encode(data).rstrip(b"=") != body:
+    spare = {2: 0x0F, 3: 0x03}.get(len(body) % 4, 0)
+    if body and _URLSAFE_VALUE[body[-1]] & spare:
         raise _bad("its text form is not canonical base64url")
     return data

@@ -17,6 +17,8 @@ ever, rotation or not, which is the essay's contract. `#` cannot occur in a NAME
 
 from __future__ import annotations
 
+import functools
+
 SCOPE_USER = "user"
 SCOPE_MACHINE = "machine"
 SCOPES = (SCOPE_USER, SCOPE_MACHINE)
@@ -112,6 +114,12 @@ def parse_qualifier(qualifier: str) -> StoredQuery:
 
 def stored_description(prefix: str, name: str, query: StoredQuery) -> str:
     """The key description `PREFIX:NAME#...` for `query` (name and prefix validated)."""
+    return _validated(prefix, name) + query.qualifier()
+
+
+@functools.lru_cache(maxsize=256)
+def _validated(prefix: str, name: str) -> str:
+    # protect and unprotect build two descriptions per call: check each name once per process.
     from kmskeys.names import description
 
-    return description(name, prefix) + query.qualifier()
+    return description(name, prefix)

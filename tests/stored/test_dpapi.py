@@ -10,7 +10,6 @@ import hashlib
 import io
 import os
 import subprocess
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -77,7 +76,7 @@ def test_b_cannot_unprotect_a_user_scope_blob(stored: StoredInstall) -> None:
     assert f"protected for uid {UID_A}; you are uid {UID_B}" in str(refused["message"])
     # B rewriting the uid in the header gets B's own key, under which nothing authenticates.
     header, _, chunks = _parts(text)
-    forged = to_text(replace(header, uid=UID_B).encode() + chunks)
+    forged = to_text(header.replace(uid=UID_B).encode() + chunks)
     tampered = as_user(UID_B, lambda: kmskeys.unprotect(forged, prefix=stored.stored_prefix))
     assert tampered["error"] == "ProtectAuthenticationError", tampered
 
@@ -165,7 +164,7 @@ def test_rotate_refuses_the_wrong_scope(stored: StoredInstall) -> None:
 def test_unknown_key_version(stored: StoredInstall) -> None:
     name = unique("noversion")
     header, _, chunks = _parts(kmskeys.protect(b"x", name=name, prefix=stored.stored_prefix))
-    future = to_text(replace(header, key_version=7).encode() + chunks)
+    future = to_text(header.replace(key_version=7).encode() + chunks)
     with pytest.raises(kmskeys.UnknownKeyVersionError) as caught:
         kmskeys.unprotect(future, prefix=stored.stored_prefix)
     assert "no version 7" in str(caught.value)
@@ -302,7 +301,7 @@ def test_cli_errors_are_one_line_with_their_exit_code(stored: StoredInstall) -> 
     assert "scope not allowed by policy" in _one_line(policy)
     name = unique("cliversion")
     header, _, chunks = _parts(kmskeys.protect(b"x", name=name, prefix=stored.stored_prefix))
-    future = replace(header, key_version=9).encode() + chunks
+    future = header.replace(key_version=9).encode() + chunks
     unknown = _cli("unprotect", *prefix, stdin=future)
     assert unknown.returncode == EXIT_UNKNOWN_VERSION and "no version 9" in _one_line(unknown)
 
@@ -318,3 +317,35 @@ def test_client_import_path_stays_free_of_dpapi() -> None:
         [str(KMSKEYS.parent / "python"), "-c", probe], capture_output=True, check=True, timeout=60
     )
     assert out.stderr.decode().strip() == "[]"
+
+
+class _FileLike:
+    """A reader that is not io.BytesIO, so the stream code reads into its own buffers."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._data.read(size)
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        return self._data.readinto(buffer)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 8192, 3 * 4096 + 5])
+def test_streams_in_memory_and_from_files_agree(stored: StoredInstall, size: int) -> None:
+    prefix, data = stored.stored_prefix, os.urandom(size)
+    blobs = []
+    for source in (io.BytesIO(data), _FileLike(data)):
+        out = io.BytesIO()
+        dpapi.protect_stream(source, out, prefix=prefix, chunk_size=4096)
+        blobs.append(out.getvalue())
+    chunks = max(1, -(-size // 4096))
+    for blob in blobs:
+        _, _, sealed = _parts(blob)
+        assert len(sealed) == size + chunks * TAG_BYTES
+        for source in (io.BytesIO(blob), _FileLike(blob)):
+            out = io.BytesIO()
+            dpapi.unprotect_stream(source, out, prefix=prefix)
+            assert out.getvalue() == data
+        assert kmskeys.unprotect(blob, prefix=prefix) == data

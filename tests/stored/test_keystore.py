@@ -142,7 +142,7 @@ def test_corrupt_entry_is_refused_and_left_untouched(
         f.truncate()
     damaged = entry.read_bytes()
     mtime = entry.stat().st_mtime_ns
-    stored.log.drain()
+    stored.log.wait_for(name)  # the creation's line, out of the way
     for qualifier in ("", "#latest", "#user#v1"):
         Keyring.join_session()
         with pytest.raises(KeyRejectedError):
@@ -163,7 +163,7 @@ def test_entry_of_another_name_is_refused(stored: StoredInstall) -> None:
     stored.request(second)
     entry = stored.entry(second)
     shutil.copyfile(stored.entry(first), entry)  # intact bytes, wrong place
-    stored.log.drain()
+    stored.log.wait_for(second)  # the creation's line, out of the way
     Keyring.join_session()
     with pytest.raises(KeyRejectedError):
         stored.request(second)
@@ -262,7 +262,7 @@ def test_unsafe_keystore_is_refused(
     target = {"root": stored.keystore, "scope": entry.parent, "entry": entry}[where]
     st = target.stat()
     damage(target)
-    stored.log.drain()
+    stored.log.wait_for(name)  # the creation's line, out of the way
     try:
         Keyring.join_session()
         with pytest.raises(KeyRejectedError):

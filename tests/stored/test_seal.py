@@ -112,7 +112,7 @@ def test_kms_down_and_nothing_cached_is_eagain(sealed: Sealed) -> None:
     store = sealed.install
     kept, fresh = unique("kept"), unique("fresh")
     key = store.request(kept)
-    store.log.drain()
+    store.log.wait_for(kept)  # the creation's line, out of the way
     sealed.proxy.set_fault(lambda request: DROP)
     Keyring.join_session()
     for name in (kept, fresh):
