@@ -207,7 +207,8 @@ def _wipe(buf: bytearray, size: int) -> None:
 # Stream buffers are reused from call to call (wiped when they held plaintext): a fresh
 # megabyte costs its page faults every time.
 _POOL: list[bytearray] = []
-_POOL_MAX = 4
+_POOL_MAX = 6  # two streams' worth: three buffers each
+_POOLED_MAX_BYTES = 2 * DEFAULT_CHUNK  # a blob with huge chunks does not pin its buffers
 
 
 def _take(size: int) -> bytearray:
@@ -219,7 +220,7 @@ def _take(size: int) -> bytearray:
 
 def _give(*buffers: bytearray) -> None:
     for buf in buffers:
-        if len(_POOL) < _POOL_MAX:
+        if len(_POOL) < _POOL_MAX and len(buf) <= _POOLED_MAX_BYTES:
             _POOL.append(buf)
 
 
@@ -343,12 +344,21 @@ def protect_stream(
     return header
 
 
-def _split_blob(blob: bytes) -> tuple[ProtectHeader, bytes, memoryview]:
+def _split_blob(blob: bytes | bytearray) -> tuple[ProtectHeader, bytes, memoryview]:
     """Header, header bytes and chunks of a whole blob in memory (binary or text form)."""
     if blob[: len(TEXT_PREFIX)] == TEXT_PREFIX.encode():
-        blob = from_text(blob)
-    header, raw = read_header(io.BytesIO(blob).read)
-    return header, raw, memoryview(blob)[len(raw) :]
+        blob = from_text(bytes(blob))
+    view = memoryview(blob)
+    at = 0
+
+    def read(size: int) -> bytes:  # the header only: never a copy of the whole blob
+        nonlocal at
+        part = bytes(view[at : at + size])
+        at += len(part)
+        return part
+
+    header, raw = read_header(read)
+    return header, raw, view[len(raw) :]
 
 
 def _open_header(src: Reader) -> tuple[ProtectHeader, bytes, Reader | memoryview]:
@@ -482,16 +492,27 @@ def protect_bytes(
     entropy: bytes = b"",
     description: str = "",
     prefix: str = DEFAULT_STORED_PREFIX,
-) -> bytes:
-    """Protect `data` into the binary blob (DPAPI's DATA_BLOB); `protect` is its text form."""
+) -> bytearray:
+    """Protect `data` into the binary blob (DPAPI's DATA_BLOB); `protect` is its text form.
+
+    A bytearray: the chunks are sealed straight into it, so nothing is copied or allocated
+    twice (on a VM, a megabyte of fresh memory costs about as much as sealing it).
+    """
     chunk_size = DEFAULT_CHUNK
     header, raw, aead = _new_header(
         name, scope, entropy=entropy, description=description, prefix=prefix, chunk_size=chunk_size
     )
-    parts = [raw]
-    for index, chunk, last in _with_last(_slices(memoryview(data), chunk_size, empty_chunk=True)):
-        parts.append(aead.encrypt(chunk_nonce(header.nonce_prefix, index, last), chunk, None))
-    return b"".join(parts)
+    view = memoryview(data)
+    chunks = max(1, -(-len(view) // chunk_size))
+    blob = bytearray(len(raw) + len(view) + chunks * TAG_BYTES)
+    blob[: len(raw)] = raw
+    at = len(raw)
+    for index, chunk, last in _with_last(_slices(view, chunk_size, empty_chunk=True)):
+        end = at + len(chunk) + TAG_BYTES
+        nonce = chunk_nonce(header.nonce_prefix, index, last)
+        aead.encrypt_into(nonce, chunk, None, memoryview(blob)[at:end])
+        at = end
+    return blob
 
 
 def protect(
@@ -515,8 +536,9 @@ def unprotect_with_description(
     blob: str | bytes, *, entropy: bytes = b"", prefix: str = DEFAULT_STORED_PREFIX
 ) -> tuple[bytes, str]:
     """The data and the authenticated description of `blob` (CryptUnprotectData's ppszDataDescr)."""
-    raw_blob = blob.encode("ascii", "replace") if isinstance(blob, str) else bytes(blob)
-    header, raw, body = _split_blob(raw_blob)
+    header, raw, body = _split_blob(
+        blob.encode("ascii", "replace") if isinstance(blob, str) else blob
+    )
     aead = _key_for(header, raw, entropy, prefix)
     if TAG_BYTES <= len(body) <= header.chunk_size + TAG_BYTES:
         # One chunk: decrypt returns the data itself, with no buffer of ours to copy or wipe.
@@ -553,5 +575,4 @@ def unprotect(
 
 def inspect(blob: str | bytes) -> ProtectHeader:
     """What `blob` says about itself (name, scope, version, uid, description), NOT authenticated."""
-    raw = blob.encode("ascii", "replace") if isinstance(blob, str) else bytes(blob)
-    return _split_blob(raw)[0]
+    return _split_blob(blob.encode("ascii", "replace") if isinstance(blob, str) else blob)[0]

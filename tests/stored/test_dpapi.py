@@ -349,3 +349,14 @@ def test_streams_in_memory_and_from_files_agree(stored: StoredInstall, size: int
             dpapi.unprotect_stream(source, out, prefix=prefix)
             assert out.getvalue() == data
         assert kmskeys.unprotect(blob, prefix=prefix) == data
+
+
+def test_binary_and_text_forms_are_one_blob(stored: StoredInstall) -> None:
+    prefix = stored.stored_prefix
+    data = os.urandom(DEFAULT_CHUNK + 1)  # two chunks
+    binary = kmskeys.protect_bytes(data, description="two chunks", prefix=prefix)
+    assert isinstance(binary, bytearray)
+    text = to_text(binary)
+    assert kmskeys.unprotect(binary, prefix=prefix) == data
+    assert kmskeys.unprotect_with_description(text, prefix=prefix) == (data, "two chunks")
+    assert dpapi.inspect(binary) == dpapi.inspect(text)
