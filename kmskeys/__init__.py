@@ -13,6 +13,7 @@ from kmskeys.names import description, validate_name
 TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
 
 if TYPE_CHECKING:
+    from kmskeys.dpapi import protect, protect_bytes, unprotect, unprotect_with_description
     from kmskeys.errors import (
         InvalidArgumentError,
         InvalidNameError,
@@ -25,11 +26,18 @@ if TYPE_CHECKING:
         KeyRevokedError,
         KeyTypeUnavailableError,
         KmsKeysError,
+        NotAProtectBlobError,
         OperationNotPermittedError,
         OutOfMemoryError,
         PayloadTooLargeError,
+        ProtectAuthenticationError,
+        ProtectError,
         QuotaExceededError,
+        ScopeNotAllowedError,
         TemporarilyUnavailableError,
+        TruncatedProtectBlobError,
+        UnknownKeyVersionError,
+        WrongUserError,
     )
 
 __version__ = "0.1.0"
@@ -42,6 +50,11 @@ def __getattr__(name: str) -> object:
         from kmskeys import errors
 
         return getattr(errors, name)
+    if name in _DPAPI:
+        # DPAPI needs `cryptography`: loaded on the first protect/unprotect, never on import.
+        from kmskeys import dpapi
+
+        return getattr(dpapi, name)
     raise AttributeError(f"module 'kmskeys' has no attribute {name!r}")
 
 
@@ -60,15 +73,27 @@ __all__ = [
     "KeyctlError",
     "Keyring",
     "KmsKeysError",
+    "NotAProtectBlobError",
     "OperationNotPermittedError",
     "OutOfMemoryError",
     "PayloadTooLargeError",
+    "ProtectAuthenticationError",
+    "ProtectError",
     "QuotaExceededError",
+    "ScopeNotAllowedError",
     "TemporarilyUnavailableError",
+    "TruncatedProtectBlobError",
+    "UnknownKeyVersionError",
+    "WrongUserError",
     "description",
     "get_secret",
+    "protect",
+    "protect_bytes",
+    "unprotect",
+    "unprotect_with_description",
     "validate_name",
 ]
 
 # Every exported name ending in "Error" lives in kmskeys.errors and is loaded by __getattr__.
 _ERRORS = frozenset(name for name in __all__ if name.endswith("Error"))
+_DPAPI = frozenset(("protect", "protect_bytes", "unprotect", "unprotect_with_description"))

@@ -30,6 +30,12 @@ EXIT_QUOTA = 6
 EXIT_PERMISSION = 7
 EXIT_STALE = 8
 EXIT_FOREIGN = 9
+# `protect` / `unprotect`, one per DPAPI error class (docs/dpapi.md).
+EXIT_NOT_A_BLOB = 10
+EXIT_WRONG_USER = 11
+EXIT_NOT_AUTHENTIC = 12
+EXIT_UNKNOWN_VERSION = 13
+EXIT_SCOPE_POLICY = 14
 
 COMMAND_GROUP = "kmskeys.commands"
 
@@ -41,6 +47,10 @@ host commands:
   show           list the kms keys this process can see, with expiry (never payloads)
   flush NAME     invalidate the cached key NAME so the next request re-resolves it
   doctor         check this host's kmskeys set-up and explain each finding
+
+DPAPI on this host's stored: keys (pip install 'kmskeys[dpapi]'):
+  protect        protect stdin to stdout under your (or the host's) master key
+  unprotect      unprotect stdin to stdout
 
 build-side commands (pip install 'kmskeys[encrypt]'):
   encrypt NAME   encrypt stdin into a blob bound to NAME
@@ -55,6 +65,11 @@ def _exit_code(exc: BaseException) -> int:
     from kmskeys import errors
 
     table: tuple[tuple[type[BaseException], int], ...] = (
+        (errors.NotAProtectBlobError, EXIT_NOT_A_BLOB),
+        (errors.WrongUserError, EXIT_WRONG_USER),
+        (errors.ProtectAuthenticationError, EXIT_NOT_AUTHENTIC),
+        (errors.UnknownKeyVersionError, EXIT_UNKNOWN_VERSION),
+        (errors.ScopeNotAllowedError, EXIT_SCOPE_POLICY),
         (errors.InvalidNameError, EXIT_USAGE),
         (errors.KeyNotFoundError, EXIT_NOT_FOUND),
         (errors.KeyRejectedError, EXIT_REFUSED),
@@ -266,11 +281,33 @@ def _doctor(argv: Sequence[str]) -> int:
     return code
 
 
+def _dpapi(command: str) -> Callable[[Sequence[str]], int]:
+    def run(argv: Sequence[str]) -> int:
+        try:
+            from kmskeys import dpapi_cli
+
+            main = dpapi_cli.protect_main if command == "protect" else dpapi_cli.unprotect_main
+            return main(argv)
+        except ImportError as exc:
+            print(
+                f"kmskeys {command}: not available ({exc.name or exc}); "
+                "install it with: pip install 'kmskeys[dpapi]'",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
+        except Exception as exc:  # every error: one line, one exit code
+            return _fail(f"kmskeys {command}", exc)
+
+    return run
+
+
 BUILTINS: dict[str, Callable[[Sequence[str]], int]] = {
     "get": cmd_get,
     "show": cmd_show,
     "flush": cmd_flush,
     "doctor": _doctor,
+    "protect": _dpapi("protect"),
+    "unprotect": _dpapi("unprotect"),
 }
 
 

@@ -32,6 +32,10 @@ DEFAULT_CONFIG = "/etc/kmskeys/resolver.toml"
 DEFAULT_BLOB_DIR = "/etc/kmskeys/secrets"
 # The description namespace of KMS-backed secrets: keys are described `kms:NAME`.
 DEFAULT_PREFIX = "kms"
+# The namespace of keys kept in the host's own keystore (the essay's `stored:NAME`), and where that
+# keystore lives (root-owned, 0700; docs/dpapi.md).
+DEFAULT_STORED_PREFIX = "stored"
+DEFAULT_KEYSTORE_DIR = "/var/lib/kmskeys"
 
 
 def rule_file_name(prefix: str) -> str:

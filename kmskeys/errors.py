@@ -168,3 +168,38 @@ def error_for_errno(err: int, what: str, *, upcall: bool = False) -> KeyctlError
     if upcall and err in (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED, ERRNO_UNAVAILABLE):
         message += f" ({RESOLVER_LOG_HINT})"
     return cls(message, errno=err)
+
+
+# --- DPAPI: kmskeys.protect / unprotect (docs/dpapi.md) ------------------------------------------
+# Each class is one exit code of `kmskeys protect` / `unprotect` (docs/cli.md).
+
+
+class ProtectError(KmsKeysError):
+    """A protect or unprotect failed; the message says why and what to do."""
+
+
+class NotAProtectBlobError(ProtectError, ValueError):
+    """The input is not a protect blob; give unprotect exactly what protect wrote."""
+
+
+class WrongUserError(ProtectError, PermissionError):
+    """A user-scope blob opens only for the uid that protected it; run unprotect as that user."""
+
+
+class ProtectAuthenticationError(ProtectError):
+    """The blob does not authenticate: wrong entropy, or the data was changed; use the entropy
+    given at protect time, or restore the blob from an intact copy."""
+
+
+class TruncatedProtectBlobError(ProtectAuthenticationError):
+    """The blob ends early (a chunk or more is missing); restore it from an intact copy."""
+
+
+class UnknownKeyVersionError(ProtectError, LookupError):
+    """The host's keystore has no such version of the master key; restore the keystore, or
+    unprotect on the host that protected the data."""
+
+
+class ScopeNotAllowedError(ProtectError, PermissionError):
+    """The resolver's policy gives this name another scope; protect with the scope the policy
+    names, or have the admin change its [stored."GLOB"] rule."""

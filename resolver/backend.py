@@ -23,6 +23,8 @@ class Request:
 
     `callout` is the requester's callout info, read from the request's authorization key: for
     `kms:` an inline blob (or empty: load NAME.kms from blob_dir), for `stored:` a key size.
+    `qualifier` is what follows NAME in a `stored:` description (`#user#v2`, kmskeys.stored);
+    always empty for `kms:`.
     """
 
     prefix: str
@@ -31,6 +33,7 @@ class Request:
     gid: int
     user: str | None
     callout: bytes = b""
+    qualifier: str = ""
 
 
 @dataclass

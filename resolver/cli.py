@@ -13,12 +13,14 @@ usage: kmskeys-resolver COMMAND [ARGS...]
 
   handle [--config PATH] %k %d %u %g %T %P %S
                  the request-key handler (run by /sbin/request-key, as root)
-  install [--config PATH] [--prefix P] [--key-arn ARN ...]
-                 write the request-key rule, and a config and blob_dir when missing
+  install [--config PATH] [--prefix P] [--key-arn ARN ...] [--rules kms|stored|both]
+                 write the request-key rule(s), and a config, blob_dir and keystore when missing
   uninstall [--config PATH] [--prefix P]
                  remove exactly what install wrote
   serve [--config PATH]
                  the optional warm daemon: keeps a KMS client loaded for the handler
+  stored rotate NAME [--uid U | --machine] | stored list
+                 add a version of a stored: key; list the keystore (metadata only)
   firewall ...   keep IMDS reachable by root only (see `kmskeys-resolver firewall --help`)
 """
 
@@ -44,10 +46,18 @@ def _install_command(command: str, argv: Sequence[str]) -> int:
             metavar="ARN",
             help="a KMS key ARN the resolver may use (key_arns); repeatable",
         )
+        parser.add_argument(
+            "--rules",
+            choices=install_mod.RULES,
+            default="kms",
+            help="route kms: requests, stored: requests or both to the handler (default: kms)",
+        )
     args = parser.parse_args(argv)
     try:
         if command == "install":
-            lines = install_mod.install(args.config, args.prefix, key_arns=args.key_arn)
+            lines = install_mod.install(
+                args.config, args.prefix, key_arns=args.key_arn, rules=args.rules
+            )
         else:
             lines = install_mod.uninstall(args.config, args.prefix)
         for line in lines:
@@ -100,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _install_command(command, rest)
     if command == "serve":
         return _serve(rest)
+    if command == "stored":
+        from resolver.stored_cli import main as stored_main
+
+        return stored_main(rest)
     if command == "firewall":
         from resolver.firewall.cli import main as firewall_main
 

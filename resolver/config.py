@@ -10,15 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmskeys import contract
-from kmskeys.contract import DEFAULT_PREFIX
+from kmskeys.contract import DEFAULT_PREFIX, DEFAULT_STORED_PREFIX
 from kmskeys.errors import InvalidNameError
 from kmskeys.names import validate_prefix
+from kmskeys.stored import SCOPE_USER, SCOPES
 from kmskeys.trust import unsafe_reason
 from resolver.errors import ConfigError, RefusedError
 from resolver.safefile import read_trusted
 
 DEFAULT_PATH = Path(contract.DEFAULT_CONFIG)
 DEFAULT_BLOB_DIR = Path(contract.DEFAULT_BLOB_DIR)
+DEFAULT_KEYSTORE_DIR = Path(contract.DEFAULT_KEYSTORE_DIR)
 DEFAULT_SYSLOG_SOCKET = Path("/dev/log")
 MAX_CONFIG_BYTES = 1 << 20
 MAX_TTL = 366 * 24 * 3600
@@ -29,16 +31,20 @@ DEFAULT_STATE_DIR = Path("/run/kmskeys")
 MAX_CONCURRENT = 1000
 MAX_RATE = 10000.0
 BACKENDS = ("kms",)
+SEALS = ("none", "kms")
 FACILITIES = {"authpriv": 10, "daemon": 3, "auth": 4, "user": 1}
 
 
 @dataclass(frozen=True)
 class NameRule:
-    """Policy for the names matching one glob (`[names."app/*"]`); first match wins."""
+    """Policy for the names matching one glob (`[names."app/*"]`, or `[stored."app/*"]` for
+    the keystore's names); first match wins."""
 
     pattern: str
     ttl: int | None = None
     allow_users: tuple[str, ...] | None = None
+    # `[stored."GLOB"]` only: whose key a name is, one per uid ("user") or one per host.
+    scope: str | None = None
 
     def allows(self, user: str | None, uid: int) -> bool:
         """True if this rule lets `user` (name, may be None) with `uid` have the secret."""
@@ -81,6 +87,14 @@ class Config:
     kms_burst_per_uid: int = 100
     state_dir: Path = DEFAULT_STATE_DIR
     names: tuple[NameRule, ...] = field(default_factory=tuple)
+    # The keystore (`stored:NAME`, docs/dpapi.md): its namespace, where it lives, whether its
+    # entries are KMS-sealed, and its per-name policy.
+    stored_prefix: str = DEFAULT_STORED_PREFIX
+    keystore_dir: Path = DEFAULT_KEYSTORE_DIR
+    seal: str = "none"
+    seal_key_arn: str | None = None
+    seal_host: str | None = None
+    stored: tuple[NameRule, ...] = field(default_factory=tuple)
 
     @property
     def regions(self) -> tuple[str, ...]:
@@ -89,14 +103,21 @@ class Config:
             return self.region_list
         return tuple(dict.fromkeys(arn.split(":")[3] for arn in self.key_arns))
 
-    def rule_for(self, name: str) -> NameRule | None:
-        """The first `[names."GLOB"]` section whose glob matches `name`."""
-        return next((r for r in self.names if fnmatch.fnmatchcase(name, r.pattern)), None)
+    def rule_for(self, name: str, prefix: str | None = None) -> NameRule | None:
+        """The first `[names."GLOB"]` section whose glob matches `name`; `[stored."GLOB"]` for a
+        name under the stored prefix."""
+        rules = self.stored if prefix is not None and prefix == self.stored_prefix else self.names
+        return next((r for r in rules if fnmatch.fnmatchcase(name, r.pattern)), None)
 
-    def ttl_for(self, name: str) -> int:
+    def ttl_for(self, name: str, prefix: str | None = None) -> int:
         """Seconds a resolved key for `name` stays cached."""
-        rule = self.rule_for(name)
+        rule = self.rule_for(name, prefix)
         return rule.ttl if rule is not None and rule.ttl is not None else self.ttl
+
+    def scope_for(self, name: str) -> str:
+        """The scope the `[stored."GLOB"]` policy gives a keystore name (user by default)."""
+        rule = self.rule_for(name, self.stored_prefix)
+        return rule.scope if rule is not None and rule.scope is not None else SCOPE_USER
 
 
 def load(path: str | Path = DEFAULT_PATH) -> Config:
@@ -130,8 +151,8 @@ def parse(data: Mapping[str, object], path: Path = DEFAULT_PATH) -> Config:
     where = f"config {path}"
     values: dict[str, object] = {}
     for key, value in data.items():
-        if key == "names":
-            values["names"] = _names(value, where)
+        if key in ("names", "stored"):
+            values[key] = _names(value, where, key)
             continue
         check = _KEYS.get(key)
         if check is None:
@@ -142,6 +163,7 @@ def parse(data: Mapping[str, object], path: Path = DEFAULT_PATH) -> Config:
         values[field_name] = check(value, f"{where}: {key}")
     config = Config(path=path, **values)  # type: ignore[arg-type]
     _check_keys(config, where)
+    _check_stored(config, where)
     return config
 
 
@@ -162,24 +184,37 @@ def _check_keys(config: Config, where: str) -> None:
             raise ConfigError(f"{where}: key_arns: {arn} is in {region}, not in regions")
 
 
-def _names(value: object, where: str) -> tuple[NameRule, ...]:
+def _check_stored(config: Config, where: str) -> None:
+    if config.stored_prefix == config.prefix:
+        raise ConfigError(f"{where}: stored_prefix must differ from prefix ({config.prefix!r})")
+    if config.seal == "kms" and (config.seal_key_arn is None or config.seal_host is None):
+        raise ConfigError(
+            f'{where}: seal = "kms" needs seal_key_arn (the seal key) and seal_host (this '
+            "instance's ARN, arn:aws:ec2:REGION:ACCOUNT:instance/ID)"
+        )
+
+
+def _names(value: object, where: str, table: str = "names") -> tuple[NameRule, ...]:
     if not isinstance(value, dict):
-        raise ConfigError(f'{where}: names must be a table of [names."GLOB"] sections')
+        raise ConfigError(f'{where}: {table} must be a table of [{table}."GLOB"] sections')
     rules = []
     for pattern, section in value.items():
-        here = f"{where}: names.{pattern!r}"
+        here = f"{where}: {table}.{pattern!r}"
         if not isinstance(section, dict):
             raise ConfigError(f"{here} must be a table")
         ttl: int | None = None
         users: tuple[str, ...] | None = None
+        scope: str | None = None
         for key, item in section.items():
             if key == "ttl":
                 ttl = _int(1, MAX_TTL)(item, f"{here}.ttl")
             elif key == "allow_users":
                 users = _users(item, f"{here}.allow_users")
+            elif key == "scope" and table == "stored":
+                scope = _choice(SCOPES)(item, f"{here}.scope")
             else:
                 raise ConfigError(f"{here}: unknown key {key!r}")
-        rules.append(NameRule(pattern, ttl, users))
+        rules.append(NameRule(pattern, ttl, users, scope))
     return tuple(rules)
 
 
@@ -348,4 +383,9 @@ _KEYS: dict[str, Callable[[object, str], object]] = {
     "kms_rate_per_uid": _rate,
     "kms_burst_per_uid": _count(1, MAX_CONCURRENT * 100),
     "state_dir": _abs_path,
+    "stored_prefix": _prefix,
+    "keystore_dir": _abs_path,
+    "seal": _choice(SEALS),
+    "seal_key_arn": _key_arn,
+    "seal_host": _str,
 }

@@ -18,6 +18,8 @@ class ResolverError(KmsKeysError):
 
     answer_errno: int = ERRNO_REFUSED
     outcome = "refused"
+    # Logged at ERR rather than WARNING: someone must act (an outage, a damaged keystore).
+    alarm = False
 
     def __init__(self, reason: str, *, retryable: bool = False) -> None:
         super().__init__(reason)
@@ -45,6 +47,7 @@ class UnavailableError(ResolverError):
 
     answer_errno = ERRNO_UNAVAILABLE
     outcome = "unavailable"
+    alarm = True
 
 
 class QuotaError(ResolverError):
@@ -54,6 +57,18 @@ class QuotaError(ResolverError):
     # the requester than "refused".
     answer_errno = _errno.EDQUOT
     outcome = "quota"
+
+
+class KeystoreError(RefusedError):
+    """The keystore is unsafe (owner, mode, a link) or unreadable (EKEYREJECTED); fix it as the
+    log line says (docs/dpapi.md)."""
+
+    alarm = True
+
+
+class CorruptEntryError(KeystoreError):
+    """A keystore entry fails its integrity check (EKEYREJECTED). It is never regenerated, since
+    that would destroy what was protected under it: restore it from a backup."""
 
 
 class ConfigError(RefusedError):

@@ -21,7 +21,6 @@ from kmskeys.contract import RESOLVED_KEY_PERM, USER_PAYLOAD_MAX
 from kmskeys.errors import InvalidNameError, KmsKeysError, QuotaExceededError
 from kmskeys.key import Key
 from kmskeys.keyutils import KEY_SPEC_REQKEY_AUTH_KEY, disable_core_dumps, keyctl_read
-from kmskeys.names import parse_description
 from resolver import config as config_mod
 from resolver.backend import Request, Trace
 from resolver.errors import (
@@ -34,7 +33,7 @@ from resolver.errors import (
 )
 from resolver.log import LOG_ERR, LOG_INFO, LOG_WARNING, SyslogWriter, format_fields
 from resolver.policy import check_allowed, user_name
-from resolver.registry import backend_for
+from resolver.registry import backend_for, split_description
 
 # Time kept back from the deadline for the reject and the log line after the watchdog fires.
 WATCHDOG_MARGIN = 0.25
@@ -194,19 +193,20 @@ class Handler:
     def _resolve(self, config: config_mod.Config) -> tuple[bytes, int]:
         args = self.args
         try:
-            name = parse_description(args.description, config.prefix)
+            prefix, name, qualifier = split_description(config, args.description)
         except InvalidNameError as exc:
             raise RefusedError(str(exc)) from None
         self.name = name
         self.user = user_name(args.uid)
-        check_allowed(config, name, args.uid, self.user)
+        check_allowed(config, name, args.uid, self.user, prefix)
         request = Request(
-            prefix=config.prefix,
+            prefix=prefix,
             name=name,
             uid=args.uid,
             gid=args.gid,
             user=self.user,
             callout=self.callout,
+            qualifier=qualifier,
         )
         backend = backend_for(config, request.prefix)
         plaintext = backend.resolve(
@@ -214,7 +214,7 @@ class Handler:
         )
         if not plaintext or len(plaintext) > USER_PAYLOAD_MAX:
             raise RefusedError(f"plaintext size {len(plaintext)} is outside 1..{USER_PAYLOAD_MAX}")
-        return plaintext, config.ttl_for(name)
+        return plaintext, config.ttl_for(name, prefix)
 
     def _instantiate(self, plaintext: bytes, ttl: int) -> int:
         key = self.key
@@ -239,7 +239,7 @@ class Handler:
             reason = f"{error.reason}; reject failed: {exc}"
             self._emit(LOG_ERR, error.outcome, errno=errno_name(error.answer_errno), reason=reason)
             return 1
-        severity = LOG_ERR if isinstance(error, UnavailableError) else LOG_WARNING
+        severity = LOG_ERR if error.alarm else LOG_WARNING
         self._emit(
             severity, error.outcome, errno=errno_name(error.answer_errno), reason=error.reason
         )

@@ -26,6 +26,8 @@ REQUEST_KEY_D = Path(contract.REQUEST_KEY_D)
 MARKER = "# kmskeys-resolver install"
 _CREATED_CONFIG = "# created-config: "
 _CREATED_DIR = "# created-dir: "
+# Which descriptions `install --rules` routes to the handler: one config serves both.
+RULES = ("kms", "stored", "both")
 
 
 @dataclass
@@ -124,6 +126,13 @@ def default_config_text(prefix: str, blob_dir: Path, key_arns: Sequence[str] = (
 # syslog_facility = "authpriv"     # authpriv, auth, daemon or user
 # backend = "kms"
 
+# The stored: keystore (docs/dpapi.md).
+# stored_prefix = "stored"
+# keystore_dir = "{config_mod.DEFAULT_KEYSTORE_DIR}"
+# seal = "none"                    # "kms": entries wrapped by seal_key_arn, bound to seal_host
+# seal_key_arn = "arn:aws:kms:eu-west-1:111122223333:key/..."
+# seal_host = "arn:aws:ec2:eu-west-1:111122223333:instance/i-..."
+
 # Per-name policy: the first matching glob wins.
 # [names."app/*"]
 # ttl = 60
@@ -167,15 +176,16 @@ def _write_atomic(path: Path, text: str, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def _mkdirs(path: Path, manifest: Manifest, actions: list[str]) -> None:
+def _mkdirs(path: Path, manifest: Manifest, actions: list[str], mode: int = 0o755) -> None:
     missing = []
     for parent in (path, *path.parents):
         if parent.exists():
             break
         missing.append(parent)
     for directory in reversed(missing):
-        directory.mkdir(mode=0o755)
+        directory.mkdir(mode=mode if directory == path else 0o755)
         os.chown(directory, 0, 0)
+        os.chmod(directory, mode if directory == path else 0o755)  # whatever the umask
         manifest.dirs.append(directory)
         actions.append(f"created directory {directory}")
 
@@ -212,8 +222,14 @@ def install(
     prefix: str | None = None,
     request_key_d: Path = REQUEST_KEY_D,
     key_arns: Sequence[str] = (),
+    rules: str = "kms",
 ) -> list[str]:
-    """Install the rule (and a config and blob_dir when missing); return what was done."""
+    """Install the rule(s) (and a config, blob_dir, keystore when missing); say what was done.
+
+    `rules` is "kms", "stored" or "both": which prefixes the one rule file routes to the handler.
+    """
+    if rules not in RULES:
+        raise InstallError(f"--rules must be one of {', '.join(RULES)}")
     check_dependencies()
     config_path = Path(os.path.abspath(config_path))
     prefix, config = _prefix_for(config_path, prefix)
@@ -240,14 +256,22 @@ def install(
     else:
         _add_key_arns(config, key_arns, actions)
         config = config_mod.load(config_path)
-    _mkdirs(config.blob_dir, manifest, actions)
+    routed = {"kms": [prefix], "stored": [config.stored_prefix]}.get(
+        rules, [prefix, config.stored_prefix]
+    )
+    if rules != "stored":
+        _mkdirs(config.blob_dir, manifest, actions)
+    if rules != "kms":
+        # Root's alone, 0700: the stored: keys live here (resolver/keystore.py).
+        _mkdirs(config.keystore_dir, manifest, actions, mode=0o700)
     if not request_key_d.is_dir():
         raise InstallError(f"{request_key_d} is missing: install the keyutils package")
+    executable = resolver_executable()
     text = "\n".join(
         [
             f"{MARKER} (prefix {prefix}); `kmskeys-resolver uninstall` removes this file.",
             *manifest.lines(),
-            rule_line(prefix, resolver_executable(), config_path),
+            *(rule_line(p, executable, config_path) for p in routed),
             "",
         ]
     )

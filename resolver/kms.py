@@ -211,3 +211,9 @@ def classify(exc: BaseException) -> ResolverError:
         return UnavailableError(f"KMS call failed ({type(exc).__name__})")
     # botocore's parsers raise plain ValueError, TypeError, AttributeError... on a garbled body.
     return UnavailableError(f"KMS answered with a malformed response ({type(exc).__name__})")
+
+
+def kms_client(config: Config, region: str, deadline: float, timings: Timings) -> KMSClient:
+    """A botocore KMS client built from `config` alone, sized to `deadline` (also the keystore
+    seal's client: one construction for every KMS call the resolver makes)."""
+    return KmsDecrypter(config)._client(region, deadline, timings)

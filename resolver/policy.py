@@ -19,11 +19,15 @@ def user_name(uid: int) -> str | None:
         return None
 
 
-def check_allowed(config: Config, name: str, uid: int, user: str | None) -> None:
-    """Refuse unless the first `[names."GLOB"]` rule matching `name` admits the requester."""
-    rule = config.rule_for(name)
+def check_allowed(
+    config: Config, name: str, uid: int, user: str | None, prefix: str | None = None
+) -> None:
+    """Refuse unless the first `[names."GLOB"]` rule matching `name` admits the requester
+    (`[stored."GLOB"]` for a name under the stored prefix)."""
+    rule = config.rule_for(name, prefix)
     if rule is not None and not rule.allows(user, uid):
-        raise RefusedError(f"policy: names {rule.pattern!r} do not allow this user")
+        table = "stored" if prefix is not None and prefix == config.stored_prefix else "names"
+        raise RefusedError(f"policy: {table} {rule.pattern!r} do not allow this user")
 
 
 def check_blob(blob: Blob, user: str | None, now: datetime | None = None) -> None:

@@ -30,6 +30,7 @@ from resolver import handler
 from resolver.errors import ResolverError, UnavailableError, errno_name
 from resolver.limits import acquire_slot
 from resolver.log import LOG_ERR, SyslogWriter, format_fields
+from resolver.registry import split_description
 
 # How long past the deadline the parent lets a worker run: the worker's watchdog fires
 # WATCHDOG_MARGIN before the deadline, so a live worker has always answered by then.
@@ -96,7 +97,9 @@ def _config(args: handler.HandleArgs) -> config_mod.Config | None:
 def _name(description: str, config: config_mod.Config | None) -> str:
     # Log the name as the handler does; a description it could not parse is logged whole.
     try:
-        return parse_description(description, config.prefix if config else DEFAULT_PREFIX)
+        if config is not None:
+            return split_description(config, description)[1]
+        return parse_description(description, DEFAULT_PREFIX)
     except InvalidNameError:
         return description
 

@@ -25,6 +25,7 @@ MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 # Row modules, in table order. Each exposes rows(ctx) -> list[Row].
 MODULES = ["tests.bench.client", "tests.bench.fresh", "tests.bench.miss", "tests.bench.cgi"]
+MODULES.append("tests.bench.dpapi")  # DPAPI and stored: rows (issue 13)
 
 
 def machine() -> str:

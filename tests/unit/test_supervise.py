@@ -24,6 +24,8 @@ def test_failed_fork_handles_in_process_instead_of_dying(
         return 0
 
     monkeypatch.setattr(supervise.os, "fork", no_fork)
+    # In process: this must not make the test runner itself undumpable for the rest of the run.
+    monkeypatch.setattr(supervise, "disable_core_dumps", lambda: None)
     monkeypatch.setattr(supervise.handler, "main", handle)
     argv = ["--config", "/nonexistent.toml", "1", "kms:x", "", "0", "0", "0", "0", "0"]
     assert supervise.supervise(argv) == 0

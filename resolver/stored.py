@@ -1,0 +1,145 @@
+"""The `stored:` backend: a random key per (scope, NAME), made once and kept in the keystore.
+
+The essay's `storedresolver`, made real: `keyctl request2 user stored:NAME 32` returns 32 random
+bytes, and the same bytes after the key is unlinked, the keyrings cleared or the host rebooted.
+The callout is the key size (16..4096, empty for 32); the description's qualifier
+(kmskeys.stored) asserts a scope and picks a version, `latest` or the policy's `scope`. The
+handler has already applied `allow_users`; the scope comes from `[stored."GLOB"]` alone, and a
+user-scope key is the key of the kernel's %u, never of anything the requester says.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from kmskeys.errors import InvalidNameError
+from kmskeys.stored import (
+    KEY_SIZE_DEFAULT,
+    KEY_SIZE_MAX,
+    KEY_SIZE_MIN,
+    SCOPE_USER,
+    StoredQuery,
+    parse_qualifier,
+)
+from resolver.backend import Request, Timings, Trace
+from resolver.config import Config
+from resolver.errors import KeystoreError, RefusedError, UnknownSecretError
+from resolver.keystore import SEAL_KMS, SEAL_NONE, Entry, EntryId, Keystore
+
+
+def parse_size(callout: bytes) -> int:
+    """The key size a `stored:` callout asks for; RefusedError unless 16..4096 (empty: 32)."""
+    if not callout:
+        return KEY_SIZE_DEFAULT
+    text = callout.decode("ascii", "replace")
+    if text.isascii() and text.isdigit() and text[0] != "0" and len(text) <= 4:
+        size = int(text)
+        if KEY_SIZE_MIN <= size <= KEY_SIZE_MAX:
+            return size
+    raise RefusedError(
+        f"bad size {text[:16]!r}: the callout is the key size, "
+        f"a whole number of bytes from {KEY_SIZE_MIN} to {KEY_SIZE_MAX} (empty for 32)"
+    )
+
+
+class StoredBackend:
+    """Serves `stored:` requests from the keystore, creating version 1 on the first request."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = Keystore(config.keystore_dir)
+
+    def resolve(self, request: Request, deadline: float, trace: Trace) -> bytes:
+        """The key (or version number, or scope) the request's description names."""
+        try:
+            query = parse_qualifier(request.qualifier)
+        except InvalidNameError as exc:
+            raise RefusedError(str(exc)) from None
+        size = parse_size(request.callout)
+        scope = self.config.scope_for(request.name)
+        trace.details["source"] = "keystore"
+        if query.kind == StoredQuery.SCOPE:
+            trace.details["mode"] = "scope"
+            return scope.encode()
+        if query.scope is not None and query.scope != scope:
+            raise RefusedError(
+                f"scope not allowed by policy: {request.name!r} is {scope}-scoped here, "
+                f"the request asks for {query.scope}"
+            )
+        uid = request.uid if scope == SCOPE_USER else None
+        if query.kind == StoredQuery.LATEST:
+            versions = self.store.versions(scope, uid, request.name)
+            if versions:
+                entry = self.store.read(EntryId(scope, uid, request.name, versions[-1]))
+            else:
+                entry, _ = self._first(EntryId(scope, uid, request.name, 1), size, deadline, trace)
+            self._check_size(entry, size)
+            trace.details["mode"] = f"{scope}.latest"
+            return str(entry.id.version).encode()
+        eid = EntryId(scope, uid, request.name, query.version)
+        key: bytes | None = None
+        try:
+            entry = self.store.read(eid)
+        except UnknownSecretError:
+            versions = self.store.versions(scope, uid, request.name)
+            if query.version in versions:  # a concurrent request created it since we looked
+                entry = self.store.read(eid)
+            elif query.version != 1:
+                raise UnknownSecretError(
+                    f"no version {query.version} of {eid.name!r} ({scope} scope"
+                    f"{'' if uid is None else f', uid {uid}'}); versions kept: "
+                    f"{', '.join(map(str, versions)) or 'none'}"
+                ) from None
+            elif versions:
+                raise KeystoreError(
+                    f"keystore entry {eid} is missing while later versions exist; it is never "
+                    "recreated: restore it from a backup"
+                ) from None
+            else:
+                entry, key = self._first(eid, size, deadline, trace)
+        self._check_size(entry, size)
+        trace.details["mode"] = f"{scope}.v{entry.id.version}" + (
+            ".sealed" if entry.seal == SEAL_KMS else ""
+        )
+        return key if key is not None else self._unseal(entry, deadline, trace.timings)
+
+    def _check_size(self, entry: Entry, size: int) -> None:
+        if entry.key_size != size:
+            raise RefusedError(
+                f"bad size: stored key {entry.id} is {entry.key_size} bytes, the request asks "
+                f"for {size}; a stored key is never recreated, so ask for {entry.key_size}"
+            )
+
+    def _first(
+        self, eid: EntryId, size: int, deadline: float, trace: Trace
+    ) -> tuple[Entry, bytes | None]:
+        """Create `eid` unless a concurrent request did; the entry kept, and its key if ours."""
+        entry, key = make_entry(self.config, eid, size, deadline, trace.timings)
+        stored, ours = self.store.create(entry)
+        if ours:
+            trace.details["source"] = "keystore-new"
+            return stored, key
+        return stored, None
+
+    def _unseal(self, entry: Entry, deadline: float, timings: Timings) -> bytes:
+        if entry.seal == SEAL_NONE:
+            return entry.material
+        from resolver.seal import KmsSeal
+
+        return KmsSeal(self.config, deadline, timings).unseal(entry)
+
+
+def make_entry(
+    config: Config, eid: EntryId, size: int, deadline: float, timings: Timings
+) -> tuple[Entry, bytes]:
+    """A new entry with a fresh random key (sealed if the config says so), and that key."""
+    key = os.urandom(size)
+    if config.seal == SEAL_KMS:
+        from resolver.seal import KmsSeal
+
+        material = KmsSeal(config, deadline, timings).seal(eid, key)
+        arn = config.seal_key_arn or ""
+    else:
+        material, arn = key, ""
+    return Entry(eid, int(time.time()), size, config.seal, material, arn), key
