@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from kmskeys.blob import Blob, BlobFormatError, parse_blob
 from kmskeys.errors import InvalidNameError
+from kmskeys.keyutils import disable_core_dumps
 from kmskeys.names import validate_name
 from kmskeys.trust import peer_uid, unsafe_reason
 from resolver.backend import Request, Timings
@@ -274,6 +275,8 @@ class Daemon:
 
 def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
     """Run the warm daemon until SIGTERM or SIGINT."""
+    # It holds every plaintext it serves for a moment: no core file may ever hold them.
+    disable_core_dumps()
     daemon = Daemon(config)
     daemon.bind()
 

@@ -274,3 +274,28 @@ def test_a_missing_dependency_is_loud_and_not_cached(extra_install: Any, tmp_pat
                 assert "missing dependency botocore" in line and "errno=EAGAIN" in line, line
         finally:
             rule.write_text(original)
+
+
+def test_a_crashed_warm_daemon_leaves_no_core_dump(
+    extra_install: Any,
+    warm_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    cores = tmp_path / "cores"
+    cores.mkdir()
+    sock = warm_dir / "run" / "resolver.sock"
+    with (
+        extra_install(warm_socket=sock) as other,
+        _core_files_in(cores),
+        warm_daemon(other.config, sock) as daemon,
+    ):
+        name = unique("warmcore")
+        assert other.get(name, other.blob(b"kmst-warm-core", name)) == b"kmst-warm-core"
+        limits = Path(f"/proc/{daemon.pid}/limits").read_text()
+        assert re.search(r"^Max core file size\s+0\s+0\s", limits, re.M), limits
+        daemon.send_signal(signal.SIGSEGV)
+        assert daemon.wait(10) == -signal.SIGSEGV
+    assert list(cores.iterdir()) == []
+    # The systemd unit says so too, for a daemon started before any code of ours runs.
+    unit = Path(__file__).resolve().parents[2] / "resolver" / "data" / "kmskeys-resolver.service"
+    assert "\nLimitCORE=0\n" in unit.read_text()
