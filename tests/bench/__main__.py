@@ -26,6 +26,7 @@ MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 # Row modules, in table order. Each exposes rows(ctx) -> list[Row].
 MODULES = ["tests.bench.client", "tests.bench.fresh", "tests.bench.miss", "tests.bench.cgi"]
 MODULES.append("tests.bench.dpapi")  # DPAPI and stored: rows (issue 13)
+MODULES.append("tests.bench.flood")  # one uid's hostile flood (issue 12)
 
 
 def machine() -> str:
