@@ -1,23 +1,30 @@
-"""The `kmskeys` front door: get, show, flush here; doctor and the build side loaded on demand.
+"""The `kmskeys` front door: get, show, flush, exec here; doctor and the build side on demand.
 
-`kmskeys get` runs in short-lived processes (cron, CGI, shell scripts), so nothing here imports
+`kmskeys get` runs in short-lived processes (cron, CGI, shell scripts): its budget is a bare
+`python -c pass` + 3 ms (docs/design.md). So this module imports nothing at the top that the
+interpreter has not already loaded for itself, bar kmskeys' own client: argparse, pathlib, enum
+and re (argparse imports the last three) cost milliseconds, and only the other subcommands, or a
+`get` with options beyond the plain ones (`_get_plain`), load argparse. Nothing here imports
 boto3 or walks entry points unless a subcommand that needs it is asked for.
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 from kmskeys import keyutils
 from kmskeys.contract import DEFAULT_PREFIX
 from kmskeys.key import KEYRINGS, Key
 from kmskeys.names import description
 
-PROC_KEYS = Path("/proc/keys")
+TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Iterator, Sequence
+
+PROC_KEYS = "/proc/keys"
 
 # Exit codes of `kmskeys get` and `kmskeys flush`, one per error class (docs/cli.md).
 EXIT_OK = 0
@@ -89,6 +96,8 @@ def _fail(prog: str, exc: BaseException) -> int:
 
 
 def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(prog=prog, description=doc)
     parser.add_argument(
         "--prefix",
@@ -104,7 +113,7 @@ def cmd_get(argv: Sequence[str]) -> int:
     parser.add_argument("name", metavar="NAME")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--blob", help="the blob itself (ciphertext, safe in argv)")
-    source.add_argument("--blob-file", type=Path, help="read the blob from FILE ('-' for stdin)")
+    source.add_argument("--blob-file", type=_path, help="read the blob from FILE ('-' for stdin)")
     parser.add_argument(
         "--keyring",
         choices=KEYRINGS,
@@ -112,13 +121,25 @@ def cmd_get(argv: Sequence[str]) -> int:
         "sessions (default: this process's session keyring)",
     )
     args = parser.parse_args(argv)
+    return _get(args.name, args.blob, args.blob_file, args.prefix, args.keyring)
+
+
+def _path(value: str) -> str:
+    from pathlib import Path
+
+    return str(Path(value))  # as argparse's type=Path gave it: "a//b/" is "a/b", "" is "."
+
+
+def _get(
+    name: str, blob: str | None, blob_file: str | None, prefix: str, keyring: str | None
+) -> int:
     from kmskeys.key import get_secret
 
     try:
-        blob: str | bytes | None = args.blob
-        if args.blob_file is not None:
-            blob = _read_blob_file(args.blob_file)
-        secret = get_secret(args.name, blob, prefix=args.prefix, keyring=args.keyring)
+        callout: str | bytes | None = blob
+        if blob_file is not None:
+            callout = _read_blob_file(blob_file)
+        secret = get_secret(name, callout, prefix=prefix, keyring=keyring)
     except Exception as exc:  # every error: one line, one exit code
         return _fail("kmskeys get", exc)
     sys.stdout.buffer.write(secret)
@@ -126,9 +147,69 @@ def cmd_get(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
-def _read_blob_file(path: Path) -> bytes:
-    data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+def _read_blob_file(path: str) -> bytes:
+    if path == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        with open(path, "rb") as file:
+            data = file.read()
     return data.strip()
+
+
+_GET_OPTIONS = ("--prefix", "--blob", "--blob-file", "--keyring")
+
+
+def _get_plain(argv: Sequence[str]) -> int | None:
+    """`get` without argparse, for the argument lists that need nothing of it; None otherwise.
+
+    Accepted: NAME once, and each of --prefix, --blob, --blob-file (not both blob options) and
+    --keyring at most once, as `--opt VALUE` or `--opt=VALUE`, with a value that does not start
+    with "-", and `--` before a NAME. Anything else (-h, abbreviations, repeats, bad choices,
+    a missing value, a path argparse would normalise) goes to cmd_get, so argparse prints its
+    own usage and errors: the output of `get` is the same either way.
+    """
+    name: str | None = None
+    values: dict[str, str] = {}
+    i, count = 0, len(argv)
+    while i < count:
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            if name is not None or i != count - 1:
+                return None
+            name = argv[i]
+            break
+        if arg[:1] != "-":
+            if name is not None:
+                return None
+            name = arg
+            continue
+        option, eq, value = arg.partition("=")
+        if option not in _GET_OPTIONS or option in values:
+            return None
+        if not eq:
+            if i == count:
+                return None
+            value = argv[i]
+            i += 1
+            if value[:1] == "-" and value != "-":
+                return None
+        values[option] = value
+    blob, blob_file = values.get("--blob"), values.get("--blob-file")
+    keyring = values.get("--keyring")
+    if (
+        name is None
+        or (blob is not None and blob_file is not None)
+        or (keyring is not None and keyring not in KEYRINGS)
+        or (blob_file is not None and not _normal_path(blob_file))
+    ):
+        return None
+    return _get(name, blob, blob_file, values.get("--prefix", DEFAULT_PREFIX), keyring)
+
+
+def _normal_path(path: str) -> bool:
+    # str(pathlib.Path(p)) == p: no empty or "." segment below an optional leading "/".
+    return path == "-" or all(part not in ("", ".") for part in path.removeprefix("/").split("/"))
 
 
 class ProcKey:
@@ -168,7 +249,7 @@ class ProcKey:
 
 def visible_keys(prefix: str) -> Iterator[ProcKey]:
     """The live `user` keys under `prefix:` that /proc/keys lists for this process."""
-    with PROC_KEYS.open() as lines:
+    with open(PROC_KEYS) as lines:
         for line in lines:
             try:
                 key = ProcKey(line)
@@ -327,6 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, end="")
         return EXIT_OK if args else EXIT_USAGE
     command, rest = args[0], args[1:]
+    if command == "get":
+        code = _get_plain(rest)
+        if code is not None:
+            return code
     if command in BUILTINS:
         return BUILTINS[command](rest)
     try:

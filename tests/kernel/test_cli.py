@@ -156,3 +156,82 @@ def test_flush_then_get_asks_the_resolver_at_once(
             assert cli.main(["flush", name, "--prefix", prefix]) == EXIT_OK
             assert kmskeys.get_secret(name, prefix=prefix) == b"fresh"
     assert "flushed 1 cached key" in capsys.readouterr().out
+
+
+def imported_modules(argv: list[str], env: dict[str, str] | None = None) -> set[str]:
+    """The modules a run of argv imports, from `-X importtime` (PYTHONPROFILEIMPORTTIME)."""
+    done = subprocess.run(
+        argv,
+        env={**(env or os.environ), "PYTHONPROFILEIMPORTTIME": "1"},
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
+    lines = done.stderr.decode().splitlines()
+    return {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+
+
+SLOW_IMPORTS = {"argparse", "re", "pathlib", "enum", "typing"}
+
+
+def test_cached_get_imports_no_argparse_re_pathlib_or_enum(session_keyring: Keyring) -> None:
+    # What the installed `kmskeys` script imports beyond a bare interpreter start (an editable
+    # install's finder already imports pathlib and re at every start; tests/packaging checks
+    # the absolute set in a regular install).
+    prefix, name = unique_prefix(), unique()
+    session_keyring.add_key("user", f"{prefix}:{name}", b"cached")
+    bare = imported_modules([sys.executable, "-c", "pass"])
+    got = imported_modules([KMSKEYS, "get", name, "--prefix", prefix, "--keyring", "session"])
+    assert "kmskeys.cli" in got
+    assert not (got - bare) & SLOW_IMPORTS, sorted(got - bare)
+
+
+def _via_argparse(args: list[str], cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    probe = f"import sys\nfrom kmskeys import cli\nsys.exit(cli.cmd_get({args!r}))\n"
+    return subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, timeout=30, check=False, cwd=cwd
+    )
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        ["NAME", "--prefix", "P"],
+        ["--prefix=P", "NAME", "--keyring", "session"],
+        ["--prefix", "P", "--", "NAME"],
+        ["NAME", "--prefix", "P", "--blob", "Q0lDSQ=="],
+        ["NAME", "--prefix", "P", "--blob-file", "blob"],
+        ["NAME", "--prefix", "P", "--blob-file", "./blob"],
+        ["NAME", "--prefix", "P", "--blob-file", "missing//blob"],
+        ["NAME", "--prefix", "P", "--blob-file", ""],
+        ["NAME", "--prefix", "P", "--blob", "x", "--blob-file", "blob"],
+        ["NAME", "--prefix"],
+        ["NAME", "--pre", "P"],
+        ["NAME", "--prefix", "P", "--prefix", "P"],
+        ["NAME", "--keyring", "nosuch", "--prefix", "P"],
+        ["--prefix", "P"],
+        ["NAME", "NAME", "--prefix", "P"],
+        ["NAME", "--prefix", "-P"],
+        ["-h"],
+        ["--", "-rf"],
+        ["NAME", "--prefix", "Bad Prefix"],
+    ],
+)
+def test_get_answers_exactly_as_argparse_would(
+    form: list[str], session_keyring: Keyring, tmp_path: Path
+) -> None:
+    # `kmskeys get` parses plain argument lists by hand (no argparse import) and hands the rest
+    # to argparse: output, stderr and exit code must be those of the argparse path every time.
+    prefix, name = unique_prefix(), unique()
+    session_keyring.add_key("user", f"{prefix}:{name}", b"cached")
+    (tmp_path / "blob").write_text("Q0lDSQ==\n")
+    args = [name if a == "NAME" else a.replace("P", prefix) for a in form]
+    fast = subprocess.run(
+        [KMSKEYS, "get", *args], capture_output=True, timeout=30, check=False, cwd=tmp_path
+    )
+    slow = _via_argparse(args, tmp_path)
+    assert (fast.returncode, fast.stdout, fast.stderr) == (
+        slow.returncode,
+        slow.stdout,
+        slow.stderr,
+    )
