@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TypedDict
 
 BARE_RUNS = 40
+# systemd-creds creates its host key here when it is missing; a row that made it removes it.
+CREDENTIAL_SECRET = Path("/var/lib/systemd/credential.secret")
 
 
 class Row(TypedDict):

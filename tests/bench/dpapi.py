@@ -20,7 +20,15 @@ from pathlib import Path
 
 from kmskeys import Keyring, dpapi
 from tests.bench.client import hit_row
-from tests.bench.common import BenchContext, Row, median, percentile, row, time_process
+from tests.bench.common import (
+    CREDENTIAL_SECRET,
+    BenchContext,
+    Row,
+    median,
+    percentile,
+    row,
+    time_process,
+)
 from tests.stored.harness import StoredInstall, stored_installed
 from tests.support.names import unique
 
@@ -30,7 +38,6 @@ THROUGHPUT = ((1 * MIB, 25), (64 * MIB, 5))
 BUDGET = 0.8
 FRESH_RUNS = 20
 MISS_RUNS = 25
-CREDENTIAL_SECRET = Path("/var/lib/systemd/credential.secret")
 
 
 class _Discard:
