@@ -79,4 +79,4 @@ flake-check: deps venv compile
 	done; echo "flake-check: $(FLAKE_RUNS)/$(FLAKE_RUNS) runs passed"
 
 clean:
-	rm -rf $(VENV) .venv-checkov $(BENCH_VENV) build *.egg-info kmskeys/_keyutils_cffi*.so .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-checkov $(BENCH_VENV) build dist *.egg-info kmskeys/_keyutils_cffi*.so .pytest_cache .mypy_cache .ruff_cache

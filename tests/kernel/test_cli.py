@@ -12,6 +12,7 @@ import pytest
 import kmskeys
 from kmskeys import Keyring, cli
 from kmskeys.cli import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
+from tests.support.imports import SLOW_IMPORTS, imported_modules
 from tests.support.names import unique, unique_prefix
 from tests.support.request_key_rule import request_key_rule
 
@@ -156,22 +157,6 @@ def test_flush_then_get_asks_the_resolver_at_once(
             assert cli.main(["flush", name, "--prefix", prefix]) == EXIT_OK
             assert kmskeys.get_secret(name, prefix=prefix) == b"fresh"
     assert "flushed 1 cached key" in capsys.readouterr().out
-
-
-def imported_modules(argv: list[str], env: dict[str, str] | None = None) -> set[str]:
-    """The modules a run of argv imports, from `-X importtime` (PYTHONPROFILEIMPORTTIME)."""
-    done = subprocess.run(
-        argv,
-        env={**(env or os.environ), "PYTHONPROFILEIMPORTTIME": "1"},
-        capture_output=True,
-        check=True,
-        timeout=30,
-    )
-    lines = done.stderr.decode().splitlines()
-    return {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
-
-
-SLOW_IMPORTS = {"argparse", "re", "pathlib", "enum", "typing"}
 
 
 def test_cached_get_imports_no_argparse_re_pathlib_or_enum(session_keyring: Keyring) -> None:

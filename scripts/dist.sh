@@ -1,0 +1,17 @@
+#!/bin/sh
+# `make dist`: the sdist, then the binary wheel built from that sdist (so the sdist is shown to
+# be complete), repaired by auditwheel to a manylinux tag. libkeyutils.so.1 stays a system
+# library (every host that runs the resolver has it: /sbin/request-key comes with it), so
+# auditwheel is told not to graft it into the wheel. Usage: scripts/dist.sh [OUTDIR]
+set -eu
+out=${1:-dist}
+venv=${VENV:-.venv}
+raw=$(mktemp -d "${TMPDIR:-/tmp}/kmskeys-dist.XXXXXX")
+trap 'rm -rf "$raw"' EXIT
+# No build isolation: the build requirements are in the dev venv (`make venv`), so no index is
+# needed and the build is the same offline as on a runner.
+"$venv/bin/python" -m build --no-isolation --outdir "$raw" .
+mkdir -p "$out"
+cp "$raw"/kmskeys-*.tar.gz "$out"/
+PATH="$venv/bin:$PATH" "$venv/bin/auditwheel" repair --exclude libkeyutils.so.1 \
+	--wheel-dir "$out" "$raw"/kmskeys-*.whl

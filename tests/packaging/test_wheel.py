@@ -1,0 +1,182 @@
+"""The wheel `make dist` builds, installed the way a host installs it: no compiler, no index.
+
+One build and one install for the module (scripts/dist.sh, the script `make dist` runs), into
+a fresh venv whose pip sees no index and no compiler: PATH holds only the venv's bin, CC is
+unset, and the one dependency (cffi) comes from the wheelhouse `make venv` downloaded
+(mk/packaging.mk). Then the installed client reads a key from the real kernel keyring.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kmskeys import Keyring
+from tests.support.imports import SLOW_IMPORTS, imported_modules
+from tests.support.names import unique, unique_prefix
+
+pytestmark = pytest.mark.kernel
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = Path(sys.prefix)
+WHEELHOUSE = VENV / "wheelhouse"
+# Amazon Linux 2023, the oldest glibc the fleet runs (docs/packaging.md).
+OLDEST_GLIBC = (2, 34)
+
+
+@dataclass
+class Dist:
+    wheel: Path
+    sdist: Path
+    log: str
+
+
+@dataclass
+class Installed:
+    venv: Path
+    env: dict[str, str]
+
+    @property
+    def python(self) -> str:
+        return str(self.venv / "bin" / "python")
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Dist:
+    """What `make dist` builds, into a temporary directory."""
+    out = tmp_path_factory.mktemp("dist")
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "dist.sh"), str(out)],
+        cwd=ROOT,
+        env={**os.environ, "VENV": str(VENV)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    wheels, sdists = list(out.glob("*.whl")), list(out.glob("*.tar.gz"))
+    assert len(wheels) == 1, wheels
+    assert len(sdists) == 1, sdists
+    return Dist(wheels[0], sdists[0], done.stdout + done.stderr)
+
+
+@pytest.fixture(scope="module")
+def installed(dist: Dist, tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """The wheel in a fresh venv, installed with no index and no compiler."""
+    if not list(WHEELHOUSE.glob("cffi-*.whl")):
+        pytest.fail(f"no cffi wheel in {WHEELHOUSE}: run `make {WHEELHOUSE}/.downloaded`")
+    venv = tmp_path_factory.mktemp("host") / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+    )
+    env = {
+        "PATH": str(venv / "bin"),  # no gcc, cc or ld on it
+        "HOME": str(venv),
+        "PIP_CONFIG_FILE": os.devnull,  # nor any index this machine's pip config names
+        "PIP_NO_INDEX": "1",
+    }
+    for tool in ("gcc", "cc", "ld"):
+        assert shutil.which(tool, path=env["PATH"]) is None, tool
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+         "--no-index", "--only-binary=:all:", "--no-cache-dir", "--find-links",
+         str(WHEELHOUSE), str(dist.wheel)],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return Installed(venv, env)
+
+
+@pytest.fixture
+def cached(session_keyring: Keyring) -> Iterator[tuple[str, str, bytes]]:
+    """A `user` key in the test's fresh session keyring, which the processes below inherit."""
+    prefix, name, secret = unique_prefix(), unique(), unique("payload").encode()
+    session_keyring.add_key("user", f"{prefix}:{name}", secret)
+    yield prefix, name, secret
+
+
+def test_wheel_is_abi3_manylinux_for_the_oldest_glibc_of_the_fleet(dist: Dist) -> None:
+    tags = dist.wheel.name.removesuffix(".whl").split("-")[2:]
+    assert tags[:2] == ["cp311", "abi3"], tags
+    match = re.fullmatch(rf"manylinux_(\d+)_(\d+)_{platform.machine()}", tags[2])
+    assert match, tags
+    assert (int(match[1]), int(match[2])) <= OLDEST_GLIBC, tags
+
+
+def test_wheel_holds_both_compiled_modules_the_script_data_and_license(dist: Dist) -> None:
+    with zipfile.ZipFile(dist.wheel) as wheel:
+        names = set(wheel.namelist())
+        meta = wheel.read("kmskeys-0.1.0.dist-info/METADATA").decode()
+    for path in (
+        "kmskeys/_keyutils_cffi.abi3.so",
+        "kmskeys/_hitpath.abi3.so",
+        "kmskeys/py.typed",
+        "resolver/data/kmskeys-resolver.service",
+        "resolver/data/kmskeys-firewall.service",
+        "kmskeys-0.1.0.data/scripts/kmskeys",
+        "kmskeys-0.1.0.dist-info/licenses/LICENSE",
+    ):
+        assert path in names, path
+    # libkeyutils stays the host's (docs/packaging.md): nothing grafted into the wheel.
+    assert not [n for n in names if ".libs/" in n]
+    assert "License-Expression: Apache-2.0" in meta
+    requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    assert 'Requires-Dist: botocore>=1.34; extra == "resolver"' in requires
+    assert not [r for r in requires if r.startswith("Requires-Dist: boto3") and "resolver" in r]
+    assert 'Requires-Dist: boto3>=1.34; extra == "encrypt"' in requires
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
+
+
+def test_sdist_builds_the_wheel_and_warns_of_nothing_deprecated(dist: Dist) -> None:
+    with tarfile.open(dist.sdist) as sdist:
+        names = set(sdist.getnames())
+    for path in ("LICENSE", "bin/kmskeys", "resolver/data/kmskeys-resolver.service"):
+        assert f"kmskeys-0.1.0/{path}" in names, path
+    assert "deprecat" not in dist.log.lower(), dist.log
+
+
+def test_installed_client_reads_the_kernel_keyring(
+    installed: Installed, cached: tuple[str, str, bytes], tmp_path: Path
+) -> None:
+    prefix, name, secret = cached
+    probe = (
+        "import sys, kmskeys\n"
+        f"sys.stdout.buffer.write(kmskeys.get_secret({name!r}, prefix={prefix!r}))\n"
+        "sys.stderr.write(kmskeys.__file__)\n"
+    )
+    done = subprocess.run(
+        [installed.python, "-c", probe],
+        env=installed.env, cwd=tmp_path, capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == secret
+    assert done.stderr.decode().startswith(str(installed.venv))
+
+
+def test_installed_command_gets_without_argparse_re_pathlib_or_enum(
+    installed: Installed, cached: tuple[str, str, bytes], tmp_path: Path
+) -> None:
+    prefix, name, secret = cached
+    command = installed.venv / "bin" / "kmskeys"
+    assert command.read_text().splitlines()[0] == f"#!{installed.python}"
+    argv = [str(command), "get", name, "--prefix", prefix]
+    done = subprocess.run(
+        argv, env=installed.env, cwd=tmp_path, capture_output=True, timeout=30, check=False
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, secret, b"")
+    # A regular install: the whole process, interpreter start included, imports none of them.
+    modules = imported_modules(argv, env=installed.env)
+    assert "kmskeys.cli" in modules
+    assert not modules & SLOW_IMPORTS, sorted(modules & SLOW_IMPORTS)
