@@ -50,6 +50,10 @@ long keyctl_describe(key_serial_t id, char *buffer, size_t buflen);
 long keyctl_get_persistent(uid_t uid, key_serial_t id);
 
 int kmsk_disable_core_dumps(void);
+int kmsk_private_fs(const char *fstype, const char *size);
+int kmsk_unshare(int flags);
+#define CLONE_NEWUSER ...
+#define CLONE_NEWNS ...
 int setfsuid(uid_t fsuid);
 
 int keyctl_describe_alloc(key_serial_t id, char **_buffer);
@@ -60,12 +64,31 @@ void explicit_bzero(void *s, size_t n);
 
 HELPERS = r"""
 #include <errno.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/fsuid.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <keyutils.h>
+
+/* fsopen(2), fsconfig(2) and fsmount(2) (Linux 5.2) have glibc wrappers only from glibc 2.36,
+ * and the wheel must load on glibc 2.34 (Amazon Linux 2023): raw syscalls. Their numbers are
+ * the same on every architecture (the unified syscall table from 424 on). */
+#ifndef __NR_fsopen
+#define __NR_fsopen 430
+#define __NR_fsconfig 431
+#define __NR_fsmount 432
+#endif
+#define KMSK_FSOPEN_CLOEXEC 0x1
+#define KMSK_FSCONFIG_SET_STRING 1
+#define KMSK_FSCONFIG_CMD_CREATE 6
+#define KMSK_FSMOUNT_CLOEXEC 0x1
+#define KMSK_MOUNT_ATTR_NOSUID 0x2
+#define KMSK_MOUNT_ATTR_NODEV 0x4
+#define KMSK_MOUNT_ATTR_NOEXEC 0x8
 
 /* No core file, no ptrace by other root-less processes, no /proc/PID/mem of this process:
  * a crash must never write served plaintext to disk. */
@@ -76,6 +99,39 @@ int kmsk_disable_core_dumps(void)
     if (setrlimit(RLIMIT_CORE, &none) != 0)
         return -1;
     return prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+}
+
+/* A new filesystem of `fstype` (ramfs or tmpfs), root mode 0700, mounted nowhere: the returned
+ * fd (O_PATH, close-on-exec) is the only way to it, and the kernel frees it with the last fd.
+ * `size` caps a tmpfs (NULL for ramfs, which has no such option). Needs CAP_SYS_ADMIN over the
+ * caller's mount namespace: root, or a fresh user + mount namespace of one's own. */
+int kmsk_private_fs(const char *fstype, const char *size)
+{
+    int fs, mnt, saved;
+
+    fs = (int)syscall(__NR_fsopen, fstype, KMSK_FSOPEN_CLOEXEC);
+    if (fs < 0)
+        return -1;
+    if (syscall(__NR_fsconfig, fs, KMSK_FSCONFIG_SET_STRING, "mode", "0700", 0) != 0 ||
+        (size != NULL &&
+         syscall(__NR_fsconfig, fs, KMSK_FSCONFIG_SET_STRING, "size", size, 0) != 0) ||
+        syscall(__NR_fsconfig, fs, KMSK_FSCONFIG_CMD_CREATE, NULL, NULL, 0) != 0) {
+        saved = errno;
+        close(fs);
+        errno = saved;
+        return -1;
+    }
+    mnt = (int)syscall(__NR_fsmount, fs, KMSK_FSMOUNT_CLOEXEC,
+                       KMSK_MOUNT_ATTR_NOSUID | KMSK_MOUNT_ATTR_NODEV | KMSK_MOUNT_ATTR_NOEXEC);
+    saved = errno;
+    close(fs);
+    errno = saved;
+    return mnt;
+}
+
+int kmsk_unshare(int flags)
+{
+    return unshare(flags);
 }
 """
 

@@ -43,6 +43,9 @@ EXIT_WRONG_USER = 11
 EXIT_NOT_AUTHENTIC = 12
 EXIT_UNKNOWN_VERSION = 13
 EXIT_SCOPE_POLICY = 14
+# `exec`: the command did not run, as env(1) and the shells say it.
+EXIT_CANNOT_RUN = 126
+EXIT_COMMAND_NOT_FOUND = 127
 
 COMMAND_GROUP = "kmskeys.commands"
 
@@ -53,6 +56,8 @@ host commands:
   get NAME       print the secret NAME (from the kernel cache, or resolved once)
   show           list the kms keys this process can see, with expiry (never payloads)
   flush NAME     invalidate the cached key NAME so the next request re-resolves it
+  exec -- CMD    run CMD with secrets in its environment or in private files:
+                 exec [--env VAR=NAME] [--env-file MAP] [--file FILE=NAME] -- CMD [ARGS]
   doctor         check this host's kmskeys set-up and explain each finding
 
 DPAPI on this host's stored: keys (pip install 'kmskeys[dpapi]'):
@@ -362,6 +367,28 @@ def _doctor(argv: Sequence[str]) -> int:
     return code
 
 
+def _exec(argv: Sequence[str]) -> int:
+    from kmskeys import exec_cli
+
+    prog = "kmskeys exec"
+    try:
+        return exec_cli.main(argv)  # on success, the command has replaced this process
+    except exec_cli.UsageError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except exec_cli.CommandNotFoundError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_COMMAND_NOT_FOUND
+    except exec_cli.CannotRunError as exc:
+        print(f"{prog}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    except exec_cli.SecretFailedError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return _exit_code(exc.cause)
+    except Exception as exc:  # every error: one line, one exit code
+        return _fail(prog, exc)
+
+
 def _dpapi(command: str) -> Callable[[Sequence[str]], int]:
     def run(argv: Sequence[str]) -> int:
         try:
@@ -387,6 +414,7 @@ BUILTINS: dict[str, Callable[[Sequence[str]], int]] = {
     "show": cmd_show,
     "flush": cmd_flush,
     "doctor": _doctor,
+    "exec": _exec,
     "protect": _dpapi("protect"),
     "unprotect": _dpapi("unprotect"),
 }

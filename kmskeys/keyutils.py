@@ -239,6 +239,31 @@ def disable_core_dumps() -> None:
         raise _fail("prctl(PR_SET_DUMPABLE)")
 
 
+def _os_error(what: str) -> OSError:
+    import os
+
+    err = ffi.errno
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+CLONE_NEWUSER: int = lib.CLONE_NEWUSER
+CLONE_NEWNS: int = lib.CLONE_NEWNS
+
+
+def private_fs(fstype: bytes, size: bytes | None) -> int:
+    """fsopen + fsmount: the O_PATH fd of a new ramfs/tmpfs root (mode 0700) mounted nowhere."""
+    fd: int = lib.kmsk_private_fs(fstype, _NULL if size is None else size)
+    if fd == -1:
+        raise _os_error(f"fsopen({fstype.decode()})")
+    return fd
+
+
+def unshare(flags: int) -> None:
+    """unshare(2) (os.unshare arrives with Python 3.12)."""
+    if lib.kmsk_unshare(flags) == -1:
+        raise _os_error("unshare")
+
+
 def keyctl_get_keyring_ID(key: int, create: bool) -> int:
     """Resolve a special keyring id (e.g. KEY_SPEC_SESSION_KEYRING) to its serial."""
     serial: int = lib.keyctl_get_keyring_ID(key, 1 if create else 0)
