@@ -52,10 +52,12 @@ class Mapping:
         self.env: dict[str, str] = {}
         self.files: dict[str, str] = {}
 
-    def add_env(self, item: str, where: str) -> None:
-        var, name = _split(item, where)
+    def add_env(self, item: str, where: str, *, quote: bool = True) -> None:
+        """Map VAR=NAME; `quote=False` keeps the item's text out of error messages."""
+        var, name = _split(item, where, quote=quote)
         if not (var[:1] in _VAR_START and set(var) <= _VAR_CHARS):
-            raise UsageError(f"{where}: {var!r} is not an environment variable name")
+            shown = f"{var!r} is" if quote else "the part before '=' is"
+            raise UsageError(f"{where}: {shown} not an environment variable name")
         if var in self.env:
             raise UsageError(f"{where}: {var} is given twice")
         self.env[var] = name
@@ -74,12 +76,22 @@ class Mapping:
         return list(dict.fromkeys([*self.env.values(), *self.files.values()]))
 
 
-def _split(item: str, where: str) -> tuple[str, str]:
+def _split(item: str, where: str, *, quote: bool = True) -> tuple[str, str]:
     target, eq, name = item.partition("=")
     target, name = target.strip(), name.strip()
     if not eq or not target or not name:
-        raise UsageError(f"{where}: expected TARGET=NAME, got {item!r}")
-    validate_name(name)
+        got = f", got {item!r}" if quote else ""
+        raise UsageError(f"{where}: expected TARGET=NAME{got}")
+    try:
+        validate_name(name)
+    except ValueError:
+        if quote:
+            raise
+        # A mapping file line that fails may hold a value put there by mistake: never echo it.
+        raise UsageError(
+            f"{where}: the part after '=' is not a valid secret name (a mapping holds names "
+            "of secrets, never their values)"
+        ) from None
     return target, name
 
 
@@ -91,7 +103,7 @@ def _read_env_file(path: str, mapping: Mapping) -> None:
             for number, line in enumerate(lines, 1):
                 text = line.strip()
                 if text and not text.startswith("#"):
-                    mapping.add_env(text, f"{path}:{number}")
+                    mapping.add_env(text, f"{path}:{number}", quote=False)
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--env-file {path}: {exc}") from None
 
