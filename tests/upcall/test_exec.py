@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 
 from kmskeys import Keyring
 from kmskeys.cli import EXIT_COMMAND_NOT_FOUND, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
+from tests.support.kms_proxy import Fault, ProxiedRequest, kms_error
 from tests.support.names import unique, unique_prefix
 from tests.support.requester import as_user, entry
 from tests.upcall.conftest import KMSKEYS, Install
@@ -94,6 +96,30 @@ def test_env_injection_from_flags_and_a_mapping_file(resolver: Install, tmp_path
     assert resolver.decrypts() == 3
     assert not any(s.hex() in out["cmdline"] for s in (s1, s2, s3))
     assert "CREDENTIALS_DIRECTORY" not in bytes.fromhex(out["environ"]).decode()
+
+
+def test_secrets_are_resolved_concurrently(resolver: Install) -> None:
+    # The proxy holds each Decrypt at a barrier until all three have arrived: resolved one
+    # after another, the first would wait alone, break the barrier and be answered with an
+    # error, and the command would not run.
+    pairs = deployed(resolver, 3)
+    barrier = threading.Barrier(len(pairs), timeout=2.5)  # under the resolver's 4 s deadline
+
+    def hold(request: ProxiedRequest) -> Fault | None:
+        if request.operation != "Decrypt":
+            return None
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            return kms_error("KMSInternalException", 500)
+        return None
+
+    assert resolver.proxy is not None
+    resolver.proxy.set_fault(hold)
+    env = [f"--env=V{i}={name}" for i, (name, _) in enumerate(pairs)]
+    done, _ = kmskeys_exec(resolver, *env, "--", sys.executable, "-c", REPORT, "V0", "V1", "V2")
+    out = report(done)
+    assert out["env"] == {f"V{i}": secret.decode() for i, (_, secret) in enumerate(pairs)}
 
 
 def test_file_injection_private_read_only_and_mounted_nowhere(resolver: Install) -> None:
