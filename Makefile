@@ -60,6 +60,9 @@ $(BENCH_VENV)/.installed: pyproject.toml setup.py $(wildcard kmskeys/*.py kmskey
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
 	$(BENCH_VENV)/bin/python -m pip install -q --force-reinstall --no-deps .
 	$(BENCH_VENV)/bin/python -m pip install -q '.[resolver]'
+	@# boto3 is no dependency of the resolver (botocore is): the CGI and fresh-process rows'
+	@# per-process boto3 decrypt baseline needs it in the apps' venv.
+	$(BENCH_VENV)/bin/python -m pip install -q boto3
 	@touch $@
 
 bench: deps venv compile $(TEST_PREREQS) $(BENCH_VENV)/.installed
