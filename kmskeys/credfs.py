@@ -50,7 +50,15 @@ def _make_in_user_namespace(uid: int, gid: int, sock: socket.socket) -> None:
 def private_fs() -> int:
     """The O_PATH, close-on-exec fd of the root (mode 0700, owned by this fsuid) of a new fs."""
     if os.geteuid() == 0:
-        return _make()
+        try:
+            return _make()
+        except OSError as exc:
+            raise PrivateFsUnavailableError(
+                exc.errno,
+                f"cannot make a private filesystem for --file: {exc.strerror} (a container "
+                "without CAP_SYS_ADMIN, or a seccomp profile that blocks fsopen(2), Linux "
+                "5.2+); use --env",
+            ) from None
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         pid = os.fork()
