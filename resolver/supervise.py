@@ -28,7 +28,7 @@ from kmskeys.names import parse_description
 from resolver import config as config_mod
 from resolver import handler
 from resolver.errors import ResolverError, UnavailableError, errno_name
-from resolver.limits import acquire_slot
+from resolver.limits import acquire_slot, inherited_slot
 from resolver.log import LOG_ERR, SyslogWriter, format_fields
 from resolver.registry import split_description
 
@@ -48,11 +48,13 @@ def supervise(argv: Sequence[str]) -> int:
     config = _config(args) if args is not None else None
     if args is not None and config is not None:
         # Before any fork or import: a uid with all its slots busy is answered EAGAIN now.
+        slot, allowed = inherited_slot(config.state_dir, args.uid, config.max_concurrent_per_uid)
         try:
-            slot = acquire_slot(config.state_dir, args.uid, config.max_concurrent_per_uid)
+            if slot is None:
+                slot = acquire_slot(config.state_dir, args.uid, config.max_concurrent_per_uid)
         except ResolverError as exc:
             return _answer(args, config, exc)
-        if slot is None:
+        if slot is None or not allowed:
             busy = UnavailableError(
                 f"uid {args.uid} already has {config.max_concurrent_per_uid} requests being "
                 "resolved (max_concurrent_per_uid)"
