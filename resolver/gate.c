@@ -6,8 +6,8 @@
  * one uid firing hundreds of concurrent upcalls would cost the host gigabytes and starve every
  * other user's misses. This program takes one of the requesting uid's handler slots first (an
  * flock(2) on the same state_dir files as resolver/limits.py) and execs the handler holding it;
- * a uid's second and later concurrent handlers run niced, so its misses queue behind other
- * users' for the CPU.
+ * a uid's third and later concurrent handlers run niced, so a burst of its misses queues behind
+ * other users' for the CPU.
  * With every slot taken it rejects the key EAGAIN and logs one line, as the handler would, at
  * the cost of one small C process that imports nothing.
  *
@@ -42,6 +42,7 @@
 #define MAX_SLOTS 1024
 #define MAX_FIELD 160 /* resolver/log.py MAX_FIELD */
 #define LOG_ERR 3
+#define FAIR_SLOTS 2
 #define CONCURRENT_NICE 10
 
 /* resolver/log.py _SAFE: characters a log field may hold without quoting. */
@@ -115,9 +116,9 @@ static int take_slot(const struct args *a)
             goto out;
         }
         if (flock(fd, LOCK_EX | LOCK_NB) == 0) {
-            /* A uid's first miss runs at normal priority, its concurrent ones behind every
-             * other uid's: a uid that floods mostly competes with itself for the CPU. */
-            if (index > 0)
+            /* A uid's first FAIR_SLOTS concurrent misses run at normal priority, the rest
+             * behind every other uid's: a uid that floods mostly competes with itself. */
+            if (index >= FAIR_SLOTS)
                 setpriority(PRIO_PROCESS, 0, CONCURRENT_NICE);
             result = fd;
             goto out;
