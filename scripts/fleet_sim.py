@@ -357,13 +357,15 @@ def markdown(seed: int = SEED, hosts: int = Fleet.sample_hosts) -> str:
         lost = res.unavailable / (pairs * outage)
         attempts = res.attempts_down / outage * SCALE_HOSTS / fleet.sample_hosts
         recovery = res.peak_between(recovery_at, recovery_at + 2 * base.ttl)
-        rows.append([label, f"{lost:.1%}", rate(attempts), rate(recovery)])
+        reach = hosts_at(QUOTAS[0][0], max(attempts, recovery))
+        rows.append([label, f"{lost:.1%}", rate(attempts), rate(recovery), reach])
     out += table(
         [
             "configuration",
             "secret-time unavailable",
             "failed Decrypt attempts /s during the outage",
             "recovery peak /s",
+            "hosts whose attempts or recovery reach 10k/s",
         ],
         rows,
     )
