@@ -29,7 +29,8 @@ def main() -> int:
     try:
         secret = kmskeys.get_secret(NAME, prefix=PREFIX)
     except kmskeys.TemporarilyUnavailableError as exc:
-        # KMS unreachable or throttled: the kernel caches the failure for the negative TTL.
+        # KMS unreachable or throttled. Not cached (the kernel never finds a key rejected with
+        # EAGAIN): the next request asks the resolver, and KMS, again. Retry-After paces clients.
         print(f"secret.py: {exc}", file=sys.stderr)
         respond("503 Service Unavailable", f"<p>{NAME}: temporarily unavailable", "Retry-After: 10")
         return 0

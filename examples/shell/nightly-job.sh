@@ -9,8 +9,10 @@
 #
 # Settings (environment): KMSKEYS_SECRET (default db-password), KMSKEYS_PREFIX (default kms),
 # KMSKEYS (the kmskeys command), KMSKEYS_RETRIES and KMSKEYS_RETRY_DELAY (seconds) for a
-# temporarily unavailable KMS. Keep the delay above the resolver's negative_ttl (default 10 s):
-# until then the kernel answers every retry from the cached failure without asking again.
+# temporarily unavailable KMS. That failure (EAGAIN) is not cached: the resolver rejects the key
+# with its negative_ttl as it does every failure, but the kernel never finds a key rejected with
+# EAGAIN, so every retry runs the resolver and asks KMS again. The delay is a back-off for a
+# throttled or unreachable KMS, not a wait for a cache to expire.
 #
 # Exit status (sysexits.h, which cron wrappers and monitoring understand):
 #   0 done; 64 bad name; 69 unknown secret (no blob deployed); 75 still unavailable after the

@@ -50,7 +50,8 @@ def make_app(prefix: str = PREFIX) -> Callable[[dict[str, object], StartResponse
         try:
             secret = kmskeys.get_secret(name, prefix=prefix)  # now, not at import time
         except kmskeys.TemporarilyUnavailableError:
-            # The kernel keeps the failure for the resolver's negative TTL; retry later.
+            # Not cached (the kernel never finds a key rejected with EAGAIN): the next request
+            # asks the resolver, and KMS, again.
             return answer(start_response, "503 Service Unavailable", {"error": "try again later"})
         except kmskeys.KmsKeysError as exc:
             print(f"app: {name}: {exc}", file=sys.stderr)  # names the resolver log, never a secret
