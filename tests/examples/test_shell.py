@@ -85,6 +85,12 @@ def test_invalid_name_is_ex_usage(install: Install) -> None:
     assert "invalid secret name" in done.stderr
 
 
+def test_missing_name_is_ex_usage(install: Install) -> None:
+    done = run_job(prefix=install.prefix, name="")
+    assert done.returncode == 64
+    assert "KMSKEYS_SECRET is not set" in done.stderr
+
+
 def test_unknown_secret_is_ex_unavailable(install: Install) -> None:
     done = run_job(prefix=install.prefix)
     assert done.returncode == 69
