@@ -150,3 +150,20 @@ def test_doc_cites_the_aws_quota_page_with_its_figures() -> None:
     )
     for figure, _regions in sim.QUOTAS:
         assert f"{figure:,}" in document
+
+
+def test_jitter_spreads_the_echoes_of_the_recovery_after_an_outage() -> None:
+    fleet = replace(SMALL, host_cache=False)
+    recovered = fleet.outage_start + fleet.outage_seconds
+    echo = recovered + fleet.ttl * (1 - fleet.ttl_jitter) - fleet.retry
+    still = sim.simulate(replace(fleet, ttl_jitter=0.0), "outage")
+    jittered = sim.simulate(fleet, "outage")
+    # Both recover in one retry interval: every key at once ...
+    for res in (still, jittered):
+        assert res.peak_between(recovered, echo) == pytest.approx(
+            sim.SCALE_HOSTS * fleet.services * fleet.secrets / fleet.retry, rel=0.05
+        )
+    # ... and only jitter keeps that wave from coming back every ttl.
+    assert jittered.peak_between(echo, fleet.horizon) < 0.5 * still.peak_between(
+        echo, fleet.horizon
+    )
