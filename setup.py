@@ -1,14 +1,44 @@
 """Only here because cffi's out-of-line build hooks into setuptools through setup() keywords,
-for the hit-path extension beside it (kmskeys/_hitpath.c), and for the `kmskeys` script.
+for the hit-path extension beside it (kmskeys/_hitpath.c), for the resolver's small C program,
+`resolver/kmskeys-gate` (resolver/gate.c), which the wheel carries as package data, and for the
+`kmskeys` script.
 
 Both compiled modules use the limited API of Python 3.11 (`_hitpath.c` defines Py_LIMITED_API;
 cffi's generated module does under py_limited_api), so the wheel is tagged cp311-abi3: one wheel
 for every CPython from 3.11 on.
 """
 
+import os
+
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+GATE_SOURCE = "resolver/gate.c"
+GATE = "kmskeys-gate"
+
+
+class BuildExtAndGate(build_ext):
+    """build_ext, plus the gate executable linked with the same compiler."""
+
+    def run(self) -> None:
+        super().run()
+        objects = self.compiler.compile(
+            [GATE_SOURCE], output_dir=self.build_temp, extra_postargs=["-O2", "-Wall"]
+        )
+        self.compiler.link_executable(objects, GATE, output_dir=self._gate_dir())
+
+    def _gate_dir(self) -> str:
+        # In place for editable installs and `build_ext --inplace`; else into the wheel's tree.
+        if self.inplace or getattr(self, "editable_mode", False):
+            return "resolver"
+        return os.path.join(self.build_lib, "resolver")
+
+    def get_outputs(self) -> list[str]:
+        return [*super().get_outputs(), os.path.join(self._gate_dir(), GATE)]
+
 
 setup(
+    cmdclass={"build_ext": BuildExtAndGate},
     cffi_modules=["kmskeys/_build_keyutils.py:ffibuilder"],
     ext_modules=[
         Extension(

@@ -18,10 +18,10 @@ import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
 
+from kmskeys import keyutils
 from kmskeys.contract import DEFAULT_STORED_PREFIX
 from kmskeys.errors import (
     KeyNotFoundError,
-    KeyPermissionError,
     KeyRejectedError,
     ProtectAuthenticationError,
     ScopeNotAllowedError,
@@ -29,7 +29,6 @@ from kmskeys.errors import (
     UnknownKeyVersionError,
     WrongUserError,
 )
-from kmskeys.key import Key
 from kmskeys.protectblob import (
     DEFAULT_CHUNK,
     MAGIC,
@@ -76,47 +75,22 @@ _EMPTY_SHA256 = bytes.fromhex("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca
 # --- the master key, through the kernel ---------------------------------------------------------
 
 
-def fsuid() -> int:
-    """The caller's filesystem uid: the uid the kernel gives its keys and passes as %u."""
-    fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        status = os.read(fd, 16384)
-    finally:
-        os.close(fd)
-    at = status.find(b"\nUid:")
-    if at < 0:
-        raise RuntimeError("/proc/self/status has no Uid line")
-    return int(status[at : status.index(b"\n", at + 1)].split()[4])  # real, eff, saved, fs
+# The caller's filesystem uid: the uid the kernel gives its keys, passes as %u and checks
+# key permissions with.
+fsuid = keyutils.current_fsuid
 
 
-# Serials of keys already found to be ours (serial -> fsuid): one describe per key and process.
-# Nobody can chown or re-permission a resolved key (no SETATTR in RESOLVED_KEY_PERM), and the
-# kernel picks serials at random, so a checked serial stays the caller's own key.
-_OWNED: dict[int, int] = {}
-_OWNED_MAX = 256
+def _read_owned(desc: str) -> bytes:
+    # One C call (kmskeys/_hitpath.c), as get_secret's: a keyring shared with another uid may
+    # hold a key that uid planted under this description, so only a key owned by our fsuid is
+    # read (KeyOwnershipError otherwise).
+    return keyutils.fetch(desc.encode(), _MASTER_KEY_CALLOUT, 0)[1]
 
 
-def _read_owned(desc: str, me: int) -> bytes:
-    key = Key.request(desc, _MASTER_KEY_CALLOUT)
-    if _OWNED.get(key.serial) != me:
-        # A keyring shared with another uid may hold a key that uid planted under this
-        # description: only a key the resolver made for us (owned by our fsuid) is our key.
-        info = key.describe()
-        if info.type != "user" or info.uid != me:
-            raise KeyPermissionError(
-                f"{desc}: the key found is owned by uid {info.uid}, not by you (uid {me}); "
-                "start a fresh session keyring (keyctl session -) or use KeyringMode=private"
-            )
-        if len(_OWNED) >= _OWNED_MAX:
-            _OWNED.clear()
-        _OWNED[key.serial] = me
-    return key.read()
-
-
-def _diagnose(prefix: str, name: str, scope: str, me: int, refused: KeyRejectedError) -> Exception:
+def _diagnose(prefix: str, name: str, scope: str, refused: KeyRejectedError) -> Exception:
     """Why the resolver refused a master key: a scope the policy does not give, or `refused`."""
     try:
-        policy = _read_owned(stored_description(prefix, name, StoredQuery(StoredQuery.SCOPE)), me)
+        policy = _read_owned(stored_description(prefix, name, StoredQuery(StoredQuery.SCOPE)))
     except KeyRejectedError:
         return refused
     held = policy.decode("ascii", "replace")
@@ -129,16 +103,13 @@ def _diagnose(prefix: str, name: str, scope: str, me: int, refused: KeyRejectedE
     return refused
 
 
-def latest_version(
-    name: str, scope: str, prefix: str = DEFAULT_STORED_PREFIX, *, me: int | None = None
-) -> int:
+def latest_version(name: str, scope: str, prefix: str = DEFAULT_STORED_PREFIX) -> int:
     """The newest master-key version of (scope, NAME); the resolver creates version 1 if none."""
-    me = fsuid() if me is None else me
     desc = stored_description(prefix, name, StoredQuery(StoredQuery.LATEST, scope))
     try:
-        raw = _read_owned(desc, me)
+        raw = _read_owned(desc)
     except KeyRejectedError as exc:
-        raise _diagnose(prefix, name, scope, me, exc) from None
+        raise _diagnose(prefix, name, scope, exc) from None
     if not raw.isdigit():
         raise KeyRejectedError(f"{desc}: the resolver's answer is not a version number")
     return int(raw)
@@ -149,14 +120,11 @@ def master_key(
     scope: str,
     version: int,
     prefix: str = DEFAULT_STORED_PREFIX,
-    *,
-    me: int | None = None,
 ) -> bytes:
     """Version `version` of the master key of (scope, NAME), from the kernel cache or resolver."""
-    me = fsuid() if me is None else me
     desc = stored_description(prefix, name, StoredQuery(StoredQuery.KEY, scope, version))
     try:
-        key = _read_owned(desc, me)
+        key = _read_owned(desc)
     except KeyNotFoundError:
         raise UnknownKeyVersionError(
             f"{desc}: this host's keystore has no version {version} of the {scope}-scope key "
@@ -164,7 +132,7 @@ def master_key(
             "(kmskeys-resolver stored list shows the versions kept)"
         ) from None
     except KeyRejectedError as exc:
-        raise _diagnose(prefix, name, scope, me, exc) from None
+        raise _diagnose(prefix, name, scope, exc) from None
     if len(key) != MASTER_KEY_BYTES:
         raise KeyRejectedError(f"{desc}: the master key is {len(key)} bytes, not 32")
     return key
@@ -299,8 +267,8 @@ def _new_header(
     if scope not in SCOPES:
         raise ValueError(f"scope must be {SCOPE_USER!r} or {SCOPE_MACHINE!r}, not {scope!r}")
     me = fsuid()
-    version = latest_version(name, scope, prefix, me=me)
-    master = master_key(name, scope, version, prefix, me=me)
+    version = latest_version(name, scope, prefix)
+    master = master_key(name, scope, version, prefix)
     header = ProtectHeader(
         scope=scope,
         name=name,
@@ -385,7 +353,7 @@ def _key_for(header: ProtectHeader, raw: bytes, entropy: bytes, prefix: str) -> 
             f"protected for uid {header.uid}; you are uid {me}: a user-scope blob opens only "
             f"for the user who protected it, so run unprotect as uid {header.uid}"
         )
-    master = master_key(header.name, header.scope, header.key_version, prefix, me=me)
+    master = master_key(header.name, header.scope, header.key_version, prefix)
     return _blob_cipher(master, raw, header.salt, entropy)
 
 

@@ -82,7 +82,7 @@ class Config:
     warm_socket: Path | None = None
     # Per-uid limits, checked before any expensive work: concurrent handler runs (the rest get
     # EAGAIN at once), and a token bucket for KMS calls. Their lock files live in state_dir.
-    max_concurrent_per_uid: int = 8
+    max_concurrent_per_uid: int = 4
     kms_rate_per_uid: float = 10.0
     kms_burst_per_uid: int = 100
     state_dir: Path = DEFAULT_STATE_DIR

@@ -18,12 +18,15 @@ from pathlib import Path
 from kmskeys import contract
 from kmskeys.contract import DEFAULT_PREFIX, rule_file_name
 from kmskeys.names import validate_prefix
+from kmskeys.trust import unsafe_reason
 from resolver import config as config_mod
 from resolver.errors import ConfigError, InstallError
 from resolver.handler import MACROS
 
 REQUEST_KEY_D = Path(contract.REQUEST_KEY_D)
 MARKER = "# kmskeys-resolver install"
+# The gate program, built from resolver/gate.c by setup.py into this package's directory.
+GATE = "kmskeys-gate"
 _CREATED_CONFIG = "# created-config: "
 _CREATED_DIR = "# created-dir: "
 # Which descriptions `install --rules` routes to the handler: one config serves both.
@@ -79,13 +82,48 @@ def resolver_executable() -> Path:
     raise InstallError("cannot find the kmskeys-resolver executable of this installation")
 
 
-def rule_line(prefix: str, executable: Path, config: Path) -> str:
-    """The request-key.conf line that routes `PREFIX:*` requests to the handler."""
-    for what, path in (("resolver", executable), ("config", config)):
+def gate_executable() -> Path:
+    """This installation's `kmskeys-gate` (resolver/gate.c), which the wheel carries."""
+    path = Path(os.path.abspath(__file__)).parent / GATE
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise InstallError(
+            f"{path} is missing: reinstall kmskeys from its wheel (a source build needs a C "
+            "compiler)"
+        )
+    reason = unsafe_reason(path.stat())
+    if reason:
+        raise InstallError(f"{path} is unsafe for root to run: {reason}")
+    return path
+
+
+def rule_line(
+    prefix: str, executable: Path, config_path: Path, config: config_mod.Config, gate: Path
+) -> str:
+    """The request-key.conf line that routes `PREFIX:*` requests to the handler.
+
+    The gate runs first: it takes the requester's slot (max_concurrent_per_uid) or rejects the
+    key EAGAIN, without starting Python. It gets the config values it needs here, so a change
+    of state_dir, max_concurrent_per_uid, negative_ttl or the syslog settings needs a re-run of
+    install (the handler refuses a slot the config does not allow, and doctor says so).
+    """
+    paths = (
+        ("gate", gate),
+        ("resolver", executable),
+        ("config", config_path),
+        ("state_dir", config.state_dir),
+        ("syslog_socket", config.syslog_socket),
+    )
+    for what, path in paths:
         # request-key splits its program line on whitespace.
         if any(ch.isspace() for ch in str(path)) or not path.is_absolute():
             raise InstallError(f"{what} path {str(path)!r} must be absolute and without spaces")
-    return f"create user {prefix}:* * {executable} handle --config {config} {MACROS}"
+    gate_args = (
+        f"{gate} {config.state_dir} {config.max_concurrent_per_uid} {config.negative_ttl} "
+        f"{config.syslog_socket} {config_mod.FACILITIES[config.syslog_facility]} %k %u --"
+    )
+    return (
+        f"create user {prefix}:* * {gate_args} {executable} handle --config {config_path} {MACROS}"
+    )
 
 
 def _toml_list(items: Sequence[str]) -> str:
@@ -118,7 +156,7 @@ def default_config_text(prefix: str, blob_dir: Path, key_arns: Sequence[str] = (
 # negative_ttl = 10                # seconds a refusal or unknown name stays cached
 # deadline = 8                     # seconds the handler may take, KMS included
 # warm_socket = "/run/kmskeys/resolver.sock"   # kmskeys-resolver serve (the warm path)
-# max_concurrent_per_uid = 8       # handler runs per requesting uid; the rest get EAGAIN
+# max_concurrent_per_uid = 4       # handler runs per requesting uid; the rest get EAGAIN
 # kms_rate_per_uid = 10.0          # KMS calls per second per uid (token bucket) ...
 # kms_burst_per_uid = 100          # ... holding this many tokens
 # state_dir = "{config_mod.DEFAULT_STATE_DIR}"         # root-only: the per-uid limits' lock files
@@ -266,12 +304,12 @@ def install(
         _mkdirs(config.keystore_dir, manifest, actions, mode=0o700)
     if not request_key_d.is_dir():
         raise InstallError(f"{request_key_d} is missing: install the keyutils package")
-    executable = resolver_executable()
+    executable, gate = resolver_executable(), gate_executable()
     text = "\n".join(
         [
             f"{MARKER} (prefix {prefix}); `kmskeys-resolver uninstall` removes this file.",
             *manifest.lines(),
-            *(rule_line(p, executable, config_path) for p in routed),
+            *(rule_line(p, executable, config_path, config, gate) for p in routed),
             "",
         ]
     )

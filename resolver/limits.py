@@ -24,6 +24,11 @@ from pathlib import Path
 from kmskeys.trust import unsafe_reason
 from resolver.errors import ConfigError
 
+# kmskeys-gate (resolver/gate.c) takes the slot before Python starts and passes the locked fd
+# in this variable (SLOT_FD_ENV there). request-key runs with the kernel's fixed environment,
+# so no requester can set it.
+SLOT_FD_ENV = "KMSKEYS_SLOT_FD"
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
 _FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY
 # A bucket file holds (tokens, CLOCK_MONOTONIC seconds of the last refill): the clock is the
@@ -100,3 +105,29 @@ def take_token(state_dir: Path, uid: int, rate: float, burst: int) -> bool:
         return taken
     finally:
         os.close(fd)
+
+
+def inherited_slot(state_dir: Path, uid: int, slots: int) -> tuple[int | None, bool]:
+    """(fd, allowed) for the slot kmskeys-gate took for `uid`; (None, True) if it took none.
+
+    `allowed` is False when the gate's slot is not one this config allows (a rule installed
+    before max_concurrent_per_uid was lowered): the request is then answered as busy. A slot in
+    another directory (a rule installed before state_dir changed) is dropped, and the caller
+    takes one the usual way.
+    """
+    value = os.environ.pop(SLOT_FD_ENV, None)
+    if value is None:
+        return None, True
+    try:
+        fd = int(value)
+        held = os.readlink(f"/proc/self/fd/{fd}")
+    except (ValueError, OSError):
+        return None, True
+    directory, name = os.path.split(held)
+    prefix = f"slot-{uid}-"
+    if directory != os.path.realpath(state_dir) or not name.startswith(prefix):
+        os.close(fd)
+        return None, True
+    os.set_inheritable(fd, False)  # the worker gets it through fork; nothing it execs does
+    index = name[len(prefix) :]
+    return fd, index.isdigit() and int(index) < slots

@@ -28,7 +28,7 @@ from kmskeys.names import parse_description
 from resolver import config as config_mod
 from resolver import handler
 from resolver.errors import ResolverError, UnavailableError, errno_name
-from resolver.limits import acquire_slot
+from resolver.limits import acquire_slot, inherited_slot
 from resolver.log import LOG_ERR, SyslogWriter, format_fields
 from resolver.registry import split_description
 
@@ -46,20 +46,22 @@ def supervise(argv: Sequence[str]) -> int:
     except ValueError:
         args = None  # the worker logs the bad argv; there is no key to answer
     config = _config(args) if args is not None else None
+    slot: int | None = None
     if args is not None and config is not None:
         # Before any fork or import: a uid with all its slots busy is answered EAGAIN now.
+        slot, allowed = inherited_slot(config.state_dir, args.uid, config.max_concurrent_per_uid)
         try:
-            slot = acquire_slot(config.state_dir, args.uid, config.max_concurrent_per_uid)
+            if slot is None:
+                slot = acquire_slot(config.state_dir, args.uid, config.max_concurrent_per_uid)
         except ResolverError as exc:
             return _answer(args, config, exc)
-        if slot is None:
+        if slot is None or not allowed:
             busy = UnavailableError(
                 f"uid {args.uid} already has {config.max_concurrent_per_uid} requests being "
                 "resolved (max_concurrent_per_uid)"
             )
             return _answer(args, config, busy)
-        # The slot stays held by this process and the worker (which inherits the fd) until
-        # both have exited.
+        # The worker inherits the slot and holds it until it exits, right after answering.
     try:
         pid = os.fork()
     except OSError:
@@ -73,6 +75,10 @@ def supervise(argv: Sequence[str]) -> int:
         finally:
             sys.stderr.flush()
             os._exit(code)  # never return into the parent's code
+    if slot is not None:
+        # Not this process's teardown too: a requester that got its answer and asks again at
+        # once must find the slot free.
+        os.close(slot)
     if args is None:
         _wait(pid, None)
         return 2

@@ -216,6 +216,7 @@ class Demo:
             docroot=docroot,
             python=sys.executable,
             prefix=self.prefix,
+            secret=NAME,
         ).start()
         self.proxy.reset_counts()
         step.doing = "first request: the kernel upcalls the resolver"

@@ -1,19 +1,23 @@
-"""CGI example: a 20 ms process that needs the database password, without boto3 or AWS access.
+"""CGI example: a 20 ms process that needs a secret, without boto3 or AWS access.
 
 Every request is a new process. `kmskeys.get_secret` asks the kernel, which answers from its
 cache in microseconds; only the first request after a flush or expiry waits for the root
 resolver's single KMS Decrypt. The page shows a fingerprint of the secret, never the secret.
+
+The deployer names the secret in the web server's config, not in the code: KMSKEYS_SECRET
+(e.g. db-password) and KMSKEYS_PREFIX (the resolver's prefix, "kms" on a default install),
+set with lighttpd's setenv.add-environment, nginx's fastcgi_param or Apache's SetEnv.
 """
 
 import hashlib
+import html
 import os
 import sys
 import time
 
 import kmskeys
 
-NAME = "db-password"
-# The resolver's description prefix: "kms" on a default install; the web server sets it.
+NAME = os.environ.get("KMSKEYS_SECRET", "")
 PREFIX = os.environ.get("KMSKEYS_PREFIX", "kms")
 
 
@@ -25,18 +29,25 @@ def respond(status: str, body: str, *headers: str) -> None:
 
 def main() -> int:
     """Fetch the secret, use it (here: fingerprint it), answer the request."""
+    if not NAME:
+        print("secret.py: KMSKEYS_SECRET is not set in the web server's config", file=sys.stderr)
+        respond("500 Internal Server Error", "<p>no secret configured")
+        return 0
+    shown = html.escape(NAME)
     start = time.perf_counter()
     try:
         secret = kmskeys.get_secret(NAME, prefix=PREFIX)
     except kmskeys.TemporarilyUnavailableError as exc:
-        # KMS unreachable or throttled: the kernel caches the failure for the negative TTL.
+        # KMS unreachable or throttled. Not cached (the kernel never finds a key rejected with
+        # EAGAIN): the next request asks the resolver, and KMS, again. Retry-After paces clients.
         print(f"secret.py: {exc}", file=sys.stderr)
-        respond("503 Service Unavailable", f"<p>{NAME}: temporarily unavailable", "Retry-After: 10")
+        unavailable = f"<p>{shown}: temporarily unavailable"
+        respond("503 Service Unavailable", unavailable, "Retry-After: 10")
         return 0
     except kmskeys.KmsKeysError as exc:
         # The full message (it names the resolver log) goes to the server's error log only.
         print(f"secret.py: {exc}", file=sys.stderr)
-        respond("500 Internal Server Error", f"<p>{NAME}: {type(exc).__name__}")
+        respond("500 Internal Server Error", f"<p>{shown}: {type(exc).__name__}")
         return 0
     took_us = (time.perf_counter() - start) * 1e6
     # A real application would open its database connection here. A bare hash of a
@@ -45,7 +56,8 @@ def main() -> int:
     respond(
         "200 OK",
         "<!doctype html><title>kmskeys CGI example</title>\n"
-        f'<p>secret <code>{NAME}</code> obtained in <span id="us">{took_us:.0f}</span> µs\n'
+        f'<p>secret <code id="name">{shown}</code> obtained in '
+        f'<span id="us">{took_us:.0f}</span> µs\n'
         f'<p>sha256 <code id="fingerprint">{fingerprint}</code>, '
         f'<span id="size">{len(secret)}</span> bytes (the secret itself is never shown)\n'
         f'<p>served by process <span id="pid">{os.getpid()}</span>\n',

@@ -1,31 +1,39 @@
 #!/bin/sh
 # A cron-style job that needs a secret: `kmskeys get`, with one decision per exit code.
 #
-#   # /etc/cron.d/nightly-report
+#   # /etc/cron.d/nightly-report: the deployer names the secret here, not in the script
+#   KMSKEYS_SECRET=db-password
 #   15 3 * * * report  /usr/local/bin/nightly-job.sh /usr/local/bin/make-report
 #
 # The secret goes to the job on stdin, never in argv or the environment (both are visible in
 # /proc to the same user). With no job given, the script prints the secret's fingerprint.
 #
-# Settings (environment): KMSKEYS_SECRET (default db-password), KMSKEYS_PREFIX (default kms),
-# KMSKEYS (the kmskeys command), KMSKEYS_RETRIES and KMSKEYS_RETRY_DELAY (seconds) for a
-# temporarily unavailable KMS. Keep the delay above the resolver's negative_ttl (default 10 s):
-# until then the kernel answers every retry from the cached failure without asking again.
+# Settings (environment): KMSKEYS_SECRET (the secret's name, required), KMSKEYS_PREFIX
+# (default kms), KMSKEYS (the kmskeys command), KMSKEYS_RETRIES and KMSKEYS_RETRY_DELAY
+# (seconds) for a temporarily unavailable KMS. That failure (EAGAIN) is not cached: the
+# resolver rejects the key with its negative_ttl as it does every failure, but the kernel never
+# finds a key rejected with EAGAIN, so every retry runs the resolver and asks KMS again. The
+# delay is a back-off for a throttled or unreachable KMS, not a wait for a cache to expire.
 #
 # Exit status (sysexits.h, which cron wrappers and monitoring understand):
-#   0 done; 64 bad name; 69 unknown secret (no blob deployed); 75 still unavailable after the
-#   retries; 77 refused or permission denied; 78 key quota full; 70 anything else;
+#   0 done; 64 bad or missing name; 69 unknown secret (no blob deployed); 75 still unavailable
+#   after the retries; 77 refused or permission denied; 78 key quota full; 70 anything else;
 #   otherwise the job's own status.
 
 set -u
 
-name=${KMSKEYS_SECRET:-db-password}
+name=${KMSKEYS_SECRET:-}
 prefix=${KMSKEYS_PREFIX:-kms}
 kmskeys=${KMSKEYS:-kmskeys}
 retries=${KMSKEYS_RETRIES:-3}
 delay=${KMSKEYS_RETRY_DELAY:-15}
 
 log() { echo "nightly-job: $*" >&2; }
+
+if [ -z "$name" ]; then
+    log "KMSKEYS_SECRET is not set: name the secret in the job's environment"
+    exit 64
+fi
 
 attempt=0
 flushed=no

@@ -104,7 +104,11 @@ class Stack:
 
     def env(self) -> dict[str, str]:
         """The environment a CGI gets from the example's lighttpd config."""
-        return {"KMSKEYS_PREFIX": self.install.prefix, "PATH": os.environ.get("PATH", "")}
+        return {
+            "KMSKEYS_PREFIX": self.install.prefix,
+            "KMSKEYS_SECRET": NAME,
+            "PATH": os.environ.get("PATH", ""),
+        }
 
 
 @contextmanager
@@ -232,7 +236,7 @@ def throughput_rows(ctx: BenchContext, st: Stack) -> list[Row]:
     """kmskeys vs boto3 vs static under lighttpd + wrk."""
     web = Lighttpd(
         EXAMPLE_CONF, ctx.tmp / "lighttpd", docroot=st.docroot, python=ctx.python,
-        prefix=st.install.prefix,
+        prefix=st.install.prefix, secret=NAME,
     )  # fmt: skip
     results: dict[str, Throughput] = {variant: Throughput([]) for variant in DURATION}
     with web:

@@ -7,6 +7,8 @@ scripts it starts inherit: that is how their children share the key the resolver
 
 from __future__ import annotations
 
+import hashlib
+import re
 import shutil
 import sys
 import time
@@ -18,12 +20,23 @@ import pytest
 from tests.support.kms_emulator import KmsEmulator
 from tests.support.kms_proxy import KmsProxy
 from tests.support.lighttpd import EXAMPLE_CONF, Lighttpd
+from tests.support.nginx import NGINX_CONF, NginxFcgiwrap
 from tests.upcall.conftest import Install, installed
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 BIN = Path(sys.executable).parent
 SECRET_NAME = "db-password"  # the name every example asks for
+
+
+def page_fields(body: str) -> dict[str, str]:
+    """The values secret.py's page marks with an id (name, fingerprint, size, pid, us)."""
+    return dict(re.findall(r'id="(\w+)">([^<]*)<', body))
+
+
+def fingerprint(secret: bytes) -> str:
+    """What secret.py shows of a secret: the first 16 hex digits of its sha256."""
+    return hashlib.sha256(secret).hexdigest()[:16]
 
 
 def wait_until_collected(description: str, timeout: float = 5.0) -> None:
@@ -78,15 +91,41 @@ def install(
         proxy.set_fault(None)
 
 
+def lighttpd_for(install: Install, tmp_path: Path, secret: str) -> Lighttpd:
+    """lighttpd with the example's config serving a copy of examples/cgi/secret.py, which reads
+    the secret named `secret` (setenv in the config, as a deployer names it)."""
+    docroot = tmp_path / "www"
+    docroot.mkdir(exist_ok=True)
+    shutil.copy(EXAMPLES / "cgi" / "secret.py", docroot / "secret.py")
+    return Lighttpd(
+        EXAMPLE_CONF, tmp_path / "lighttpd", docroot=docroot, python=sys.executable,
+        prefix=install.prefix, secret=secret,
+    )  # fmt: skip
+
+
+def nginx_for(install: Install, tmp_path: Path, secret: str) -> NginxFcgiwrap:
+    """nginx + fcgiwrap with the example's config; secret.py installed as a deployer would: its
+    first line names the interpreter that has kmskeys, and it is executable."""
+    docroot = tmp_path / "www"
+    docroot.mkdir(exist_ok=True)
+    script = docroot / "secret.py"
+    script.write_text(f"#!{sys.executable}\n" + (EXAMPLES / "cgi" / "secret.py").read_text())
+    script.chmod(0o755)
+    return NginxFcgiwrap(
+        NGINX_CONF, tmp_path / "nginx", script, docroot=docroot, prefix=install.prefix,
+        secret=secret,
+    )  # fmt: skip
+
+
 @pytest.fixture
 def cgi_server(install: Install, tmp_path: Path) -> Iterator[Lighttpd]:
-    """lighttpd with the example's config serving a copy of examples/cgi/secret.py."""
-    docroot = tmp_path / "www"
-    docroot.mkdir()
-    shutil.copy(EXAMPLES / "cgi" / "secret.py", docroot / "secret.py")
-    web = Lighttpd(
-        EXAMPLE_CONF, tmp_path / "lighttpd", docroot=docroot, python=sys.executable,
-        prefix=install.prefix,
-    )  # fmt: skip
-    with web:
+    """lighttpd serving secret.py for SECRET_NAME."""
+    with lighttpd_for(install, tmp_path, SECRET_NAME) as web:
+        yield web
+
+
+@pytest.fixture
+def nginx_server(install: Install, tmp_path: Path) -> Iterator[NginxFcgiwrap]:
+    """nginx + fcgiwrap serving secret.py for SECRET_NAME."""
+    with nginx_for(install, tmp_path, SECRET_NAME) as web:
         yield web

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
 import secrets
 from pathlib import Path
 
 import pytest
 
-from tests.examples.conftest import SECRET_NAME
+from tests.examples.conftest import SECRET_NAME, fingerprint, lighttpd_for, page_fields
 from tests.support.kms_proxy import kms_error
 from tests.support.lighttpd import Lighttpd
 from tests.upcall.conftest import Install
 
 pytestmark = pytest.mark.examples
-
-
-def page_fields(body: str) -> dict[str, str]:
-    return dict(re.findall(r'id="(\w+)">([^<]*)<', body))
-
-
-def fingerprint(secret: bytes) -> str:
-    return hashlib.sha256(secret).hexdigest()[:16]
 
 
 def test_cgi_processes_share_one_resolution(install: Install, cgi_server: Lighttpd) -> None:
@@ -83,3 +73,26 @@ def test_config_serves_scripts_only(install: Install, cgi_server: Lighttpd) -> N
     (docroot / "db-password.kms").write_text("blob")
     assert cgi_server.fetch("/notes.txt")[0] == 403
     assert cgi_server.fetch("/db-password.kms")[0] == 403
+
+
+def test_the_secret_is_the_one_the_server_config_names(install: Install, tmp_path: Path) -> None:
+    # setenv.add-environment names it, as a deployer would; the script has no name of its own.
+    name = "billing/api-token"
+    secret = secrets.token_urlsafe(24).encode()
+    install.deploy(name, install.blob(secret, name))
+    install.deploy(SECRET_NAME, install.blob(b"not this one", SECRET_NAME))
+    with lighttpd_for(install, tmp_path, name) as web:
+        status, body = web.fetch("/secret.py")
+    assert status == 200, web.log()
+    fields = page_fields(body)
+    assert (fields["name"], fields["fingerprint"]) == (name, fingerprint(secret))
+    assert "outcome=ok" in install.log.wait_for(name)
+
+
+def test_no_name_configured_is_500_naming_the_setting(install: Install, tmp_path: Path) -> None:
+    with lighttpd_for(install, tmp_path, "") as web:
+        status, body = web.fetch("/secret.py")
+        assert status == 500
+        assert "no secret configured" in body
+        assert "KMSKEYS_SECRET is not set" in web.log()
+    assert install.decrypts() == 0

@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.examples.conftest import BIN, EXAMPLES, SECRET_NAME
-from tests.support.kms_proxy import ProxiedRequest, kms_error
+from tests.support.kms_proxy import kms_error
 from tests.upcall.conftest import Install
 
 pytestmark = pytest.mark.examples
@@ -24,23 +23,38 @@ pytestmark = pytest.mark.examples
 SCRIPT = EXAMPLES / "shell" / "nightly-job.sh"
 
 
-def run_job(
-    *job: str, prefix: str, name: str = SECRET_NAME, kmskeys: Path = BIN / "kmskeys", **env: str
-) -> subprocess.CompletedProcess[str]:
-    environ = {
+def job_env(prefix: str, name: str, kmskeys: Path, **env: str) -> dict[str, str]:
+    return {
         "PATH": os.environ["PATH"],
         "KMSKEYS": str(kmskeys),
         "KMSKEYS_PREFIX": prefix,
         "KMSKEYS_SECRET": name,
         **env,
     }
+
+
+def run_job(
+    *job: str, prefix: str, name: str = SECRET_NAME, kmskeys: Path = BIN / "kmskeys", **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["/bin/sh", str(SCRIPT), *job],
-        env=environ,
+        env=job_env(prefix, name, kmskeys, **env),
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+    )
+
+
+def start_job(
+    *job: str, prefix: str, name: str = SECRET_NAME, kmskeys: Path = BIN / "kmskeys", **env: str
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["/bin/sh", str(SCRIPT), *job],
+        env=job_env(prefix, name, kmskeys, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -71,6 +85,12 @@ def test_invalid_name_is_ex_usage(install: Install) -> None:
     assert "invalid secret name" in done.stderr
 
 
+def test_missing_name_is_ex_usage(install: Install) -> None:
+    done = run_job(prefix=install.prefix, name="")
+    assert done.returncode == 64
+    assert "KMSKEYS_SECRET is not set" in done.stderr
+
+
 def test_unknown_secret_is_ex_unavailable(install: Install) -> None:
     done = run_job(prefix=install.prefix)
     assert done.returncode == 69
@@ -84,22 +104,30 @@ def test_refused_is_ex_noperm(install: Install) -> None:
     assert "refused" in done.stderr
 
 
-def test_unavailable_retries_after_the_negative_ttl_then_succeeds(install: Install) -> None:
+def test_unavailable_is_not_cached_a_retry_before_negative_ttl_reaches_kms(
+    install: Install,
+) -> None:
     secret = b"after-the-outage"
     install.deploy(SECRET_NAME, install.blob(secret, SECRET_NAME))
-    # Longer than the resolver's deadline, so that its own retries inside one run cannot win.
-    outage_ends = time.monotonic() + install.settings["deadline"] + 0.5
-
-    def outage(request: ProxiedRequest) -> object:
-        return kms_error("ThrottlingException") if time.monotonic() < outage_ends else None
-
     assert install.proxy is not None
-    install.proxy.set_fault(outage)  # type: ignore[arg-type]
-    delay = str(install.settings["negative_ttl"] + 1)
-    done = run_job(prefix=install.prefix, KMSKEYS_RETRIES="3", KMSKEYS_RETRY_DELAY=delay)
-    assert done.returncode == 0, done.stderr
-    assert "retry 1/3" in done.stderr
-    assert done.stdout.strip() == hashlib.sha256(secret).hexdigest()[:16]
+    install.proxy.set_fault(lambda request: kms_error("ThrottlingException"))
+    # One retry, sooner than a failure cached for negative_ttl (it would live at least
+    # negative_ttl - 1 s) could expire: it succeeds only because EAGAIN is not cached and the
+    # retry runs the resolver, which asks KMS again.
+    delay = 1
+    assert delay < install.settings["negative_ttl"] - 1
+    job = start_job(prefix=install.prefix, KMSKEYS_RETRIES="1", KMSKEYS_RETRY_DELAY=str(delay))
+    try:
+        assert "errno=EAGAIN" in install.log.wait_for(SECRET_NAME)
+        install.proxy.set_fault(None)  # KMS is back before the script's retry
+        out, err = job.communicate(timeout=60)
+    finally:
+        job.kill()
+        job.wait()
+    assert job.returncode == 0, err
+    assert "retry 1/1" in err
+    assert out.strip() == hashlib.sha256(secret).hexdigest()[:16]
+    assert "outcome=ok" in install.log.wait_for(SECRET_NAME)
 
 
 def test_unavailable_gives_up_with_ex_tempfail(install: Install) -> None:

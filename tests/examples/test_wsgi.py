@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -31,6 +32,7 @@ class WsgiApp:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, str(APP), "--port", str(self.port), "--prefix", prefix],
+            env={**os.environ, "KMSKEYS_NAMES": SECRET_NAME},  # as the deployer's unit sets it
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -124,3 +126,11 @@ def test_kms_throttling_is_503(install: Install, app: WsgiApp) -> None:
     assert install.proxy is not None
     install.proxy.set_fault(lambda request: kms_error("ThrottlingException"))
     assert app.get("/")[0] == 503
+
+
+def test_no_names_configured_refuses_to_start() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "KMSKEYS_NAMES"}
+    command = [sys.executable, str(APP), "--port", "1"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert "set KMSKEYS_NAMES" in done.stderr

@@ -63,7 +63,15 @@ def jail() -> Iterator[Path]:
 def hostile(jail: Path) -> Iterator[Install]:
     """A resolver whose blob_dir is jail/blobs, with the canaries next to it."""
     stack: tuple[KmsEmulator, KmsProxy, str]
-    with kms_stack() as stack, installed(*stack, blob_dir=jail / "blobs") as install:
+    with (
+        kms_stack() as stack,
+        installed(
+            # Not the per-uid limit under test here: WORKERS requests at once must all be handled.
+            *stack,
+            blob_dir=jail / "blobs",
+            max_concurrent_per_uid=2 * WORKERS,
+        ) as install,
+    ):
         # Valid blobs just outside blob_dir: a traversal that reached one would decrypt it.
         for name in ("outside", "x", "passwd", "blobs"):
             (jail / f"{name}.kms").write_text(install.blob(b"kmst-escaped", name))

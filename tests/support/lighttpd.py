@@ -42,6 +42,15 @@ def lighttpd_binary() -> str:
     return found
 
 
+def http_get(url: str, timeout: float = 30.0) -> tuple[int, str]:
+    """GET url; (status, body) for any HTTP answer, errors included."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return answer.status, answer.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode("utf-8", "replace")
+
+
 def render(template: Path, **values: object) -> str:
     """The template with `${name}` replaced; a missing value is an error, not an empty string."""
     return string.Template(template.read_text()).substitute({k: str(v) for k, v in values.items()})
@@ -127,11 +136,7 @@ class Lighttpd:
 
     def fetch(self, path: str, timeout: float = 30.0) -> tuple[int, str]:
         """GET path; (status, body) for any HTTP answer, errors included."""
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=timeout) as answer:
-                return answer.status, answer.read().decode("utf-8", "replace")
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode("utf-8", "replace")
+        return http_get(self.url + path, timeout)
 
     def __enter__(self) -> Lighttpd:
         return self.start()

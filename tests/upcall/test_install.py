@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import resolver
 from resolver.install import REQUEST_KEY_D, rule_path
 from tests.support.names import unique, unique_prefix
 from tests.upcall.conftest import RESOLVER, Install, run_resolver
@@ -19,8 +20,11 @@ pytestmark = pytest.mark.upcall
 
 def test_rule_names_this_installation_and_the_fixed_argv(resolver_install: Install) -> None:
     rule = rule_path(resolver_install.prefix).read_text().splitlines()[-1]
+    settings = resolver_install.settings
+    gate = Path(resolver.__file__).parent / "kmskeys-gate"  # tests/upcall/test_gate.py
     assert rule == (
-        f"create user {resolver_install.prefix}:* * {RESOLVER} handle "
+        f"create user {resolver_install.prefix}:* * {gate} {settings['state_dir']} 4 "
+        f"{settings['negative_ttl']} {settings['syslog_socket']} 10 %k %u -- {RESOLVER} handle "
         f"--config {resolver_install.config} %k %d %u %g %T %P %S"
     )
 

@@ -1,0 +1,233 @@
+/*
+ * kmskeys-gate: the program /sbin/request-key runs first for a kmskeys description.
+ *
+ * Every miss of every local user starts a root process. The Python handler costs about 10 MiB
+ * and tens of milliseconds of CPU before it can even look at the requester's per-uid limit, so
+ * one uid firing hundreds of concurrent upcalls would cost the host gigabytes and starve every
+ * other user's misses. This program takes one of the requesting uid's handler slots first (an
+ * flock(2) on the same state_dir files as resolver/limits.py) and execs the handler holding it;
+ * a uid's third and later concurrent handlers run niced, so a burst of its misses queues behind
+ * other users' for the CPU.
+ * With every slot taken it rejects the key EAGAIN and logs one line, as the handler would, at
+ * the cost of one small C process that imports nothing.
+ *
+ * It is only a shortcut in front of the handler: on anything unexpected (an unsafe state_dir, an
+ * fd it cannot open) it execs the handler without a slot, and the handler applies its own
+ * checks and answers with its own error.
+ *
+ * usage (written by `kmskeys-resolver install`, one request-key.conf line):
+ *   kmskeys-gate STATE_DIR SLOTS NEGATIVE_TTL SYSLOG_SOCKET FACILITY %k %u -- PROGRAM ARG...
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define KEYCTL_ASSUME_AUTHORITY 16
+#define KEYCTL_DESCRIBE 6
+#define KEYCTL_REJECT 19
+#define SLOT_FD_ENV "KMSKEYS_SLOT_FD"
+#define IDENT "kmskeys-resolver"
+#define MAX_SLOTS 1024
+#define MAX_FIELD 160 /* resolver/log.py MAX_FIELD */
+#define LOG_ERR 3
+#define FAIR_SLOTS 2
+#define CONCURRENT_NICE 10
+
+/* resolver/log.py _SAFE: characters a log field may hold without quoting. */
+static const char SAFE[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./@+-:,=()'[]<>!?#%&*~^|{};";
+
+struct args {
+    const char *state_dir;
+    long slots;
+    long negative_ttl;
+    const char *syslog_socket;
+    long facility;
+    long key;
+    long uid;
+    char **program; /* PROGRAM ARG... NULL */
+};
+
+static int parse_long(const char *text, long min, long max, long *out)
+{
+    char *end;
+    errno = 0;
+    long value = strtol(text, &end, 10);
+    if (errno || end == text || *end || value < min || value > max)
+        return -1;
+    *out = value;
+    return 0;
+}
+
+static int parse_args(int argc, char **argv, struct args *a)
+{
+    if (argc < 10 || strcmp(argv[8], "--") != 0)
+        return -1;
+    a->state_dir = argv[1];
+    a->syslog_socket = argv[4];
+    a->program = &argv[9];
+    if (parse_long(argv[2], 1, MAX_SLOTS, &a->slots) || parse_long(argv[3], 1, INT_MAX, &a->negative_ttl) ||
+        parse_long(argv[5], 0, 23, &a->facility) || parse_long(argv[6], 1, INT_MAX, &a->key) ||
+        parse_long(argv[7], 0, UINT_MAX - 1L, &a->uid))
+        return -1;
+    return a->state_dir[0] == '/' && a->program[0][0] == '/' ? 0 : -1;
+}
+
+/* kmskeys/trust.py unsafe_reason, plus the state_dir's own rule: root-only. */
+static int trusted(int fd, int private_mode)
+{
+    struct stat st;
+    if (fstat(fd, &st) || st.st_uid != 0 || (st.st_mode & (S_IWGRP | S_IWOTH)))
+        return 0;
+    return !private_mode || !(st.st_mode & (S_IRWXG | S_IRWXO));
+}
+
+/* An fd holding one of the uid's slots; -1 if every slot is taken; -2 if something is off. */
+static int take_slot(const struct args *a)
+{
+    if (mkdir(a->state_dir, 0700) && errno != EEXIST)
+        return -2;
+    int dir = open(a->state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
+    if (dir < 0)
+        return -2;
+    int result = -2;
+    if (!trusted(dir, 1))
+        goto out;
+    result = -1;
+    for (long index = 0; index < a->slots; index++) {
+        char name[64];
+        snprintf(name, sizeof name, "slot-%ld-%ld", a->uid, index);
+        int fd = openat(dir, name, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0600);
+        if (fd < 0 || !trusted(fd, 0)) {
+            if (fd >= 0)
+                close(fd);
+            result = -2;
+            goto out;
+        }
+        if (flock(fd, LOCK_EX | LOCK_NB) == 0) {
+            /* A uid's first FAIR_SLOTS concurrent misses run at normal priority, the rest
+             * behind every other uid's: a uid that floods mostly competes with itself. */
+            if (index >= FAIR_SLOTS)
+                setpriority(PRIO_PROCESS, 0, CONCURRENT_NICE);
+            result = fd;
+            goto out;
+        }
+        close(fd);
+        if (errno != EWOULDBLOCK) {
+            result = -2;
+            goto out;
+        }
+    }
+out:
+    close(dir);
+    return result;
+}
+
+/* Append `text` to buf as resolver/log.py field() renders it: bare when plain, else quoted. */
+static void append_field(char *buf, size_t size, const char *text)
+{
+    size_t len = strnlen(text, MAX_FIELD + 1), used = strlen(buf);
+    int truncated = len > MAX_FIELD;
+    if (truncated)
+        len = MAX_FIELD;
+    int plain = len > 0 && strspn(text, SAFE) >= len;
+    if (plain) {
+        snprintf(buf + used, size - used, "%.*s%s", (int)len, text, truncated ? "..." : "");
+        return;
+    }
+    used += (size_t)snprintf(buf + used, size - used, "\"");
+    for (size_t i = 0; i < len && used + 8 < size; i++) {
+        unsigned char ch = (unsigned char)text[i];
+        if (ch < 0x20 || ch >= 0x7f || ch == '"' || ch == '\\')
+            used += (size_t)snprintf(buf + used, size - used, "\\x%02x", ch);
+        else
+            buf[used++] = (char)ch, buf[used] = '\0';
+    }
+    snprintf(buf + used, size - used, "%s\"", truncated ? "..." : "");
+}
+
+/* One RFC 3164 line to the syslog socket, as resolver/log.py SyslogWriter sends it. */
+static void log_eagain(const struct args *a, const char *reason)
+{
+    /* "type;uid;gid;perm;description": the authority we hold lets us describe the key. The
+     * name is logged after its prefix, as the handler logs it. */
+    char described[4096 + 64] = "", message[1024] = "";
+    long n = syscall(SYS_keyctl, KEYCTL_DESCRIBE, a->key, described, sizeof described - 1);
+    const char *description = described;
+    for (int field = 0; n > 0 && field < 4 && description; field++)
+        description = strchr(description, ';') ? strchr(description, ';') + 1 : NULL;
+    const char *colon = description ? strchr(description, ':') : NULL;
+    snprintf(message, sizeof message, "uid=%ld name=", a->uid);
+    append_field(message, sizeof message, colon ? colon + 1 : "?");
+    snprintf(message + strlen(message), sizeof message - strlen(message),
+             " key=%ld outcome=unavailable errno=EAGAIN reason=", a->key);
+    append_field(message, sizeof message, reason);
+
+    char stamp[32], line[1280];
+    time_t now = time(NULL);
+    struct tm tm;
+    strftime(stamp, sizeof stamp, "%b %d %H:%M:%S", localtime_r(&now, &tm));
+    int len = snprintf(line, sizeof line, "<%ld>%s %s[%d]: %s", a->facility * 8 + LOG_ERR, stamp, IDENT,
+                     (int)getpid(), message);
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (strlen(a->syslog_socket) >= sizeof addr.sun_path)
+        return;
+    strcpy(addr.sun_path, a->syslog_socket);
+    /* Never wait for a slow syslog daemon: the requester stays blocked until this exits. */
+    int sock = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (sock < 0)
+        return;
+    if (connect(sock, (struct sockaddr *)&addr, sizeof addr) || send(sock, line, (size_t)len, 0) < 0)
+        dprintf(STDERR_FILENO, "%s[%d]: %s\n", IDENT, (int)getpid(), message);
+    close(sock);
+}
+
+static int reject_eagain(const struct args *a)
+{
+    /* request-key assumed the authority already; assuming it again is harmless. */
+    syscall(SYS_keyctl, KEYCTL_ASSUME_AUTHORITY, a->key);
+    return (int)syscall(SYS_keyctl, KEYCTL_REJECT, a->key, (unsigned long)a->negative_ttl, EAGAIN, 0);
+}
+
+int main(int argc, char **argv)
+{
+    struct args a;
+    if (parse_args(argc, argv, &a)) {
+        dprintf(STDERR_FILENO, "usage: kmskeys-gate STATE_DIR SLOTS NEGATIVE_TTL SYSLOG_SOCKET FACILITY "
+                               "KEY UID -- PROGRAM ARG...\n");
+        return 2;
+    }
+    int slot = take_slot(&a);
+    char reason[PATH_MAX + 160];
+    if (slot == -1) {
+        snprintf(reason, sizeof reason,
+                 "uid %ld already has %ld requests being resolved (max_concurrent_per_uid)", a.uid, a.slots);
+        reject_eagain(&a);
+        log_eagain(&a, reason);
+        return 1;
+    }
+    if (slot >= 0) {
+        /* The handler inherits the locked fd and holds the slot until it and its worker exit. */
+        char value[16];
+        snprintf(value, sizeof value, "%d", slot);
+        if (fcntl(slot, F_SETFD, 0) || setenv(SLOT_FD_ENV, value, 1))
+            return 1;
+    }
+    execv(a.program[0], a.program);
+    /* No handler to answer: rather EAGAIN now than the kernel's 60 s ENOKEY negation. */
+    snprintf(reason, sizeof reason, "cannot run the handler %s: %s", a.program[0], strerror(errno));
+    reject_eagain(&a);
+    log_eagain(&a, reason);
+    return 1;
+}

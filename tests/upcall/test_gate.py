@@ -1,0 +1,131 @@
+"""kmskeys-gate: the small C program request-key runs first takes the requester's slot, or
+answers EAGAIN without starting Python (resolver/gate.c).
+
+To show which program answered, the tests change the config after install: the gate keeps the
+slot count the rule was installed with, the handler reads the config.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kmskeys import Keyring, TemporarilyUnavailableError, get_secret
+from kmskeys.contract import rule_file_name
+from tests.support.names import unique
+from tests.support.prereqs import REQUEST_KEY_D
+from tests.upcall.harness import Install, run_resolver
+
+pytestmark = pytest.mark.upcall
+
+
+@contextmanager
+def _holding_slots(install: Install, uid: int, indices: range) -> Iterator[None]:
+    """Hold `uid`'s slot files `indices` in `install`'s state_dir, as busy handlers would."""
+    state = Path(install.settings["state_dir"])
+    state.mkdir(mode=0o700, exist_ok=True)
+    fds = []
+    try:
+        for index in indices:
+            fd = os.open(state / f"slot-{uid}-{index}", os.O_RDWR | os.O_CREAT, 0o600)
+            fds.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _set_slots(install: Install, slots: int) -> None:
+    """Change max_concurrent_per_uid in the config without re-running install."""
+    text = install.config.read_text()
+    text = re.sub(r"(?m)^max_concurrent_per_uid = \d+$", f"max_concurrent_per_uid = {slots}", text)
+    install.config.write_text(text)
+
+
+@pytest.fixture
+def gated(extra_install: Callable[..., Any]) -> Iterator[Install]:
+    """An install whose rule's gate allows 2 slots per uid."""
+    with extra_install(max_concurrent_per_uid=2) as install:
+        assert install.proxy is not None
+        install.proxy.reset_counts()
+        yield install
+
+
+def _rule_program(install: Install) -> list[str]:
+    """The program line of `install`'s request-key rule, split as request-key splits it."""
+    text = (REQUEST_KEY_D / rule_file_name(install.prefix)).read_text()
+    (rule,) = (line for line in text.splitlines() if line.startswith("create "))
+    return rule.split()[4:]
+
+
+def test_rule_runs_the_gate_first(gated: Install) -> None:
+    program = _rule_program(gated)
+    assert Path(program[0]).name == "kmskeys-gate"
+    assert program[1:9] == [
+        str(gated.settings["state_dir"]),
+        "2",
+        str(gated.settings["negative_ttl"]),
+        str(gated.settings["syslog_socket"]),
+        "10",  # authpriv
+        "%k",
+        "%u",
+        "--",
+    ]
+    assert Path(program[9]).name == "kmskeys-resolver" and program[10] == "handle"
+
+
+def test_a_free_slot_is_handed_to_the_handler(gated: Install) -> None:
+    # Slot 0 is busy; the gate takes slot 1 and the handler resolves holding it.
+    name = unique("gate-free")
+    blob = gated.blob(b"kmst-gate-value", name)
+    with _holding_slots(gated, os.getuid(), range(1)):
+        assert get_secret(name, blob, prefix=gated.prefix) == b"kmst-gate-value"
+    line = gated.log.wait_for(name)
+    assert "outcome=ok" in line, line
+
+
+def test_busy_uid_is_answered_by_the_gate_alone(gated: Install) -> None:
+    # The config now allows 8 slots, the rule's gate still 2: the handler would find a free
+    # slot and resolve, so an EAGAIN here can only come from the gate.
+    _set_slots(gated, 8)
+    name = unique("gate-busy")
+    blob = gated.blob(b"kmst-gate-value", name)
+    busy = _holding_slots(gated, os.getuid(), range(2))
+    with busy, pytest.raises(TemporarilyUnavailableError) as raised:
+        get_secret(name, blob, prefix=gated.prefix)
+    assert raised.value.errno == errno.EAGAIN
+    assert gated.decrypts() == 0
+    line = gated.log.wait_for(name)
+    # The same line the handler would write, fields in the same order.
+    assert re.search(
+        rf"kmskeys-resolver\[\d+\]: uid={os.getuid()} name={name} key=\d+ outcome=unavailable "
+        r'errno=EAGAIN reason="uid \d+ already has 2 requests being resolved '
+        r'\(max_concurrent_per_uid\)"$',
+        line,
+    ), line
+    Keyring.join_session()  # drop the negative key
+    assert get_secret(name, blob, prefix=gated.prefix) == b"kmst-gate-value"
+
+
+def test_a_gate_slot_the_config_no_longer_allows_is_busy(gated: Install) -> None:
+    # Lowered to 1 after install: the gate hands over slot 1, which the handler refuses.
+    _set_slots(gated, 1)
+    name = unique("gate-lowered")
+    blob = gated.blob(b"kmst-gate-value", name)
+    busy = _holding_slots(gated, os.getuid(), range(1))
+    with busy, pytest.raises(TemporarilyUnavailableError):
+        get_secret(name, blob, prefix=gated.prefix)
+    assert "already has 1 requests" in gated.log.wait_for(name)
+    # Re-running install writes the config's count into the rule.
+    done = run_resolver("install", "--config", str(gated.config), "--prefix", gated.prefix)
+    assert done.returncode == 0, done.stderr
+    assert _rule_program(gated)[2] == "1"
