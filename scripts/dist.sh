@@ -8,6 +8,9 @@ out=${1:-dist}
 venv=${VENV:-.venv}
 raw=$(mktemp -d "${TMPDIR:-/tmp}/kmskeys-dist.XXXXXX")
 trap 'rm -rf "$raw"' EXIT
+# The interpreter's own LDSHARED may carry `-Wl,-rpath` to wherever it was built (pyenv's does):
+# the wheel's modules need no RPATH, and must not name a directory of the build machine.
+export LDSHARED="${CC:-cc} -shared"
 # No build isolation: the build requirements are in the dev venv (`make venv`), so no index is
 # needed and the build is the same offline as on a runner.
 "$venv/bin/python" -m build --no-isolation --outdir "$raw" .

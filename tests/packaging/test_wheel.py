@@ -122,6 +122,7 @@ def test_wheel_holds_both_compiled_modules_the_script_data_and_license(dist: Dis
     for path in (
         "kmskeys/_keyutils_cffi.abi3.so",
         "kmskeys/_hitpath.abi3.so",
+        "resolver/kmskeys-gate",
         "kmskeys/py.typed",
         "resolver/data/kmskeys-resolver.service",
         "resolver/data/kmskeys-firewall.service",
@@ -139,10 +140,35 @@ def test_wheel_holds_both_compiled_modules_the_script_data_and_license(dist: Dis
     assert "Apache License" in (ROOT / "LICENSE").read_text()
 
 
+def test_compiled_files_name_no_directory_of_the_build_machine(dist: Dist, tmp_path: Path) -> None:
+    from elftools.elf.dynamic import DynamicSection
+    from elftools.elf.elffile import ELFFile
+
+    with zipfile.ZipFile(dist.wheel) as wheel:
+        wheel.extractall(tmp_path)
+    compiled = [*tmp_path.glob("kmskeys/*.so"), tmp_path / "resolver" / "kmskeys-gate"]
+    assert len(compiled) == 3, compiled
+    for path in compiled:
+        with path.open("rb") as file:
+            sections = ELFFile(file).iter_sections()
+            tags = [
+                tag.entry.d_tag
+                for section in sections
+                if isinstance(section, DynamicSection)
+                for tag in section.iter_tags()
+            ]
+        assert "DT_RPATH" not in tags and "DT_RUNPATH" not in tags, path
+
+
 def test_sdist_builds_the_wheel_and_warns_of_nothing_deprecated(dist: Dist) -> None:
     with tarfile.open(dist.sdist) as sdist:
         names = set(sdist.getnames())
-    for path in ("LICENSE", "bin/kmskeys", "resolver/data/kmskeys-resolver.service"):
+    for path in (
+        "LICENSE",
+        "bin/kmskeys",
+        "resolver/gate.c",
+        "resolver/data/kmskeys-resolver.service",
+    ):
         assert f"kmskeys-0.1.0/{path}" in names, path
     assert "deprecat" not in dist.log.lower(), dist.log
 
