@@ -83,26 +83,28 @@ def report(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 
 def test_env_injection_from_flags_and_a_mapping_file(resolver: Install, tmp_path: Path) -> None:
-    (one, s1), (two, s2), (three, s3) = deployed(resolver, 3)
+    # Two names, not more: the gate nices a uid's third concurrent miss, which a loaded host can
+    # then starve past the resolver's deadline.
+    (one, s1), (two, s2) = deployed(resolver, 2)
     mapping = tmp_path / "mapping"
-    mapping.write_text(f"# names of secrets, never values\n\nB_TOKEN = {two}\nC={three}\n")
+    mapping.write_text(f"# names of secrets, never values\n\nB_TOKEN = {two}\nC={one}\n")
     done, pid = kmskeys_exec(
         resolver, "--env", f"A_PASSWORD={one}", "--env-file", str(mapping),
         "--", sys.executable, "-c", REPORT, "A_PASSWORD", "B_TOKEN", "C",
     )  # fmt: skip
     out = report(done)
-    assert out["env"] == {"A_PASSWORD": s1.decode(), "B_TOKEN": s2.decode(), "C": s3.decode()}
+    assert out["env"] == {"A_PASSWORD": s1.decode(), "B_TOKEN": s2.decode(), "C": s1.decode()}
     assert out["pid"] == pid  # exec'd in place: no wrapper process, no shell
-    assert resolver.decrypts() == 3
-    assert not any(s.hex() in out["cmdline"] for s in (s1, s2, s3))
+    assert resolver.decrypts() == 2  # a name asked for twice is resolved once
+    assert not any(s.hex() in out["cmdline"] for s in (s1, s2))
     assert "CREDENTIALS_DIRECTORY" not in bytes.fromhex(out["environ"]).decode()
 
 
 def test_secrets_are_resolved_concurrently(resolver: Install) -> None:
-    # The proxy holds each Decrypt at a barrier until all three have arrived: resolved one
-    # after another, the first would wait alone, break the barrier and be answered with an
-    # error, and the command would not run.
-    pairs = deployed(resolver, 3)
+    # The proxy holds each Decrypt at a barrier until both have arrived: resolved one after the
+    # other, the first would wait alone, break the barrier and be answered with an error, and
+    # the command would not run. (Two: the gate nices a uid's third concurrent miss.)
+    pairs = deployed(resolver, 2)
     barrier = threading.Barrier(len(pairs), timeout=2.5)  # under the resolver's 4 s deadline
 
     def hold(request: ProxiedRequest) -> Fault | None:
@@ -117,7 +119,7 @@ def test_secrets_are_resolved_concurrently(resolver: Install) -> None:
     assert resolver.proxy is not None
     resolver.proxy.set_fault(hold)
     env = [f"--env=V{i}={name}" for i, (name, _) in enumerate(pairs)]
-    done, _ = kmskeys_exec(resolver, *env, "--", sys.executable, "-c", REPORT, "V0", "V1", "V2")
+    done, _ = kmskeys_exec(resolver, *env, "--", sys.executable, "-c", REPORT, "V0", "V1")
     out = report(done)
     assert out["env"] == {f"V{i}": secret.decode() for i, (_, secret) in enumerate(pairs)}
 
@@ -141,7 +143,7 @@ def test_file_injection_private_read_only_and_mounted_nowhere(resolver: Install)
     # The file secret is in no argv and no environment; the files are in no mount table.
     assert s2.hex() not in out["cmdline"] + out["environ"]
     assert out["mounts"] == before == _mounts()
-    assert resolver.decrypts() == 2  # one name asked for twice is resolved once
+    assert resolver.decrypts() == 2
 
 
 def test_one_failing_secret_means_no_exec(resolver: Install, tmp_path: Path) -> None:
