@@ -27,7 +27,10 @@ from kmskeys.key import KEYRINGS, get_secret
 from kmskeys.names import validate_name
 
 PROG = "kmskeys exec"
-MAX_THREADS = 16
+# Misses in flight at once. The resolver's gate nices a uid's third concurrent miss and refuses
+# (EAGAIN) past max_concurrent_per_uid (4 by default; docs/resolver.md), so more would make a
+# cold start slower or fail it; hits take microseconds each, so they lose nothing by waiting.
+MAX_THREADS = 2
 _VAR_START = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")
 _VAR_CHARS = _VAR_START | frozenset("0123456789")
 _FILE_CHARS = _VAR_CHARS | frozenset(".@+-")
