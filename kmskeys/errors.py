@@ -5,9 +5,38 @@ from __future__ import annotations
 import errno as _errno
 import os
 
-from kmskeys.contract import ERRNO_REFUSED, ERRNO_UNAVAILABLE, ERRNO_UNKNOWN_SECRET
+from kmskeys.contract import (
+    DEFAULT_PREFIX,
+    ERRNO_REFUSED,
+    ERRNO_UNAVAILABLE,
+    ERRNO_UNKNOWN_SECRET,
+)
 
-RESOLVER_LOG_HINT = "see the resolver log: journalctl -t kmskeys-resolver (or syslog)"
+RESOLVER_LOG_HINT = (
+    "see the resolver log: journalctl -t kmskeys-resolver (or syslog; dmesg on a host without "
+    "/dev/log)"
+)
+# The errno alone does not say which of several causes it was: doctor checks each.
+DOCTOR_HINT = "run `kmskeys doctor{option}` to check the set-up"
+# What the errno of a request that never reached the resolver means, beyond the class advice.
+_UPCALL_CAUSES = {
+    _errno.ENOKEY: (
+        "no line in the resolver log means no resolver ran: no rule routes this prefix to it "
+        "(not installed, or the app uses another prefix)"
+    ),
+    _errno.ENOENT: (
+        "request-key never ran for this request: /sbin/request-key is missing, or this host "
+        "refuses upcalls from non-root requesters"
+    ),
+    _errno.EPERM: (
+        "keyctl system calls are blocked here: a seccomp filter such as Docker's default "
+        "profile (docs/containers.md)"
+    ),
+    _errno.ENOSYS: (
+        "keyctl system calls are blocked here: a seccomp filter such as Docker's default "
+        "profile (docs/containers.md), or a kernel without CONFIG_KEYS"
+    ),
+}
 
 
 class KmsKeysError(Exception):
@@ -154,20 +183,46 @@ def foreign_key_error(description: str, serial: int, owner: int, me: int) -> Key
     return KeyOwnershipError(message, serial=serial, owner=None if owner < 0 else owner)
 
 
-def error_for_errno(err: int, what: str, *, upcall: bool = False) -> KeyctlError:
+def error_for_errno(
+    err: int, what: str, *, upcall: bool = False, description: str | None = None
+) -> KeyctlError:
     """Return the exception for `err`; `what` names the call and key, never a payload.
 
-    The message carries the class's advice; for failures the resolver decided (`upcall`), it also
-    points to the resolver log, since the kernel passes back only an errno.
+    The message carries the class's advice. For a request that could upcall (`upcall`), the
+    kernel passes back only an errno, so the message also names a cached failure (the negative
+    key `description` in this process's keyrings, with its expiry and the flush that drops it),
+    points to the resolver log, and to `kmskeys doctor` where the errno has several causes.
     """
     cls = _BY_ERRNO.get(err, KeyctlError)
     name = _errno.errorcode.get(err, str(err))
     message = f"{what}: {os.strerror(err)} [{name}]"
-    if cls is not KeyctlError and cls.__doc__:
+    if upcall and err in (_errno.EPERM, _errno.ENOSYS):
+        cls = KeyctlError  # not "run as root": nobody may make the call here
+    elif cls is not KeyctlError and cls.__doc__:
         message += " - " + " ".join(cls.__doc__.split())
-    if upcall and err in (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED, ERRNO_UNAVAILABLE):
-        message += f" ({RESOLVER_LOG_HINT})"
-    return cls(message, errno=err)
+    if not upcall:
+        return cls(message, errno=err)
+    notes = []
+    if err in (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED, _errno.EDQUOT) and description is not None:
+        from kmskeys.cached import cached_failure, flush_command
+
+        negative = cached_failure(description)
+        if negative is not None:
+            notes.append(
+                f"cached failure (key {negative.serial}), expires {negative.expires}; "
+                f"`{flush_command(description)}` to retry now"
+            )
+    if err in (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED, ERRNO_UNAVAILABLE):
+        notes.append(RESOLVER_LOG_HINT)
+    cause = _UPCALL_CAUSES.get(err)
+    if cause is not None:
+        notes.append(cause)
+    if err != ERRNO_UNAVAILABLE or cause is not None:
+        # EAGAIN's causes are all the resolver's, and its log line names them.
+        prefix = (description or "").partition(":")[0]
+        option = f" --prefix {prefix}" if prefix and prefix != DEFAULT_PREFIX else ""
+        notes.append(DOCTOR_HINT.format(option=option))
+    return cls(message + " (" + "; ".join(notes) + ")", errno=err)
 
 
 # --- DPAPI: kmskeys.protect / unprotect (docs/dpapi.md) ------------------------------------------

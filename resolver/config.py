@@ -156,11 +156,15 @@ def parse(data: Mapping[str, object], path: Path = DEFAULT_PATH) -> Config:
             continue
         check = _KEYS.get(key)
         if check is None:
-            raise ConfigError(f"{where}: unknown key {key!r}")
+            raise ConfigError(f"{where}: unknown key {key!r}", key=key)
         field_name = "region_list" if key in ("region", "regions") else key
         if field_name in values:
-            raise ConfigError(f"{where}: set region or regions, not both")
-        values[field_name] = check(value, f"{where}: {key}")
+            raise ConfigError(f"{where}: set region or regions, not both", key=key)
+        try:
+            values[field_name] = check(value, f"{where}: {key}")
+        except ConfigError as exc:
+            exc.key = key
+            raise
     config = Config(path=path, **values)  # type: ignore[arg-type]
     _check_keys(config, where)
     _check_stored(config, where)
