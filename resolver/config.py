@@ -120,6 +120,11 @@ class Config:
         return rule.scope if rule is not None and rule.scope is not None else SCOPE_USER
 
 
+def known_keys() -> tuple[str, ...]:
+    """Every top-level key a config may set (the tables `names` and `stored` included)."""
+    return (*_KEYS, "names", "stored")
+
+
 def load(path: str | Path = DEFAULT_PATH) -> Config:
     """Read and validate the config at `path`; raise ConfigError saying what is wrong."""
     path = Path(path)

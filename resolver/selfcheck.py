@@ -176,6 +176,7 @@ def report(path: Path) -> dict[str, Any]:
         "resolver": os.path.abspath(sys.argv[0]),
         "python": sys.executable,
         "config": config_report,
+        "known_keys": list(config_mod.known_keys()),
         "dependencies": _dependencies(),
         "blobs": None if config is None else _blobs_report(config),
     }
