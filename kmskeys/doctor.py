@@ -36,6 +36,7 @@ REQUEST_KEY = Path(contract.REQUEST_KEY)
 REQUEST_KEY_D = Path(contract.REQUEST_KEY_D)
 DEFAULT_CONFIG = Path(contract.DEFAULT_CONFIG)
 DEV_LOG = Path("/dev/log")
+KMSG = Path("/dev/kmsg")
 PROC_KEY_USERS = Path("/proc/key-users")
 QUOTA_WARN_FRACTION = 0.8
 CHECK_TIMEOUT = 10.0
@@ -342,7 +343,8 @@ def _config_fix(config: Path, key: str | None, known: Sequence[str]) -> str:
     pattern = f"^[[:space:]]*{key}[[:space:]]*="
     if key not in known:
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        if close:
+        # Renaming onto a key the file already sets would make it a duplicate: comment out.
+        if close and _toml_line(config, close[0]) is None:
             rename = f"s/^\\([[:space:]]*\\){key}\\([[:space:]]*=\\)/\\1{close[0]}\\2/"
             return f"sed -i '{rename}' {q(config)}"
     return f"sed -i 's/{pattern}/# &/' {q(config)}"
@@ -519,22 +521,28 @@ def check_syslog(report: dict[str, Any]) -> Iterator[Finding]:
         return
     path = Path(report["config_path"])
     if socket_path != DEV_LOG and stat.S_ISSOCK(_mode(DEV_LOG)):
-        fix = (
+        yield Finding(
+            WARN,
+            "syslog",
+            f"syslog socket {socket_path} missing, but {DEV_LOG} is there: the handler's lines "
+            "go to /dev/kmsg (dmesg, journalctl -k) instead of syslog",
             "sed -i 's|^[[:space:]]*syslog_socket[[:space:]]*=.*|syslog_socket = \"/dev/log\"|' "
-            f"{q(path)}"
+            f"{q(path)}",
         )
-    elif Path("/run/systemd/system").is_dir():
-        fix = "systemctl start systemd-journald.socket systemd-journald.service"
+    elif os.access(KMSG, os.W_OK) or (os.geteuid() != 0 and KMSG.exists()):
+        yield Finding(
+            INFO,
+            "syslog",
+            f"no syslog daemon at {socket_path}: the handler's lines go to /dev/kmsg, which "
+            "dmesg and journalctl -k show (dmesg | grep kmskeys-resolver)",
+        )
     else:
-        manager = "apt-get" if shutil.which("apt-get") else "dnf"
-        fix = f"{manager} install -y rsyslog && rsyslogd"
-    yield Finding(
-        WARN,
-        "syslog",
-        f"syslog socket {socket_path} missing: the handler's log lines go to /dev/kmsg instead "
-        "(dmesg | grep kmskeys-resolver, journalctl -k)",
-        fix,
-    )
+        yield Finding(
+            WARN,
+            "syslog",
+            f"no syslog daemon at {socket_path} and no /dev/kmsg: the handler's lines are lost",
+            "mknod -m 600 /dev/kmsg c 1 11",
+        )
 
 
 def _mode(path: Path) -> int:
@@ -658,7 +666,10 @@ def check_session_keyring(uid: int) -> Iterator[Finding]:
             f"the session keyring {desc.description!r} is owned by uid {desc.uid}, not by uid "
             f"{uid}: its owner can read or plant what this process caches there (a joined "
             "or inherited session: su, runuser, keyctl session NAME)",
-            "keyctl new_session  # this shell's own keyring; a service: KeyringMode=private",
+            # keyctl new_session cannot help: the kernel replaces a parent's session keyring
+            # only when the caller's euid owns it (KEYCTL_SESSION_TO_PARENT).
+            "exec keyctl session -  # a shell in a keyring of its own; a service: "
+            "KeyringMode=private",
         )
     elif desc.description.startswith("_uid_ses."):
         yield Finding(

@@ -24,10 +24,12 @@ from kmskeys.errors import InvalidNameError
 from kmskeys.names import validate_name
 from kmskeys.trust import unsafe_reason
 from resolver import config as config_mod
-from resolver.errors import ConfigError, InstallError, RefusedError, UnknownSecretError
+from resolver.errors import ConfigError, RefusedError, UnknownSecretError
 from resolver.policy import check_key
 from resolver.safefile import read_below
 
+# What the handler imports for a miss (resolver/install.py check_dependencies imports them).
+DEPENDENCIES = ("botocore", "cryptography")
 # A blob_dir holding more files than this is reported as truncated (doctor must stay fast).
 MAX_BLOB_FILES = 5000
 
@@ -76,12 +78,22 @@ def _config_problem(path: Path) -> tuple[str, Path]:
 
 
 def _dependencies() -> str | None:
-    from resolver.install import check_dependencies
+    """The first dependency of a miss this interpreter cannot find, with the pip line to get it.
 
-    try:
-        check_dependencies()
-    except InstallError as exc:
-        return str(exc)
+    Found, not imported: importing botocore alone takes longer than all of doctor may.
+    """
+    import importlib.util
+
+    for module in DEPENDENCIES:
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            return (
+                f"the resolver's dependency {module} cannot be imported; install them with: "
+                f"{sys.executable} -m pip install 'kmskeys[resolver]'"
+            )
     return None
 
 
