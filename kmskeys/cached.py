@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kmskeys import keyutils
-from kmskeys.errors import KeyctlError
+from kmskeys.errors import ERRNO_CACHED, KeyctlError, KmsKeysError, error_for_errno
 
 PROC_KEYS = Path("/proc/keys")
 # The keyrings `kmskeys flush` unlinks from: a negative key reachable from them is one a request
@@ -137,3 +137,23 @@ def flush_command(description: str) -> str:
 
 def _shell_safe(text: str) -> bool:
     return bool(text) and all(ch.isalnum() or ch in "_./@+-:" for ch in text)
+
+
+def explained(exc: KmsKeysError, description: str) -> KmsKeysError:
+    """`exc` from a request for `description`, naming the cached failure that holds it, if any."""
+    if exc.errno not in ERRNO_CACHED:
+        return exc
+    negative = cached_failure(description)
+    if negative is None:
+        return exc
+    note = (
+        f"cached failure (key {negative.serial}), expires {negative.expires}; "
+        f"`{flush_command(description)}` to retry now"
+    )
+    return error_for_errno(
+        exc.errno,
+        "request_key " + description[:256],
+        upcall=True,
+        description=description,
+        cached=note,
+    )

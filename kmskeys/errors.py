@@ -16,6 +16,8 @@ RESOLVER_LOG_HINT = (
     "see the resolver log: journalctl -t kmskeys-resolver (or syslog; dmesg on a host without "
     "/dev/log)"
 )
+# The errnos a negative key answers with until it expires (EAGAIN is never found again).
+ERRNO_CACHED = (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED, _errno.EDQUOT)
 # The errno alone does not say which of several causes it was: doctor checks each.
 DOCTOR_HINT = "run `kmskeys doctor{option}` to check the set-up"
 # What the errno of a request that never reached the resolver means, beyond the class advice.
@@ -184,14 +186,19 @@ def foreign_key_error(description: str, serial: int, owner: int, me: int) -> Key
 
 
 def error_for_errno(
-    err: int, what: str, *, upcall: bool = False, description: str | None = None
+    err: int,
+    what: str,
+    *,
+    upcall: bool = False,
+    description: str | None = None,
+    cached: str | None = None,
 ) -> KeyctlError:
     """Return the exception for `err`; `what` names the call and key, never a payload.
 
     The message carries the class's advice. For a request that could upcall (`upcall`), the
-    kernel passes back only an errno, so the message also names a cached failure (the negative
-    key `description` in this process's keyrings, with its expiry and the flush that drops it),
-    points to the resolver log, and to `kmskeys doctor` where the errno has several causes.
+    kernel passes back only an errno, so the message also says `cached` (the negative key that
+    holds the failure, found by kmskeys.cached), points to the resolver log, and to `kmskeys
+    doctor` where the errno has several causes.
     """
     cls = _BY_ERRNO.get(err, KeyctlError)
     name = _errno.errorcode.get(err, str(err))
@@ -202,16 +209,7 @@ def error_for_errno(
         message += " - " + " ".join(cls.__doc__.split())
     if not upcall:
         return cls(message, errno=err)
-    notes = []
-    if err in (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED, _errno.EDQUOT) and description is not None:
-        from kmskeys.cached import cached_failure, flush_command
-
-        negative = cached_failure(description)
-        if negative is not None:
-            notes.append(
-                f"cached failure (key {negative.serial}), expires {negative.expires}; "
-                f"`{flush_command(description)}` to retry now"
-            )
+    notes = [] if cached is None else [cached]
     if err in (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED, ERRNO_UNAVAILABLE):
         notes.append(RESOLVER_LOG_HINT)
     cause = _UPCALL_CAUSES.get(err)

@@ -102,7 +102,9 @@ def test_proc_keys_lines_and_expiry() -> None:
     ],
 )
 def test_upcall_errors_say_where_to_look(err: int, says: str, doctor: bool) -> None:
-    message = str(errors.error_for_errno(err, "request_key app:x", upcall=True, description="app:x"))
+    message = str(
+        errors.error_for_errno(err, "request_key app:x", upcall=True, description="app:x")
+    )
     assert says in message
     assert ("run `kmskeys doctor --prefix app`" in message) is doctor
     if err == errno.EPERM:  # not "run as root": nobody may make the call here

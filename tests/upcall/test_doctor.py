@@ -220,9 +220,7 @@ def test_config_mistakes_each_fix_makes_doctor_pass(extra_install: Callable[...,
         # the one asked about (with --config: run as printed, it used to make a new default).
         shutil.copy(config, other)
         try:
-            broken = paste_and_pass(
-                ("--prefix", install.prefix, "--config", str(other)), {"rule"}
-            )
+            broken = paste_and_pass(("--prefix", install.prefix, "--config", str(other)), {"rule"})
             (item,) = problems(broken, {"rule"})
             assert f"names config {config}, not {other}" in item["message"]
             assert f"--config {other} --prefix {install.prefix}" in item["fix"]

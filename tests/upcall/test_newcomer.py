@@ -72,7 +72,9 @@ def test_resolver_not_installed(session_keyring: object) -> None:
     assert "no rule routes this prefix" in message
     assert f"run `kmskeys doctor --prefix {prefix}`" in message
     # request-key negates an unrouted key for 60 s: named as a cached failure.
-    assert "cached failure (key " in message and f"kmskeys flush {name} --prefix {prefix}" in message
+    assert (
+        "cached failure (key " in message and f"kmskeys flush {name} --prefix {prefix}" in message
+    )
     found = report("--prefix", prefix)
     (rule,) = problems(found, {"rule"})
     assert "no rule" in rule["message"] and f"--prefix {prefix}" in rule["fix"]
