@@ -33,9 +33,10 @@ def rows(ctx: BenchContext) -> list[Row]:
     """Doctor in its own network namespace, then on the host's network."""
     bare = ctx.bare()
     doctor = str(Path(ctx.python).parent / "kmskeys")
-    with kms_stack() as (emulator, proxy, key_arn), installed(
-        emulator, proxy, key_arn, resolver=ctx.resolver
-    ) as install:
+    with (
+        kms_stack() as (emulator, proxy, key_arn),
+        installed(emulator, proxy, key_arn, resolver=ctx.resolver) as install,
+    ):
         args = [doctor, "doctor", "--prefix", install.prefix, "--config", str(install.config)]
         own_net = ["unshare", "--net", *args]
         healthy = subprocess.run(own_net, capture_output=True, text=True, check=False)
