@@ -399,7 +399,7 @@ def check_config(report: dict[str, Any], prefix: str) -> Iterator[Finding]:
         )
 
 
-def check_dependencies(report: dict[str, Any], rule: Rule | None, prefix: str) -> Iterator[Finding]:
+def check_dependencies(report: dict[str, Any], prefix: str) -> Iterator[Finding]:
     """The resolver the rule runs can import what a miss needs."""
     missing = report["dependencies"]
     program = Path(report["resolver"])
@@ -436,7 +436,7 @@ def _sanitized(name: str) -> str:
     return out or "secret"
 
 
-def _blob_fix(problem: dict[str, Any], config: Path) -> str:
+def _blob_fix(problem: dict[str, Any], config: Path, settings: dict[str, Any]) -> str:
     path = Path(problem["path"])
     kind = problem["problem"]
     if kind in ("unsafe",):
@@ -450,7 +450,12 @@ def _blob_fix(problem: dict[str, Any], config: Path) -> str:
         return f"mv -- {q(path)} {q(path.with_name(_sanitized(stem) + contract.BLOB_SUFFIX))}"
     if kind == "key" and problem.get("key_arn"):
         arn = problem["key_arn"]
-        return f"sed -i 's|^key_arns = \\[|key_arns = [\"{arn}\", |' {q(config)}"
+        if not settings["key_arns"] and not settings["discovery"]:
+            return f"{resolver_command()} install --config {q(config)} --key-arn {q(arn)}"
+        line = _toml_line(config, "key_arns")
+        if line is not None and line.startswith("key_arns = ["):
+            return f"sed -i 's|^key_arns = \\[|key_arns = [\"{arn}\", |' {q(config)}"
+        return f"${{EDITOR:-vi}} {q(config)}"
     # unparseable, expired, not a regular file: set it aside (the handler reads NAME.kms only)
     # and deploy a new blob from the build side (kmskeys encrypt NAME).
     return f"mv -- {q(path)} {q(str(path) + '.broken')}"
@@ -501,7 +506,7 @@ def check_blobs(report: dict[str, Any]) -> Iterator[Finding]:
             level,
             "blobs",
             f"{item['path']}: {item['error']}: {what}",
-            None if level == INFO else _blob_fix(item, Path(report["config_path"])),
+            None if level == INFO else _blob_fix(item, Path(report["config_path"]), config),
         )
     more = " (first files only)" if blobs["truncated"] else ""
     summary = "" if failed else f"; its {blobs['files']} blob file(s) parse{more}"
@@ -838,7 +843,13 @@ def findings(prefix: str, config: Path | None) -> Iterator[Finding]:
         )
     else:
         report = check.result()
-        if isinstance(report, str):
+        if isinstance(report, str) and os.geteuid() != 0:
+            yield Finding(
+                INFO,
+                "config",
+                f"{report}: this user cannot run the resolver's check; run doctor as root",
+            )
+        elif isinstance(report, str):
             yield Finding(
                 FAIL,
                 "config",
@@ -847,7 +858,7 @@ def findings(prefix: str, config: Path | None) -> Iterator[Finding]:
             )
         else:
             yield from check_config(report, prefix)
-            yield from check_dependencies(report, rule, prefix)
+            yield from check_dependencies(report, prefix)
             if report["config"]["ok"]:
                 yield from check_blobs(report)
                 yield from check_syslog(report)
