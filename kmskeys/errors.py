@@ -106,8 +106,8 @@ class QuotaExceededError(KeyctlError):
 class KeyPermissionError(KeyctlError, PermissionError):
     """The key's permissions deny this process (EACCES): it belongs to another user who shares a
     keyring with this process (a joined, inherited or `su`/`runuser` session). Run with a
-    session keyring of your own (`keyctl new_session`, KeyringMode=private under systemd); to
-    share across this uid's sessions, use keyring="user" or "persistent"."""
+    session keyring of your own (`exec keyctl session -` in a shell, KeyringMode=private under
+    systemd); to share across this uid's sessions, use keyring="user" or "persistent"."""
 
     errno = _errno.EACCES
 
@@ -115,8 +115,9 @@ class KeyPermissionError(KeyctlError, PermissionError):
 class KeyOwnershipError(KeyPermissionError):
     """A cached key under this name belongs to another uid, so kmskeys will not return its
     payload: this process shares a keyring with another user. Run with a session keyring of
-    your own (`keyctl new_session`, KeyringMode=private under systemd); to share across this
-    uid's sessions, use keyring="user" or "persistent" (`kmskeys get --keyring user`)."""
+    your own (`exec keyctl session -` in a shell, KeyringMode=private under systemd); to share
+    across this uid's sessions, use keyring="user" or "persistent" (`kmskeys get --keyring
+    user`)."""
 
     def __init__(self, message: str, *, serial: int, owner: int | None) -> None:
         super().__init__(message, errno=_errno.EACCES)
@@ -215,12 +216,15 @@ def error_for_errno(
     cause = _UPCALL_CAUSES.get(err)
     if cause is not None:
         notes.append(cause)
-    if err != ERRNO_UNAVAILABLE or cause is not None:
-        # EAGAIN's causes are all the resolver's, and its log line names them.
+    if err in (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED) or cause is not None or cls is KeyctlError:
+        # Not for EAGAIN (its causes are all the resolver's, and its log line names them), nor
+        # where the class's own advice already says what to do (EDQUOT, EACCES).
         prefix = (description or "").partition(":")[0]
         option = f" --prefix {prefix}" if prefix and prefix != DEFAULT_PREFIX else ""
         notes.append(DOCTOR_HINT.format(option=option))
-    return cls(message + " (" + "; ".join(notes) + ")", errno=err)
+    if notes:
+        message += " (" + "; ".join(notes) + ")"
+    return cls(message, errno=err)
 
 
 # --- DPAPI: kmskeys.protect / unprotect (docs/dpapi.md) ------------------------------------------
