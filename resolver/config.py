@@ -142,6 +142,22 @@ def load(path: str | Path = DEFAULT_PATH) -> Config:
     return parse_text(raw, path)
 
 
+def log_settings(path: str | Path) -> tuple[Path, str] | None:
+    """`syslog_socket` and `syslog_facility` of a trusted config that fails to load otherwise
+    (a typo elsewhere), so the handler's line about it goes where the operator reads; None when
+    the file is not trusted, not TOML, or these two are not valid themselves."""
+    path = Path(path)
+    try:
+        if unsafe_reason(os.stat(path.parent)):
+            return None
+        data = tomllib.loads(read_trusted(path, MAX_CONFIG_BYTES, "config").decode("utf-8"))
+        socket_path = _abs_path(data.get("syslog_socket", str(DEFAULT_SYSLOG_SOCKET)), "")
+        facility = _choice(tuple(FACILITIES))(data.get("syslog_facility", "authpriv"), "")
+    except (OSError, ValueError, RefusedError):
+        return None
+    return socket_path, facility
+
+
 def parse_text(raw: bytes, path: Path = DEFAULT_PATH) -> Config:
     """Build a Config from the file's bytes; anything but valid settings is ConfigError."""
     try:
