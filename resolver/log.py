@@ -7,6 +7,7 @@ never a blob. Values that come from the requester are quoted and stripped of con
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import sys
@@ -72,8 +73,11 @@ class SyslogWriter:
                 return
         except OSError as exc:
             why = f"syslog socket {self.socket_path}: {exc.strerror or type(exc).__name__}"
+            # A daemon that listens but is behind (its queue full) is there: a flood of
+            # requests must not become a flood of the kernel's log, which it would push out.
+            busy = exc.errno in (errno.EAGAIN, errno.ENOBUFS)
         note = f" ({why}; logged to {self.kmsg} instead)"
-        if self._kmsg(priority, message, note):
+        if not busy and self._kmsg(priority, message, note):
             return
         with contextlib.suppress(OSError, ValueError):
             print(f"{IDENT}[{os.getpid()}]: {message} ({why})", file=sys.stderr, flush=True)

@@ -132,3 +132,17 @@ def test_without_kmsg_either_the_line_goes_to_stderr(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout == ""
     assert "name=x outcome=refused (syslog socket " in done.stderr
+
+
+def test_a_syslog_daemon_that_is_behind_does_not_flood_kmsg(tmp_path: Path) -> None:
+    import socket
+
+    kmsg = tmp_path / "kmsg"
+    kmsg.write_text("")
+    path = tmp_path / "slow.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as slow:
+        slow.bind(str(path))  # never reads: its queue fills (net.unix.max_dgram_qlen)
+        writer = SyslogWriter(path, 10, kmsg=kmsg)
+        for _ in range(200):
+            writer.emit(6, "name=x outcome=ok")
+    assert kmsg.read_text() == ""
