@@ -279,9 +279,10 @@ def check_upcalls() -> Iterator[Finding]:
             WARN,
             "upcall",
             f"request-key does not run for non-root requesters here (uid {caps.uid}: "
-            f"{caps.non_root}): misses of apps running as non-root never resolve; fix: resolve "
-            "their secrets as root on their behalf before each ttl ends (docs/reliability.md, "
-            "hosts that refuse non-root upcalls)",
+            f"{caps.non_root}): misses of apps running as non-root never resolve; a property "
+            "of this kernel, which no command changes: resolve their secrets as root on their "
+            "behalf before each ttl ends (docs/reliability.md, hosts that refuse non-root "
+            "upcalls)",
         )
     else:
         yield Finding(
