@@ -198,6 +198,7 @@ def test_config_mistakes_each_fix_makes_doctor_pass(extra_install: Callable[...,
                 {"config"},
             ),
             ("bad value", lambda: config.write_text(text + 'ttl = "300"\n'), {"config"}),
+            ("rule mode", lambda: os.chmod(rule_path(install.prefix), 0o666), {"rule"}),
             (
                 "prefix",
                 lambda: config.write_text(
@@ -207,7 +208,7 @@ def test_config_mistakes_each_fix_makes_doctor_pass(extra_install: Callable[...,
             ),
         ]
         for label, breakage, checks in cases:
-            with _restored(config):
+            with _restored(config, rule_path(install.prefix)):
                 breakage()
                 broken = paste_and_pass(_args(install), checks)
                 (item,) = problems(broken, checks)
