@@ -518,15 +518,11 @@ def check_syslog(report: dict[str, Any]) -> Iterator[Finding]:
     """The handler's syslog socket: else its lines go to /dev/kmsg (dmesg, journalctl -k)."""
     config = report["config"]
     socket_path = Path(config["syslog_socket"])
-    try:
-        is_socket = stat.S_ISSOCK(os.stat(socket_path).st_mode)
-    except OSError:
-        is_socket = False
-    if is_socket:
+    if listens(socket_path):
         yield Finding(OK, "syslog", f"the handler logs to syslog at {socket_path}")
         return
     path = Path(report["config_path"])
-    if socket_path != DEV_LOG and stat.S_ISSOCK(_mode(DEV_LOG)):
+    if socket_path != DEV_LOG and listens(DEV_LOG):
         yield Finding(
             WARN,
             "syslog",
@@ -551,11 +547,16 @@ def check_syslog(report: dict[str, Any]) -> Iterator[Finding]:
         )
 
 
-def _mode(path: Path) -> int:
-    try:
-        return os.stat(path).st_mode
-    except OSError:
-        return 0
+def listens(path: Path) -> bool:
+    """Something receives on the unix datagram socket `path` (as the handler sends)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(os.fspath(path))
+        except OSError:
+            return False  # missing, not a socket, or nobody bound to it (ECONNREFUSED)
+    return True
 
 
 def check_warm_daemon(report: dict[str, Any]) -> Iterator[Finding]:
