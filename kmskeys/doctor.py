@@ -91,12 +91,32 @@ def install_fix(config: Path, prefix: str) -> str:
     return f"{resolver_command()} install --config {q(config)} --prefix {q(prefix)}"
 
 
+def config_prefix(path: Path) -> str | None:
+    """The prefix a config file serves (plain TOML reading, for suggestions only: the resolver's
+    own check judges the file); None when it is missing or unreadable."""
+    import tomllib
+
+    try:
+        value = tomllib.loads(path.read_text()).get("prefix", DEFAULT_PREFIX)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def suggested_config(prefix: str) -> Path:
-    """Where a new install for `prefix` should put its config: the default one for the default
-    prefix or a default config of that prefix, else a config of the prefix's own."""
-    if prefix == DEFAULT_PREFIX or not DEFAULT_CONFIG.exists():
+    """Where a new install for `prefix` should put its config: the default config, unless that
+    one serves another prefix; then a config of the prefix's own, next to it."""
+    if config_prefix(DEFAULT_CONFIG) in (None, prefix):
         return DEFAULT_CONFIG
     return DEFAULT_CONFIG.parent / prefix / "resolver.toml"
+
+
+def new_rule_fix(asked: Path | None, prefix: str) -> str:
+    """The install that adds a rule for `prefix`: with the config asked about, unless that one
+    serves another prefix (install would refuse it)."""
+    if asked is not None and config_prefix(asked) in (None, prefix):
+        return install_fix(asked, prefix)
+    return install_fix(suggested_config(prefix), prefix)
 
 
 # --- keyctl and request-key --------------------------------------------------------------------
@@ -169,9 +189,25 @@ def parse_rule(path: Path, prefix: str) -> Rule | None:
     return None
 
 
+def find_rule_file(prefix: str) -> Path:
+    """The rule file for PREFIX: install's name for it, or another file of /etc/request-key.d
+    with a `create user PREFIX:*` line (`install --rules both` puts the stored: prefix's rule in
+    the kms prefix's file)."""
+    path = REQUEST_KEY_D / rule_file_name(prefix)
+    if path.exists():
+        return path
+    for other in sorted(REQUEST_KEY_D.glob("*.conf")):
+        try:
+            if parse_rule(other, prefix) is not None:
+                return other
+        except (OSError, UnicodeDecodeError):
+            continue
+    return path
+
+
 def check_rule(prefix: str, asked: Path | None) -> tuple[list[Finding], Rule | None]:
     """Which rule routes PREFIX:* requests, which resolver it runs and which config it names."""
-    path = REQUEST_KEY_D / rule_file_name(prefix)
+    path = find_rule_file(prefix)
     config = asked or suggested_config(prefix)
     try:
         st = path.lstat()
@@ -186,7 +222,7 @@ def check_rule(prefix: str, asked: Path | None) -> tuple[list[Finding], Rule | N
                 f"no rule {path}: requests for {prefix}:NAME never reach a resolver and fail "
                 f"with ENOKEY, logged nowhere{seen}; if the app should use another prefix, give "
                 "it that one (get_secret(..., prefix=P), kmskeys get --prefix P)",
-                install_fix(config, prefix),
+                new_rule_fix(asked, prefix),
             )
         ], None
     except (OSError, UnicodeDecodeError) as exc:
@@ -207,7 +243,7 @@ def check_rule(prefix: str, asked: Path | None) -> tuple[list[Finding], Rule | N
         )
     if rule is None:
         findings.append(
-            Finding(FAIL, "rule", f"{path} has no rule for {prefix}:*", install_fix(config, prefix))
+            Finding(FAIL, "rule", f"{path} has no rule for {prefix}:*", new_rule_fix(asked, prefix))
         )
         return findings, None
     if asked is not None and Path(os.path.abspath(asked)) != rule.config:
@@ -351,12 +387,20 @@ def _config_fix(config: Path, key: str | None, known: Sequence[str]) -> str:
     return f"sed -i 's/{pattern}/# &/' {q(config)}"
 
 
-def check_config(report: dict[str, Any], prefix: str) -> Iterator[Finding]:
-    """The config as the resolver loads it."""
+def check_config(report: dict[str, Any], prefix: str, routed: bool = True) -> Iterator[Finding]:
+    """The config as the resolver loads it; `routed`: a rule for PREFIX names it."""
     config = Path(report["config_path"])
     found = report["config"]
     if found["ok"]:
-        if found["prefix"] != prefix:
+        if not routed and prefix not in (found["prefix"], found["stored_prefix"]):
+            yield Finding(
+                INFO,
+                "config",
+                f"config {config} serves prefix {found['prefix']!r}, not {prefix!r}: a rule "
+                f"for {prefix} needs a config of its own (the rule finding's fix makes one)",
+            )
+            return
+        if prefix not in (found["prefix"], found["stored_prefix"]):
             yield Finding(
                 FAIL,
                 "config",
@@ -859,7 +903,7 @@ def findings(prefix: str, config: Path | None) -> Iterator[Finding]:
                 install_fix(config_path, prefix),
             )
         else:
-            yield from check_config(report, prefix)
+            yield from check_config(report, prefix, routed=rule is not None)
             yield from check_dependencies(report, prefix)
             if report["config"]["ok"]:
                 yield from check_blobs(report)

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from kmskeys import Key, KeyNotFoundError, Keyring, get_secret
-from kmskeys.doctor import listens
+from kmskeys.doctor import check_rule, listens
 from kmskeys.doctor import main as doctor_main
 from kmskeys.upcall_probe import REQUEST_KEY_D, become_fsuid, nobody
 from resolver.install import rule_line, rule_path
@@ -171,6 +171,20 @@ def test_no_rule_for_the_prefix_the_fix_installs_one() -> None:
         )
         rule_path(prefix).unlink(missing_ok=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_rule_in_another_file_is_found(resolver_install: Install) -> None:
+    # `install --rules both` puts the stored: prefix's rule in the kms prefix's file.
+    stored = unique_prefix()
+    path = REQUEST_KEY_D / f"{unique('both')}.conf"
+    line = rule_line(stored, RESOLVER, resolver_install.config)
+    path.write_text(f"{line}\n")
+    try:
+        findings, rule = check_rule(stored, None)
+    finally:
+        path.unlink()
+    assert rule is not None and rule.path == path and rule.config == resolver_install.config
+    assert [f.level for f in findings] == ["ok"], findings
 
 
 @contextlib.contextmanager
