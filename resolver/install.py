@@ -145,7 +145,8 @@ def default_config_text(prefix: str, blob_dir: Path, key_arns: Sequence[str] = (
 # discovery = false                # instead of key_arns: any key of discovery_accounts
 # discovery_accounts = []          # 12-digit AWS account IDs (discovery only)
 # discovery_partition = "aws"
-# region = "eu-west-1"             # or regions = [...]; default: the regions of key_arns
+# region = "eu-west-1"             # default: the regions of key_arns
+# regions = ["eu-west-1", "eu-central-1"]   # instead of region: several
 # endpoint_url = "https://kms.eu-west-1.amazonaws.com"   # off EC2, or a VPC endpoint
 # profile = "default"              # a profile of shared_credentials_file
 # shared_credentials_file = "/etc/kmskeys/credentials"   # root-only (0600); off EC2
@@ -171,10 +172,12 @@ def default_config_text(prefix: str, blob_dir: Path, key_arns: Sequence[str] = (
 # seal_key_arn = "arn:aws:kms:eu-west-1:111122223333:key/..."
 # seal_host = "arn:aws:ec2:eu-west-1:111122223333:instance/i-..."
 
-# Per-name policy: the first matching glob wins.
+# Per-name policy: the first matching glob wins. Tables come after every top-level key.
 # [names."app/*"]
 # ttl = 60
 # allow_users = ["www-data", 33]
+# [stored."shared/*"]              # the same for stored: names, plus scope
+# scope = "user"                   # or "machine": one key per host
 """
 
 
