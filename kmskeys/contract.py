@@ -38,6 +38,11 @@ DEFAULT_STORED_PREFIX = "stored"
 DEFAULT_KEYSTORE_DIR = "/var/lib/kmskeys"
 
 
+# The program install's rule runs first, built from resolver/gate.c into the resolver package:
+# it takes the requester's per-uid slot before any Python starts (docs/resolver.md).
+GATE_PROGRAM = "kmskeys-gate"
+
+
 def rule_file_name(prefix: str) -> str:
     """The request-key.d file install writes for `prefix`: kmskeys.conf, or kmskeys-P.conf."""
     return "kmskeys.conf" if prefix == DEFAULT_PREFIX else f"kmskeys-{prefix}.conf"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kmskeys import contract, imds, keyutils
-from kmskeys.contract import DEFAULT_PREFIX, rule_file_name
+from kmskeys.contract import DEFAULT_PREFIX, GATE_PROGRAM, rule_file_name
 from kmskeys.errors import KeyctlError
 from kmskeys.trust import peer_uid, unsafe_reason
 from kmskeys.upcall_probe import become_user, nobody, probe_upcalls
@@ -173,6 +173,10 @@ class Rule:
     program: Path
     config: Path
     args: list[str]
+    # kmskeys-gate and its settings from the config at install time, when the rule runs it
+    # first (resolver/gate.c); the program and args are then the handler's, after its `--`.
+    gate: Path | None = None
+    gate_settings: list[str] | None = None
 
 
 def parse_rule(path: Path, prefix: str) -> Rule | None:
@@ -181,11 +185,17 @@ def parse_rule(path: Path, prefix: str) -> Rule | None:
         words = line.split()
         if words[:4] != ["create", "user", f"{prefix}:*", "*"] or len(words) < 5:
             continue
-        args = words[5:]
+        program, args = Path(words[4]), words[5:]
+        gate = settings = None
+        if program.name == GATE_PROGRAM and "--" in args:
+            split = args.index("--")
+            gate, settings = program, args[: split - 2]  # before `%k %u --`
+            if len(args) > split + 1:
+                program, args = Path(args[split + 1]), args[split + 2 :]
         config = DEFAULT_CONFIG
         if args[:1] == ["handle"] and args[1:2] == ["--config"] and len(args) > 2:
             config = Path(args[2])
-        return Rule(path, Path(words[4]), config, args)
+        return Rule(path, program, config, args, gate, settings)
     return None
 
 
@@ -441,6 +451,30 @@ def check_config(report: dict[str, Any], prefix: str, routed: bool = True) -> It
             f"the resolver refuses its config: {found['error']}: every request is refused "
             "(docs/resolver.md lists every key)",
             _config_fix(config, found.get("key"), report.get("known_keys", [])),
+        )
+
+
+def check_gate(report: dict[str, Any], rule: Rule | None, prefix: str) -> Iterator[Finding]:
+    """The gate on the rule line has the config's limits (install copies them there)."""
+    wanted = report["config"].get("gate_settings")
+    if rule is None or wanted is None:
+        return
+    if rule.gate is None:
+        yield Finding(
+            WARN,
+            "rule",
+            f"{rule.path} runs the handler without kmskeys-gate: one uid's flood of misses "
+            "starts a Python process each (docs/resolver.md)",
+            install_fix(rule.config, prefix),
+        )
+    elif rule.gate_settings != wanted:
+        yield Finding(
+            WARN,
+            "rule",
+            f"{rule.path} gives kmskeys-gate {' '.join(rule.gate_settings or [])}, the config "
+            f"says {' '.join(wanted)} (state_dir, max_concurrent_per_uid, negative_ttl, "
+            "syslog): install copies them into the rule",
+            install_fix(rule.config, prefix),
         )
 
 
@@ -906,6 +940,7 @@ def findings(prefix: str, config: Path | None) -> Iterator[Finding]:
             yield from check_config(report, prefix, routed=rule is not None)
             yield from check_dependencies(report, prefix)
             if report["config"]["ok"]:
+                yield from check_gate(report, rule, prefix)
                 yield from check_blobs(report)
                 yield from check_syslog(report)
                 yield from check_warm_daemon(report)

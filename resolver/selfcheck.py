@@ -27,6 +27,7 @@ from resolver import config as config_mod
 from resolver.errors import ConfigError, RefusedError, UnknownSecretError
 from resolver.policy import check_key
 from resolver.safefile import read_below
+from resolver.install import gate_settings
 
 # What the handler imports for a miss (resolver/install.py check_dependencies imports them).
 DEPENDENCIES = ("botocore", "cryptography")
@@ -56,6 +57,8 @@ def _config_report(path: Path) -> tuple[dict[str, Any], config_mod.Config | None
         "warm_socket": None if config.warm_socket is None else str(config.warm_socket),
         "key_arns": list(config.key_arns),
         "discovery": config.discovery,
+        # What kmskeys-gate must be given on the rule line (install writes it from the config).
+        "gate_settings": gate_settings(config),
     }, config
 
 
