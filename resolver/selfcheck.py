@@ -25,9 +25,9 @@ from kmskeys.names import validate_name
 from kmskeys.trust import unsafe_reason
 from resolver import config as config_mod
 from resolver.errors import ConfigError, RefusedError, UnknownSecretError
+from resolver.install import gate_settings
 from resolver.policy import check_key
 from resolver.safefile import read_below
-from resolver.install import gate_settings
 
 # What the handler imports for a miss (resolver/install.py check_dependencies imports them).
 DEPENDENCIES = ("botocore", "cryptography")
