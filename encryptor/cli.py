@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from encryptor.errors import EXIT_INPUT, EXIT_KMS, EXIT_OK, EncryptorError, UsageError
-from kmskeys.contract import CALLOUT_MAX, USER_PAYLOAD_MAX
-from kmskeys.errors import KmsKeysError
+from kmskeys.contract import CALLOUT_MAX, DEFAULT_PREFIX, USER_PAYLOAD_MAX
+from kmskeys.errors import InvalidNameError, KmsKeysError
+from kmskeys.names import validate_prefix
 
 KEY_ID_ENV = "KMSKEYS_KEY_ID"
 DEBUG_ENV = "KMSKEYS_DEBUG"
@@ -30,7 +31,9 @@ def encrypt_main(argv: Sequence[str] | None = None) -> int:
         description="Encrypt a secret (stdin, or --input FILE) into a blob bound to NAME. The "
         "secret is taken byte for byte: `printf %s` avoids a trailing newline.",
     )
-    parser.add_argument("name", metavar="NAME", help="the secret's name, requested as kms:NAME")
+    parser.add_argument(
+        "name", metavar="NAME", help="the secret's name, requested as PREFIX:NAME (kms:NAME)"
+    )
     _key_options(parser)
     parser.add_argument("--input", metavar="FILE", default="-", help="read the secret from FILE")
     parser.add_argument("--output", metavar="FILE", type=Path, help="write the blob to FILE")
@@ -63,6 +66,12 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
         help="the blob text, a file holding it, or - for stdin (the default)",
     )
     parser.add_argument("--json", action="store_true", help="print the description as JSON")
+    parser.add_argument(
+        "--prefix",
+        default=DEFAULT_PREFIX,
+        help="the description prefix the host's resolver serves, as the apps pass it (default: "
+        "%(default)s); the text says which description the blob answers to",
+    )
     return _run(parser, argv, _inspect)
 
 
@@ -218,6 +227,10 @@ def _inspect(args: argparse.Namespace) -> int:
         data = read_bounded(source, MAX_BLOB_CHARS, "the blob")
     else:
         data = source  # bare text: perhaps a legacy blob
+    try:
+        prefix = validate_prefix(args.prefix)
+    except InvalidNameError as exc:
+        raise UsageError(f"--prefix: {exc}") from None
     blob = parse_blob(data, allow_legacy=True)
     not_after = blob.not_after
     size = blob.size
@@ -241,7 +254,8 @@ def _inspect(args: argparse.Namespace) -> int:
         ("mode", blob.mode),
         (
             "name",
-            "bound: decrypts only when requested as kms:NAME for the name it was encrypted for"
+            f"bound: decrypts only when requested as {prefix}:NAME for the name it was "
+            "encrypted for"
             if description["binds_name"]
             else "not bound (legacy blob)",
         ),

@@ -38,6 +38,11 @@ DEFAULT_STORED_PREFIX = "stored"
 DEFAULT_KEYSTORE_DIR = "/var/lib/kmskeys"
 
 
+# The program install's rule runs first, built from resolver/gate.c into the resolver package:
+# it takes the requester's per-uid slot before any Python starts (docs/resolver.md).
+GATE_PROGRAM = "kmskeys-gate"
+
+
 def rule_file_name(prefix: str) -> str:
     """The request-key.d file install writes for `prefix`: kmskeys.conf, or kmskeys-P.conf."""
     return "kmskeys.conf" if prefix == DEFAULT_PREFIX else f"kmskeys-{prefix}.conf"
@@ -68,7 +73,8 @@ RESOLVED_KEY_PERM = (PERM_VIEW | PERM_READ | PERM_SEARCH | PERM_LINK) << USER_SH
 # Every failure is rejected with exactly one of three errnos, one per class; the client maps
 # each to one exception class (kmskeys.errors). EAGAIN is special in the kernel: a key rejected
 # with it is never found by a later search (-EAGAIN means "not found" there), so it is not
-# cached; the other two are cached for the config's negative_ttl.
+# cached, although the handler rejects it with negative_ttl too; the other two are cached for
+# the config's negative_ttl.
 ERRNO_UNKNOWN_SECRET = _errno.ENOKEY  # no blob for this name
 ERRNO_REFUSED = _errno.EKEYREJECTED  # policy, binding, expiry, invalid blob, KMS refusal
 ERRNO_UNAVAILABLE = _errno.EAGAIN  # KMS unreachable, throttled, past the deadline

@@ -5,9 +5,40 @@ from __future__ import annotations
 import errno as _errno
 import os
 
-from kmskeys.contract import ERRNO_REFUSED, ERRNO_UNAVAILABLE, ERRNO_UNKNOWN_SECRET
+from kmskeys.contract import (
+    DEFAULT_PREFIX,
+    ERRNO_REFUSED,
+    ERRNO_UNAVAILABLE,
+    ERRNO_UNKNOWN_SECRET,
+)
 
-RESOLVER_LOG_HINT = "see the resolver log: journalctl -t kmskeys-resolver (or syslog)"
+RESOLVER_LOG_HINT = (
+    "see the resolver log: journalctl -t kmskeys-resolver (or syslog; dmesg on a host without "
+    "/dev/log)"
+)
+# The errnos a negative key answers with until it expires (EAGAIN is never found again).
+ERRNO_CACHED = (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED, _errno.EDQUOT)
+# The errno alone does not say which of several causes it was: doctor checks each.
+DOCTOR_HINT = "run `kmskeys doctor{option}` to check the set-up"
+# What the errno of a request that never reached the resolver means, beyond the class advice.
+_UPCALL_CAUSES = {
+    _errno.ENOKEY: (
+        "no line in the resolver log means no resolver ran: no rule routes this prefix to it "
+        "(not installed, or the app uses another prefix)"
+    ),
+    _errno.ENOENT: (
+        "request-key never ran for this request: /sbin/request-key is missing, or this host "
+        "refuses upcalls from non-root requesters"
+    ),
+    _errno.EPERM: (
+        "keyctl system calls are blocked here: a seccomp filter such as Docker's default "
+        "profile (docs/containers.md)"
+    ),
+    _errno.ENOSYS: (
+        "keyctl system calls are blocked here: a seccomp filter such as Docker's default "
+        "profile (docs/containers.md), or a kernel without CONFIG_KEYS"
+    ),
+}
 
 
 class KmsKeysError(Exception):
@@ -75,8 +106,8 @@ class QuotaExceededError(KeyctlError):
 class KeyPermissionError(KeyctlError, PermissionError):
     """The key's permissions deny this process (EACCES): it belongs to another user who shares a
     keyring with this process (a joined, inherited or `su`/`runuser` session). Run with a
-    session keyring of your own (`keyctl new_session`, KeyringMode=private under systemd); to
-    share across this uid's sessions, use keyring="user" or "persistent"."""
+    session keyring of your own (`exec keyctl session -` in a shell, KeyringMode=private under
+    systemd); to share across this uid's sessions, use keyring="user" or "persistent"."""
 
     errno = _errno.EACCES
 
@@ -84,8 +115,9 @@ class KeyPermissionError(KeyctlError, PermissionError):
 class KeyOwnershipError(KeyPermissionError):
     """A cached key under this name belongs to another uid, so kmskeys will not return its
     payload: this process shares a keyring with another user. Run with a session keyring of
-    your own (`keyctl new_session`, KeyringMode=private under systemd); to share across this
-    uid's sessions, use keyring="user" or "persistent" (`kmskeys get --keyring user`)."""
+    your own (`exec keyctl session -` in a shell, KeyringMode=private under systemd); to share
+    across this uid's sessions, use keyring="user" or "persistent" (`kmskeys get --keyring
+    user`)."""
 
     def __init__(self, message: str, *, serial: int, owner: int | None) -> None:
         super().__init__(message, errno=_errno.EACCES)
@@ -154,19 +186,44 @@ def foreign_key_error(description: str, serial: int, owner: int, me: int) -> Key
     return KeyOwnershipError(message, serial=serial, owner=None if owner < 0 else owner)
 
 
-def error_for_errno(err: int, what: str, *, upcall: bool = False) -> KeyctlError:
+def error_for_errno(
+    err: int,
+    what: str,
+    *,
+    upcall: bool = False,
+    description: str | None = None,
+    cached: str | None = None,
+) -> KeyctlError:
     """Return the exception for `err`; `what` names the call and key, never a payload.
 
-    The message carries the class's advice; for failures the resolver decided (`upcall`), it also
-    points to the resolver log, since the kernel passes back only an errno.
+    The message carries the class's advice. For a request that could upcall (`upcall`), the
+    kernel passes back only an errno, so the message also says `cached` (the negative key that
+    holds the failure, found by kmskeys.cached), points to the resolver log, and to `kmskeys
+    doctor` where the errno has several causes.
     """
     cls = _BY_ERRNO.get(err, KeyctlError)
     name = _errno.errorcode.get(err, str(err))
     message = f"{what}: {os.strerror(err)} [{name}]"
-    if cls is not KeyctlError and cls.__doc__:
+    if upcall and err in (_errno.EPERM, _errno.ENOSYS):
+        pass  # not the class's "run as root": a seccomp filter refuses the call to everyone
+    elif cls is not KeyctlError and cls.__doc__:
         message += " - " + " ".join(cls.__doc__.split())
-    if upcall and err in (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED, ERRNO_UNAVAILABLE):
-        message += f" ({RESOLVER_LOG_HINT})"
+    if not upcall:
+        return cls(message, errno=err)
+    notes = [] if cached is None else [cached]
+    if err in (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED, ERRNO_UNAVAILABLE):
+        notes.append(RESOLVER_LOG_HINT)
+    cause = _UPCALL_CAUSES.get(err)
+    if cause is not None:
+        notes.append(cause)
+    if err in (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED) or cause is not None or cls is KeyctlError:
+        # Not for EAGAIN (its causes are all the resolver's, and its log line names them), nor
+        # where the class's own advice already says what to do (EDQUOT, EACCES).
+        prefix = (description or "").partition(":")[0]
+        option = f" --prefix {prefix}" if prefix and prefix != DEFAULT_PREFIX else ""
+        notes.append(DOCTOR_HINT.format(option=option))
+    if notes:
+        message += " (" + "; ".join(notes) + ")"
     return cls(message, errno=err)
 
 

@@ -27,9 +27,10 @@ from kmskeys.key import KEYRINGS, get_secret
 from kmskeys.names import validate_name
 
 PROG = "kmskeys exec"
-# Misses in flight at once. The resolver's gate nices a uid's third concurrent miss and refuses
-# (EAGAIN) past max_concurrent_per_uid (4 by default; docs/resolver.md), so more would make a
-# cold start slower or fail it; hits take microseconds each, so they lose nothing by waiting.
+# Misses in flight at once. The resolver's gate refuses (EAGAIN at once) past
+# max_concurrent_per_uid concurrent misses of a uid (4 by default; docs/resolver.md), which the
+# uid's other processes may be using too, so more could fail a cold start; hits take
+# microseconds each, so they lose nothing by waiting.
 MAX_THREADS = 2
 _VAR_START = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")
 _VAR_CHARS = _VAR_START | frozenset("0123456789")

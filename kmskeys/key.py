@@ -34,6 +34,19 @@ def _as_bytes(value: str | bytes, what: str) -> bytes:
     raise TypeError(f"{what} must be str or bytes, not {type(value).__name__}")
 
 
+def _explained(exc: OSError, description: bytes) -> OSError:
+    # A failure the kernel now caches is named as such (kmskeys/cached.py: which negative key,
+    # when it expires, the flush that drops it); imported on this failure path only.
+    from kmskeys.cached import explained
+    from kmskeys.errors import KmsKeysError
+
+    if not isinstance(exc, KmsKeysError):
+        return exc
+    found = explained(exc, description.decode(errors="replace"))
+    assert isinstance(found, OSError)
+    return found
+
+
 def _serial(key: Key | Keyring | int) -> int:
     return key if isinstance(key, int) else key.serial
 
@@ -87,12 +100,17 @@ class Key:
         if callout_info is not None and callout_info.__class__ is not bytes:
             callout_info = _as_bytes(callout_info, "callout info")
         key = object.__new__(cls)
-        key.serial = keyutils.request_key(
-            type,
-            description,
-            callout_info,
-            0 if destination is None else _serial(destination),
-        )
+        try:
+            key.serial = keyutils.request_key(
+                type,
+                description,
+                callout_info,
+                0 if destination is None else _serial(destination),
+            )
+        except OSError as exc:
+            if callout_info is None:
+                raise
+            raise _explained(exc, description) from None
         return key
 
     @classmethod
@@ -375,7 +393,10 @@ def get_secret(
             return payload
     dest = _destination(keyring)
     callout = b"" if blob is None else blob if blob.__class__ is bytes else _as_bytes(blob, "blob")
-    serial, payload = keyutils.fetch(desc, callout, dest)
+    try:
+        serial, payload = keyutils.fetch(desc, callout, dest)
+    except OSError as exc:
+        raise _explained(exc, desc) from None
     if len(_SERIALS) < 1024:
         _SERIALS[desc] = serial
     return payload

@@ -35,12 +35,12 @@ READ_GUESS = 1024
 _spare = thread_local()
 
 
-def _fail(what: str, *, upcall: bool = False) -> Exception:
+def _fail(what: str, *, upcall: bool = False, description: str | None = None) -> Exception:
     err = ffi.errno  # read first: any later C call may overwrite it
     # kmskeys.errors is imported on failure only: it is off the client's import-time budget.
     from kmskeys.errors import error_for_errno
 
-    return error_for_errno(err, what, upcall=upcall)
+    return error_for_errno(err, what, upcall=upcall, description=description)
 
 
 def add_key(type_: bytes, description: bytes, payload: bytes, keyring: int) -> int:
@@ -57,8 +57,8 @@ def request_key(type_: bytes, description: bytes, callout_info: bytes | None, ke
         type_, description, _NULL if callout_info is None else callout_info, keyring
     )
     if serial == -1:
-        what = "request_key " + description.decode(errors="replace")[:256]
-        raise _fail(what, upcall=callout_info is not None)
+        desc = description.decode(errors="replace")
+        raise _fail("request_key " + desc[:256], upcall=callout_info is not None, description=desc)
     return serial
 
 
@@ -74,8 +74,13 @@ def fetch(description: bytes, callout_info: bytes | None, dest: int) -> tuple[in
     except OSError as exc:
         from kmskeys.errors import error_for_errno
 
-        what = "request_key " + description.decode(errors="replace")[:256]
-        raise error_for_errno(exc.errno or 0, what, upcall=callout_info is not None) from None
+        desc = description.decode(errors="replace")
+        raise error_for_errno(
+            exc.errno or 0,
+            "request_key " + desc[:256],
+            upcall=callout_info is not None,
+            description=desc,
+        ) from None
     if len(found) == 4:
         from kmskeys.errors import foreign_key_error
 

@@ -17,6 +17,9 @@ usage: kmskeys-resolver COMMAND [ARGS...]
                  write the request-key rule(s), and a config, blob_dir and keystore when missing
   uninstall [--config PATH] [--prefix P]
                  remove exactly what install wrote
+  check [--config PATH]
+                 the handler's verdict on a config, its dependencies and blob files (JSON,
+                 for `kmskeys doctor`); decrypts nothing
   serve [--config PATH]
                  the optional warm daemon: keeps a KMS client loaded for the handler
   stored rotate NAME [--uid U | --machine] | stored list
@@ -110,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _install_command(command, rest)
     if command == "serve":
         return _serve(rest)
+    if command == "check":
+        from resolver.selfcheck import main as check_main
+
+        return check_main(rest)
     if command == "stored":
         from resolver.stored_cli import main as stored_main
 

@@ -120,6 +120,11 @@ class Config:
         return rule.scope if rule is not None and rule.scope is not None else SCOPE_USER
 
 
+def known_keys() -> tuple[str, ...]:
+    """Every top-level key a config may set (the tables `names` and `stored` included)."""
+    return (*_KEYS, "names", "stored")
+
+
 def load(path: str | Path = DEFAULT_PATH) -> Config:
     """Read and validate the config at `path`; raise ConfigError saying what is wrong."""
     path = Path(path)
@@ -135,6 +140,22 @@ def load(path: str | Path = DEFAULT_PATH) -> Config:
     except RefusedError as exc:
         raise ConfigError(exc.reason) from None
     return parse_text(raw, path)
+
+
+def log_settings(path: str | Path) -> tuple[Path, str] | None:
+    """`syslog_socket` and `syslog_facility` of a trusted config that fails to load otherwise
+    (a typo elsewhere), so the handler's line about it goes where the operator reads; None when
+    the file is not trusted, not TOML, or these two are not valid themselves."""
+    path = Path(path)
+    try:
+        if unsafe_reason(os.stat(path.parent)):
+            return None
+        data = tomllib.loads(read_trusted(path, MAX_CONFIG_BYTES, "config").decode("utf-8"))
+        socket_path = _abs_path(data.get("syslog_socket", str(DEFAULT_SYSLOG_SOCKET)), "")
+        facility = _choice(tuple(FACILITIES))(data.get("syslog_facility", "authpriv"), "")
+    except (OSError, ValueError, RefusedError):
+        return None
+    return socket_path, facility
 
 
 def parse_text(raw: bytes, path: Path = DEFAULT_PATH) -> Config:
@@ -156,11 +177,15 @@ def parse(data: Mapping[str, object], path: Path = DEFAULT_PATH) -> Config:
             continue
         check = _KEYS.get(key)
         if check is None:
-            raise ConfigError(f"{where}: unknown key {key!r}")
+            raise ConfigError(f"{where}: unknown key {key!r}", key=key)
         field_name = "region_list" if key in ("region", "regions") else key
         if field_name in values:
-            raise ConfigError(f"{where}: set region or regions, not both")
-        values[field_name] = check(value, f"{where}: {key}")
+            raise ConfigError(f"{where}: set region or regions, not both", key=key)
+        try:
+            values[field_name] = check(value, f"{where}: {key}")
+        except ConfigError as exc:
+            exc.key = key
+            raise
     config = Config(path=path, **values)  # type: ignore[arg-type]
     _check_keys(config, where)
     _check_stored(config, where)

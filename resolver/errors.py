@@ -74,6 +74,11 @@ class CorruptEntryError(KeystoreError):
 class ConfigError(RefusedError):
     """The resolver's config file is missing, unsafe or invalid; fix it (docs/resolver.md)."""
 
+    def __init__(self, reason: str, *, key: str | None = None) -> None:
+        super().__init__(reason)
+        # The top-level key at fault, when one is (`kmskeys doctor` suggests its fix).
+        self.key = key
+
 
 class InstallError(KmsKeysError):
     """install or uninstall cannot proceed; the message says why and what to do."""

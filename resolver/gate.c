@@ -5,9 +5,7 @@
  * and tens of milliseconds of CPU before it can even look at the requester's per-uid limit, so
  * one uid firing hundreds of concurrent upcalls would cost the host gigabytes and starve every
  * other user's misses. This program takes one of the requesting uid's handler slots first (an
- * flock(2) on the same state_dir files as resolver/limits.py) and execs the handler holding it;
- * a uid's third and later concurrent handlers run niced, so a burst of its misses queues behind
- * other users' for the CPU.
+ * flock(2) on the same state_dir files as resolver/limits.py) and execs the handler holding it.
  * With every slot taken it rejects the key EAGAIN and logs one line, as the handler would, at
  * the cost of one small C process that imports nothing.
  *
@@ -26,7 +24,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -42,8 +39,6 @@
 #define MAX_SLOTS 1024
 #define MAX_FIELD 160 /* resolver/log.py MAX_FIELD */
 #define LOG_ERR 3
-#define FAIR_SLOTS 2
-#define CONCURRENT_NICE 10
 
 /* resolver/log.py _SAFE: characters a log field may hold without quoting. */
 static const char SAFE[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./@+-:,=()'[]<>!?#%&*~^|{};";
@@ -116,10 +111,6 @@ static int take_slot(const struct args *a)
             goto out;
         }
         if (flock(fd, LOCK_EX | LOCK_NB) == 0) {
-            /* A uid's first FAIR_SLOTS concurrent misses run at normal priority, the rest
-             * behind every other uid's: a uid that floods mostly competes with itself. */
-            if (index >= FAIR_SLOTS)
-                setpriority(PRIO_PROCESS, 0, CONCURRENT_NICE);
             result = fd;
             goto out;
         }

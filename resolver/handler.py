@@ -24,6 +24,7 @@ from kmskeys.keyutils import KEY_SPEC_REQKEY_AUTH_KEY, disable_core_dumps, keyct
 from resolver import config as config_mod
 from resolver.backend import Request, Trace
 from resolver.errors import (
+    ConfigError,
     DeadlineExceeded,
     QuotaError,
     RefusedError,
@@ -185,7 +186,14 @@ class Handler:
         return RefusedError(f"internal error: {type(exc).__name__}")
 
     def _load_config(self) -> config_mod.Config:
-        config = config_mod.load(self.args.config)
+        try:
+            config = config_mod.load(self.args.config)
+        except ConfigError:
+            # A trusted file with a mistake elsewhere still says where its lines go.
+            found = config_mod.log_settings(self.args.config)
+            if found is not None:
+                self.log = SyslogWriter(found[0], config_mod.FACILITIES[found[1]])
+            raise
         self.log = SyslogWriter(config.syslog_socket, config_mod.FACILITIES[config.syslog_facility])
         self.negative_ttl = config.negative_ttl
         return config

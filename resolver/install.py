@@ -25,8 +25,7 @@ from resolver.handler import MACROS
 
 REQUEST_KEY_D = Path(contract.REQUEST_KEY_D)
 MARKER = "# kmskeys-resolver install"
-# The gate program, built from resolver/gate.c by setup.py into this package's directory.
-GATE = "kmskeys-gate"
+GATE = contract.GATE_PROGRAM
 _CREATED_CONFIG = "# created-config: "
 _CREATED_DIR = "# created-dir: "
 # Which descriptions `install --rules` routes to the handler: one config serves both.
@@ -96,6 +95,17 @@ def gate_executable() -> Path:
     return path
 
 
+def gate_settings(config: config_mod.Config) -> list[str]:
+    """What the rule hands kmskeys-gate from the config (resolver/gate.c's usage line)."""
+    return [
+        str(config.state_dir),
+        str(config.max_concurrent_per_uid),
+        str(config.negative_ttl),
+        str(config.syslog_socket),
+        str(config_mod.FACILITIES[config.syslog_facility]),
+    ]
+
+
 def rule_line(
     prefix: str, executable: Path, config_path: Path, config: config_mod.Config, gate: Path
 ) -> str:
@@ -117,10 +127,7 @@ def rule_line(
         # request-key splits its program line on whitespace.
         if any(ch.isspace() for ch in str(path)) or not path.is_absolute():
             raise InstallError(f"{what} path {str(path)!r} must be absolute and without spaces")
-    gate_args = (
-        f"{gate} {config.state_dir} {config.max_concurrent_per_uid} {config.negative_ttl} "
-        f"{config.syslog_socket} {config_mod.FACILITIES[config.syslog_facility]} %k %u --"
-    )
+    gate_args = " ".join([str(gate), *gate_settings(config), "%k", "%u", "--"])
     return (
         f"create user {prefix}:* * {gate_args} {executable} handle --config {config_path} {MACROS}"
     )
@@ -145,7 +152,8 @@ def default_config_text(prefix: str, blob_dir: Path, key_arns: Sequence[str] = (
 # discovery = false                # instead of key_arns: any key of discovery_accounts
 # discovery_accounts = []          # 12-digit AWS account IDs (discovery only)
 # discovery_partition = "aws"
-# region = "eu-west-1"             # or regions = [...]; default: the regions of key_arns
+# region = "eu-west-1"             # default: the regions of key_arns
+# regions = ["eu-west-1", "eu-central-1"]   # instead of region: several
 # endpoint_url = "https://kms.eu-west-1.amazonaws.com"   # off EC2, or a VPC endpoint
 # profile = "default"              # a profile of shared_credentials_file
 # shared_credentials_file = "/etc/kmskeys/credentials"   # root-only (0600); off EC2
@@ -171,10 +179,12 @@ def default_config_text(prefix: str, blob_dir: Path, key_arns: Sequence[str] = (
 # seal_key_arn = "arn:aws:kms:eu-west-1:111122223333:key/..."
 # seal_host = "arn:aws:ec2:eu-west-1:111122223333:instance/i-..."
 
-# Per-name policy: the first matching glob wins.
+# Per-name policy: the first matching glob wins. Tables come after every top-level key.
 # [names."app/*"]
 # ttl = 60
 # allow_users = ["www-data", 33]
+# [stored."shared/*"]              # the same for stored: names, plus scope
+# scope = "user"                   # or "machine": one key per host
 """
 
 

@@ -27,6 +27,7 @@ MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 MODULES = ["tests.bench.client", "tests.bench.fresh", "tests.bench.miss", "tests.bench.cgi"]
 MODULES.append("tests.bench.dpapi")  # DPAPI and stored: rows (issue 13)
 MODULES.append("tests.bench.flood")  # one uid's hostile flood (issue 12)
+MODULES.append("tests.bench.doctor")  # `kmskeys doctor` under 1 s (issue 15)
 MODULES.append("tests.bench.cli")  # the cached `kmskeys get` (issue 15)
 
 

@@ -166,6 +166,18 @@ def test_inspect_has_the_same_shape_for_both_modes(
     assert from_file.stdout.decode() == texts[0] == from_stdin.stdout.decode()
 
 
+def test_inspect_names_the_prefix_the_apps_use(kmskeys_cli: Cli, key_arn: str) -> None:
+    text = kmskeys_cli("encrypt", "db", "--key-id", key_arn, stdin=b"x").stdout.decode().strip()
+    default = kmskeys_cli("inspect", text).stdout.decode()
+    assert "decrypts only when requested as kms:NAME " in default
+    other = kmskeys_cli("inspect", "--prefix", "app", text)
+    assert other.returncode == 0, other.stderr
+    assert "decrypts only when requested as app:NAME " in other.stdout.decode()
+    assert "kms:NAME" not in other.stdout.decode()
+    bad = kmskeys_cli("inspect", "--prefix", "Bad Prefix", text)
+    assert bad.returncode == EXIT_USAGE and b"--prefix" in bad.stderr
+
+
 def test_inspect_refuses_a_broken_blob(kmskeys_cli: Cli) -> None:
     proc = kmskeys_cli("inspect", "kmsk1:AAAA")
     assert proc.returncode == EXIT_INPUT

@@ -83,8 +83,7 @@ def report(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 
 def test_env_injection_from_flags_and_a_mapping_file(resolver: Install, tmp_path: Path) -> None:
-    # Two names, not more: the gate nices a uid's third concurrent miss, which a loaded host can
-    # then starve past the resolver's deadline.
+    # Two names: `kmskeys exec` has at most two misses in flight (MAX_THREADS).
     (one, s1), (two, s2) = deployed(resolver, 2)
     mapping = tmp_path / "mapping"
     mapping.write_text(f"# names of secrets, never values\n\nB_TOKEN = {two}\nC={one}\n")
@@ -103,7 +102,7 @@ def test_env_injection_from_flags_and_a_mapping_file(resolver: Install, tmp_path
 def test_secrets_are_resolved_concurrently(resolver: Install) -> None:
     # The proxy holds each Decrypt at a barrier until both have arrived: resolved one after the
     # other, the first would wait alone, break the barrier and be answered with an error, and
-    # the command would not run. (Two: the gate nices a uid's third concurrent miss.)
+    # the command would not run. (Two: `kmskeys exec` has at most two misses in flight.)
     pairs = deployed(resolver, 2)
     barrier = threading.Barrier(len(pairs), timeout=2.5)  # under the resolver's 4 s deadline
 
