@@ -107,7 +107,11 @@ def gate_settings(config: config_mod.Config) -> list[str]:
 
 
 def rule_line(
-    prefix: str, executable: Path, config_path: Path, config: config_mod.Config, gate: Path
+    prefix: str,
+    executable: Path,
+    config_path: Path,
+    config: config_mod.Config | None = None,
+    gate: Path | None = None,
 ) -> str:
     """The request-key.conf line that routes `PREFIX:*` requests to the handler.
 
@@ -116,6 +120,8 @@ def rule_line(
     of state_dir, max_concurrent_per_uid, negative_ttl or the syslog settings needs a re-run of
     install (the handler refuses a slot the config does not allow, and doctor says so).
     """
+    config = config_mod.load(config_path) if config is None else config
+    gate = gate_executable() if gate is None else gate
     paths = (
         ("gate", gate),
         ("resolver", executable),

@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 
 from kmskeys import Key, KeyRejectedError, Keyring, TemporarilyUnavailableError
-from resolver.config import load
-from resolver.install import gate_executable, rule_line
+from resolver.install import rule_line
 from tests.stored.harness import StoredInstall, stored_installed, write_config
 from tests.support.names import unique, unique_prefix
 from tests.support.prereqs import REQUEST_KEY_D
@@ -88,7 +87,7 @@ def _killing_rule(install: StoredInstall) -> Iterator[str]:
     prefix = unique_prefix()
     config = install.root / f"killer-{prefix}.toml"
     write_config(config, {**install.settings, "prefix": unique_prefix(), "stored_prefix": prefix})
-    line = rule_line(prefix, RESOLVER, config, load(config), gate_executable())
+    line = rule_line(prefix, RESOLVER, config)
     # strace injects SIGKILL into the linkat() that would publish the entry: the worker dies
     # after writing and fsyncing its temp file, before the entry exists.
     injected = f"{strace} -f -qq -o /dev/null -e trace=linkat -e inject=linkat:signal=KILL"

@@ -244,6 +244,18 @@ def test_config_mistakes_each_fix_makes_doctor_pass(extra_install: Callable[...,
             assert _shell(f"{RESOLVER} install --config {config}").returncode == 0
 
 
+def test_gate_settings_the_config_changed_since_install(extra_install: Callable[..., Any]) -> None:
+    # The gate gets the per-uid limit on the rule line: a config edited after install leaves it
+    # behind, doctor says so, and its fix (install again) copies the new value into the rule.
+    with extra_install() as install, _restored(install.config, rule_path(install.prefix)):
+        install.config.write_text(install.config.read_text() + "max_concurrent_per_uid = 7\n")
+        broken = paste_and_pass(_args(install), {"rule"})
+        (item,) = problems(broken, {"rule"})
+        assert item["level"] == "warn", item
+        assert "kmskeys-gate" in item["message"] and " 7 " in item["message"], item
+        assert " 7 " in rule_path(install.prefix).read_text()
+
+
 def test_blob_file_mistakes_each_fix_makes_doctor_pass(extra_install: Callable[..., Any]) -> None:
     with extra_install() as install:
         good = unique("good")
