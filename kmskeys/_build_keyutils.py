@@ -51,6 +51,7 @@ long keyctl_get_persistent(uid_t uid, key_serial_t id);
 
 int kmsk_disable_core_dumps(void);
 int setfsuid(uid_t fsuid);
+int setfsgid(gid_t fsgid);
 
 int keyctl_describe_alloc(key_serial_t id, char **_buffer);
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from kmskeys.contract import RESOLVED_KEY_PERM, USER_PAYLOAD_MAX
+from kmskeys.contract import ADMIN_GROUP, ADMIN_KEY_PERM, RESOLVED_KEY_PERM, USER_PAYLOAD_MAX
 from kmskeys.errors import InvalidNameError, KmsKeysError, QuotaExceededError
 from kmskeys.key import Key
 from kmskeys.keyutils import KEY_SPEC_REQKEY_AUTH_KEY, disable_core_dumps, keyctl_read
@@ -214,22 +214,30 @@ class Handler:
         )
         if not plaintext or len(plaintext) > USER_PAYLOAD_MAX:
             raise RefusedError(f"plaintext size {len(plaintext)} is outside 1..{USER_PAYLOAD_MAX}")
-        return plaintext, config.ttl_for(name, prefix)
+        ttl = self.trace.stale_ttl or config.ttl_for(name, prefix)
+        return plaintext, spread(ttl, config.ttl_jitter)
 
     def _instantiate(self, plaintext: bytes, ttl: int) -> int:
         key = self.key
         try:
             # Ownership, permissions and expiry are set before instantiation, so no waiter ever
             # sees the key with the kernel's defaults.
-            key.chown(self.args.uid, self.args.gid)
-            key.setperm(RESOLVED_KEY_PERM)
+            # The admin group lets root's `kmskeys flush` find and invalidate the key (VIEW,
+            # SEARCH), never read or link it; a host without the group keeps %g and no group bits.
+            gid = admin_group()
+            key.chown(self.args.uid, self.args.gid if gid is None else gid)
+            key.setperm(RESOLVED_KEY_PERM if gid is None else ADMIN_KEY_PERM)
             key.set_timeout(ttl)
             key.instantiate(plaintext, 0)
         except QuotaExceededError as exc:
             return self._reject(QuotaError(f"requester's key quota is full: {exc.strerror}"))
         except KmsKeysError as exc:
             return self._reject(RefusedError(f"instantiate failed: {exc}"))
-        self._emit(LOG_INFO, "ok", ttl=ttl)
+        if self.trace.stale_ttl is not None:
+            # Served from an older host-cache entry because KMS is unavailable: say so loudly.
+            self._emit(LOG_WARNING, "stale", ttl=ttl, reason=self.trace.details.get("reason"))
+        else:
+            self._emit(LOG_INFO, "ok", ttl=ttl)
         return 0
 
     def _reject(self, error: ResolverError) -> int:
@@ -255,11 +263,39 @@ class Handler:
             outcome=outcome,
             source=self.trace.details.get("source"),
             mode=self.trace.details.get("mode"),
+            age=self.trace.details.get("age"),
             **extra,
             ms=f"{elapsed:.0f}",
             t=str(self.trace.timings) or None,
         )
         self.log.emit(severity, message)
+
+
+def spread(ttl: int, jitter: float) -> int:
+    """`ttl` times a random factor in [1 - jitter, 1 + jitter], in whole seconds, at least 1.
+
+    The kernel keeps key expiry in whole seconds (and a timeout of T lasts T-1 to T s), so the
+    spread only shows once ttl * jitter reaches half a second: ttl 4 or less never moves at 10 %.
+    """
+    if not jitter:
+        return ttl
+    factor = 1.0 + jitter * (int.from_bytes(os.urandom(4)) / 0xFFFFFFFF * 2.0 - 1.0)
+    return max(1, round(ttl * factor))
+
+
+def admin_group() -> int | None:
+    """The gid of the admin group if it exists and has no members, else None.
+
+    A member would get group SEARCH on every key, and with it possession of a key in any keyring
+    it holds, and possession reads: a group that gained members is never used.
+    """
+    import grp
+
+    try:
+        group = grp.getgrnam(ADMIN_GROUP)
+    except KeyError:
+        return None
+    return None if group.gr_mem else group.gr_gid
 
 
 def main(argv: Sequence[str], started: float | None = None) -> int:
