@@ -19,6 +19,8 @@ usage: kmskeys-resolver COMMAND [ARGS...]
                  remove exactly what install wrote
   serve [--config PATH]
                  the optional warm daemon: keeps a KMS client loaded for the handler
+  prefetch [--config PATH] [--concurrency N] [--jitter S] [NAME ...]
+                 fill the host cache from blob_dir (at boot: kmskeys-prefetch.service)
   stored rotate NAME [--uid U | --machine] | stored list
                  add a version of a stored: key; list the keystore (metadata only)
   firewall ...   keep IMDS reachable by root only (see `kmskeys-resolver firewall --help`)
@@ -89,6 +91,49 @@ def _serve(argv: Sequence[str]) -> int:
         return 1
 
 
+def _prefetch(argv: Sequence[str]) -> int:
+    from resolver import config as config_mod
+    from resolver import prefetch as prefetch_mod
+    from resolver.errors import ResolverError
+
+    parser = argparse.ArgumentParser(
+        prog="kmskeys-resolver prefetch",
+        description="Fill the host cache from blob_dir (as root); user-bound blobs are skipped.",
+    )
+    parser.add_argument("names", nargs="*", metavar="NAME", help="default: every blob")
+    parser.add_argument("--config", type=Path, default=config_mod.DEFAULT_PATH)
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=prefetch_mod.DEFAULT_CONCURRENCY,
+        help="KMS calls at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--jitter",
+        type=float,
+        default=prefetch_mod.DEFAULT_JITTER,
+        help="each name waits a random 0..JITTER seconds first (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("kmskeys-resolver prefetch: must run as root", file=sys.stderr)
+        return 1
+    if not 1 <= args.concurrency <= prefetch_mod.MAX_CONCURRENCY or not 0 <= args.jitter <= 600:
+        parser.error(f"--concurrency is 1..{prefetch_mod.MAX_CONCURRENCY}, --jitter 0..600")
+    try:
+        config = config_mod.load(args.config)
+        if not config.host_cache:
+            print("kmskeys-resolver prefetch: host_cache is off in the config", file=sys.stderr)
+            return 1
+        outcomes = prefetch_mod.prefetch(config, args.names, args.concurrency, args.jitter)
+    except (ResolverError, OSError) as exc:
+        print(f"kmskeys-resolver prefetch: {exc}", file=sys.stderr)
+        return 1
+    for name, outcome in outcomes:
+        print(f"{name}: {outcome}")
+    return 1 if any(outcome.startswith("failed") for _, outcome in outcomes) else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kmskeys-resolver` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -110,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _install_command(command, rest)
     if command == "serve":
         return _serve(rest)
+    if command == "prefetch":
+        return _prefetch(rest)
     if command == "stored":
         from resolver.stored_cli import main as stored_main
 
