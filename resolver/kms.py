@@ -194,9 +194,8 @@ def region_plan(config: Config, key_arn: str, region: str) -> tuple[list[tuple[s
     if not others:
         return [(key_arn, region)], ""
     if not is_multi_region(key_arn):
-        return [(key_arn, region)], (
-            f"no region fallback: {key_arn} is a single-Region key (only mrk- keys have replicas)"
-        )
+        # Short: the log line keeps 160 characters of a reason.
+        return [(key_arn, region)], "no region fallback: a single-Region key (not mrk-)"
     return [(key_arn, region)] + [(in_region(key_arn, r), r) for r in others], ""
 
 

@@ -27,6 +27,7 @@ MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 MODULES = ["tests.bench.client", "tests.bench.fresh", "tests.bench.miss", "tests.bench.cgi"]
 MODULES.append("tests.bench.dpapi")  # DPAPI and stored: rows (issue 13)
 MODULES.append("tests.bench.flood")  # one uid's hostile flood (issue 12)
+MODULES.append("tests.bench.hostcache")  # host-cache miss and the simulated hour (issue 14)
 
 
 def machine() -> str:
