@@ -53,13 +53,28 @@ class BlobBackend:
         entry = cache.lookup(desc)
         trace.timings.add("hostcache", (time.perf_counter() - start) * 1000)
         if entry is None or entry.age >= ttl:
-            # Refreshes of this entry by other keyrings' handlers wait here, then find it fresh.
-            with cache.refreshing(self.config.state_dir, desc):
-                entry = cache.lookup(desc)
-                if entry is None or entry.age >= ttl:
-                    return self._refresh(
-                        cache, desc, entry, blob, request, deadline=deadline, trace=trace, ttl=ttl
-                    )
+            try:
+                # Refreshes of this entry by other keyrings' handlers wait here, then find it
+                # fresh.
+                with cache.refreshing(self.config.state_dir, desc):
+                    entry = cache.lookup(desc)
+                    if entry is None or entry.age >= ttl:
+                        return self._refresh(
+                            cache,
+                            desc,
+                            entry,
+                            blob,
+                            request,
+                            deadline=deadline,
+                            trace=trace,
+                            ttl=ttl,
+                        )
+            except DeadlineExceeded:
+                # The handler refreshing it hung on KMS past our deadline: KMS is unavailable.
+                if not self._stale(entry, trace, "deadline exceeded"):
+                    raise
+                assert entry is not None
+                return entry.plaintext
         trace.details["source"] = "hostcache"
         trace.details["age"] = f"{entry.age:.0f}"
         return entry.plaintext
@@ -80,16 +95,11 @@ class BlobBackend:
         try:
             plaintext = self.decrypter().decrypt(blob, request, deadline, trace.timings)
         except (KmsUnavailableError, DeadlineExceeded) as exc:
-            # KMS is unavailable (never a refusal, never a uid over its own KMS rate): an entry
-            # within stale_grace answers, with a short timeout so that KMS is asked again soon.
-            if entry is None or not config.stale_grace or entry.age > config.stale_grace:
+            # KMS is unavailable (never a refusal, never a uid over its own KMS rate).
+            why = "deadline exceeded" if isinstance(exc, DeadlineExceeded) else exc.reason
+            if not self._stale(entry, trace, why):
                 raise
-            trace.details["source"] = "hostcache"
-            trace.details["age"] = f"{entry.age:.0f}"
-            trace.details["reason"] = (
-                "deadline exceeded" if isinstance(exc, DeadlineExceeded) else exc.reason
-            )
-            trace.stale_ttl = config.stale_ttl
+            assert entry is not None
             return entry.plaintext
         except RefusedError:
             # A refusal is never masked: a revoked permission takes effect at this refresh.
@@ -98,6 +108,18 @@ class BlobBackend:
         # Kept for stale answers past its freshness; the kernel drops it after that.
         cache.store(desc, plaintext, max(ttl, config.stale_grace) + 1)
         return plaintext
+
+    def _stale(self, entry: Entry | None, trace: Trace, why: str) -> bool:
+        """True (and the trace says so) if `entry` may answer while KMS is unavailable: within
+        stale_grace, with stale_ttl as the key's timeout so that KMS is asked again soon."""
+        grace = self.config.stale_grace
+        if entry is None or not grace or entry.age > grace:
+            return False
+        trace.details["source"] = "hostcache"
+        trace.details["age"] = f"{entry.age:.0f}"
+        trace.details["reason"] = why
+        trace.stale_ttl = self.config.stale_ttl
+        return True
 
     def _check(self, blob: Blob, request: Request) -> None:
         check_blob(blob, request.user)

@@ -133,8 +133,12 @@ def _scrub_environment() -> None:
 class Handler:
     """One request: resolve, then instantiate or reject, then log once."""
 
-    def __init__(self, args: HandleArgs, started: float) -> None:
+    def __init__(
+        self, args: HandleArgs, started: float, config: config_mod.Config | None = None
+    ) -> None:
         self.args = args
+        # Loaded (and validated) by the supervisor before it forked this worker, if it could.
+        self.preloaded = config
         self.started = started
         self.key = Key(args.key)
         self.log = SyslogWriter(config_mod.DEFAULT_SYSLOG_SOCKET, config_mod.FACILITIES["authpriv"])
@@ -185,7 +189,7 @@ class Handler:
         return RefusedError(f"internal error: {type(exc).__name__}")
 
     def _load_config(self) -> config_mod.Config:
-        config = config_mod.load(self.args.config)
+        config = self.preloaded or config_mod.load(self.args.config)
         self.log = SyslogWriter(config.syslog_socket, config_mod.FACILITIES[config.syslog_facility])
         self.negative_ttl = config.negative_ttl
         return config
@@ -298,9 +302,12 @@ def admin_group() -> int | None:
     return None if group.gr_mem else group.gr_gid
 
 
-def main(argv: Sequence[str], started: float | None = None) -> int:
+def main(
+    argv: Sequence[str], started: float | None = None, config: config_mod.Config | None = None
+) -> int:
     """Run the handler for request-key's argv (after `handle`); `started` is when handling began
-    (the supervising parent's start), by default this process's start."""
+    (the supervising parent's start), by default this process's start; `config`, the config the
+    supervisor already loaded from the same --config path (None: load it here)."""
     started = process_started() if started is None else started
     _scrub_environment()
     # Plaintext passes through this process: no core file may ever hold it.
@@ -312,4 +319,6 @@ def main(argv: Sequence[str], started: float | None = None) -> int:
             LOG_ERR, format_fields(outcome="error", reason=str(exc))
         )
         return 2
-    return Handler(args, started).run()
+    if config is not None and config.path != args.config:
+        config = None
+    return Handler(args, started, config).run()
