@@ -47,6 +47,7 @@ host commands:
   get NAME       print the secret NAME (from the kernel cache, or resolved once)
   show           list the kms keys this process can see, with expiry (never payloads)
   flush NAME     invalidate the cached key NAME so the next request re-resolves it
+                 (as root: every uid's copy and the host cache; --all: everything)
   doctor         check this host's kmskeys set-up and explain each finding
 
 DPAPI on this host's stored: keys (pip install 'kmskeys[dpapi]'):
