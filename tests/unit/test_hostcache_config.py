@@ -79,3 +79,24 @@ def test_a_single_region_key_gets_no_fallback_and_says_why() -> None:
     assert "single-Region key" in why
     alone = parse({"regions": ["us-east-1"], "key_arns": [MRK]})
     assert region_plan(alone, MRK, "us-east-1") == ([(MRK, "us-east-1")], "")
+
+
+def test_an_admin_group_with_members_is_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The group's entry as NSS would return it; changing the real group would affect every
+    # resolver on the host while the test runs.
+    import grp
+
+    from resolver import handler, install
+    from resolver.errors import InstallError
+
+    def group(members: list[str]) -> object:
+        return lambda name: grp.struct_group(("kmskeys-admin", "x", 4242, members))
+
+    monkeypatch.setattr(grp, "getgrnam", group([]))
+    assert handler.admin_group() == 4242
+    install.ensure_admin_group(actions := [])
+    assert actions == []  # exists, empty: nothing to do
+    monkeypatch.setattr(grp, "getgrnam", group(["mallory"]))
+    assert handler.admin_group() is None  # the key keeps %g and gets no group bits
+    with pytest.raises(InstallError, match="has members"):
+        install.ensure_admin_group([])
