@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,3 +42,11 @@ def test_prefetch_fills_the_host_cache_and_skips_user_bound_blobs(extra_install:
         again = run_resolver(*args, "--jitter", "0", shared)
         assert (again.returncode, again.stdout) == (0, f"{shared}: already cached\n")
         assert install.decrypts() == 2
+
+
+def test_the_prefetch_unit_runs_once_at_boot_without_core_dumps() -> None:
+    unit = Path(__file__).resolve().parents[2] / "resolver" / "data" / "kmskeys-prefetch.service"
+    text = unit.read_text()
+    for line in ("Type=oneshot", "LimitCORE=0", "WantedBy=multi-user.target"):
+        assert f"\n{line}\n" in text, line
+    assert "\nExecStart=kmskeys-resolver prefetch --config /etc/kmskeys/resolver.toml " in text
