@@ -4,8 +4,8 @@ A requester's keyring caches a secret for that keyring alone: a new service, a c
 session or another uid each cost a handler run and a KMS Decrypt. The handler therefore also keeps
 the plaintext in a keyring linked from root's persistent keyring (kmskeys.hostflush), keyed so
 that only an identical request can hit it: prefix, name, the user for a user-bound blob, and the
-SHA-256 of the exact blob text (a redeployed blob is a new entry). Policy, the blob's expiry and
-the key allowlist are checked before the cache is consulted (resolver/blobs.py).
+BLAKE2b-256 digest of the exact blob text (a redeployed blob is a new entry). Policy, the blob's
+expiry and the key allowlist are checked before the cache is consulted (resolver/blobs.py).
 
 An entry's payload is an 8-byte header (the CLOCK_BOOTTIME second of its decrypt, so its age
 does not depend on the wall clock) and the plaintext. It is fresh for the name's `ttl`; after
@@ -18,10 +18,13 @@ keyring: the handler touches that on every run, which restarts its expiry timer
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import struct
 import time
+
+# hashlib.blake2b is this very class; importing hashlib would also load OpenSSL's libcrypto,
+# 2 to 3 ms on every miss (python -X importtime), for a digest this one gives as well.
+from _blake2 import blake2b
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,8 +44,8 @@ LOCK_STRIPES = 64
 
 
 def blob_digest(text: bytes) -> str:
-    """The hex SHA-256 of the exact blob text a request resolved (callout or file)."""
-    return hashlib.sha256(text).hexdigest()
+    """The hex BLAKE2b-256 of the exact blob text a request resolved (callout or file)."""
+    return blake2b(text, digest_size=32).hexdigest()
 
 
 def boottime() -> float:
@@ -110,7 +113,7 @@ class HostCache:
     @contextmanager
     def refreshing(self, state_dir: Path, desc: str) -> Iterator[None]:
         """Hold the refresh lock of `desc` (one of LOCK_STRIPES flock files in state_dir)."""
-        stripe = int(hashlib.sha256(desc.encode()).hexdigest()[:8], 16) % LOCK_STRIPES
+        stripe = int.from_bytes(blake2b(desc.encode(), digest_size=4).digest()) % LOCK_STRIPES
         fd = open_state_file(state_dir, f"hostcache-{stripe}")
         try:
             # Blocks until the handler refreshing it is done; the watchdog bounds the wait.

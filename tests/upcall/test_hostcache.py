@@ -24,7 +24,7 @@ EXPENSIVE = {"import", "client", "decrypt"}
 
 
 def _entry_of(install: Install, name: str, text: str, user: str | None = None) -> str:
-    digest = hashlib.sha256(text.strip().encode()).hexdigest()
+    digest = hashlib.blake2b(text.strip().encode(), digest_size=32).hexdigest()
     return hostcache_entry(install.prefix, name, user, digest)
 
 
