@@ -55,6 +55,7 @@ int kmsk_unshare(int flags);
 #define CLONE_NEWUSER ...
 #define CLONE_NEWNS ...
 int setfsuid(uid_t fsuid);
+int setfsgid(gid_t fsgid);
 
 int keyctl_describe_alloc(key_serial_t id, char **_buffer);
 

@@ -11,6 +11,7 @@ boto3 or walks entry points unless a subcommand that needs it is asked for.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 
 from kmskeys import keyutils
@@ -56,6 +57,7 @@ host commands:
   get NAME       print the secret NAME (from the kernel cache, or resolved once)
   show           list the kms keys this process can see, with expiry (never payloads)
   flush NAME     invalidate the cached key NAME so the next request re-resolves it
+                 (as root: every uid's copy and the host cache; --all: everything)
   exec -- CMD    run CMD with secrets in its environment or in private files:
                  exec [--env VAR=NAME] [--env-file MAP] [--file FILE=NAME] -- CMD [ARGS]
   doctor         check this host's kmskeys set-up and explain each finding
@@ -306,17 +308,28 @@ def _expiry(field: str) -> str:
 
 
 def cmd_flush(argv: Sequence[str]) -> int:
-    """`kmskeys flush NAME`: invalidate every visible cached key for NAME, negative ones too."""
+    """`kmskeys flush NAME|--all`: invalidate every visible cached key for NAME, negative ones
+    too; as root, every uid's copies and the host cache's entries as well (kmskeys.hostflush)."""
     parser = _parser(
         "kmskeys flush", "Invalidate the cached key NAME; the next request re-resolves."
     )
-    parser.add_argument("name", metavar="NAME")
+    parser.add_argument("name", metavar="NAME", nargs="?")
+    parser.add_argument(
+        "--all", action="store_true", help="every cached key (as root: every key kmskeys made)"
+    )
     args = parser.parse_args(argv)
+    if (args.name is None) != args.all:
+        parser.error("give NAME or --all")
     try:
-        desc = description(args.name, args.prefix)
+        desc = f"{args.prefix}:*" if args.all else description(args.name, args.prefix)
+        host = None
+        if os.geteuid() == 0:
+            from kmskeys.hostflush import flush_host
+
+            host = flush_host(args.prefix, None if args.all else args.name)
         found = []
         for key in visible_keys(args.prefix):
-            if key.description != desc:
+            if not args.all and key.description != desc:
                 continue
             if key.state != "negative":
                 # Invalidation removes the key from every keyring, so no other process of this
@@ -331,7 +344,13 @@ def cmd_flush(argv: Sequence[str]) -> int:
                 found.append(key)
     except Exception as exc:  # every error: one line, one exit code
         return _fail("kmskeys flush", exc)
-    if not found:
+    if host is not None and (host.keys or host.entries):
+        print(
+            f"{desc}: flushed {host.keys + len(found)} cached keys of {host.uids} uids and "
+            f"{host.entries} host-cache entries"
+            + (f" ({host.lingering} not yet collected)" if host.lingering else "")
+        )
+    elif not found:
         print(f"{desc}: nothing cached", file=sys.stderr)
     else:
         print(f"{desc}: flushed {len(found)} cached key{'s' if len(found) > 1 else ''}")

@@ -69,6 +69,51 @@ POSSESSOR_SHIFT, USER_SHIFT, GROUP_SHIFT, OTHER_SHIFT = 24, 16, 8, 0
 # anyone, so nobody can update or re-permission the cached secret.
 RESOLVED_KEY_PERM = (PERM_VIEW | PERM_READ | PERM_SEARCH | PERM_LINK) << USER_SHIFT
 
+# --- Host-wide administration (`kmskeys flush` as root) ---------------------------------------
+# /proc/keys lists only keys the reader may VIEW, and keyctl_invalidate needs SEARCH; the kernel
+# grants root no override for either. So the resolver gives every key it instantiates the group
+# ADMIN_GROUP (created by install, with NO members) and group VIEW|SEARCH, never READ or LINK;
+# root's flush takes the gid as its fsgid for the moment it lists and invalidates. The group must
+# stay empty: group SEARCH lets a member who possesses a keyring holding the key find it, and
+# finding it is possessing it, and a possessor may read a key without READ. Nobody but root's
+# flush ever has this gid, so RESOLVED_KEY_PERM's reasoning is unchanged for every other process.
+ADMIN_GROUP = "kmskeys-admin"
+ADMIN_GROUP_PERM = (PERM_VIEW | PERM_SEARCH) << GROUP_SHIFT
+# What the resolver sets on a host that has the admin group (install creates it); without the
+# group, RESOLVED_KEY_PERM alone and the requester's gid.
+ADMIN_KEY_PERM = RESOLVED_KEY_PERM | ADMIN_GROUP_PERM
+
+# --- The host cache (resolver/hostcache.py) ---------------------------------------------------
+# The resolver keeps each decrypted secret once per host, in a keyring of this description
+# linked from root's persistent keyring (KEYCTL_GET_PERSISTENT; only uid 0, or CAP_SETUID, can
+# reach uid 0's). Its entries are `user` keys described HOSTCACHE_ENTRY_PREFIX + PREFIX:NAME:...
+# (hostcache_entry), a namespace no request matches. Kernel memory only: nothing on disk.
+HOSTCACHE_KEYRING = "kmskeys-hostcache"
+HOSTCACHE_ENTRY_PREFIX = "kmskeys-hc:"
+# Possessors (root processes that linked root's persistent keyring) may read, update, search,
+# re-time and invalidate entries; the owner (uid 0) views them. Group and other: nothing. No LINK:
+# an entry is never linked anywhere else, so it never reaches a requester's keyring.
+HOSTCACHE_PERM = (
+    (PERM_VIEW | PERM_READ | PERM_WRITE | PERM_SEARCH | PERM_SETATTR) << POSSESSOR_SHIFT
+) | (PERM_VIEW << USER_SHIFT)
+# The keyring itself: possessors may add, search, list and clear it; nobody else anything.
+HOSTCACHE_KEYRING_PERM = (
+    (PERM_VIEW | PERM_READ | PERM_WRITE | PERM_SEARCH | PERM_SETATTR) << POSSESSOR_SHIFT
+) | (PERM_VIEW << USER_SHIFT)
+
+
+def hostcache_entry(prefix: str, name: str, user: str | None = None, digest: str = "") -> str:
+    """The host-cache description of NAME's blob with this digest (and user, if user-bound).
+
+    With the defaults, the common head of every entry for PREFIX:NAME (what flush matches):
+    names cannot hold ':' (kmskeys/names.py), so `kms:a:` never matches an entry of `kms:a:b`.
+    """
+    head = f"{HOSTCACHE_ENTRY_PREFIX}{prefix}:{name}:"
+    if not digest:
+        return head
+    return f"{head}{digest}" + ("" if user is None else f":u={user}")
+
+
 # --- What the resolver answers ----------------------------------------------------------------
 # Every failure is rejected with exactly one of three errnos, one per class; the client maps
 # each to one exception class (kmskeys.errors). EAGAIN is special in the kernel: a key rejected

@@ -238,6 +238,17 @@ def current_fsuid() -> int:
     return int(lib.setfsuid(0xFFFFFFFF)) & 0xFFFFFFFF
 
 
+def set_fsgid(gid: int) -> int:
+    """setfsgid(2): check key (and file) permissions with group `gid` from now on; the previous
+    fsgid. It reports no error: the caller checks with current_fsgid()."""
+    return int(lib.setfsgid(gid & 0xFFFFFFFF)) & 0xFFFFFFFF
+
+
+def current_fsgid() -> int:
+    """The fsgid the kernel checks key group permissions with (setfsgid(-1) changes nothing)."""
+    return int(lib.setfsgid(0xFFFFFFFF)) & 0xFFFFFFFF
+
+
 def disable_core_dumps() -> None:
     """RLIMIT_CORE 0 and PR_SET_DUMPABLE 0 for this process (the resolver's, not the client's)."""
     if lib.kmsk_disable_core_dumps() == -1:

@@ -55,8 +55,12 @@ class Trace:
     """What a backend tells the handler's log line: timings and a few plain facts."""
 
     timings: Timings = field(default_factory=Timings)
-    # e.g. source=inline|blob_dir|hostcache, mode=direct|envelope; never a payload or a blob.
+    # e.g. source=inline|blob_dir|hostcache, mode=direct|envelope, age=SECONDS (of a host-cache
+    # entry); never a payload or a blob.
     details: dict[str, str] = field(default_factory=dict)
+    # A stale answer (KMS unavailable, an older host-cache entry served): the handler logs
+    # outcome=stale and gives the key this timeout instead of the name's ttl.
+    stale_ttl: int | None = None
 
 
 class SecretBackend(Protocol):

@@ -1,8 +1,11 @@
-"""`kmskeys-resolver`: handle (run by /sbin/request-key), install, uninstall, firewall."""
+"""`kmskeys-resolver`: handle (run by /sbin/request-key), install, uninstall, firewall.
+
+argparse is imported by the commands that parse options only: `handle` runs for every miss, and
+importing argparse would cost it milliseconds.
+"""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
@@ -22,6 +25,8 @@ usage: kmskeys-resolver COMMAND [ARGS...]
                  for `kmskeys doctor`); decrypts nothing
   serve [--config PATH]
                  the optional warm daemon: keeps a KMS client loaded for the handler
+  prefetch [--config PATH] [--concurrency N] [--jitter S] [NAME ...]
+                 fill the host cache from blob_dir (at boot: kmskeys-prefetch.service)
   stored rotate NAME [--uid U | --machine] | stored list
                  add a version of a stored: key; list the keystore (metadata only)
   firewall ...   keep IMDS reachable by root only (see `kmskeys-resolver firewall --help`)
@@ -29,6 +34,8 @@ usage: kmskeys-resolver COMMAND [ARGS...]
 
 
 def _install_command(command: str, argv: Sequence[str]) -> int:
+    import argparse
+
     from resolver import config as config_mod
     from resolver import install as install_mod
     from resolver.errors import InstallError
@@ -72,6 +79,8 @@ def _install_command(command: str, argv: Sequence[str]) -> int:
 
 
 def _serve(argv: Sequence[str]) -> int:
+    import argparse
+
     from resolver import config as config_mod
     from resolver.errors import ResolverError
     from resolver.warm import serve
@@ -90,6 +99,51 @@ def _serve(argv: Sequence[str]) -> int:
     except (ResolverError, OSError) as exc:
         print(f"kmskeys-resolver serve: {exc}", file=sys.stderr)
         return 1
+
+
+def _prefetch(argv: Sequence[str]) -> int:
+    import argparse
+
+    from resolver import config as config_mod
+    from resolver import prefetch as prefetch_mod
+    from resolver.errors import ResolverError
+
+    parser = argparse.ArgumentParser(
+        prog="kmskeys-resolver prefetch",
+        description="Fill the host cache from blob_dir (as root); user-bound blobs are skipped.",
+    )
+    parser.add_argument("names", nargs="*", metavar="NAME", help="default: every blob")
+    parser.add_argument("--config", type=Path, default=config_mod.DEFAULT_PATH)
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=prefetch_mod.DEFAULT_CONCURRENCY,
+        help="KMS calls at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--jitter",
+        type=float,
+        default=prefetch_mod.DEFAULT_JITTER,
+        help="each name waits a random 0..JITTER seconds first (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("kmskeys-resolver prefetch: must run as root", file=sys.stderr)
+        return 1
+    if not 1 <= args.concurrency <= prefetch_mod.MAX_CONCURRENCY or not 0 <= args.jitter <= 600:
+        parser.error(f"--concurrency is 1..{prefetch_mod.MAX_CONCURRENCY}, --jitter 0..600")
+    try:
+        config = config_mod.load(args.config)
+        if not config.host_cache:
+            print("kmskeys-resolver prefetch: host_cache is off in the config", file=sys.stderr)
+            return 1
+        outcomes = prefetch_mod.prefetch(config, args.names, args.concurrency, args.jitter)
+    except (ResolverError, OSError) as exc:
+        print(f"kmskeys-resolver prefetch: {exc}", file=sys.stderr)
+        return 1
+    for name, outcome in outcomes:
+        print(f"{name}: {outcome}")
+    return 1 if any(outcome.startswith("failed") for _, outcome in outcomes) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from resolver.selfcheck import main as check_main
 
         return check_main(rest)
+    if command == "prefetch":
+        return _prefetch(rest)
     if command == "stored":
         from resolver.stored_cli import main as stored_main
 

@@ -30,6 +30,7 @@ MIN_DEADLINE = 0.5
 DEFAULT_STATE_DIR = Path("/run/kmskeys")
 MAX_CONCURRENT = 1000
 MAX_RATE = 10000.0
+MAX_TTL_JITTER = 0.5
 BACKENDS = ("kms",)
 SEALS = ("none", "kms")
 FACILITIES = {"authpriv": 10, "daemon": 3, "auth": 4, "user": 1}
@@ -87,6 +88,15 @@ class Config:
     kms_burst_per_uid: int = 100
     state_dir: Path = DEFAULT_STATE_DIR
     names: tuple[NameRule, ...] = field(default_factory=tuple)
+    # The host cache (resolver/hostcache.py): one Decrypt per host and blob, whatever keyring or
+    # uid asks; on an outage (EAGAIN class only) an entry up to stale_grace seconds old answers,
+    # with a key timeout of stale_ttl so that KMS is retried soon. stale_grace 0: never stale.
+    host_cache: bool = True
+    stale_grace: int = 3600
+    stale_ttl: int = 30
+    # Each key's timeout is its ttl times a factor drawn from [1 - j, 1 + j], rounded to whole
+    # seconds (the kernel's unit): a fleet that booted together does not expire together.
+    ttl_jitter: float = 0.1
     # The keystore (`stored:NAME`, docs/dpapi.md): its namespace, where it lives, whether its
     # entries are KMS-sealed, and its per-name policy.
     stored_prefix: str = DEFAULT_STORED_PREFIX
@@ -375,6 +385,15 @@ def _rate(value: object, where: str) -> float:
     return float(value)
 
 
+def _fraction(high: float) -> Callable[[object, str], float]:
+    def check(value: object, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= high:
+            raise ConfigError(f"{where} must be a fraction in [0, {high:g}] (0.1 is 10 %)")
+        return float(value)
+
+    return check
+
+
 def _count(low: int, high: int) -> Callable[[object, str], int]:
     def check(value: object, where: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -408,6 +427,10 @@ _KEYS: dict[str, Callable[[object, str], object]] = {
     "kms_rate_per_uid": _rate,
     "kms_burst_per_uid": _count(1, MAX_CONCURRENT * 100),
     "state_dir": _abs_path,
+    "host_cache": _bool,
+    "stale_grace": _int(0, MAX_TTL),
+    "stale_ttl": _int(1, MAX_NEGATIVE_TTL),
+    "ttl_jitter": _fraction(MAX_TTL_JITTER),
     "stored_prefix": _prefix,
     "keystore_dir": _abs_path,
     "seal": _choice(SEALS),

@@ -50,6 +50,12 @@ class UnavailableError(ResolverError):
     alarm = True
 
 
+class KmsUnavailableError(UnavailableError):
+    """KMS, or the way to it, did not answer (EAGAIN): unreachable, throttled, 5xx, timed out,
+    no credentials yet. The one class a stale host-cache entry may answer for (not a uid over
+    its own KMS rate, and never a refusal)."""
+
+
 class QuotaError(ResolverError):
     """The requester's kernel key quota is full (EDQUOT): `kmskeys doctor` says how to raise it."""
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from kmskeys.contract import RESOLVED_KEY_PERM, USER_PAYLOAD_MAX
+from kmskeys.contract import ADMIN_GROUP, ADMIN_KEY_PERM, RESOLVED_KEY_PERM, USER_PAYLOAD_MAX
 from kmskeys.errors import InvalidNameError, KmsKeysError, QuotaExceededError
 from kmskeys.key import Key
 from kmskeys.keyutils import KEY_SPEC_REQKEY_AUTH_KEY, disable_core_dumps, keyctl_read
@@ -134,8 +134,12 @@ def _scrub_environment() -> None:
 class Handler:
     """One request: resolve, then instantiate or reject, then log once."""
 
-    def __init__(self, args: HandleArgs, started: float) -> None:
+    def __init__(
+        self, args: HandleArgs, started: float, config: config_mod.Config | None = None
+    ) -> None:
         self.args = args
+        # Loaded (and validated) by the supervisor before it forked this worker, if it could.
+        self.preloaded = config
         self.started = started
         self.key = Key(args.key)
         self.log = SyslogWriter(config_mod.DEFAULT_SYSLOG_SOCKET, config_mod.FACILITIES["authpriv"])
@@ -186,14 +190,17 @@ class Handler:
         return RefusedError(f"internal error: {type(exc).__name__}")
 
     def _load_config(self) -> config_mod.Config:
-        try:
-            config = config_mod.load(self.args.config)
-        except ConfigError:
-            # A trusted file with a mistake elsewhere still says where its lines go.
-            found = config_mod.log_settings(self.args.config)
-            if found is not None:
-                self.log = SyslogWriter(found[0], config_mod.FACILITIES[found[1]])
-            raise
+        if self.preloaded is not None:
+            config = self.preloaded
+        else:
+            try:
+                config = config_mod.load(self.args.config)
+            except ConfigError:
+                # A trusted file with a mistake elsewhere still says where its lines go.
+                found = config_mod.log_settings(self.args.config)
+                if found is not None:
+                    self.log = SyslogWriter(found[0], config_mod.FACILITIES[found[1]])
+                raise
         self.log = SyslogWriter(config.syslog_socket, config_mod.FACILITIES[config.syslog_facility])
         self.negative_ttl = config.negative_ttl
         return config
@@ -222,22 +229,30 @@ class Handler:
         )
         if not plaintext or len(plaintext) > USER_PAYLOAD_MAX:
             raise RefusedError(f"plaintext size {len(plaintext)} is outside 1..{USER_PAYLOAD_MAX}")
-        return plaintext, config.ttl_for(name, prefix)
+        ttl = self.trace.stale_ttl or config.ttl_for(name, prefix)
+        return plaintext, spread(ttl, config.ttl_jitter)
 
     def _instantiate(self, plaintext: bytes, ttl: int) -> int:
         key = self.key
         try:
             # Ownership, permissions and expiry are set before instantiation, so no waiter ever
             # sees the key with the kernel's defaults.
-            key.chown(self.args.uid, self.args.gid)
-            key.setperm(RESOLVED_KEY_PERM)
+            # The admin group lets root's `kmskeys flush` find and invalidate the key (VIEW,
+            # SEARCH), never read or link it; a host without the group keeps %g and no group bits.
+            gid = admin_group()
+            key.chown(self.args.uid, self.args.gid if gid is None else gid)
+            key.setperm(RESOLVED_KEY_PERM if gid is None else ADMIN_KEY_PERM)
             key.set_timeout(ttl)
             key.instantiate(plaintext, 0)
         except QuotaExceededError as exc:
             return self._reject(QuotaError(f"requester's key quota is full: {exc.strerror}"))
         except KmsKeysError as exc:
             return self._reject(RefusedError(f"instantiate failed: {exc}"))
-        self._emit(LOG_INFO, "ok", ttl=ttl)
+        if self.trace.stale_ttl is not None:
+            # Served from an older host-cache entry because KMS is unavailable: say so loudly.
+            self._emit(LOG_WARNING, "stale", ttl=ttl, reason=self.trace.details.get("reason"))
+        else:
+            self._emit(LOG_INFO, "ok", ttl=ttl)
         return 0
 
     def _reject(self, error: ResolverError) -> int:
@@ -263,6 +278,7 @@ class Handler:
             outcome=outcome,
             source=self.trace.details.get("source"),
             mode=self.trace.details.get("mode"),
+            age=self.trace.details.get("age"),
             **extra,
             ms=f"{elapsed:.0f}",
             t=str(self.trace.timings) or None,
@@ -270,9 +286,39 @@ class Handler:
         self.log.emit(severity, message)
 
 
-def main(argv: Sequence[str], started: float | None = None) -> int:
+def spread(ttl: int, jitter: float) -> int:
+    """`ttl` times a random factor in [1 - jitter, 1 + jitter], in whole seconds, at least 1.
+
+    The kernel keeps key expiry in whole seconds (and a timeout of T lasts T-1 to T s), so the
+    spread only shows once ttl * jitter reaches half a second: ttl 4 or less never moves at 10 %.
+    """
+    if not jitter:
+        return ttl
+    factor = 1.0 + jitter * (int.from_bytes(os.urandom(4)) / 0xFFFFFFFF * 2.0 - 1.0)
+    return max(1, round(ttl * factor))
+
+
+def admin_group() -> int | None:
+    """The gid of the admin group if it exists and has no members, else None.
+
+    A member would get group SEARCH on every key, and with it possession of a key in any keyring
+    it holds, and possession reads: a group that gained members is never used.
+    """
+    import grp
+
+    try:
+        group = grp.getgrnam(ADMIN_GROUP)
+    except KeyError:
+        return None
+    return None if group.gr_mem else group.gr_gid
+
+
+def main(
+    argv: Sequence[str], started: float | None = None, config: config_mod.Config | None = None
+) -> int:
     """Run the handler for request-key's argv (after `handle`); `started` is when handling began
-    (the supervising parent's start), by default this process's start."""
+    (the supervising parent's start), by default this process's start; `config`, the config the
+    supervisor already loaded from the same --config path (None: load it here)."""
     started = process_started() if started is None else started
     _scrub_environment()
     # Plaintext passes through this process: no core file may ever hold it.
@@ -284,4 +330,6 @@ def main(argv: Sequence[str], started: float | None = None) -> int:
             LOG_ERR, format_fields(outcome="error", reason=str(exc))
         )
         return 2
-    return Handler(args, started).run()
+    if config is not None and config.path != args.config:
+        config = None
+    return Handler(args, started, config).run()

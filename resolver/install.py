@@ -6,10 +6,12 @@ administrator added or changed since.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import os
 import shutil
 import stat
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -174,6 +176,10 @@ def default_config_text(prefix: str, blob_dir: Path, key_arns: Sequence[str] = (
 # kms_rate_per_uid = 10.0          # KMS calls per second per uid (token bucket) ...
 # kms_burst_per_uid = 100          # ... holding this many tokens
 # state_dir = "{config_mod.DEFAULT_STATE_DIR}"         # root-only: the per-uid limits' lock files
+# host_cache = true                # one Decrypt per host and blob, kept in root's kernel keyring
+# stale_grace = 3600               # KMS down: serve a host-cache entry this old (0: never)
+# stale_ttl = 30                   # ... with this key timeout, so that KMS is retried soon
+# ttl_jitter = 0.1                 # key timeout = ttl +- 10 %, in whole seconds
 # syslog_socket = "/dev/log"
 # syslog_facility = "authpriv"     # authpriv, auth, daemon or user
 # backend = "kms"
@@ -257,6 +263,36 @@ def check_dependencies() -> None:
         ) from None
 
 
+def ensure_admin_group(actions: list[str]) -> None:
+    """Create the admin group (kmskeys.contract.ADMIN_GROUP) with no members, if missing.
+
+    uninstall leaves it: live keys carry its gid, and a later group given the same gid (with
+    members) would get VIEW and SEARCH on them.
+    """
+    try:
+        group = grp.getgrnam(contract.ADMIN_GROUP)
+    except KeyError:
+        done = subprocess.run(
+            ["groupadd", "--system", contract.ADMIN_GROUP],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if done.returncode != 0 and "already exists" not in done.stderr:
+            raise InstallError(
+                f"cannot create group {contract.ADMIN_GROUP}: {done.stderr.strip()}"
+            ) from None
+        actions.append(f"created group {contract.ADMIN_GROUP} (no members; uninstall keeps it)")
+        return
+    if group.gr_mem:
+        # The resolver will not use a group with members (resolver/handler.py admin_group).
+        raise InstallError(
+            f"group {contract.ADMIN_GROUP} has members ({', '.join(group.gr_mem)}): it must have "
+            "none, since a member could find and so read every cached key; remove them"
+        )
+
+
 def _add_key_arns(config: config_mod.Config, key_arns: Sequence[str], actions: list[str]) -> None:
     if not key_arns or set(config.key_arns) == set(key_arns):
         return
@@ -320,6 +356,7 @@ def install(
         _mkdirs(config.keystore_dir, manifest, actions, mode=0o700)
     if not request_key_d.is_dir():
         raise InstallError(f"{request_key_d} is missing: install the keyutils package")
+    ensure_admin_group(actions)
     executable, gate = resolver_executable(), gate_executable()
     text = "\n".join(
         [

@@ -26,6 +26,7 @@ from resolver.backend import Request, Timings
 from resolver.config import Config
 from resolver.errors import (
     ConfigError,
+    KmsUnavailableError,
     RefusedError,
     ResolverError,
     UnavailableError,
@@ -57,19 +58,31 @@ class KmsDecrypter:
         # Refused before any client exists: only configured keys, only configured regions.
         key_id, region = check_key(self.config, blob)
         self._spend(request)  # a uid over its KMS rate never builds a client
-        client = self._client(region, deadline, timings)
-        # KeyId pins the key: KMS refuses a ciphertext that a different key produced.
-        kwargs: dict[str, Any] = {"CiphertextBlob": blob.ciphertext, "KeyId": key_id}
-        if context:
-            kwargs["EncryptionContext"] = context
-        start = time.perf_counter()
-        try:
-            response = _decrypt_with_retries(client, kwargs, deadline, lambda: self._spend(request))
-        finally:
-            timings.add("decrypt", (time.perf_counter() - start) * 1000)
-        answered_key, plaintext = _checked_answer(response)
-        if answered_key != key_id:
-            raise RefusedError("KMS answered with a different KeyId than the blob names")
+        plan, no_fallback = region_plan(self.config, key_id, region)
+        for index, (attempt_key, attempt_region) in enumerate(plan):
+            # Each region gets an equal share of what is left, the last one all of it: a hung
+            # first region must leave the next one time to answer.
+            left = deadline - time.monotonic()
+            share = deadline if index + 1 == len(plan) else time.monotonic() + left / 2
+            try:
+                plaintext = self._decrypt_in(
+                    attempt_key,
+                    attempt_region,
+                    blob,
+                    context=context,
+                    request=request,
+                    deadline=share,
+                    timings=timings,
+                    phase="decrypt" if index == 0 else f"decrypt.{attempt_region}",
+                )
+                break
+            except KmsUnavailableError as exc:
+                if index + 1 == len(plan):
+                    if no_fallback:
+                        exc.reason += f"; {no_fallback}"
+                    raise
+                timings.add(f"failed.{attempt_region}", 0.0)
+                self._spend(request)  # the next region's call is a KMS call too
         if blob.mode != MODE_ENVELOPE:
             return plaintext
         start = time.perf_counter()
@@ -79,6 +92,34 @@ class KmsDecrypter:
             raise RefusedError(str(exc)) from None
         finally:
             timings.add("open", (time.perf_counter() - start) * 1000)
+
+    def _decrypt_in(
+        self,
+        key_id: str,
+        region: str,
+        blob: Blob,
+        *,
+        context: dict[str, str],
+        request: Request,
+        deadline: float,
+        timings: Timings,
+        phase: str,
+    ) -> bytes:
+        """One region's Decrypt (with retries) of the blob's ciphertext under `key_id`."""
+        client = self._client(region, deadline, timings)
+        # KeyId pins the key: KMS refuses a ciphertext that a different key produced.
+        kwargs: dict[str, Any] = {"CiphertextBlob": blob.ciphertext, "KeyId": key_id}
+        if context:
+            kwargs["EncryptionContext"] = context
+        start = time.perf_counter()
+        try:
+            response = _decrypt_with_retries(client, kwargs, deadline, lambda: self._spend(request))
+        finally:
+            timings.add(phase, (time.perf_counter() - start) * 1000)
+        answered_key, plaintext = _checked_answer(response)
+        if answered_key != key_id:
+            raise RefusedError("KMS answered with a different KeyId than the blob names")
+        return plaintext
 
     def _spend(self, request: Request) -> None:
         """Take a token from the requester's KMS-call bucket, or refuse for now (EAGAIN)."""
@@ -131,6 +172,33 @@ class KmsDecrypter:
         return client
 
 
+def is_multi_region(key_arn: str) -> bool:
+    """True for a multi-Region key (key id `mrk-...`): its replicas share its key material."""
+    return key_arn.rpartition("/")[2].startswith("mrk-")
+
+
+def in_region(key_arn: str, region: str) -> str:
+    """The ARN of a multi-Region key's replica in `region` (same partition, account and id)."""
+    parts = key_arn.split(":")
+    parts[3] = region
+    return ":".join(parts)
+
+
+def region_plan(config: Config, key_arn: str, region: str) -> tuple[list[tuple[str, str]], str]:
+    """The (KeyId, region) pairs to try in order, and why there is no fallback ("" if there is).
+
+    The blob's own region first, then the other configured regions, only for a multi-Region
+    key: a single-Region key exists in one region, and only configured regions are ever used.
+    """
+    others = [r for r in config.regions if r != region]
+    if not others:
+        return [(key_arn, region)], ""
+    if not is_multi_region(key_arn):
+        # Short: the log line keeps 160 characters of a reason.
+        return [(key_arn, region)], "no region fallback: a single-Region key (not mrk-)"
+    return [(key_arn, region)] + [(in_region(key_arn, r), r) for r in others], ""
+
+
 def _decrypt_with_retries(
     client: KMSClient, kwargs: dict[str, Any], deadline: float, spend: Callable[[], None]
 ) -> dict[str, Any]:
@@ -163,7 +231,7 @@ def _checked_answer(response: dict[str, Any]) -> tuple[str, bytes]:
     key_id = response.get("KeyId")
     plaintext = response.get("Plaintext")
     if not isinstance(key_id, str) or not isinstance(plaintext, bytes) or not plaintext:
-        raise UnavailableError("KMS answered with a malformed Decrypt response")
+        raise KmsUnavailableError("KMS answered with a malformed Decrypt response")
     return key_id, plaintext
 
 
@@ -191,26 +259,26 @@ def classify(exc: BaseException) -> ResolverError:
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         kind = classify_aws_error(code, status)
         if kind in (AWS_THROTTLED, AWS_TRANSIENT, AWS_EXPIRED_CREDENTIALS):
-            return UnavailableError(f"KMS {code} (HTTP {status})", retryable=True)
+            return KmsUnavailableError(f"KMS {code} (HTTP {status})", retryable=True)
         if not code or code.isdigit():
             # botocore names the error after the status when the body is unreadable: we do not
             # know what KMS said, so this is no refusal to cache.
-            return UnavailableError(f"KMS answered HTTP {status} with an unreadable error body")
+            return KmsUnavailableError(f"KMS answered HTTP {status} with an unreadable error body")
         return RefusedError(f"KMS {code}")
     if isinstance(exc, bx.NoCredentialsError | bx.CredentialRetrievalError):
-        return UnavailableError(f"no AWS credentials ({type(exc).__name__})")
+        return KmsUnavailableError(f"no AWS credentials ({type(exc).__name__})")
     if isinstance(exc, bx.ConnectTimeoutError | bx.ReadTimeoutError):
-        return UnavailableError(f"KMS timed out ({type(exc).__name__})")
+        return KmsUnavailableError(f"KMS timed out ({type(exc).__name__})")
     if isinstance(exc, bx.EndpointConnectionError | bx.ConnectionClosedError | bx.HTTPClientError):
-        return UnavailableError(f"KMS unreachable ({type(exc).__name__})", retryable=True)
+        return KmsUnavailableError(f"KMS unreachable ({type(exc).__name__})", retryable=True)
     if isinstance(exc, bx.ProfileNotFound | bx.PartialCredentialsError):
         return ConfigError(f"credentials misconfigured ({type(exc).__name__})")
     if isinstance(exc, bx.ParamValidationError):
         return RefusedError("blob does not make a valid KMS request")
     if isinstance(exc, bx.BotoCoreError):
-        return UnavailableError(f"KMS call failed ({type(exc).__name__})")
+        return KmsUnavailableError(f"KMS call failed ({type(exc).__name__})")
     # botocore's parsers raise plain ValueError, TypeError, AttributeError... on a garbled body.
-    return UnavailableError(f"KMS answered with a malformed response ({type(exc).__name__})")
+    return KmsUnavailableError(f"KMS answered with a malformed response ({type(exc).__name__})")
 
 
 def kms_client(config: Config, region: str, deadline: float, timings: Timings) -> KMSClient:

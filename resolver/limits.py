@@ -67,6 +67,15 @@ def _open(dir_fd: int, name: str) -> int:
     return fd
 
 
+def open_state_file(state_dir: Path, name: str) -> int:
+    """An fd of the root-only lock file `name` in state_dir, created if missing."""
+    dir_fd = _state_dir(state_dir)
+    try:
+        return _open(dir_fd, name)
+    finally:
+        os.close(dir_fd)
+
+
 def acquire_slot(state_dir: Path, uid: int, slots: int) -> int | None:
     """An fd holding one of `uid`'s `slots` handler slots (keep it open), or None if all are
     taken."""

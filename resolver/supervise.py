@@ -71,7 +71,8 @@ def supervise(argv: Sequence[str]) -> int:
     if pid == 0:  # the worker
         code = 1
         try:
-            code = handler.main(argv, started)
+            # The config parsed above is the worker's too: no second read and parse.
+            code = handler.main(argv, started, config)
         finally:
             sys.stderr.flush()
             os._exit(code)  # never return into the parent's code

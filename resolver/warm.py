@@ -36,6 +36,7 @@ from resolver.backend import Request, Timings
 from resolver.config import Config
 from resolver.errors import (
     ConfigError,
+    KmsUnavailableError,
     RefusedError,
     ResolverError,
     UnavailableError,
@@ -114,15 +115,19 @@ class WarmDecrypter:
                 )
                 answer = recv_message(sock, MAX_RESPONSE)
             except TimeoutError:
-                raise UnavailableError("warm daemon did not answer before the deadline") from None
+                raise KmsUnavailableError(
+                    "warm daemon did not answer before the deadline"
+                ) from None
             except (OSError, ValueError) as exc:
-                raise UnavailableError(f"warm daemon failed: {type(exc).__name__}") from None
+                raise KmsUnavailableError(f"warm daemon failed: {type(exc).__name__}") from None
         timings.add("warm", (time.perf_counter() - start) * 1000)
         for phase, ms in (answer.get("t") or {}).items():
             timings.add(f"d.{phase}", float(ms))
         if "ok" in answer:
             return base64.b64decode(answer["ok"], validate=True)
         error = _ERRORS.get(str(answer.get("error")), RefusedError)
+        if error is UnavailableError and answer.get("kms") is True:
+            error = KmsUnavailableError  # KMS itself is unavailable: a stale entry may answer
         raise error(f"warm daemon: {answer.get('reason', 'no reason given')}")
 
     def _connect(self, deadline: float) -> socket.socket | None:
@@ -248,7 +253,14 @@ class Daemon:
             deadline = time.monotonic() + timeout
             plaintext = self.decrypter.decrypt(blob, request, deadline, timings)
         except ResolverError as exc:
-            return {"error": exc.outcome, "reason": exc.reason, "t": timings.phases}
+            answer: dict[str, Any] = {
+                "error": exc.outcome,
+                "reason": exc.reason,
+                "t": timings.phases,
+            }
+            if isinstance(exc, KmsUnavailableError):
+                answer["kms"] = True
+            return answer
         except Exception as exc:
             return {"error": "refused", "reason": f"internal error: {type(exc).__name__}"}
         return {"ok": base64.b64encode(plaintext).decode(), "t": timings.phases}

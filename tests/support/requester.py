@@ -28,10 +28,10 @@ import ctypes
 import json
 import os
 import pwd
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from kmskeys.upcall_probe import (
     UpcallCapabilities,
@@ -330,6 +330,76 @@ class Resident:
         os.waitpid(self.pid, 0)
 
 
+class Steps:
+    """A child running as `user` that runs `steps[i]` each time `run(i)` asks, keeping its
+    session keyring (and the keys cached in it) from one step to the next until the block ends.
+    """
+
+    def __init__(
+        self,
+        user: User,
+        steps: Sequence[Callable[[], object]],
+        *,
+        session: Session = "new",
+        mode: Mode | None = None,
+    ) -> None:
+        self.user = entry(user)
+        self.steps = list(steps)
+        self.session: Session = session
+        self.mode = mode
+        self.pid = -1
+        self._go = -1
+        self._answers: BinaryIO | None = None
+
+    def __enter__(self) -> Steps:
+        go_r, go_w = os.pipe()
+        out_r, out_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(go_w)
+            os.close(out_r)
+            self._serve(go_r, out_w)
+        os.close(go_r)
+        os.close(out_w)
+        self.pid, self._go, self._answers = pid, go_w, os.fdopen(out_r, "rb")
+        return self
+
+    def _serve(self, go: int, out: int) -> None:
+        code = 1
+        try:
+            ready, code = _outcome(self._become)
+            os.write(out, json.dumps(ready).encode() + b"\n")
+            while code == 0 and (index := os.read(go, 1)):
+                result, _ = _outcome(self.steps[index[0]])
+                os.write(out, json.dumps(result).encode() + b"\n")
+        finally:
+            os._exit(code)
+
+    def _become(self) -> None:
+        _become(self.user, self.mode or default_mode())
+        if self.session == "new":
+            from kmskeys import Keyring
+
+            Keyring.join_session()
+
+    def ready(self) -> object:
+        """The outcome of becoming the user: {"ok": None} or {"error": ...}."""
+        assert self._answers is not None
+        return json.loads(self._answers.readline() or b'{"error": "ChildDied"}')
+
+    def run(self, index: int) -> object:
+        """Run steps[index] in the child: {"ok": result} or {"error": class name, "errno": n}."""
+        assert self._answers is not None
+        os.write(self._go, bytes([index]))
+        return json.loads(self._answers.readline() or b'{"error": "ChildDied"}')
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._go)
+        if self._answers is not None:
+            self._answers.close()
+        os.waitpid(self.pid, 0)
+
+
 class Requester:
     """One kind of requester, for tests parametrized over `requester_modes()`."""
 
@@ -356,6 +426,7 @@ __all__ = [
     "NOBODY",
     "Requester",
     "Resident",
+    "Steps",
     "UpcallOutcome",
     "as_user",
     "capabilities",

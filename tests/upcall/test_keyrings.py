@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kmskeys import KmsKeysError, get_secret
-from kmskeys.contract import RESOLVED_KEY_PERM
+from kmskeys.contract import ADMIN_KEY_PERM
 from tests.support.names import unique
 from tests.support.requester import NOBODY, as_user
 from tests.upcall.harness import Install
@@ -45,9 +45,7 @@ def test_one_decrypt_serves_every_session_of_the_uid(resolver: Install, kind: st
 
     try:
         first = as_user(NOBODY, first_session)
-        assert first == {
-            "ok": {"secret": f"kmst-{kind}", "owner": NOBODY, "perm": RESOLVED_KEY_PERM}
-        }
+        assert first == {"ok": {"secret": f"kmst-{kind}", "owner": NOBODY, "perm": ADMIN_KEY_PERM}}
         later = as_user(NOBODY, later_session)
         assert later == {"ok": {"alone": "KeyNotFoundError", "shared": f"kmst-{kind}"}}
         assert resolver.decrypts() == 1

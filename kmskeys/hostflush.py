@@ -1,0 +1,185 @@
+"""Root's `kmskeys flush`: every cached copy of a name on the host, any uid's, and the host cache.
+
+A key another uid owns is invisible to root in /proc/keys (no VIEW) and cannot be invalidated
+(no SEARCH): key permissions grant root no override. The resolver gives each key it instantiates
+the group `kmskeys-admin` with group VIEW|SEARCH only (kmskeys.contract.ADMIN_GROUP, whose
+comment says why the group has no members). Root takes that gid as its fsgid for as long as it
+lists and invalidates; it never gets READ or LINK, so a flush reads no payload.
+
+The host cache (resolver/hostcache.py) is a keyring under root's persistent keyring: root
+reaches it as its possessor and invalidates the entries of the name.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from kmskeys import keyutils
+from kmskeys.contract import (
+    ADMIN_GROUP,
+    HOSTCACHE_ENTRY_PREFIX,
+    HOSTCACHE_KEYRING,
+    HOSTCACHE_KEYRING_PERM,
+    hostcache_entry,
+)
+from kmskeys.errors import KeyctlError
+
+PROC_KEYS = Path("/proc/keys")
+# The key GC unlinks an invalidated key from every keyring in a work item queued at once; until
+# it has, a search meets the invalidated key and request_key fails with EKEYREVOKED instead of
+# asking the resolver. The flush waits that long (milliseconds measured) so that the next
+# request of every user re-resolves.
+GC_WAIT = 2.0
+_GC_POLL = 0.005
+_ABSENT = (errno.ENOKEY, errno.EKEYEXPIRED, errno.EKEYREVOKED)
+
+
+@dataclass(frozen=True)
+class Flushed:
+    """What a host-wide flush did."""
+
+    keys: int  # kernel keys of any uid invalidated
+    uids: int  # how many uids they belonged to
+    entries: int  # host-cache entries invalidated
+    lingering: int  # invalidated keys the key GC had not removed after GC_WAIT
+
+
+def admin_gid() -> int | None:
+    """The gid of ADMIN_GROUP, or None if this host has no such group (install creates it)."""
+    try:
+        return grp.getgrnam(ADMIN_GROUP).gr_gid
+    except KeyError:
+        return None
+
+
+def host_cache_ring(create: bool, holder: int = keyutils.KEY_SPEC_PROCESS_KEYRING) -> int | None:
+    """The host cache's keyring (root only), created if asked; None if it does not exist.
+
+    Root's persistent keyring is linked into `holder` (this process's keyring by default), so
+    that we possess it and what it holds: never a session keyring, which other processes share.
+    """
+    # KEYCTL_GET_PERSISTENT also restarts the keyring's expiry timer
+    # (/proc/sys/kernel/keys/persistent_keyring_expiry, 3 days by default).
+    persistent = keyutils.keyctl_get_persistent(-1, holder)
+    try:
+        return keyutils.keyctl_search(persistent, b"keyring", HOSTCACHE_KEYRING.encode(), 0)
+    except KeyctlError as exc:
+        if exc.errno not in _ABSENT:
+            raise
+        if not create:
+            return None
+    # Two handlers may both create it: the later link displaces the earlier keyring, which only
+    # loses what was cached in it.
+    ring = keyutils.add_key(b"keyring", HOSTCACHE_KEYRING.encode(), b"", persistent)
+    keyutils.keyctl_setperm(ring, HOSTCACHE_KEYRING_PERM)
+    return ring
+
+
+def _proc_keys() -> Iterator[tuple[int, str, int, str, str]]:
+    """(serial, flags, gid, type, description) of each key /proc/keys shows this process."""
+    # /proc/keys: SERIAL FLAGS USAGE EXPIRY PERM UID GID TYPE DESCRIPTION[: SUMMARY]
+    with PROC_KEYS.open() as lines:
+        for line in lines:
+            fields = line.split(None, 8)
+            try:
+                serial, gid = int(fields[0], 16), int(fields[6])
+            except (ValueError, IndexError):
+                continue  # the continuation of a description holding a newline
+            rest = fields[8].rstrip("\n") if len(fields) > 8 else ""
+            head, sep, tail = rest.rpartition(": ")
+            desc = head if sep and tail.strip().isdigit() else rest
+            yield serial, fields[1], gid, fields[7], desc
+
+
+def _matches(desc: str, prefix: str, name: str | None) -> bool:
+    return desc == f"{prefix}:{name}" if name is not None else True
+
+
+def flush_host(prefix: str, name: str | None) -> Flushed:
+    """Invalidate every cached `prefix:name` key of every uid (name None: every key the resolver
+    made) and the host-cache entries of that name (None: all); needs root."""
+    # In a thread of its own: the fsgid is per thread, and the persistent keyring is linked into
+    # that thread's keyring, which goes with the thread (the caller gets no process keyring).
+    import threading
+
+    outcome: list[Flushed | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(_flush_host(prefix, name))
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, name="kmskeys-flush")
+    worker.start()
+    worker.join()
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _flush_host(prefix: str, name: str | None) -> Flushed:
+    gid = admin_gid()
+    flushed: dict[int, int] = {}  # serial -> gid, for the GC wait
+    uids: set[int] = set()
+    if gid is not None:
+        previous = keyutils.set_fsgid(gid)
+        try:
+            if keyutils.current_fsgid() != gid:
+                raise PermissionError(f"cannot take group {ADMIN_GROUP} (gid {gid}): not root?")
+            for serial, flags, key_gid, type_, desc in _proc_keys():
+                # Only keys the resolver made carry the admin gid; negative ones cannot be
+                # invalidated (every lookup but unlink's returns their errno) and expire soon.
+                if key_gid != gid or type_ != "user" or "N" in flags or "i" in flags:
+                    continue
+                if not _matches(desc, prefix, name):
+                    continue
+                try:
+                    owner = keyutils.keyctl_describe_alloc(serial).split(b";", 3)[1]
+                    keyutils.keyctl_invalidate(serial)
+                except KeyctlError:
+                    continue  # expired or invalidated meanwhile
+                flushed[serial] = key_gid
+                uids.add(int(owner))
+            lingering = _wait_for_gc(set(flushed))
+        finally:
+            keyutils.set_fsgid(previous)
+    else:
+        lingering = 0
+    return Flushed(len(flushed), len(uids), _flush_entries(prefix, name), lingering)
+
+
+def _wait_for_gc(serials: set[int]) -> int:
+    deadline = time.monotonic() + GC_WAIT
+    while serials:
+        present = {serial for serial, *_ in _proc_keys()}
+        serials &= present
+        if not serials or time.monotonic() >= deadline:
+            break
+        time.sleep(_GC_POLL)
+    return len(serials)
+
+
+def _flush_entries(prefix: str, name: str | None) -> int:
+    ring = host_cache_ring(create=False, holder=keyutils.KEY_SPEC_THREAD_KEYRING)
+    if ring is None:
+        return 0
+    head = hostcache_entry(prefix, name) if name is not None else HOSTCACHE_ENTRY_PREFIX
+    count = 0
+    for serial in memoryview(keyutils.keyctl_read(ring)).cast("i").tolist():
+        try:
+            desc = keyutils.keyctl_describe_alloc(serial).split(b";", 4)[4].decode()
+        except (KeyctlError, IndexError, UnicodeDecodeError):
+            continue
+        if desc.startswith(head):
+            try:
+                keyutils.keyctl_invalidate(serial)
+            except KeyctlError:
+                continue
+            count += 1
+    return count

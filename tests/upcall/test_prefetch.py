@@ -1,0 +1,52 @@
+"""`kmskeys-resolver prefetch` fills the host cache from blob_dir: the first request is a hit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kmskeys import Key
+from tests.support.names import unique
+from tests.upcall.harness import run_resolver
+
+pytestmark = pytest.mark.upcall
+
+
+def test_prefetch_fills_the_host_cache_and_skips_user_bound_blobs(extra_install: Any) -> None:
+    with extra_install() as install:  # a blob_dir of its own: prefetch walks all of it
+        shared, nested, bound = unique("pre"), f"app/{unique('pre')}", unique("prebound")
+        for name in (shared, nested):
+            install.deploy(name, install.blob(f"kmst-{name}".encode(), name))
+        install.deploy(bound, install.blob(b"kmst-bound", bound, user="root"))
+        install.proxy.reset_counts()
+        args = ("prefetch", "--config", str(install.config), "--concurrency", "2")
+        done = run_resolver(*args, "--jitter", "0.2")
+        assert done.returncode == 0, done.stderr
+        assert sorted(done.stdout.splitlines()) == sorted(
+            [
+                f"{shared}: cached",
+                f"{nested}: cached",
+                f"{bound}: skipped (user-bound: decrypted for its user on request)",
+            ]
+        )
+        assert f"kmst-{shared}" not in done.stdout  # no payload printed
+        assert install.decrypts() == 2
+        # The first app request after the prefetch: answered by the host cache, no KMS call.
+        for name in (shared, nested):
+            assert Key.request(install.description(name), b"").read() == f"kmst-{name}".encode()
+            assert " source=hostcache " in install.log.wait_for(name)
+        assert install.decrypts() == 2
+        # Again, for one name: it is fresh, so nothing is decrypted.
+        again = run_resolver(*args, "--jitter", "0", shared)
+        assert (again.returncode, again.stdout) == (0, f"{shared}: already cached\n")
+        assert install.decrypts() == 2
+
+
+def test_the_prefetch_unit_runs_once_at_boot_without_core_dumps() -> None:
+    unit = Path(__file__).resolve().parents[2] / "resolver" / "data" / "kmskeys-prefetch.service"
+    text = unit.read_text()
+    for line in ("Type=oneshot", "LimitCORE=0", "WantedBy=multi-user.target"):
+        assert f"\n{line}\n" in text, line
+    assert "\nExecStart=kmskeys-resolver prefetch --config /etc/kmskeys/resolver.toml " in text
