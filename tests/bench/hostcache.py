@@ -146,6 +146,9 @@ def rows(ctx: BenchContext | None = None) -> list[Row]:
                         host_cache=host_cache,
                         kms_rate_per_uid=1000,
                         kms_burst_per_uid=100000,
+                        # The 5 services are 5 uids on a real host; here all run as root, so
+                        # root's 100 concurrent misses per period need the slots of 5 uids.
+                        max_concurrent_per_uid=SERVICES * SECRETS,
                     ) as install,
                     warm_daemon(install.config, sock, resolver),
                 ):
