@@ -86,7 +86,7 @@ def stored_install() -> Iterator[StoredInstall]:
     if shutil.which("keyctl") is None:
         pytest.fail("tier 'upcall' cannot run here; missing: the 'keyctl' command (keyutils)")
     # The herd test sends 50 first requests from 50 keyrings of one uid at once: more than the
-    # default max_concurrent_per_uid (8), which would answer the rest EAGAIN at once (the limit
+    # default max_concurrent_per_uid (4), which would answer the rest EAGAIN at once (the limit
     # has its own tests in tests/isolation/test_trust.py).
     with stored_installed(names=_policy(), max_concurrent_per_uid=64) as install:
         yield install
