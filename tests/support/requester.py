@@ -106,7 +106,8 @@ def _become_user_keeping(uid: int, gid: int, caps: list[int]) -> None:
 
 def _setuid(uid: int, gid: int) -> None:
     caps = _kept_caps()
-    if caps:
+    # Root keeps every capability: a root child (as_user("root")) may start user children.
+    if caps and uid != 0:
         _become_user_keeping(uid, gid, caps)
     else:
         become_user(uid, gid)
