@@ -54,8 +54,8 @@ class BlobBackend:
         trace.timings.add("hostcache", (time.perf_counter() - start) * 1000)
         if entry is None or entry.age >= ttl:
             try:
-                # Refreshes of this entry by other keyrings' handlers wait here, then find it
-                # fresh.
+                # Refreshes of this entry by other keyrings' handlers wait here (up to
+                # hostcache.REFRESH_WAIT), then find it fresh.
                 with cache.refreshing(self.config.state_dir, desc):
                     entry = cache.lookup(desc)
                     if entry is None or entry.age >= ttl:

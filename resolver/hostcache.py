@@ -41,6 +41,7 @@ _HEADER = struct.Struct("=d")
 # host, not one per keyring that missed at the same moment); lock files are striped so that
 # state_dir holds a bounded number of them.
 LOCK_STRIPES = 64
+REFRESH_WAIT = 1.0  # seconds a miss waits for another handler's refresh of its stripe
 
 
 def blob_digest(text: bytes) -> str:
@@ -112,12 +113,24 @@ class HostCache:
 
     @contextmanager
     def refreshing(self, state_dir: Path, desc: str) -> Iterator[None]:
-        """Hold the refresh lock of `desc` (one of LOCK_STRIPES flock files in state_dir)."""
+        """Hold the refresh lock of `desc` (one of LOCK_STRIPES flock files in state_dir), or
+        go on without it after REFRESH_WAIT."""
         stripe = int.from_bytes(blake2b(desc.encode(), digest_size=4).digest()) % LOCK_STRIPES
         fd = open_state_file(state_dir, f"hostcache-{stripe}")
         try:
-            # Blocks until the handler refreshing it is done; the watchdog bounds the wait.
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            # A refresher of this entry is done in a KMS round trip; the wait is bounded because
+            # a stripe is shared with other names: one name's hung KMS call (another uid's,
+            # say) must not hold up an unrelated miss. Past the bound, refresh unlocked (at
+            # worst one more Decrypt).
+            give_up = time.monotonic() + REFRESH_WAIT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= give_up:
+                        break
+                    time.sleep(0.01)
             yield
         finally:
             os.close(fd)
