@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import grp
-import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.support.admin_group import removed_if_created
 from tests.support.prereqs import CHECKS, missing_for
 from tests.support.requester import Requester, header, requester_modes
 
@@ -21,24 +19,9 @@ _missing_cache: dict[str, list[str]] = {}
 
 @pytest.fixture(scope="session", autouse=True)
 def _admin_group_cleanup() -> Iterator[None]:
-    """Remove the kmskeys-admin group the tiers' installs create, if the host had none before.
-
-    (`kmskeys-resolver uninstall` keeps it on purpose: live keys carry its gid. The tests'
-    keys are gone by the end of the session.)
-    """
-    from kmskeys.contract import ADMIN_GROUP
-
-    def exists() -> bool:
-        try:
-            grp.getgrnam(ADMIN_GROUP)
-        except KeyError:
-            return False
-        return True
-
-    had = exists()
-    yield
-    if not had and exists() and os.geteuid() == 0:
-        subprocess.run(["groupdel", ADMIN_GROUP], check=False, capture_output=True)
+    """The kmskeys-admin group the tiers' installs create goes when the session ends."""
+    with removed_if_created():
+        yield
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from tests.bench.common import BenchContext, Row, within
+from tests.support.admin_group import removed_if_created
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results.md"
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     names = (argv if argv is not None else sys.argv[1:]) or MODULES
     started = time.monotonic()
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="kmst-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="kmst-bench-") as tmp, removed_if_created():
         # make bench points this at a regular (non-editable) install, as in production.
         # Absolute but not resolved: a venv is recognised by the path of its own python link.
         app_python = os.path.abspath(os.environ.get("KMSKEYS_BENCH_PYTHON") or sys.executable)
