@@ -31,20 +31,35 @@ _UNITS = {"s": "s", "m": "min", "h": "h", "d": "days", "w": "weeks"}
 class ProcKeyLine:
     """One line of /proc/keys: serial, flags, expiry, owner, type, description; never a payload."""
 
-    __slots__ = ("description", "expiry", "flags", "serial", "type", "uid")
+    __slots__ = ("description", "expiry", "flags", "gid", "serial", "size", "type", "uid")
 
     def __init__(self, line: str) -> None:
+        # SERIAL FLAGS USAGE EXPIRY PERM UID GID TYPE DESCRIPTION[: SUMMARY]
         fields = line.split(None, 8)
         self.serial = int(fields[0], 16)
         self.flags = fields[1]
         self.expiry = fields[3]
-        self.uid = int(fields[5])
+        self.uid, self.gid = int(fields[5]), int(fields[6])
         self.type = fields[7]
         rest = fields[8].rstrip("\n") if len(fields) > 8 else ""
         # `user` keys print "DESCRIPTION: DATALEN" once instantiated; negative ones only the
         # description; keyrings "DESCRIPTION: N" or "DESCRIPTION: empty".
         head, sep, tail = rest.rpartition(": ")
+        self.size = int(tail) if sep and tail.isdigit() else None
         self.description = head if sep and (tail.isdigit() or tail == "empty") else rest
+
+    @property
+    def state(self) -> str:
+        """instantiated, negative, revoked, invalidated, dead or constructing."""
+        for flag, name in (
+            ("i", "invalidated"),
+            ("D", "dead"),
+            ("R", "revoked"),
+            ("N", "negative"),
+        ):
+            if flag in self.flags:
+                return name
+        return "constructing" if "U" in self.flags else "instantiated"
 
     @property
     def negative(self) -> bool:

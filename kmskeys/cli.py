@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Iterator, Sequence
 
-PROC_KEYS = "/proc/keys"
+    from kmskeys.cached import ProcKeyLine
 
 # Exit codes of `kmskeys get` and `kmskeys flush`, one per error class (docs/cli.md).
 EXIT_OK = 0
@@ -219,57 +219,18 @@ def _normal_path(path: str) -> bool:
     return path == "-" or all(part not in ("", ".") for part in path.removeprefix("/").split("/"))
 
 
-class ProcKey:
-    """One line of /proc/keys: what the kernel lets this process view, never a payload."""
-
-    __slots__ = ("description", "expiry", "flags", "gid", "serial", "size", "type", "uid")
-
-    def __init__(self, line: str) -> None:
-        fields = line.split(None, 8)
-        self.serial = int(fields[0], 16)
-        self.flags = fields[1]
-        self.expiry = fields[3]
-        self.uid, self.gid = int(fields[5]), int(fields[6])
-        self.type = fields[7]
-        rest = fields[8] if len(fields) > 8 else ""
-        # `user` keys print "DESCRIPTION: DATALEN" once instantiated; negative ones lack the length.
-        self.size: int | None
-        head, sep, tail = rest.rpartition(": ")
-        if sep and tail.strip().isdigit():
-            self.description, self.size = head, int(tail)
-        else:
-            self.description, self.size = rest.rstrip("\n"), None
-
-    @property
-    def state(self) -> str:
-        """instantiated, negative, revoked, invalidated, dead or constructing."""
-        for flag, name in (
-            ("i", "invalidated"),
-            ("D", "dead"),
-            ("R", "revoked"),
-            ("N", "negative"),
-        ):
-            if flag in self.flags:
-                return name
-        return "constructing" if "U" in self.flags else "instantiated"
-
-
-def visible_keys(prefix: str) -> Iterator[ProcKey]:
+def visible_keys(prefix: str) -> Iterator[ProcKeyLine]:
     """The live `user` keys under `prefix:` that /proc/keys lists for this process."""
-    with open(PROC_KEYS) as lines:
-        for line in lines:
-            try:
-                key = ProcKey(line)
-            except (ValueError, IndexError):
-                # A description may hold a newline: its continuation is not a key line.
-                continue
-            # Invalidated and dead keys linger in /proc/keys until the key GC runs: skip them.
-            if (
-                key.type == "user"
-                and key.description.startswith(prefix + ":")
-                and key.state not in ("invalidated", "dead")
-            ):
-                yield key
+    from kmskeys.cached import proc_keys
+
+    for key in proc_keys().values():
+        # Invalidated and dead keys linger in /proc/keys until the key GC runs: skip them.
+        if (
+            key.type == "user"
+            and key.description.startswith(prefix + ":")
+            and key.state not in ("invalidated", "dead")
+        ):
+            yield key
 
 
 def cmd_show(argv: Sequence[str]) -> int:

@@ -30,7 +30,7 @@ from kmskeys import contract, imds, keyutils
 from kmskeys.contract import DEFAULT_PREFIX, GATE_PROGRAM, rule_file_name
 from kmskeys.errors import KeyctlError
 from kmskeys.trust import peer_uid, unsafe_reason
-from kmskeys.upcall_probe import become_user, nobody, probe_upcalls
+from kmskeys.upcall_probe import nobody, probe_upcalls
 
 REQUEST_KEY = Path(contract.REQUEST_KEY)
 REQUEST_KEY_D = Path(contract.REQUEST_KEY_D)
@@ -804,34 +804,13 @@ def check_negative_keys(prefix: str) -> Iterator[Finding]:
 # --- IMDS ----------------------------------------------------------------------------------------
 
 
-def _probe_as_nobody() -> list[dict[str, Any]] | None:
-    """IMDS as seen by uid nobody: a forked child drops every id and probes (root only)."""
-    uid, gid = nobody()
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        code = 0
-        try:
-            os.close(read_fd)
-            become_user(uid, gid)
-            os.write(write_fd, json.dumps([r.as_dict() for r in imds.probe(0.5)]).encode())
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        data = pipe.read()
-    os.waitpid(pid, 0)
-    try:
-        found: list[dict[str, Any]] = json.loads(data)
-    except ValueError:
-        return None
-    return found
+def _probe_as_nobody() -> list[imds.ProbeResult] | None:
+    """IMDS as seen by uid nobody (root only)."""
+    return imds.probe_as_user(*nobody(), 0.5)
 
 
 def imds_findings(
-    uid: int, mine: list[Any], as_nobody: list[dict[str, Any]] | None
+    uid: int, mine: list[Any], as_nobody: list[imds.ProbeResult] | None
 ) -> Iterator[Finding]:
     """IMDS must be unreachable by app users: only root and the resolver may reach it."""
     reachable = [r for r in mine if r.reachable]
@@ -858,14 +837,14 @@ def imds_findings(
             "shared_credentials_file (docs/resolver.md, off EC2)",
         )
         return
-    others = [r for r in as_nobody or [] if r.get("reachable")]
+    others = [r for r in as_nobody or [] if r.reachable]
     if as_nobody is None:
         yield Finding(WARN, "imds", "could not probe IMDS as uid nobody", "kmskeys doctor --json")
     elif others:
         yield Finding(
             FAIL,
             "imds",
-            f"IMDS reachable by root and by uid nobody ({others[0]['address']}): no firewall "
+            f"IMDS reachable by root and by uid nobody ({others[0].endpoint}): no firewall "
             "keeps app users off the instance role",
             fix,
         )

@@ -15,11 +15,10 @@ from __future__ import annotations
 import errno
 import grp
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from kmskeys import keyutils
+from kmskeys.cached import proc_keys
 from kmskeys.contract import (
     ADMIN_GROUP,
     HOSTCACHE_ENTRY_PREFIX,
@@ -29,7 +28,6 @@ from kmskeys.contract import (
 )
 from kmskeys.errors import KeyctlError
 
-PROC_KEYS = Path("/proc/keys")
 # The key GC unlinks an invalidated key from every keyring in a work item queued at once; until
 # it has, a search meets the invalidated key and request_key fails with EKEYREVOKED instead of
 # asking the resolver. The flush waits that long (milliseconds measured) so that the next
@@ -80,22 +78,6 @@ def host_cache_ring(create: bool, holder: int = keyutils.KEY_SPEC_PROCESS_KEYRIN
     return ring
 
 
-def _proc_keys() -> Iterator[tuple[int, str, int, str, str]]:
-    """(serial, flags, gid, type, description) of each key /proc/keys shows this process."""
-    # /proc/keys: SERIAL FLAGS USAGE EXPIRY PERM UID GID TYPE DESCRIPTION[: SUMMARY]
-    with PROC_KEYS.open() as lines:
-        for line in lines:
-            fields = line.split(None, 8)
-            try:
-                serial, gid = int(fields[0], 16), int(fields[6])
-            except (ValueError, IndexError):
-                continue  # the continuation of a description holding a newline
-            rest = fields[8].rstrip("\n") if len(fields) > 8 else ""
-            head, sep, tail = rest.rpartition(": ")
-            desc = head if sep and tail.strip().isdigit() else rest
-            yield serial, fields[1], gid, fields[7], desc
-
-
 def _matches(desc: str, prefix: str, name: str | None) -> bool:
     return desc == f"{prefix}:{name}" if name is not None else True
 
@@ -132,19 +114,20 @@ def _flush_host(prefix: str, name: str | None) -> Flushed:
         try:
             if keyutils.current_fsgid() != gid:
                 raise PermissionError(f"cannot take group {ADMIN_GROUP} (gid {gid}): not root?")
-            for serial, flags, key_gid, type_, desc in _proc_keys():
+            for key in proc_keys().values():
                 # Only keys the resolver made carry the admin gid; negative ones cannot be
                 # invalidated (every lookup but unlink's returns their errno) and expire soon.
-                if key_gid != gid or type_ != "user" or "N" in flags or "i" in flags:
+                if key.gid != gid or key.type != "user" or "N" in key.flags or "i" in key.flags:
                     continue
-                if not _matches(desc, prefix, name):
+                if not _matches(key.description, prefix, name):
                     continue
+                serial = key.serial
                 try:
                     owner = keyutils.keyctl_describe_alloc(serial).split(b";", 3)[1]
                     keyutils.keyctl_invalidate(serial)
                 except KeyctlError:
                     continue  # expired or invalidated meanwhile
-                flushed[serial] = key_gid
+                flushed[serial] = key.gid
                 uids.add(int(owner))
             lingering = _wait_for_gc(set(flushed))
         finally:
@@ -157,7 +140,7 @@ def _flush_host(prefix: str, name: str | None) -> Flushed:
 def _wait_for_gc(serials: set[int]) -> int:
     deadline = time.monotonic() + GC_WAIT
     while serials:
-        present = {serial for serial, *_ in _proc_keys()}
+        present = set(proc_keys())
         serials &= present
         if not serials or time.monotonic() >= deadline:
             break

@@ -112,3 +112,33 @@ def probe(timeout: float = 0.5, port: int = 80) -> list[ProbeResult]:
             sock.close()
         selector.close()
     return [results[address] for address in IMDS_ADDRESSES]
+
+
+def probe_as_user(uid: int, gid: int, timeout: float = 0.5) -> list[ProbeResult] | None:
+    """`probe()` from a forked child that drops every id to uid/gid; None if it could not."""
+    import json
+
+    from kmskeys.upcall_probe import become_user
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        code = 0
+        try:
+            os.close(read_fd)
+            become_user(uid, gid)
+            os.write(write_fd, json.dumps([r.as_dict() for r in probe(timeout)]).encode())
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        return None
+    return [
+        ProbeResult(str(r["address"]), int(r["port"]), bool(r["reachable"]), str(r["detail"]))
+        for r in json.loads(data)
+    ]

@@ -14,13 +14,12 @@ Exit codes: 0 done (for `status`: the rules are present); 1 a backend command fa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pwd
 import shutil
 import sys
 
-from kmskeys.imds import ProbeResult, probe
+from kmskeys.imds import ProbeResult, probe, probe_as_user
 from resolver.firewall.ipt import IptablesBackend
 from resolver.firewall.model import (
     BACKENDS,
@@ -90,33 +89,10 @@ def probe_as(user: AllowedUser | None, timeout: float = 0.5) -> list[ProbeResult
     """Probe IMDS as the current user, or as `user` from a forked child that drops to its uid."""
     if user is None:
         return probe(timeout)
-    entry = pwd.getpwuid(user.uid)
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        code = 0
-        try:
-            os.close(read_fd)
-            os.setgroups([])
-            os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
-            os.setresuid(user.uid, user.uid, user.uid)
-            payload = json.dumps([r.as_dict() for r in probe(timeout)]).encode()
-            os.write(write_fd, payload)
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    chunks = []
-    with os.fdopen(read_fd, "rb") as pipe:
-        chunks.append(pipe.read())
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    found = probe_as_user(user.uid, pwd.getpwuid(user.uid).pw_gid, timeout)
+    if found is None:
         raise FirewallError(f"could not probe IMDS as {user}")
-    return [
-        ProbeResult(str(r["address"]), int(r["port"]), bool(r["reachable"]), str(r["detail"]))
-        for r in json.loads(b"".join(chunks))
-    ]
+    return found
 
 
 def _format_state(state: RuleState) -> list[str]:

@@ -9,10 +9,11 @@ it for scale. Runs are interleaved so that the machine's noise hits all of them 
 from __future__ import annotations
 
 import subprocess
+from contextlib import ExitStack
 from pathlib import Path
 
 from kmskeys import Keyring
-from tests.bench.common import CREDENTIAL_SECRET, BenchContext, Row, median, row, time_process
+from tests.bench.common import BenchContext, Row, host_credential, median, row, time_process
 from tests.support.names import unique
 
 RUNS = 40
@@ -24,21 +25,13 @@ def rows(ctx: BenchContext) -> list[Row]:
     """The cached `kmskeys get` of the apps' install, against its baseline and its peers."""
     kmskeys_cli = str(Path(ctx.python).parent / "kmskeys")
     ring = Keyring.join_session()  # every process timed below inherits it
-    credential_in, credential = ctx.tmp / "cli-cred.in", ctx.tmp / "cli-cred"
-    created_secret = not CREDENTIAL_SECRET.exists()
+    stack = ExitStack()
     try:
         prefix, name = "kmstbench", unique("cli")
         key = ring.add_key("user", f"{prefix}:{name}", SECRET)
-        credential_in.write_bytes(SECRET)
-        subprocess.run(
-            ["systemd-creds", "encrypt", "--with-key=host", "--name=kmst", str(credential_in),
-             str(credential)],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
-        credential_in.unlink()
         get = [kmskeys_cli, "get", name, "--prefix", prefix]
         keyctl = ["keyctl", "pipe", str(key.serial)]
-        creds = ["systemd-creds", "decrypt", "--name=kmst", str(credential), "-"]
+        creds = stack.enter_context(host_credential(ctx.tmp, SECRET))
         for argv in (get, keyctl, creds):
             done = subprocess.run(argv, capture_output=True, check=True, timeout=30)
             assert done.stdout == SECRET, argv[0]
@@ -58,10 +51,7 @@ def rows(ctx: BenchContext) -> list[Row]:
             pipe.append(time_process(keyctl, env=env))
             systemd.append(time_process(creds, env=env, stderr=subprocess.DEVNULL))
     finally:
-        credential_in.unlink(missing_ok=True)
-        credential.unlink(missing_ok=True)
-        if created_secret:
-            CREDENTIAL_SECRET.unlink(missing_ok=True)
+        stack.close()
         ring.clear()
         Keyring.join_session()
     o, b = median(ours) * 1000, median(bare) * 1000

@@ -7,7 +7,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict
@@ -15,6 +16,35 @@ from typing import TypedDict
 BARE_RUNS = 40
 # systemd-creds creates its host key here when it is missing; a row that made it removes it.
 CREDENTIAL_SECRET = Path("/var/lib/systemd/credential.secret")
+
+
+@contextmanager
+def host_credential(tmp: Path, payload: bytes) -> Iterator[list[str]]:
+    """`payload` encrypted by systemd-creds with the host key: the argv that decrypts it to
+    stdout. Removes the credential, and the host key if this made it, afterwards."""
+    plain, credential = tmp / "systemd-cred.in", tmp / "systemd-cred"
+    created_secret = not CREDENTIAL_SECRET.exists()
+    try:
+        plain.write_bytes(payload)
+        subprocess.run(
+            ["systemd-creds", "encrypt", "--with-key=host", "--name=kmst", str(plain),
+             str(credential)],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        plain.unlink()
+        yield ["systemd-creds", "decrypt", "--name=kmst", str(credential), "-"]
+    finally:
+        plain.unlink(missing_ok=True)
+        credential.unlink(missing_ok=True)
+        if created_secret:
+            CREDENTIAL_SECRET.unlink(missing_ok=True)
+
+
+def print_rows(rows: list[Row]) -> int:
+    """Print rows one per line (a module run alone, without writing results.md)."""
+    for item in rows:
+        print(" | ".join(str(v) for v in item.values()))
+    return 0
 
 
 class Row(TypedDict):

@@ -21,9 +21,9 @@ from pathlib import Path
 from kmskeys import Keyring, dpapi
 from tests.bench.client import hit_rows
 from tests.bench.common import (
-    CREDENTIAL_SECRET,
     BenchContext,
     Row,
+    host_credential,
     median,
     percentile,
     row,
@@ -178,18 +178,8 @@ def _fresh_row(ctx: BenchContext, install: StoredInstall) -> Row:
         dpapi.protect_stream(
             io.BytesIO(plain), out, name=unique("fresh"), prefix=install.stored_prefix
         )
-    credential_in, credential = ctx.tmp / "cred.in", ctx.tmp / "cred"
-    credential_in.write_bytes(plain)
-    created_secret = not CREDENTIAL_SECRET.exists()
-    try:
-        subprocess.run(
-            ["systemd-creds", "encrypt", "--with-key=host", "--name=kmst", str(credential_in),
-             str(credential)],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
-        credential_in.unlink()
+    with host_credential(ctx.tmp, plain) as creds_argv:
         ours_argv = [kmskeys_cli, "unprotect", "--prefix", install.stored_prefix]
-        creds_argv = ["systemd-creds", "decrypt", "--name=kmst", str(credential), "-"]
         check = subprocess.run(ours_argv, stdin=blob.open("rb"), capture_output=True, check=True)
         assert check.stdout == plain
         bare, ours, theirs = [], [], []
@@ -198,9 +188,6 @@ def _fresh_row(ctx: BenchContext, install: StoredInstall) -> Row:
             with blob.open("rb") as src:
                 ours.append(time_process(ours_argv, stdin=src))
             theirs.append(time_process(creds_argv, stderr=subprocess.DEVNULL))
-    finally:
-        if created_secret:
-            CREDENTIAL_SECRET.unlink(missing_ok=True)
     o, t, b = median(ours) * 1000, median(theirs) * 1000, median(bare) * 1000
     return row(
         "fresh process: kmskeys unprotect of 1 KiB (master key cached in the kernel)",

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from kmskeys import Key, Keyring
-from tests.bench.common import BenchContext, Row, median, percentile, row
+from tests.bench.common import BenchContext, Row, median, percentile, print_rows, row
 from tests.support.kms_emulator import KmsEmulator
 from tests.support.kms_proxy import KmsProxy
 from tests.support.names import unique
@@ -188,9 +188,7 @@ def rows(ctx: BenchContext | None = None) -> list[Row]:
 def main() -> int:
     """Print this module's rows."""
     with tempfile.TemporaryDirectory(prefix="kmst-bench-") as tmp:
-        for item in rows(BenchContext(tmp=Path(tmp))):
-            print(" | ".join(str(v) for v in item.values()))
-    return 0
+        return print_rows(rows(BenchContext(tmp=Path(tmp))))
 
 
 if __name__ == "__main__":
