@@ -20,29 +20,34 @@ section sets (one entry of each list suffices). Each failing check has its own r
 from __future__ import annotations
 
 import os
-import re
+import string
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from resolver.errors import ConfigError
 from resolver.log import field
-from resolver.requester import UNIT_SUFFIXES, Requester
+from resolver.requester import UNIT_SUFFIXES, Record, Requester
 
 KEYS = ("allow_units", "allow_cgroups", "allow_exe")
 # systemd's unit name alphabet (unit-name.c: letters, digits, ":-_.\@"), plus glob characters.
-_UNIT_PATTERN = re.compile(r"[A-Za-z0-9:_.\\@*?\[\]!-]{1,256}")
+_UNIT_CHARS = frozenset(string.ascii_letters + string.digits + ":_.\\@" + "*?[]!-")
+_UNIT_MAX = 256
 _UNIT_ALPHABET = "letters, digits, ':-_.\\@' and the glob characters '*?[]!'"
 _MAX_PATH = 4096
 
 
-@dataclass(frozen=True)
-class ProgramPolicy:
+class ProgramPolicy(Record):
     """The program checks of one names rule; None: that key is not set."""
 
-    units: tuple[str, ...] | None = None
-    cgroups: tuple[str, ...] | None = None
-    exes: tuple[str, ...] | None = None
+    __slots__ = ("cgroups", "exes", "units")
+
+    def __init__(
+        self,
+        units: tuple[str, ...] | None = None,
+        cgroups: tuple[str, ...] | None = None,
+        exes: tuple[str, ...] | None = None,
+    ) -> None:
+        self.units, self.cgroups, self.exes = units, cgroups, exes
 
     @property
     def binds(self) -> bool:
@@ -50,12 +55,13 @@ class ProgramPolicy:
         return self.units is not None or self.cgroups is not None or self.exes is not None
 
 
-@dataclass(frozen=True)
-class Refusal:
+class Refusal(Record):
     """Why a requester fails a policy: `check` is unit, cgroup or exe; `reason` is log-safe."""
 
-    check: str
-    reason: str
+    __slots__ = ("check", "reason")
+
+    def __init__(self, check: str, reason: str) -> None:
+        self.check, self.reason = check, reason
 
 
 def parse_program_policy(section: Mapping[str, object], where: str) -> ProgramPolicy:
@@ -128,7 +134,7 @@ def _list(value: object, where: str, check: Callable[[str, str], None]) -> tuple
 
 
 def _unit(item: str, where: str) -> None:
-    if not _UNIT_PATTERN.fullmatch(item):
+    if len(item) > _UNIT_MAX or not _UNIT_CHARS.issuperset(item):
         raise ConfigError(f"{where}: {item!r} is not a unit name or glob ({_UNIT_ALPHABET})")
     if not any(item.endswith(s) and len(item) > len(s) for s in UNIT_SUFFIXES):
         raise ConfigError(

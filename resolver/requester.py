@@ -28,11 +28,9 @@ Kernel facts relied on (each checked on 6.18 by tests/upcall/test_requester_iden
 from __future__ import annotations
 
 import os
-import re
 import signal
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cache
 
 from resolver.errors import RefusedError, UnavailableError
@@ -43,7 +41,7 @@ MOUNTINFO = "/proc/self/mountinfo"
 # Where systemd mounts cgroup2: unified mode, then hybrid mode; otherwise mountinfo says.
 CGROUP2_USUAL = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")
 # How many ancestors the log line names (informational: a parent may exit and be replaced).
-MAX_PARENTS = 8
+MAX_PARENTS = 6
 # systemd unit types whose cgroup holds processes (slices only hold other cgroups).
 UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")
 _SIGKILL_MASK = 1 << (signal.SIGKILL - 1)
@@ -56,13 +54,7 @@ UNOWNED_ID = 0xFFFFFFFE
 # Files through which a cgroup's owner can add processes or child groups: one that a non-root
 # uid may write marks a delegated cgroup (systemd's Delegate=, user@UID.service).
 _DELEGATION_FILES = ("", "/cgroup.procs", "/cgroup.threads")
-# SERIAL FLAGS USAGE EXPIRY PERM UID GID TYPE(9 columns) key:TARGET pid:PID ci:LEN
-_AUTH_LINE = re.compile(
-    rb"[0-9a-f]{8} (?P<flags>\S{7}) +\d+ +\S+ [0-9a-f]{8} +(?P<uid>\d+) +\d+ "
-    rb"\.request_ key:(?P<target>[0-9a-f]+) pid:(?P<pid>\d+) ci:\d+"
-)
-# A line of /proc/PID/cgroup: HIERARCHY-ID:CONTROLLERS:PATH (v1 lines name controllers).
-_CGROUP_LINE = re.compile(rb"\d+:[\w,=.-]*:/[^\n]*")
+_HEX = frozenset(b"0123456789abcdef")
 
 
 class IdentityError(RefusedError):
@@ -76,30 +68,65 @@ class RequesterGoneError(UnavailableError):
     alarm = False
 
 
-@dataclass(frozen=True)
-class AuthRecord:
+class Record:
+    """A value: equality, hash and repr from its __slots__. Not a dataclass or NamedTuple, whose
+    creation costs each miss that imports this module a few hundred microseconds."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def fields(self) -> tuple[object, ...]:
+        """The values, in __slots__ order."""
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def as_dict(self) -> dict[str, object]:
+        """The values by name."""
+        return dict(zip(self.__slots__, self.fields(), strict=True))
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.fields() == self.fields()
+
+    def __hash__(self) -> int:
+        return hash(self.fields())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={value!r}" for name, value in self.as_dict().items())
+        return f"{type(self).__name__}({shown})"
+
+
+class AuthRecord(Record):
     """What the authorization key's own /proc/keys line says: the thread and its fsuid."""
 
-    tid: int
-    uid: int
+    __slots__ = ("tid", "uid")
+
+    def __init__(self, tid: int, uid: int) -> None:
+        self.tid = tid
+        self.uid = uid
 
 
-@dataclass(frozen=True)
-class Requester:
+class Requester(Record):
     """The requesting task as the kernel shows it. `trusted` is the leading part of `cgroup`
     that only root could have named (all of it unless a cgroup on the way is delegated); `unit`
     is read from it. `exe_problem` is None when `exe` is the running file and only root can
     change what that path names."""
 
-    tid: int
-    tgid: int
-    uid: int
-    parents: tuple[int, ...]
-    cgroup: str
-    trusted: str
-    unit: str | None
-    exe: str | None
-    exe_problem: str | None
+    __slots__ = ("cgroup", "exe", "exe_problem", "parents", "tgid", "tid", "trusted", "uid", "unit")
+
+    def __init__(
+        self,
+        *,
+        tid: int,
+        tgid: int,
+        uid: int,
+        parents: tuple[int, ...],
+        cgroup: str,
+        trusted: str,
+        unit: str | None,
+        exe: str | None,
+        exe_problem: str | None,
+    ) -> None:
+        self.tid, self.tgid, self.uid, self.parents = tid, tgid, uid, parents
+        self.cgroup, self.trusted, self.unit = cgroup, trusted, unit
+        self.exe, self.exe_problem = exe, exe_problem
 
     def summary(self) -> str:
         """One log-safe line of what was seen (hostile strings quoted by resolver.log.field)."""
@@ -158,18 +185,43 @@ def auth_record(proc_keys: bytes, auth: int, target: int) -> AuthRecord:
             f"authorization key {auth:08x} starts {len(lines)} lines of /proc/keys: "
             "a key description forges it"
         )
-    found = _AUTH_LINE.fullmatch(lines[0])
+    found = _auth_line(lines[0])
     if found is None:
         raise IdentityError(f"authorization key {auth:08x}: its /proc/keys line is not one")
-    flags = found["flags"]
+    flags, uid, key, tid = found
     if not flags.startswith(b"I") or any(flag in flags for flag in b"RDNi"):
         raise IdentityError(f"authorization key {auth:08x} is not live ({flags.decode()})")
-    if int(found["target"], 16) != target:
+    if key != target:
         raise IdentityError(f"authorization key {auth:08x} is not for key {target}")
-    tid = int(found["pid"])
     if tid <= 0:
         raise IdentityError(f"authorization key {auth:08x} names no task")
-    return AuthRecord(tid=tid, uid=int(found["uid"]))
+    return AuthRecord(tid=tid, uid=uid)
+
+
+def _auth_line(line: bytes) -> tuple[bytes, int, int, int] | None:
+    """(flags, uid, target, pid) from a line shaped as the kernel prints an authorization key,
+    `SERIAL FLAGS USAGE EXPIRY PERM UID GID .request_ key:TARGET pid:PID ci:LEN`, else None."""
+    # The kernel pads its columns with spaces, and never prints any other whitespace here.
+    fields = [item for item in line.split(b" ") if item]
+    if len(fields) != 11 or line.endswith(b" "):
+        return None
+    serial, flags, usage, _expiry, perm, uid, gid, kind, key, pid, callout = fields
+    if (
+        kind != b".request_"
+        or len(flags) != 7
+        or not all(_is_hex(x, 8) for x in (serial, perm))
+        or not all(x.isdigit() for x in (usage, uid, gid))
+        or not (key.startswith(b"key:") and _is_hex(key[4:]))
+        or not (pid.startswith(b"pid:") and pid[4:].isdigit())
+        or not (callout.startswith(b"ci:") and callout[3:].isdigit())
+    ):
+        return None
+    return flags, int(uid), int(key[4:], 16), int(pid[4:])
+
+
+def _is_hex(text: bytes, width: int | None = None) -> bool:
+    # Not int(x, 16) alone: it also takes "0x", "_", signs and surrounding whitespace.
+    return bool(text) and _HEX.issuperset(text) and (width is None or len(text) == width)
 
 
 def identify(
@@ -207,8 +259,6 @@ def inspect_task(record: AuthRecord, *, proc: str = PROC, cgroup_root: str) -> R
     depth = trusted_depth(cgroup_root, parts)
     trusted = "/" + "/".join(parts[:depth])
     parents = _parents(proc, status["PPid"])
-    # Last: a kill that landed while we looked means nobody will receive the key.
-    _status(f"{base}/status", record)
     return Requester(
         tid=record.tid,
         tgid=tgid,
@@ -223,7 +273,8 @@ def inspect_task(record: AuthRecord, *, proc: str = PROC, cgroup_root: str) -> R
 
 
 def check_alive(who: Requester, proc: str = PROC) -> None:
-    """Raise RequesterGoneError unless `who` still waits, unkilled (call just before answering)."""
+    """Raise RequesterGoneError unless `who` still waits, unkilled: the handler calls it just
+    before it instantiates, since a requester killed meanwhile would receive nothing."""
     _status(f"{proc}/{who.tgid}/task/{who.tid}/status", AuthRecord(who.tid, who.uid))
 
 
@@ -269,13 +320,20 @@ def cgroup_path(raw: bytes) -> str:
     unified = [line for line in lines if line.startswith(b"0::")]
     if len(unified) != 1:
         raise IdentityError(f"cgroup: {len(unified)} cgroup2 lines, not one")
-    if not all(_CGROUP_LINE.fullmatch(line) for line in lines):
+    if not all(_kernel_cgroup_line(line) for line in lines):
         raise IdentityError("cgroup: a line the kernel does not write")
     path = unified[0][3:]
     if path != b"/" and any(part in (b"", b".", b"..") for part in path.split(b"/")[1:]):
         # `/..` is how the kernel shows a cgroup outside the reader's cgroup namespace.
         raise IdentityError(f"cgroup: {field(os.fsdecode(path))} is not below this namespace")
     return os.fsdecode(path)
+
+
+def _kernel_cgroup_line(line: bytes) -> bool:
+    """HIERARCHY-ID:CONTROLLERS:PATH, as the kernel writes each line of /proc/PID/cgroup."""
+    hierarchy, sep, rest = line.partition(b":")
+    _controllers, sep2, path = rest.partition(b":")
+    return bool(sep and sep2) and hierarchy.isdigit() and path.startswith(b"/")
 
 
 def trusted_depth(cgroup_root: str, parts: Sequence[str]) -> int:
@@ -386,5 +444,7 @@ def cgroup2_mount(candidates: tuple[str, ...] = CGROUP2_USUAL, mountinfo: str = 
 
 
 def _unescape(raw: bytes) -> str:
+    import re
+
     # mountinfo escapes space, tab, newline and backslash as \ooo.
     return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), raw))

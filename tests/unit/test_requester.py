@@ -20,6 +20,7 @@ from resolver.requester import (
     auth_record,
     cgroup2_mount,
     cgroup_path,
+    check_alive,
     identify,
     inspect_task,
     trusted_depth,
@@ -334,14 +335,6 @@ def test_a_requester_gone_refuses_as_gone(tmp_path: Path, cgroup_root: Path) -> 
         inspect_task(AuthRecord(501, 1000), proc=str(proc), cgroup_root=str(cgroup_root))
 
 
-def test_a_kill_during_identification_refuses(tmp_path: Path, cgroup_root: Path) -> None:
-    """The last read of the status is the task's own: SIGKILL pending there is seen."""
-    proc = _fake_proc(tmp_path, "/bin/sh")
-    (proc / "500" / "task" / "501" / "status").write_text(_status(501, 500, sigpnd="100"))
-    with pytest.raises(RequesterGoneError):
-        inspect_task(AuthRecord(501, 1000), proc=str(proc), cgroup_root=str(cgroup_root))
-
-
 def test_an_executable_a_user_could_change_is_not_trusted(
     tmp_path: Path, cgroup_root: Path
 ) -> None:
@@ -389,3 +382,17 @@ def test_hostile_names_are_quoted_in_the_summary() -> None:
     assert 'exe="/tmp/x\\x0aexe=/usr/sbin/nginx"' in line
     assert "delegated_at=/a.slice" in line
     assert " unit=" not in line.replace("\\x09unit=", "")
+
+
+def test_a_requester_killed_after_identification_is_caught_before_answering(
+    tmp_path: Path, cgroup_root: Path
+) -> None:
+    proc = _fake_proc(tmp_path, "/bin/sh")
+    who = inspect_task(AuthRecord(501, 1000), proc=str(proc), cgroup_root=str(cgroup_root))
+    check_alive(who, proc=str(proc))
+    (proc / "500" / "task" / "501" / "status").write_text(_status(501, 500, sigpnd="100"))
+    with pytest.raises(RequesterGoneError, match="exiting"):
+        check_alive(who, proc=str(proc))
+    shutil.rmtree(proc / "500")
+    with pytest.raises(RequesterGoneError, match="has exited"):
+        check_alive(who, proc=str(proc))
