@@ -60,19 +60,20 @@ def _in_cgroup(
         return child.run(0)
 
 
+@pytest.mark.parametrize("user", [0, NOBODY], ids=["root", "nobody"])
 def test_a_requester_is_identified_by_its_unit(
-    cg: cgroups.Slice, rule: IdentityRule, requester: Requester
+    cg: cgroups.Slice, rule: IdentityRule, requester: Requester, user: int
 ) -> None:
     for unit in ("app.service", "other.service"):
         name = f"unit-{unit.split('.')[0]}"
         got = _in_cgroup(
-            cg, cg.path(unit), NOBODY, requester.mode, lambda n=name: request(rule.description(n))
+            cg, cg.path(unit), user, requester.mode, lambda n=name: request(rule.description(n))
         )
         assert isinstance(got, dict) and "ok" in got, got
         seen = got["ok"]
         assert seen["unit"] == unit
         assert seen["cgroup"] == seen["trusted"] == cg.path(unit)
-        assert seen["uid"] == NOBODY
+        assert seen["uid"] == user
         assert seen["tid"] == seen["tgid"]
         assert seen["exe"] == PYTHON and seen["exe_problem"] is None
         # The log line names what was seen, quoting nothing plain.
