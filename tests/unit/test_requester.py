@@ -396,3 +396,12 @@ def test_a_requester_killed_after_identification_is_caught_before_answering(
     shutil.rmtree(proc / "500")
     with pytest.raises(RequesterGoneError, match="has exited"):
         check_alive(who, proc=str(proc))
+
+
+def test_a_proc_file_root_cannot_read_refuses(tmp_path: Path, cgroup_root: Path) -> None:
+    proc = _fake_proc(tmp_path, "/bin/sh")
+    cgroup = proc / "500" / "task" / "501" / "cgroup"
+    cgroup.unlink()
+    cgroup.mkdir()  # reading a directory fails with EISDIR: neither gone nor readable
+    with pytest.raises(IdentityError, match="cannot read what the kernel shows"):
+        identify(TARGET, auth=AUTH, proc=str(proc), cgroup_root=str(cgroup_root))
