@@ -238,6 +238,12 @@ def current_fsuid() -> int:
     return int(lib.setfsuid(0xFFFFFFFF)) & 0xFFFFFFFF
 
 
+def set_fsuid(uid: int) -> int:
+    """setfsuid(2): check key (and file) permissions as `uid` from now on; the previous fsuid.
+    It reports no error: the caller checks with current_fsuid()."""
+    return int(lib.setfsuid(uid & 0xFFFFFFFF)) & 0xFFFFFFFF
+
+
 def set_fsgid(gid: int) -> int:
     """setfsgid(2): check key (and file) permissions with group `gid` from now on; the previous
     fsgid. It reports no error: the caller checks with current_fsgid()."""

@@ -31,6 +31,7 @@ MODULES.append("tests.bench.flood")  # one uid's hostile flood (issue 12)
 MODULES.append("tests.bench.doctor")  # `kmskeys doctor` under 1 s (issue 15)
 MODULES.append("tests.bench.cli")  # the cached `kmskeys get` (issue 15)
 MODULES.append("tests.bench.hostcache")  # host-cache miss and the simulated hour (issue 14)
+MODULES.append("tests.bench.identity")  # requester identification added to a miss (issue 24)
 
 
 def machine() -> str:
