@@ -61,7 +61,7 @@ def apply(
 def example(
     tf: tfsupport.Terraform, root: Path, moto_url: str, name: str, variables: dict[str, Any]
 ) -> Applied:
-    """examples/NAME, from a copy of terraform/ of its own under `root`, applied with `variables`."""
+    """examples/NAME from a copy of terraform/ of its own under `root`, applied with `variables`."""
     tree = tfsupport.copy_tree(root / f"tree-{name}")
     return apply(tf, tree / "examples" / name, moto_url, {"region": REGION, **variables})
 

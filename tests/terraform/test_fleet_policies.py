@@ -227,9 +227,7 @@ def test_the_name_filters_hold_for_names_and_arns(good_plan: Rendered, probe: Pr
     parameters = rule(good_plan, "fleet_filtered", "ssm")
     call = events.secrets_manager_call
     assert matched(probe, api, call(REGION, "UpdateSecret", "prod/db"))
-    assert matched(
-        probe, api, call(REGION, "UpdateSecret", events.secret_arn(REGION, "prod/db"))
-    )
+    assert matched(probe, api, call(REGION, "UpdateSecret", events.secret_arn(REGION, "prod/db")))
     assert not matched(probe, api, call(REGION, "UpdateSecret", "dev/db"))
     assert not matched(
         probe, api, call(REGION, "UpdateSecret", events.secret_arn(REGION, "dev/db"))

@@ -35,9 +35,15 @@ valid_prefix() {
   [ "${#1}" -le 32 ]
 }
 case $JITTER in
-  '' | *[!0-9]*) echo 'kmskeys-flush: JitterSeconds is not a number' >&2; exit 3 ;;
+  '' | *[!0-9]*) echo 'kmskeys-flush: refusing JitterSeconds: not a number' >&2; exit 3 ;;
 esac
+[ "${#JITTER}" -le 3 ] && [ "$JITTER" -le 600 ] || { echo 'kmskeys-flush: refusing JitterSeconds over 600' >&2; exit 3; }
 valid_prefix "$SSM_Prefix" || { echo 'kmskeys-flush: refusing the description prefix' >&2; exit 3; }
+case $PATH_PREFIX in
+  '') ;;
+  */) valid_name "${PATH_PREFIX%/}" || { echo 'kmskeys-flush: refusing the path prefix' >&2; exit 3; } ;;
+  *) echo 'kmskeys-flush: refusing a path prefix without its trailing /' >&2; exit 3 ;;
+esac
 # The names to flush, one per line, as the event source names them.
 names=''
 add() {
@@ -72,7 +78,7 @@ case $SSM_Source in
   parameterstore)
     add "${SSM_Id#/}"
     ;;
-  *) echo 'kmskeys-flush: unknown Source' >&2; exit 3 ;;
+  *) echo 'kmskeys-flush: refusing an unknown Source' >&2; exit 3 ;;
 esac
 if [ -z "$names" ]; then
   exit 0
