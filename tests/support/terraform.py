@@ -33,7 +33,7 @@ REGISTRY = "registry.terraform.io"
 AWS_PROVIDER = f"{REGISTRY}/hashicorp/aws"
 
 # The services the modules call, all answered by one moto server.
-MOTO_SERVICES = ("ec2", "iam", "kms", "s3", "sts")
+MOTO_SERVICES = ("ec2", "events", "iam", "kms", "s3", "secretsmanager", "ssm", "sts")
 
 # Every terraform run: no prompts, no update check, the CLI config below, and no credentials
 # or settings inherited from the caller's AWS or TF environment.

@@ -17,6 +17,7 @@ examples/complete.
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,14 +35,17 @@ import pytest
 from tests.support import terraform as tfsupport
 from tests.support.kms_emulator import KmsEmulator
 from tests.support.names import unique
-from tests.terraform import variants
+from tests.terraform import applied, variants
+from tests.terraform.applied import Applied
+from tests.terraform.events import Probe
 from tests.terraform.rendered import Rendered
+from tests.upcall.harness import KMSKEYS, Install, installed, kms_stack
 
 REPO = tfsupport.REPO
 TERRAFORM = tfsupport.TERRAFORM_DIR
 MODULES = TERRAFORM / "modules"
 EXAMPLES = TERRAFORM / "examples"
-MODULE_NAMES = ("kms-key", "encryptor-role", "resolver-host")
+MODULE_NAMES = ("kms-key", "encryptor-role", "resolver-host", "fleet-rotation")
 DEMO = REPO / "scripts" / "demo_terraform.py"
 
 # The files that run the real terraform; collected only where it can run.
@@ -48,9 +53,12 @@ REAL_TERRAFORM = [
     "test_apply.py",
     "test_cli.py",
     "test_demo.py",
+    "test_fleet_policies.py",
     "test_moto_iam.py",
     "test_policies.py",
     "test_resolver_host.py",
+    "test_rotation_document.py",
+    "test_sources_example.py",
 ]
 MISSING = tfsupport.missing()
 collect_ignore = REAL_TERRAFORM if MISSING else []
@@ -120,6 +128,19 @@ class DemoRun:
         return self.done.stdout + self.done.stderr
 
 
+@dataclass
+class RotationRun:
+    """The rotation root applied to moto, and the real resolver install it flushes on this host.
+
+    The root calls modules/fleet-rotation with every description prefix set to the install's
+    own (unique) prefix and kmskeys_path set to this venv's kmskeys, so that the applied
+    document's commands run here for real.
+    """
+
+    install: Install
+    applied: Applied
+
+
 class Workspace:
     """The session's temporary root, terraform runner, moto server and background jobs."""
 
@@ -131,6 +152,9 @@ class Workspace:
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="terraform")
         self.jobs: dict[str, Future[Any]] = {}
         self.created = time.monotonic()
+        # What the rotation job installs (a resolver, its moto and proxy), undone at close.
+        self.stack = ExitStack()
+        self.roots: list[Applied] = []
 
     def start(self, job: str) -> Future[Any]:
         if job not in self.jobs:
@@ -151,8 +175,13 @@ class Workspace:
         for future in self.jobs.values():
             future.cancel()
         self.pool.shutdown(wait=True)
-        self.moto.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            for root in self.roots:
+                root.destroy()
+        finally:
+            self.stack.close()
+            self.moto.stop()
+            shutil.rmtree(self.root, ignore_errors=True)
 
     # -- jobs -----------------------------------------------------------------------------------
 
@@ -200,6 +229,48 @@ class Workspace:
         state = Rendered(json.loads(state_json.read_text())) if state_json.exists() else None
         return DemoRun(done, state)
 
+    def sources(self) -> Applied:
+        """examples/aws-sources applied to the session's moto (destroyed at close)."""
+        run = applied.example(self.tf, self.root, self.moto.url, "aws-sources", SOURCES_INPUTS)
+        self.roots.append(run)
+        return run
+
+    def rotation(self) -> RotationRun:
+        """A resolver install on this host, then the rotation root aimed at it."""
+        emulator, proxy, key_arn = self.stack.enter_context(kms_stack())
+        install = self.stack.enter_context(installed(emulator, proxy, key_arn))
+        tree = tfsupport.copy_tree(self.root / "tree-rotation")
+        here = self.root / "rotation"
+        here.mkdir()
+        inputs = {
+            **ROTATION_INPUTS,
+            "kmskeys_path": str(KMSKEYS),
+            "secretsmanager_prefix": install.prefix,
+            "parameterstore_prefix": install.prefix,
+            "custom_event_prefixes": [install.prefix],
+        }
+        main = applied.module_root(tree, here, "fleet-rotation", "fleet", inputs)
+        (here / "main.tf").write_text(main)
+        run = applied.apply(self.tf, here, self.moto.url, {})
+        self.roots.append(run)
+        return RotationRun(install, run)
+
+
+# examples/aws-sources: a name of its own, and a secret value made up for the run.
+SOURCES_INPUTS: dict[str, Any] = {
+    "name": f"kmst-src-{secrets.token_hex(3)}",
+    "db_password": f"kmst-{secrets.token_urlsafe(12)}",
+    "secret_recovery_window_in_days": 0,
+    "fleet_tag_value": "kmst-sources",
+}
+# The rotation root: two hosts at a time, stop at the first failure.
+ROTATION_INPUTS: dict[str, Any] = {
+    "name": f"kmst-rot-{secrets.token_hex(3)}",
+    "target_tag_value": "kmst-rotation",
+    "max_concurrency": "2",
+    "max_errors": "0",
+}
+
 
 def _invalid(ws: Workspace) -> list[Any]:
     return ws.diagnostics("plan-invalid", variants.INVALID)
@@ -220,6 +291,8 @@ TF_DIRS = [str(d.relative_to(TERRAFORM)) for d in tf_dirs()]
 JOBS: dict[str, Callable[[Workspace], Any]] = {
     # The longest first: they spend most of their time waiting on the provider's waiters.
     "demo": Workspace.demo,
+    "sources": Workspace.sources,
+    "rotation": Workspace.rotation,
     "good_plan": Workspace.good_plan,
     "invalid": _invalid,
     "preconditions": _preconditions,
@@ -228,6 +301,8 @@ JOBS: dict[str, Callable[[Workspace], Any]] = {
 # Which jobs each fixture needs, so that the session starts only what its tests will use.
 FIXTURE_JOBS = {
     "demo_run": ["demo"],
+    "sources_run": ["sources"],
+    "rotation_run": ["rotation"],
     "good_plan": ["good_plan"],
     "invalid_diagnostics": ["invalid"],
     "precondition_diagnostics": ["preconditions"],
@@ -280,6 +355,28 @@ def precondition_diagnostics(workspace: Workspace) -> list[Any]:
 @pytest.fixture(scope="session")
 def validations(workspace: Workspace) -> dict[str, dict[str, Any]]:
     return {d: workspace.result(f"validate {d}") for d in TF_DIRS}
+
+
+@pytest.fixture(scope="session")
+def probe(workspace: Workspace) -> Iterator[Probe]:
+    """EventBridge's pattern engine and input transformer, on the session's moto."""
+    found = Probe(workspace.moto)
+    try:
+        yield found
+    finally:
+        found.close()
+
+
+@pytest.fixture(scope="session")
+def sources_run(workspace: Workspace) -> Applied:
+    run: Applied = workspace.result("sources")
+    return run
+
+
+@pytest.fixture(scope="session")
+def rotation_run(workspace: Workspace) -> RotationRun:
+    run: RotationRun = workspace.result("rotation")
+    return run
 
 
 @pytest.fixture(scope="session")

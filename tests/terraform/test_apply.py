@@ -38,6 +38,9 @@ EXPECTED = {
     "module.web_hosts.aws_iam_instance_profile.this",
     "module.web_hosts.aws_iam_role.this",
     "module.web_hosts.aws_iam_role_policy.kms",
+    # deny_unlisted_sources (on by default): the complete example's hosts read no secret of
+    # Secrets Manager or Parameter Store, even if a broader policy is attached later.
+    "module.web_hosts.aws_iam_role_policy.sources[0]",
     "module.web_hosts.aws_iam_role_policy.wheel[0]",
     "module.web_hosts.aws_launch_template.this[0]",
 }

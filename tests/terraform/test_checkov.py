@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.terraform.conftest import REPO, TERRAFORM
+from tests.terraform.conftest import MODULE_NAMES, REPO, TERRAFORM
 
 pytestmark = pytest.mark.terraform
 
@@ -68,7 +68,7 @@ def test_checkov_parsed_and_checked_every_module(report: dict[str, Any]) -> None
     assert summary["parsing_errors"] == 0
     assert summary["passed"] >= 50
     checked = {c["file_path"] for c in report["results"]["passed_checks"]}
-    for module in ("kms-key", "encryptor-role", "resolver-host"):
+    for module in MODULE_NAMES:
         assert f"/modules/{module}/main.tf" in checked, module
 
 

@@ -13,8 +13,10 @@ pytestmark = pytest.mark.terraform
 
 def test_every_module_and_the_example_are_checked() -> None:
     assert sorted(TF_DIRS) == [
+        "examples/aws-sources",
         "examples/complete",
         "modules/encryptor-role",
+        "modules/fleet-rotation",
         "modules/kms-key",
         "modules/resolver-host",
     ]

@@ -42,10 +42,17 @@ def blocks(directory: Path, kind: str) -> dict[str, tuple[Path, dict[str, Any]]]
     return found
 
 
-def test_the_tree_has_the_expected_modules_and_example() -> None:
+# Each example and the modules it wires.
+EXAMPLE_MODULES = {
+    "complete": ["encryptor-role", "kms-key", "resolver-host"],
+    "aws-sources": ["fleet-rotation", "kms-key", "resolver-host"],
+}
+
+
+def test_the_tree_has_the_expected_modules_and_examples() -> None:
     assert {p.name for p in MODULES.iterdir() if p.is_dir()} == set(MODULE_NAMES)
-    assert (EXAMPLES / "complete").is_dir()
-    assert len(ALL_TF) >= 16
+    assert {p.name for p in EXAMPLES.iterdir() if p.is_dir()} == set(EXAMPLE_MODULES)
+    assert len(ALL_TF) >= 25
 
 
 @pytest.mark.parametrize("path", ALL_TF, ids=lambda p: str(p.relative_to(TERRAFORM)))
@@ -94,24 +101,39 @@ def test_versions_pin_terraform_and_the_aws_provider(directory: Path) -> None:
     assert literal(aws["version"]).startswith(">= 5.")
 
 
-def test_the_example_wires_every_module_by_relative_source() -> None:
-    calls = blocks(EXAMPLES / "complete", "module")
+@pytest.mark.parametrize("example", sorted(EXAMPLE_MODULES))
+def test_each_example_wires_its_modules_by_relative_source(example: str) -> None:
+    calls = blocks(EXAMPLES / example, "module")
     sources = {name: literal(body["source"]) for name, (_, body) in calls.items()}
     for source in sources.values():
         assert source.startswith("../../modules/"), source
-        assert (EXAMPLES / "complete" / source).resolve().is_dir(), source
-    assert sorted(Path(s).name for s in sources.values()) == sorted(MODULE_NAMES)
+        assert (EXAMPLES / example / source).resolve().is_dir(), source
+    assert sorted(Path(s).name for s in sources.values()) == EXAMPLE_MODULES[example]
 
 
-def test_the_example_passes_only_declared_inputs_and_every_required_one() -> None:
+@pytest.mark.parametrize("example", sorted(EXAMPLE_MODULES))
+def test_each_example_passes_only_declared_inputs_and_every_required_one(example: str) -> None:
     # terraform validate says the same (test_cli.py); this holds without terraform too.
-    for name, (_, body) in blocks(EXAMPLES / "complete", "module").items():
-        target = (EXAMPLES / "complete" / literal(body["source"])).resolve()
+    for name, (_, body) in blocks(EXAMPLES / example, "module").items():
+        target = (EXAMPLES / example / literal(body["source"])).resolve()
         declared = blocks(target, "variable")
         given = set(body) - {"source", "version", "providers", "count", "for_each", "__is_block__"}
         assert given <= set(declared), f"module.{name}: unknown {given - set(declared)}"
         required = {n for n, (_, b) in declared.items() if "default" not in b}
         assert required <= given, f"module.{name}: missing {required - given}"
+
+
+def test_the_sources_example_gives_the_hosts_its_secret_and_parameter_and_tags_them() -> None:
+    calls = {name: body for name, (_, body) in blocks(EXAMPLES / "aws-sources", "module").items()}
+    hosts, rotation = calls["hosts"], calls["rotation"]
+    assert hosts["secretsmanager_secret_names"] == ["${aws_secretsmanager_secret.db.name}"]
+    assert hosts["ssm_parameter_names"] == ["${aws_ssm_parameter.db_password.name}"]
+    assert hosts["secrets_kms_key_arns"] == ["${aws_kms_key.secrets.arn}"]
+    assert hosts["enable_ssm_agent"] is True
+    # The hosts carry the very tag the rotation targets.
+    assert "var.fleet_tag_key" in hosts["tags"] and "var.fleet_tag_value" in hosts["tags"]
+    assert rotation["target_tag_key"] == "${var.fleet_tag_key}"
+    assert rotation["target_tag_value"] == "${var.fleet_tag_value}"
 
 
 def test_the_example_wires_encrypt_to_ci_and_decrypt_and_seal_to_hosts() -> None:

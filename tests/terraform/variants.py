@@ -21,6 +21,7 @@ ACCOUNT = "123456789012"
 REGION = "eu-west-1"
 KEY_ARN = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 SEAL_ARN = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/5678abcd-12ab-34cd-56ef-1234567890ab"
+SECRETS_KEY_ARN = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/9abcabcd-12ab-34cd-56ef-1234567890ab"
 CI_ROLE = f"arn:aws:iam::{ACCOUNT}:role/kmst-ci"
 HOST_ROLE = f"arn:aws:iam::{ACCOUNT}:role/kmst-host"
 BUILDER = f"arn:aws:iam::{ACCOUNT}:role/builder"
@@ -75,6 +76,7 @@ BASE_INPUTS: dict[str, dict[str, Any]] = {
         "kmskeys_wheel": S3_WHEEL,
         "kmskeys_wheel_sha256": WHEEL_SHA256,
     },
+    "fleet-rotation": {"name": "kmst-fleet", "target_tag_value": "web"},
 }
 
 Variants = dict[str, tuple[str, dict[str, Any]]]
@@ -106,6 +108,17 @@ GOOD: Variants = {
         {"kmskeys_wheel": HTTPS_WHEEL, "kmskeys_wheel_sha256": None, "resolver_config": TOML},
     ),
     "host_seal": ("resolver-host", {"enable_seal": True, "seal_key_arn": SEAL_ARN}),
+    "host_sources": (
+        "resolver-host",
+        {
+            "secretsmanager_secret_names": ["prod/db", "prod/api/*"],
+            "ssm_parameter_names": ["/prod/db/password", "/prod/api/*", "plain"],
+            "secrets_kms_key_arns": [SECRETS_KEY_ARN],
+            "enable_ssm_agent": True,
+        },
+    ),
+    "host_sources_aws_keys": ("resolver-host", {"secretsmanager_secret_names": ["prod/db"]}),
+    "host_sources_open": ("resolver-host", {"deny_unlisted_sources": False}),
     "key_default": ("kms-key", {}),
     "key_nobody": ("kms-key", {"encryptor_principal_arns": [], "decryptor_principal_arns": []}),
     "key_patterns": (
@@ -122,6 +135,31 @@ GOOD: Variants = {
         },
     ),
     "key_seal": ("kms-key", {"create_seal_key": True, "sealer_principal_arns": [HOST_ROLE]}),
+    "fleet_default": ("fleet-rotation", {}),
+    "fleet_run_command": (
+        "fleet-rotation",
+        {"dispatch": "run_command", "secretsmanager_api_calls": ["UpdateSecretVersionStage"]},
+    ),
+    "fleet_filtered": (
+        "fleet-rotation",
+        {
+            "secret_name_prefixes": ["prod/"],
+            "parameter_name_prefixes": ["/prod/"],
+            "secretsmanager_path_prefix": "prod/",
+            "parameterstore_path_prefix": "prod/",
+            "max_concurrency": "5",
+            "max_errors": "0",
+            "flush_jitter_seconds": 30,
+            "kms_rotation_key_arns": [KEY_ARN],
+            "kms_rotation_names": ["web/a", "web/b"],
+            "custom_event_prefixes": ["kms"],
+            "target_tag_key": "team",
+        },
+    ),
+    "fleet_quiet": (
+        "fleet-rotation",
+        {"secretsmanager_events": False, "parameterstore_events": False, "custom_events": False},
+    ),
 }
 
 # label -> (module, the one input its variable validation must refuse).
@@ -144,6 +182,24 @@ INVALID: Variants = {
     "bad_wheel_sdist": ("resolver-host", {"kmskeys_wheel": f"s3://{WHEEL_BUCKET}/kmskeys.tar.gz"}),
     "bad_wheel_other": ("resolver-host", {"kmskeys_wheel": f"s3://{WHEEL_BUCKET}/boto3-1-py3.whl"}),
     "bad_wheel_sha": ("resolver-host", {"kmskeys_wheel_sha256": "abc"}),
+    "bad_host_secret_star": ("resolver-host", {"secretsmanager_secret_names": ["*"]}),
+    "bad_host_param_star": ("resolver-host", {"ssm_parameter_names": ["/*"]}),
+    "bad_host_secrets_key": ("resolver-host", {"secrets_kms_key_arns": ["alias/aws/ssm"]}),
+    "bad_fleet_name_aws": ("fleet-rotation", {"name": "AWS-kmskeys"}),
+    "bad_fleet_name_space": ("fleet-rotation", {"name": "kmst fleet"}),
+    "bad_fleet_dispatch": ("fleet-rotation", {"dispatch": "lambda"}),
+    "bad_fleet_concurrency": ("fleet-rotation", {"max_concurrency": "0"}),
+    "bad_fleet_concurrency_pct": ("fleet-rotation", {"max_concurrency": "101%"}),
+    "bad_fleet_errors": ("fleet-rotation", {"max_errors": "-1"}),
+    "bad_fleet_path_shell": ("fleet-rotation", {"kmskeys_path": "/usr/bin/kmskeys;id"}),
+    "bad_fleet_path_relative": ("fleet-rotation", {"kmskeys_path": "kmskeys"}),
+    "bad_fleet_jitter": ("fleet-rotation", {"flush_jitter_seconds": 601}),
+    "bad_fleet_prefix": ("fleet-rotation", {"secretsmanager_prefix": "SM"}),
+    "bad_fleet_path_prefix": ("fleet-rotation", {"parameterstore_path_prefix": "prod"}),
+    "bad_fleet_api_call": ("fleet-rotation", {"secretsmanager_api_calls": ["GetSecretValue"]}),
+    "bad_fleet_kms_names": ("fleet-rotation", {"kms_rotation_names": ["../x"]}),
+    "bad_fleet_tag": ("fleet-rotation", {"target_tag_value": "web *"}),
+    "bad_fleet_custom_prefix": ("fleet-rotation", {"custom_event_prefixes": ["kms;id"]}),
 }
 
 # label -> (module, inputs, what the condition of the precondition that must fail refers to).
@@ -167,6 +223,16 @@ PRECONDITION: dict[str, tuple[str, dict[str, Any], str]] = {
     "no_image": ("resolver-host", {"image_id": None}, "var.image_id"),
     "no_wheel": ("resolver-host", {"kmskeys_wheel": None}, "var.kmskeys_wheel"),
     "seal_without_key": ("resolver-host", {"enable_seal": True}, "var.seal_key_arn"),
+    "rate_controls_run_command": (
+        "fleet-rotation",
+        {"dispatch": "run_command", "max_concurrency": "5"},
+        "var.max_concurrency",
+    ),
+    "kms_keys_without_names": (
+        "fleet-rotation",
+        {"kms_rotation_key_arns": [KEY_ARN]},
+        "var.kms_rotation_key_arns",
+    ),
 }
 
 

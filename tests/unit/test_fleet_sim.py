@@ -167,3 +167,90 @@ def test_jitter_spreads_the_echoes_of_the_recovery_after_an_outage() -> None:
     assert jittered.peak_between(echo, fleet.horizon) < 0.5 * still.peak_between(
         echo, fleet.horizon
     )
+
+
+# --- the rotation case (scripts/fleet_rotation.py) -------------------------------------------
+
+rotation = sys.modules["fleet_rotation"]  # imported by fleet_sim
+Rotation = rotation.Rotation
+
+
+def test_with_the_host_cache_a_rotation_costs_one_call_per_host() -> None:
+    # The fleet row: 100 hosts x 5 uids.
+    fleet = Rotation(hosts=100, uids=5)
+    assert len(rotation.simulate(fleet, seed=1).calls) == 100
+    assert len(rotation.simulate(replace(fleet, host_cache=False), seed=1).calls) == 500
+    # Whatever the fan-out: the host cache, not the rate control, sets the count.
+    for fanned in (replace(fleet, concurrency=7), replace(fleet, jitter=20.0)):
+        assert len(rotation.simulate(fanned, seed=1).calls) == 100
+
+
+def test_the_bounded_lock_lets_waiters_call_when_a_call_outlasts_it() -> None:
+    # A GetSecretValue slower than the lock's 1 s: a uid that gave up waiting calls itself.
+    slow = Rotation(hosts=50, uids=5, call_seconds=1.5)
+    assert len(rotation.simulate(slow, seed=1).calls) > 50
+
+
+def test_a_count_caps_the_peak_whatever_the_fleet_a_percentage_grows_with_it() -> None:
+    capped = [rotation.simulate(Rotation(hosts=n, concurrency=20), seed=2) for n in (1000, 4000)]
+    assert capped[1].peak <= 1.3 * capped[0].peak
+    assert capped[0].peak < sim_quota("PARAMETER_STORE_TPS")
+    # ... and the fleet takes proportionally longer.
+    assert capped[1].done == pytest.approx(4 * capped[0].done, rel=0.15)
+    share = [rotation.simulate(Rotation(hosts=n, concurrency_pct=10), seed=2) for n in (1000, 4000)]
+    assert share[1].peak == pytest.approx(4 * share[0].peak, rel=0.25)
+    at_once = [rotation.simulate(Rotation(hosts=n), seed=2) for n in (1000, 4000)]
+    assert at_once[1].peak == pytest.approx(4 * at_once[0].peak, rel=0.2)
+    assert at_once[0].done < 5 < capped[0].done
+
+
+def test_sends_default_rate_control_sits_at_parameter_store_s_default() -> None:
+    default = Rotation(hosts=2000, concurrency=rotation.SEND_COMMAND_DEFAULT_CONCURRENCY)
+    peak = rotation.simulate(default, seed=3).peak
+    assert 0.8 * sim_quota("PARAMETER_STORE_TPS") <= peak <= 1.3 * sim_quota("PARAMETER_STORE_TPS")
+
+
+def test_jitter_spreads_the_flushes_over_its_window() -> None:
+    fleet = Rotation(hosts=3000)
+    still = rotation.simulate(fleet, seed=4)
+    spread = rotation.simulate(replace(fleet, jitter=30.0), seed=4)
+    assert spread.peak < still.peak / 5
+    assert spread.peak == pytest.approx(3000 / 30, rel=0.35)
+    assert 30 <= spread.done < 35
+
+
+def test_without_an_event_the_new_value_takes_up_to_two_ttls_and_no_extra_call() -> None:
+    fleet = Rotation(hosts=500, flush=False)
+    out = rotation.simulate(fleet, seed=5)
+    assert len(out.calls) == 500
+    longest = fleet.ttl * (1 + fleet.ttl_jitter)
+    assert fleet.ttl < out.done <= 2 * longest + fleet.call_seconds
+
+
+def test_hosts_at_quota_is_never_under_a_low_cap() -> None:
+    assert rotation.hosts_at(40, Rotation(hosts=1000, concurrency=20), seed=6) == "never"
+    assert rotation.hosts_at(10_000, Rotation(hosts=1000, concurrency=50), seed=6) == "never"
+    reach = rotation.hosts_at(40, Rotation(hosts=1000), seed=6)
+    assert 30 <= int(reach.replace(",", "")) <= 100
+
+
+def test_same_seed_same_rotation_other_seed_other_timing() -> None:
+    fleet = Rotation(hosts=200, concurrency=10)
+    assert rotation.simulate(fleet, seed=7).calls == rotation.simulate(fleet, seed=7).calls
+    assert rotation.simulate(fleet, seed=7).calls != rotation.simulate(fleet, seed=8).calls
+
+
+def test_doc_cites_the_rotation_quotas_with_their_figures() -> None:
+    document = DOC.read_text()
+    for url in (
+        "https://docs.aws.amazon.com/secretsmanager/latest/userguide/reference_limits.html",
+        "https://docs.aws.amazon.com/systems-manager/latest/userguide/parameter-store-throughput.html",
+    ):
+        assert url in document
+    assert f"{rotation.SECRETS_MANAGER_TPS:,} per second" in document
+    assert f"{rotation.PARAMETER_STORE_TPS} per second" in document
+    assert "100 GetSecretValue calls, not 500" in document
+
+
+def sim_quota(name: str) -> int:
+    return int(getattr(rotation, name))

@@ -42,3 +42,23 @@ output "wheel_policy_json" {
   description = "The role's s3:GetObject policy for an s3:// kmskeys_wheel (JSON), or null."
   value       = try(data.aws_iam_policy_document.wheel[0].json, null)
 }
+
+output "secret_arn_patterns" {
+  description = "The secret ARN patterns the hosts may read (GetSecretValue and the KMS encryption context SecretARN)."
+  value       = try(local.secret_arns, [])
+}
+
+output "parameter_arn_patterns" {
+  description = "The parameter ARN patterns the hosts may read (GetParameter and the KMS encryption context PARAMETER_ARN)."
+  value       = try(local.parameter_arns, [])
+}
+
+output "sources_policy_json" {
+  description = "The role's Secrets Manager and Parameter Store policy (JSON), or null when it has none."
+  value       = try(data.aws_iam_policy_document.sources[0].json, null)
+}
+
+output "ssm_agent_policy_json" {
+  description = "The role's SSM Agent policy (JSON), or null without enable_ssm_agent."
+  value       = try(data.aws_iam_policy_document.ssm_agent[0].json, null)
+}

@@ -25,6 +25,51 @@ variable "allowed_secret_names" {
   }
 }
 
+variable "secretsmanager_secret_names" {
+  description = "Secrets Manager secrets the hosts may read with GetSecretValue (the resolver's sm: backend), by name or pattern: prod/db is exactly that secret, prod/* every secret under prod/. Empty (the default): no Secrets Manager permission."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for n in var.secretsmanager_secret_names : can(regex("^[A-Za-z0-9/_+=.@-][A-Za-z0-9/_+=.@*?-]{0,511}$", n))])
+    error_message = "Each entry must be a secret name or a pattern that starts with a name character (letters, digits, / _ + = . @ -; then * or ? as wildcards): never a bare *."
+  }
+}
+
+variable "ssm_parameter_names" {
+  description = "Parameter Store parameters the hosts may read with GetParameter and GetParameters (the resolver's ssm: backend), by name or pattern: /prod/db/password, /prod/db/*. Empty (the default): no Parameter Store permission."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for n in var.ssm_parameter_names : can(regex("^/?[A-Za-z0-9_.-][A-Za-z0-9_./*?-]{0,1000}$", n))])
+    error_message = "Each entry must be a parameter name or a pattern that starts with a name character after an optional / (letters, digits, _ . - /; then * or ?): never a bare * or /*."
+  }
+}
+
+variable "secrets_kms_key_arns" {
+  description = "Customer managed KMS keys that encrypt those secrets and SecureString parameters. The hosts may Decrypt with them only through Secrets Manager or Parameter Store (kms:ViaService) and only under the given secrets' and parameters' encryption context. Leave empty for the AWS managed keys aws/secretsmanager and aws/ssm, whose key policies allow exactly that use. Not the kmskeys key: its policy refuses any use without a kmskeys_name."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for a in var.secrets_kms_key_arns : can(regex("^arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/[A-Za-z0-9-]+$", a))])
+    error_message = "Each entry must be a KMS key ARN (arn:...:kms:REGION:ACCOUNT:key/ID), not an alias."
+  }
+}
+
+variable "deny_unlisted_sources" {
+  description = "Explicitly deny secretsmanager:GetSecretValue and ssm:GetParameter* on every secret and parameter not listed, so that a broader policy attached to the role later (AmazonSSMManagedInstanceCore allows ssm:GetParameter on every parameter) cannot widen what the hosts read."
+  type        = bool
+  default     = true
+}
+
+variable "enable_ssm_agent" {
+  description = "Give the SSM Agent what Run Command needs (the fleet-rotation module reaches the hosts through it): AmazonSSMManagedInstanceCore's registration and message actions, without its ssm:GetParameter on every parameter. Off by default."
+  type        = bool
+  default     = false
+}
+
 variable "permissions_boundary_arn" {
   description = "ARN of a permissions boundary for the role, or null."
   type        = string

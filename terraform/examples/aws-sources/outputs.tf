@@ -1,0 +1,49 @@
+output "secret_arn" {
+  description = "The example's secret: sm:NAME/db on the hosts."
+  value       = try(aws_secretsmanager_secret.db.arn, null)
+}
+
+output "secret_name" {
+  description = "Name of the example's secret."
+  value       = try(aws_secretsmanager_secret.db.name, null)
+}
+
+output "parameter_name" {
+  description = "The example's SecureString parameter: ssm:NAME/db/password on the hosts."
+  value       = try(aws_ssm_parameter.db_password.name, null)
+}
+
+output "secrets_key_arn" {
+  description = "The KMS key that encrypts the secret and the parameter."
+  value       = try(aws_kms_key.secrets.arn, null)
+}
+
+output "kmskeys_key_arn" {
+  description = "The kmskeys key for blobs."
+  value       = try(module.kms_key.key_arn, null)
+}
+
+output "host_role_arn" {
+  description = "The hosts' role."
+  value       = try(module.hosts.role_arn, null)
+}
+
+output "command_document_name" {
+  description = "The flush document every tagged host runs."
+  value       = try(module.rotation.command_document_name, null)
+}
+
+output "runbook_name" {
+  description = "The runbook that sends the flush with the rate controls."
+  value       = try(module.rotation.runbook_name, null)
+}
+
+output "rule_names" {
+  description = "The EventBridge rules, by event kind."
+  value       = try(module.rotation.rule_names, {})
+}
+
+output "custom_event" {
+  description = "Source and DetailType of a kmskeys Flush Request."
+  value       = try(module.rotation.custom_event, null)
+}
