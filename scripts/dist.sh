@@ -16,5 +16,8 @@ export LDSHARED="${CC:-cc} -shared"
 "$venv/bin/python" -m build --no-isolation --outdir "$raw" .
 mkdir -p "$out"
 cp "$raw"/kmskeys-*.tar.gz "$out"/
-PATH="$venv/bin:$PATH" "$venv/bin/auditwheel" repair --exclude libkeyutils.so.1 \
-	--wheel-dir "$out" "$raw"/kmskeys-*.whl
+# manylinux2014 (glibc 2.17), so Amazon Linux 2 (glibc 2.26) installs it: asked for, not "auto",
+# so that a compiled file that needs a newer glibc symbol fails the build here rather than
+# quietly narrowing the tag (docs/packaging.md says what pins each file's version).
+PATH="$venv/bin:$PATH" "$venv/bin/auditwheel" repair --plat "manylinux2014_$(uname -m)" \
+	--exclude libkeyutils.so.1 --wheel-dir "$out" "$raw"/kmskeys-*.whl
