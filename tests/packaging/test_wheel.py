@@ -1,9 +1,10 @@
 """The wheel `make dist` builds, installed the way a host installs it: no compiler, no index.
 
-One build and one install for the module (scripts/dist.sh, the script `make dist` runs), into
-a fresh venv whose pip sees no index and no compiler: PATH holds only the venv's bin, CC is
-unset, and the one dependency (cffi) comes from the wheelhouse `make venv` downloaded
-(mk/packaging.mk). Then the installed client reads a key from the real kernel keyring.
+One build for the session (conftest.py: scripts/dist.sh, the script `make dist` runs) and one
+install for the module, into a fresh venv whose pip sees no index and no compiler: PATH holds
+only the venv's bin, CC is unset, and the one dependency (cffi) comes from the wheelhouse
+`make venv` downloaded (mk/packaging.mk). Then the installed client reads a key from the real
+kernel keyring.
 """
 
 from __future__ import annotations
@@ -22,26 +23,17 @@ from pathlib import Path
 import pytest
 
 from kmskeys import Keyring
+from tests.packaging.conftest import ROOT, VENV, WHEELHOUSE, Dist
 from tests.support.imports import SLOW_IMPORTS, imported_modules
 from tests.support.names import unique, unique_prefix
 
 pytestmark = pytest.mark.kernel
 
-ROOT = Path(__file__).resolve().parents[2]
-VENV = Path(sys.prefix)
-WHEELHOUSE = VENV / "wheelhouse"
 # manylinux2014: glibc 2.17, so that Amazon Linux 2 (glibc 2.26) installs the wheel
 # (docs/packaging.md). keyutils 1.5 likewise: Amazon Linux 2 has keyutils-libs 1.5.8.
 OLDEST_GLIBC = (2, 17)
 OLDEST_KEYUTILS = (1, 5)
 COMPILED = ("kmskeys/_keyutils_cffi.abi3.so", "kmskeys/_hitpath.abi3.so", "resolver/kmskeys-gate")
-
-
-@dataclass
-class Dist:
-    wheel: Path
-    sdist: Path
-    log: str
 
 
 @dataclass
@@ -52,26 +44,6 @@ class Installed:
     @property
     def python(self) -> str:
         return str(self.venv / "bin" / "python")
-
-
-@pytest.fixture(scope="module")
-def dist(tmp_path_factory: pytest.TempPathFactory) -> Dist:
-    """What `make dist` builds, into a temporary directory."""
-    out = tmp_path_factory.mktemp("dist")
-    done = subprocess.run(
-        [str(ROOT / "scripts" / "dist.sh"), str(out)],
-        cwd=ROOT,
-        env={**os.environ, "VENV": str(VENV)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    wheels, sdists = list(out.glob("*.whl")), list(out.glob("*.tar.gz"))
-    assert len(wheels) == 1, wheels
-    assert len(sdists) == 1, sdists
-    return Dist(wheels[0], sdists[0], done.stdout + done.stderr)
 
 
 @pytest.fixture(scope="module")
