@@ -16,7 +16,22 @@ dist: deps venv $(WHEELHOUSE)/.downloaded
 	rm -rf dist
 	scripts/dist.sh dist
 
+# pip too: the older-glibc root's interpreter has none (tests/packaging/test_oldglibc.py).
 $(WHEELHOUSE)/.downloaded: $(VENV)/.installed mk/packaging.mk
 	$(PY) -m pip download -q --only-binary=:all: -d $(WHEELHOUSE) \
-		$$($(PY) -c 'import importlib.metadata as m; print(*(f"{d}=={m.version(d)}" for d in ("cffi", "botocore", "cryptography")))')
+		$$($(PY) -c 'import importlib.metadata as m; print(*(f"{d}=={m.version(d)}" for d in ("cffi", "botocore", "cryptography", "pip")))')
 	@touch $@
+
+# The older-glibc stand-in the wheel test installs into: Debian 11 by debootstrap, with
+# CPython 3.11 built from Debian's source package (scripts/oldglibc-root.sh; a few minutes, once).
+APT_PACKAGES += debootstrap
+OLDGLIBC_ROOT := .oldglibc-root
+TEST_PREREQS += $(OLDGLIBC_ROOT)/.built
+
+$(OLDGLIBC_ROOT)/.built: scripts/oldglibc-root.sh | deps
+	scripts/oldglibc-root.sh $(OLDGLIBC_ROOT)
+
+.PHONY: clean-packaging
+clean: clean-packaging
+clean-packaging:
+	rm -rf $(OLDGLIBC_ROOT)
