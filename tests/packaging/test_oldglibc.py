@@ -47,8 +47,9 @@ class Stage:
 
 def in_root(*argv: str) -> subprocess.CompletedProcess[bytes]:
     """ARGV run in the old root (chroot), with a plain environment."""
+    chroot = shutil.which("chroot") or "/usr/sbin/chroot"  # found on this PATH, not ENV's
     return subprocess.run(
-        ["chroot", str(OLD_ROOT), *argv], env=ENV, capture_output=True, timeout=300, check=False
+        [chroot, str(OLD_ROOT), *argv], env=ENV, capture_output=True, timeout=300, check=False
     )
 
 
