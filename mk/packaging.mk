@@ -31,7 +31,15 @@ TEST_PREREQS += $(OLDGLIBC_ROOT)/.built
 $(OLDGLIBC_ROOT)/.built: scripts/oldglibc-root.sh | deps
 	scripts/oldglibc-root.sh $(OLDGLIBC_ROOT)
 
+# A clean Debian 12 root where the package's maintainer scripts run in a chroot: a group
+# database and a request-key.d of its own (scripts/debian-root.sh; about a minute, once).
+DEBIAN_ROOT := .debian-root
+TEST_PREREQS += $(DEBIAN_ROOT)/.built
+
+$(DEBIAN_ROOT)/.built: scripts/debian-root.sh | deps
+	scripts/debian-root.sh $(DEBIAN_ROOT)
+
 .PHONY: clean-packaging
 clean: clean-packaging
 clean-packaging:
-	rm -rf $(OLDGLIBC_ROOT)
+	rm -rf $(OLDGLIBC_ROOT) $(OLDGLIBC_ROOT).log $(DEBIAN_ROOT) $(DEBIAN_ROOT).log
