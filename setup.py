@@ -15,6 +15,11 @@ from setuptools.command.build_ext import build_ext
 
 GATE_SOURCE = "resolver/gate.c"
 GATE = "kmskeys-gate"
+# Static (and position-independent, so still randomised): every executable linked against glibc
+# 2.34 or later needs __libc_start_main@GLIBC_2.34 from its start files, which would make the
+# wheel manylinux_2_34. A static gate needs no glibc symbol at all, and it uses nothing static
+# glibc cannot do (no NSS, no dlopen): the wheel stays manylinux2014 (docs/packaging.md).
+GATE_LINK = ["-static-pie"]
 
 
 class BuildExtAndGate(build_ext):
@@ -25,7 +30,9 @@ class BuildExtAndGate(build_ext):
         objects = self.compiler.compile(
             [GATE_SOURCE], output_dir=self.build_temp, extra_postargs=["-O2", "-Wall"]
         )
-        self.compiler.link_executable(objects, GATE, output_dir=self._gate_dir())
+        self.compiler.link_executable(
+            objects, GATE, output_dir=self._gate_dir(), extra_postargs=GATE_LINK
+        )
 
     def _gate_dir(self) -> str:
         # In place for editable installs and `build_ext --inplace`; else into the wheel's tree.
@@ -44,6 +51,7 @@ setup(
         Extension(
             "kmskeys._hitpath",
             ["kmskeys/_hitpath.c"],
+            depends=["kmskeys/_wipe.h"],
             libraries=["keyutils"],
             define_macros=[("Py_LIMITED_API", "0x030B0000")],
             py_limited_api=True,

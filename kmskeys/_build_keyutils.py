@@ -75,6 +75,11 @@ HELPERS = r"""
 #include <sys/syscall.h>
 #include <keyutils.h>
 
+/* Python calls it lib.explicit_bzero, but glibc's needs glibc 2.25 and the wheel targets 2.17:
+ * the name is ours (kmskeys/_wipe.h). */
+#include "_wipe.h"
+#define explicit_bzero kmsk_wipe
+
 /* fsopen(2), fsconfig(2) and fsmount(2) (Linux 5.2) have glibc wrappers only from glibc 2.36,
  * and the wheel must load on glibc 2.34 (Amazon Linux 2023): raw syscalls. Their numbers are
  * the same on every architecture (the unified syscall table from 424 on). */
@@ -138,7 +143,10 @@ int kmsk_unshare(int flags)
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
-ffibuilder.set_source("kmskeys._keyutils_cffi", HELPERS, libraries=["keyutils"])
+# include_dirs: for _wipe.h, from the project root, where setup.py and `__main__` run.
+ffibuilder.set_source(
+    "kmskeys._keyutils_cffi", HELPERS, libraries=["keyutils"], include_dirs=["kmskeys"]
+)
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

@@ -31,6 +31,8 @@
 #include <sys/fsuid.h>
 #include <keyutils.h>
 
+#include "_wipe.h"
+
 /* The `user` key type holds at most 32767 bytes (kmskeys.contract.USER_PAYLOAD_MAX). */
 #define PAYLOAD_MAX 32767
 /* A description is at most 4095 bytes (plus the "type;uid;gid;perm;" head). */
@@ -107,11 +109,11 @@ static PyObject *payload_of(key_serial_t serial, int *failed)
     n = keyctl_read(serial, buf, sizeof(buf));
     if (n < 0 || n > PAYLOAD_MAX) {
         *failed = n < 0 ? errno : EMSGSIZE;
-        explicit_bzero(buf, sizeof(buf));
+        kmsk_wipe(buf, sizeof(buf));
         return NULL;
     }
     payload = PyBytes_FromStringAndSize(buf, n);
-    explicit_bzero(buf, (size_t)n);
+    kmsk_wipe(buf, (size_t)n);
     *failed = 0;
     return payload;
 }
