@@ -329,12 +329,12 @@ def _check_stat(st: os.stat_result, uid: int, what: str) -> None:
 # --- running gpg as the user ------------------------------------------------------------------
 
 
-def gpg_argv(status_fd: int, gpg: str = GPG) -> list[str]:
+def gpg_argv(status_fd: int, gpg: str | None = None) -> list[str]:
     """gpg's command line: decrypt stdin to stdout, status lines on `status_fd`, never a prompt."""
     # No --quiet: gpg 2.2 with --quiet reports a locked agent as DECRYPTION_FAILED alone, without
     # the `ERROR pkdecrypt_failed` status line that says why (checked with gpg 2.2.40).
     return [
-        gpg, "--no-options", "--batch", "--no-tty", "--no-autostart",
+        gpg or GPG, "--no-options", "--batch", "--no-tty", "--no-autostart",
         "--no-auto-check-trustdb", "--no-permission-warning", "--pinentry-mode", "error",
         "--status-fd", str(status_fd), "--decrypt",
     ]  # fmt: skip
@@ -535,7 +535,7 @@ def _agent_answers(location: PassLocation, deadline: float) -> bool:
 
 def _agent_socket(location: PassLocation, deadline: float) -> str | None:
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    argv = [GPGCONF, "--list-dirs", "agent-socket"]
+    argv = [GPGCONF, "--homedir", location.gnupg_home, "--list-dirs", "agent-socket"]
     try:
         proc = _spawn(location, argv, subprocess.DEVNULL, write_end, ())
     finally:
