@@ -155,7 +155,8 @@ class PassOwner:
 
     def populate(self) -> None:
         """The entries the tests read: a multi-line one, a large one, links and a foreign one."""
-        self.insert("email/work", ENTRY)
+        # The owner field tells whose store answered.
+        self.insert("email/work", ENTRY + f"owner: {self.pw.pw_name}\n".encode())
         self.insert("big", b"x" * LARGE)
         self.insert("empty-first", b"\nlogin: bob\n")
         outside = self.base / "outside"

@@ -67,7 +67,8 @@ def test_reads_the_first_line_the_whole_entry_and_a_field_as_the_user(passer: Pa
     # The default home: gpg finds the agent as in the user's session, no GNUPGHOME needed.
     assert "GNUPGHOME" not in location.environment()
     assert passstore.resolve(location, "email/work", FIRST, _deadline()) == b"hunter2"
-    assert passstore.resolve(location, "email/work", ALL, _deadline()) == ENTRY
+    whole = ENTRY + f"owner: {passer.pw.pw_name}\n".encode()
+    assert passstore.resolve(location, "email/work", ALL, _deadline()) == whole
     login = PassQuery(PassQuery.FIELD, "login")
     assert passstore.resolve(location, "email/work", login, _deadline()) == b"alice"
     url = PassQuery(PassQuery.FIELD, "url")
