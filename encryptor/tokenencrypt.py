@@ -71,7 +71,9 @@ def _from_token(target: TokenTarget) -> bytes:
         import pkcs11
         from pkcs11 import Attribute, KeyType, ObjectClass
     except ImportError:
-        raise InputError("reading a token needs python-pkcs11 (pip install 'kmskeys[token]')") from None
+        raise InputError(
+            "reading a token needs python-pkcs11 (pip install 'kmskeys[token]')"
+        ) from None
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
 

@@ -40,11 +40,12 @@ import stat
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING
 
 from kmskeys.contract import USER_PAYLOAD_MAX
-from kmskeys.passname import PassQuery, select as select_part
+from kmskeys.passname import PassQuery
+from kmskeys.passname import select as select_part
 from resolver.errors import RefusedError, UnavailableError, UnknownSecretError
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ class PassLocation:
 
     __slots__ = ("gid", "gnupg_home", "groups", "home", "store_dir", "uid", "user")
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - the seven facts of one location, all required
         self,
         uid: int,
         gid: int,
@@ -302,7 +303,9 @@ def _open_below(dir_fd: int, part: str, flags: int, name: str, shown: str) -> in
                 "follows below the store root"
             ) from None
         if exc.errno == errno.ENOTDIR:
-            raise PassEntryMissing(f"no pass entry {name!r} ({shown!r} is not a directory)") from None
+            raise PassEntryMissing(
+                f"no pass entry {name!r} ({shown!r} is not a directory)"
+            ) from None
         raise PassRefusedError(f"pass entry {name!r}: {shown!r}: {exc.strerror}") from None
 
 
@@ -372,10 +375,8 @@ def _spawn(
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     """Kill gpg's whole process group and reap gpg."""
     if proc.returncode is None:
-        try:
+        with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     proc.wait()
 
 
@@ -442,7 +443,8 @@ def _decrypt(location: PassLocation, name: str, fd: int, deadline: float, limit:
         os.close(out_r)
         os.close(status_r)
     try:
-        _classify(location, name, proc.returncode, stopped, bytes(out.status), deadline, limit)
+        status = bytes(out.status)
+        _classify(location, name, proc.returncode, stopped, status, deadline=deadline, limit=limit)
         return bytes(out.plain)
     finally:
         out.wipe()
@@ -463,6 +465,7 @@ def _classify(
     returncode: int | None,
     stopped: str | None,
     status: bytes,
+    *,
     deadline: float,
     limit: int,
 ) -> None:

@@ -30,6 +30,7 @@ import errno
 import os
 import stat
 from collections.abc import Mapping
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from kmskeys.tokenblob import (
@@ -183,10 +184,9 @@ class TokenSession:
         """Log out and close the session (errors of a token gone meanwhile are moot)."""
         session, self._session, self._private = self._session, None, None
         if session is not None:
-            try:
+            # A token removed meanwhile has nothing left to close.
+            with suppress(Exception):
                 session.close()
-            except Exception:  # noqa: S110 - a token removed meanwhile has nothing to close
-                pass
 
     def unwrap(self, envelope: TokenEnvelope) -> bytearray:
         """The data key inside `envelope`, decrypted by the token."""
@@ -254,7 +254,9 @@ def _classify(exc: BaseException, step: str, settings: TokenSettings) -> Excepti
             "will not try again until someone logs in by hand once"
         )
     if isinstance(exc, p11.PinLocked | p11.PinExpired | p11.PinInvalid | p11.PinLenRange):
-        return TokenPinError(f"{where}: the token's PIN state refuses a login ({type(exc).__name__})")
+        return TokenPinError(
+            f"{where}: the token's PIN state refuses a login ({type(exc).__name__})"
+        )
     if isinstance(exc, p11.NoSuchKey | p11.MultipleObjectsReturned):
         return TokenRefusedError(
             f"{where}: no single private key labelled {settings.key_label!r} ({type(exc).__name__})"
@@ -274,7 +276,9 @@ def _find_token(settings: TokenSettings) -> Any:
     try:
         lib = pkcs11.lib(settings.module)
     except Exception:
-        raise TokenUnavailableError(f"the PKCS#11 module {settings.module} cannot be loaded") from None
+        raise TokenUnavailableError(
+            f"the PKCS#11 module {settings.module} cannot be loaded"
+        ) from None
     try:
         return lib.get_token(token_label=settings.token_label)
     except Exception as exc:

@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from tests.support.names import TEST_TAG
@@ -99,7 +99,9 @@ class PassOwner:
             f"Name-Email: {self.pw.pw_name}@kmskeys.invalid\nExpire-Date: 0\n"
             f"Passphrase: {self.passphrase}\n%commit\n"
         )
-        self.run("gpg", "--batch", "--pinentry-mode", "loopback", "--gen-key", input=params.encode())
+        self.run(
+            "gpg", "--batch", "--pinentry-mode", "loopback", "--gen-key", input=params.encode()
+        )
         listing = self.run("gpg", "--batch", "--with-colons", "--with-keygrip", "-K").stdout
         rows = [line.split(":") for line in listing.decode().splitlines()]
         self.fingerprint = next(r[9] for r in rows if r[0] == "fpr")
@@ -191,10 +193,8 @@ def _kill_user_processes(uid: int) -> None:
         if not pids:
             return
         for pid in pids:
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.05)
 
 

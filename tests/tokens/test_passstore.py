@@ -53,9 +53,12 @@ def _gpg_processes(uid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and entry.stat().st_uid == uid:
-                if (entry / "comm").read_text().strip() == "gpg":
-                    found.append(int(entry.name))
+            if (
+                entry.name.isdigit()
+                and entry.stat().st_uid == uid
+                and (entry / "comm").read_text().strip() == "gpg"
+            ):
+                found.append(int(entry.name))
         except OSError:
             continue
     return found

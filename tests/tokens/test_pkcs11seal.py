@@ -200,9 +200,7 @@ def test_the_pin_may_come_from_a_systemd_credential(token: Token, tmp_path: Path
     assert got["error"] == "TokenPinError" and "CREDENTIALS_DIRECTORY" in got["message"]
 
 
-def test_a_blob_for_another_key_or_a_replaced_key_is_refused(
-    token: Token, pin_file: Path
-) -> None:
+def test_a_blob_for_another_key_or_a_replaced_key_is_refused(token: Token, pin_file: Path) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 

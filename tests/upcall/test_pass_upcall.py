@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from kmskeys import keyutils
-from tests.support.passgpg import PassOwner, missing, pass_owner, pass_user, scratch
 from tests.support.pass_rule import PassRule, pass_rule
+from tests.support.passgpg import PassOwner, missing, pass_owner, pass_user, scratch
 from tests.support.requester import Requester
 
 pytestmark = pytest.mark.upcall
@@ -29,9 +29,12 @@ def owners() -> Iterator[tuple[PassOwner, PassOwner]]:
         pytest.fail("the pass upcall tests cannot run here; missing: " + "; ".join(lacking))
     import pwd
 
-    with scratch() as base, pass_owner(base / "root", pwd.getpwuid(0)) as root:
-        with pass_user(base) as user:
-            yield root, user
+    with (
+        scratch() as base,
+        pass_owner(base / "root", pwd.getpwuid(0)) as root,
+        pass_user(base) as user,
+    ):
+        yield root, user
 
 
 @pytest.fixture
@@ -75,9 +78,7 @@ def _checked_verdict(rule: PassRule, before: int) -> dict[str, object]:
     return verdict
 
 
-def test_root_reads_its_store_through_the_upcall(
-    rule: PassRule, session_keyring: object
-) -> None:
+def test_root_reads_its_store_through_the_upcall(rule: PassRule, session_keyring: object) -> None:
     before = len(rule.verdicts())
     assert requester_root(rule.description("email/work")) == {"ok": "hunter2"}
     assert _checked_verdict(rule, before) == {"ok": True, "size": 7}
