@@ -75,6 +75,12 @@ def _examples() -> list[str]:
     return _upcall() + _binaries("lighttpd")
 
 
+def _tokens() -> list[str]:
+    from tests.support import passgpg, softhsm
+
+    return passgpg.missing() + softhsm.missing()
+
+
 CHECKS = {
     "kernel": _kernel,
     "upcall": _upcall,
@@ -84,6 +90,7 @@ CHECKS = {
     "netns": _netns,
     "terraform": _terraform,
     "examples": _examples,
+    "tokens": _tokens,
 }
 
 
