@@ -7,6 +7,8 @@ make a detached mount whose only way in is a file descriptor the command inherit
 `$CREDENTIALS_DIRECTORY` is `/proc/self/fd/N`, a path that resolves through that descriptor in
 the command and in every child that inherits it. The kernel frees the filesystem, files and all,
 when the last descriptor closes: nothing to clean up, nothing left if the command is killed.
+With `--watch`, the parent keeps a descriptor too, to replace a file atomically when its secret
+changes (`replace_file`); it closes it when it ends, and the command's copy lives on with it.
 
 ramfs, as systemd prefers, because its pages are never swapped out; tmpfs where ramfs is not
 available. Making a filesystem needs CAP_SYS_ADMIN over one's mount namespace: root has it; any

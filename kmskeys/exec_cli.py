@@ -1,7 +1,7 @@
 """`kmskeys exec`: run a command with secrets in its environment or in private files.
 
     kmskeys exec [--prefix P] [--keyring K] [--env VAR=NAME]... [--env-file MAPPING]...
-                 [--file FILE=NAME]... -- COMMAND [ARGS...]
+                 [--file FILE=NAME]... [--watch [WATCH OPTIONS]] -- COMMAND [ARGS...]
 
 Every secret is resolved first, concurrently, through the kernel cache (get_secret: a thread
 each, the hit and the upcall wait both release the GIL). Only when all of them are in hand is
@@ -10,6 +10,8 @@ written to disk. Any failure stops before the exec with one line on stderr and t
 its error class (docs/cli.md). The mapping holds names, never values: argv and error text carry
 no secret. `--file` puts a secret in a filesystem only the command can reach (kmskeys/credfs.py)
 and sets $CREDENTIALS_DIRECTORY as systemd does; docs/cli.md says why it is the one to prefer.
+With --watch, COMMAND is started as a child instead and this process stays to bring it each
+rotated secret (kmskeys/exec_watch.py, imported only then).
 """
 
 from __future__ import annotations

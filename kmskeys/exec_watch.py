@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 
 from kmskeys import credfs
@@ -399,4 +400,6 @@ def _not_dumpable() -> None:
 
 
 def _log(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    # A closed or broken stderr must not end the watch (and, through PR_SET_PDEATHSIG, CMD).
+    with suppress(OSError, ValueError):
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
