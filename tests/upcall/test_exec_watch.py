@@ -67,11 +67,11 @@ def test_rotations_that_race_the_flush_never_stop_the_command(resolver: Install)
     assert not any("refused" in line or "stopped" in line for line in run.errors), run.errors
 
 
-def test_restart_brings_a_rotated_env_value_and_no_secret_reaches_the_parent(
+def test_restart_brings_rotated_env_and_file_values_and_no_secret_reaches_the_parent(
     resolver: Install,
 ) -> None:
     (env_name, v1), (file_name, f1) = deployed(resolver, 2)
-    v2 = unique("v2").encode()
+    v2, f2 = unique("v2").encode(), unique("f2").encode()
     args = ["--interval", INTERVAL, "--holdoff", "1", "--env", f"TOKEN={env_name}"]
     args += ["--file", f"db={file_name}"]
     with Watching(resolver, args, ["var=TOKEN", "file=db", "exit=0"]) as run:
@@ -84,12 +84,17 @@ def test_restart_brings_a_rotated_env_value_and_no_secret_reaches_the_parent(
         second = run.next("start")
         assert second["pid"] != first["pid"] and second["ppid"] == parent
         assert (second["env"], second["value"]) == (v2.decode(), f1.hex())
+        rotate(resolver, file_name, resolver.blob(f2, file_name))
+        assert run.next("term")["pid"] == second["pid"]
+        third = run.next("start")
+        assert third["pid"] not in (first["pid"], second["pid"]) and third["ppid"] == parent
+        assert (third["env"], third["value"], third["file_mode"]) == (v2.decode(), f2.hex(), 0o400)
         # The parent's argv and environment hold no secret, old or new, nor does the command's
         # argv; the command's own environment has its --env value, as asked.
         for what in ("cmdline", "environ"):
-            assert no_secret_in(proc_text(parent, what), v1, v2, f1), what
-        assert no_secret_in(proc_text(second["pid"], "cmdline"), v1, v2, f1)
-    assert any("changed: restarting" in line for line in run.errors), run.errors
+            assert no_secret_in(proc_text(parent, what), v1, v2, f1, f2), what
+        assert no_secret_in(proc_text(third["pid"], "cmdline"), v1, v2, f1, f2)
+    assert sum("changed: restarting" in line for line in run.errors) == 2, run.errors
 
 
 def test_an_idle_watch_asks_nothing_and_untouched_secrets_cost_no_call(
