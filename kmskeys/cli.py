@@ -60,6 +60,7 @@ host commands:
                  (as root: every uid's copy and the host cache; --all: everything)
   exec -- CMD    run CMD with secrets in its environment or in private files:
                  exec [--env VAR=NAME] [--env-file MAP] [--file FILE=NAME] -- CMD [ARGS]
+                 (--watch: stay as CMD's parent and bring it each rotated secret)
   doctor         check this host's kmskeys set-up and explain each finding
 
 DPAPI on this host's stored: keys (pip install 'kmskeys[dpapi]'):

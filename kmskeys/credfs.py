@@ -7,6 +7,8 @@ make a detached mount whose only way in is a file descriptor the command inherit
 `$CREDENTIALS_DIRECTORY` is `/proc/self/fd/N`, a path that resolves through that descriptor in
 the command and in every child that inherits it. The kernel frees the filesystem, files and all,
 when the last descriptor closes: nothing to clean up, nothing left if the command is killed.
+With `--watch`, the parent keeps a descriptor too, to replace a file atomically when its secret
+changes (`replace_file`); it closes it when it ends, and the command's copy lives on with it.
 
 ramfs, as systemd prefers, because its pages are never swapped out; tmpfs where ramfs is not
 available. Making a filesystem needs CAP_SYS_ADMIN over one's mount namespace: root has it; any
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import suppress
 
 from kmskeys import keyutils
 
@@ -100,6 +103,49 @@ def write_file(root: int, name: str, data: bytes) -> None:
             view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
+
+
+# `kmskeys exec --watch` replaces a file under this name, then renames it into place. No
+# credential file name starts with "." (kmskeys/exec_plan.py), so it never clashes with one.
+_IN_FLIGHT = ".kmskeys-new"
+
+
+def replace_file(root: int, name: str, data: bytes) -> None:
+    """Replace root/name with `data` atomically: a reader opens the old file or the new, whole.
+
+    The directory is read-only (0500) once sealed: it is made writable for the moment of the
+    write and sealed again, whatever happens. A reader that has the old file open keeps reading
+    the old bytes; the filesystem frees them when it closes it.
+    """
+    with _writable(root):
+        with suppress(FileNotFoundError):
+            os.unlink(_IN_FLIGHT, dir_fd=root)  # left by a write that failed half-way
+        try:
+            write_file(root, _IN_FLIGHT, data)
+            os.rename(_IN_FLIGHT, name, src_dir_fd=root, dst_dir_fd=root)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(_IN_FLIGHT, dir_fd=root)
+            raise
+
+
+def remove_file(root: int, name: str) -> None:
+    """Remove root/name, if it is there."""
+    with _writable(root), suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=root)
+
+
+class _writable:
+    """The sealed directory at mode 0700 inside the block, back to 0500 after it."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+
+    def __enter__(self) -> None:
+        os.chmod(".", 0o700, dir_fd=self.root)
+
+    def __exit__(self, *exc: object) -> None:
+        os.chmod(".", 0o500, dir_fd=self.root)
 
 
 def seal(root: int) -> str:

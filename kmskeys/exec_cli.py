@@ -1,7 +1,7 @@
 """`kmskeys exec`: run a command with secrets in its environment or in private files.
 
     kmskeys exec [--prefix P] [--keyring K] [--env VAR=NAME]... [--env-file MAPPING]...
-                 [--file FILE=NAME]... -- COMMAND [ARGS...]
+                 [--file FILE=NAME]... [--watch [WATCH OPTIONS]] -- COMMAND [ARGS...]
 
 Every secret is resolved first, concurrently, through the kernel cache (get_secret: a thread
 each, the hit and the upcall wait both release the GIL). Only when all of them are in hand is
@@ -10,6 +10,8 @@ written to disk. Any failure stops before the exec with one line on stderr and t
 its error class (docs/cli.md). The mapping holds names, never values: argv and error text carry
 no secret. `--file` puts a secret in a filesystem only the command can reach (kmskeys/credfs.py)
 and sets $CREDENTIALS_DIRECTORY as systemd does; docs/cli.md says why it is the one to prefer.
+With --watch, COMMAND is started as a child instead and this process stays to bring it each
+rotated secret (kmskeys/exec_watch.py, imported only then).
 """
 
 from __future__ import annotations
@@ -21,10 +23,23 @@ import signal
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from kmskeys.contract import DEFAULT_PREFIX
+from kmskeys.exec_plan import (
+    CannotRunError,
+    CommandNotFoundError,
+    Mapping,
+    Plan,
+    SecretFailedError,
+    UsageError,
+    child_env,
+)
 from kmskeys.key import KEYRINGS, get_secret
-from kmskeys.names import validate_name
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from kmskeys.exec_watch import WatchOptions
 
 PROG = "kmskeys exec"
 # Misses in flight at once. The resolver's gate refuses (EAGAIN at once) past
@@ -32,71 +47,21 @@ PROG = "kmskeys exec"
 # uid's other processes may be using too, so more could fail a cold start; hits take
 # microseconds each, so they lose nothing by waiting.
 MAX_THREADS = 2
-_VAR_START = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")
-_VAR_CHARS = _VAR_START | frozenset("0123456789")
-_FILE_CHARS = _VAR_CHARS | frozenset(".@+-")
-
-
-class UsageError(ValueError):
-    """The command line or the mapping file is wrong; see `kmskeys exec --help`."""
-
-
-class CommandNotFoundError(OSError):
-    """COMMAND is not an executable file, here or on $PATH; check the name and $PATH."""
-
-
-class CannotRunError(OSError):
-    """execve(2) refused COMMAND (not a valid executable, or no permission); nothing ran."""
-
-
-class Mapping:
-    """Where each secret goes: environment variables and file names, each to a secret name."""
-
-    def __init__(self) -> None:
-        self.env: dict[str, str] = {}
-        self.files: dict[str, str] = {}
-
-    def add_env(self, item: str, where: str, *, quote: bool = True) -> None:
-        """Map VAR=NAME; `quote=False` keeps the item's text out of error messages."""
-        var, name = _split(item, where, quote=quote)
-        if not (var[:1] in _VAR_START and set(var) <= _VAR_CHARS):
-            shown = f"{var!r} is" if quote else "the part before '=' is"
-            raise UsageError(f"{where}: {shown} not an environment variable name")
-        if var in self.env:
-            raise UsageError(f"{where}: {var} is given twice")
-        self.env[var] = name
-
-    def add_file(self, item: str, where: str) -> None:
-        file, name = _split(item, where)
-        # One path segment, as a systemd credential name: no "/", not "." or "..".
-        if not (file and file[0] != "." and set(file) <= _FILE_CHARS and len(file) <= 255):
-            raise UsageError(f"{where}: {file!r} is not a credential file name")
-        if file in self.files:
-            raise UsageError(f"{where}: {file} is given twice")
-        self.files[file] = name
-
-    def names(self) -> list[str]:
-        """Each secret name once, in the order first asked for."""
-        return list(dict.fromkeys([*self.env.values(), *self.files.values()]))
-
-
-def _split(item: str, where: str, *, quote: bool = True) -> tuple[str, str]:
-    target, eq, name = item.partition("=")
-    target, name = target.strip(), name.strip()
-    if not eq or not target or not name:
-        got = f", got {item!r}" if quote else ""
-        raise UsageError(f"{where}: expected TARGET=NAME{got}")
-    try:
-        validate_name(name)
-    except ValueError:
-        if quote:
-            raise
-        # A mapping file line that fails may hold a value put there by mistake: never echo it.
-        raise UsageError(
-            f"{where}: the part after '=' is not a valid secret name (a mapping holds names "
-            "of secrets, never their values)"
-        ) from None
-    return target, name
+# --watch settings: (default, lowest, highest) seconds; docs/cli.md says why each default.
+WATCH_SECONDS = {
+    "interval": (2.0, 0.1, 3600.0),
+    "holdoff": (10.0, 1.0, 86400.0),
+    "stop_timeout": (10.0, 0.1, 3600.0),
+}
+ON_REVOKE = ("stop", "keep")
+__all__ = [
+    "CannotRunError",
+    "CommandNotFoundError",
+    "Mapping",
+    "SecretFailedError",
+    "UsageError",
+    "main",
+]
 
 
 def _read_env_file(path: str, mapping: Mapping) -> None:
@@ -140,7 +105,72 @@ def _parser() -> argparse.ArgumentParser:
         help="write secret NAME to $CREDENTIALS_DIRECTORY/FILE, mode 0400, in a filesystem "
         "only COMMAND can reach",
     )
+    watch = parser.add_argument_group(
+        "watch mode", "stay as COMMAND's parent and bring it each rotated secret (docs/cli.md)"
+    )
+    watch.add_argument("--watch", action="store_true", help="watch the secrets COMMAND was given")
+    watch.add_argument(
+        "--on-change",
+        metavar="ACTION",
+        help="restart (default), signal:SIG (e.g. signal:HUP; --file only) or exec:CMD "
+        "(--file only)",
+    )
+    for option, (default, low, high) in WATCH_SECONDS.items():
+        watch.add_argument(
+            "--" + option.replace("_", "-"),
+            metavar="SECONDS",
+            help=f"{_WATCH_HELP[option]} (default {default:g}, {low:g} to {high:g})",
+        )
+    watch.add_argument(
+        "--on-revoke",
+        choices=ON_REVOKE,
+        help="a refused or unknown secret: stop COMMAND (default) or keep it running",
+    )
     return parser
+
+
+_WATCH_HELP = {
+    "interval": "how often the kernel keys are checked",
+    "holdoff": "at least this long between two actions",
+    "stop_timeout": "SIGKILL a stopped COMMAND after this long",
+}
+
+
+def _watch_options(opts: argparse.Namespace, mapping: Mapping) -> WatchOptions | None:
+    """The --watch settings, checked before any secret is resolved; None without --watch."""
+    given = [name for name in ("on_change", *WATCH_SECONDS, "on_revoke") if getattr(opts, name)]
+    if not opts.watch:
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} needs --watch")
+        return None
+    from kmskeys.exec_watch import OnChange, WatchOptions
+
+    on_change = OnChange.parse(opts.on_change or "restart")
+    if on_change.kind != "restart" and mapping.env:
+        raise UsageError(
+            f"--on-change={opts.on_change}: a new --env value reaches COMMAND only by a "
+            "restart; use --on-change=restart, or --file for these secrets"
+        )
+    if on_change.kind == "exec":
+        found = _find(on_change.argv[0], os.environ.get("PATH", os.defpath))
+        on_change = replace(on_change, executable=found)
+    seconds = {
+        name: _seconds(name, getattr(opts, name), *bounds) for name, bounds in WATCH_SECONDS.items()
+    }
+    return WatchOptions(on_change, on_revoke=opts.on_revoke or ON_REVOKE[0], **seconds)
+
+
+def _seconds(name: str, text: str | None, default: float, low: float, high: float) -> float:
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:  # NaN fails too
+        option = "--" + name.replace("_", "-")
+        raise UsageError(f"{option} {text}: expected seconds from {low:g} to {high:g}")
+    return value
 
 
 def _find(command: str, path: str | None) -> str:
@@ -164,20 +194,25 @@ def _resolve(names: Sequence[str], prefix: str, keyring: str | None) -> dict[str
     return {name: f.result() for name, f in futures.items()}
 
 
-class SecretFailedError(Exception):
-    """A secret could not be had: the first in the order asked for, and how many more failed."""
-
-    def __init__(self, name: str, exc: BaseException, *, more: int) -> None:
-        tail = f" (and {more} more)" if more else ""
-        super().__init__(f"secret {name!r}: {exc}{tail}")
-        self.cause = exc
+def _mapping(opts: argparse.Namespace) -> Mapping:
+    mapping = Mapping()
+    for item in opts.env:
+        mapping.add_env(item, f"--env {item}")
+    for path in opts.env_file:
+        _read_env_file(path, mapping)
+    for item in opts.file:
+        mapping.add_file(item, f"--file {item}")
+    if not mapping.names():
+        raise UsageError("no --env, --env-file or --file: nothing to inject")
+    return mapping
 
 
 def main(argv: Sequence[str]) -> int:
     """Run COMMAND in place of this process, or raise (kmskeys.cli prints the one line).
 
-    Returns only for --help. UsageError, CommandNotFoundError, SecretFailedError and
-    CannotRunError say what stopped it; kmskeys.cli maps each to its exit code.
+    Returns only for --help, and with --watch, COMMAND's exit status. UsageError,
+    CommandNotFoundError, SecretFailedError and CannotRunError say what stopped it; kmskeys.cli
+    maps each to its exit code.
     """
     args = list(argv)
     if "--" not in args:
@@ -189,15 +224,8 @@ def main(argv: Sequence[str]) -> int:
     opts, command = _parser().parse_args(args[:split]), args[split + 1 :]
     if not command:
         raise UsageError("no command after --")
-    mapping = Mapping()
-    for item in opts.env:
-        mapping.add_env(item, f"--env {item}")
-    for path in opts.env_file:
-        _read_env_file(path, mapping)
-    for item in opts.file:
-        mapping.add_file(item, f"--file {item}")
-    if not mapping.names():
-        raise UsageError("no --env, --env-file or --file: nothing to inject")
+    mapping = _mapping(opts)
+    watching = _watch_options(opts, mapping)
     executable = _find(command[0], os.environ.get("PATH", os.defpath))
     # The filesystem first: its helper forks, which is safest before any thread exists.
     root = None
@@ -206,14 +234,12 @@ def main(argv: Sequence[str]) -> int:
 
         root = credfs.private_fs()
     secrets = _resolve(mapping.names(), opts.prefix, opts.keyring)
-    env = dict(os.environb)
-    for var, name in mapping.env.items():
-        if b"\0" in secrets[name]:
-            raise UsageError(
-                f"secret {name!r} holds a NUL byte, which no environment variable can: "
-                f"use --file instead of --env for {var}"
-            )
-        env[var.encode()] = secrets[name]
+    if watching is not None:
+        from kmskeys import exec_watch
+
+        plan = Plan(command, executable, mapping, opts.prefix, opts.keyring)
+        return exec_watch.run(plan, watching, secrets, root)
+    env = child_env(os.environb, mapping, secrets, None)
     if root is not None:
         for file, name in mapping.files.items():
             credfs.write_file(root, file, secrets[name])

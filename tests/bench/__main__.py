@@ -33,6 +33,7 @@ MODULES.append("tests.bench.cli")  # the cached `kmskeys get` (issue 15)
 MODULES.append("tests.bench.hostcache")  # host-cache miss and the simulated hour (issue 14)
 MODULES.append("tests.bench.identity")  # requester identification added to a miss (issue 24)
 MODULES.append("tests.bench.fleet")  # Secrets Manager calls per rotation, simulated (issue 21)
+MODULES.append("tests.bench.rotation")  # rotation reaching a running program (issue 21)
 
 
 def machine() -> str:
