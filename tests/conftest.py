@@ -12,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.support.admin_group import removed_if_created
 from tests.support.prereqs import CHECKS, missing_for
+from tests.support.reach import header as reach_header
+from tests.support.reach import unreachable
 from tests.support.requester import Requester, header, requester_modes
 
 _missing_cache: dict[str, list[str]] = {}
@@ -24,9 +26,17 @@ def _admin_group_cleanup() -> Iterator[None]:
         yield
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop at once, in one line, if processes of other uids cannot use this checkout."""
+    problem = unreachable()
+    if problem:
+        pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    """What the session's upcall probe found, and which kinds of requester the tests use."""
-    return header()
+    """What the session's upcall probe found, which kinds of requester the tests use, and how
+    other uids reach the checkout."""
+    return header() + reach_header()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -41,6 +41,7 @@ from kmskeys.upcall_probe import (
     probe_upcalls,
 )
 from tests.support.names import unique_prefix
+from tests.support.reach import reach_checkout
 
 Mode = Literal["setuid", "fsuid"]
 Session = Literal["new", "inherit"]
@@ -207,6 +208,8 @@ def header() -> list[str]:
 
 
 def _become(user: pwd.struct_passwd, mode: Mode) -> None:
+    # Whatever func imports later, it reads as the user: wherever the checkout lies.
+    reach_checkout()
     if mode == "setuid":
         _setuid(user.pw_uid, user.pw_gid)
     else:

@@ -21,6 +21,7 @@ import pytest
 from kmskeys.errors import KeyRejectedError, TemporarilyUnavailableError
 from tests.support.kms_proxy import DROP, ProxiedRequest
 from tests.support.names import unique
+from tests.support.reach import reach_checkout
 from tests.support.requester import NOBODY, as_user
 from tests.support.warm_daemon import RESOLVER, warm_daemon
 
@@ -104,6 +105,7 @@ def _impostor(path: Path, ready: Any) -> None:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     os.chmod(path, 0o600)
+    reach_checkout()
     os.setgid(NOBODY)
     os.setuid(NOBODY)
     server.listen(8)
