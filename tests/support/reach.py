@@ -105,19 +105,32 @@ def _skeleton(top: Path, path: Path) -> None:
         current.chmod(WALK_MODE)
 
 
-def _cover(libc: ctypes.CDLL, top: Path, paths: Iterable[Path]) -> None:
+def cover(top: Path, paths: Iterable[Path], *, mode: int = WALK_MODE) -> None:
+    """In a private mount namespace: a tmpfs of `mode` over `top`, `paths` (below it) bound back
+    at their own paths, the directories between only walkable."""
+    libc = _libc()
     # Opened in this namespace, before the tmpfs hides them: a bind's source must be a mount of
     # the caller's own namespace.
     fds = {path: os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for path in paths}
     try:
         flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
-        _mount(libc, "kmskeys-test-view", top, flags, tmpfs_options=f"mode={WALK_MODE:o},size=1m")
+        _mount(libc, "kmskeys-test-view", top, flags, tmpfs_options=f"mode={mode:o},size=1m")
         for path, fd in fds.items():
             _skeleton(top, path)
             _mount(libc, f"/proc/self/fd/{fd}", path, MS_BIND | MS_REC)
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def private_mounts() -> None:
+    """Move this process (one thread: a forked child) to a private copy of the mount table."""
+    libc = _libc()
+    # unshare(CLONE_NEWNS) needs an unshared fs_struct: a forked child has one thread.
+    if libc.unshare(CLONE_NEWNS) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWNS): {os.strerror(err)}")
+    _mount(libc, "none", Path("/"), MS_REC | MS_PRIVATE)  # nothing leaks back to the host
 
 
 def reach_checkout() -> None:
@@ -127,15 +140,10 @@ def reach_checkout() -> None:
     plan = covers()
     if not plan:
         return
-    libc = _libc()
-    # unshare(CLONE_NEWNS) needs an unshared fs_struct: a forked child has one thread.
-    if libc.unshare(CLONE_NEWNS) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"unshare(CLONE_NEWNS): {os.strerror(err)}")
-    _mount(libc, "none", Path("/"), MS_REC | MS_PRIVATE)  # nothing leaks back to the host
+    private_mounts()
     cwd = os.getcwd()
     for top, paths in plan.items():
-        _cover(libc, top, paths)
+        cover(top, paths)
     os.chdir(cwd)  # the same path, now through the view
 
 
@@ -180,9 +188,9 @@ def unreachable() -> str | None:
     last = lines[-1]
     where = last.removeprefix("unreadable ") if last.startswith("unreadable ") else str(ROOT)
     return (
-        f"uid nobody cannot use {where} ({last}): the suite runs code as other uids from this "
-        f"checkout; make it readable by every user (chmod -R o+rX {where}) or clone it there"
+        f"uid nobody cannot use {where} ({last}): the suite runs code as other uids from it; "
+        f"make it readable by every user (chmod -R o+rX {where}), or clone it with umask 022"
     )
 
 
-__all__ = ["covers", "header", "reach_checkout", "unreachable"]
+__all__ = ["cover", "covers", "header", "needed", "private_mounts", "reach_checkout", "unreachable"]
