@@ -215,7 +215,8 @@ def _try(install: Any, name: str, text: str) -> object:
 
 def test_doctor_reports_the_warm_daemon(extra_install: Any, warm_dir: Path) -> None:
     sock = warm_dir / "resolver.sock"
-    doctor = [str(RESOLVER.with_name("kmskeys")), "doctor"]
+    # In a network namespace of its own: doctor probes IMDS.
+    doctor = ["unshare", "--net", str(RESOLVER.with_name("kmskeys")), "doctor"]
     with extra_install(warm_socket=sock) as other:
         args = [*doctor, "--prefix", other.prefix, "--config", str(other.config)]
         idle = subprocess.run(args, capture_output=True, text=True, check=False, timeout=30)
