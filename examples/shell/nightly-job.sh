@@ -8,9 +8,9 @@
 # The secret goes to the job on stdin, never in argv or the environment (both are visible in
 # /proc to the same user). With no job given, the script prints the secret's fingerprint.
 #
-# The key is cached in the user keyring, which every session of the job's uid shares: cron
-# gives each run a new session keyring (pam_keyinit), so a key cached there would be gone at the
-# next run, and every run would ask the resolver again.
+# The key is cached in the user keyring, which every session of the job's uid shares: each run
+# of a cron job may get a new session keyring (pam_keyinit), and a key cached there would be
+# gone at the next run, which would ask the resolver again.
 #
 # Settings (environment): KMSKEYS_SECRET (the secret's name, required), KMSKEYS_PREFIX
 # (default kms), KMSKEYS_KEYRING (default user; persistent also outlives the uid's last
