@@ -90,12 +90,18 @@ class HostImdsGuard:
             ) from None
         home = mount / _own_cgroup().lstrip("/")
         cgroup = home / self.name
-        cgroup.mkdir()
+        try:
+            cgroup.mkdir()
+        except OSError as exc:
+            raise GuardUnavailable(f"a writable cgroup v2 at {home} ({exc.strerror})") from None
         self.cgroup, self._home = cgroup, home
         try:
             (cgroup / "cgroup.procs").write_text(str(os.getpid()))
             level = len(cgroup.relative_to(mount).parts)
             _nft("-f", "-", stdin=self._ruleset(str(relative / cgroup.relative_to(mount)), level))
+        except OSError as exc:
+            self.remove()
+            raise GuardUnavailable(f"moving into {cgroup} ({exc.strerror})") from None
         except BaseException:
             self.remove()
             raise
@@ -145,7 +151,8 @@ class HostImdsGuard:
         if self.cgroup is None or self._home is None:
             return
         procs = self._home / "cgroup.procs"
-        procs.write_text(str(os.getpid()))
+        with contextlib.suppress(OSError):  # then the rmdir below fails and the cgroup stays
+            procs.write_text(str(os.getpid()))
         for _ in range(50):
             try:
                 self.cgroup.rmdir()
