@@ -55,7 +55,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """What the session's upcall probe found, which kinds of requester the tests use, and how
     other uids reach the checkout."""
-    guard = _imds_guard.header() if _imds_guard else f"imds guard: off ({_imds_guard_missing})"
+    off = f"imds guard: off (missing: {_imds_guard_missing})"
+    guard = _imds_guard.header() if _imds_guard else off
     return [*header(), *reach_header(), guard]
 
 
