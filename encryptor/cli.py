@@ -91,6 +91,34 @@ def bundle_main(argv: Sequence[str] | None = None) -> int:
     return _run(parser, argv, _bundle)
 
 
+def create_key_main(argv: Sequence[str] | None = None) -> int:
+    """`kmskeys create-key --alias alias/NAME`: a symmetric key and its alias; print its ARN."""
+    parser = argparse.ArgumentParser(
+        prog="kmskeys create-key",
+        description="Create a symmetric ENCRYPT_DECRYPT KMS key named by ALIAS and print its ARN "
+        "(for a test KMS or a sandbox account off EC2; production keys come from terraform/). "
+        "An existing ALIAS is not moved: the ARN of the key it names is printed, nothing created.",
+    )
+    parser.add_argument("--alias", metavar="alias/NAME", required=True, help="the key's alias")
+    parser.add_argument(
+        "--description", default="kmskeys secrets", help="the key's description (%(default)s)"
+    )
+    _aws_options(parser)
+    return _run(parser, argv, _create_key)
+
+
+def _create_key(args: argparse.Namespace) -> int:
+    from encryptor.keys import check_alias, create_key
+    from encryptor.kms import make_client
+
+    alias = check_alias(args.alias)
+    arn, created = create_key(make_client(**_aws(args)), alias, args.description)
+    said = f"created {arn} as {alias}" if created else f"{alias} names {arn}: nothing created"
+    print(f"kmskeys create-key: {said}", file=sys.stderr)
+    print(arn)
+    return EXIT_OK
+
+
 def _key_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--key-id",

@@ -71,6 +71,7 @@ build-side commands (pip install 'kmskeys[encrypt]'):
   encrypt NAME   encrypt stdin into a blob bound to NAME
   inspect BLOB   describe a blob without decrypting it
   bundle ENVFILE encrypt every KEY=VALUE of an env file into DIR/NAME.kms
+  create-key     make a KMS key and its alias (a test KMS off EC2), print its ARN
 
 Run `kmskeys COMMAND --help` for a command's options.
 """

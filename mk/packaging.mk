@@ -1,8 +1,9 @@
 # Packaging: `make dist` builds dist/ (scripts/dist.sh): the sdist, the manylinux2014 abi3 wheel
-# and the Debian package (scripts/deb.sh, packaging/deb/). Both the package and the wheel test
-# install from the wheelhouse, without an index: the wheels of the client's dependency (cffi)
-# and of the resolver's (botocore, cryptography), at the dev venv's versions, with theirs,
-# fetched once when the venv is made (tests/packaging, docs/packaging.md).
+# and the Debian package (scripts/deb.sh, packaging/deb/). The package and the wheel tests
+# install from the wheelhouse, without an index: the wheels of the client's dependency (cffi),
+# the resolver's (botocore, cryptography) and the encryptor's (boto3), at the dev venv's
+# versions, with theirs, fetched once when the venv is made (tests/packaging,
+# docs/packaging.md; test_roles.py installs every role of the README that way).
 
 WHEELHOUSE := $(VENV)/wheelhouse
 # The package's venv is made from Debian 12's python3.11 (scripts/deb.sh) and needs it installed.
@@ -19,7 +20,7 @@ dist: deps venv $(WHEELHOUSE)/.downloaded
 # pip too: the older-glibc root's interpreter has none (tests/packaging/test_oldglibc.py).
 $(WHEELHOUSE)/.downloaded: $(VENV)/.installed mk/packaging.mk
 	$(PY) -m pip download -q --only-binary=:all: -d $(WHEELHOUSE) \
-		$$($(PY) -c 'import importlib.metadata as m; print(*(f"{d}=={m.version(d)}" for d in ("cffi", "botocore", "cryptography", "pip")))')
+		$$($(PY) -c 'import importlib.metadata as m; print(*(f"{d}=={m.version(d)}" for d in ("cffi", "boto3", "botocore", "cryptography", "pip")))')
 	@touch $@
 
 # The older-glibc stand-in the wheel test installs into: Debian 11 by debootstrap, with

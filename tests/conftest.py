@@ -1,4 +1,6 @@
-"""Suite-wide fixtures: tier prerequisites (fail, never skip) and a fresh session keyring."""
+"""Suite-wide fixtures: tier prerequisites (fail, never skip), a fresh session keyring, and the
+checks that hold for every test: other uids reach the checkout, nothing reaches IMDS from the
+host's network."""
 
 from __future__ import annotations
 
@@ -11,10 +13,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.support.admin_group import removed_if_created
+from tests.support.imds_guard import GuardUnavailable, HostImdsGuard
 from tests.support.prereqs import CHECKS, missing_for
+from tests.support.reach import header as reach_header
+from tests.support.reach import unreachable
 from tests.support.requester import Requester, header, requester_modes
 
 _missing_cache: dict[str, list[str]] = {}
+# The session's IMDS guard (tests/support/imds_guard.py), or why there is none.
+_imds_guard: HostImdsGuard | None = None
+_imds_guard_missing = "not set up"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,9 +32,59 @@ def _admin_group_cleanup() -> Iterator[None]:
         yield
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop at once, in one line, if processes of other uids cannot use this checkout; then
+    guard the host's network against IMDS probes (before any fixture starts a process)."""
+    global _imds_guard, _imds_guard_missing
+    problem = unreachable()
+    if problem:
+        pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
+    try:
+        _imds_guard = HostImdsGuard().install()
+    except GuardUnavailable as exc:
+        _imds_guard_missing = str(exc)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The IMDS guard's table and cgroup go with the session."""
+    if _imds_guard is not None:
+        _imds_guard.remove()
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    """What the session's upcall probe found, and which kinds of requester the tests use."""
-    return header()
+    """What the session's upcall probe found, which kinds of requester the tests use, and how
+    other uids reach the checkout."""
+    off = f"imds guard: off (missing: {_imds_guard_missing})"
+    guard = _imds_guard.header() if _imds_guard else off
+    return [*header(), *reach_header(), guard]
+
+
+@pytest.fixture(autouse=True)
+def _no_imds_from_the_host(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test whose processes sent a packet to IMDS from the host's network (dropped by the
+    guard). Only the guard's own test, which takes `imds_guard`, probes it on purpose."""
+    if _imds_guard is None or "imds_guard" in request.fixturenames:
+        yield
+        return
+    before = _imds_guard.imds_packets()
+    yield
+    sent = _imds_guard.imds_packets() - before
+    if sent:
+        pytest.fail(
+            f"{sent} packet(s) to the instance-metadata address on the host's network (the "
+            "suite's guard refused them): run what probes IMDS (doctor, firewall status) in a "
+            "network namespace the test creates (`unshare --net`, as_user(own_network=True))",
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def imds_guard() -> HostImdsGuard:
+    """The session's IMDS guard, for the test that shows it works (fails where there is none)."""
+    if _imds_guard is None:
+        pytest.fail(f"the IMDS guard could not be set up; missing: {_imds_guard_missing}")
+    return _imds_guard
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

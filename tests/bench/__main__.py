@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tests.bench.common import BenchContext, Row, within
 from tests.support.admin_group import removed_if_created
+from tests.support.imds_guard import GuardUnavailable, HostImdsGuard
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results.md"
@@ -87,9 +88,27 @@ def update_readme(table: str) -> None:
         README.write_text(pattern.sub(f"{MARK_START}\n{table}{MARK_END}", text))
 
 
+def _guard() -> HostImdsGuard | None:
+    """The IMDS guard of the suite (tests/support/imds_guard.py), around the whole run."""
+    try:
+        return HostImdsGuard().install()
+    except GuardUnavailable as exc:
+        print(f"bench: imds guard off (missing: {exc})", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the rows of the named modules (default: all) and write the results."""
     names = (argv if argv is not None else sys.argv[1:]) or MODULES
+    guard = _guard()
+    try:
+        return _run(names, guard)
+    finally:
+        if guard is not None:
+            guard.remove()
+
+
+def _run(names: list[str], guard: HostImdsGuard | None) -> int:
     started = time.monotonic()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="kmst-bench-") as tmp, removed_if_created():
@@ -109,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             os.chdir(here)
         notes = list(ctx.notes)
+    sent = guard.imds_packets() if guard is not None else 0
+    if sent:
+        print(
+            f"bench: {sent} packet(s) to the instance-metadata address on the host's network "
+            "(refused by the guard): a row probes IMDS outside a network namespace of its own",
+            file=sys.stderr,
+        )
+        return 1
     table = render(rows, time.monotonic() - started)
     if notes:
         table += "\n" + "\n".join(f"- {note}" for note in notes) + "\n"

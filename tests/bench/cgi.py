@@ -39,7 +39,7 @@ CONNECTIONS = 4
 ROUNDS = 3
 DURATION = {"kmskeys": 4, "boto3": 7, "static": 4}
 MEMORY_RUNS = 5
-# DESIGN.md: the kmskeys CGI serves at least 0.95x the requests/s of the plaintext-file floor.
+# docs/design.md, Budgets: the kmskeys CGI serves >= 0.95x the requests/s of the plaintext floor.
 FLOOR_BUDGET = 0.95
 # Not kmskeys.py: a script's own directory comes first on sys.path and would shadow the package.
 SCRIPTS = {"kmskeys": "secret.py", "boto3": "boto3_decrypt.py", "static": "static.py"}

@@ -16,7 +16,7 @@ HIT_C = Path(__file__).with_name("hit.c")
 HIT_ITERATIONS = 100_000
 HIT_ROUNDS = 7
 FRESH_RUNS = 30
-# DESIGN.md: a hit through get_secret costs at most 1.5x the C program's request + read.
+# docs/design.md, Budgets: a get_secret hit costs at most 1.5x the C program's request + read.
 HIT_BUDGET = 1.5
 SECRET = b"bench-secret-" + b"x" * 19  # a typical 32-byte password
 

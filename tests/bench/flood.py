@@ -146,6 +146,8 @@ def rows(ctx: BenchContext | None = None) -> list[Row]:
                 Keyring.join_session()
     (result,) = outcome
     ended = result.get("ok") if isinstance(result, dict) else None
+    if ended is None:
+        raise RuntimeError(f"the attacker (uid {NOBODY}) never ran its requests: {result}")
     p99_unloaded, p99_loaded = percentile(unloaded, 99), percentile(loaded, 99)
     rss_mib, pss_mib = sampler.peak_rss / 1024, sampler.peak_pss / 1024
     ratio = p99_loaded / p99_unloaded

@@ -2,7 +2,7 @@
 
 kmskeys gets a key the resolver has already cached (the steady state of a host); boto3 must
 import, build a client and call Decrypt against the same emulator in every process, because a
-process has nowhere to keep the plaintext. The budget (DESIGN.md) is on the total time per
+process has nowhere to keep the plaintext. The budget (docs/design.md) is on the total time per
 process, which is what a user waits for; the run's shared `python -c pass` baseline is shown
 beside it, with its spread, as the floor both stand on.
 """

@@ -1,19 +1,24 @@
-"""examples/shell/nightly-job.sh: one decision per `kmskeys get` exit code.
+"""examples/shell/nightly-job.sh: one decision per `kmskeys get` exit code, cached across runs.
 
-Codes 0, 2, 3, 4 and 5 come from the real chain (resolver, emulator, fault proxy). Codes 1, 6,
-7 and 8 need a full key quota, another user's key or a key expiring mid-run: those cases run
-against a stand-in `kmskeys` on PATH that exits with the code under test.
+Codes 0, 2, 3, 4 and 5 come from the real chain (resolver, emulator, fault proxy), and so does
+the cache across runs that cron gives new session keyrings (the job caches in the user keyring).
+Codes 1, 6, 7, 8 and 9 need an unclassified error, a full key quota, another user's key or a
+key expiring mid-run: those cases run against a stand-in `kmskeys` that exits with the code
+under test. Keys the job cached in root's user keyring are removed after each test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kmskeys import Keyring, KmsKeysError
 from tests.examples.conftest import BIN, EXAMPLES, SECRET_NAME
 from tests.support.kms_proxy import kms_error
 from tests.upcall.conftest import Install
@@ -56,6 +61,27 @@ def start_job(
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+@pytest.fixture(autouse=True)
+def _users_keyring_cleaned(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The job caches in root's user keyring, shared by every root process: drop ours after."""
+    if "install" not in request.fixturenames:
+        yield
+        return
+    prefix = request.getfixturevalue("install").prefix
+    yield
+    ring = Keyring.user()
+    for key in ring.list():
+        with contextlib.suppress(KmsKeysError):  # another's key this process may not view
+            if key.describe().description.startswith(f"{prefix}:"):
+                key.unlink(ring)
+
+
+def _resolutions(install: Install) -> int:
+    """How many requests for SECRET_NAME the resolver answered since the last call."""
+    install.log.collect()
+    return sum(f"name={SECRET_NAME} " in line for line in install.log.drain())
 
 
 def test_success_prints_the_fingerprint(install: Install) -> None:
@@ -156,14 +182,48 @@ def stand_in(tmp_path: Path, codes: list[int]) -> Path:
     return script
 
 
+def test_runs_in_new_session_keyrings_share_one_resolution(install: Install) -> None:
+    # cron gives each run a session keyring of its own (pam_keyinit): `keyctl session -` does.
+    secret = b"cron-" + os.urandom(8).hex().encode()
+    install.deploy(SECRET_NAME, install.blob(secret, SECRET_NAME))
+    fingerprint = hashlib.sha256(secret).hexdigest()[:16]
+    for keyring, resolutions in (("user", 1), ("session", 2)):
+        for _ in range(2):
+            done = subprocess.run(
+                ["keyctl", "session", "-", "/bin/sh", str(SCRIPT)],
+                env=job_env(
+                    install.prefix, SECRET_NAME, BIN / "kmskeys",
+                    **({} if keyring == "user" else {"KMSKEYS_KEYRING": keyring}),
+                ),
+                capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+            assert (done.returncode, done.stdout.strip()) == (0, fingerprint), done.stderr
+        # By default the second run is a kernel hit; a session keyring asks the resolver again.
+        assert _resolutions(install) == resolutions, keyring
+
+
 @pytest.mark.parametrize(
     ("code", "expected", "says"),
-    [(6, 78, "kmskeys doctor"), (7, 77, "another user"), (1, 70, "status 1"), (9, 70, "status 9")],
+    [
+        (1, 71, "run 'kmskeys doctor --prefix kms'"),
+        (6, 78, "run 'kmskeys doctor'"),
+        (7, 77, "keyctl blocked, or a key this uid may not use"),
+        (9, 77, "belongs to another uid"),
+        (42, 70, "status 42, not one docs/cli.md lists"),
+    ],
 )
 def test_other_exit_codes(tmp_path: Path, code: int, expected: int, says: str) -> None:
     done = run_job(prefix="kms", kmskeys=stand_in(tmp_path, [code]))
     assert done.returncode == expected
     assert says in done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == ["get --prefix kms --keyring user db-password"]
+
+
+def test_no_kmskeys_command_is_ex_config(tmp_path: Path) -> None:
+    done = run_job(prefix="kms", kmskeys=tmp_path / "no-such-kmskeys")
+    assert done.returncode == 78
+    assert "no kmskeys command" in done.stderr
 
 
 def test_expired_key_is_flushed_once_then_retried(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from tests.netns.conftest import (
     REPO,
     Netns,
 )
+from tests.support.reach import reach_checkout
 
 pytestmark = pytest.mark.netns
 
@@ -218,6 +219,7 @@ def test_not_root_is_a_clear_error(action: str, capfd: pytest.CaptureFixture[str
     if pid == 0:
         code = 99
         try:
+            reach_checkout()  # main's lazy imports are read as nobody
             os.setgroups([])
             os.setresgid(NOBODY.pw_gid, NOBODY.pw_gid, NOBODY.pw_gid)
             os.setresuid(NOBODY.pw_uid, NOBODY.pw_uid, NOBODY.pw_uid)

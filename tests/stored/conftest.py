@@ -19,6 +19,7 @@ import pytest
 
 from tests.stored.harness import StoredInstall, stored_installed
 from tests.support.names import TEST_TAG
+from tests.support.reach import reach_checkout
 
 # Names matching these globs are machine-scoped, or kept for user A alone.
 MACHINE_GLOB = f"{TEST_TAG}-*-machine-*"
@@ -41,6 +42,7 @@ def as_user(uid: int, func: Callable[[], object], *, gid: int | None = None) -> 
         code = 0
         try:
             os.close(read_end)
+            reach_checkout()  # func's lazy imports are read with the fsuid
             libc = ctypes.CDLL(None, use_errno=True)
             for call in (libc.setfsuid, libc.setfsgid):  # int setfsuid(uid_t): ids are unsigned
                 call.argtypes, call.restype = [ctypes.c_uint32], ctypes.c_uint32

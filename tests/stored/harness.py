@@ -19,7 +19,7 @@ from typing import Any
 from kmskeys import Key
 from tests.support.kms_emulator import TEST_CREDENTIALS
 from tests.support.names import unique, unique_prefix
-from tests.upcall.harness import SyslogReader, run_resolver
+from tests.upcall.harness import RESOLVER, SyslogReader, run_resolver
 
 
 def toml_value(value: Any) -> str:
@@ -80,11 +80,13 @@ def stored_installed(
     rules: str = "stored",
     keystore: Path | None = None,
     kms_endpoint: str | None = None,
+    resolver: Path = RESOLVER,
     **settings: Any,
 ) -> Iterator[StoredInstall]:
     """Install a resolver for a fresh stored prefix with `settings`; remove all of it after.
 
     `kms_endpoint` points its KMS client (the seal's) at an emulator, with test credentials.
+    `resolver` is the kmskeys-resolver that installs itself: the rule runs that one.
     """
     root = Path(tempfile.mkdtemp(prefix=unique("stored") + "-"))
     os.chmod(root, 0o755)
@@ -119,14 +121,14 @@ def stored_installed(
     }
     config = root / "resolver.toml"
     write_config(config, values, names)
-    done = run_resolver("install", "--config", str(config), "--rules", rules)
+    done = run_resolver("install", "--config", str(config), "--rules", rules, resolver=resolver)
     assert done.returncode == 0, done.stderr
     try:
         yield StoredInstall(
             root, config, values["prefix"], values["stored_prefix"], keystore, log, values
         )
     finally:
-        undone = run_resolver("uninstall", "--config", str(config))
+        undone = run_resolver("uninstall", "--config", str(config), resolver=resolver)
         log.close()
         shutil.rmtree(root, ignore_errors=True)
         assert undone.returncode == 0, undone.stderr

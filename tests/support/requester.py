@@ -40,7 +40,9 @@ from kmskeys.upcall_probe import (
     become_user,
     probe_upcalls,
 )
+from tests.support.imds_guard import own_network
 from tests.support.names import unique_prefix
+from tests.support.reach import reach_checkout
 
 Mode = Literal["setuid", "fsuid"]
 Session = Literal["new", "inherit"]
@@ -207,6 +209,8 @@ def header() -> list[str]:
 
 
 def _become(user: pwd.struct_passwd, mode: Mode) -> None:
+    # Whatever func imports later, it reads as the user: wherever the checkout lies.
+    reach_checkout()
     if mode == "setuid":
         _setuid(user.pw_uid, user.pw_gid)
     else:
@@ -222,18 +226,20 @@ def _outcome(func: Callable[[], object]) -> tuple[dict[str, object], int]:
 
 def _child(
     user: pwd.struct_passwd,
-    mode: Mode,
-    session: Session,
+    how: tuple[Mode, Session, bool],
     func: Callable[[], object],
     *,
     out: int,
     hold: int | None,
 ) -> None:
     """In the forked child: become `user`, run func, report, wait for `hold` to close, exit."""
+    mode, session, own_net = how
     code = 1
     try:
 
         def run() -> object:
+            if own_net:
+                own_network()
             _become(user, mode)
             if session == "new":
                 # A new session keyring drops possession of the parent's keys: only what the
@@ -253,7 +259,13 @@ def _child(
 
 
 def _start(
-    user: User, func: Callable[[], object], session: Session, mode: Mode | None, hold: bool
+    user: User,
+    func: Callable[[], object],
+    session: Session,
+    mode: Mode | None,
+    *,
+    hold: bool,
+    own_net: bool = False,
 ) -> tuple[int, int, int | None]:
     """Fork the child; (pid, result read end, hold write end or None)."""
     who = entry(user)
@@ -265,7 +277,7 @@ def _start(
         os.close(result_r)
         if hold_w is not None:
             os.close(hold_w)
-        _child(who, chosen, session, func, out=result_w, hold=hold_r)
+        _child(who, (chosen, session, own_net), func, out=result_w, hold=hold_r)
     os.close(result_w)
     if hold_r is not None:
         os.close(hold_r)
@@ -284,13 +296,16 @@ def as_user(
     *,
     session: Session = "new",
     mode: Mode | None = None,
+    own_network: bool = False,
 ) -> object:
     """Run func() in a child as `user`; {"ok": result} or {"error": class name, "errno": n}.
 
     session="new" joins a fresh session keyring first; "inherit" keeps the parent's, as
-    su/runuser do. mode picks the requester kind (default: `default_mode()`).
+    su/runuser do. mode picks the requester kind (default: `default_mode()`). own_network=True
+    moves the child to a new network namespace first (nothing routed): for code that probes
+    IMDS, such as doctor.
     """
-    pid, read_end, _ = _start(user, func, session, mode, hold=False)
+    pid, read_end, _ = _start(user, func, session, mode, hold=False, own_net=own_network)
     try:
         return _result(read_end)
     finally:
@@ -320,7 +335,7 @@ class Resident:
         self._hold = -1
 
     def __enter__(self) -> Resident:
-        self.pid, read_end, hold = _start(self.user, self.setup, self.session, self.mode, True)
+        self.pid, read_end, hold = _start(self.user, self.setup, self.session, self.mode, hold=True)
         assert hold is not None
         self._hold = hold
         self.result = _result(read_end)

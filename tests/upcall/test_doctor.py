@@ -421,9 +421,9 @@ def test_doctor_as_non_root_says_what_it_cannot_tell(resolver_install: Install) 
             doctor_main(list(_args(resolver_install)))
         return out.getvalue()
 
-    # A real non-root euid, in process: doctor decides by geteuid(), and the venv's interpreter
-    # may not be executable by other users.
-    result = as_user("nobody", doctor, mode="setuid")
+    # A real non-root euid, in process: doctor decides by geteuid(). Its IMDS probe runs in a
+    # network namespace of the child's own.
+    result = as_user("nobody", doctor, mode="setuid", own_network=True)
     assert isinstance(result, dict) and "ok" in result, result
     lines = [line for line in result["ok"].splitlines() if "upcall probe" in line]
     assert lines == [

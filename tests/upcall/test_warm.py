@@ -21,6 +21,7 @@ import pytest
 from kmskeys.errors import KeyRejectedError, TemporarilyUnavailableError
 from tests.support.kms_proxy import DROP, ProxiedRequest
 from tests.support.names import unique
+from tests.support.reach import reach_checkout
 from tests.support.requester import NOBODY, as_user
 from tests.support.warm_daemon import RESOLVER, warm_daemon
 
@@ -104,6 +105,7 @@ def _impostor(path: Path, ready: Any) -> None:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     os.chmod(path, 0o600)
+    reach_checkout()
     os.setgid(NOBODY)
     os.setuid(NOBODY)
     server.listen(8)
@@ -213,7 +215,8 @@ def _try(install: Any, name: str, text: str) -> object:
 
 def test_doctor_reports_the_warm_daemon(extra_install: Any, warm_dir: Path) -> None:
     sock = warm_dir / "resolver.sock"
-    doctor = [str(RESOLVER.with_name("kmskeys")), "doctor"]
+    # In a network namespace of its own: doctor probes IMDS.
+    doctor = ["unshare", "--net", str(RESOLVER.with_name("kmskeys")), "doctor"]
     with extra_install(warm_socket=sock) as other:
         args = [*doctor, "--prefix", other.prefix, "--config", str(other.config)]
         idle = subprocess.run(args, capture_output=True, text=True, check=False, timeout=30)
