@@ -122,6 +122,12 @@ class BlobBackend:
         return True
 
     def _check(self, blob: Blob, request: Request) -> None:
+        try:
+            # A blob made for another user (its name was checked on load), before the host
+            # cache and KMS; not on load, where prefetch reads user-bound blobs to skip them.
+            blob.check_request(request.name, request.user)
+        except BlobFormatError as exc:
+            raise RefusedError(exc.reason) from None
         check_blob(blob, request.user)
         # Cheap refusals come first: a key or region the config does not list never reaches
         # the daemon or a KMS client (and never makes this process import botocore).
@@ -147,8 +153,8 @@ class BlobBackend:
             )
         try:
             blob = parse_blob(text, allow_legacy=self.config.allow_legacy_blobs)
-            # A blob made for another name (or user) is refused here, without KMS (issue 26).
-            blob.check_request(request.name, request.user)
+            # A blob made for another name is refused here, without KMS (issue 26).
+            blob.check_request(request.name, None)
         except BlobFormatError as exc:
             raise RefusedError(f"{source} blob: {exc.reason}") from None
         trace.details["mode"] = blob.mode
