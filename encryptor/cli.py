@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,17 +52,28 @@ def encrypt_main(argv: Sequence[str] | None = None) -> int:
 
 
 def inspect_main(argv: Sequence[str] | None = None) -> int:
-    """`kmskeys inspect [BLOB | FILE | -]`: describe a blob without decrypting it."""
+    """`kmskeys inspect [NAME] [BLOB | FILE | -]`: describe a blob without decrypting it."""
     parser = argparse.ArgumentParser(
         prog="kmskeys inspect",
-        description="Describe a blob (version, mode, bindings, expiry, key, size). Never decrypts.",
+        description="Describe a blob (version, mode, bindings, expiry, key, size). Never decrypts "
+        "and never calls AWS. With NAME (and --user), also check that the blob was made for that "
+        "name (and user), as the resolver does before it asks KMS: exit 3 if not.",
     )
     parser.add_argument(
-        "blob",
+        "first",
+        metavar="NAME",
+        nargs="?",
+        help="the name the blob is deployed under (BLOB_DIR/NAME.kms, or requested as "
+        "PREFIX:NAME); with a single argument, that argument is the blob",
+    )
+    parser.add_argument(
+        "second",
         metavar="BLOB|FILE|-",
         nargs="?",
-        default="-",
         help="the blob text, a file holding it, or - for stdin (the default)",
+    )
+    parser.add_argument(
+        "--user", metavar="USER", help="also check the host user a user-bound blob is bound to"
     )
     parser.add_argument("--json", action="store_true", help="print the description as JSON")
     parser.add_argument(
@@ -154,7 +164,8 @@ def _run(
     command: Callable[[argparse.Namespace], int],
 ) -> int:
     try:
-        args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+        # Intermixed: `inspect NAME --json FILE` keeps both positionals.
+        args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else list(argv))
     except SystemExit as exit_:  # --help, or a usage error argparse already printed
         return exit_.code if isinstance(exit_.code, int) else EXIT_INPUT
     try:
@@ -242,79 +253,24 @@ def _encrypt(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from encryptor.files import read_bounded
-    from kmskeys.blob import MAX_BLOB_CHARS, PREFIX, parse_blob
+    from encryptor.inspection import check, describe, read_blob, rows
+    from kmskeys.names import validate_name
 
-    source: str = args.blob
-    data: str | bytes
-    if source == "-":
-        data = read_bounded("-", MAX_BLOB_CHARS, "the blob")
-    elif source.startswith(PREFIX) and ":" in source:
-        data = source
-    elif Path(source).is_file():
-        data = read_bounded(source, MAX_BLOB_CHARS, "the blob")
-    else:
-        data = source  # bare text: perhaps a legacy blob
+    name, source = (None, args.first) if args.second is None else (args.first, args.second)
     try:
         prefix = validate_prefix(args.prefix)
     except InvalidNameError as exc:
         raise UsageError(f"--prefix: {exc}") from None
-    blob = parse_blob(data, allow_legacy=True)
-    not_after = blob.not_after
-    size = blob.size
-    description: dict[str, Any] = {
-        "version": blob.version,
-        "mode": blob.mode,
-        "binds_name": blob.mode != "legacy",
-        "binds_user": blob.binds_user,
-        "not_after": None if not_after is None else not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "expired": not_after is not None and not_after <= datetime.now(UTC),
-        "key_arn": blob.key_arn,
-        "size": size,
-        "fits_callout": size <= CALLOUT_MAX,
-        "context": {k: v for k, v in blob.metadata.items() if k != "kmskeys_not_after"},
-    }
+    if name is not None:
+        name = validate_name(name)
+    blob = read_blob(source or "-")
+    # A blob made for another name or user: refused here exactly as the resolver refuses it.
+    checked = check(blob, name, args.user)
+    description = describe(blob, checked)
     if args.json:
         print(json.dumps(description, indent=2, sort_keys=True))
         return EXIT_OK
-    rows = [
-        ("version", str(blob.version)),
-        ("mode", blob.mode),
-        (
-            "name",
-            f"bound: decrypts only when requested as {prefix}:NAME for the name it was "
-            "encrypted for"
-            if description["binds_name"]
-            else "not bound (legacy blob)",
-        ),
-        (
-            "user",
-            "bound: decrypts only for the host user it was encrypted for"
-            if blob.binds_user
-            else "not bound (machine scope)",
-        ),
-        (
-            "not_after",
-            "none"
-            if not_after is None
-            else description["not_after"] + (" (expired)" if description["expired"] else ""),
-        ),
-        ("key_arn", blob.key_arn or "unknown (legacy blob)"),
-        (
-            "size",
-            f"{size} characters"
-            + (
-                " (fits in request-key callout info)"
-                if description["fits_callout"]
-                else f" (over {CALLOUT_MAX}: deploy as a file in the resolver's blob_dir)"
-            ),
-        ),
-        (
-            "context",
-            ", ".join(f"{k}={v}" for k, v in description["context"].items()) or "none",
-        ),
-    ]
-    for label, value in rows:
+    for label, value in rows(blob, description, prefix, name):
         print(f"{label:<10} {value}")
     return EXIT_OK
 

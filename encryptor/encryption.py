@@ -22,6 +22,7 @@ from kmskeys.blob import (
     check_context_value,
     format_not_after,
 )
+from kmskeys.blobfields import check_user_name
 from kmskeys.contract import KMS_PLAINTEXT_MAX, USER_PAYLOAD_MAX
 from kmskeys.envelope import seal
 from kmskeys.errors import InvalidNameError
@@ -30,12 +31,10 @@ from kmskeys.names import validate_name
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient
 
-MAX_USER = 256
 TOO_BIG = (
     f"the secret is over {USER_PAYLOAD_MAX} bytes: a kernel `user` key cannot hold it; "
     "store a smaller secret (e.g. a key that decrypts a file)"
 )
-_USER_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.@-$")
 
 
 def encrypt(
@@ -54,6 +53,9 @@ def encrypt(
 ) -> Blob:
     """Encrypt `plaintext` into a Blob bound to `name` (and `user`); `.to_text()` to deploy it.
 
+    The blob (version 2) records `name` and `user` too, so a resolver refuses it for another
+    name or user without asking KMS.
+
     Envelope mode is chosen above 4096 bytes unless `envelope` says otherwise. `not_after` is
     an aware datetime, ISO 8601 text or `+30d`. `client` overrides region/profile/endpoint_url.
     """
@@ -61,10 +63,10 @@ def encrypt(
     name = _name(name)
     key_id = check_key_id(key_id)
     metadata = build_metadata(not_after=not_after, context=context)
-    binds_user = user is not None
+    user = None if user is None else check_user(user)
     request_context = {CONTEXT_NAME: name}
     if user is not None:
-        request_context[CONTEXT_USER] = check_user(user)
+        request_context[CONTEXT_USER] = user
     request_context.update(metadata)
 
     use_envelope = len(plaintext) > KMS_PLAINTEXT_MAX if envelope is None else envelope
@@ -84,7 +86,8 @@ def encrypt(
         )
         return seal(
             key_arn=_returned_key(generated.get("KeyId")),
-            binds_user=binds_user,
+            name=name,
+            user=user,
             metadata=metadata,
             wrapped_key=generated["CiphertextBlob"],
             data_key=generated["Plaintext"],
@@ -102,9 +105,12 @@ def encrypt(
         version=VERSION,
         mode=MODE_DIRECT,
         key_arn=_returned_key(encrypted.get("KeyId")),
-        binds_user=binds_user,
+        binds_user=user is not None,
         metadata=metadata,
         ciphertext=encrypted["CiphertextBlob"],
+        # The blob records what it is for: the resolver refuses it for another name locally.
+        name=name,
+        user=user,
     )
 
 
@@ -160,14 +166,10 @@ def check_key_id(key_id: str) -> str:
 
 def check_user(user: str) -> str:
     """`user` if it looks like a host user name (the resolver supplies the real one), else raise."""
-    if (
-        not isinstance(user, str)
-        or not 0 < len(user) <= MAX_USER
-        or user[0] == "-"
-        or not _USER_CHARS.issuperset(user)
-    ):
-        raise InputError("--user must be a host user name (letters, digits and _ . @ - $)")
-    return user
+    try:
+        return check_user_name(user)
+    except BlobFormatError as exc:
+        raise InputError(f"--user: {exc.reason}") from None
 
 
 def build_metadata(

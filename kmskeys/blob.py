@@ -4,11 +4,12 @@ Written by the encryptor, read by the resolver and `kmskeys inspect`. Stdlib onl
 side imports this module and must never pull in boto3 or cryptography. The format is documented
 in docs/blob-format.md; keep the two in step.
 
-    kmsk1:<base64url, no padding, of the v1 body>
+    kmsk2:<base64url, no padding, of the v2 body>     (kmsk1: blobs are read too)
 
-A blob never carries the values that come from the request (the secret's name, the requesting
-user): it records only that the resolver must supply them, and KMS checks them through the
-encryption context.
+The encryption context always takes the secret's name and the requesting user from the request,
+never from the blob. A version-2 blob also records the name (and user) it was encrypted for, so
+that a blob deployed under another name is refused locally, with both names, before any KMS
+call: a check, never the binding (KMS still checks the context).
 """
 
 from __future__ import annotations
@@ -19,19 +20,29 @@ import struct
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
+from kmskeys.blobfields import (
+    CONTEXT_NAME,
+    CONTEXT_NOT_AFTER,
+    CONTEXT_USER,
+    MAX_CONTEXT_KEY,
+    MAX_CONTEXT_VALUE,
+    RESERVED_CONTEXT_PREFIX,
+    BlobFormatError,
+    BlobMismatchError,
+    check_context_key,
+    check_context_value,
+    check_recorded_name,
+    check_user_name,
+    format_not_after,
+    parse_not_after,
+)
 from kmskeys.contract import USER_PAYLOAD_MAX
-from kmskeys.errors import KmsKeysError
-
-# Encryption-context keys: the fixed contract shared by encryptor, resolver and terraform.
-CONTEXT_NAME = "kmskeys_name"
-CONTEXT_USER = "kmskeys_user"
-CONTEXT_NOT_AFTER = "kmskeys_not_after"
-RESERVED_CONTEXT_PREFIX = "kmskeys_"
 
 PREFIX = "kmsk"
-VERSION = 1
+VERSION = 2  # what the encryptor writes
+VERSIONS = (1, 2)  # what this kmskeys reads: version 1 records no name or user
 MAX_BLOB_CHARS = 64 * 1024
 
 MODE_DIRECT = "direct"
@@ -42,8 +53,6 @@ MODE_LEGACY = "legacy"
 MAX_KEY_ARN = 2048
 MAX_KMS_CIPHERTEXT = 6144  # KMS CiphertextBlob is at most 6144 bytes
 MAX_METADATA = 16
-MAX_CONTEXT_KEY = 128
-MAX_CONTEXT_VALUE = 1024
 NONCE_BYTES = 12  # AES-GCM's standard 96-bit nonce
 TAG_BYTES = 16
 MAX_SEALED = USER_PAYLOAD_MAX + TAG_BYTES  # what opens must fit a `user` key
@@ -52,23 +61,15 @@ _MODE_CODES = {MODE_DIRECT: 1, MODE_ENVELOPE: 2}
 _CODE_MODES = {code: mode for mode, code in _MODE_CODES.items()}
 _FLAG_BINDS_USER = 0x01
 _KNOWN_FLAGS = _FLAG_BINDS_USER
+# The AAD layout's own version, not the blob's: a recorded name or user only gates requests, so
+# a version-2 envelope seals exactly as its version-1 form does (see Blob.identity).
+_AAD_VERSION = 1
 
 _URLSAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 _STANDARD = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
 _DIGITS = frozenset("0123456789")
-_CONTEXT_KEY_CHARS = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:/@+-"
-)
 _WHITESPACE = " \t\r\n"
 _AAD_MAGIC = b"kmsk-envelope-aad"
-
-
-class BlobFormatError(KmsKeysError, ValueError):
-    """Not a valid kmskeys blob; re-run `kmskeys encrypt` and deploy its output unchanged."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"invalid kmskeys blob: {reason}")
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,10 @@ class Blob:
     ciphertext: bytes = b""
     nonce: bytes | None = None
     sealed: bytes | None = None
+    # Version 2: the name it was encrypted for, and the user if it binds one. Not secret: the
+    # same values are the KMS context, which CloudTrail records in clear.
+    name: str | None = None
+    user: str | None = None
 
     def __post_init__(self) -> None:
         _check(self)
@@ -91,14 +96,15 @@ class Blob:
         object.__setattr__(self, "metadata", types.MappingProxyType(ordered))
 
     def __hash__(self) -> int:
-        return hash((self.version, self.mode, self.key_arn, self.binds_user, self.ciphertext))
+        return hash((self.version, self.mode, self.key_arn, self.name, self.ciphertext))
 
     def __repr__(self) -> str:
         # Ciphertext is not secret, but pages of hex help nobody reading a log or a test failure.
         return (
-            f"Blob(version={self.version}, mode={self.mode!r}, key_arn={self.key_arn!r}, "
-            f"binds_user={self.binds_user}, metadata={dict(self.metadata)!r}, "
-            f"ciphertext=<{len(self.ciphertext)} bytes>, sealed=<{len(self.sealed or b'')} bytes>)"
+            f"Blob(version={self.version}, mode={self.mode!r}, name={self.name!r}, "
+            f"user={self.user!r}, key_arn={self.key_arn!r}, binds_user={self.binds_user}, "
+            f"metadata={dict(self.metadata)!r}, ciphertext=<{len(self.ciphertext)} bytes>, "
+            f"sealed=<{len(self.sealed or b'')} bytes>)"
         )
 
     @property
@@ -112,16 +118,26 @@ class Blob:
         """Length of the blob's text form in characters (what a callout or file must hold)."""
         return len(self.to_text())
 
+    def check_request(self, name: str | None, user: str | None) -> None:
+        """Raise BlobMismatchError if this blob records another name than `name`, or another
+        user than `user` (each when given): what KMS would refuse, found locally."""
+        if self.name is not None and name is not None and name != self.name:
+            raise BlobMismatchError(f"blob was encrypted for {self.name!r}, not {name!r}")
+        if self.user is not None and user is not None and user != self.user:
+            raise BlobMismatchError(f"blob was encrypted for user {self.user!r}, not {user!r}")
+
     def encryption_context(self, name: str, user: str | None) -> dict[str, str]:
         """The KMS EncryptionContext for a request for `name` by `user`.
 
-        `name` and `user` come from the request, never from the blob. Legacy blobs were
-        encrypted without any context, so theirs is empty.
+        `name` and `user` come from the request, never from the blob; a blob that records
+        others raises BlobMismatchError first. Legacy blobs were encrypted without any context,
+        so theirs is empty.
         """
         if self.mode == MODE_LEGACY:
             return {}
         if not isinstance(name, str) or not name:
             raise BlobFormatError("the request supplied no secret name")
+        self.check_request(name, user)
         context = {CONTEXT_NAME: name}
         if self.binds_user:
             if not isinstance(user, str) or not user:
@@ -130,14 +146,19 @@ class Blob:
         context.update(self.metadata)
         return context
 
+    def identity(self) -> str:
+        """The canonical text of what this blob decrypts to, the same for every spelling and
+        version of it: its version-1 text (a recorded name or user only gates requests), or
+        the legacy text. The host cache keys its entries on this."""
+        if self.mode == MODE_LEGACY:
+            return self.to_text()
+        return _text(1, _encode_body(self, 1))
+
     def to_text(self) -> str:
-        """The one-line text form, `kmsk1:...` (or bare standard base64 for legacy blobs)."""
+        """The one-line text form, `kmsk2:...` (or bare standard base64 for legacy blobs)."""
         if self.mode == MODE_LEGACY:
             return base64.b64encode(self.ciphertext).decode("ascii")
-        body = _encode_body(self)
-        return f"{PREFIX}{self.version}:" + base64.urlsafe_b64encode(body).decode("ascii").rstrip(
-            "="
-        )
+        return _text(self.version, _encode_body(self, self.version))
 
 
 def parse_blob(text: str | bytes, *, allow_legacy: bool = False) -> Blob:
@@ -145,6 +166,7 @@ def parse_blob(text: str | bytes, *, allow_legacy: bool = False) -> Blob:
 
     Total and bounded: any input yields a Blob or one BlobFormatError, and input over
     MAX_BLOB_CHARS is refused before any decoding. The message never repeats the input.
+    Canonical: every accepted text writes back (`to_text`) to itself, whitespace stripped.
     """
     if isinstance(text, bytes | bytearray | memoryview):
         raw = bytes(text)
@@ -166,15 +188,8 @@ def parse_blob(text: str | bytes, *, allow_legacy: bool = False) -> Blob:
 
     head, sep, encoded = text.partition(":")
     if sep and head.startswith(PREFIX):
-        digits = head[len(PREFIX) :]
-        if not digits or not _DIGITS.issuperset(digits) or len(digits) > 4:
-            raise BlobFormatError("malformed version prefix")
-        version = int(digits)
-        if version != VERSION:
-            raise BlobFormatError(
-                f"unsupported blob version {version} (this kmskeys reads version {VERSION})"
-            )
-        return _decode_v1(encoded)
+        version = _version(head[len(PREFIX) :])
+        return _decode_body(version, _unbase64(encoded))
     if sep:
         raise BlobFormatError(f"unknown prefix (kmskeys blobs start with '{PREFIX}{VERSION}:')")
     if not allow_legacy:
@@ -189,7 +204,7 @@ def envelope_aad(blob: Blob, context: Mapping[str, str]) -> bytes:
     """The AES-GCM associated data of an envelope blob opened under `context`.
 
     `context` is `blob.encryption_context(name, user)`: the seal binds the same name, user and
-    metadata as the KMS data key, plus the blob's version, flags and key ARN.
+    metadata as the KMS data key, plus the blob's flags and key ARN.
     """
     if blob.mode != MODE_ENVELOPE or blob.key_arn is None:
         raise BlobFormatError("associated data exists only for envelope blobs")
@@ -198,7 +213,7 @@ def envelope_aad(blob: Blob, context: Mapping[str, str]) -> bytes:
     items = sorted(context.items())
     if len(items) > 255:
         raise BlobFormatError("encryption context has too many entries")
-    parts = [_AAD_MAGIC, struct.pack(">BBH", blob.version, flags, len(arn)), arn]
+    parts = [_AAD_MAGIC, struct.pack(">BBH", _AAD_VERSION, flags, len(arn)), arn]
     parts.append(struct.pack(">B", len(items)))
     for key, value in items:
         k, v = key.encode("utf-8"), value.encode("utf-8")
@@ -208,71 +223,6 @@ def envelope_aad(blob: Blob, context: Mapping[str, str]) -> bytes:
     return b"".join(parts)
 
 
-def format_not_after(when: datetime) -> str:
-    """`when` as the context's expiry format, `YYYY-MM-DDTHH:MM:SSZ` in UTC."""
-    if when.tzinfo is None:
-        raise ValueError("not_after must be timezone-aware")
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_not_after(value: str) -> datetime:
-    """Parse `YYYY-MM-DDTHH:MM:SSZ` (exactly that form) into an aware UTC datetime."""
-    # Checked by hand, not with `re` or strptime: both are slow imports on the client path.
-    if (
-        not isinstance(value, str)
-        or len(value) != 20
-        or value[4] != "-"
-        or value[7] != "-"
-        or value[10] != "T"
-        or value[13] != ":"
-        or value[16] != ":"
-        or value[19] != "Z"
-        or not _DIGITS.issuperset(value[0:4] + value[5:7] + value[8:10])
-        or not _DIGITS.issuperset(value[11:13] + value[14:16] + value[17:19])
-    ):
-        raise BlobFormatError("not_after must look like YYYY-MM-DDTHH:MM:SSZ")
-    try:
-        return datetime(
-            int(value[0:4]),
-            int(value[5:7]),
-            int(value[8:10]),
-            int(value[11:13]),
-            int(value[14:16]),
-            int(value[17:19]),
-            tzinfo=UTC,
-        )
-    except ValueError:
-        raise BlobFormatError("not_after is not a real date and time") from None
-
-
-def check_context_key(key: str) -> str:
-    """Return `key` if a blob may carry it as metadata (custom `K=V` or not_after), else raise."""
-    if not isinstance(key, str) or not 0 < len(key) <= MAX_CONTEXT_KEY:
-        raise BlobFormatError(f"context keys are 1 to {MAX_CONTEXT_KEY} characters")
-    if not _CONTEXT_KEY_CHARS.issuperset(key):
-        raise BlobFormatError("context keys may hold only letters, digits and _ . : / @ + -")
-    if key.startswith(RESERVED_CONTEXT_PREFIX) and key != CONTEXT_NOT_AFTER:
-        raise BlobFormatError(
-            f"context keys starting with {RESERVED_CONTEXT_PREFIX!r} are reserved"
-        )
-    return key
-
-
-def check_context_value(value: str) -> str:
-    """Return `value` if it may be a context value (printable, 1-1024 UTF-8 bytes), else raise."""
-    if not isinstance(value, str) or not value:
-        raise BlobFormatError("context values must be non-empty")
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_CONTEXT_VALUE:
-        raise BlobFormatError(f"context values are at most {MAX_CONTEXT_VALUE} bytes")
-    if not value.isprintable():
-        raise BlobFormatError("context values must be printable (no control characters)")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BlobFormatError("context values must be valid Unicode") from None
-    return value
-
-
 def _check(blob: Blob) -> None:
     """Every invariant of a Blob; one place, used by parsing and by the encryptor alike."""
     if blob.mode == MODE_LEGACY:
@@ -280,14 +230,17 @@ def _check(blob: Blob) -> None:
             raise BlobFormatError("a legacy blob has version 0 and no ARN, bindings or metadata")
         if blob.nonce is not None or blob.sealed is not None:
             raise BlobFormatError("a legacy blob has no envelope")
+        if blob.name is not None or blob.user is not None:
+            raise BlobFormatError("a legacy blob records no name or user")
         _check_ciphertext(blob.ciphertext)
         return
     if blob.mode not in _MODE_CODES:
         raise BlobFormatError("mode must be 'direct', 'envelope' or 'legacy'")
-    if blob.version != VERSION:
+    if blob.version not in VERSIONS:
         raise BlobFormatError(f"unsupported blob version {blob.version}")
     if type(blob.binds_user) is not bool:
         raise BlobFormatError("binds_user must be a bool")
+    _check_recorded(blob)
     arn = blob.key_arn
     if (
         not isinstance(arn, str)
@@ -315,20 +268,48 @@ def _check(blob: Blob) -> None:
         raise BlobFormatError(f"an envelope's sealed part is {TAG_BYTES + 1} to {MAX_SEALED} bytes")
 
 
+def _check_recorded(blob: Blob) -> None:
+    """Version 1 records nothing; version 2 records the name, and the user iff it binds one."""
+    if blob.version == 1:
+        if blob.name is not None or blob.user is not None:
+            raise BlobFormatError("a version-1 blob records no name or user")
+        return
+    if not isinstance(blob.name, str):
+        raise BlobFormatError("a version-2 blob records the name it was encrypted for")
+    check_recorded_name(blob.name)
+    if not blob.binds_user:
+        if blob.user is not None:
+            raise BlobFormatError("a blob that binds no user records none")
+    elif not isinstance(blob.user, str):
+        raise BlobFormatError("a version-2 blob bound to a user records that user")
+    else:
+        check_user_name(blob.user)
+
+
 def _check_ciphertext(ciphertext: bytes) -> None:
     if not isinstance(ciphertext, bytes) or not 0 < len(ciphertext) <= MAX_KMS_CIPHERTEXT:
         raise BlobFormatError(f"KMS ciphertext must be 1 to {MAX_KMS_CIPHERTEXT} bytes")
 
 
-def _encode_body(blob: Blob) -> bytes:
-    # v1 body, big-endian (docs/blob-format.md):
-    #   u8 mode | u8 flags | u16 arn_len arn | u8 count (u8 klen key u16 vlen value)*
+def _text(version: int, body: bytes) -> str:
+    return f"{PREFIX}{version}:" + base64.urlsafe_b64encode(body).decode("ascii").rstrip("=")
+
+
+def _encode_body(blob: Blob, version: int) -> bytes:
+    # The body, big-endian (docs/blob-format.md):
+    #   u8 mode | u8 flags | v2 only: u8 name_len name [u8 user_len user, if binds user]
+    #   | u16 arn_len arn | u8 count (u8 klen key u16 vlen value)*
     #   | u16 ct_len ct | envelope only: nonce[12] sealed[rest]
     assert blob.key_arn is not None
-    arn = blob.key_arn.encode("ascii")
     flags = _FLAG_BINDS_USER if blob.binds_user else 0
-    parts = [struct.pack(">BBH", _MODE_CODES[blob.mode], flags, len(arn)), arn]
-    parts.append(struct.pack(">B", len(blob.metadata)))
+    parts = [struct.pack(">BB", _MODE_CODES[blob.mode], flags)]
+    if version >= 2:
+        assert blob.name is not None
+        recorded = [blob.name] if blob.user is None else [blob.name, blob.user]
+        for value in recorded:
+            parts += [struct.pack(">B", len(value)), value.encode("ascii")]
+    arn = blob.key_arn.encode("ascii")
+    parts += [struct.pack(">H", len(arn)), arn, struct.pack(">B", len(blob.metadata))]
     for key, value in blob.metadata.items():  # already sorted by key
         k, v = key.encode("ascii"), value.encode("utf-8")
         parts += [struct.pack(">B", len(k)), k, struct.pack(">H", len(v)), v]
@@ -361,13 +342,37 @@ class _Reader:
         value: int = struct.unpack(">H", self.take(2, what))[0]
         return value
 
+    def ascii(self, length: int, what: str) -> str:
+        try:
+            return self.take(length, what).decode("ascii")
+        except UnicodeDecodeError:
+            raise BlobFormatError(f"{what} is not ASCII") from None
+
     def rest(self) -> bytes:
         chunk = self.data[self.pos :]
         self.pos = len(self.data)
         return chunk
 
 
-def _decode_v1(encoded: str) -> Blob:
+def _version(digits: str) -> int:
+    """The version of a `kmskN:` prefix: one spelling each, so `kmsk01:` is refused."""
+    if not digits or not _DIGITS.issuperset(digits) or len(digits) > 4:
+        raise BlobFormatError("malformed version prefix")
+    version = int(digits)
+    if digits != str(version):
+        # A second spelling would be a second host-cache entry (and Decrypt) for one blob.
+        raise BlobFormatError(
+            f"non-canonical version prefix (leading zeros): write {PREFIX}{version}:"
+        )
+    if version not in VERSIONS:
+        raise BlobFormatError(
+            f"unsupported blob version {version} (this kmskeys reads versions "
+            f"{', '.join(map(str, VERSIONS))})"
+        )
+    return version
+
+
+def _unbase64(encoded: str) -> bytes:
     if not encoded:
         raise BlobFormatError("no body after the prefix")
     if not _URLSAFE.issuperset(encoded):
@@ -382,7 +387,10 @@ def _decode_v1(encoded: str) -> Blob:
     # One text per blob: reject non-zero padding bits so to_text(parse(x)) == x.
     if base64.urlsafe_b64encode(body).decode("ascii").rstrip("=") != encoded:
         raise BlobFormatError("body is not canonical base64url")
+    return body
 
+
+def _decode_body(version: int, body: bytes) -> Blob:
     r = _Reader(body)
     mode = _CODE_MODES.get(r.u8("mode"))
     if mode is None:
@@ -390,11 +398,36 @@ def _decode_v1(encoded: str) -> Blob:
     flags = r.u8("flags")
     if flags & ~_KNOWN_FLAGS:
         raise BlobFormatError("unknown flags set")
-    arn_bytes = r.take(r.u16("key ARN length"), "key ARN")
-    try:
-        arn = arn_bytes.decode("ascii")
-    except UnicodeDecodeError:
-        raise BlobFormatError("key ARN is not ASCII") from None
+    binds_user = bool(flags & _FLAG_BINDS_USER)
+    name = user = None
+    if version >= 2:
+        name = r.ascii(r.u8("recorded name length"), "recorded name")
+        if binds_user:
+            user = r.ascii(r.u8("recorded user length"), "recorded user")
+    arn = r.ascii(r.u16("key ARN length"), "key ARN")
+    metadata = _decode_metadata(r)
+    ciphertext = r.take(r.u16("ciphertext length"), "ciphertext")
+    nonce = sealed = None
+    if mode == MODE_ENVELOPE:
+        nonce = r.take(NONCE_BYTES, "envelope nonce")
+        sealed = r.rest()
+    elif r.rest():
+        raise BlobFormatError("trailing bytes after the ciphertext")
+    return Blob(
+        version=version,
+        mode=mode,
+        key_arn=arn,
+        binds_user=binds_user,
+        metadata=metadata,
+        ciphertext=ciphertext,
+        nonce=nonce,
+        sealed=sealed,
+        name=name,
+        user=user,
+    )
+
+
+def _decode_metadata(r: _Reader) -> dict[str, str]:
     count = r.u8("metadata count")
     if count > MAX_METADATA:
         raise BlobFormatError(f"more than {MAX_METADATA} metadata entries")
@@ -415,23 +448,7 @@ def _decode_v1(encoded: str) -> Blob:
             raise BlobFormatError("metadata keys are not in strictly ascending order")
         previous = key
         metadata[key] = value
-    ciphertext = r.take(r.u16("ciphertext length"), "ciphertext")
-    nonce = sealed = None
-    if mode == MODE_ENVELOPE:
-        nonce = r.take(NONCE_BYTES, "envelope nonce")
-        sealed = r.rest()
-    elif r.rest():
-        raise BlobFormatError("trailing bytes after the ciphertext")
-    return Blob(
-        version=VERSION,
-        mode=mode,
-        key_arn=arn,
-        binds_user=bool(flags & _FLAG_BINDS_USER),
-        metadata=metadata,
-        ciphertext=ciphertext,
-        nonce=nonce,
-        sealed=sealed,
-    )
+    return metadata
 
 
 def _decode_legacy(text: str) -> Blob:
@@ -453,11 +470,17 @@ __all__ = [
     "CONTEXT_NOT_AFTER",
     "CONTEXT_USER",
     "MAX_BLOB_CHARS",
+    "MAX_CONTEXT_KEY",
+    "MAX_CONTEXT_VALUE",
     "MODE_DIRECT",
     "MODE_ENVELOPE",
     "MODE_LEGACY",
+    "RESERVED_CONTEXT_PREFIX",
+    "VERSION",
+    "VERSIONS",
     "Blob",
     "BlobFormatError",
+    "BlobMismatchError",
     "check_context_key",
     "check_context_value",
     "envelope_aad",

@@ -25,14 +25,16 @@ class EnvelopeError(KmsKeysError, ValueError):
 def seal(
     *,
     key_arn: str,
-    binds_user: bool,
+    name: str,
+    user: str | None,
     metadata: Mapping[str, str],
     wrapped_key: bytes,
     data_key: bytes,
     context: Mapping[str, str],
     plaintext: bytes,
 ) -> Blob:
-    """An envelope blob: `plaintext` under AES-256-GCM with `data_key`, AAD from envelope_aad."""
+    """An envelope blob for `name` (bound to `user`, if given): `plaintext` under AES-256-GCM
+    with `data_key`, AAD from envelope_aad."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     if len(data_key) != DATA_KEY_BYTES:
@@ -45,11 +47,13 @@ def seal(
         version=VERSION,
         mode=MODE_ENVELOPE,
         key_arn=key_arn,
-        binds_user=binds_user,
+        binds_user=user is not None,
         metadata=metadata,
         ciphertext=wrapped_key,
         nonce=nonce,
         sealed=bytes(TAG_BYTES + 1),
+        name=name,
+        user=user,
     )
     sealed = AESGCM(data_key).encrypt(nonce, plaintext, envelope_aad(draft, context))
     return replace(draft, sealed=sealed)

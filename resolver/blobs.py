@@ -29,16 +29,16 @@ class BlobBackend:
 
     def resolve(self, request: Request, deadline: float, trace: Trace) -> bytes:
         """The plaintext of NAME's blob for this request."""
-        text, blob = self.load(request, trace)
+        _, blob = self.load(request, trace)
         if not self.config.host_cache:
             return self._checked_decrypt(blob, request, deadline, trace)
         # Only an identical request hits: same prefix and name, same user for a user-bound blob
-        # (KMS binds it to that user), same blob text.
+        # (KMS binds it to that user), same blob: its canonical text, whatever the spelling.
         desc = hostcache_entry(
             request.prefix,
             request.name,
             request.user if blob.binds_user else None,
-            blob_digest(text.strip()),
+            blob_digest(blob.identity().encode("ascii")),
         )
         cache = HostCache()
         try:
@@ -122,6 +122,12 @@ class BlobBackend:
         return True
 
     def _check(self, blob: Blob, request: Request) -> None:
+        try:
+            # A blob made for another user (its name was checked on load), before the host
+            # cache and KMS; not on load, where prefetch reads user-bound blobs to skip them.
+            blob.check_request(request.name, request.user)
+        except BlobFormatError as exc:
+            raise RefusedError(exc.reason) from None
         check_blob(blob, request.user)
         # Cheap refusals come first: a key or region the config does not list never reaches
         # the daemon or a KMS client (and never makes this process import botocore).
@@ -147,6 +153,8 @@ class BlobBackend:
             )
         try:
             blob = parse_blob(text, allow_legacy=self.config.allow_legacy_blobs)
+            # A blob made for another name is refused here, without KMS (issue 26).
+            blob.check_request(request.name, None)
         except BlobFormatError as exc:
             raise RefusedError(f"{source} blob: {exc.reason}") from None
         trace.details["mode"] = blob.mode

@@ -4,8 +4,10 @@ A requester's keyring caches a secret for that keyring alone: a new service, a c
 session or another uid each cost a handler run and a KMS Decrypt. The handler therefore also keeps
 the plaintext in a keyring linked from root's persistent keyring (kmskeys.hostflush), keyed so
 that only an identical request can hit it: prefix, name, the user for a user-bound blob, and the
-BLAKE2b-256 digest of the exact blob text (a redeployed blob is a new entry). Policy, the blob's
-expiry and the key allowlist are checked before the cache is consulted (resolver/blobs.py).
+BLAKE2b-256 digest of the blob's canonical text (`Blob.identity()`: every spelling the parser
+accepts, and the version-1 form of a version-2 blob, share one entry; a redeployed blob is a new
+one). Policy, the blob's expiry, its recorded name and the key allowlist are checked before the
+cache is consulted (resolver/blobs.py).
 
 An entry's payload is an 8-byte header (the CLOCK_BOOTTIME second of its decrypt, so its age
 does not depend on the wall clock) and the plaintext. It is fresh for the name's `ttl`; after
@@ -45,7 +47,7 @@ REFRESH_WAIT = 1.0  # seconds a miss waits for another handler's refresh of its 
 
 
 def blob_digest(text: bytes) -> str:
-    """The hex BLAKE2b-256 of the exact blob text a request resolved (callout or file)."""
+    """The hex BLAKE2b-256 of a blob's canonical text (`Blob.identity()`)."""
     return blake2b(text, digest_size=32).hexdigest()
 
 

@@ -145,6 +145,10 @@ def _blob_problem(
         not_after = blob.not_after
     except BlobFormatError as exc:
         return {"problem": "unparseable", "error": exc.reason}
+    try:
+        blob.check_request(name, None)  # the handler refuses a blob made for another name
+    except BlobFormatError as exc:
+        return {"problem": "misnamed", "error": exc.reason}
     if not_after is not None and datetime.now(UTC) > not_after:
         return {"problem": "expired", "error": f"expired at {not_after:%Y-%m-%dT%H:%M:%SZ}"}
     try:

@@ -28,15 +28,23 @@ ARN = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890
 
 
 def direct(**kw: object) -> Blob:
+    """A version-2 direct blob made for `db` (and for `alice` when it binds a user)."""
     fields: dict[str, object] = {
-        "version": 1,
+        "version": 2,
         "mode": "direct",
         "key_arn": ARN,
         "binds_user": False,
         "metadata": {},
         "ciphertext": b"\x01" * 180,
+        "name": "db",
     }
     fields.update(kw)
+    if fields["version"] == 1:
+        fields.setdefault("user", None)
+        if "name" not in kw:
+            fields["name"] = None
+    elif fields["binds_user"] is True and "user" not in kw:
+        fields["user"] = "alice"
     return Blob(**fields)  # type: ignore[arg-type]
 
 
@@ -46,8 +54,8 @@ def envelope(**kw: object) -> Blob:
     return direct(**fields)
 
 
-def body_text(body: bytes) -> str:
-    return "kmsk1:" + base64.urlsafe_b64encode(body).decode().rstrip("=")
+def body_text(body: bytes, version: int = 1) -> str:
+    return f"kmsk{version}:" + base64.urlsafe_b64encode(body).decode().rstrip("=")
 
 
 def raw_body(mode: int = 1, flags: int = 0, meta: list[tuple[bytes, bytes]] | None = None) -> bytes:
@@ -68,11 +76,15 @@ def raw_body(mode: int = 1, flags: int = 0, meta: list[tuple[bytes, bytes]] | No
         direct(metadata={"env": "prod", CONTEXT_NOT_AFTER: "2030-01-02T03:04:05Z"}),
         envelope(),
         envelope(binds_user=True, metadata={"team": "pay ments é"}),
+        direct(name="app/db.password@eu+1", binds_user=True, user="www-data"),
+        direct(version=1),
+        direct(version=1, binds_user=True),
+        envelope(version=1, metadata={"team": "x"}),
     ],
 )
 def test_text_round_trip_is_exact(blob: Blob) -> None:
     text = blob.to_text()
-    assert text.startswith("kmsk1:")
+    assert text.startswith(f"kmsk{blob.version}:")
     assert text.isascii() and "\n" not in text and "=" not in text
     parsed = parse_blob(text)
     assert parsed == blob
@@ -128,7 +140,15 @@ def test_constructor_refuses_request_bound_metadata() -> None:
         ("", "empty"),
         ("   \n", "empty"),
         ("kmsk1:", "no body"),
-        ("kmsk2:AAAA", "unsupported blob version 2"),
+        ("kmsk3:AAAA", "unsupported blob version 3"),
+        ("kmsk0:AAAA", "unsupported blob version 0"),
+        ("kmsk01:AAAA", "non-canonical version prefix"),
+        ("kmsk002:AAAA", "non-canonical version prefix"),
+        ("kmsk00:AAAA", "non-canonical version prefix"),
+        ("kmsk00001:AAAA", "malformed version"),
+        ("kmsk+1:AAAA", "malformed version"),
+        ("kmsk 1:AAAA", "malformed version"),
+        ("KMSK1:AAAA", "unknown prefix"),
         ("kmskx:AAAA", "malformed version"),
         ("kmsk:AAAA", "malformed version"),
         ("other:AAAA", "unknown prefix"),
@@ -188,7 +208,7 @@ def test_non_text_input_is_a_format_error() -> None:
 
 def test_errors_never_echo_the_blob() -> None:
     text = direct(ciphertext=b"kmst-distinctive-ciphertext" * 4).to_text()
-    for broken in (text[:-3], text + "!", text.replace("kmsk1:", "kmsk9:"), text[6:]):
+    for broken in (text[:-3], text + "!", text.replace("kmsk2:", "kmsk9:"), text[6:]):
         with pytest.raises(BlobFormatError) as caught:
             parse_blob(broken)
         message = str(caught.value)
@@ -204,14 +224,16 @@ def test_envelope_aad_binds_header_and_context() -> None:
     changed = envelope(binds_user=True, metadata={"env": "dev"})
     others = [
         envelope_aad(changed, changed.encryption_context("db", "alice")),
-        envelope_aad(blob, blob.encryption_context("db2", "alice")),
-        envelope_aad(blob, blob.encryption_context("db", "bob")),
+        envelope_aad(blob, {**context, CONTEXT_NAME: "db2"}),
+        envelope_aad(blob, {**context, CONTEXT_USER: "bob"}),
         envelope_aad(envelope(binds_user=True, key_arn=ARN + "0"), context),
         envelope_aad(envelope(binds_user=False), context),
     ]
     assert len({aad, *others}) == 1 + len(others)
     with pytest.raises(BlobFormatError):
         envelope_aad(direct(), context)
+    # The recorded name and user are no part of the seal: the version-1 form opens alike.
+    assert envelope_aad(parse_blob(blob.identity()), context) == aad
 
 
 def test_documented_aad_layout() -> None:
@@ -250,7 +272,20 @@ def test_not_after_round_trip_and_strictness() -> None:
     "kw",
     [
         {"mode": "weird"},
-        {"version": 2},
+        {"version": 3},
+        {"version": 0},
+        {"name": None},
+        {"name": ""},
+        {"name": "../etc"},
+        {"name": "a b"},
+        {"name": b"db"},
+        {"version": 1, "name": "db"},
+        {"version": 1, "binds_user": True, "user": "alice"},
+        {"user": "alice"},
+        {"binds_user": True, "user": None},
+        {"binds_user": True, "user": "-alice"},
+        {"binds_user": True, "user": "a" * 256},
+        {"binds_user": True, "user": "al ice"},
         {"key_arn": None},
         {"key_arn": ""},
         {"key_arn": "has space"},

@@ -18,7 +18,7 @@ from encryptor.errors import (
     EXIT_UNREACHABLE,
     EXIT_USAGE,
 )
-from kmskeys.blob import parse_blob
+from kmskeys.blob import BlobMismatchError, parse_blob
 from tests.encryptor.conftest import AwsErrorStub, Cli, open_blob, secret_of
 from tests.support.kms_emulator import KmsEmulator
 
@@ -108,8 +108,11 @@ def test_context_binds_name_and_user(
     text, client = proc.stdout.decode(), emulator.client()
     assert open_blob(client, text, "db", "alice") == plaintext
     for name, user in (("other", "alice"), ("db", "bob")):
-        with pytest.raises(client.exceptions.InvalidCiphertextException):
+        with pytest.raises(BlobMismatchError):
             open_blob(client, text, name, user)
+        # The recorded name and user are a check only: KMS refuses the version-1 form too.
+        with pytest.raises(client.exceptions.InvalidCiphertextException):
+            open_blob(client, parse_blob(text).identity(), name, user)
 
 
 def test_raw_is_unbound_base64(kmskeys_cli: Cli, emulator: KmsEmulator, key_arn: str) -> None:
@@ -158,7 +161,8 @@ def test_inspect_has_the_same_shape_for_both_modes(
     for j in jsons:
         assert j["key_arn"] == key_arn
         assert j["not_after"] == "2099-01-01T00:00:00Z"
-        assert (j["binds_name"], j["binds_user"], j["version"]) == (True, False, 1)
+        assert (j["binds_name"], j["binds_user"], j["version"]) == (True, False, 2)
+        assert (j["name"], j["user"], j["check"]) == ("db", None, None)
     # From a file and from stdin, the same description.
     (tmp_path / "db.kms").write_text(blobs[10] + "\n")
     from_file = kmskeys_cli("inspect", str(tmp_path / "db.kms"))
@@ -169,11 +173,11 @@ def test_inspect_has_the_same_shape_for_both_modes(
 def test_inspect_names_the_prefix_the_apps_use(kmskeys_cli: Cli, key_arn: str) -> None:
     text = kmskeys_cli("encrypt", "db", "--key-id", key_arn, stdin=b"x").stdout.decode().strip()
     default = kmskeys_cli("inspect", text).stdout.decode()
-    assert "decrypts only when requested as kms:NAME " in default
+    assert "name       db: decrypts only when requested as kms:db\n" in default
     other = kmskeys_cli("inspect", "--prefix", "app", text)
     assert other.returncode == 0, other.stderr
-    assert "decrypts only when requested as app:NAME " in other.stdout.decode()
-    assert "kms:NAME" not in other.stdout.decode()
+    assert "decrypts only when requested as app:db\n" in other.stdout.decode()
+    assert "kms:db" not in other.stdout.decode()
     bad = kmskeys_cli("inspect", "--prefix", "Bad Prefix", text)
     assert bad.returncode == EXIT_USAGE and b"--prefix" in bad.stderr
 
@@ -204,6 +208,9 @@ def test_bundle(kmskeys_cli: Cli, emulator: KmsEmulator, key_arn: str, tmp_path:
             path = out / f"{name}.kms"
             assert path.stat().st_mode & 0o777 == 0o644
             assert open_blob(emulator.client(), path.read_text(), name, "www") == value
+            # Each file records the name it is deployed under, and the user.
+            blob = parse_blob(path.read_text())
+            assert (blob.name, blob.user) == (name, "www")
     table = proc.stdout.decode().splitlines()
     assert table[0].split() == ["NAME", "BYTES", "MODE", "BLOB", "KEY"]
     rows = {line.split()[0]: line.split() for line in table[1:]}

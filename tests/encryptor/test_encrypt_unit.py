@@ -27,7 +27,13 @@ from encryptor.errors import (
 )
 from encryptor.expiry import parse_when
 from kmskeys import envelope
-from kmskeys.blob import CONTEXT_NOT_AFTER, MODE_DIRECT, MODE_ENVELOPE, parse_blob
+from kmskeys.blob import (
+    CONTEXT_NOT_AFTER,
+    MODE_DIRECT,
+    MODE_ENVELOPE,
+    BlobMismatchError,
+    parse_blob,
+)
 from kmskeys.contract import KMS_PLAINTEXT_MAX as DIRECT_MAX
 from kmskeys.contract import USER_PAYLOAD_MAX as MAX_SECRET
 from tests.encryptor.conftest import assert_no_plaintext, open_blob, secret_of
@@ -87,12 +93,35 @@ def test_direct_mode_refuses_more_than_kms_takes(kms_client: Any, key: str) -> N
 
 
 @pytest.mark.parametrize("envelope_mode", [False, True])
+@pytest.mark.parametrize("user", [None, "www-data"])
+def test_the_blob_records_its_name_and_user(
+    kms_client: Any, key: str, envelope_mode: bool, user: str | None
+) -> None:
+    plaintext = secret_of(64)
+    blob = encryptor.encrypt(
+        plaintext, "app/db-password", key, user=user, envelope=envelope_mode, client=kms_client
+    )
+    parsed = parse_blob(blob.to_text())
+    assert (parsed.version, parsed.name, parsed.user) == (2, "app/db-password", user)
+    assert parsed.binds_user is (user is not None)
+    assert open_blob(kms_client, blob.to_text(), "app/db-password", user) == plaintext
+
+
+@pytest.mark.parametrize("envelope_mode", [False, True])
 def test_blob_is_bound_to_its_name(kms_client: Any, key: str, envelope_mode: bool) -> None:
+    plaintext = secret_of(64)
     text = encryptor.encrypt(
-        secret_of(64), "right", key, envelope=envelope_mode, client=kms_client
+        plaintext, "right", key, envelope=envelope_mode, client=kms_client
     ).to_text()
-    with pytest.raises(ClientError, match="InvalidCiphertextException"):
+    # Refused locally, naming both names, before any KMS call ...
+    with pytest.raises(BlobMismatchError, match="encrypted for 'right', not 'wrong'"):
         open_blob(kms_client, text, "wrong")
+    # ... and without the recorded name (its version-1 form) KMS still refuses: the context
+    # binds the name, the record is only a check.
+    stripped = parse_blob(text).identity()
+    with pytest.raises(ClientError, match="InvalidCiphertextException"):
+        open_blob(kms_client, stripped, "wrong")
+    assert open_blob(kms_client, stripped, "right") == plaintext
 
 
 @pytest.mark.parametrize("envelope_mode", [False, True])
@@ -103,8 +132,10 @@ def test_blob_is_bound_to_its_user(kms_client: Any, key: str, envelope_mode: boo
     ).to_text()
     assert parse_blob(text).binds_user
     assert open_blob(kms_client, text, "db", "alice") == plaintext
-    with pytest.raises(ClientError, match="InvalidCiphertextException"):
+    with pytest.raises(BlobMismatchError, match="encrypted for user 'alice', not 'bob'"):
         open_blob(kms_client, text, "db", "bob")
+    with pytest.raises(ClientError, match="InvalidCiphertextException"):
+        open_blob(kms_client, parse_blob(text).identity(), "db", "bob")
 
 
 def test_unbound_blob_does_not_decrypt_with_a_user_added(kms_client: Any, key: str) -> None:
@@ -167,6 +198,7 @@ def test_not_after_is_carried_in_utc_seconds(kms_client: Any, key: str) -> None:
         ({"name": "../etc"}, "secret name"),
         ({"name": ""}, "empty"),
         ({"user": "bad user"}, "--user"),
+        ({"user": "u" * 256}, "--user: a user name is 1 to 255"),
         ({"context": {"kmskeys_name": "x"}}, "reserved"),
         ({"context": {"kmskeys_not_after": "2099-01-01T00:00:00Z"}}, "reserved"),
         ({"context": {"bad key": "v"}}, "context keys"),

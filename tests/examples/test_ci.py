@@ -142,7 +142,9 @@ def test_the_bundle_step_runs_and_its_blobs_resolve(install: Install, tmp_path: 
         assert value not in done.stdout + done.stderr
     blobs = sorted(p.relative_to(tmp_path / "blobs") for p in (tmp_path / "blobs").rglob("*.kms"))
     assert [str(b) for b in blobs] == ["api/token.kms", "db-password.kms", "smtp-password.kms"]
-    assert done.stdout.count("db-password") >= 1  # `kmskeys inspect` described each blob
+    # `kmskeys inspect NAME FILE` described each blob and checked it against its file's name.
+    for name in ("api/token", "db-password", "smtp-password"):
+        assert f"check      ok: made for name {name}\n" in done.stdout
     for blob in blobs:
         install.deploy(str(blob.with_suffix("")), (tmp_path / "blobs" / blob).read_text())
     expected = {

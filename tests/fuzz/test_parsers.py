@@ -50,8 +50,8 @@ def _pieces(pieces: Sequence[_T], max_size: int | None = None) -> st.SearchStrat
 
 # -- blob parser ----------------------------------------------------------------------------
 
-_SAMPLE = Blob(
-    version=1,
+_SAMPLE_BLOB = Blob(
+    version=2,
     mode="envelope",
     key_arn="arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
     binds_user=True,
@@ -59,23 +59,38 @@ _SAMPLE = Blob(
     ciphertext=bytes(range(200)),
     nonce=b"\x01" * 12,
     sealed=b"\x02" * 40,
-).to_text()
+    name="app/db-password",
+    user="www-data",
+)
+# The current version and the version-1 form every older blob has.
+_SAMPLES = [_SAMPLE_BLOB.to_text().encode(), _SAMPLE_BLOB.identity().encode()]
+# Canonical prefixes and other spellings of them: only the canonical ones may be accepted.
+_PREFIXES = ["kmsk1:", "kmsk2:", "kmsk01:", "kmsk02:", "kmsk002:", "kmsk0:", "kmsk3:"]
 
 
-def _flip_bit(bit: int) -> bytes:
-    raw = bytearray(_SAMPLE.encode())
+def _flip_bit(which: int, bit: int) -> bytes:
+    raw = bytearray(_SAMPLES[which])
+    bit %= len(raw) * 8
     raw[bit // 8] ^= 1 << (bit % 8)
     return bytes(raw)
 
 
-# Random text, random bodies after the prefix, and valid blobs with one bit flipped.
+def _after(prefix: int, body: bytes) -> str:
+    return _PREFIXES[prefix] + base64.urlsafe_b64encode(body).decode().rstrip("=")
+
+
+# Random text, random bodies after any prefix, valid blobs with one bit flipped, and valid
+# bodies under any prefix.
 _BLOB_TEXTS: st.SearchStrategy[str | bytes] = st.one_of(
     st.text(max_size=400),
     st.binary(max_size=400),
-    st.binary(max_size=600).map(
-        lambda body: "kmsk1:" + base64.urlsafe_b64encode(body).decode().rstrip("=")
+    st.builds(_after, st.integers(0, len(_PREFIXES) - 1), st.binary(max_size=600)),
+    st.builds(_flip_bit, st.integers(0, 1), st.integers(0, len(_SAMPLES[0]) * 8 - 1)),
+    st.builds(
+        lambda prefix, which: _PREFIXES[prefix] + _SAMPLES[which].decode().partition(":")[2],
+        st.integers(0, len(_PREFIXES) - 1),
+        st.integers(0, 1),
     ),
-    st.integers(0, len(_SAMPLE.encode()) * 8 - 1).map(_flip_bit),
 )
 
 

@@ -95,9 +95,12 @@ def test_blob_bound_to_a_never_decrypts_for_b(
 
     assert requester.run(b, fetch_inline) == REFUSED
     assert requester.run(b, fetch_from_blob_dir) == REFUSED
+    # The blob records its user: refused locally, naming both users, with no KMS call.
+    mismatch = f"blob was encrypted for user '{a.pw_name}', not '{b.pw_name}'"
     for _ in range(2):
         line = iso.log.wait_for(name)
-        assert f"user={b.pw_name} " in line and "InvalidCiphertextException" in line, line
+        assert f"user={b.pw_name} " in line and mismatch in line, line
+    assert iso.decrypts() == 0
     assert requester.run(a, fetch_inline) == {"ok": "kmst-bound-to-a"}
     assert requester.run(a, fetch_from_blob_dir) == {"ok": "kmst-bound-to-a"}
 

@@ -9,7 +9,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from kmskeys import Key, KeyRejectedError, get_secret
-from kmskeys.blob import CONTEXT_NAME, CONTEXT_NOT_AFTER, VERSION, Blob, format_not_after
+from kmskeys.blob import (
+    CONTEXT_NAME,
+    CONTEXT_NOT_AFTER,
+    VERSION,
+    Blob,
+    format_not_after,
+    parse_blob,
+)
 from kmskeys.contract import ADMIN_KEY_PERM as KEY_PERM
 from kmskeys.hostflush import admin_gid
 from tests.support.names import unique
@@ -45,13 +52,21 @@ def test_user_bound_blob_is_refused_to_another_user(
     name = unique("bound")
     text = resolver.blob(b"for nobody", name, user=NOBODY_ENTRY.pw_name)
     resolver.deploy(name, text)
-    for blob in (text, None):
+    # The blob records its user: refused locally, inline or from blob_dir. Its version-1 form
+    # records none: KMS refuses it (the context binds the user either way).
+    unrecorded = parse_blob(text).identity()
+    for blob, why in (
+        (text, f"blob was encrypted for user '{NOBODY_ENTRY.pw_name}', not '{OTHER.pw_name}'"),
+        (None, f"blob was encrypted for user '{NOBODY_ENTRY.pw_name}', not '{OTHER.pw_name}'"),
+        (unrecorded, "InvalidCiphertextException"),
+    ):
         result = _request_as(requester, OTHER, resolver, name, blob)
         assert result == {"error": "KeyRejectedError", "errno": errno.EKEYREJECTED}, (
             resolver.log.drain()
         )
         line = resolver.log.wait_for(name)
-        assert "outcome=refused" in line and "InvalidCiphertextException" in line
+        assert "outcome=refused" in line and why in line, line
+    assert resolver.decrypts() == 1
     # Root is "another user" too: the binding is to the name, not to privilege.
     with pytest.raises(KeyRejectedError):
         resolver.get(name + "-root", resolver.blob(b"x", name + "-root", user="nobody"))
@@ -63,13 +78,15 @@ def test_blob_presented_under_another_name_is_refused(resolver: Install) -> None
     with pytest.raises(KeyRejectedError) as caught:
         resolver.get(other, text)
     assert "journalctl -t kmskeys-resolver" in str(caught.value)
-    # The refusal is now negatively cached for `other`: present the blob as a file under a
-    # third name, so KMS is asked (and refuses) again.
+    assert f"blob was encrypted for '{name}', not '{other}'" in resolver.log.wait_for(other)
+    # The refusal is now negatively cached for `other`: present the blob's version-1 form (no
+    # recorded name) as a file under a third name, so KMS is asked, and refuses.
     third = unique("third")
-    resolver.deploy(third, text)
+    resolver.deploy(third, parse_blob(text).identity())
     with pytest.raises(KeyRejectedError):
         Key.request(resolver.description(third), b"")
-    assert resolver.decrypts() == 2
+    assert "InvalidCiphertextException" in resolver.log.wait_for(third)
+    assert resolver.decrypts() == 1
 
 
 def _blob_with_not_after(install: Install, name: str, when: datetime) -> str:
@@ -86,6 +103,7 @@ def _blob_with_not_after(install: Install, name: str, when: datetime) -> str:
         binds_user=False,
         metadata={CONTEXT_NOT_AFTER: stamp},
         ciphertext=encrypted["CiphertextBlob"],
+        name=name,
     )
     return blob.to_text()
 

@@ -260,23 +260,30 @@ def test_blob_file_mistakes_each_fix_makes_doctor_pass(extra_install: Callable[.
     with extra_install() as install:
         good = unique("good")
         install.deploy(good, install.blob(b"fine", good))
-        install.deploy("bad name", install.blob(b"x", good))  # spaces: no request can name it
+        # Spaces: no request can name it; the fix renames it to the name its blob was made for.
+        install.deploy("bad name", install.blob(b"x", "bad-name"))
         install.deploy(unique("garbage"), "kmsk1:not-a-blob")
-        install.deploy(unique("writable"), install.blob(b"x", good), mode=0o666)
-        os.chown(install.deploy(unique("foreign"), install.blob(b"x", good)), 65534, 65534)
+        writable, foreign, linked = unique("writable"), unique("foreign"), unique("link")
+        install.deploy(writable, install.blob(b"x", writable), mode=0o666)
+        os.chown(install.deploy(foreign, install.blob(b"x", foreign)), 65534, 65534)
+        install.deploy(unique("misnamed"), install.blob(b"x", good))  # made for another name
         nested = install.blob_dir / "team"
         nested.mkdir()
         os.chmod(nested, 0o777)
-        link = install.blob_dir / f"{unique('link')}.kms"
-        link.symlink_to(install.blob_dir / f"{good}.kms")
+        target = install.root / f"{linked}.kms"
+        target.write_text(install.blob(b"linked", linked))
+        (install.blob_dir / f"{linked}.kms").symlink_to(target)
         broken = paste_and_pass(_args(install), {"blobs", "blob_dir"})
         messages = " | ".join(f["message"] for f in problems(broken))
         assert "not a valid secret name" in messages
         assert "writable by group or others" in messages and "owned by uid 65534" in messages
         assert "a symbolic link" in messages and "not a blob the resolver can parse" in messages
-        assert len(problems(broken, {"blobs"})) == 6, messages
+        assert f"blob was encrypted for '{good}', not 'kmst-" in messages
+        assert len(problems(broken, {"blobs"})) == 7, messages
         # Fixed, not thrown away: the good blob and the link's copy still resolve.
         assert install.get(good) == b"fine"
+        assert install.get(linked) == b"linked"
+        assert install.get("bad-name") == b"x"
         os.rmdir(nested)
         shutil.rmtree(install.blob_dir)
         paste_and_pass(_args(install), {"blob_dir"})

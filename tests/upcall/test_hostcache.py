@@ -11,6 +11,7 @@ import hashlib
 import pytest
 
 from kmskeys import Key, KeyRejectedError, Keyring
+from kmskeys.blob import parse_blob
 from kmskeys.contract import HOSTCACHE_PERM, hostcache_entry
 from tests.support.names import unique
 from tests.support.requester import NOBODY, as_user
@@ -24,7 +25,9 @@ EXPENSIVE = {"import", "client", "decrypt"}
 
 
 def _entry_of(install: Install, name: str, text: str, user: str | None = None) -> str:
-    digest = hashlib.blake2b(text.strip().encode(), digest_size=32).hexdigest()
+    # Keyed on the blob's canonical text: its version-1 form, whatever the spelling.
+    canonical = parse_blob(text).identity()
+    digest = hashlib.blake2b(canonical.encode(), digest_size=32).hexdigest()
     return hostcache_entry(install.prefix, name, user, digest)
 
 
@@ -142,9 +145,15 @@ def test_only_an_identical_request_hits(resolver: Install) -> None:
     name = unique("hcbound")
     bound = resolver.blob(b"kmst-root-bound", name, user="root")
     assert resolver.get(name, bound) == b"kmst-root-bound"
-    # Another user with the very same user-bound blob: its own entry, so KMS decides (and
-    # refuses: the blob is bound to root).
+    assert " outcome=ok " in resolver.log.wait_for(name)
+    # Another user with the very same user-bound blob: refused before the cache, locally (the
+    # blob records root); its version-1 form has no record, so there KMS decides (and refuses).
     refused = as_user(NOBODY, lambda: resolver.get(name, bound).decode())
+    assert refused == {"error": "KeyRejectedError", "errno": 129}, refused
+    assert "encrypted for user 'root', not 'nobody'" in resolver.log.wait_for(name)
+    assert resolver.decrypts() == 1
+    unrecorded = parse_blob(bound).identity()
+    refused = as_user(NOBODY, lambda: resolver.get(name, unrecorded).decode())
     assert refused == {"error": "KeyRejectedError", "errno": 129}, refused
     assert resolver.decrypts() == 2
     # A redeployed blob (new text) is a new entry, whatever the old one holds.

@@ -19,7 +19,8 @@ def test_prefetch_fills_the_host_cache_and_skips_user_bound_blobs(extra_install:
         shared, nested, bound = unique("pre"), f"app/{unique('pre')}", unique("prebound")
         for name in (shared, nested):
             install.deploy(name, install.blob(f"kmst-{name}".encode(), name))
-        install.deploy(bound, install.blob(b"kmst-bound", bound, user="root"))
+        # Bound to another user than the root prefetch runs as: skipped, not refused.
+        install.deploy(bound, install.blob(b"kmst-bound", bound, user="nobody"))
         install.proxy.reset_counts()
         args = ("prefetch", "--config", str(install.config), "--concurrency", "2")
         done = run_resolver(*args, "--jitter", "0.2")
