@@ -1,0 +1,476 @@
+"""Settings declared once: a component's table is a frozen dataclass whose fields carry all of it.
+
+Each field is one setting: its TOML key (or keys), its type and default, its validator, the line
+of docs/resolver.md that explains it and the note install's template gives it. From the tables
+come the Config dataclass (resolver/config.py composes them), its validation, the template
+(resolver/config_text.py) and the docs table (scripts/generate.py; a unit test holds the docs to
+the tables). The components are the resolver core, the AWS gateway, the per-uid limits and the
+host cache (here), and each backend, which owns its table (resolver/spec_kms.py,
+resolver/spec_stored.py).
+
+Nothing here is heavy: the handler loads it for every miss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import Field, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kmskeys.errors import InvalidNameError
+from kmskeys.names import validate_prefix
+from kmskeys.stored import SCOPES
+from resolver.errors import ConfigError
+
+Check = Callable[[object, str], Any]
+META = "kmskeys.setting"
+
+MAX_TTL = 366 * 24 * 3600
+MAX_NEGATIVE_TTL = 3600
+MIN_DEADLINE = 0.5
+MAX_DEADLINE = 60.0
+MAX_CONCURRENT = 1000
+MAX_RATE = 10000.0
+MAX_TTL_JITTER = 0.5
+DEFAULT_SYSLOG_SOCKET = Path("/dev/log")
+DEFAULT_STATE_DIR = Path("/run/kmskeys")
+FACILITIES = {"authpriv": 10, "daemon": 3, "auth": 4, "user": 1}
+PARTITIONS = ("aws", "aws-cn", "aws-us-gov")
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What a field declares beyond its type and default."""
+
+    check: Check
+    meaning: str  # the docs table's "meaning" cell
+    note: str = ""  # the template's comment
+    shown: str | None = None  # the docs' "default" cell, when not the default itself
+    keys: tuple[str, ...] = ()  # TOML keys, when not (only) the field's name
+    examples: tuple[str, ...] = ()  # the template's values, one per key, for a default of none
+    rule_keys: tuple[str, ...] = ()  # for a per-name policy table: the keys its sections take
+    prefix_setting: str = ""  # ... and the setting holding the prefix whose names it governs
+
+
+def setting(
+    default: object,
+    check: Check,
+    meaning: str,
+    *,
+    note: str = "",
+    shown: str | None = None,
+    keys: tuple[str, ...] = (),
+    examples: tuple[str, ...] = (),
+) -> Any:
+    """A dataclass field that is one setting of the config file."""
+    meta = Meta(check, meaning, note, shown, keys, examples)
+    return field(default=default, metadata={META: meta})
+
+
+def policy(meaning: str, prefix_setting: str, rule_keys: tuple[str, ...], example: str) -> Any:
+    """A dataclass field that is a per-name policy table, `[TABLE."GLOB"]` sections, for the
+    names under the prefix that the setting `prefix_setting` holds."""
+
+    def check(value: object, where: str) -> tuple[NameRule, ...]:
+        return name_rules(value, where, rule_keys)
+
+    meta = Meta(
+        check,
+        meaning,
+        shown="none",
+        examples=(example,),
+        rule_keys=rule_keys,
+        prefix_setting=prefix_setting,
+    )
+    return field(default=(), metadata={META: meta})
+
+
+def declared(settings: type) -> list[tuple[Field[Any], Meta]]:
+    """The fields of a settings class that are settings, in declaration order."""
+    return [(f, f.metadata[META]) for f in fields(settings) if META in f.metadata]
+
+
+def toml_keys(f: Field[Any], meta: Meta) -> tuple[str, ...]:
+    """The TOML keys (or table name) a field is set with."""
+    return meta.keys or (f.name,)
+
+
+@dataclass(frozen=True)
+class Component:
+    """One table: a title for the docs and the template, and its settings class."""
+
+    title: str
+    settings: type
+    intro: str = ""
+
+
+@dataclass(frozen=True)
+class NameRule:
+    """Policy for the names matching one glob (`[names."app/*"]`, or `[stored."app/*"]` for
+    the keystore's names); first match wins."""
+
+    pattern: str
+    ttl: int | None = None
+    allow_users: tuple[str, ...] | None = None
+    # `[stored."GLOB"]` only: whose key a name is, one per uid ("user") or one per host.
+    scope: str | None = None
+
+    def allows(self, user: str | None, uid: int) -> bool:
+        """True if this rule lets `user` (name, may be None) with `uid` have the secret."""
+        if self.allow_users is None:
+            return True
+        return str(uid) in self.allow_users or (user is not None and user in self.allow_users)
+
+
+# --- Validators: (value, where) -> the value, or ConfigError naming `where` -----------------
+
+
+def text(value: object, where: str) -> str:
+    """A non-empty string."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a non-empty string")
+    return value
+
+
+def abs_path(value: object, where: str) -> Path:
+    """An absolute path."""
+    path = text(value, where)
+    if not path.startswith("/"):
+        raise ConfigError(f"{where} must be an absolute path")
+    return Path(path)
+
+
+def boolean(value: object, where: str) -> bool:
+    """true or false."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false")
+    return value
+
+
+def _whole(value: object, low: int, high: int, where: str, unit: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{where} must be a whole number{unit} in [{low}, {high}]")
+    return value
+
+
+def seconds(low: int, high: int) -> Check:
+    """A whole number of seconds in [low, high]."""
+    return lambda value, where: _whole(value, low, high, where, " of seconds")
+
+
+def count(low: int, high: int) -> Check:
+    """A whole number in [low, high]."""
+    return lambda value, where: _whole(value, low, high, where, "")
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+def deadline(value: object, where: str) -> float:
+    """Seconds in [MIN_DEADLINE, MAX_DEADLINE]."""
+    number = _number(value)
+    if number is None or not MIN_DEADLINE <= number <= MAX_DEADLINE:
+        raise ConfigError(
+            f"{where} must be a number of seconds in [{MIN_DEADLINE}, {MAX_DEADLINE}]"
+        )
+    return number
+
+
+def rate(value: object, where: str) -> float:
+    """Calls per second in (0, MAX_RATE]."""
+    number = _number(value)
+    if number is None or not 0 < number <= MAX_RATE:
+        raise ConfigError(f"{where} must be a number of calls per second in (0, {MAX_RATE:g}]")
+    return number
+
+
+def fraction(high: float) -> Check:
+    """A fraction in [0, high]."""
+
+    def check(value: object, where: str) -> float:
+        number = _number(value)
+        if number is None or not 0 <= number <= high:
+            raise ConfigError(f"{where} must be a fraction in [0, {high:g}] (0.1 is 10 %)")
+        return number
+
+    return check
+
+
+def choice(options: tuple[str, ...]) -> Check:
+    """One of `options`."""
+
+    def check(value: object, where: str) -> str:
+        if value not in options:
+            raise ConfigError(f"{where} must be one of {', '.join(options)}")
+        return str(value)
+
+    return check
+
+
+def url(value: object, where: str) -> str:
+    """An http:// or https:// URL."""
+    found = text(value, where)
+    if not found.startswith(("https://", "http://")):
+        raise ConfigError(f"{where} must be an http:// or https:// URL")
+    return found
+
+
+def prefix(value: object, where: str) -> str:
+    """A description prefix (kmskeys.names.validate_prefix)."""
+    try:
+        return validate_prefix(text(value, where))
+    except InvalidNameError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def region(value: object, where: str) -> str:
+    """An AWS region name."""
+    found = text(value, where)
+    if not (
+        found[0].isalpha() and all(ch.isalnum() or ch == "-" for ch in found) and len(found) < 32
+    ):
+        raise ConfigError(f"{where}: {found!r} is not an AWS region name")
+    return found
+
+
+def regions(value: object, where: str) -> tuple[str, ...]:
+    """A region name or a non-empty list of them."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{where} must be a region name or a non-empty list of them")
+    return tuple(dict.fromkeys(region(item, where) for item in items))
+
+
+def key_arn(value: object, where: str) -> str:
+    """A KMS key ARN (never an alias: a key ARN names exactly one key)."""
+    found = text(value, where)
+    parts = found.split(":")
+    if (
+        len(parts) != 6
+        or parts[0] != "arn"
+        or not parts[1].startswith("aws")
+        or parts[2] != "kms"
+        or not parts[4].isdigit()
+        or len(parts[4]) != 12
+        or not parts[5].startswith("key/")
+        or len(parts[5]) <= 4
+    ):
+        raise ConfigError(
+            f"{where}: {found!r} is not a KMS key ARN (arn:aws:kms:REGION:ACCOUNT:key/ID; "
+            "aliases are not accepted: a key ARN names exactly one key)"
+        )
+    region(parts[3], where)
+    return found
+
+
+def key_arns(value: object, where: str) -> tuple[str, ...]:
+    """A non-empty list of KMS key ARNs."""
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where} must be a non-empty list of KMS key ARNs")
+    return tuple(dict.fromkeys(key_arn(item, where) for item in value))
+
+
+def accounts(value: object, where: str) -> tuple[str, ...]:
+    """A non-empty list of 12-digit AWS account IDs."""
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where} must be a non-empty list of 12-digit AWS account IDs")
+    found = []
+    for item in value:
+        if not isinstance(item, str) or len(item) != 12 or not item.isdigit():
+            raise ConfigError(f"{where}: {item!r} is not a 12-digit AWS account ID")
+        found.append(item)
+    return tuple(found)
+
+
+def users(value: object, where: str) -> tuple[str, ...]:
+    """A list of user names or uids."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list of user names or uids")
+    found = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, str | int) or item == "":
+            raise ConfigError(f"{where}: {item!r} is not a user name or uid")
+        found.append(str(item))
+    return tuple(found)
+
+
+RULE_CHECKS: dict[str, Check] = {
+    "ttl": seconds(1, MAX_TTL),
+    "allow_users": users,
+    "scope": choice(SCOPES),
+}
+
+
+def name_rules(value: object, where: str, rule_keys: tuple[str, ...]) -> tuple[NameRule, ...]:
+    """The `[TABLE."GLOB"]` sections of a policy table, each taking `rule_keys`."""
+    table = where.rpartition(": ")[2]
+    if not isinstance(value, dict):
+        raise ConfigError(f'{where} must be a table of [{table}."GLOB"] sections')
+    rules = []
+    for pattern, section in value.items():
+        here = f"{where}.{pattern!r}"
+        if not isinstance(section, dict):
+            raise ConfigError(f"{here} must be a table")
+        found: dict[str, Any] = {}
+        for key, item in section.items():
+            if key not in rule_keys:
+                raise ConfigError(f"{here}: unknown key {key!r}")
+            found[key] = RULE_CHECKS[key](item, f"{here}.{key}")
+        rules.append(NameRule(pattern, **found))
+    return tuple(rules)
+
+
+# --- The components that are not backends ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    """The resolver core: how long answers live, how long a miss may take, where lines go."""
+
+    ttl: int = setting(
+        300,
+        seconds(1, MAX_TTL),
+        "seconds a resolved key stays cached (1 s to 366 days)",
+        note="seconds a resolved secret stays cached",
+    )
+    negative_ttl: int = setting(
+        10,
+        seconds(1, MAX_NEGATIVE_TTL),
+        "seconds (1 to 3600) a refusal (`EKEYREJECTED`) or unknown name (`ENOKEY`) stays "
+        "cached; `EAGAIN` is rejected with it too but never served from the cache (the kernel "
+        "facts above). Keep it, and `ttl`, well above the time a handler takes to exit: a key "
+        "that expires before request-key exits is `ENOKEY` to the requester that started the "
+        "upcall (docs/reliability.md, fact 7)",
+        note="seconds a refusal or unknown name stays cached",
+    )
+    deadline: float = setting(
+        8.0,
+        deadline,
+        "seconds (0.5 to 60) the whole handler may take, AWS calls included",
+        note="seconds the handler may take, AWS calls included",
+    )
+    ttl_jitter: float = setting(
+        0.1,
+        fraction(MAX_TTL_JITTER),
+        "each key's timeout is `ttl` x a random factor in [1 - j, 1 + j], in whole seconds "
+        "(0 to 0.5)",
+        note="key timeout = ttl +- 10 %, in whole seconds",
+    )
+    syslog_socket: Path = setting(
+        DEFAULT_SYSLOG_SOCKET,
+        abs_path,
+        "unix datagram socket of the syslog daemon; when nothing listens there, each line goes "
+        "to `/dev/kmsg` instead (dmesg, `journalctl -k`), saying so, and to stderr only if that "
+        "fails too",
+    )
+    syslog_facility: str = setting(
+        "authpriv",
+        choice(tuple(FACILITIES)),
+        "`authpriv`, `daemon`, `auth` or `user`",
+        note="authpriv, auth, daemon or user",
+    )
+
+
+@dataclass(frozen=True)
+class AwsSettings:
+    """The AWS gateway (resolver/gateway.py): where every call to AWS goes, with which
+    credentials. Never the environment, never ~/.aws/config."""
+
+    region_list: tuple[str, ...] = setting(
+        (),
+        regions,
+        "`region`: the one region clients are built for, required for legacy blobs (which carry "
+        "no ARN). `regions`: instead, a list; with several, a multi-Region key falls back to the "
+        "next one (below). Default: the regions of `key_arns`",
+        shown="the regions of `key_arns`",
+        keys=("region", "regions"),
+        examples=('"eu-west-1"', '["eu-west-1", "eu-central-1"]'),
+        note="default: the regions of key_arns",
+    )
+    endpoint_url: str | None = setting(
+        None,
+        url,
+        "`http(s)://` URL of KMS or a compatible endpoint",
+        shown="AWS default",
+        examples=('"https://kms.eu-west-1.amazonaws.com"',),
+        note="off EC2, or a VPC endpoint",
+    )
+    profile: str | None = setting(
+        None,
+        text,
+        "profile in `shared_credentials_file`",
+        shown="`default`",
+        examples=('"default"',),
+        note="a profile of shared_credentials_file",
+    )
+    shared_credentials_file: Path | None = setting(
+        None,
+        abs_path,
+        "absolute path; root-owned, readable by nobody else (0600). Without it, credentials come "
+        "from the instance role (IMDS). `~/.aws/config` is never read",
+        examples=('"/etc/kmskeys/credentials"',),
+        note="root-only (0600); off EC2",
+    )
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Per-uid limits (resolver/limits.py), checked before any expensive work."""
+
+    max_concurrent_per_uid: int = setting(
+        4,
+        count(1, MAX_CONCURRENT),
+        "handler runs at once per requesting uid (1 to 1000); the rest are answered `EAGAIN` at "
+        "once, by `kmskeys-gate` before Python starts (re-run install after changing it)",
+        note="handler runs per requesting uid; the rest get EAGAIN",
+    )
+    kms_rate_per_uid: float = setting(
+        10.0,
+        rate,
+        "AWS calls per second per uid (token bucket refill): KMS Decrypt, the keystore seal's "
+        "Encrypt and Decrypt, retries included; prefetch has a bucket of its own",
+        note="AWS calls per second per uid (token bucket) ...",
+    )
+    kms_burst_per_uid: int = setting(
+        100,
+        count(1, MAX_CONCURRENT * 100),
+        "tokens the per-uid bucket holds",
+        note="... holding this many tokens",
+    )
+    state_dir: Path = setting(
+        DEFAULT_STATE_DIR,
+        abs_path,
+        "root-only directory of the per-uid limits' lock files",
+        note="root-only: the per-uid limits' lock files",
+    )
+
+
+@dataclass(frozen=True)
+class HostCacheSettings:
+    """The host cache (resolver/hostcache.py): one Decrypt per host and blob."""
+
+    host_cache: bool = setting(
+        True,
+        boolean,
+        "keep each decrypted secret once per host, in a root-only kernel keyring (below)",
+        note="one Decrypt per host and blob, kept in root's kernel keyring",
+    )
+    stale_grace: int = setting(
+        3600,
+        seconds(0, MAX_TTL),
+        "seconds (0 to 366 days) a host-cache entry may answer, counted from its decrypt, while "
+        "KMS is **unavailable** (EAGAIN class only); `0` never serves stale",
+        note="KMS down: serve a host-cache entry this old (0: never)",
+    )
+    stale_ttl: int = setting(
+        30,
+        seconds(1, MAX_NEGATIVE_TTL),
+        "key timeout (1 to 3600 s) of a stale answer, so that KMS is asked again soon",
+        note="... with this key timeout, so that KMS is retried soon",
+    )
