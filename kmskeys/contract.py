@@ -17,6 +17,13 @@ USER_PAYLOAD_MAX = 32767
 # request_key(2) copies the callout info with strndup_user(.., PAGE_SIZE): at most 4095 bytes.
 CALLOUT_MAX = 4095
 # A key description is at most 4095 bytes too; ours are far shorter (names are <= 200 bytes).
+DESCRIPTION_MAX = 4095
+
+# --- The build ----------------------------------------------------------------------------------
+# Compiled into every compiled part (the hit-path extension, the cffi module, kmskeys-gate) from
+# kmskeys/contract.h; each is checked against this at import or run, so a part built from other
+# sources never loads silently. Written by scripts/generate.py: never edit by hand.
+BUILD_STAMP = "0.1.0+d0e9a9036724"
 
 # --- AWS KMS limits --------------------------------------------------------------------------
 # KMS Encrypt takes at most 4096 bytes of plaintext; larger secrets go in envelope mode.

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kmskeys import fileio
+from kmskeys.contract import BUILD_STAMP
 from resolver.errors import ConfigError, UnavailableError
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 # in this variable (KMSKEYS_SLOT_FD_ENV in kmskeys/contract.h). request-key runs with the
 # kernel's fixed environment, so no requester can set it.
 SLOT_FD_ENV = "KMSKEYS_SLOT_FD"
+# ... and its build stamp in this one: a gate built from other sources is refused, loudly.
+GATE_STAMP_ENV = "KMSKEYS_GATE_STAMP"
 # A uid's slots are the files SLOT_PREFIX + "UID-INDEX" in state_dir (the gate's too).
 SLOT_PREFIX = "slot-"
 # A bucket file holds (tokens, CLOCK_MONOTONIC seconds of the last refill): the clock is the
@@ -149,6 +152,21 @@ class PrefetchBudget:
                 f"prefetch is over its call rate (kms_rate_per_uid {config.kms_rate_per_uid:g}/s, "
                 f"burst {config.kms_burst_per_uid}, a bucket of its own)"
             )
+
+
+def stale_gate() -> str | None:
+    """Why the kmskeys-gate that ran before this handler is not of this build, or None.
+
+    The gate sets GATE_STAMP_ENV to the stamp compiled into it (kmskeys/contract.h); a gate
+    from before stamps passes a slot without one. No gate at all (a rule without it) is fine.
+    """
+    stamp = os.environ.pop(GATE_STAMP_ENV, None)
+    if (stamp is None and SLOT_FD_ENV not in os.environ) or stamp == BUILD_STAMP:
+        return None
+    return (
+        f"kmskeys-gate was built from other sources (stamp {stamp or 'none'}, this resolver "
+        f"{BUILD_STAMP}): reinstall kmskeys, then run kmskeys-resolver install"
+    )
 
 
 def inherited_slot(state_dir: Path, uid: int, slots: int) -> tuple[int | None, bool]:

@@ -29,7 +29,7 @@ from resolver import config as config_mod
 from resolver import handler
 from resolver.answer import answer_unanswered, log_writer
 from resolver.errors import ResolverError, UnavailableError
-from resolver.limits import acquire_slot, inherited_slot
+from resolver.limits import acquire_slot, inherited_slot, stale_gate
 from resolver.pipeline import KernelRequest, rejection
 from resolver.registry import split_description
 
@@ -48,6 +48,9 @@ def supervise(argv: Sequence[str]) -> int:
         args = None  # the worker logs the bad argv; there is no key to answer
     config = _config(args) if args is not None else None
     slot: int | None = None
+    stale = stale_gate()
+    if args is not None and stale is not None:
+        return _answer(args, config, UnavailableError(stale), started)
     if args is not None and config is not None:
         # Before any fork or import: a uid with all its slots busy is answered EAGAIN now.
         slot, allowed = inherited_slot(config.state_dir, args.uid, config.max_concurrent_per_uid)

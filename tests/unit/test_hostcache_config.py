@@ -6,8 +6,8 @@ import pytest
 
 from resolver.config import Config, parse
 from resolver.errors import ConfigError
-from resolver.pipeline import spread
 from resolver.kms import in_region, is_multi_region, region_plan
+from resolver.pipeline import spread
 
 pytestmark = pytest.mark.unit
 
