@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmskeys import contract
+from kmskeys import contract, fileio
 from kmskeys.contract import DEFAULT_PREFIX, rule_file_name
 from kmskeys.names import validate_prefix
 from kmskeys.trust import unsafe_reason
@@ -183,16 +183,9 @@ def _digest(path: Path) -> str:
 
 
 def _write_atomic(path: Path, text: str, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    try:
-        os.write(fd, text.encode())
-        os.fchmod(fd, mode)
-        os.fchown(fd, 0, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    # A temp file beside it, fsync'd, renamed over it: readers (request-key, the handler) see
+    # the old file or the new one, never half of one.
+    fileio.write_atomic(path, text.encode(), mode)
 
 
 def _mkdirs(path: Path, manifest: Manifest, actions: list[str], mode: int = 0o755) -> None:
