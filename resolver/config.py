@@ -26,14 +26,12 @@ from resolver.settings import (
     CoreSettings,
     HostCacheSettings,
     LimitSettings,
-    NameRule,
-    abs_path,
-    choice,
     declared,
     toml_keys,
 )
 from resolver.spec_kms import DEFAULT_BLOB_DIR, KmsSettings
 from resolver.spec_stored import DEFAULT_KEYSTORE_DIR, StoredSettings
+from resolver.validators import NameRule, abs_path, choice
 
 __all__ = [
     "DEFAULT_BLOB_DIR",

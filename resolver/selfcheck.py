@@ -20,12 +20,12 @@ from typing import Any
 
 from kmskeys import fileio
 from kmskeys.blob import MAX_BLOB_CHARS, BlobFormatError, parse_blob
-from kmskeys.contract import BLOB_SUFFIX
+from kmskeys.contract import BLOB_SUFFIX, BUILD_STAMP
 from kmskeys.errors import InvalidNameError
 from kmskeys.names import validate_name
 from resolver import config as config_mod
-from resolver.errors import ConfigError, RefusedError
-from resolver.install import gate_settings
+from resolver.errors import ConfigError, InstallError, RefusedError
+from resolver.install import gate_executable, gate_settings
 from resolver.policy import check_key
 
 # What the handler imports for a miss (resolver/install.py check_dependencies imports them).
@@ -179,6 +179,27 @@ def _blobs_report(config: config_mod.Config) -> dict[str, Any]:
     return {"problem": None, "files": count, "truncated": truncated, "problems": problems}
 
 
+def _gate_report() -> dict[str, Any]:
+    """The installed kmskeys-gate's build stamp against this resolver's (kmskeys/contract.h)."""
+    import subprocess
+
+    try:
+        gate = gate_executable()
+        done = subprocess.run(
+            [str(gate), "--stamp"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (InstallError, OSError, subprocess.SubprocessError) as exc:
+        return {"ok": False, "problem": "missing", "error": str(exc), "expected": BUILD_STAMP}
+    stamp = done.stdout.strip()
+    return {
+        "ok": stamp == BUILD_STAMP,
+        "problem": None if stamp == BUILD_STAMP else "stale",
+        "path": str(gate),
+        "stamp": stamp,
+        "expected": BUILD_STAMP,
+    }
+
+
 def report(path: Path) -> dict[str, Any]:
     """The whole verdict for the config at `path`: JSON-ready."""
     path = Path(os.path.abspath(path))
@@ -190,6 +211,8 @@ def report(path: Path) -> dict[str, Any]:
         "config": config_report,
         "known_keys": list(config_mod.known_keys()),
         "dependencies": _dependencies(),
+        # A gate built from other sources is refused by every handler run (EAGAIN, at ERR).
+        "gate": _gate_report(),
         "blobs": None if config is None else _blobs_report(config),
     }
 

@@ -13,18 +13,8 @@ from kmskeys import contract
 from kmskeys.names import validate_name
 from resolver.backend import BackendSpec
 from resolver.errors import ConfigError
-from resolver.settings import (
-    PARTITIONS,
-    NameRule,
-    abs_path,
-    accounts,
-    boolean,
-    choice,
-    key_arns,
-    policy,
-    prefix,
-    setting,
-)
+from resolver.settings import PARTITIONS, policy, setting
+from resolver.validators import NameRule, abs_path, accounts, boolean, choice, key_arns, prefix
 
 DEFAULT_BLOB_DIR = Path(contract.DEFAULT_BLOB_DIR)
 

@@ -15,7 +15,8 @@ from kmskeys.names import validate_name
 from kmskeys.stored import split_qualifier
 from resolver.backend import BackendSpec
 from resolver.errors import ConfigError
-from resolver.settings import NameRule, abs_path, choice, key_arn, policy, prefix, setting, text
+from resolver.settings import policy, setting
+from resolver.validators import NameRule, abs_path, choice, key_arn, prefix, text
 
 DEFAULT_KEYSTORE_DIR = Path(contract.DEFAULT_KEYSTORE_DIR)
 SEALS = ("none", "kms")

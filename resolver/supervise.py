@@ -48,23 +48,12 @@ def supervise(argv: Sequence[str]) -> int:
         args = None  # the worker logs the bad argv; there is no key to answer
     config = _config(args) if args is not None else None
     slot: int | None = None
-    stale = stale_gate()
-    if args is not None and stale is not None:
-        return _answer(args, config, UnavailableError(stale), started)
-    if args is not None and config is not None:
-        # Before any fork or import: a uid with all its slots busy is answered EAGAIN now.
-        slot, allowed = inherited_slot(config.state_dir, args.uid, config.max_concurrent_per_uid)
-        try:
-            if slot is None:
-                slot = acquire_slot(config.state_dir, args.uid, config.max_concurrent_per_uid)
-        except ResolverError as exc:
-            return _answer(args, config, exc, started)
-        if slot is None or not allowed:
-            busy = UnavailableError(
-                f"uid {args.uid} already has {config.max_concurrent_per_uid} requests being "
-                "resolved (max_concurrent_per_uid)"
-            )
-            return _answer(args, config, busy, started)
+    if args is not None:
+        # Before any fork or import: a stale gate, or a uid with all its slots busy, is
+        # answered EAGAIN now.
+        refused, slot = _admit(args, config)
+        if refused is not None:
+            return _answer(args, config, refused, started)
         # The worker inherits the slot and holds it until it exits, right after answering.
     try:
         pid = os.fork()
@@ -97,6 +86,28 @@ def supervise(argv: Sequence[str]) -> int:
         how = f"exited with status {os.waitstatus_to_exitcode(status)}"
     error = UnavailableError(f"resolver worker {how} before answering")
     return _answer(args, config, error, started)
+
+
+def _admit(
+    args: handler.HandleArgs, config: config_mod.Config | None
+) -> tuple[ResolverError | None, int | None]:
+    """(why the request is answered EAGAIN now, or None; the slot fd the worker will hold)."""
+    stale = stale_gate()
+    if stale is not None:
+        return UnavailableError(stale), None
+    if config is None:
+        return None, None  # the worker refuses the config and logs why
+    slots = config.max_concurrent_per_uid
+    slot, allowed = inherited_slot(config.state_dir, args.uid, slots)
+    try:
+        if slot is None:
+            slot = acquire_slot(config.state_dir, args.uid, slots)
+    except ResolverError as exc:
+        return exc, None
+    if slot is None or not allowed:
+        why = f"uid {args.uid} already has {slots} requests being resolved (max_concurrent_per_uid)"
+        return UnavailableError(why), slot
+    return None, slot
 
 
 def _config(args: handler.HandleArgs) -> config_mod.Config | None:

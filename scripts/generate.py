@@ -31,7 +31,7 @@ STAMP_LINE = re.compile(r'^BUILD_STAMP = "[^"]*"$', re.M)
 try:
     import kmskeys
     from kmskeys import contract
-    from resolver import config_text, limits, log, settings
+    from resolver import config_text, limits, log, validators
     from resolver.errors import UnavailableError
 except ImportError as exc:  # the stamp check of a compiled part, most likely
     sys.exit(f"generate: {exc}\ngenerate: rebuild first (make venv), then run it again")
@@ -60,8 +60,8 @@ def facts() -> list[tuple[str, str, str]]:
         ("SLOT_FD_ENV", _c_string(limits.SLOT_FD_ENV), "the gate passes its slot fd in this"),
         ("GATE_STAMP_ENV", _c_string(limits.GATE_STAMP_ENV), "... and its build stamp in this"),
         ("SLOT_PREFIX", _c_string(limits.SLOT_PREFIX), "state_dir/SLOT_PREFIX UID-INDEX"),
-        ("MAX_SLOTS", str(settings.MAX_CONCURRENT), "max_concurrent_per_uid at most"),
-        ("MAX_NEGATIVE_TTL", str(settings.MAX_NEGATIVE_TTL), "negative_ttl at most"),
+        ("MAX_SLOTS", str(validators.MAX_CONCURRENT), "max_concurrent_per_uid at most"),
+        ("MAX_NEGATIVE_TTL", str(validators.MAX_NEGATIVE_TTL), "negative_ttl at most"),
     ]
 
 
