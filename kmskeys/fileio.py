@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 from contextlib import suppress
 
@@ -218,7 +217,8 @@ TEMP_PREFIX = ".tmp-"
 
 def _write_temp(dir_fd: int, name: str, data: bytes, mode: int) -> str:
     """A new temp file in `dir_fd` holding `data`, root-owned with `mode`, fsync'd."""
-    temp = f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    # os.urandom, not secrets: that would import hashlib and OpenSSL (ms) on the miss path.
+    temp = f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(temp, flags, 0o600, dir_fd=dir_fd)
     try:

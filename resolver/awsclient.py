@@ -2,13 +2,13 @@
 
 botocore, not boto3: boto3 adds import time and resource models the resolver never uses. Every
 setting comes from the resolver's config, none from the environment or ~/.aws. Retries are off
-here: the gateway retries itself, within the deadline (resolver/gateway.py).
+here: the gateway retries itself, within the deadline (resolver/gateway.py). The warm daemon
+keeps its clients (resolver/warm.py CachedClients).
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -76,27 +76,6 @@ class SessionClients:
         )
         timings.add("client", (time.perf_counter() - start) * 1000)
         return client
-
-
-class CachedClients(SessionClients):
-    """One client per (service, region) for a process's lifetime: the warm daemon's."""
-
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        self._lock = threading.Lock()
-        self._clients: dict[tuple[str, str], Any] = {}
-
-    def client(self, service: str, region: str, deadline: float, timings: Timings) -> Any:
-        """The process's client, built on first use."""
-        with self._lock:
-            found = self._clients.get((service, region))
-            if found is None:
-                # Timeouts sized for a whole handler deadline, not for what is left of the
-                # request that happens to build the client.
-                whole = time.monotonic() + self.config.deadline
-                found = super().client(service, region, whole, timings)
-                self._clients[(service, region)] = found
-            return found
 
 
 def check_credentials_file(path: os.PathLike[str]) -> None:

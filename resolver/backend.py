@@ -54,7 +54,6 @@ class Timings:
         return ",".join(f"{k}:{v:.0f}" for k, v in self.phases.items())
 
 
-@dataclass(frozen=True)
 class Result:
     """What a backend answers: the payload, and the facts the pipeline decides the key with.
 
@@ -63,10 +62,21 @@ class Result:
     line (source, mode, age, reason), never a payload or a blob.
     """
 
-    payload: bytes
-    ttl: int | None = None
-    stale: bool = False
-    details: Mapping[str, str] = field(default_factory=dict)
+    # A plain class, not a dataclass: the handler imports this for every miss, and each
+    # dataclass costs a few hundred microseconds to create.
+    __slots__ = ("details", "payload", "stale", "ttl")
+
+    def __init__(
+        self,
+        payload: bytes,
+        ttl: int | None = None,
+        stale: bool = False,
+        details: Mapping[str, str] | None = None,
+    ) -> None:
+        self.payload = payload
+        self.ttl = ttl
+        self.stale = stale
+        self.details: Mapping[str, str] = details if details is not None else {}
 
     def __repr__(self) -> str:  # never the payload
         return f"Result({len(self.payload)} bytes, ttl={self.ttl}, stale={self.stale})"
@@ -80,16 +90,18 @@ class Budget(Protocol):
         ...
 
 
-@dataclass
 class Context:
-    """What a backend resolves within: the deadline (time.monotonic()), the timings it adds
-    to, the budget its AWS calls spend, and `notes`: the log line's facts so far, which a
+    """What a backend resolves within: the deadline (time.monotonic()), the budget its AWS
+    calls spend, the timings it adds to, and `notes`: the log line's facts so far, which a
     failure is logged with too (the source of a blob that then failed to decrypt, say)."""
 
-    deadline: float
-    budget: Budget
-    timings: Timings = field(default_factory=Timings)
-    notes: dict[str, str] = field(default_factory=dict)
+    __slots__ = ("budget", "deadline", "notes", "timings")
+
+    def __init__(self, deadline: float, budget: Budget) -> None:
+        self.deadline = deadline
+        self.budget = budget
+        self.timings = Timings()
+        self.notes: dict[str, str] = {}
 
 
 class Backend(Protocol):
@@ -100,7 +112,6 @@ class Backend(Protocol):
         ...
 
 
-@dataclass(frozen=True)
 class BackendSpec:
     """A backend's declaration (jaraco/keyring style, minus entry-point discovery: a root
     program loads only the backends it ships, resolver/registry.py).
@@ -111,8 +122,18 @@ class BackendSpec:
     qualifier from what follows `PREFIX:` (InvalidNameError if it does not parse).
     """
 
-    name: str
-    settings: type
-    prefix_setting: str
-    policy_setting: str
-    split: Callable[[str], tuple[str, str]]
+    __slots__ = ("name", "policy_setting", "prefix_setting", "settings", "split")
+
+    def __init__(
+        self,
+        name: str,
+        settings: type,
+        prefix_setting: str,
+        policy_setting: str,
+        split: Callable[[str], tuple[str, str]],
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.prefix_setting = prefix_setting
+        self.policy_setting = policy_setting
+        self.split = split

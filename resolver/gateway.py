@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from kmskeys.contract import (
@@ -66,12 +65,26 @@ REFUSALS = frozenset(
 )
 
 
-@dataclass(frozen=True)
 class Target:
     """The resource one call names (a key or secret ARN) and the region it is called in."""
 
-    resource: str
-    region: str
+    __slots__ = ("region", "resource")
+
+    def __init__(self, resource: str, region: str) -> None:
+        self.resource = resource
+        self.region = region
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Target) and (other.resource, other.region) == (
+            self.resource,
+            self.region,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.resource, self.region))
+
+    def __repr__(self) -> str:
+        return f"Target({self.resource!r}, {self.region!r})"
 
 
 class Operation(Protocol[T_co]):
@@ -106,12 +119,14 @@ class Operation(Protocol[T_co]):
         ...
 
 
-@dataclass(frozen=True)
 class Authorized(Generic[T_co]):
     """An operation whose allowlist check has passed, with the target it passed for."""
 
-    operation: Operation[T_co]
-    target: Target
+    __slots__ = ("operation", "target")
+
+    def __init__(self, operation: Operation[T_co], target: Target) -> None:
+        self.operation = operation
+        self.target = target
 
 
 class Gateway:

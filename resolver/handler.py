@@ -163,7 +163,9 @@ class Handler:
         with watchdog.armed(started + DEFAULT_DEADLINE - WATCHDOG_MARGIN):
             # After assume_authority, reading the authorization key gives the callout.
             callout = keyctl_read(KEY_SPEC_REQKEY_AUTH_KEY)
-            asked = KernelRequest(asked.key, asked.description, asked.uid, asked.gid, callout)
+            asked = KernelRequest(
+                asked.key, asked.description, asked.uid, asked.gid, callout=callout
+            )
             config = self._load_config()
             deadline = started + config.deadline - WATCHDOG_MARGIN
             with watchdog.armed(deadline):

@@ -10,31 +10,71 @@ setperm `perm`, set the timeout `timeout` and instantiate `payload`; for a failu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from typing import Any
 
 from resolver.errors import ResolverError, errno_name
 from resolver.log import LOG_ERR, LOG_WARNING, format_fields
 
 
-@dataclass(frozen=True)
 class Outcome:
-    """One request's decision: an answer (`errno` 0) or a rejection, and its log line."""
+    """One request's decision: an answer (`errno` 0) or a rejection, and its log line.
 
-    outcome: str  # ok, stale, unknown, refused, unavailable, quota, error
-    severity: int  # of the log line: LOG_INFO, LOG_WARNING or LOG_ERR
-    key: int  # the key's serial (%k)
-    uid: int  # the requester (%u): the key's owner
-    timeout: int  # seconds: the key's ttl, or the rejection's negative_ttl
-    negative_ttl: int  # what a rejection gets, should the answer fail after all
-    payload: bytes = b""
-    gid: int = -1  # the key's group: the admin group, or the requester's %g
-    perm: int = 0  # the key's permission mask
-    errno: int = 0  # what the key is rejected with; 0 for an answer
-    name: str = ""  # NAME, or the whole description when it did not parse
-    user: str | None = None
-    details: tuple[tuple[str, str], ...] = ()  # source, mode, age: plain facts
-    reason: str | None = None
-    timings: str = ""
+    `outcome` is ok, stale, unknown, refused, unavailable, quota or error; `severity` is its
+    line's (LOG_INFO, LOG_WARNING, LOG_ERR); `key` the key's serial (%k); `uid` the requester
+    (%u), the key's owner; `timeout` the key's ttl, or the rejection's negative_ttl;
+    `negative_ttl` what a rejection gets should the answer fail after all; `gid` the key's
+    group (the admin group, or %g); `perm` its mask; `errno` what it is rejected with (0 for
+    an answer); `name` NAME, or the description when it did not parse; `details` plain facts
+    (source, mode, age). Not a dataclass: the handler imports this on every miss.
+    """
+
+    __slots__ = _FIELDS = (
+        "outcome",
+        "severity",
+        "key",
+        "uid",
+        "timeout",
+        "negative_ttl",
+        "payload",
+        "gid",
+        "perm",
+        "errno",
+        "name",
+        "user",
+        "details",
+        "reason",
+        "timings",
+    )
+
+    def __init__(
+        self,
+        outcome: str,
+        severity: int,
+        *,
+        key: int,
+        uid: int,
+        timeout: int,
+        negative_ttl: int,
+        payload: bytes = b"",
+        gid: int = -1,
+        perm: int = 0,
+        errno: int = 0,
+        name: str = "",
+        user: str | None = None,
+        details: tuple[tuple[str, str], ...] = (),
+        reason: str | None = None,
+        timings: str = "",
+    ) -> None:
+        self.outcome, self.severity, self.key, self.uid = outcome, severity, key, uid
+        self.timeout, self.negative_ttl, self.payload = timeout, negative_ttl, payload
+        self.gid, self.perm, self.errno, self.name, self.user = gid, perm, errno, name, user
+        self.details, self.reason, self.timings = details, reason, timings
+
+    def replace(self, **changes: Any) -> Outcome:
+        """A copy with `changes`."""
+        values = {name: getattr(self, name) for name in self._FIELDS}
+        values.update(changes)
+        return Outcome(**values)
 
     def __repr__(self) -> str:  # never the payload
         return f"Outcome({self.outcome}, key={self.key}, uid={self.uid}, errno={self.errno})"
@@ -46,8 +86,7 @@ class Outcome:
 
     def rejected(self, error: ResolverError, *, severity: int | None = None) -> Outcome:
         """This request, rejected with `error` after all (the answer failed, say)."""
-        return replace(
-            self,
+        return self.replace(
             outcome=error.outcome,
             severity=severity if severity is not None else LOG_ERR if error.alarm else LOG_WARNING,
             timeout=self.negative_ttl,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from kmskeys.contract import ADMIN_GROUP, ADMIN_KEY_PERM, RESOLVED_KEY_PERM, USER_PAYLOAD_MAX
 from kmskeys.errors import InvalidNameError
@@ -34,18 +33,29 @@ from resolver.policy import check_allowed, user_name
 from resolver.registry import backend_for, split_description
 
 
-@dataclass(frozen=True)
 class KernelRequest:
     """A request as the kernel told it: the key under construction (%k), its description
     (%d), the requester's fsuid and fsgid (%u, %g), the callout (from the authorization key)
     and, when known, the requester's pid."""
 
-    key: int
-    description: str
-    uid: int
-    gid: int
-    callout: bytes = b""
-    pid: int | None = None
+    __slots__ = ("callout", "description", "gid", "key", "pid", "uid")
+
+    def __init__(
+        self,
+        key: int,
+        description: str,
+        uid: int,
+        gid: int,
+        *,
+        callout: bytes = b"",
+        pid: int | None = None,
+    ) -> None:
+        self.key = key
+        self.description = description
+        self.uid = uid
+        self.gid = gid
+        self.callout = callout
+        self.pid = pid
 
     def __repr__(self) -> str:  # never the callout: it may be a blob
         return f"KernelRequest(key={self.key}, {self.description!r}, uid={self.uid})"
@@ -109,10 +119,10 @@ def answered(
     return Outcome(
         "stale" if result.stale else "ok",
         LOG_WARNING if result.stale else LOG_INFO,
-        asked.key,
-        asked.uid,
-        result.ttl,
-        config.negative_ttl,
+        key=asked.key,
+        uid=asked.uid,
+        timeout=result.ttl,
+        negative_ttl=config.negative_ttl,
         payload=result.payload,
         gid=asked.gid if gid is None else gid,
         perm=RESOLVED_KEY_PERM if gid is None else ADMIN_KEY_PERM,
@@ -137,10 +147,10 @@ def rejection(
     pending = Outcome(
         "error",
         LOG_WARNING,
-        asked.key,
-        asked.uid,
-        negative_ttl,
-        negative_ttl,
+        key=asked.key,
+        uid=asked.uid,
+        timeout=negative_ttl,
+        negative_ttl=negative_ttl,
         gid=asked.gid,
         name=facts.get("name") or asked.description,
         user=facts.get("user"),

@@ -4,9 +4,9 @@ Each field is one setting: its TOML key (or keys), its type and default, its val
 (resolver/validators.py), the line of docs/resolver.md that explains it and the note install's
 template gives it. From the tables come the Config dataclass (resolver/config.py composes
 them), its validation, the template (resolver/config_text.py) and the docs table
-(scripts/generate.py; a unit test holds the docs to the tables). The components are the resolver core, the AWS gateway, the per-uid limits and the
-host cache (here), and each backend, which owns its table (resolver/spec_kms.py,
-resolver/spec_stored.py).
+(scripts/generate.py; a unit test holds the docs to the tables). The components are the
+resolver core, the AWS gateway, the per-uid limits and the host cache (here), and each
+backend, which owns its table (resolver/spec_kms.py, resolver/spec_stored.py).
 
 Nothing here is heavy: the handler loads it for every miss.
 """
@@ -46,18 +46,44 @@ FACILITIES = {"authpriv": 10, "daemon": 3, "auth": 4, "user": 1}
 PARTITIONS = ("aws", "aws-cn", "aws-us-gov")
 
 
-@dataclass(frozen=True)
-class Meta:
-    """What a field declares beyond its type and default."""
+# The settings tables are loaded on every miss, and making a dataclass costs a few hundred
+# microseconds: a table is a dataclass with only what Config needs generated (frozen, no
+# __init__, __repr__ or __eq__ of its own), and the small records here are plain classes.
 
-    check: Check
-    meaning: str  # the docs table's "meaning" cell
-    note: str = ""  # the template's comment
-    shown: str | None = None  # the docs' "default" cell, when not the default itself
-    keys: tuple[str, ...] = ()  # TOML keys, when not (only) the field's name
-    examples: tuple[str, ...] = ()  # the template's values, one per key, for a default of none
-    rule_keys: tuple[str, ...] = ()  # for a per-name policy table: the keys its sections take
-    prefix_setting: str = ""  # ... and the setting holding the prefix whose names it governs
+
+class Meta:
+    """What a field declares beyond its type and default: its validator `check`, the docs
+    table's `meaning`, the template's `note`, the docs' default cell when not the default
+    itself (`shown`), its TOML `keys` when not (only) the field's name, the template's
+    `examples` (one per key, for a default of none); for a per-name policy table the keys its
+    sections take (`rule_keys`) and the setting holding the prefix it governs."""
+
+    __slots__ = (
+        "check",
+        "examples",
+        "keys",
+        "meaning",
+        "note",
+        "prefix_setting",
+        "rule_keys",
+        "shown",
+    )
+
+    def __init__(
+        self,
+        check: Check,
+        meaning: str,
+        *,
+        note: str = "",
+        shown: str | None = None,
+        keys: tuple[str, ...] = (),
+        examples: tuple[str, ...] = (),
+        rule_keys: tuple[str, ...] = (),
+        prefix_setting: str = "",
+    ) -> None:
+        self.check, self.meaning, self.note, self.shown = check, meaning, note, shown
+        self.keys, self.examples = keys, examples
+        self.rule_keys, self.prefix_setting = rule_keys, prefix_setting
 
 
 def setting(
@@ -71,7 +97,7 @@ def setting(
     examples: tuple[str, ...] = (),
 ) -> Any:
     """A dataclass field that is one setting of the config file."""
-    meta = Meta(check, meaning, note, shown, keys, examples)
+    meta = Meta(check, meaning, note=note, shown=shown, keys=keys, examples=examples)
     return field(default=default, metadata={META: meta})
 
 
@@ -103,19 +129,20 @@ def toml_keys(f: Field[Any], meta: Meta) -> tuple[str, ...]:
     return meta.keys or (f.name,)
 
 
-@dataclass(frozen=True)
 class Component:
     """One table: a title for the docs and the template, and its settings class."""
 
-    title: str
-    settings: type
-    intro: str = ""
+    __slots__ = ("settings", "title")
+
+    def __init__(self, title: str, settings: type) -> None:
+        self.title = title
+        self.settings = settings
 
 
 # --- The components that are not backends ----------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, repr=False, eq=False)
 class CoreSettings:
     """The resolver core: how long answers live, how long a miss may take, where lines go."""
 
@@ -163,7 +190,7 @@ class CoreSettings:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, repr=False, eq=False)
 class AwsSettings:
     """The AWS gateway (resolver/gateway.py): where every call to AWS goes, with which
     credentials. Never the environment, never ~/.aws/config."""
@@ -205,7 +232,7 @@ class AwsSettings:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, repr=False, eq=False)
 class LimitSettings:
     """Per-uid limits (resolver/limits.py), checked before any expensive work."""
 
@@ -237,7 +264,7 @@ class LimitSettings:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, repr=False, eq=False)
 class HostCacheSettings:
     """The host cache (resolver/hostcache.py): one Decrypt per host and blob."""
 

@@ -19,7 +19,7 @@ from resolver.validators import NameRule, abs_path, accounts, boolean, choice, k
 DEFAULT_BLOB_DIR = Path(contract.DEFAULT_BLOB_DIR)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, repr=False, eq=False)
 class KmsSettings:
     """`kms:NAME`: a blob encrypted by the build side, decrypted by KMS on the first miss."""
 

@@ -22,7 +22,7 @@ DEFAULT_KEYSTORE_DIR = Path(contract.DEFAULT_KEYSTORE_DIR)
 SEALS = ("none", "kms")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, repr=False, eq=False)
 class StoredSettings:
     """`stored:NAME`: a random key per (scope, NAME), made once and kept in the keystore."""
 

@@ -35,7 +35,7 @@ from kmskeys.errors import InvalidNameError
 from kmskeys.keyutils import disable_core_dumps
 from kmskeys.names import validate_name
 from kmskeys.trust import peer_uid
-from resolver.awsclient import CachedClients
+from resolver.awsclient import SessionClients
 from resolver.backend import Context, Request, Timings
 from resolver.config import Config
 from resolver.errors import (
@@ -169,6 +169,27 @@ class WarmDecrypter:
             # A daemon not run by root could answer with any plaintext: never believe it.
             raise RefusedError(f"warm_socket {path} is served by uid {uid}, not root")
         return sock
+
+
+class CachedClients(SessionClients):
+    """One client per (service, region) for a process's lifetime: the warm daemon's."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self._lock = threading.Lock()
+        self._clients: dict[tuple[str, str], Any] = {}
+
+    def client(self, service: str, region: str, deadline: float, timings: Timings) -> Any:
+        """The process's client, built on first use."""
+        with self._lock:
+            found = self._clients.get((service, region))
+            if found is None:
+                # Timeouts sized for a whole handler deadline, not for what is left of the
+                # request that happens to build the client.
+                whole = time.monotonic() + self.config.deadline
+                found = super().client(service, region, whole, timings)
+                self._clients[(service, region)] = found
+            return found
 
 
 class Daemon:

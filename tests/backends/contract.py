@@ -137,7 +137,7 @@ class MemoryCache:
 def kernel_request(request: Request, key: int = 4242) -> KernelRequest:
     """The kernel's view of a backend request."""
     desc = f"{request.prefix}:{request.name}{request.qualifier}"
-    return KernelRequest(key, desc, request.uid, request.gid, request.callout)
+    return KernelRequest(key, desc, request.uid, request.gid, callout=request.callout)
 
 
 class BackendContract:
