@@ -147,9 +147,13 @@ class Handler:
             # Without authority nothing can be instantiated or rejected: the kernel negates.
             reason = f"cannot assume authority: {exc}"
             log_error(
-                self.log, reason, uid=args.uid, name=args.description, key=args.key,
+                self.log,
+                reason,
+                uid=args.uid,
+                name=args.description,
+                key=args.key,
                 started=self.started,
-            )  # fmt: skip
+            )
             return 1
         asked = KernelRequest(args.key, args.description, args.uid, args.gid)
         try:

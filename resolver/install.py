@@ -20,7 +20,6 @@ from pathlib import Path
 from kmskeys import contract, fileio
 from kmskeys.contract import DEFAULT_PREFIX, rule_file_name
 from kmskeys.names import validate_prefix
-from kmskeys.trust import unsafe_reason
 from resolver import config as config_mod
 from resolver.config_text import template, toml_value
 from resolver.errors import ConfigError, InstallError
@@ -92,9 +91,10 @@ def gate_executable() -> Path:
             f"{path} is missing: reinstall kmskeys from its wheel (a source build needs a C "
             "compiler)"
         )
-    reason = unsafe_reason(path.stat())
-    if reason:
-        raise InstallError(f"{path} is unsafe for root to run: {reason}")
+    try:
+        fileio.check_path(path, str(path), fileio.REGULAR, fileio.FOLLOW)
+    except fileio.UntrustedFileError as exc:
+        raise InstallError(f"{path} is unsafe for root to run: {exc.detail}") from None
     return path
 
 
