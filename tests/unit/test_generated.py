@@ -110,3 +110,14 @@ def test_a_gate_of_another_build_is_refused(monkeypatch: pytest.MonkeyPatch) -> 
     assert limits.stale_gate() is not None
     monkeypatch.delenv(limits.SLOT_FD_ENV)
     assert limits.stale_gate() is None
+
+
+def test_every_shipped_backend_declares_its_table_prefix_and_policy() -> None:
+    from resolver.config import Config
+    from resolver.registry import SHIPPED
+
+    tables = {component.settings for component in COMPONENTS}
+    for spec, _load in SHIPPED:
+        assert issubclass(Config, spec.settings) and spec.settings in tables, spec.name
+        names = {f.name for f, _meta in declared(spec.settings)}
+        assert {spec.prefix_setting, spec.policy_setting} <= names, spec.name
