@@ -106,6 +106,26 @@ class DeadlineExceeded(BaseException):
     """
 
 
+def failure(exc: BaseException, fired: bool = False) -> ResolverError:
+    """The class a failure is answered with: once the watchdog has fired, always EAGAIN."""
+    if isinstance(exc, DeadlineExceeded):
+        return UnavailableError("deadline exceeded before KMS answered")
+    if fired:
+        # The signal surfaced as another exception (inside an import or a class creation,
+        # say): a missed deadline, never a cached refusal.
+        what = exc.reason if isinstance(exc, ResolverError) else type(exc).__name__
+        return UnavailableError(f"deadline exceeded ({what})")
+    if isinstance(exc, ResolverError):
+        return exc
+    if isinstance(exc, ImportError):
+        # A resolver installed without its dependencies: loud (ERR), and not cached.
+        return UnavailableError(
+            f"missing dependency {exc.name or exc}: pip install 'kmskeys[resolver]'"
+        )
+    # A bug must still reject: a key left under construction would be negated silently.
+    return RefusedError(f"internal error: {type(exc).__name__}")
+
+
 def errno_name(err: int) -> str:
     """`ENOKEY` for 126, and so on; the number itself when unnamed."""
     return _errno.errorcode.get(err, str(err))

@@ -23,7 +23,7 @@ from kmskeys.keyutils import KEY_SPEC_REQKEY_AUTH_KEY, disable_core_dumps, keyct
 from resolver import config as config_mod
 from resolver import pipeline
 from resolver.answer import answer, log_error, log_writer
-from resolver.errors import ConfigError, DeadlineExceeded, ResolverError
+from resolver.errors import ConfigError, DeadlineExceeded, ResolverError, failure
 from resolver.outcome import Outcome
 from resolver.pipeline import KernelRequest
 
@@ -177,7 +177,7 @@ class Handler:
 
     def failure(self, exc: BaseException) -> ResolverError:
         """The class a failure is answered with: once the watchdog has fired, always EAGAIN."""
-        return pipeline.failure(exc, self.watchdog.fired)
+        return failure(exc, self.watchdog.fired)
 
     def _load_config(self) -> config_mod.Config:
         if self.preloaded is not None:

@@ -7,8 +7,8 @@ handler carries the Outcome out (resolver/answer.py) on the key it holds authori
 daemon can run the same function in process and hand the Outcome to a small C program that
 answers the key (issue 23).
 
-Every failure becomes a rejection Outcome, classified by `failure`, the caller's watchdog
-(DeadlineExceeded) included: a missed deadline is EAGAIN.
+Every failure becomes a rejection Outcome, classified by resolver.errors.failure, the caller's
+watchdog (DeadlineExceeded) included: a missed deadline is EAGAIN.
 """
 
 from __future__ import annotations
@@ -20,12 +20,7 @@ from kmskeys.contract import ADMIN_GROUP, ADMIN_KEY_PERM, RESOLVED_KEY_PERM, USE
 from kmskeys.errors import InvalidNameError
 from resolver.backend import Budget, Context, Request, Result
 from resolver.config import Config
-from resolver.errors import (
-    DeadlineExceeded,
-    RefusedError,
-    ResolverError,
-    UnavailableError,
-)
+from resolver.errors import DeadlineExceeded, RefusedError, ResolverError, failure
 from resolver.limits import UidBudget
 from resolver.log import LOG_INFO, LOG_WARNING
 from resolver.outcome import Outcome
@@ -158,26 +153,6 @@ def rejection(
         timings=str(context.timings) if context is not None else "",
     )
     return pending.rejected(error)
-
-
-def failure(exc: BaseException, fired: bool = False) -> ResolverError:
-    """The class a failure is answered with: once the watchdog has fired, always EAGAIN."""
-    if isinstance(exc, DeadlineExceeded):
-        return UnavailableError("deadline exceeded before KMS answered")
-    if fired:
-        # The signal surfaced as another exception (inside an import or a class creation,
-        # say): a missed deadline, never a cached refusal.
-        what = exc.reason if isinstance(exc, ResolverError) else type(exc).__name__
-        return UnavailableError(f"deadline exceeded ({what})")
-    if isinstance(exc, ResolverError):
-        return exc
-    if isinstance(exc, ImportError):
-        # A resolver installed without its dependencies: loud (ERR), and not cached.
-        return UnavailableError(
-            f"missing dependency {exc.name or exc}: pip install 'kmskeys[resolver]'"
-        )
-    # A bug must still reject: a key left under construction would be negated silently.
-    return RefusedError(f"internal error: {type(exc).__name__}")
 
 
 def spread(ttl: int, jitter: float) -> int:

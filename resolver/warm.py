@@ -45,6 +45,7 @@ from resolver.errors import (
     ServiceUnavailableError,
     UnavailableError,
     UnknownSecretError,
+    failure,
 )
 from resolver.gateway import Authorized, Gateway
 from resolver.kms import BlobDecrypt, open_blob
@@ -280,8 +281,9 @@ class Daemon:
             if isinstance(exc, ServiceUnavailableError):
                 answer["kms"] = True
             return answer
-        except Exception as exc:
-            return {"error": "refused", "reason": f"internal error: {type(exc).__name__}"}
+        except Exception as exc:  # classified as the handler classifies it
+            error = failure(exc)
+            return {"error": error.outcome, "reason": error.reason}
         return {"ok": base64.b64encode(plaintext).decode(), "t": timings.phases}
 
     def _parse(self, message: dict[str, Any]) -> tuple[Blob, Request, float]:
