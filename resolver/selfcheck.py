@@ -113,8 +113,9 @@ def _blob_problem(
     except fileio.UntrustedFileError as exc:
         found = {fileio.UNSAFE: "unsafe-dir" if stat.S_ISDIR(st.st_mode) else "unsafe"}
         return {"problem": found.get(exc.problem, exc.problem), "error": _detail(exc)}
+    name = relative[: -len(BLOB_SUFFIX)]
     try:
-        validate_name(relative[: -len(BLOB_SUFFIX)])
+        validate_name(name)
     except InvalidNameError as exc:
         return {"problem": "bad-name", "error": str(exc)}
     try:
@@ -126,7 +127,7 @@ def _blob_problem(
             return None  # removed meanwhile
         unreadable = exc.problem == fileio.UNREADABLE
         return {"problem": "unreadable" if unreadable else "refused", "error": str(exc)}
-    return _blob_text_problem(config, text)
+    return _blob_text_problem(config, name, text)
 
 
 def _detail(exc: fileio.UntrustedFileError) -> str:
@@ -134,7 +135,7 @@ def _detail(exc: fileio.UntrustedFileError) -> str:
     return exc.detail.removeprefix("is unsafe: ")
 
 
-def _blob_text_problem(config: config_mod.Config, text: bytes) -> dict[str, Any] | None:
+def _blob_text_problem(config: config_mod.Config, name: str, text: bytes) -> dict[str, Any] | None:
     try:
         blob = parse_blob(text, allow_legacy=config.allow_legacy_blobs)
         not_after = blob.not_after
