@@ -12,7 +12,7 @@ APT_PACKAGES := keyutils libkeyutils-dev gcc libc6-dev iproute2 procps iptables 
 TEST_PREREQS :=
 PYTEST_ARGS  ?=
 
-.PHONY: all deps venv compile test lint typecheck pytest demo bench soak flake-check clean
+.PHONY: all deps venv compile generate test lint typecheck pytest demo bench soak flake-check clean
 
 all: test
 
@@ -23,7 +23,7 @@ deps:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py kmskeys/_build_keyutils.py kmskeys/_hitpath.c resolver/gate.c | deps
+$(VENV)/.installed: pyproject.toml setup.py kmskeys/_build_keyutils.py kmskeys/_hitpath.c resolver/gate.c kmskeys/contract.h | deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
@@ -33,6 +33,12 @@ $(VENV)/.installed: pyproject.toml setup.py kmskeys/_build_keyutils.py kmskeys/_
 # recompile the source, and the client's import-time budget is a few milliseconds.
 compile: venv
 	@$(PY) -m compileall -q kmskeys encryptor resolver
+
+# What is generated from its one source (scripts/generate.py): kmskeys/contract.h and the
+# build stamp, and the config table of docs/resolver.md. A unit test fails when they are stale;
+# after this, `make venv` rebuilds the compiled parts with the new stamp.
+generate: venv
+	$(PY) scripts/generate.py
 
 lint: venv
 	$(VENV)/bin/ruff check kmskeys encryptor resolver tests examples scripts
@@ -59,7 +65,7 @@ demo: deps venv compile $(TEST_PREREQS)
 # every interpreter start.
 BENCH_VENV := .venv-bench
 
-$(BENCH_VENV)/.installed: pyproject.toml setup.py $(wildcard kmskeys/*.py kmskeys/*.c encryptor/*.py resolver/*.py resolver/*.c resolver/*/*.py) | deps
+$(BENCH_VENV)/.installed: pyproject.toml setup.py $(wildcard kmskeys/*.py kmskeys/*.c kmskeys/*.h encryptor/*.py resolver/*.py resolver/*.c resolver/*/*.py) | deps
 	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
 	$(BENCH_VENV)/bin/python -m pip install -q --force-reinstall --no-deps .

@@ -20,6 +20,8 @@ GATE = "kmskeys-gate"
 # wheel manylinux_2_34. A static gate needs no glibc symbol at all, and it uses nothing static
 # glibc cannot do (no NSS, no dlopen): the wheel stays manylinux2014 (docs/packaging.md).
 GATE_LINK = ["-static-pie"]
+# The facts and build stamp every compiled part shares (scripts/generate.py writes it).
+CONTRACT_HEADER = "kmskeys/contract.h"
 
 
 class BuildExtAndGate(build_ext):
@@ -28,7 +30,11 @@ class BuildExtAndGate(build_ext):
     def run(self) -> None:
         super().run()
         objects = self.compiler.compile(
-            [GATE_SOURCE], output_dir=self.build_temp, extra_postargs=["-O2", "-Wall"]
+            [GATE_SOURCE],
+            output_dir=self.build_temp,
+            include_dirs=[os.path.dirname(CONTRACT_HEADER)],
+            depends=[CONTRACT_HEADER],
+            extra_postargs=["-O2", "-Wall"],
         )
         self.compiler.link_executable(
             objects, GATE, output_dir=self._gate_dir(), extra_postargs=GATE_LINK
@@ -51,7 +57,7 @@ setup(
         Extension(
             "kmskeys._hitpath",
             ["kmskeys/_hitpath.c"],
-            depends=["kmskeys/_wipe.h"],
+            depends=[CONTRACT_HEADER, "kmskeys/_wipe.h"],
             libraries=["keyutils"],
             define_macros=[("Py_LIMITED_API", "0x030B0000")],
             py_limited_api=True,

@@ -26,11 +26,19 @@ from encryptor.errors import (
 from kmskeys.contract import (
     AWS_ACCESS_DENIED,
     AWS_BAD_CREDENTIALS,
+    AWS_CREDENTIALS_CONFIG,
     AWS_EXPIRED_CREDENTIALS,
+    AWS_INVALID_CIPHERTEXT,
     AWS_KEY_STATE,
+    AWS_NO_CREDENTIALS,
+    AWS_NO_REGION,
+    AWS_REFUSED,
     AWS_THROTTLED,
+    AWS_TIMEOUT,
     AWS_TRANSIENT,
-    classify_aws_error,
+    AWS_UNREACHABLE,
+    AWS_UNREADABLE,
+    classify_aws_exception,
 )
 
 if TYPE_CHECKING:
@@ -42,6 +50,20 @@ USER_AGENT = "kmskeys-encryptor"
 CONNECT_TIMEOUT = 5
 READ_TIMEOUT = 30
 
+# The classes that are answers of AWS (an error code, or at least a status).
+_ANSWERED = frozenset(
+    (
+        AWS_THROTTLED,
+        AWS_TRANSIENT,
+        AWS_EXPIRED_CREDENTIALS,
+        AWS_BAD_CREDENTIALS,
+        AWS_ACCESS_DENIED,
+        AWS_KEY_STATE,
+        AWS_INVALID_CIPHERTEXT,
+        AWS_REFUSED,
+        AWS_UNREADABLE,
+    )
+)
 # What each class of AWS error code (kmskeys.contract) means for a KMS key on the build side.
 _KEY_STATES = {
     "NotFoundException": "not found",
@@ -91,59 +113,43 @@ def call(operation: str, fn: Callable[..., T], **kwargs: Any) -> T:
 
 
 def classify(exc: Exception, operation: str, *, key_id: str | None = None) -> EncryptorError:
-    """The EncryptorError for a botocore exception raised by `operation` (never re-raises)."""
-    import botocore.exceptions as bx
+    """The EncryptorError for a botocore exception raised by `operation` (never re-raises).
 
-    key = f" {key_id!r}" if key_id else ""
-    if isinstance(exc, bx.NoRegionError):
+    The class comes from the one classification the resolver uses too
+    (kmskeys.contract.classify_aws_exception); the build side maps it to its exit codes and,
+    unlike the resolver, shows AWS's message: it holds no plaintext, and the operator needs it.
+    """
+    found = classify_aws_exception(exc)
+    kind = found.kind
+    if kind == AWS_NO_REGION:
         return NoRegionError(f"no AWS region configured - {advice(NoRegionError)}")
-    if isinstance(
-        exc,
-        bx.NoCredentialsError
-        | bx.PartialCredentialsError
-        | bx.CredentialRetrievalError
-        | bx.ProfileNotFound,
-    ):
+    if kind in (AWS_NO_CREDENTIALS, AWS_CREDENTIALS_CONFIG):
         return NoCredentialsError(f"{_one_line(str(exc))} - {advice(NoCredentialsError)}")
-    if isinstance(
-        exc,
-        bx.EndpointConnectionError
-        | bx.ConnectTimeoutError
-        | bx.ReadTimeoutError
-        | bx.ConnectionClosedError
-        | bx.ProxyConnectionError,
-    ):
+    if kind in (AWS_UNREACHABLE, AWS_TIMEOUT):
         return EndpointUnreachableError(
             f"KMS {operation}: {_one_line(str(exc))} - {advice(EndpointUnreachableError)}"
         )
-    if isinstance(exc, bx.ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", "Unknown"))
-        message = _one_line(str(error.get("Message", "")))
-        detail = f"KMS {operation}: {code}" + (f" ({message})" if message else "")
-        kind = classify_aws_error(code, _status(exc))
-        if kind == AWS_ACCESS_DENIED:
-            return AccessDeniedError(f"{detail} - {advice(AccessDeniedError)}")
-        if kind in (AWS_BAD_CREDENTIALS, AWS_EXPIRED_CREDENTIALS):
-            return NoCredentialsError(
-                f"{detail}: the credentials were rejected - {advice(NoCredentialsError)}"
-            )
-        if kind == AWS_KEY_STATE:
-            state = _KEY_STATES.get(code, "not usable")
-            return KeyUnavailableError(
-                f"KMS key{key} is {state} ({code}) - {advice(KeyUnavailableError)}"
-            )
-        if kind == AWS_THROTTLED:
-            return ThrottledError(f"{detail} - {advice(ThrottledError)}")
-        if kind == AWS_TRANSIENT:
-            return KmsUnavailableError(f"{detail} - {advice(KmsUnavailableError)}")
-        return KmsError(detail)
-    return KmsError(f"KMS {operation}: {_one_line(str(exc))}")
-
-
-def _status(exc: Exception) -> int:
-    response = getattr(exc, "response", None) or {}
-    return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    if kind not in _ANSWERED:  # botocore refused the parameters, or failed otherwise
+        return KmsError(f"KMS {operation}: {_one_line(str(exc))}")
+    message = _one_line(found.message)
+    detail = f"KMS {operation}: {found.code or 'Unknown'}" + (f" ({message})" if message else "")
+    key = f" {key_id!r}" if key_id else ""
+    if kind == AWS_ACCESS_DENIED:
+        return AccessDeniedError(f"{detail} - {advice(AccessDeniedError)}")
+    if kind in (AWS_BAD_CREDENTIALS, AWS_EXPIRED_CREDENTIALS):
+        return NoCredentialsError(
+            f"{detail}: the credentials were rejected - {advice(NoCredentialsError)}"
+        )
+    if kind == AWS_KEY_STATE:
+        state = _KEY_STATES.get(found.code, "not usable")
+        return KeyUnavailableError(
+            f"KMS key{key} is {state} ({found.code}) - {advice(KeyUnavailableError)}"
+        )
+    if kind == AWS_THROTTLED:
+        return ThrottledError(f"{detail} - {advice(ThrottledError)}")
+    if kind == AWS_TRANSIENT:
+        return KmsUnavailableError(f"{detail} - {advice(KmsUnavailableError)}")
+    return KmsError(detail)
 
 
 def _one_line(text: str, limit: int = 300) -> str:

@@ -6,7 +6,19 @@ it (HELPERS): disabling core dumps. get_secret's hit path is a CPython extension
 kmskeys/_hitpath.c.
 """
 
+import os
+import re
+
 from cffi import FFI
+
+# The build stamp of kmskeys/contract.h (scripts/generate.py), compiled into the module as text:
+# a new stamp changes the generated source, so cffi rebuilds the module (an #include would not).
+_HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "contract.h")
+with open(_HEADER) as _file:
+    _found = re.search(r'^#define KMSKEYS_BUILD_STAMP "([^"]*)"$', _file.read(), re.M)
+if _found is None:
+    raise RuntimeError(f"{_HEADER} names no KMSKEYS_BUILD_STAMP")
+BUILD_STAMP = _found.group(1)
 
 CDEF = """
 typedef int32_t key_serial_t;
@@ -49,6 +61,7 @@ long keyctl_invalidate(key_serial_t id);
 long keyctl_describe(key_serial_t id, char *buffer, size_t buflen);
 long keyctl_get_persistent(uid_t uid, key_serial_t id);
 
+const char *kmsk_build_stamp(void);
 int kmsk_disable_core_dumps(void);
 int kmsk_private_fs(const char *fstype, const char *size);
 int kmsk_unshare(int flags);
@@ -95,6 +108,12 @@ HELPERS = r"""
 #define KMSK_MOUNT_ATTR_NOSUID 0x2
 #define KMSK_MOUNT_ATTR_NODEV 0x4
 #define KMSK_MOUNT_ATTR_NOEXEC 0x8
+
+/* The stamp of the sources this module was built from (kmskeys.contract.BUILD_STAMP). */
+const char *kmsk_build_stamp(void)
+{
+    return "@BUILD_STAMP@";
+}
 
 /* No core file, no ptrace by other root-less processes, no /proc/PID/mem of this process:
  * a crash must never write served plaintext to disk. */
@@ -145,7 +164,10 @@ ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 # include_dirs: for _wipe.h, from the project root, where setup.py and `__main__` run.
 ffibuilder.set_source(
-    "kmskeys._keyutils_cffi", HELPERS, libraries=["keyutils"], include_dirs=["kmskeys"]
+    "kmskeys._keyutils_cffi",
+    HELPERS.replace("@BUILD_STAMP@", BUILD_STAMP),
+    libraries=["keyutils"],
+    include_dirs=["kmskeys"],
 )
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@
  *     long a serial freed by the key GC and reused by an unrelated key could be trusted.
  *
  * Payloads are read into a stack buffer that is wiped before returning.
+ *
+ * BUILD_STAMP: the stamp of the sources this was built from (kmskeys/contract.h); kmskeys's
+ * binding refuses to import a build whose stamp differs from kmskeys.contract.BUILD_STAMP.
  */
 #define PY_SSIZE_T_CLEAN
 #define Py_LIMITED_API 0x030B0000
@@ -32,11 +35,12 @@
 #include <keyutils.h>
 
 #include "_wipe.h"
+#include "contract.h"
 
 /* The `user` key type holds at most 32767 bytes (kmskeys.contract.USER_PAYLOAD_MAX). */
-#define PAYLOAD_MAX 32767
-/* A description is at most 4095 bytes (plus the "type;uid;gid;perm;" head). */
-#define DESCRIBE_MAX (4096 + 64)
+#define PAYLOAD_MAX KMSKEYS_USER_PAYLOAD_MAX
+/* A description and its NUL, plus the "type;uid;gid;perm;" head. */
+#define DESCRIBE_MAX (KMSKEYS_DESCRIPTION_MAX + 1 + 64)
 #define RECENT 16
 #define RECENT_NS 1000000000LL
 
@@ -213,5 +217,11 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__hitpath(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+
+    if (m != NULL && PyModule_AddStringConstant(m, "BUILD_STAMP", KMSKEYS_BUILD_STAMP) != 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -17,6 +17,13 @@ USER_PAYLOAD_MAX = 32767
 # request_key(2) copies the callout info with strndup_user(.., PAGE_SIZE): at most 4095 bytes.
 CALLOUT_MAX = 4095
 # A key description is at most 4095 bytes too; ours are far shorter (names are <= 200 bytes).
+DESCRIPTION_MAX = 4095
+
+# --- The build ----------------------------------------------------------------------------------
+# Compiled into every compiled part (the hit-path extension, the cffi module, kmskeys-gate) from
+# kmskeys/contract.h; each is checked against this at import or run, so a part built from other
+# sources never loads silently. Written by scripts/generate.py: never edit by hand.
+BUILD_STAMP = "0.1.0+3d119b9c4a92"
 
 # --- AWS KMS limits --------------------------------------------------------------------------
 # KMS Encrypt takes at most 4096 bytes of plaintext; larger secrets go in envelope mode.
@@ -175,3 +182,77 @@ def classify_aws_error(code: str, status: int = 0) -> str:
     if found is not None:
         return found
     return AWS_TRANSIENT if status >= 500 or status == 429 else AWS_REFUSED
+
+
+# Failures that never reached an AWS answer (botocore raised them), and two kinds of answer that
+# carry no usable error code.
+AWS_UNREADABLE = "unreadable"  # an error answer whose body names no code (botocore: the status)
+AWS_NO_REGION = "no-region"
+AWS_NO_CREDENTIALS = "no-credentials"  # none found, or the instance role's fetch failed
+AWS_CREDENTIALS_CONFIG = "credentials-config"  # a profile missing, a key without its secret
+AWS_TIMEOUT = "timeout"  # connect or read timed out
+AWS_UNREACHABLE = "unreachable"  # no connection, or it closed mid-answer
+AWS_INVALID_REQUEST = "invalid-request"  # botocore refused to send the parameters
+AWS_FAILED = "failed"  # any other botocore failure
+AWS_MALFORMED = "malformed"  # not botocore's: its parser choked on a garbled answer
+# Classes worth another attempt within the same deadline.
+AWS_RETRYABLE = frozenset((AWS_THROTTLED, AWS_TRANSIENT, AWS_EXPIRED_CREDENTIALS, AWS_UNREACHABLE))
+# botocore's exception classes, matched by name (kmskeys never imports botocore), first match
+# wins; a subclass is matched through its MRO (ReadTimeoutError is an HTTPClientError too).
+_BOTOCORE_CLASSES = (
+    ("NoRegionError", AWS_NO_REGION),
+    ("NoCredentialsError", AWS_NO_CREDENTIALS),
+    ("CredentialRetrievalError", AWS_NO_CREDENTIALS),
+    ("ProfileNotFound", AWS_CREDENTIALS_CONFIG),
+    ("PartialCredentialsError", AWS_CREDENTIALS_CONFIG),
+    ("ConnectTimeoutError", AWS_TIMEOUT),
+    ("ReadTimeoutError", AWS_TIMEOUT),
+    ("EndpointConnectionError", AWS_UNREACHABLE),
+    ("ProxyConnectionError", AWS_UNREACHABLE),
+    ("ConnectionClosedError", AWS_UNREACHABLE),
+    ("HTTPClientError", AWS_UNREACHABLE),
+    ("ParamValidationError", AWS_INVALID_REQUEST),
+    ("BotoCoreError", AWS_FAILED),
+)
+
+
+class AwsFailure:
+    """One classified AWS failure: `kind` (an AWS_* class), the AWS error `code` (or botocore's
+    exception name), the HTTP `status` (0: none), and AWS's `message` (the build side may show
+    it; the resolver logs codes only)."""
+
+    __slots__ = ("code", "kind", "message", "status")
+
+    def __init__(self, kind: str, code: str, status: int = 0, message: str = "") -> None:
+        self.kind, self.code, self.status, self.message = kind, code, status, message
+
+    @property
+    def retryable(self) -> bool:
+        """Worth another attempt within the same deadline."""
+        return self.kind in AWS_RETRYABLE
+
+    def __repr__(self) -> str:
+        return f"AwsFailure({self.kind!r}, {self.code!r}, {self.status})"
+
+
+def classify_aws_exception(exc: BaseException) -> AwsFailure:
+    """The class of a failed botocore call: the one classification the encryptor and the
+    resolver share (each then maps the class to its own error: an exit code, an errno)."""
+    response = getattr(exc, "response", None)
+    mro = type(exc).__mro__
+    if isinstance(response, dict) and any(c.__name__ == "ClientError" for c in mro):
+        error = response.get("Error") or {}
+        code = str(error.get("Code") or "")
+        meta = response.get("ResponseMetadata") or {}
+        status = int(meta.get("HTTPStatusCode") or 0)
+        message = str(error.get("Message") or "")
+        if not code or code.isdigit():
+            # botocore names the error after the status when the body is unreadable: we do not
+            # know what AWS said, so this is no refusal.
+            return AwsFailure(AWS_UNREADABLE, code, status, message)
+        return AwsFailure(classify_aws_error(code, status), code, status, message)
+    names = {c.__name__ for c in mro if c.__module__.startswith("botocore")}
+    for name, kind in _BOTOCORE_CLASSES:
+        if name in names:
+            return AwsFailure(kind, type(exc).__name__, 0, str(exc))
+    return AwsFailure(AWS_MALFORMED, type(exc).__name__)

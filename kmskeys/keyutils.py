@@ -10,13 +10,32 @@ from __future__ import annotations
 # functools) on the client's import path.
 from _thread import _local as thread_local
 
+from kmskeys._hitpath import BUILD_STAMP as _HITPATH_STAMP
 from kmskeys._hitpath import fetch as _fetch
 from kmskeys._hitpath import read_recent as _read_recent
 from kmskeys._keyutils_cffi import ffi, lib
+from kmskeys.contract import BUILD_STAMP
 
 TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+
+def _verify_build() -> None:
+    # pyca/cryptography's _verify_package_version: a compiled part built from other sources
+    # than this Python (a stale editable install, a half-copied tree) never loads silently.
+    cffi_stamp = ffi.string(lib.kmsk_build_stamp()).decode()
+    built = (("_hitpath", _HITPATH_STAMP), ("_keyutils_cffi", cffi_stamp))
+    for module, stamp in built:
+        if stamp != BUILD_STAMP:
+            raise ImportError(
+                f"kmskeys.{module} was built from other sources (build stamp {stamp!r}, this "
+                f"kmskeys is {BUILD_STAMP!r}): reinstall kmskeys (pip install --force-reinstall, "
+                "or make venv in a checkout)"
+            )
+
+
+_verify_build()
 
 KEY_SPEC_THREAD_KEYRING: int = lib.KEY_SPEC_THREAD_KEYRING
 KEY_SPEC_PROCESS_KEYRING: int = lib.KEY_SPEC_PROCESS_KEYRING

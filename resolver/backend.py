@@ -1,20 +1,20 @@
-"""The one interface the handler resolves through: a request, as the kernel told it, to plaintext.
+"""The one interface a backend resolves through: a request, as the kernel told it, to a Result.
 
 A leaf module: it imports nothing of the resolver, so every backend (`kms:` blobs, the `stored:`
-keystore) and the handler can import it without a cycle. The registry that picks a backend for a
-request is resolver/registry.py.
+keystore, and Secrets Manager, Parameter Store or a token next), the pipeline and the warm
+daemon can import it without a cycle. The backends the resolver ships are listed in
+resolver/registry.py; each declares itself (settings, grammar, policy table) in a BackendSpec.
 
-A backend raises a ResolverError subclass (unknown, refused, unavailable) and nothing else the
-handler must understand; it never instantiates or rejects the key itself.
+A backend returns a Result or raises a ResolverError subclass (unknown, refused, unavailable)
+and nothing else the pipeline must understand; it never instantiates or rejects a key, never
+writes a log line, and decides nothing about the key but its payload, its ttl and staleness.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from kmskeys.blob import Blob
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Request:
     `callout` is the requester's callout info, read from the request's authorization key: for
     `kms:` an inline blob (or empty: load NAME.kms from blob_dir), for `stored:` a key size.
     `qualifier` is what follows NAME in a `stored:` description (`#user#v2`, kmskeys.stored);
-    always empty for `kms:`.
+    always empty for `kms:`. `pid` is the requesting process when known (None today).
     """
 
     prefix: str
@@ -34,6 +34,10 @@ class Request:
     user: str | None
     callout: bytes = b""
     qualifier: str = ""
+    pid: int | None = None
+
+    def __repr__(self) -> str:  # never the callout: it may be a blob
+        return f"Request({self.prefix}:{self.name}{self.qualifier}, uid={self.uid})"
 
 
 @dataclass
@@ -50,30 +54,86 @@ class Timings:
         return ",".join(f"{k}:{v:.0f}" for k, v in self.phases.items())
 
 
-@dataclass
-class Trace:
-    """What a backend tells the handler's log line: timings and a few plain facts."""
+class Result:
+    """What a backend answers: the payload, and the facts the pipeline decides the key with.
 
-    timings: Timings = field(default_factory=Timings)
-    # e.g. source=inline|blob_dir|hostcache, mode=direct|envelope, age=SECONDS (of a host-cache
-    # entry); never a payload or a blob.
-    details: dict[str, str] = field(default_factory=dict)
-    # A stale answer (KMS unavailable, an older host-cache entry served): the handler logs
-    # outcome=stale and gives the key this timeout instead of the name's ttl.
-    stale_ttl: int | None = None
+    `ttl` None means the name's ttl from policy; a stale answer (served past freshness because
+    the service is unavailable) brings its own short ttl. `details` are plain facts for the log
+    line (source, mode, age, reason), never a payload or a blob.
+    """
+
+    # A plain class, not a dataclass: the handler imports this for every miss, and each
+    # dataclass costs a few hundred microseconds to create.
+    __slots__ = ("details", "payload", "stale", "ttl")
+
+    def __init__(
+        self,
+        payload: bytes,
+        ttl: int | None = None,
+        stale: bool = False,
+        details: Mapping[str, str] | None = None,
+    ) -> None:
+        self.payload = payload
+        self.ttl = ttl
+        self.stale = stale
+        self.details: Mapping[str, str] = details if details is not None else {}
+
+    def __repr__(self) -> str:  # never the payload
+        return f"Result({len(self.payload)} bytes, ttl={self.ttl}, stale={self.stale})"
 
 
-class SecretBackend(Protocol):
-    """Resolves one request within a monotonic deadline."""
+class Budget(Protocol):
+    """Whose calls to AWS these are: each call (retries included) spends one token."""
 
-    def resolve(self, request: Request, deadline: float, trace: Trace) -> bytes:
-        """Return the plaintext, or raise UnknownSecretError, RefusedError or UnavailableError."""
+    def spend(self) -> None:
+        """Take a token, or raise UnavailableError (EAGAIN) when there is none."""
         ...
 
 
-class BlobDecrypter(Protocol):
-    """Turns a parsed `kms:` blob into plaintext for one request: in process, or via the daemon."""
+class Context:
+    """What a backend resolves within: the deadline (time.monotonic()), the budget its AWS
+    calls spend, the timings it adds to, and `notes`: the log line's facts so far, which a
+    failure is logged with too (the source of a blob that then failed to decrypt, say)."""
 
-    def decrypt(self, blob: Blob, request: Request, deadline: float, timings: Timings) -> bytes:
-        """Return the plaintext, or raise a classified ResolverError."""
+    __slots__ = ("budget", "deadline", "notes", "timings")
+
+    def __init__(self, deadline: float, budget: Budget) -> None:
+        self.deadline = deadline
+        self.budget = budget
+        self.timings = Timings()
+        self.notes: dict[str, str] = {}
+
+
+class Backend(Protocol):
+    """Resolves one request within `context.deadline`."""
+
+    def resolve(self, request: Request, context: Context) -> Result:
+        """Return the Result, or raise UnknownSecretError, RefusedError or UnavailableError."""
         ...
+
+
+class BackendSpec:
+    """A backend's declaration (jaraco/keyring style, minus entry-point discovery: a root
+    program loads only the backends it ships, resolver/registry.py).
+
+    `settings` is its settings table (a dataclass of resolver.settings fields, composed into
+    Config); `prefix_setting` names the setting that holds its description prefix, and
+    `policy_setting` its `[TABLE."GLOB"]` per-name policy; `split` is its grammar: NAME and
+    qualifier from what follows `PREFIX:` (InvalidNameError if it does not parse).
+    """
+
+    __slots__ = ("name", "policy_setting", "prefix_setting", "settings", "split")
+
+    def __init__(
+        self,
+        name: str,
+        settings: type,
+        prefix_setting: str,
+        policy_setting: str,
+        split: Callable[[str], tuple[str, str]],
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.prefix_setting = prefix_setting
+        self.policy_setting = policy_setting
+        self.split = split

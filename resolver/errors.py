@@ -7,9 +7,13 @@ receive; it is not `KmsKeysError.errno`, which on the client side is the errno r
 from __future__ import annotations
 
 import errno as _errno
+from typing import TYPE_CHECKING
 
 from kmskeys.contract import ERRNO_REFUSED, ERRNO_UNAVAILABLE, ERRNO_UNKNOWN_SECRET
 from kmskeys.errors import KmsKeysError
+
+if TYPE_CHECKING:
+    from kmskeys.fileio import UntrustedFileError
 
 
 class ResolverError(KmsKeysError):
@@ -50,10 +54,10 @@ class UnavailableError(ResolverError):
     alarm = True
 
 
-class KmsUnavailableError(UnavailableError):
-    """KMS, or the way to it, did not answer (EAGAIN): unreachable, throttled, 5xx, timed out,
-    no credentials yet. The one class a stale host-cache entry may answer for (not a uid over
-    its own KMS rate, and never a refusal)."""
+class ServiceUnavailableError(UnavailableError):
+    """AWS (KMS, or the way to it) did not answer (EAGAIN): unreachable, throttled, 5xx, timed
+    out, no credentials yet, a malformed answer. The one class a stale host-cache entry may
+    answer for (not a uid over its own call rate, and never a refusal)."""
 
 
 class QuotaError(ResolverError):
@@ -80,10 +84,14 @@ class CorruptEntryError(KeystoreError):
 class ConfigError(RefusedError):
     """The resolver's config file is missing, unsafe or invalid; fix it (docs/resolver.md)."""
 
-    def __init__(self, reason: str, *, key: str | None = None) -> None:
+    def __init__(
+        self, reason: str, *, key: str | None = None, refusal: UntrustedFileError | None = None
+    ) -> None:
         super().__init__(reason)
         # The top-level key at fault, when one is (`kmskeys doctor` suggests its fix).
         self.key = key
+        # The file or directory refused as untrusted, when that is the fault (selfcheck).
+        self.refusal = refusal
 
 
 class InstallError(KmsKeysError):
@@ -96,6 +104,26 @@ class DeadlineExceeded(BaseException):
     A BaseException on purpose: botocore and urllib3 catch `Exception` around retries, and the
     watchdog must never be swallowed there.
     """
+
+
+def failure(exc: BaseException, fired: bool = False) -> ResolverError:
+    """The class a failure is answered with: once the watchdog has fired, always EAGAIN."""
+    if isinstance(exc, DeadlineExceeded):
+        return UnavailableError("deadline exceeded before KMS answered")
+    if fired:
+        # The signal surfaced as another exception (inside an import or a class creation,
+        # say): a missed deadline, never a cached refusal.
+        what = exc.reason if isinstance(exc, ResolverError) else type(exc).__name__
+        return UnavailableError(f"deadline exceeded ({what})")
+    if isinstance(exc, ResolverError):
+        return exc
+    if isinstance(exc, ImportError):
+        # A resolver installed without its dependencies: loud (ERR), and not cached.
+        return UnavailableError(
+            f"missing dependency {exc.name or exc}: pip install 'kmskeys[resolver]'"
+        )
+    # A bug must still reject: a key left under construction would be negated silently.
+    return RefusedError(f"internal error: {type(exc).__name__}")
 
 
 def errno_name(err: int) -> str:

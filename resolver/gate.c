@@ -15,6 +15,12 @@
  *
  * usage (written by `kmskeys-resolver install`, one request-key.conf line):
  *   kmskeys-gate STATE_DIR SLOTS NEGATIVE_TTL SYSLOG_SOCKET FACILITY %k %u -- PROGRAM ARG...
+ *   kmskeys-gate --stamp          (prints the build stamp: `kmskeys-resolver check` compares it)
+ *
+ * Every fact it shares with the Python side (the slot files and fd variable, the log line's
+ * ident, field rules and words, the errno) comes from kmskeys/contract.h, which
+ * scripts/generate.py writes from kmskeys/contract.py and the resolver; the build stamp in it
+ * is passed to the handler, which refuses a gate built from other sources.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -30,18 +36,12 @@
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/keyctl.h>
 
-#define KEYCTL_ASSUME_AUTHORITY 16
-#define KEYCTL_DESCRIBE 6
-#define KEYCTL_REJECT 19
-#define SLOT_FD_ENV "KMSKEYS_SLOT_FD"
-#define IDENT "kmskeys-resolver"
-#define MAX_SLOTS 1024
-#define MAX_FIELD 160 /* resolver/log.py MAX_FIELD */
-#define LOG_ERR 3
+#include "contract.h"
 
-/* resolver/log.py _SAFE: characters a log field may hold without quoting. */
-static const char SAFE[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./@+-:,=()'[]<>!?#%&*~^|{};";
+#define MAX_FIELD KMSKEYS_LOG_FIELD_MAX
+static const char SAFE[] = KMSKEYS_LOG_SAFE;
 
 struct args {
     const char *state_dir;
@@ -72,7 +72,8 @@ static int parse_args(int argc, char **argv, struct args *a)
     a->state_dir = argv[1];
     a->syslog_socket = argv[4];
     a->program = &argv[9];
-    if (parse_long(argv[2], 1, MAX_SLOTS, &a->slots) || parse_long(argv[3], 1, INT_MAX, &a->negative_ttl) ||
+    if (parse_long(argv[2], 1, KMSKEYS_MAX_SLOTS, &a->slots) ||
+        parse_long(argv[3], 1, KMSKEYS_MAX_NEGATIVE_TTL, &a->negative_ttl) ||
         parse_long(argv[5], 0, 23, &a->facility) || parse_long(argv[6], 1, INT_MAX, &a->key) ||
         parse_long(argv[7], 0, UINT_MAX - 1L, &a->uid))
         return -1;
@@ -102,7 +103,7 @@ static int take_slot(const struct args *a)
     result = -1;
     for (long index = 0; index < a->slots; index++) {
         char name[64];
-        snprintf(name, sizeof name, "slot-%ld-%ld", a->uid, index);
+        snprintf(name, sizeof name, KMSKEYS_SLOT_PREFIX "%ld-%ld", a->uid, index);
         int fd = openat(dir, name, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0600);
         if (fd < 0 || !trusted(fd, 0)) {
             if (fd >= 0)
@@ -153,7 +154,7 @@ static void log_eagain(const struct args *a, const char *reason)
 {
     /* "type;uid;gid;perm;description": the authority we hold lets us describe the key. The
      * name is logged after its prefix, as the handler logs it. */
-    char described[4096 + 64] = "", message[1024] = "";
+    char described[KMSKEYS_DESCRIPTION_MAX + 1 + 64] = "", message[1024] = "";
     long n = syscall(SYS_keyctl, KEYCTL_DESCRIBE, a->key, described, sizeof described - 1);
     const char *description = described;
     for (int field = 0; n > 0 && field < 4 && description; field++)
@@ -162,15 +163,17 @@ static void log_eagain(const struct args *a, const char *reason)
     snprintf(message, sizeof message, "uid=%ld name=", a->uid);
     append_field(message, sizeof message, colon ? colon + 1 : "?");
     snprintf(message + strlen(message), sizeof message - strlen(message),
-             " key=%ld outcome=unavailable errno=EAGAIN reason=", a->key);
+             " key=%ld outcome=" KMSKEYS_OUTCOME_UNAVAILABLE " errno=" KMSKEYS_ERRNO_UNAVAILABLE_NAME
+             " reason=",
+             a->key);
     append_field(message, sizeof message, reason);
 
     char stamp[32], line[1280];
     time_t now = time(NULL);
     struct tm tm;
     strftime(stamp, sizeof stamp, "%b %d %H:%M:%S", localtime_r(&now, &tm));
-    int len = snprintf(line, sizeof line, "<%ld>%s %s[%d]: %s", a->facility * 8 + LOG_ERR, stamp, IDENT,
-                     (int)getpid(), message);
+    int len = snprintf(line, sizeof line, "<%ld>%s %s[%d]: %s", a->facility * 8 + KMSKEYS_LOG_ERR, stamp,
+                       KMSKEYS_LOG_IDENT, (int)getpid(), message);
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if (strlen(a->syslog_socket) >= sizeof addr.sun_path)
         return;
@@ -180,7 +183,7 @@ static void log_eagain(const struct args *a, const char *reason)
     if (sock < 0)
         return;
     if (connect(sock, (struct sockaddr *)&addr, sizeof addr) || send(sock, line, (size_t)len, 0) < 0)
-        dprintf(STDERR_FILENO, "%s[%d]: %s\n", IDENT, (int)getpid(), message);
+        dprintf(STDERR_FILENO, "%s[%d]: %s\n", KMSKEYS_LOG_IDENT, (int)getpid(), message);
     close(sock);
 }
 
@@ -188,12 +191,17 @@ static int reject_eagain(const struct args *a)
 {
     /* request-key assumed the authority already; assuming it again is harmless. */
     syscall(SYS_keyctl, KEYCTL_ASSUME_AUTHORITY, a->key);
-    return (int)syscall(SYS_keyctl, KEYCTL_REJECT, a->key, (unsigned long)a->negative_ttl, EAGAIN, 0);
+    return (int)syscall(SYS_keyctl, KEYCTL_REJECT, a->key, (unsigned long)a->negative_ttl,
+                        KMSKEYS_ERRNO_UNAVAILABLE, 0);
 }
 
 int main(int argc, char **argv)
 {
     struct args a;
+    if (argc == 2 && strcmp(argv[1], "--stamp") == 0) {
+        printf("%s\n", KMSKEYS_BUILD_STAMP);
+        return 0;
+    }
     if (parse_args(argc, argv, &a)) {
         dprintf(STDERR_FILENO, "usage: kmskeys-gate STATE_DIR SLOTS NEGATIVE_TTL SYSLOG_SOCKET FACILITY "
                                "KEY UID -- PROGRAM ARG...\n");
@@ -208,11 +216,14 @@ int main(int argc, char **argv)
         log_eagain(&a, reason);
         return 1;
     }
+    /* The handler refuses a gate built from other sources than itself (kmskeys/contract.h). */
+    if (setenv(KMSKEYS_GATE_STAMP_ENV, KMSKEYS_BUILD_STAMP, 1))
+        return 1;
     if (slot >= 0) {
         /* The handler inherits the locked fd and holds the slot until it and its worker exit. */
         char value[16];
         snprintf(value, sizeof value, "%d", slot);
-        if (fcntl(slot, F_SETFD, 0) || setenv(SLOT_FD_ENV, value, 1))
+        if (fcntl(slot, F_SETFD, 0) || setenv(KMSKEYS_SLOT_FD_ENV, value, 1))
             return 1;
     }
     execv(a.program[0], a.program);

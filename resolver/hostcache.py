@@ -28,9 +28,10 @@ import time
 # 2 to 3 ms on every miss (python -X importtime), for a digest this one gives as well.
 from _blake2 import blake2b
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from kmskeys import keyutils
 from kmskeys.contract import HOSTCACHE_PERM, USER_PAYLOAD_MAX
@@ -63,6 +64,26 @@ class Entry:
     serial: int
     plaintext: bytes
     age: float
+
+
+class Cache(Protocol):
+    """What the `kms:` backend asks of a host cache (HostCache; an in-memory one in tests)."""
+
+    def lookup(self, desc: str) -> Entry | None:
+        """The entry described `desc`, or None."""
+        ...
+
+    def store(self, desc: str, plaintext: bytes, lifetime: int) -> bool:
+        """Keep `plaintext` as `desc` for `lifetime` seconds; False if it is not kept."""
+        ...
+
+    def purge(self, desc: str) -> None:
+        """Drop the entry described `desc`, if there is one."""
+        ...
+
+    def refreshing(self, state_dir: Path, desc: str) -> AbstractContextManager[None]:
+        """Hold the refresh lock of `desc` for the block (bounded wait)."""
+        ...
 
 
 class HostCache:

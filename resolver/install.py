@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmskeys import contract
+from kmskeys import contract, fileio
 from kmskeys.contract import DEFAULT_PREFIX, rule_file_name
 from kmskeys.names import validate_prefix
-from kmskeys.trust import unsafe_reason
 from resolver import config as config_mod
+from resolver.config_text import template, toml_value
 from resolver.errors import ConfigError, InstallError
 from resolver.handler import MACROS
 
@@ -91,9 +91,10 @@ def gate_executable() -> Path:
             f"{path} is missing: reinstall kmskeys from its wheel (a source build needs a C "
             "compiler)"
         )
-    reason = unsafe_reason(path.stat())
-    if reason:
-        raise InstallError(f"{path} is unsafe for root to run: {reason}")
+    try:
+        fileio.check_path(path, str(path), fileio.REGULAR, fileio.FOLLOW)
+    except fileio.UntrustedFileError as exc:
+        raise InstallError(f"{path} is unsafe for root to run: {exc.detail}") from None
     return path
 
 
@@ -142,62 +143,20 @@ def rule_line(
 
 
 def _toml_list(items: Sequence[str]) -> str:
-    return "[" + ", ".join(f'"{item}"' for item in items) + "]"
+    return toml_value(list(items))
 
 
 def default_config_text(prefix: str, blob_dir: Path, key_arns: Sequence[str] = ()) -> str:
     """The config install writes when none exists: every key, commented out at its default,
-    except the ones given (docs/resolver.md explains each)."""
-    keys = f"key_arns = {_toml_list(key_arns)}" if key_arns else '# key_arns = ["arn:aws:kms:…"]'
-    set_prefix = "" if prefix == DEFAULT_PREFIX else f'prefix = "{prefix}"\n'
-    set_blob_dir = "" if blob_dir == config_mod.DEFAULT_BLOB_DIR else f'blob_dir = "{blob_dir}"\n'
-    return f"""\
-# kmskeys-resolver config (docs/resolver.md). Root-owned; unknown keys and bad values are errors.
-# Every key is shown with its default.
-
-# The only KMS keys the resolver uses (strict mode); a blob naming another key is refused.
-{keys}
-# discovery = false                # instead of key_arns: any key of discovery_accounts
-# discovery_accounts = []          # 12-digit AWS account IDs (discovery only)
-# discovery_partition = "aws"
-# region = "eu-west-1"             # default: the regions of key_arns
-# regions = ["eu-west-1", "eu-central-1"]   # instead of region: several
-# endpoint_url = "https://kms.eu-west-1.amazonaws.com"   # off EC2, or a VPC endpoint
-# profile = "default"              # a profile of shared_credentials_file
-# shared_credentials_file = "/etc/kmskeys/credentials"   # root-only (0600); off EC2
-{set_prefix}# prefix = "{DEFAULT_PREFIX}"                 # key descriptions are PREFIX:NAME
-{set_blob_dir}# blob_dir = "{config_mod.DEFAULT_BLOB_DIR}"
-# allow_legacy_blobs = false       # raw base64 KMS ciphertext without a kmsk1: header
-# ttl = 300                        # seconds a resolved secret stays cached
-# negative_ttl = 10                # seconds a refusal or unknown name stays cached
-# deadline = 8                     # seconds the handler may take, KMS included
-# warm_socket = "/run/kmskeys/resolver.sock"   # kmskeys-resolver serve (the warm path)
-# max_concurrent_per_uid = 4       # handler runs per requesting uid; the rest get EAGAIN
-# kms_rate_per_uid = 10.0          # KMS calls per second per uid (token bucket) ...
-# kms_burst_per_uid = 100          # ... holding this many tokens
-# state_dir = "{config_mod.DEFAULT_STATE_DIR}"         # root-only: the per-uid limits' lock files
-# host_cache = true                # one Decrypt per host and blob, kept in root's kernel keyring
-# stale_grace = 3600               # KMS down: serve a host-cache entry this old (0: never)
-# stale_ttl = 30                   # ... with this key timeout, so that KMS is retried soon
-# ttl_jitter = 0.1                 # key timeout = ttl +- 10 %, in whole seconds
-# syslog_socket = "/dev/log"
-# syslog_facility = "authpriv"     # authpriv, auth, daemon or user
-# backend = "kms"
-
-# The stored: keystore (docs/dpapi.md).
-# stored_prefix = "stored"
-# keystore_dir = "{config_mod.DEFAULT_KEYSTORE_DIR}"
-# seal = "none"                    # "kms": entries wrapped by seal_key_arn, bound to seal_host
-# seal_key_arn = "arn:aws:kms:eu-west-1:111122223333:key/..."
-# seal_host = "arn:aws:ec2:eu-west-1:111122223333:instance/i-..."
-
-# Per-name policy: the first matching glob wins. Tables come after every top-level key.
-# [names."app/*"]
-# ttl = 60
-# allow_users = ["www-data", 33]
-# [stored."shared/*"]              # the same for stored: names, plus scope
-# scope = "user"                   # or "machine": one key per host
-"""
+    except the ones given (made from the settings tables, resolver/config_text.py)."""
+    values: dict[str, object] = {}
+    if key_arns:
+        values["key_arns"] = list(key_arns)
+    if prefix != DEFAULT_PREFIX:
+        values["prefix"] = prefix
+    if blob_dir != config_mod.DEFAULT_BLOB_DIR:
+        values["blob_dir"] = blob_dir
+    return template(values)
 
 
 def _prefix_for(
@@ -224,16 +183,9 @@ def _digest(path: Path) -> str:
 
 
 def _write_atomic(path: Path, text: str, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    try:
-        os.write(fd, text.encode())
-        os.fchmod(fd, mode)
-        os.fchown(fd, 0, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    # A temp file beside it, fsync'd, renamed over it: readers (request-key, the handler) see
+    # the old file or the new one, never half of one.
+    fileio.write_atomic(path, text.encode(), mode)
 
 
 def _mkdirs(path: Path, manifest: Manifest, actions: list[str], mode: int = 0o755) -> None:

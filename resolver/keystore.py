@@ -9,7 +9,8 @@ root-owned 0600, checked on each open through file descriptors (O_NOFOLLOW below
 
 An entry is written once and never again: into a temp file, fsync'd, then hard-linked to its name
 (link() fails if the name exists, so of concurrent creators exactly one wins and the others read
-the winner's entry), then the directory is fsync'd. Each entry ends with a SHA-256 of the rest: a
+the winner's entry), then the directory is fsync'd (kmskeys.fileio.write_new; every open here
+goes through kmskeys.fileio too). Each entry ends with a SHA-256 of the rest: a
 corrupt or truncated entry is refused, never regenerated, since a new key would make everything
 protected under the old one unreadable. docs/dpapi.md has the entry format.
 """
@@ -20,7 +21,6 @@ import errno
 import hashlib
 import os
 import secrets
-import stat
 import struct
 import time
 from collections.abc import Iterator
@@ -28,10 +28,10 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from kmskeys import fileio
 from kmskeys.errors import InvalidNameError
 from kmskeys.names import validate_name
 from kmskeys.stored import MAX_VERSION, SCOPE_MACHINE, SCOPE_USER
-from kmskeys.trust import unsafe_reason
 from resolver.errors import (
     CorruptEntryError,
     KeystoreError,
@@ -40,13 +40,15 @@ from resolver.errors import (
     errno_name,
 )
 
+# keystore_dir itself may be a link (root's choice, like blob_dir); below it, nothing is.
+_ROOT_FLAGS = fileio.FOLLOW | fileio.PRIVATE
 SEAL_NONE = "none"
 SEAL_KMS = "kms"
 MAX_ENTRY_BYTES = 16 * 1024
 # A temp file older than this is a creator's leftover (killed before it linked): no live
 # handler runs longer than the 60 s maximum deadline.
 STALE_TEMP_SECONDS = 600
-TEMP_PREFIX = ".tmp-"
+TEMP_PREFIX = fileio.TEMP_PREFIX
 VERSION_SEP = "#"
 SLASH_IN_FILE = ":"
 
@@ -61,9 +63,6 @@ _NO_UID = 0xFFFFFFFF
 _HEAD = struct.Struct(">6sBBBIIQHB")
 _U16 = struct.Struct(">H")
 _DIGEST = 32
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # Out of space or not writable now: the kernel does not cache EAGAIN, so the next request retries.
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
@@ -206,71 +205,34 @@ class Keystore:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    # --- opening, checked ---------------------------------------------------------------------
-
-    def _check(self, fd: int, what: str, directory: bool) -> None:
-        st = os.fstat(fd)
-        kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
-        want = "0700 directory" if directory else "0600 regular file"
-        if not kind_ok or st.st_uid != 0 or st.st_mode & 0o077:
-            raise KeystoreError(
-                f"{what} is unsafe: it must be a root-owned {want}, and is "
-                f"{'a directory' if stat.S_ISDIR(st.st_mode) else 'a file'} of uid {st.st_uid} "
-                f"with mode {stat.S_IMODE(st.st_mode):04o}; fix: chown root:root, chmod "
-                f"{'700' if directory else '600'}"
-            )
+    # --- opening, checked (kmskeys.fileio: root's, 0700 directories, 0600 entries) --------
 
     def _open_root(self) -> int:
         parent = self.root.parent
         try:
-            reason = unsafe_reason(os.stat(parent))
-        except OSError as exc:
-            raise KeystoreError(f"keystore_dir parent {parent}: {exc.strerror}") from None
-        if reason:
-            raise KeystoreError(f"keystore_dir parent {parent} is unsafe: {reason}")
-        try:
-            fd = os.open(self.root, _DIR_FLAGS)
-        except FileNotFoundError:
-            # Never created here: a keystore that vanished may hold keys that must not be
-            # replaced by new ones without anyone noticing.
-            raise KeystoreError(
-                f"keystore_dir {self.root} does not exist; create it with "
-                "kmskeys-resolver install --rules stored (or restore it from a backup)"
-            ) from None
-        except OSError as exc:
-            raise KeystoreError(f"keystore_dir {self.root}: {exc.strerror}") from None
-        try:
-            self._check(fd, f"keystore_dir {self.root}", directory=True)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+            label = f"keystore_dir parent {parent}"
+            fileio.check_path(parent, label, fileio.DIRECTORY, fileio.FOLLOW)
+            return fileio.open_dir(self.root, f"keystore_dir {self.root}", _ROOT_FLAGS)
+        except fileio.UntrustedFileError as exc:
+            if exc.problem == fileio.MISSING and exc.path == os.fspath(self.root):
+                # Never created here: a keystore that vanished may hold keys that must not be
+                # replaced by new ones without anyone noticing.
+                raise KeystoreError(
+                    f"keystore_dir {self.root} does not exist; create it with "
+                    "kmskeys-resolver install --rules stored (or restore it from a backup)"
+                ) from None
+            raise KeystoreError(str(exc)) from None
 
     def _open_dir(self, parent: int, part: str, shown: str, create: bool) -> int | None:
-        flags = _DIR_FLAGS | os.O_NOFOLLOW
+        flags = fileio.PRIVATE | (fileio.CREATE if create else 0)
         try:
-            fd = os.open(part, flags, dir_fd=parent)
-        except FileNotFoundError:
-            if not create:
+            return fileio.open_dir(part, f"keystore {shown}", flags, dir_fd=parent)
+        except fileio.UntrustedFileError as exc:
+            if exc.problem == fileio.MISSING:
                 return None
-            try:
-                os.mkdir(part, 0o700, dir_fd=parent)
-                os.fsync(parent)  # the new directory's name must survive a crash too
-            except FileExistsError:
-                pass  # a concurrent creator made it
-            except OSError as exc:
-                raise _write_error(exc, self.root) from None
-            return self._open_dir(parent, part, shown, create=False)
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise KeystoreError(f"keystore {shown} is not a directory (or a link)") from None
-            raise KeystoreError(f"keystore {shown}: {exc.strerror}") from None
-        try:
-            self._check(fd, f"keystore {shown}", directory=True)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+            raise KeystoreError(str(exc)) from None
+        except OSError as exc:  # making it failed: out of space, read-only
+            raise _write_error(exc, self.root) from None
 
     def _scope_dir(self, root: int, eid: EntryId, create: bool) -> int | None:
         """The scope directory of `eid` (made when `create`), or None when it does not exist."""
@@ -320,21 +282,19 @@ class Keystore:
 
     def _read_entry(self, dir_fd: int, eid: EntryId) -> Entry:
         shown = "/".join((*eid.directory(), eid.file_name()))
+        label = f"keystore entry {shown}"
         try:
-            fd = os.open(eid.file_name(), _READ_FLAGS, dir_fd=dir_fd)
-        except FileNotFoundError:
-            raise UnknownSecretError(f"no keystore entry {eid}") from None
+            data = fileio.read_file(
+                eid.file_name(), MAX_ENTRY_BYTES, label, fileio.PRIVATE, dir_fd=dir_fd
+            )
+        except fileio.UntrustedFileError as exc:
+            if exc.problem == fileio.MISSING:
+                raise UnknownSecretError(f"no keystore entry {eid}") from None
+            if exc.problem == fileio.TOO_LARGE:
+                raise CorruptEntryError(str(exc)) from None
+            raise KeystoreError(str(exc)) from None
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise KeystoreError(f"keystore entry {shown} is a symbolic link") from None
-            raise KeystoreError(f"keystore entry {shown}: {exc.strerror}") from None
-        try:
-            self._check(fd, f"keystore entry {shown}", directory=False)
-            data = os.read(fd, MAX_ENTRY_BYTES + 1)
-        finally:
-            os.close(fd)
-        if len(data) > MAX_ENTRY_BYTES:
-            raise CorruptEntryError(f"keystore entry {shown} is larger than {MAX_ENTRY_BYTES} B")
+            raise KeystoreError(f"{label}: {exc.strerror}") from None
         return Entry.decode(data, eid, shown)
 
     # --- creating -----------------------------------------------------------------------------
@@ -349,7 +309,11 @@ class Keystore:
                 raise KeystoreError(f"keystore {self.root}: a directory vanished as it was made")
             try:
                 _sweep_stale_temps(fd)
-                if _link_new(fd, entry.id.file_name(), data, self.root):
+                try:
+                    won = fileio.write_new(fd, entry.id.file_name(), data, 0o600)
+                except OSError as exc:
+                    raise _write_error(exc, self.root) from None
+                if won:
                     return entry, True
                 return self._read_entry(fd, entry.id), False
             finally:
@@ -421,41 +385,6 @@ def _write_error(exc: OSError, root: Path) -> Exception:
             "written and existing entries are untouched: free space, then retry"
         )
     return KeystoreError(f"keystore {root}: cannot write ({exc.strerror})")
-
-
-def _link_new(dir_fd: int, file_name: str, data: bytes, root: Path) -> bool:
-    """Write `data` durably under `file_name` unless that exists; True if this call wrote it."""
-    temp = f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        fd = os.open(temp, _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
-    except OSError as exc:
-        raise _write_error(exc, root) from None
-    try:
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            # link(), not rename(): it never replaces an existing entry, so concurrent first
-            # requests agree on the one that linked first.
-            os.link(temp, file_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-            won = True
-        except FileExistsError:
-            won = False
-    except OSError as exc:
-        raise _write_error(exc, root) from None
-    finally:
-        with suppress(OSError):
-            os.unlink(temp, dir_fd=dir_fd)
-    try:
-        os.fsync(dir_fd)  # the new name, and the temp's removal, reach the disk
-    except OSError as exc:
-        raise _write_error(exc, root) from None
-    return won
 
 
 def _sweep_stale_temps(dir_fd: int) -> None:

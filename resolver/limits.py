@@ -9,62 +9,59 @@ root-only `state_dir` (a tmpfs, /run/kmskeys, by default):
   when the process is killed). A request that finds every slot taken gets EAGAIN at once,
   before anything is imported or decrypted;
 - a token bucket of `kms_burst_per_uid` tokens refilled at `kms_rate_per_uid` per second: each
-  KMS call (retries included) takes one, so no uid can burn the account's KMS request quota.
+  AWS call made for the uid's request (KMS Decrypt, the keystore seal, retries included) takes
+  one, so no uid can burn the account's request quota. The budgets are spent by the AWS
+  gateway (resolver/gateway.py); prefetch has a bucket of its own.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import stat
 import struct
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kmskeys.trust import unsafe_reason
-from resolver.errors import ConfigError
+from kmskeys import fileio
+from kmskeys.contract import BUILD_STAMP
+from resolver.errors import ConfigError, UnavailableError
+
+if TYPE_CHECKING:
+    from resolver.config import Config
 
 # kmskeys-gate (resolver/gate.c) takes the slot before Python starts and passes the locked fd
-# in this variable (SLOT_FD_ENV there). request-key runs with the kernel's fixed environment,
-# so no requester can set it.
+# in this variable (KMSKEYS_SLOT_FD_ENV in kmskeys/contract.h). request-key runs with the
+# kernel's fixed environment, so no requester can set it.
 SLOT_FD_ENV = "KMSKEYS_SLOT_FD"
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
-_FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY
+# ... and its build stamp in this one: a gate built from other sources is refused, loudly.
+GATE_STAMP_ENV = "KMSKEYS_GATE_STAMP"
+# A uid's slots are the files SLOT_PREFIX + "UID-INDEX" in state_dir (the gate's too).
+SLOT_PREFIX = "slot-"
 # A bucket file holds (tokens, CLOCK_MONOTONIC seconds of the last refill): the clock is the
 # same for every process on the host, and /run starts empty at boot.
 _BUCKET = struct.Struct("=dd")
+# The bucket of `kmskeys-resolver prefetch`: never a uid's (a root service's next miss must
+# not find uid 0's bucket spent by a prefetch).
+PREFETCH_BUCKET = "prefetch"
 
 
 def _state_dir(path: Path) -> int:
     """An fd of the state directory, created root-only if missing; refused if unsafe."""
     try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
+        return fileio.open_dir(path, f"state_dir {path}", fileio.CREATE | fileio.PRIVATE)
+    except fileio.UntrustedFileError as exc:
+        raise ConfigError(str(exc), refusal=exc) from None
     except OSError as exc:
         raise ConfigError(f"state_dir {path}: {exc.strerror}") from None
-    try:
-        fd = os.open(path, _DIR_FLAGS)
-    except OSError as exc:
-        raise ConfigError(f"state_dir {path}: {exc.strerror}") from None
-    st = os.fstat(fd)
-    reason = unsafe_reason(st)
-    if reason is None and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        reason = f"open to group or others (mode {stat.S_IMODE(st.st_mode):04o}, want 0700)"
-    if reason:
-        os.close(fd)
-        raise ConfigError(f"state_dir {path} is unsafe: {reason}")
-    return fd
 
 
 def _open(dir_fd: int, name: str) -> int:
-    fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=dir_fd)
-    reason = unsafe_reason(os.fstat(fd))
-    if reason:
-        os.close(fd)
-        raise ConfigError(f"state file {name} is unsafe: {reason}")
-    return fd
+    try:
+        flags = fileio.WRITE | fileio.CREATE
+        return fileio.open_file(name, f"state file {name}", flags, dir_fd=dir_fd)
+    except fileio.UntrustedFileError as exc:
+        raise ConfigError(str(exc), refusal=exc) from None
 
 
 def open_state_file(state_dir: Path, name: str) -> int:
@@ -82,7 +79,7 @@ def acquire_slot(state_dir: Path, uid: int, slots: int) -> int | None:
     dir_fd = _state_dir(state_dir)
     try:
         for index in range(slots):
-            fd = _open(dir_fd, f"slot-{uid}-{index}")
+            fd = _open(dir_fd, f"{SLOT_PREFIX}{uid}-{index}")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -94,11 +91,11 @@ def acquire_slot(state_dir: Path, uid: int, slots: int) -> int | None:
         os.close(dir_fd)
 
 
-def take_token(state_dir: Path, uid: int, rate: float, burst: int) -> bool:
-    """Take one KMS-call token from `uid`'s bucket; False when it is empty."""
+def take_token(state_dir: Path, bucket: str, rate: float, burst: int) -> bool:
+    """Take one token from the bucket `bucket` (a uid, or prefetch); False when it is empty."""
     dir_fd = _state_dir(state_dir)
     try:
-        fd = _open(dir_fd, f"bucket-{uid}")
+        fd = _open(dir_fd, f"bucket-{bucket}")
     finally:
         os.close(dir_fd)
     try:
@@ -114,6 +111,62 @@ def take_token(state_dir: Path, uid: int, rate: float, burst: int) -> bool:
         return taken
     finally:
         os.close(fd)
+
+
+class UidBudget:
+    """The requester's AWS calls: its uid's token bucket (kms_rate_per_uid, kms_burst_per_uid).
+
+    Every call the resolver makes for a request spends it, whatever the backend: KMS Decrypt,
+    the keystore seal's Encrypt and Decrypt, retries and fallback regions included.
+    """
+
+    def __init__(self, config: Config, uid: int) -> None:
+        self.config = config
+        self.uid = uid
+
+    def spend(self) -> None:
+        """Take a token, or refuse for now (EAGAIN)."""
+        config = self.config
+        if not take_token(
+            config.state_dir, str(self.uid), config.kms_rate_per_uid, config.kms_burst_per_uid
+        ):
+            raise UnavailableError(
+                f"uid {self.uid} is over its KMS call rate (kms_rate_per_uid "
+                f"{config.kms_rate_per_uid:g}/s, burst {config.kms_burst_per_uid})"
+            )
+
+
+class PrefetchBudget:
+    """Prefetch's calls: a bucket of its own, with a uid's rate and burst."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def spend(self) -> None:
+        """Take a token, or refuse for now (EAGAIN)."""
+        config = self.config
+        if not take_token(
+            config.state_dir, PREFETCH_BUCKET, config.kms_rate_per_uid, config.kms_burst_per_uid
+        ):
+            raise UnavailableError(
+                f"prefetch is over its call rate (kms_rate_per_uid {config.kms_rate_per_uid:g}/s, "
+                f"burst {config.kms_burst_per_uid}, a bucket of its own)"
+            )
+
+
+def stale_gate() -> str | None:
+    """Why the kmskeys-gate that ran before this handler is not of this build, or None.
+
+    The gate sets GATE_STAMP_ENV to the stamp compiled into it (kmskeys/contract.h); a gate
+    from before stamps passes a slot without one. No gate at all (a rule without it) is fine.
+    """
+    stamp = os.environ.pop(GATE_STAMP_ENV, None)
+    if (stamp is None and SLOT_FD_ENV not in os.environ) or stamp == BUILD_STAMP:
+        return None
+    return (
+        f"kmskeys-gate was built from other sources (stamp {stamp or 'none'}, this resolver "
+        f"{BUILD_STAMP}): reinstall kmskeys, then run kmskeys-resolver install"
+    )
 
 
 def inherited_slot(state_dir: Path, uid: int, slots: int) -> tuple[int | None, bool]:
@@ -133,7 +186,7 @@ def inherited_slot(state_dir: Path, uid: int, slots: int) -> tuple[int | None, b
     except (ValueError, OSError):
         return None, True
     directory, name = os.path.split(held)
-    prefix = f"slot-{uid}-"
+    prefix = f"{SLOT_PREFIX}{uid}-"
     if directory != os.path.realpath(state_dir) or not name.startswith(prefix):
         os.close(fd)
         return None, True

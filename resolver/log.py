@@ -17,9 +17,12 @@ from pathlib import Path
 IDENT = "kmskeys-resolver"
 LOG_ERR, LOG_WARNING, LOG_INFO = 3, 4, 6
 MAX_FIELD = 160
-_SAFE = frozenset(
+# Characters a field may hold without quoting (kmskeys-gate renders fields the same way, from
+# kmskeys/contract.h, which scripts/generate.py writes from this).
+SAFE_CHARS = (
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./@+-:,=()'[]<>!?#%&*~^|{};"
 )
+_SAFE = frozenset(SAFE_CHARS)
 
 
 def field(value: object) -> str:

@@ -1,9 +1,10 @@
 """`kmskeys-resolver prefetch [NAME...]`: fill the host cache from blob_dir, e.g. at boot.
 
-Each blob goes through the `kms:` backend exactly as a request would (checks, host cache, KMS),
-as root; a fresh entry is left alone. User-bound blobs are skipped: KMS binds them to the user
-who asks, and there is none yet. Concurrency is bounded, and every name waits a random moment
-first, so that a fleet booting together does not call KMS in one burst.
+Each blob goes through the `kms:` backend exactly as a request would (checks, host cache,
+KMS), as root, spending a budget of its own (never uid 0's bucket: a root service's next miss
+must not find it spent); a fresh entry is left alone. User-bound blobs are skipped: KMS binds
+them to the user who asks, and there is none yet. Concurrency is bounded, and every name waits
+a random moment first, so that a fleet booting together does not call KMS in one burst.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from pathlib import Path
 from kmskeys.contract import BLOB_SUFFIX
 from kmskeys.errors import InvalidNameError
 from kmskeys.names import validate_name
-from resolver.backend import Request, Trace
+from resolver.backend import Context, Request
 from resolver.blobs import BlobBackend
 from resolver.config import Config
 from resolver.errors import ResolverError
+from resolver.limits import PrefetchBudget
 
 DEFAULT_CONCURRENCY = 4
 DEFAULT_JITTER = 5.0
@@ -49,17 +51,17 @@ def prefetch_one(config: Config, name: str, jitter: float) -> str:
     time.sleep(random.uniform(0.0, jitter))  # noqa: S311 (spreading load, not a secret)
     backend = BlobBackend(config)
     request = Request(prefix=config.prefix, name=name, uid=0, gid=0, user="root")
-    trace = Trace()
+    context = Context(time.monotonic() + config.deadline, PrefetchBudget(config))
     try:
-        _, blob = backend.load(request, trace)
+        _, blob = backend.load(request, context.notes)
         if blob.binds_user:
             return "skipped (user-bound: decrypted for its user on request)"
-        backend.resolve(request, time.monotonic() + config.deadline, trace)
+        result = backend.resolve(request, context)
     except ResolverError as exc:
         return f"failed ({exc.outcome}): {exc.reason}"
-    if trace.stale_ttl is not None:
-        return f"failed (unavailable): {trace.details.get('reason')}; the older entry is kept"
-    if trace.details.get("source") == "hostcache":
+    if result.stale:
+        return f"failed (unavailable): {result.details.get('reason')}; the older entry is kept"
+    if result.details.get("source") == "hostcache":
         return "already cached"
     return "cached"
 

@@ -1,43 +1,68 @@
-"""Which backend serves a request: picked by the description's prefix, from the config alone.
+"""The backends the resolver ships, and which one serves a description: from the config alone.
 
-The backends are imported on demand, so a request for one never loads another's code.
+Each backend declares itself in a light module (resolver/spec_kms.py, resolver/spec_stored.py:
+its settings, its grammar, its policy table) and is listed here with the loader of its code.
+There is no discovery (no entry points, nothing read from what is installed): a root program
+loads only the backends it ships. A backend's code is imported on demand, so a request for one
+never loads another's.
 """
 
 from __future__ import annotations
 
-from kmskeys.names import parse_description, validate_name
-from kmskeys.stored import split_qualifier
-from resolver.backend import SecretBackend
-from resolver.config import Config
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from kmskeys.errors import InvalidNameError
+from resolver import spec_kms, spec_stored
+from resolver.backend import Backend, BackendSpec
 from resolver.errors import ConfigError
+
+if TYPE_CHECKING:
+    from resolver.config import Config
+
+
+def _kms(config: Config) -> Backend:
+    from resolver.blobs import BlobBackend
+
+    return BlobBackend(config)
+
+
+def _stored(config: Config) -> Backend:
+    from resolver.stored import StoredBackend
+
+    return StoredBackend(config)
+
+
+# In order: the first is the default prefix's (`kms:`), named by a description that fits none.
+SHIPPED: tuple[tuple[BackendSpec, Callable[[Config], Backend]], ...] = (
+    (spec_kms.SPEC, _kms),
+    (spec_stored.SPEC, _stored),
+)
 
 
 def prefixes(config: Config) -> tuple[str, ...]:
-    """The description prefixes this config serves: `kms:` blobs and the `stored:` keystore."""
-    return (config.prefix, config.stored_prefix)
+    """The description prefixes this config serves, one per backend."""
+    return tuple(getattr(config, spec.prefix_setting) for spec, _ in SHIPPED)
 
 
 def split_description(config: Config, desc: str) -> tuple[str, str, str]:
     """(prefix, NAME, qualifier) of a description this config serves; InvalidNameError if none.
 
-    Only `stored:` descriptions have a qualifier (`stored:NAME#machine#v2`, kmskeys.stored); the
-    stored backend checks it, so that a refusal of the qualifier is logged under NAME.
+    The backend's grammar splits what follows the prefix: only `stored:` descriptions have a
+    qualifier (`stored:NAME#machine#v2`, kmskeys.stored), which that backend checks, so that a
+    refusal of the qualifier is logged under NAME.
     """
-    head = config.stored_prefix + ":"
-    if desc.startswith(head):
-        name, qualifier = split_qualifier(desc[len(head) :])
-        return config.stored_prefix, validate_name(name), qualifier
-    return config.prefix, parse_description(desc, config.prefix), ""
+    head, sep, rest = desc.partition(":")
+    for spec, _ in SHIPPED:
+        if sep and head == getattr(config, spec.prefix_setting):
+            name, qualifier = spec.split(rest)
+            return head, name, qualifier
+    raise InvalidNameError(f"key description must start with {config.prefix!r}:")
 
 
-def backend_for(config: Config, prefix: str) -> SecretBackend:
+def backend_for(config: Config, prefix: str) -> Backend:
     """The backend that serves `prefix:NAME` requests under `config`."""
-    if prefix == config.prefix:
-        from resolver.blobs import BlobBackend
-
-        return BlobBackend(config)
-    if prefix == config.stored_prefix:
-        from resolver.stored import StoredBackend
-
-        return StoredBackend(config)
+    for spec, load in SHIPPED:
+        if prefix == getattr(config, spec.prefix_setting):
+            return load(config)
     raise ConfigError(f"config {config.path} serves no prefix {prefix!r}")

@@ -18,16 +18,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from kmskeys import fileio
 from kmskeys.blob import MAX_BLOB_CHARS, BlobFormatError, parse_blob
-from kmskeys.contract import BLOB_SUFFIX
+from kmskeys.contract import BLOB_SUFFIX, BUILD_STAMP
 from kmskeys.errors import InvalidNameError
 from kmskeys.names import validate_name
-from kmskeys.trust import unsafe_reason
 from resolver import config as config_mod
-from resolver.errors import ConfigError, RefusedError, UnknownSecretError
-from resolver.install import gate_settings
+from resolver.errors import ConfigError, InstallError, RefusedError
+from resolver.install import gate_executable, gate_settings
 from resolver.policy import check_key
-from resolver.safefile import read_below
 
 # What the handler imports for a miss (resolver/install.py check_dependencies imports them).
 DEPENDENCIES = ("botocore", "cryptography")
@@ -39,11 +38,13 @@ def _config_report(path: Path) -> tuple[dict[str, Any], config_mod.Config | None
     try:
         config = config_mod.load(path)
     except ConfigError as exc:
-        problem, where = _config_problem(path)
+        # An untrusted file or directory says which and why (kmskeys.fileio's problem words:
+        # missing, symlink, unsafe, unreadable, not-regular...); anything else is invalid.
+        refusal = exc.refusal
         return {
             "ok": False,
-            "problem": problem,
-            "path": str(where),
+            "problem": refusal.problem if refusal is not None else "invalid",
+            "path": refusal.path if refusal is not None and refusal.path else str(path),
             "error": exc.reason,
             "key": exc.key,
         }, None
@@ -59,25 +60,9 @@ def _config_report(path: Path) -> tuple[dict[str, Any], config_mod.Config | None
         "discovery": config.discovery,
         # What kmskeys-gate must be given on the rule line (install writes it from the config).
         "gate_settings": gate_settings(config),
+        # Keys the file sets that mean nothing any more, with what to do about each.
+        "obsolete": {key: config_mod.OBSOLETE[key][1] for key in config.obsolete},
     }, config
-
-
-def _config_problem(path: Path) -> tuple[str, Path]:
-    """Why load() failed, as one word doctor maps to a fix, and the path at fault."""
-    for where in (path.parent, path):
-        try:
-            st = os.lstat(where)
-        except FileNotFoundError:
-            return "missing", where
-        except OSError:
-            return "unreadable", where
-        if stat.S_ISLNK(st.st_mode):
-            return "symlink", where
-        if unsafe_reason(st):
-            return "unsafe", where
-    if not os.access(path, os.R_OK):
-        return "unreadable", path
-    return "invalid", path
 
 
 def _dependencies() -> str | None:
@@ -118,28 +103,39 @@ def _blob_problem(
     relative = os.fspath(path.relative_to(config.blob_dir))
     if stat.S_ISLNK(st.st_mode):
         return {"problem": "symlink", "error": "a symbolic link: the handler never follows one"}
-    if stat.S_ISDIR(st.st_mode):
-        reason = unsafe_reason(st)
-        return None if reason is None else {"problem": "unsafe-dir", "error": reason}
-    if not relative.endswith(BLOB_SUFFIX):
-        return None  # never read by the handler
-    if not stat.S_ISREG(st.st_mode):
-        return {"problem": "not-regular", "error": "not a regular file"}
-    reason = unsafe_reason(st)
-    if reason:
-        return {"problem": "unsafe", "error": reason}
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            fileio.check_stat(st, "directory", fileio.DIRECTORY)
+            return None
+        if not relative.endswith(BLOB_SUFFIX):
+            return None  # never read by the handler
+        fileio.check_stat(st, "blob", fileio.REGULAR)
+    except fileio.UntrustedFileError as exc:
+        found = {fileio.UNSAFE: "unsafe-dir" if stat.S_ISDIR(st.st_mode) else "unsafe"}
+        return {"problem": found.get(exc.problem, exc.problem), "error": _detail(exc)}
     name = relative[: -len(BLOB_SUFFIX)]
     try:
         validate_name(name)
     except InvalidNameError as exc:
         return {"problem": "bad-name", "error": str(exc)}
     try:
-        text = read_below(config.blob_dir, relative, MAX_BLOB_CHARS + 2, "blob")
-    except UnknownSecretError:
-        return None  # removed meanwhile
-    except RefusedError as exc:
-        unreadable = "Permission denied" in exc.reason
-        return {"problem": "unreadable" if unreadable else "refused", "error": exc.reason}
+        text = fileio.read_below(
+            config.blob_dir, relative, MAX_BLOB_CHARS + 2, f"blob_dir {config.blob_dir}", "blob"
+        )
+    except fileio.UntrustedFileError as exc:
+        if exc.problem == fileio.MISSING:
+            return None  # removed meanwhile
+        unreadable = exc.problem == fileio.UNREADABLE
+        return {"problem": "unreadable" if unreadable else "refused", "error": str(exc)}
+    return _blob_text_problem(config, name, text)
+
+
+def _detail(exc: fileio.UntrustedFileError) -> str:
+    # "is unsafe: owned by uid 5, not root" -> "owned by uid 5, not root"
+    return exc.detail.removeprefix("is unsafe: ")
+
+
+def _blob_text_problem(config: config_mod.Config, name: str, text: bytes) -> dict[str, Any] | None:
     try:
         blob = parse_blob(text, allow_legacy=config.allow_legacy_blobs)
         not_after = blob.not_after
@@ -161,14 +157,12 @@ def _blob_problem(
 def _blobs_report(config: config_mod.Config) -> dict[str, Any]:
     blob_dir = config.blob_dir
     try:
-        st = os.stat(blob_dir)
-    except FileNotFoundError:
-        return {"problem": "missing"}
-    except OSError as exc:
-        return {"problem": "unreadable", "error": exc.strerror}
-    reason = unsafe_reason(st)
-    if reason:
-        return {"problem": "unsafe", "error": reason}
+        label = f"blob_dir {blob_dir}"
+        fileio.check_path(blob_dir, label, fileio.DIRECTORY, fileio.FOLLOW)
+    except fileio.UntrustedFileError as exc:
+        if exc.problem in (fileio.MISSING, fileio.UNSAFE):
+            return {"problem": exc.problem, "error": _detail(exc)}
+        return {"problem": "unreadable", "error": exc.detail}
     if not os.access(blob_dir, os.R_OK | os.X_OK):
         return {"problem": "unreadable", "error": "permission denied"}
     problems: list[dict[str, Any]] = []
@@ -186,6 +180,27 @@ def _blobs_report(config: config_mod.Config) -> dict[str, Any]:
     return {"problem": None, "files": count, "truncated": truncated, "problems": problems}
 
 
+def _gate_report() -> dict[str, Any]:
+    """The installed kmskeys-gate's build stamp against this resolver's (kmskeys/contract.h)."""
+    import subprocess
+
+    try:
+        gate = gate_executable()
+        done = subprocess.run(
+            [str(gate), "--stamp"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (InstallError, OSError, subprocess.SubprocessError) as exc:
+        return {"ok": False, "problem": "missing", "error": str(exc), "expected": BUILD_STAMP}
+    stamp = done.stdout.strip()
+    return {
+        "ok": stamp == BUILD_STAMP,
+        "problem": None if stamp == BUILD_STAMP else "stale",
+        "path": str(gate),
+        "stamp": stamp,
+        "expected": BUILD_STAMP,
+    }
+
+
 def report(path: Path) -> dict[str, Any]:
     """The whole verdict for the config at `path`: JSON-ready."""
     path = Path(os.path.abspath(path))
@@ -197,6 +212,8 @@ def report(path: Path) -> dict[str, Any]:
         "config": config_report,
         "known_keys": list(config_mod.known_keys()),
         "dependencies": _dependencies(),
+        # A gate built from other sources is refused by every handler run (EAGAIN, at ERR).
+        "gate": _gate_report(),
         "blobs": None if config is None else _blobs_report(config),
     }
 

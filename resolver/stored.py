@@ -22,7 +22,7 @@ from kmskeys.stored import (
     StoredQuery,
     parse_qualifier,
 )
-from resolver.backend import Request, Timings, Trace
+from resolver.backend import Budget, Context, Request, Result, Timings
 from resolver.config import Config
 from resolver.errors import KeystoreError, RefusedError, UnknownSecretError
 from resolver.keystore import SEAL_KMS, SEAL_NONE, Entry, EntryId, Keystore
@@ -50,7 +50,7 @@ class StoredBackend:
         self.config = config
         self.store = Keystore(config.keystore_dir)
 
-    def resolve(self, request: Request, deadline: float, trace: Trace) -> bytes:
+    def resolve(self, request: Request, context: Context) -> Result:
         """The key (or version number, or scope) the request's description names."""
         try:
             query = parse_qualifier(request.qualifier)
@@ -58,10 +58,11 @@ class StoredBackend:
             raise RefusedError(str(exc)) from None
         size = parse_size(request.callout)
         scope = self.config.scope_for(request.name)
-        trace.details["source"] = "keystore"
+        notes = context.notes
+        notes["source"] = "keystore"
         if query.kind == StoredQuery.SCOPE:
-            trace.details["mode"] = "scope"
-            return scope.encode()
+            notes["mode"] = "scope"
+            return Result(scope.encode(), details=notes)
         if query.scope is not None and query.scope != scope:
             raise RefusedError(
                 f"scope not allowed by policy: {request.name!r} is {scope}-scoped here, "
@@ -69,40 +70,49 @@ class StoredBackend:
             )
         uid = request.uid if scope == SCOPE_USER else None
         if query.kind == StoredQuery.LATEST:
-            versions = self.store.versions(scope, uid, request.name)
-            if versions:
-                entry = self.store.read(EntryId(scope, uid, request.name, versions[-1]))
-            else:
-                entry, _ = self._first(EntryId(scope, uid, request.name, 1), size, deadline, trace)
-            self._check_size(entry, size)
-            trace.details["mode"] = f"{scope}.latest"
-            return str(entry.id.version).encode()
+            entry = self._latest(scope, uid, request.name, size, context)
+            notes["mode"] = f"{scope}.latest"
+            return Result(str(entry.id.version).encode(), details=notes)
         eid = EntryId(scope, uid, request.name, query.version)
-        key: bytes | None = None
-        try:
-            entry = self.store.read(eid)
-        except UnknownSecretError:
-            versions = self.store.versions(scope, uid, request.name)
-            if query.version in versions:  # a concurrent request created it since we looked
-                entry = self.store.read(eid)
-            elif query.version != 1:
-                raise UnknownSecretError(
-                    f"no version {query.version} of {eid.name!r} ({scope} scope"
-                    f"{'' if uid is None else f', uid {uid}'}); versions kept: "
-                    f"{', '.join(map(str, versions)) or 'none'}"
-                ) from None
-            elif versions:
-                raise KeystoreError(
-                    f"keystore entry {eid} is missing while later versions exist; it is never "
-                    "recreated: restore it from a backup"
-                ) from None
-            else:
-                entry, key = self._first(eid, size, deadline, trace)
+        entry, key = self._entry(eid, size, context)
         self._check_size(entry, size)
-        trace.details["mode"] = f"{scope}.v{entry.id.version}" + (
+        notes["mode"] = f"{scope}.v{entry.id.version}" + (
             ".sealed" if entry.seal == SEAL_KMS else ""
         )
-        return key if key is not None else self._unseal(entry, deadline, trace.timings)
+        if key is None:
+            key = self._unseal(entry, context)
+        return Result(key, details=notes)
+
+    def _latest(self, scope: str, uid: int | None, name: str, size: int, context: Context) -> Entry:
+        versions = self.store.versions(scope, uid, name)
+        if versions:
+            entry = self.store.read(EntryId(scope, uid, name, versions[-1]))
+        else:
+            entry, _ = self._first(EntryId(scope, uid, name, 1), size, context)
+        self._check_size(entry, size)
+        return entry
+
+    def _entry(self, eid: EntryId, size: int, context: Context) -> tuple[Entry, bytes | None]:
+        """The entry `eid`, made now if it is version 1 and none exists (with its key)."""
+        try:
+            return self.store.read(eid), None
+        except UnknownSecretError:
+            pass
+        versions = self.store.versions(eid.scope, eid.uid, eid.name)
+        if eid.version in versions:  # a concurrent request created it since we looked
+            return self.store.read(eid), None
+        if eid.version != 1:
+            raise UnknownSecretError(
+                f"no version {eid.version} of {eid.name!r} ({eid.scope} scope"
+                f"{'' if eid.uid is None else f', uid {eid.uid}'}); versions kept: "
+                f"{', '.join(map(str, versions)) or 'none'}"
+            )
+        if versions:
+            raise KeystoreError(
+                f"keystore entry {eid} is missing while later versions exist; it is never "
+                "recreated: restore it from a backup"
+            )
+        return self._first(eid, size, context)
 
     def _check_size(self, entry: Entry, size: int) -> None:
         if entry.key_size != size:
@@ -111,34 +121,41 @@ class StoredBackend:
                 f"for {size}; a stored key is never recreated, so ask for {entry.key_size}"
             )
 
-    def _first(
-        self, eid: EntryId, size: int, deadline: float, trace: Trace
-    ) -> tuple[Entry, bytes | None]:
+    def _first(self, eid: EntryId, size: int, context: Context) -> tuple[Entry, bytes | None]:
         """Create `eid` unless a concurrent request did; the entry kept, and its key if ours."""
-        entry, key = make_entry(self.config, eid, size, deadline, trace.timings)
+        entry, key = make_entry(
+            self.config,
+            eid,
+            size,
+            budget=context.budget,
+            deadline=context.deadline,
+            timings=context.timings,
+        )
         stored, ours = self.store.create(entry)
         if ours:
-            trace.details["source"] = "keystore-new"
+            context.notes["source"] = "keystore-new"
             return stored, key
         return stored, None
 
-    def _unseal(self, entry: Entry, deadline: float, timings: Timings) -> bytes:
+    def _unseal(self, entry: Entry, context: Context) -> bytes:
         if entry.seal == SEAL_NONE:
             return entry.material
         from resolver.seal import KmsSeal
 
-        return KmsSeal(self.config, deadline, timings).unseal(entry)
+        seal = KmsSeal(self.config, context.budget, context.deadline, context.timings)
+        return seal.unseal(entry)
 
 
 def make_entry(
-    config: Config, eid: EntryId, size: int, deadline: float, timings: Timings
+    config: Config, eid: EntryId, size: int, *, budget: Budget, deadline: float, timings: Timings
 ) -> tuple[Entry, bytes]:
-    """A new entry with a fresh random key (sealed if the config says so), and that key."""
+    """A new entry with a fresh random key (sealed if the config says so, an AWS call that
+    `budget` pays for), and that key."""
     key = os.urandom(size)
     if config.seal == SEAL_KMS:
         from resolver.seal import KmsSeal
 
-        material = KmsSeal(config, deadline, timings).seal(eid, key)
+        material = KmsSeal(config, budget, deadline, timings).seal(eid, key)
         arn = config.seal_key_arn or ""
     else:
         material, arn = key, ""

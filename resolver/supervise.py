@@ -21,15 +21,16 @@ import time
 from collections.abc import Sequence
 
 from kmskeys.contract import DEFAULT_PREFIX
-from kmskeys.errors import InvalidNameError, KmsKeysError
+from kmskeys.errors import InvalidNameError
 from kmskeys.key import Key
 from kmskeys.keyutils import disable_core_dumps
 from kmskeys.names import parse_description
 from resolver import config as config_mod
 from resolver import handler
-from resolver.errors import ResolverError, UnavailableError, errno_name
-from resolver.limits import acquire_slot, inherited_slot
-from resolver.log import LOG_ERR, SyslogWriter, format_fields
+from resolver.answer import answer_unanswered, log_writer
+from resolver.errors import ResolverError, UnavailableError
+from resolver.limits import acquire_slot, inherited_slot, stale_gate
+from resolver.pipeline import KernelRequest, rejection
 from resolver.registry import split_description
 
 # How long past the deadline the parent lets a worker run: the worker's watchdog fires
@@ -47,20 +48,12 @@ def supervise(argv: Sequence[str]) -> int:
         args = None  # the worker logs the bad argv; there is no key to answer
     config = _config(args) if args is not None else None
     slot: int | None = None
-    if args is not None and config is not None:
-        # Before any fork or import: a uid with all its slots busy is answered EAGAIN now.
-        slot, allowed = inherited_slot(config.state_dir, args.uid, config.max_concurrent_per_uid)
-        try:
-            if slot is None:
-                slot = acquire_slot(config.state_dir, args.uid, config.max_concurrent_per_uid)
-        except ResolverError as exc:
-            return _answer(args, config, exc)
-        if slot is None or not allowed:
-            busy = UnavailableError(
-                f"uid {args.uid} already has {config.max_concurrent_per_uid} requests being "
-                "resolved (max_concurrent_per_uid)"
-            )
-            return _answer(args, config, busy)
+    if args is not None:
+        # Before any fork or import: a stale gate, or a uid with all its slots busy, is
+        # answered EAGAIN now.
+        refused, slot = _admit(args, config)
+        if refused is not None:
+            return _answer(args, config, refused, started)
         # The worker inherits the slot and holds it until it exits, right after answering.
     try:
         pid = os.fork()
@@ -91,7 +84,30 @@ def supervise(argv: Sequence[str]) -> int:
         how = f"killed by signal {signal.Signals(os.WTERMSIG(status)).name}"
     else:
         how = f"exited with status {os.waitstatus_to_exitcode(status)}"
-    return _answer(args, config, UnavailableError(f"resolver worker {how} before answering"))
+    error = UnavailableError(f"resolver worker {how} before answering")
+    return _answer(args, config, error, started)
+
+
+def _admit(
+    args: handler.HandleArgs, config: config_mod.Config | None
+) -> tuple[ResolverError | None, int | None]:
+    """(why the request is answered EAGAIN now, or None; the slot fd the worker will hold)."""
+    stale = stale_gate()
+    if stale is not None:
+        return UnavailableError(stale), None
+    if config is None:
+        return None, None  # the worker refuses the config and logs why
+    slots = config.max_concurrent_per_uid
+    slot, allowed = inherited_slot(config.state_dir, args.uid, slots)
+    try:
+        if slot is None:
+            slot = acquire_slot(config.state_dir, args.uid, slots)
+    except ResolverError as exc:
+        return exc, None
+    if slot is None or not allowed:
+        why = f"uid {args.uid} already has {slots} requests being resolved (max_concurrent_per_uid)"
+        return UnavailableError(why), slot
+    return None, slot
 
 
 def _config(args: handler.HandleArgs) -> config_mod.Config | None:
@@ -130,35 +146,13 @@ def _wait(pid: int, deadline: float | None) -> int | None:
 
 
 def _answer(
-    args: handler.HandleArgs, config: config_mod.Config | None, error: ResolverError
+    args: handler.HandleArgs,
+    config: config_mod.Config | None,
+    error: ResolverError,
+    started: float,
 ) -> int:
     """Reject the key with `error` and log it, unless it has been answered already."""
-    key = Key(args.key)
-    try:
-        # Instantiating or rejecting revokes the authorisation key: if the worker answered,
-        # authority can no longer be assumed, and there is nothing left to do.
-        key.assume_authority()
-    except KmsKeysError:
-        return 0
+    asked = KernelRequest(args.key, args.description, args.uid, args.gid)
     ttl = config.negative_ttl if config else handler.DEFAULT_NEGATIVE_TTL
-    try:
-        key.reject(ttl, error.answer_errno, 0)
-    except KmsKeysError:
-        return 1  # answered meanwhile after all
-    log = (
-        SyslogWriter(config.syslog_socket, config_mod.FACILITIES[config.syslog_facility])
-        if config
-        else SyslogWriter(config_mod.DEFAULT_SYSLOG_SOCKET, config_mod.FACILITIES["authpriv"])
-    )
-    log.emit(
-        LOG_ERR,
-        format_fields(
-            uid=args.uid,
-            name=_name(args.description, config),
-            key=args.key,
-            outcome=error.outcome,
-            errno=errno_name(error.answer_errno),
-            reason=error.reason,
-        ),
-    )
-    return 1
+    outcome = rejection(asked, error, ttl, facts={"name": _name(args.description, config)})
+    return answer_unanswered(Key(args.key), outcome, log_writer(config), started)

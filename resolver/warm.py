@@ -3,8 +3,11 @@
 A cold handler spends most of a miss importing botocore and building a client (about 100 ms of
 150, docs/resolver.md). The daemon pays that once. The handler, still run by request-key for
 every miss, sends it the request over a root-only unix socket and gets back the plaintext or a
-failure class. The daemon decrypts with the same KmsDecrypter, so what decrypts and what is refused
-are the same as on the cold path. When no daemon answers, the handler decrypts by itself.
+failure class. The daemon decrypts with the same operation through the same gateway
+(resolver/kms.py, resolver/gateway.py), spending the requester's budget, so what decrypts and
+what is refused are the same as on the cold path; the handler has applied the key allowlist
+already, and the daemon, a separate process, applies it to what it is asked. When no daemon
+answers, the handler decrypts by itself.
 
 Trust runs both ways and is checked by the kernel's peer credentials (SO_PEERCRED): the daemon
 serves only uid 0, and the handler believes only a daemon running as uid 0 whose socket sits in
@@ -18,34 +21,35 @@ import json
 import os
 import signal
 import socket
-import stat
 import struct
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from kmskeys import fileio
 from kmskeys.blob import Blob, BlobFormatError, parse_blob
 from kmskeys.errors import InvalidNameError
 from kmskeys.keyutils import disable_core_dumps
 from kmskeys.names import validate_name
-from kmskeys.trust import peer_uid, unsafe_reason
-from resolver.backend import Request, Timings
+from kmskeys.trust import peer_uid
+from resolver.awsclient import SessionClients
+from resolver.backend import Context, Request, Timings
 from resolver.config import Config
 from resolver.errors import (
     ConfigError,
-    KmsUnavailableError,
     RefusedError,
     ResolverError,
+    ServiceUnavailableError,
     UnavailableError,
     UnknownSecretError,
+    failure,
 )
-from resolver.kms import KmsDecrypter
-
-if TYPE_CHECKING:
-    from mypy_boto3_kms import KMSClient
+from resolver.gateway import Authorized, Gateway
+from resolver.kms import BlobDecrypt, open_blob
+from resolver.limits import UidBudget
 
 PROTOCOL = 1
 _HEADER = struct.Struct("!I")
@@ -89,37 +93,22 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 class WarmDecrypter:
     """Decrypts through the warm daemon; decrypts in this process when none is running."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, gateway: Gateway) -> None:
         self.config = config
+        self.gateway = gateway
 
-    def decrypt(self, blob: Blob, request: Request, deadline: float, timings: Timings) -> bytes:
+    def decrypt(self, authorized: Authorized[bytes], request: Request, context: Context) -> bytes:
         """Ask the daemon; on no daemon (absent or refusing connections) go cold."""
         start = time.perf_counter()
+        timings, deadline = context.timings, context.deadline
         sock = self._connect(deadline)
         if sock is None:
             timings.add("cold", 0.0)
-            return KmsDecrypter(self.config).decrypt(blob, request, deadline, timings)
+            return open_blob(self.gateway, authorized, context.budget, deadline, timings)
+        op = authorized.operation
+        assert isinstance(op, BlobDecrypt)
         with sock:
-            try:
-                send_message(
-                    sock,
-                    {
-                        "v": PROTOCOL,
-                        "blob": blob.to_text(),
-                        "name": request.name,
-                        "uid": request.uid,
-                        "gid": request.gid,
-                        "user": request.user,
-                        "timeout": max(0.0, deadline - time.monotonic()),
-                    },
-                )
-                answer = recv_message(sock, MAX_RESPONSE)
-            except TimeoutError:
-                raise KmsUnavailableError(
-                    "warm daemon did not answer before the deadline"
-                ) from None
-            except (OSError, ValueError) as exc:
-                raise KmsUnavailableError(f"warm daemon failed: {type(exc).__name__}") from None
+            answer = self._exchange(sock, op.blob, request, deadline)
         timings.add("warm", (time.perf_counter() - start) * 1000)
         for phase, ms in (answer.get("t") or {}).items():
             timings.add(f"d.{phase}", float(ms))
@@ -127,22 +116,44 @@ class WarmDecrypter:
             return base64.b64decode(answer["ok"], validate=True)
         error = _ERRORS.get(str(answer.get("error")), RefusedError)
         if error is UnavailableError and answer.get("kms") is True:
-            error = KmsUnavailableError  # KMS itself is unavailable: a stale entry may answer
+            error = ServiceUnavailableError  # KMS itself is unavailable: a stale entry may answer
         raise error(f"warm daemon: {answer.get('reason', 'no reason given')}")
+
+    def _exchange(
+        self, sock: socket.socket, blob: Blob, request: Request, deadline: float
+    ) -> dict[str, Any]:
+        message = {
+            "v": PROTOCOL,
+            "blob": blob.to_text(),
+            "name": request.name,
+            "uid": request.uid,
+            "gid": request.gid,
+            "user": request.user,
+            "timeout": max(0.0, deadline - time.monotonic()),
+        }
+        try:
+            send_message(sock, message)
+            return recv_message(sock, MAX_RESPONSE)
+        except TimeoutError:
+            raise ServiceUnavailableError(
+                "warm daemon did not answer before the deadline"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise ServiceUnavailableError(f"warm daemon failed: {type(exc).__name__}") from None
 
     def _connect(self, deadline: float) -> socket.socket | None:
         path = self.config.warm_socket
         assert path is not None  # BlobBackend picks this decrypter only when it is set
         try:
-            parent = os.stat(path.parent)
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return None  # no daemon running: the cold path is the normal fallback
-        except OSError as exc:
-            raise RefusedError(f"warm_socket {path}: {exc.strerror}") from None
-        reason = unsafe_reason(parent) or unsafe_reason(st)
-        if reason or not stat.S_ISSOCK(st.st_mode):
-            raise RefusedError(f"warm_socket {path} is unsafe: {reason or 'not a socket'}")
+            # The daemon's directory and socket must be root's: a daemon run by anyone else
+            # could answer with any plaintext.
+            parent = f"warm_socket directory {path.parent}"
+            fileio.check_path(path.parent, parent, fileio.DIRECTORY, fileio.FOLLOW)
+            fileio.check_path(path, f"warm_socket {path}", fileio.SOCKET)
+        except fileio.UntrustedFileError as exc:
+            if exc.problem == fileio.MISSING:
+                return None  # no daemon running: the cold path is the normal fallback
+            raise RefusedError(str(exc)) from None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(max(0.05, deadline - time.monotonic()))
         try:
@@ -161,23 +172,25 @@ class WarmDecrypter:
         return sock
 
 
-class ReusingKmsDecrypter(KmsDecrypter):
-    """KmsDecrypter keeping one client per region for the daemon's lifetime."""
+class CachedClients(SessionClients):
+    """One client per (service, region) for a process's lifetime: the warm daemon's."""
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self._lock = threading.Lock()
-        self._clients: dict[str, KMSClient] = {}
+        self._clients: dict[tuple[str, str], Any] = {}
 
-    def _client(self, region: str, deadline: float, timings: Timings) -> KMSClient:
+    def client(self, service: str, region: str, deadline: float, timings: Timings) -> Any:
+        """The process's client, built on first use."""
         with self._lock:
-            client = self._clients.get(region)
-            if client is None:
+            found = self._clients.get((service, region))
+            if found is None:
                 # Timeouts sized for a whole handler deadline, not for what is left of the
                 # request that happens to build the client.
                 whole = time.monotonic() + self.config.deadline
-                client = self._clients[region] = super()._client(region, whole, timings)
-            return client
+                found = super().client(service, region, whole, timings)
+                self._clients[(service, region)] = found
+            return found
 
 
 class Daemon:
@@ -188,7 +201,8 @@ class Daemon:
             raise ConfigError(f"config {config.path}: set warm_socket to run the warm daemon")
         self.config = config
         self.path: Path = config.warm_socket
-        self.decrypter = ReusingKmsDecrypter(config)
+        # One client per region for the daemon's lifetime: the point of the daemon.
+        self.gateway = Gateway(config, CachedClients(config))
         self.listener: socket.socket | None = None
         self._inode: int | None = None
 
@@ -196,9 +210,11 @@ class Daemon:
         """Create the root-only socket, replacing a stale one atomically."""
         parent = self.path.parent
         parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        reason = unsafe_reason(os.stat(parent))
-        if reason:
-            raise ConfigError(f"warm_socket directory {parent} is unsafe: {reason}")
+        try:
+            label = f"warm_socket directory {parent}"
+            fileio.check_path(parent, label, fileio.DIRECTORY, fileio.FOLLOW)
+        except fileio.UntrustedFileError as exc:
+            raise ConfigError(str(exc), refusal=exc) from None
         temp = parent / f".{self.path.name}.{os.getpid()}"
         temp.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -251,18 +267,23 @@ class Daemon:
         try:
             blob, request, timeout = self._parse(message)
             deadline = time.monotonic() + timeout
-            plaintext = self.decrypter.decrypt(blob, request, deadline, timings)
+            # Its own allowlist check (this process was asked, not the handler's), and the
+            # requester's budget: the call is the requester's.
+            authorized = self.gateway.authorize(BlobDecrypt(blob, request))
+            budget = UidBudget(self.config, request.uid)
+            plaintext = open_blob(self.gateway, authorized, budget, deadline, timings)
         except ResolverError as exc:
             answer: dict[str, Any] = {
                 "error": exc.outcome,
                 "reason": exc.reason,
                 "t": timings.phases,
             }
-            if isinstance(exc, KmsUnavailableError):
+            if isinstance(exc, ServiceUnavailableError):
                 answer["kms"] = True
             return answer
-        except Exception as exc:
-            return {"error": "refused", "reason": f"internal error: {type(exc).__name__}"}
+        except Exception as exc:  # classified as the handler classifies it
+            error = failure(exc)
+            return {"error": error.outcome, "reason": error.reason}
         return {"ok": base64.b64encode(plaintext).decode(), "t": timings.phases}
 
     def _parse(self, message: dict[str, Any]) -> tuple[Blob, Request, float]:

@@ -139,3 +139,37 @@ def test_dpapi_on_a_sealed_keystore(sealed: Sealed) -> None:
 
     assert as_user(UID_A, round_trip) == {"ok": "sealed at rest"}
     assert sealed.install.entry(name, uid=UID_A).exists()
+
+
+def test_an_empty_bucket_makes_no_kms_call() -> None:
+    # Every seal and unseal is a KMS call of the requester's, from its uid's bucket: two tokens
+    # here, refilled once in ~17 min. Then a miss of an existing entry (Decrypt) and a first
+    # request (Encrypt) are EAGAIN without any call reaching KMS, and nothing is written.
+    with kms_stack() as (_emulator, proxy, arn):
+        settings = {
+            "seal": "kms",
+            "seal_key_arn": arn,
+            "seal_host": HOST,
+            "kms_rate_per_uid": 0.001,
+            "kms_burst_per_uid": 2,
+        }
+        with stored_installed(kms_endpoint=proxy.url, **settings) as store:
+            kept, fresh = unique("bucketkept"), unique("bucketfresh")
+            key = store.request(kept)  # Encrypt: one token
+            Keyring.join_session()
+            assert store.request(kept) == key  # Decrypt: the second
+            assert (proxy.count("Encrypt"), proxy.count("Decrypt")) == (1, 1)
+            for _ in range(2):
+                assert "outcome=ok" in store.log.wait_for(kept)  # out of the way
+            for name in (kept, fresh):
+                Keyring.join_session()
+                with pytest.raises(TemporarilyUnavailableError):
+                    store.request(name)
+                line = store.log.wait_for(name)
+                assert "errno=EAGAIN" in line and "over its KMS call rate" in line, line
+            assert (proxy.count("Encrypt"), proxy.count("Decrypt")) == (1, 1)
+            assert not store.entry(fresh).exists()
+            # Another uid has a bucket of its own.
+            other = unique("bucketother")
+            assert as_user(UID_A, lambda: len(store.request(other))) == {"ok": 32}
+            assert proxy.count("Encrypt") == 2

@@ -6,8 +6,8 @@ import pytest
 
 from resolver.config import Config, parse
 from resolver.errors import ConfigError
-from resolver.handler import spread
 from resolver.kms import in_region, is_multi_region, region_plan
+from resolver.pipeline import spread
 
 pytestmark = pytest.mark.unit
 
@@ -86,17 +86,17 @@ def test_an_admin_group_with_members_is_never_used(monkeypatch: pytest.MonkeyPat
     # resolver on the host while the test runs.
     import grp
 
-    from resolver import handler, install
+    from resolver import install, pipeline
     from resolver.errors import InstallError
 
     def group(members: list[str]) -> object:
         return lambda name: grp.struct_group(("kmskeys-admin", "x", 4242, members))
 
     monkeypatch.setattr(grp, "getgrnam", group([]))
-    assert handler.admin_group() == 4242
+    assert pipeline.admin_group() == 4242
     install.ensure_admin_group(actions := [])
     assert actions == []  # exists, empty: nothing to do
     monkeypatch.setattr(grp, "getgrnam", group(["mallory"]))
-    assert handler.admin_group() is None  # the key keeps %g and gets no group bits
+    assert pipeline.admin_group() is None  # the key keeps %g and gets no group bits
     with pytest.raises(InstallError, match="has members"):
         install.ensure_admin_group([])

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import re
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,3 +130,35 @@ def test_a_gate_slot_the_config_no_longer_allows_is_busy(gated: Install) -> None
     done = run_resolver("install", "--config", str(gated.config), "--prefix", gated.prefix)
     assert done.returncode == 0, done.stderr
     assert _rule_program(gated)[2] == "1"
+
+
+def test_a_gate_built_from_other_sources_is_refused_loudly(
+    gated: Install, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # The same gate.c, built with a header whose stamp is not this build's: the handler that
+    # the rule runs after it answers EAGAIN (never cached) and says why at ERR.
+    repo = Path(__file__).resolve().parents[2]
+    build = tmp_path_factory.mktemp("stale-gate")
+    os.chmod(build, 0o755)
+    header = (repo / "kmskeys" / "contract.h").read_text()
+    stale = re.sub(r'KMSKEYS_BUILD_STAMP "[^"]*"', 'KMSKEYS_BUILD_STAMP "0.0.0+stale"', header)
+    (build / "contract.h").write_text(stale)
+    gate = build / "kmskeys-gate"
+    subprocess.run(
+        ["cc", "-O2", "-I", str(build), "-o", str(gate), str(repo / "resolver" / "gate.c")],
+        check=True,
+    )
+    rule = REQUEST_KEY_D / rule_file_name(gated.prefix)
+    original = rule.read_text()
+    program = _rule_program(gated)
+    rule.write_text(original.replace(program[0], str(gate)))
+    try:
+        name = unique("gate-stale")
+        with pytest.raises(TemporarilyUnavailableError):
+            get_secret(name, gated.blob(b"kmst-gate-value", name), prefix=gated.prefix)
+        line = gated.log.wait_for(name)
+        assert line.startswith("<83>") and "outcome=unavailable errno=EAGAIN" in line, line
+        assert "kmskeys-gate was built from other sources (stamp 0.0.0+stale" in line, line
+        assert gated.decrypts() == 0
+    finally:
+        rule.write_text(original)

@@ -7,6 +7,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,3 +113,24 @@ def test_rule_files_live_in_request_key_d(resolver_install: Install) -> None:
     assert rule_path("kms") == REQUEST_KEY_D / "kmskeys.conf"
     assert rule_path(resolver_install.prefix).parent == REQUEST_KEY_D
     assert os.access(RESOLVER, os.X_OK)
+
+
+def test_the_obsolete_backend_key_is_accepted_and_reported(extra_install: Any) -> None:
+    # `backend = "kms"` was validated and never read: a config that has it keeps working, and
+    # `check` (doctor's source) says to remove it; any other value stays an error.
+    import json
+
+    with extra_install(backend="kms") as install:
+        name = unique("obsolete")
+        assert install.get(name, install.blob(b"kmst-obsolete", name)) == b"kmst-obsolete"
+        done = run_resolver("check", "--config", str(install.config))
+        report = json.loads(done.stdout)
+        assert report["config"]["ok"] and "backend" in report["config"]["obsolete"]
+        assert "remove it" in report["config"]["obsolete"]["backend"]
+        assert "backend" not in report["known_keys"]
+        assert report["gate"]["ok"] and report["gate"]["stamp"] == report["gate"]["expected"]
+        text = install.config.read_text().replace('backend = "kms"', 'backend = "stored"')
+        install.config.write_text(text)
+        done = run_resolver("check", "--config", str(install.config))
+        report = json.loads(done.stdout)
+        assert not report["config"]["ok"] and "backend is obsolete" in report["config"]["error"]

@@ -51,3 +51,27 @@ def test_the_prefetch_unit_runs_once_at_boot_without_core_dumps() -> None:
     for line in ("Type=oneshot", "LimitCORE=0", "WantedBy=multi-user.target"):
         assert f"\n{line}\n" in text, line
     assert "\nExecStart=kmskeys-resolver prefetch --config /etc/kmskeys/resolver.toml " in text
+
+
+def test_prefetch_spends_a_budget_of_its_own_never_uid_0s(extra_install: Any) -> None:
+    # Two tokens per bucket, refilled once in ~17 min: a prefetch of two blobs empties a
+    # bucket. It must be prefetch's own: root's next miss still finds uid 0's bucket full.
+    with extra_install(kms_rate_per_uid=0.001, kms_burst_per_uid=2) as install:
+        names = [unique("budget") for _ in range(3)]
+        for name in names:
+            install.deploy(name, install.blob(f"kmst-{name}".encode(), name))
+        install.proxy.reset_counts()
+        args = ("prefetch", "--config", str(install.config), "--jitter", "0")
+        done = run_resolver(*args, *names[:2])
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert install.decrypts() == 2
+        # Root's miss of a name nothing cached: its own bucket, untouched by the prefetch.
+        root_name = unique("budgetroot")
+        text = install.blob(b"kmst-root-miss", root_name)
+        assert install.get(root_name, text) == b"kmst-root-miss"
+        assert install.decrypts() == 3
+        # Prefetch's bucket is empty: its next name waits for a refill, no KMS call.
+        again = run_resolver(*args, names[2])
+        assert again.returncode == 1
+        assert again.stdout.startswith(f"{names[2]}: failed (unavailable): prefetch is over its")
+        assert install.decrypts() == 3

@@ -1,0 +1,87 @@
+"""botocore clients built from the resolver's config alone, sized to a request's deadline.
+
+botocore, not boto3: boto3 adds import time and resource models the resolver never uses. Every
+setting comes from the resolver's config, none from the environment or ~/.aws. Retries are off
+here: the gateway retries itself, within the deadline (resolver/gateway.py). The warm daemon
+keeps its clients (resolver/warm.py CachedClients).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from kmskeys import fileio
+from resolver.backend import Timings
+from resolver.errors import ConfigError
+
+if TYPE_CHECKING:
+    from resolver.config import Config
+
+CONNECT_TIMEOUT_MAX = 1.0
+MIN_ATTEMPT_SECONDS = 0.2
+
+
+class Clients(Protocol):
+    """Where the gateway gets a botocore client of `service` in `region`."""
+
+    def client(self, service: str, region: str, deadline: float, timings: Timings) -> Any:
+        """A client whose timeouts fit `deadline` (time.monotonic())."""
+        ...
+
+
+class SessionClients:
+    """A new botocore session and client for each call: the cold handler's, one per request."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def client(self, service: str, region: str, deadline: float, timings: Timings) -> Any:
+        """A client built now, its timeouts sized to what is left of `deadline`."""
+        start = time.perf_counter()
+        from botocore.config import Config as BotoConfig
+        from botocore.session import Session
+
+        timings.add("import", (time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        config = self.config
+        session = Session()
+        # Never ~/.aws/config: the resolver's settings come from its own file only.
+        session.set_config_variable("config_file", os.devnull)
+        creds = config.shared_credentials_file
+        if creds is not None:
+            check_credentials_file(creds)
+        session.set_config_variable("credentials_file", os.fspath(creds) if creds else os.devnull)
+        if config.profile:
+            session.set_config_variable("profile", config.profile)
+        remaining = deadline - time.monotonic()
+        connect = max(0.1, min(CONNECT_TIMEOUT_MAX, remaining / 4))
+        # A slow answer may use all the time that is left: the watchdog fires first, the read
+        # timeout is only its backstop.
+        read = max(MIN_ATTEMPT_SECONDS, remaining)
+        # Credentials from the instance role come from IMDS: bound that fetch as well.
+        session.set_config_variable("metadata_service_timeout", max(0.1, min(1.0, remaining / 4)))
+        session.set_config_variable("metadata_service_num_attempts", 1)
+        client = session.create_client(
+            service,
+            region_name=region,
+            endpoint_url=config.endpoint_url,
+            config=BotoConfig(
+                connect_timeout=connect,
+                read_timeout=read,
+                retries={"total_max_attempts": 1, "mode": "standard"},
+                user_agent_extra="kmskeys-resolver",
+            ),
+        )
+        timings.add("client", (time.perf_counter() - start) * 1000)
+        return client
+
+
+def check_credentials_file(path: os.PathLike[str]) -> None:
+    """Refuse a credentials file that is not root's alone (botocore then reads it by path)."""
+    label = f"shared_credentials_file {os.fspath(path)}"
+    try:
+        fileio.check_path(path, label, fileio.REGULAR, fileio.FOLLOW | fileio.PRIVATE)
+    except fileio.UntrustedFileError as exc:
+        raise ConfigError(str(exc), refusal=exc) from None

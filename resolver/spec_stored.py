@@ -1,0 +1,83 @@
+"""The `stored:` backend's declaration: its settings, its grammar and its per-name policy.
+
+Light on purpose: resolver/config.py composes this table on every miss, whatever the backend.
+The backend itself is resolver/stored.py (and the keystore, resolver/keystore.py), imported only
+for a `stored:` request (resolver/registry.py). docs/dpapi.md describes the keystore.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kmskeys import contract
+from kmskeys.names import validate_name
+from kmskeys.stored import split_qualifier
+from resolver.backend import BackendSpec
+from resolver.errors import ConfigError
+from resolver.settings import policy, setting
+from resolver.validators import NameRule, abs_path, choice, key_arn, prefix, text
+
+DEFAULT_KEYSTORE_DIR = Path(contract.DEFAULT_KEYSTORE_DIR)
+SEALS = ("none", "kms")
+
+
+@dataclass(frozen=True, init=False, repr=False, eq=False)
+class StoredSettings:
+    """`stored:NAME`: a random key per (scope, NAME), made once and kept in the keystore."""
+
+    stored_prefix: str = setting(
+        contract.DEFAULT_STORED_PREFIX,
+        prefix,
+        "description namespace of the keystore, `STORED_PREFIX:NAME[#SCOPE][#vN]`; must differ "
+        "from every other prefix (docs/dpapi.md)",
+    )
+    keystore_dir: Path = setting(
+        DEFAULT_KEYSTORE_DIR,
+        abs_path,
+        "the keystore: root-owned 0700, never created by a request (install creates it)",
+    )
+    seal: str = setting(
+        "none",
+        choice(SEALS),
+        '`"kms"`: new keystore entries are KMS ciphertext bound to this host, scope and name; '
+        "each seal or unseal is an AWS call of the requester's (`kms_rate_per_uid`)",
+        note='"kms": entries wrapped by seal_key_arn, bound to seal_host',
+    )
+    seal_key_arn: str | None = setting(
+        None,
+        key_arn,
+        'the seal key\'s ARN; required with `seal = "kms"`',
+        examples=('"arn:aws:kms:eu-west-1:111122223333:key/..."',),
+    )
+    seal_host: str | None = setting(
+        None,
+        text,
+        "this instance's ARN (`arn:aws:ec2:REGION:ACCOUNT:instance/ID`), the `kmskeys_host` of "
+        'the seal context; required with `seal = "kms"`',
+        examples=('"arn:aws:ec2:eu-west-1:111122223333:instance/i-..."',),
+    )
+    stored: tuple[NameRule, ...] = policy(
+        "per-name policy of `stored:` names: `ttl`, `allow_users`, `scope` (below)",
+        "stored_prefix",
+        ("ttl", "allow_users", "scope"),
+        '[stored."shared/*"]\nscope = "machine"',
+    )
+
+    def check_stored(self, where: str) -> None:
+        """Refuse a KMS seal without its key and host."""
+        if self.seal == "kms" and (self.seal_key_arn is None or self.seal_host is None):
+            raise ConfigError(
+                f'{where}: seal = "kms" needs seal_key_arn (the seal key) and seal_host (this '
+                "instance's ARN, arn:aws:ec2:REGION:ACCOUNT:instance/ID)"
+            )
+
+
+def split(rest: str) -> tuple[str, str]:
+    """NAME and qualifier (`#machine#v2`, checked by the backend, kmskeys.stored) from what
+    follows `PREFIX:` in a `stored:` description."""
+    name, qualifier = split_qualifier(rest)
+    return validate_name(name), qualifier
+
+
+SPEC = BackendSpec("stored", StoredSettings, "stored_prefix", "stored", split)

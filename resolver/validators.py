@@ -1,0 +1,245 @@
+"""The validators of setting values: (value, where) -> the value, or ConfigError naming where.
+
+And the per-name policy rules (`[names."GLOB"]`, `[stored."GLOB"]` sections) they build. The
+settings tables (resolver/settings.py, resolver/spec_*.py) name a validator for each field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kmskeys.errors import InvalidNameError
+from kmskeys.names import validate_prefix
+from kmskeys.stored import SCOPES
+from resolver.errors import ConfigError
+
+Check = Callable[[object, str], Any]
+
+MAX_TTL = 366 * 24 * 3600
+MAX_NEGATIVE_TTL = 3600
+MIN_DEADLINE = 0.5
+MAX_DEADLINE = 60.0
+MAX_CONCURRENT = 1000
+MAX_RATE = 10000.0
+MAX_TTL_JITTER = 0.5
+
+
+@dataclass(frozen=True)
+class NameRule:
+    """Policy for the names matching one glob (`[names."app/*"]`, or `[stored."app/*"]` for
+    the keystore's names); first match wins."""
+
+    pattern: str
+    ttl: int | None = None
+    allow_users: tuple[str, ...] | None = None
+    # `[stored."GLOB"]` only: whose key a name is, one per uid ("user") or one per host.
+    scope: str | None = None
+
+    def allows(self, user: str | None, uid: int) -> bool:
+        """True if this rule lets `user` (name, may be None) with `uid` have the secret."""
+        if self.allow_users is None:
+            return True
+        return str(uid) in self.allow_users or (user is not None and user in self.allow_users)
+
+
+def text(value: object, where: str) -> str:
+    """A non-empty string."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a non-empty string")
+    return value
+
+
+def abs_path(value: object, where: str) -> Path:
+    """An absolute path."""
+    path = text(value, where)
+    if not path.startswith("/"):
+        raise ConfigError(f"{where} must be an absolute path")
+    return Path(path)
+
+
+def boolean(value: object, where: str) -> bool:
+    """true or false."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false")
+    return value
+
+
+def _whole(value: object, low: int, high: int, where: str, unit: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{where} must be a whole number{unit} in [{low}, {high}]")
+    return value
+
+
+def seconds(low: int, high: int) -> Check:
+    """A whole number of seconds in [low, high]."""
+    return lambda value, where: _whole(value, low, high, where, " of seconds")
+
+
+def count(low: int, high: int) -> Check:
+    """A whole number in [low, high]."""
+    return lambda value, where: _whole(value, low, high, where, "")
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+def deadline(value: object, where: str) -> float:
+    """Seconds in [MIN_DEADLINE, MAX_DEADLINE]."""
+    number = _number(value)
+    if number is None or not MIN_DEADLINE <= number <= MAX_DEADLINE:
+        raise ConfigError(
+            f"{where} must be a number of seconds in [{MIN_DEADLINE}, {MAX_DEADLINE}]"
+        )
+    return number
+
+
+def rate(value: object, where: str) -> float:
+    """Calls per second in (0, MAX_RATE]."""
+    number = _number(value)
+    if number is None or not 0 < number <= MAX_RATE:
+        raise ConfigError(f"{where} must be a number of calls per second in (0, {MAX_RATE:g}]")
+    return number
+
+
+def fraction(high: float) -> Check:
+    """A fraction in [0, high]."""
+
+    def check(value: object, where: str) -> float:
+        number = _number(value)
+        if number is None or not 0 <= number <= high:
+            raise ConfigError(f"{where} must be a fraction in [0, {high:g}] (0.1 is 10 %)")
+        return number
+
+    return check
+
+
+def choice(options: tuple[str, ...]) -> Check:
+    """One of `options`."""
+
+    def check(value: object, where: str) -> str:
+        if value not in options:
+            raise ConfigError(f"{where} must be one of {', '.join(options)}")
+        return str(value)
+
+    return check
+
+
+def url(value: object, where: str) -> str:
+    """An http:// or https:// URL."""
+    found = text(value, where)
+    if not found.startswith(("https://", "http://")):
+        raise ConfigError(f"{where} must be an http:// or https:// URL")
+    return found
+
+
+def prefix(value: object, where: str) -> str:
+    """A description prefix (kmskeys.names.validate_prefix)."""
+    try:
+        return validate_prefix(text(value, where))
+    except InvalidNameError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def region(value: object, where: str) -> str:
+    """An AWS region name."""
+    found = text(value, where)
+    if not (
+        found[0].isalpha() and all(ch.isalnum() or ch == "-" for ch in found) and len(found) < 32
+    ):
+        raise ConfigError(f"{where}: {found!r} is not an AWS region name")
+    return found
+
+
+def regions(value: object, where: str) -> tuple[str, ...]:
+    """A region name or a non-empty list of them."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{where} must be a region name or a non-empty list of them")
+    return tuple(dict.fromkeys(region(item, where) for item in items))
+
+
+def key_arn(value: object, where: str) -> str:
+    """A KMS key ARN (never an alias: a key ARN names exactly one key)."""
+    found = text(value, where)
+    parts = found.split(":")
+    if (
+        len(parts) != 6
+        or parts[0] != "arn"
+        or not parts[1].startswith("aws")
+        or parts[2] != "kms"
+        or not parts[4].isdigit()
+        or len(parts[4]) != 12
+        or not parts[5].startswith("key/")
+        or len(parts[5]) <= 4
+    ):
+        raise ConfigError(
+            f"{where}: {found!r} is not a KMS key ARN (arn:aws:kms:REGION:ACCOUNT:key/ID; "
+            "aliases are not accepted: a key ARN names exactly one key)"
+        )
+    region(parts[3], where)
+    return found
+
+
+def key_arns(value: object, where: str) -> tuple[str, ...]:
+    """A non-empty list of KMS key ARNs."""
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where} must be a non-empty list of KMS key ARNs")
+    return tuple(dict.fromkeys(key_arn(item, where) for item in value))
+
+
+def accounts(value: object, where: str) -> tuple[str, ...]:
+    """A non-empty list of 12-digit AWS account IDs."""
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where} must be a non-empty list of 12-digit AWS account IDs")
+    found = []
+    for item in value:
+        if not isinstance(item, str) or len(item) != 12 or not item.isdigit():
+            raise ConfigError(f"{where}: {item!r} is not a 12-digit AWS account ID")
+        found.append(item)
+    return tuple(found)
+
+
+def users(value: object, where: str) -> tuple[str, ...]:
+    """A list of user names or uids."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list of user names or uids")
+    found = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, str | int) or item == "":
+            raise ConfigError(f"{where}: {item!r} is not a user name or uid")
+        found.append(str(item))
+    return tuple(found)
+
+
+RULE_CHECKS: dict[str, Check] = {
+    "ttl": seconds(1, MAX_TTL),
+    "allow_users": users,
+    "scope": choice(SCOPES),
+}
+
+
+def name_rules(value: object, where: str, rule_keys: tuple[str, ...]) -> tuple[NameRule, ...]:
+    """The `[TABLE."GLOB"]` sections of a policy table, each taking `rule_keys`."""
+    table = where.rpartition(": ")[2]
+    if not isinstance(value, dict):
+        raise ConfigError(f'{where} must be a table of [{table}."GLOB"] sections')
+    rules = []
+    for pattern, section in value.items():
+        here = f"{where}.{pattern!r}"
+        if not isinstance(section, dict):
+            raise ConfigError(f"{here} must be a table")
+        found: dict[str, Any] = {}
+        for key, item in section.items():
+            if key not in rule_keys:
+                raise ConfigError(f"{here}: unknown key {key!r}")
+            found[key] = RULE_CHECKS[key](item, f"{here}.{key}")
+        rules.append(NameRule(pattern, **found))
+    return tuple(rules)
