@@ -23,7 +23,7 @@ deps:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py kmskeys/_build_keyutils.py kmskeys/_hitpath.c resolver/gate.c | deps
+$(VENV)/.installed: pyproject.toml setup.py kmskeys/_build_keyutils.py kmskeys/_hitpath.c resolver/gate.c bin/kmskeys.c bin/kmskeys-py | deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
@@ -59,7 +59,7 @@ demo: deps venv compile $(TEST_PREREQS)
 # every interpreter start.
 BENCH_VENV := .venv-bench
 
-$(BENCH_VENV)/.installed: pyproject.toml setup.py $(wildcard kmskeys/*.py kmskeys/*.c encryptor/*.py resolver/*.py resolver/*.c resolver/*/*.py) | deps
+$(BENCH_VENV)/.installed: pyproject.toml setup.py $(wildcard bin/* kmskeys/*.py kmskeys/*.c encryptor/*.py resolver/*.py resolver/*.c resolver/*/*.py) | deps
 	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
 	$(BENCH_VENV)/bin/python -m pip install -q --force-reinstall --no-deps .

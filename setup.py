@@ -1,7 +1,8 @@
 """Only here because cffi's out-of-line build hooks into setuptools through setup() keywords,
 for the hit-path extension beside it (kmskeys/_hitpath.c), for the resolver's small C program,
 `resolver/kmskeys-gate` (resolver/gate.c), which the wheel carries as package data, and for the
-`kmskeys` script.
+`kmskeys` command: a small C program (bin/kmskeys.c) that answers a cached `kmskeys get` and
+execs the Python CLI, the script `kmskeys-py` installed beside it, for everything else.
 
 Both compiled modules use the limited API of Python 3.11 (`_hitpath.c` defines Py_LIMITED_API;
 cffi's generated module does under py_limited_api), so the wheel is tagged cp311-abi3: one wheel
@@ -13,6 +14,11 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
+# After setuptools: `distutils` is then setuptools' own copy (Python 3.12 has no other).
+from distutils.ccompiler import new_compiler  # noqa: E402
+from distutils.command.build_scripts import build_scripts  # noqa: E402
+from distutils.sysconfig import customize_compiler  # noqa: E402
+
 GATE_SOURCE = "resolver/gate.c"
 GATE = "kmskeys-gate"
 # Static (and position-independent, so still randomised): every executable linked against glibc
@@ -20,6 +26,8 @@ GATE = "kmskeys-gate"
 # wheel manylinux_2_34. A static gate needs no glibc symbol at all, and it uses nothing static
 # glibc cannot do (no NSS, no dlopen): the wheel stays manylinux2014 (docs/packaging.md).
 GATE_LINK = ["-static-pie"]
+COMMAND_SOURCE = "bin/kmskeys.c"
+COMMAND = "kmskeys"
 
 
 class BuildExtAndGate(build_ext):
@@ -44,8 +52,29 @@ class BuildExtAndGate(build_ext):
         return [*super().get_outputs(), os.path.join(self._gate_dir(), GATE)]
 
 
+class BuildScriptsAndCommand(build_scripts):
+    """build_scripts (bin/kmskeys-py), plus the `kmskeys` command compiled beside it.
+
+    Scripts are installed from this command's build_dir, in a wheel and in an editable install
+    alike, so the program is linked straight into it: build_scripts itself would read it as a
+    text file to fix its #! line.
+    """
+
+    def run(self) -> None:
+        super().run()
+        compiler = new_compiler()
+        customize_compiler(compiler)
+        temp = self.get_finalized_command("build").build_temp
+        objects = compiler.compile(
+            [COMMAND_SOURCE], output_dir=temp, extra_postargs=["-O2", "-Wall"]
+        )
+        compiler.link_executable(
+            objects, COMMAND, output_dir=self.build_dir, libraries=["keyutils"]
+        )
+
+
 setup(
-    cmdclass={"build_ext": BuildExtAndGate},
+    cmdclass={"build_ext": BuildExtAndGate, "build_scripts": BuildScriptsAndCommand},
     cffi_modules=["kmskeys/_build_keyutils.py:ffibuilder"],
     ext_modules=[
         Extension(
@@ -57,7 +86,8 @@ setup(
             py_limited_api=True,
         )
     ],
-    # The launcher pip writes for a console_scripts entry point imports `re`; this one does not.
-    scripts=["bin/kmskeys"],
+    # The Python CLI the `kmskeys` command execs (BuildScriptsAndCommand adds that command). The
+    # launcher pip writes for a console_scripts entry point imports `re`; this one does not.
+    scripts=["bin/kmskeys-py"],
     options={"bdist_wheel": {"py_limited_api": "cp311"}},
 )

@@ -1,0 +1,385 @@
+/*
+ * kmskeys: the `kmskeys` command. A cached `kmskeys get NAME` is answered here, in C; every
+ * other command, option and outcome is the Python CLI's (kmskeys/cli.py), run by exec'ing
+ * `kmskeys-py` (bin/kmskeys-py) from this program's own directory with the same arguments.
+ *
+ * Why: a shell or cron user compares `kmskeys get` with `keyctl pipe` (about 1.5 ms) and
+ * `systemd-creds decrypt` (6-9 ms); an interpreter start alone costs 10-15 ms (docs/cli.md).
+ *
+ * What is answered here, and only this: `get` with the argument lists kmskeys.cli._get_plain
+ * accepts (NAME; --prefix, --keyring, --blob once each, --blob-file of a regular file), for a
+ * key already cached, owned by this process's fsuid and read without error. The lookup passes
+ * no callout, so the kernel never upcalls from here (request_key(2) with a NULL callout only
+ * searches): a miss, an error of any kind, a key of another uid, or anything this program does
+ * not parse exactly as the Python CLI does goes to kmskeys-py, which starts over and answers
+ * with its own message and exit code. So the messages and their advice have one implementation,
+ * and a case handled here must be one where the Python CLI would print the same payload: the
+ * tests run every form both ways (tests/kernel/test_cli_compiled.py).
+ *
+ * It writes the payload and nothing else to stdout, and wipes every buffer that held it. A key
+ * description is built only from a name and prefix that passed the grammar of kmskeys/names.py.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <keyutils.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/fsuid.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* The Python CLI: bin/kmskeys-py, installed beside this program (setup.py). */
+#define PYTHON_CLI "kmskeys-py"
+/* kmskeys.contract.USER_PAYLOAD_MAX: a `user` key holds 1..32767 bytes. */
+#define PAYLOAD_MAX 32767
+/* A description is at most 4095 bytes, plus keyctl_describe's "type;uid;gid;perm;" head. */
+#define DESCRIBE_MAX (4096 + 64)
+/* kmskeys/names.py: MAX_NAME_BYTES, MAX_PREFIX_BYTES, DEFAULT_PREFIX (kmskeys/contract.py). */
+#define NAME_MAX_BYTES 200
+#define PREFIX_MAX_BYTES 32
+#define DEFAULT_PREFIX "kms"
+/* A --blob-file larger than this goes to the Python CLI (a blob is at most a few KiB). */
+#define BLOB_FILE_MAX (1 << 20)
+
+struct get {
+    const char *name;
+    const char *prefix;
+    const char *blob;
+    const char *blob_file;
+    const char *keyring;
+};
+
+/* Run the Python CLI with our arguments; never returns. */
+static void __attribute__((noreturn)) python(char **argv)
+{
+    char self[PATH_MAX], path[PATH_MAX + sizeof(PYTHON_CLI)];
+    ssize_t n;
+    char *slash;
+
+    /* /proc/self/exe is this program's file, however it was found (PATH, a symlink to it). */
+    n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+    if (n > 0) {
+        self[n] = '\0';
+        slash = strrchr(self, '/');
+        if (slash != NULL) {
+            slash[1] = '\0';
+            snprintf(path, sizeof(path), "%s%s", self, PYTHON_CLI);
+            argv[0] = path;
+            execv(path, argv);
+            fprintf(stderr, "kmskeys: cannot run %s: %s\n", path, strerror(errno));
+            exit(1);
+        }
+    }
+    fprintf(stderr, "kmskeys: cannot find %s beside this program: /proc/self/exe: %s\n",
+            PYTHON_CLI, strerror(errno));
+    exit(1);
+}
+
+static int is_alnum(char c)
+{
+    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
+}
+
+/* kmskeys.names.validate_prefix: [a-z][a-z0-9_-]{0,31}. */
+static int valid_prefix(const char *prefix)
+{
+    size_t i, len = strlen(prefix);
+
+    if (len == 0 || len > PREFIX_MAX_BYTES || prefix[0] < 'a' || prefix[0] > 'z')
+        return 0;
+    for (i = 0; i < len; i++) {
+        char c = prefix[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-'))
+            return 0;
+    }
+    return 1;
+}
+
+/* kmskeys.names.validate_name: [A-Za-z0-9][A-Za-z0-9_./@+-]*, at most 200 bytes, no "..",
+ * no empty or "." path segment. */
+static int valid_name(const char *name)
+{
+    size_t i, len = strlen(name), segment = 0;
+
+    if (len == 0 || len > NAME_MAX_BYTES || !is_alnum(name[0]) || strstr(name, "..") != NULL)
+        return 0;
+    for (i = 0; i <= len; i++) {
+        char c = name[i];
+        if (c == '/' || c == '\0') {
+            if (i == segment || (i == segment + 1 && name[segment] == '.'))
+                return 0;
+            segment = i + 1;
+        } else if (!is_alnum(c) && strchr("_.@+-", c) == NULL) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* kmskeys.cli._normal_path: what str(pathlib.Path(p)) leaves as it is. */
+static int normal_path(const char *path)
+{
+    const char *part = path[0] == '/' ? path + 1 : path;
+
+    for (;;) {
+        const char *end = strchrnul(part, '/');
+        size_t len = (size_t)(end - part);
+        if (len == 0 || (len == 1 && part[0] == '.'))
+            return 0;
+        if (*end == '\0')
+            return 1;
+        part = end + 1;
+    }
+}
+
+/* The argument lists kmskeys.cli._get_plain accepts, parsed as it parses them; 0 for any
+ * other (argparse's usage and errors are the Python CLI's). */
+static int parse_get(int argc, char **argv, struct get *get)
+{
+    static const char *const options[] = {"--prefix", "--blob", "--blob-file", "--keyring"};
+    const char **slot[] = {&get->prefix, &get->blob, &get->blob_file, &get->keyring};
+    int i = 0, k;
+
+    memset(get, 0, sizeof(*get));
+    while (i < argc) {
+        char *arg = argv[i++], *eq;
+        const char *value;
+        size_t len;
+
+        if (strcmp(arg, "--") == 0) {
+            if (get->name != NULL || i != argc - 1)
+                return 0;
+            get->name = argv[i];
+            break;
+        }
+        if (arg[0] != '-') {
+            if (get->name != NULL)
+                return 0;
+            get->name = arg;
+            continue;
+        }
+        eq = strchr(arg, '=');
+        len = eq != NULL ? (size_t)(eq - arg) : strlen(arg);
+        for (k = 0; k < 4; k++)
+            if (strlen(options[k]) == len && strncmp(arg, options[k], len) == 0)
+                break;
+        if (k == 4 || *slot[k] != NULL)
+            return 0;
+        if (eq != NULL) {
+            value = eq + 1;
+        } else {
+            if (i == argc)
+                return 0;
+            value = argv[i++];
+            if (value[0] == '-' && strcmp(value, "-") != 0)
+                return 0;
+        }
+        *slot[k] = value;
+    }
+    if (get->name == NULL || (get->blob != NULL && get->blob_file != NULL))
+        return 0;
+    if (get->keyring != NULL && strcmp(get->keyring, "session") != 0 &&
+        strcmp(get->keyring, "user") != 0 && strcmp(get->keyring, "persistent") != 0)
+        return 0;
+    if (get->blob_file != NULL && strcmp(get->blob_file, "-") != 0 && !normal_path(get->blob_file))
+        return 0;
+    if (get->prefix == NULL)
+        get->prefix = DEFAULT_PREFIX;
+    return 1;
+}
+
+/* request_key(2) copies a callout of at most PAGE_SIZE bytes with its NUL (strndup_user), before
+ * it searches: a longer one fails with EINVAL even when the key is cached. */
+static int callout_fits(size_t len)
+{
+    long page = sysconf(_SC_PAGESIZE);
+
+    return page > 0 && len < (size_t)page;
+}
+
+/* --blob: the Python CLI passes it encoded as UTF-8 (a non-UTF-8 argument fails there); a blob
+ * is ASCII, so any other byte goes to the Python CLI. */
+static int blob_fits(const char *blob)
+{
+    const char *c;
+
+    for (c = blob; *c != '\0'; c++)
+        if (*c < 0x20 || *c > 0x7e)
+            return 0;
+    return callout_fits((size_t)(c - blob));
+}
+
+/* bytes.strip()'s whitespace. */
+static int is_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+}
+
+/* --blob-file PATH: the Python CLI reads the file and strips ASCII whitespace (bytes.strip),
+ * and the kernel takes the callout up to its first NUL. Only a regular file is read here:
+ * reading a pipe or a device would take what the Python CLI then could not read again. */
+static int blob_file_fits(const char *path)
+{
+    static char data[BLOB_FILE_MAX + 1];
+    struct stat before, st;
+    size_t got = 0, start, end;
+    ssize_t n;
+    int fd, ok = 0;
+
+    if (stat(path, &before) != 0 || !S_ISREG(before.st_mode) || before.st_size > BLOB_FILE_MAX)
+        return 0;
+    fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0)
+        return 0;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_dev != before.st_dev ||
+        st.st_ino != before.st_ino)
+        goto out;
+    while (got < sizeof(data) && (n = read(fd, data + got, sizeof(data) - got)) != 0) {
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            goto out;
+        }
+        got += (size_t)n;
+    }
+    if (got == sizeof(data))
+        goto out;
+    for (start = 0; start < got && is_space(data[start]); start++)
+        ;
+    for (end = got; end > start && is_space(data[end - 1]); end--)
+        ;
+    ok = callout_fits(strnlen(data + start, end - start));
+out:
+    close(fd);
+    return ok;
+}
+
+/* The keyring request_key links the key into, as kmskeys.key._destination chooses it for a new
+ * process: -1 on any error (the Python CLI then reports it). */
+static key_serial_t destination(const char *keyring)
+{
+    key_serial_t ring;
+
+    if (keyring == NULL)
+        return 0;
+    if (strcmp(keyring, "session") == 0)
+        return KEY_SPEC_SESSION_KEYRING;
+    if (strcmp(keyring, "user") == 0) {
+        /* The user keyring, linked into the process keyring so that the search sees it. */
+        ring = keyctl_get_keyring_ID(KEY_SPEC_USER_KEYRING, 1);
+        if (ring < 0 || keyctl_link(ring, KEY_SPEC_PROCESS_KEYRING) < 0)
+            return -1;
+        return ring;
+    }
+    ring = keyctl_get_persistent(-1, KEY_SPEC_PROCESS_KEYRING);
+    return ring < 0 ? -1 : ring;
+}
+
+/* The owner uid of `id`, from keyctl_describe's "type;uid;gid;perm;description", or -1.
+ * keyctl_describe copies nothing into a buffer too small for the whole string. */
+static long long owner_of(key_serial_t id)
+{
+    char d[DESCRIBE_MAX];
+    long n;
+    char *end;
+    unsigned long uid;
+
+    n = keyctl_describe(id, d, sizeof(d));
+    if (n < 0 || (size_t)n > sizeof(d))
+        return -1;
+    d[sizeof(d) - 1] = '\0';
+    end = strchr(d, ';');
+    if (end == NULL)
+        return -1;
+    errno = 0;
+    uid = strtoul(end + 1, &end, 10);
+    return *end == ';' && errno == 0 ? (long long)uid : -1;
+}
+
+/* Write all of buf to stdout: 0, or -1 if nothing could be written (the Python CLI then runs
+ * into the same failure and answers as it does), or exit 1 after a partial write. */
+static int write_all(const char *buf, size_t len)
+{
+    size_t done = 0;
+    ssize_t n;
+    struct pollfd out = {.fd = STDOUT_FILENO, .events = POLLOUT};
+
+    while (done < len) {
+        n = write(STDOUT_FILENO, buf + done, len - done);
+        if (n > 0) {
+            done += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && errno == EAGAIN && done > 0) {
+            poll(&out, 1, -1);
+        } else if (done == 0) {
+            return -1;
+        } else {
+            fprintf(stderr, "kmskeys get: stdout: %s\n", n < 0 ? strerror(errno) : "short write");
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* `kmskeys get` of a cached key owned by this fsuid: the exit status, or -1 for the Python CLI. */
+static int get(const struct get *get)
+{
+    char desc[PREFIX_MAX_BYTES + 1 + NAME_MAX_BYTES + 1];
+    char payload[PAYLOAD_MAX + 1];
+    key_serial_t dest, id;
+    long n;
+    int status;
+
+    if (!valid_prefix(get->prefix) || !valid_name(get->name))
+        return -1;
+    if (get->blob_file != NULL &&
+        (strcmp(get->blob_file, "-") == 0 || !blob_file_fits(get->blob_file)))
+        return -1;
+    if (get->blob != NULL && !blob_fits(get->blob))
+        return -1;
+    snprintf(desc, sizeof(desc), "%s:%s", get->prefix, get->name);
+    dest = destination(get->keyring);
+    if (dest < 0)
+        return -1;
+    /* No callout: a cached key is found exactly as with one, and a miss never upcalls here. */
+    id = request_key("user", desc, NULL, dest);
+    if (id < 0)
+        return -1;
+    /* The kernel checks permissions and sets ownership by fsuid; setfsuid(-1) returns it. */
+    if (owner_of(id) != (long long)(uid_t)setfsuid((uid_t)-1))
+        return -1;
+    /* The payload is about to be in this process: no core dump of it. */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    n = keyctl_read(id, payload, sizeof(payload));
+    if (n < 0 || n > PAYLOAD_MAX) {
+        explicit_bzero(payload, sizeof(payload));
+        return -1;
+    }
+    /* A closed pipe is an error to report, as the Python CLI does, not a signal. */
+    signal(SIGPIPE, SIG_IGN);
+    status = write_all(payload, (size_t)n);
+    explicit_bzero(payload, sizeof(payload));
+    if (status < 0)
+        signal(SIGPIPE, SIG_DFL);
+    return status;
+}
+
+int main(int argc, char **argv)
+{
+    struct get args;
+    int status;
+
+    if (argc >= 3 && strcmp(argv[1], "get") == 0 && parse_get(argc - 2, argv + 2, &args)) {
+        status = get(&args);
+        if (status >= 0)
+            return status;
+    }
+    python(argv);
+}
