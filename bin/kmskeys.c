@@ -261,24 +261,24 @@ out:
 }
 
 /* The keyring request_key links the key into, as kmskeys.key._destination chooses it for a new
- * process: -1 on any error (the Python CLI then reports it). */
-static key_serial_t destination(const char *keyring)
+ * process, in *dest: 0, or -1 on any error (the Python CLI then reports it). */
+static int destination(const char *keyring, key_serial_t *dest)
 {
-    key_serial_t ring;
-
+    *dest = 0;
     if (keyring == NULL)
         return 0;
-    if (strcmp(keyring, "session") == 0)
-        return KEY_SPEC_SESSION_KEYRING;
+    if (strcmp(keyring, "session") == 0) {
+        *dest = KEY_SPEC_SESSION_KEYRING;
+        return 0;
+    }
     if (strcmp(keyring, "user") == 0) {
         /* The user keyring, linked into the process keyring so that the search sees it. */
-        ring = keyctl_get_keyring_ID(KEY_SPEC_USER_KEYRING, 1);
-        if (ring < 0 || keyctl_link(ring, KEY_SPEC_PROCESS_KEYRING) < 0)
-            return -1;
-        return ring;
+        *dest = keyctl_get_keyring_ID(KEY_SPEC_USER_KEYRING, 1);
+        return *dest < 0 || keyctl_link(*dest, KEY_SPEC_PROCESS_KEYRING) < 0 ? -1 : 0;
     }
-    ring = keyctl_get_persistent(-1, KEY_SPEC_PROCESS_KEYRING);
-    return ring < 0 ? -1 : ring;
+    /* Also restarts its expiry timer, as the Python CLI's request does. */
+    *dest = keyctl_get_persistent(-1, KEY_SPEC_PROCESS_KEYRING);
+    return *dest < 0 ? -1 : 0;
 }
 
 /* The owner uid of `id`, from keyctl_describe's "type;uid;gid;perm;description", or -1.
@@ -345,8 +345,7 @@ static int get(const struct get *get)
     if (get->blob != NULL && !blob_fits(get->blob))
         return -1;
     snprintf(desc, sizeof(desc), "%s:%s", get->prefix, get->name);
-    dest = destination(get->keyring);
-    if (dest < 0)
+    if (destination(get->keyring, &dest) < 0)
         return -1;
     /* No callout: a cached key is found exactly as with one, and a miss never upcalls here. */
     id = request_key("user", desc, NULL, dest);

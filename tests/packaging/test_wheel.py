@@ -153,6 +153,7 @@ def test_wheel_holds_both_compiled_modules_the_script_data_and_license(dist: Dis
         "resolver/data/kmskeys-resolver.service",
         "resolver/data/kmskeys-firewall.service",
         "kmskeys-0.1.0.data/scripts/kmskeys",
+        "kmskeys-0.1.0.data/scripts/kmskeys-py",
         "kmskeys-0.1.0.dist-info/licenses/LICENSE",
     ):
         assert path in names, path
@@ -172,8 +173,12 @@ def test_compiled_files_name_no_directory_of_the_build_machine(dist: Dist, tmp_p
 
     with zipfile.ZipFile(dist.wheel) as wheel:
         wheel.extractall(tmp_path)
-    compiled = [*tmp_path.glob("kmskeys/*.so"), tmp_path / "resolver" / "kmskeys-gate"]
-    assert len(compiled) == 3, compiled
+    compiled = [
+        *tmp_path.glob("kmskeys/*.so"),
+        tmp_path / "resolver" / "kmskeys-gate",
+        tmp_path / "kmskeys-0.1.0.data" / "scripts" / "kmskeys",
+    ]
+    assert len(compiled) == 4, compiled
     for path in compiled:
         with path.open("rb") as file:
             sections = ELFFile(file).iter_sections()
@@ -191,7 +196,8 @@ def test_sdist_builds_the_wheel_and_warns_of_nothing_deprecated(dist: Dist) -> N
         names = set(sdist.getnames())
     for path in (
         "LICENSE",
-        "bin/kmskeys",
+        "bin/kmskeys.c",
+        "bin/kmskeys-py",
         "resolver/gate.c",
         "resolver/data/kmskeys-resolver.service",
     ):
@@ -221,14 +227,18 @@ def test_installed_command_gets_without_argparse_re_pathlib_or_enum(
     installed: Installed, cached: tuple[str, str, bytes], tmp_path: Path
 ) -> None:
     prefix, name, secret = cached
-    command = installed.venv / "bin" / "kmskeys"
-    assert command.read_text().splitlines()[0] == f"#!{installed.python}"
-    argv = [str(command), "get", name, "--prefix", prefix]
-    done = subprocess.run(
-        argv, env=installed.env, cwd=tmp_path, capture_output=True, timeout=30, check=False
-    )
-    assert (done.returncode, done.stdout, done.stderr) == (0, secret, b"")
-    # A regular install: the whole process, interpreter start included, imports none of them.
+    command, python_cli = installed.venv / "bin" / "kmskeys", installed.venv / "bin" / "kmskeys-py"
+    assert command.read_bytes()[:4] == b"\x7fELF"  # bin/kmskeys.c, compiled
+    assert python_cli.read_text().splitlines()[0] == f"#!{installed.python}"
+    for program in (command, python_cli):
+        argv = [str(program), "get", name, "--prefix", prefix]
+        done = subprocess.run(
+            argv, env=installed.env, cwd=tmp_path, capture_output=True, timeout=30, check=False
+        )
+        assert (done.returncode, done.stdout, done.stderr) == (0, secret, b"")
+    # The command answers a cached get without starting Python at all.
+    assert imported_modules([str(command), *argv[1:]], env=installed.env) == set()
+    # A regular install: the whole Python CLI process, interpreter start included, imports none.
     modules = imported_modules(argv, env=installed.env)
     assert "kmskeys.cli" in modules
     assert not modules & SLOW_IMPORTS, sorted(modules & SLOW_IMPORTS)
