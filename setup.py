@@ -14,10 +14,11 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
+# isort: split
 # After setuptools: `distutils` is then setuptools' own copy (Python 3.12 has no other).
-from distutils.ccompiler import new_compiler  # noqa: E402
-from distutils.command.build_scripts import build_scripts  # noqa: E402
-from distutils.sysconfig import customize_compiler  # noqa: E402
+from distutils.ccompiler import new_compiler
+from distutils.command.build_scripts import build_scripts
+from distutils.sysconfig import customize_compiler
 
 GATE_SOURCE = "resolver/gate.c"
 GATE = "kmskeys-gate"

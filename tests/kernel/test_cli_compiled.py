@@ -187,7 +187,7 @@ def test_a_blob_file_too_long_for_the_kernel_goes_to_python(
     cached: tuple[str, str, bytes], tmp_path: Path
 ) -> None:
     # Stripped, then cut at the first NUL, as the kernel copies it: PAGE-1 bytes fit, PAGE do not.
-    prefix, name, secret = cached
+    prefix, name, _ = cached
     for content, handled in (
         (b"\n " + b"b" * (PAGE - 1) + b"\t\r\n", True),
         (b"b" * (PAGE - 1) + b"\x00" + b"c" * PAGE, True),
@@ -200,9 +200,7 @@ def test_a_blob_file_too_long_for_the_kernel_goes_to_python(
         assert (fast.code == EXIT_OK) == handled
 
 
-def test_a_fifo_blob_file_is_left_to_python(
-    cached: tuple[str, str, bytes], tmp_path: Path
-) -> None:
+def test_a_fifo_blob_file_is_left_to_python(cached: tuple[str, str, bytes], tmp_path: Path) -> None:
     # Reading a pipe would take what the Python CLI must then read: the C program never opens it.
     prefix, name, secret = cached
     fifo = tmp_path / "fifo"
@@ -323,16 +321,21 @@ def _hidden(ring: Keyring, prefix: str, name: str) -> None:
     keyutils.keyctl_setperm(_cached(ring, prefix, name, b"kmst-hidden"), 0x01010000)
 
 
+def _missing(ring: Keyring, prefix: str, name: str) -> None:
+    pass  # no key, and no request-key rule for the prefix
+
+
 @pytest.mark.parametrize(
     ("setup", "code"),
-    [(_revoked, EXIT_STALE), (_hidden, EXIT_PERMISSION)],
-    ids=["revoked", "no-permission"],
+    [(_revoked, EXIT_STALE), (_hidden, EXIT_PERMISSION), (_missing, EXIT_NOT_FOUND)],
+    ids=["revoked", "no-permission", "unknown"],
 )
 def test_kernel_errors_are_the_python_clis(
     setup: object, code: int, session_keyring: Keyring
 ) -> None:
     prefix, name = unique_prefix(), unique()
     setup(session_keyring, prefix, name)  # type: ignore[operator]
+    answer(KMSKEYS_PY, ["get", name, "--prefix", prefix])  # the negative key of a miss
     fast, slow = both(["get", name, "--prefix", prefix])
     assert fast.python
     assert (fast.code, fast.stdout) == (code, b"")
@@ -362,14 +365,14 @@ def test_resolver_answers_are_the_python_clis(
 
 
 @pytest.mark.upcall
-def test_a_miss_goes_to_python_which_upcalls_once(
-    session_keyring: Keyring, tmp_path: Path
-) -> None:
+def test_a_miss_goes_to_python_which_upcalls_once(session_keyring: Keyring, tmp_path: Path) -> None:
     # The C program searches without a callout, which never upcalls: the one upcall is the
     # Python CLI's, whose answer it prints; the next get is a hit, answered in C.
     calls = tmp_path / "calls"
     script = tmp_path / "resolve.sh"
-    script.write_text(f'#!/bin/sh\necho "$2" >> {calls}\nexec keyctl instantiate "$1" kmst-v "$3"\n')
+    script.write_text(
+        f'#!/bin/sh\necho "$2" >> {calls}\nexec keyctl instantiate "$1" kmst-v "$3"\n'
+    )
     script.chmod(0o755)
     with request_key_rule(f"{script} %k %d %S") as prefix:
         name = unique()
