@@ -23,7 +23,7 @@ deps:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py kmskeys/_build_keyutils.py kmskeys/_hitpath.c resolver/gate.c bin/kmskeys.c bin/kmskeys-py | deps
+$(VENV)/.installed: pyproject.toml setup.py kmskeys/_build_keyutils.py kmskeys/_hitpath.c resolver/gate.c $(wildcard bin/*) | deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

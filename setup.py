@@ -1,8 +1,9 @@
 """Only here because cffi's out-of-line build hooks into setuptools through setup() keywords,
 for the hit-path extension beside it (kmskeys/_hitpath.c), for the resolver's small C program,
 `resolver/kmskeys-gate` (resolver/gate.c), which the wheel carries as package data, and for the
-`kmskeys` command: a small C program (bin/kmskeys.c) that answers a cached `kmskeys get` and
-execs the Python CLI, the script `kmskeys-py` installed beside it, for everything else.
+`kmskeys` command: a small C program (bin/kmskeys.c, bin/unprotect.c) that answers a cached
+`kmskeys get` and the common `kmskeys unprotect`, and execs the Python CLI, the script
+`kmskeys-py` installed beside it, for everything else.
 
 Both compiled modules use the limited API of Python 3.11 (`_hitpath.c` defines Py_LIMITED_API;
 cffi's generated module does under py_limited_api), so the wheel is tagged cp311-abi3: one wheel
@@ -27,7 +28,7 @@ GATE = "kmskeys-gate"
 # wheel manylinux_2_34. A static gate needs no glibc symbol at all, and it uses nothing static
 # glibc cannot do (no NSS, no dlopen): the wheel stays manylinux2014 (docs/packaging.md).
 GATE_LINK = ["-static-pie"]
-COMMAND_SOURCE = "bin/kmskeys.c"
+COMMAND_SOURCES = ["bin/kmskeys.c", "bin/unprotect.c"]
 COMMAND = "kmskeys"
 
 
@@ -67,10 +68,16 @@ class BuildScriptsAndCommand(build_scripts):
         customize_compiler(compiler)
         temp = self.get_finalized_command("build").build_temp
         objects = compiler.compile(
-            [COMMAND_SOURCE], output_dir=temp, extra_postargs=["-O2", "-Wall"]
+            COMMAND_SOURCES, output_dir=temp, extra_postargs=["-O2", "-Wall"]
         )
+        # dlopen is in libc from glibc 2.34, in libdl before: --as-needed names libdl only
+        # where it is needed. libcrypto is dlopen'ed by `unprotect` (bin/unprotect.c).
         compiler.link_executable(
-            objects, COMMAND, output_dir=self.build_dir, libraries=["keyutils"]
+            objects,
+            COMMAND,
+            output_dir=self.build_dir,
+            libraries=["keyutils", "dl"],
+            extra_preargs=["-Wl,--as-needed"],
         )
 
 

@@ -34,15 +34,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "kmskeys.h"
+
 /* The Python CLI: bin/kmskeys-py, installed beside this program (setup.py). */
 #define PYTHON_CLI "kmskeys-py"
-/* kmskeys.contract.USER_PAYLOAD_MAX: a `user` key holds 1..32767 bytes. */
-#define PAYLOAD_MAX 32767
 /* A description is at most 4095 bytes, plus keyctl_describe's "type;uid;gid;perm;" head. */
 #define DESCRIBE_MAX (4096 + 64)
-/* kmskeys/names.py: MAX_NAME_BYTES, MAX_PREFIX_BYTES, DEFAULT_PREFIX (kmskeys/contract.py). */
-#define NAME_MAX_BYTES 200
-#define PREFIX_MAX_BYTES 32
+/* kmskeys.contract.DEFAULT_PREFIX. */
 #define DEFAULT_PREFIX "kms"
 /* A --blob-file larger than this goes to the Python CLI (a blob is at most a few KiB). */
 #define BLOB_FILE_MAX (1 << 20)
@@ -87,7 +85,7 @@ static int is_alnum(char c)
 }
 
 /* kmskeys.names.validate_prefix: [a-z][a-z0-9_-]{0,31}. */
-static int valid_prefix(const char *prefix)
+int valid_prefix(const char *prefix)
 {
     size_t i, len = strlen(prefix);
 
@@ -103,7 +101,7 @@ static int valid_prefix(const char *prefix)
 
 /* kmskeys.names.validate_name: [A-Za-z0-9][A-Za-z0-9_./@+-]*, at most 200 bytes, no "..",
  * no empty or "." path segment. */
-static int valid_name(const char *name)
+int valid_name(const char *name)
 {
     size_t i, len = strlen(name), segment = 0;
 
@@ -123,7 +121,7 @@ static int valid_name(const char *name)
 }
 
 /* kmskeys.cli._normal_path: what str(pathlib.Path(p)) leaves as it is. */
-static int normal_path(const char *path)
+int normal_path(const char *path)
 {
     const char *part = path[0] == '/' ? path + 1 : path;
 
@@ -302,6 +300,28 @@ static long long owner_of(key_serial_t id)
     return *end == ';' && errno == 0 ? (long long)uid : -1;
 }
 
+long cached_payload(const char *desc, key_serial_t dest, char *payload)
+{
+    key_serial_t id;
+    long n;
+
+    /* No callout: a cached key is found exactly as with one, and a miss never upcalls here. */
+    id = request_key("user", desc, NULL, dest);
+    if (id < 0)
+        return -1;
+    /* The kernel checks permissions and sets ownership by fsuid; setfsuid(-1) returns it. */
+    if (owner_of(id) != (long long)(uid_t)setfsuid((uid_t)-1))
+        return -1;
+    /* The payload is about to be in this process: no core dump of it. */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    n = keyctl_read(id, payload, PAYLOAD_MAX + 1);
+    if (n < 0 || n > PAYLOAD_MAX) {
+        explicit_bzero(payload, PAYLOAD_MAX + 1);
+        return -1;
+    }
+    return n;
+}
+
 /* Write all of buf to stdout: 0, or -1 if nothing could be written (the Python CLI then runs
  * into the same failure and answers as it does), or exit 1 after a partial write. */
 static int write_all(const char *buf, size_t len)
@@ -333,7 +353,7 @@ static int get(const struct get *get)
 {
     char desc[PREFIX_MAX_BYTES + 1 + NAME_MAX_BYTES + 1];
     char payload[PAYLOAD_MAX + 1];
-    key_serial_t dest, id;
+    key_serial_t dest;
     long n;
     int status;
 
@@ -347,20 +367,9 @@ static int get(const struct get *get)
     snprintf(desc, sizeof(desc), "%s:%s", get->prefix, get->name);
     if (destination(get->keyring, &dest) < 0)
         return -1;
-    /* No callout: a cached key is found exactly as with one, and a miss never upcalls here. */
-    id = request_key("user", desc, NULL, dest);
-    if (id < 0)
+    n = cached_payload(desc, dest, payload);
+    if (n < 0)
         return -1;
-    /* The kernel checks permissions and sets ownership by fsuid; setfsuid(-1) returns it. */
-    if (owner_of(id) != (long long)(uid_t)setfsuid((uid_t)-1))
-        return -1;
-    /* The payload is about to be in this process: no core dump of it. */
-    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-    n = keyctl_read(id, payload, sizeof(payload));
-    if (n < 0 || n > PAYLOAD_MAX) {
-        explicit_bzero(payload, sizeof(payload));
-        return -1;
-    }
     /* A closed pipe is an error to report, as the Python CLI does, not a signal. */
     signal(SIGPIPE, SIG_IGN);
     status = write_all(payload, (size_t)n);
@@ -377,6 +386,11 @@ int main(int argc, char **argv)
 
     if (argc >= 3 && strcmp(argv[1], "get") == 0 && parse_get(argc - 2, argv + 2, &args)) {
         status = get(&args);
+        if (status >= 0)
+            return status;
+    }
+    if (argc >= 2 && strcmp(argv[1], "unprotect") == 0) {
+        status = unprotect(argc - 2, argv + 2);
         if (status >= 0)
             return status;
     }
