@@ -430,25 +430,33 @@ def _open_chunks(
     done: Callable[[memoryview], object],
 ) -> None:
     """Authenticate and decrypt every chunk of `body` into `place(n)`, then `done(that view)`."""
-    chunks = _Chunks(body, header.chunk_size + TAG_BYTES, empty_chunk=False)
+    size = header.chunk_size + TAG_BYTES
+    # Chunks in memory are sliced with no _Chunks at all: a blob of one chunk is the common case.
+    chunks: _Chunks | None = None
+    pieces: Iterable[tuple[int, memoryview, bool]]
+    if isinstance(body, memoryview):
+        pieces = _pieces(body, size, empty_chunk=False)
+    else:
+        chunks = pieces = _Chunks(body, size, empty_chunk=False)
+    prefix = header.nonce_prefix
     seen = 0
     try:
-        for index, sealed, last in chunks:
+        for index, sealed, last in pieces:
             seen += 1
             if len(sealed) < TAG_BYTES:
                 raise TruncatedProtectBlobError(
                     f"the blob ends early, inside chunk {index}; restore it from an intact copy"
                 )
             plain = place(len(sealed) - TAG_BYTES)
-            nonce = chunk_nonce(header.nonce_prefix, index, last)
             try:
-                aead.decrypt_into(nonce, sealed, None, plain)
+                aead.decrypt_into(chunk_nonce(prefix, index, last), sealed, None, plain)
             except Exception as exc:
                 _wipe(plain, len(plain))  # decrypt_into leaves unauthenticated bytes behind
                 raise _auth_failure(aead, header, bytes(sealed), index=index, last=last) from exc
             done(plain)
     finally:
-        chunks.release(wipe=False)  # ciphertext
+        if chunks is not None:
+            chunks.release(wipe=False)  # ciphertext
     if not seen:
         raise TruncatedProtectBlobError(
             "the blob ends early, before its first chunk; restore it from an intact copy"
