@@ -31,6 +31,7 @@ from tests.support.lighttpd import EXAMPLE_CONF, Lighttpd
 from tests.upcall.conftest import Install, installed
 
 EXAMPLE_CGI = Path(__file__).resolve().parents[2] / "examples" / "cgi" / "secret.py"
+EXAMPLE_PAGE = EXAMPLE_CGI.with_name("secret_page.py")  # the page secret.py imports
 NAME = "db-password"
 CONTEXT = {"kmskeys_name": NAME}
 # wrk: connections to keep busy (2 per core saturates both), and seconds per variant in each
@@ -126,6 +127,12 @@ def stack(ctx: BenchContext) -> Iterator[Stack]:
             docroot = ctx.tmp / "cgi-www"
             docroot.mkdir(exist_ok=True)
             shutil.copy(EXAMPLE_CGI, docroot / SCRIPTS["kmskeys"])
+            shutil.copy(EXAMPLE_PAGE, docroot / EXAMPLE_PAGE.name)
+            # As a deployer would (examples/cgi/README.md): the CGI user may not write there.
+            subprocess.run(
+                [ctx.python, "-m", "compileall", "-q", str(docroot / EXAMPLE_PAGE.name)],
+                check=True,
+            )
             (docroot / SCRIPTS["boto3"]).write_text(BOTO3_CGI)
             (docroot / SCRIPTS["static"]).write_text(STATIC_CGI)
             (docroot / "plain.txt").write_bytes(secret)
