@@ -343,6 +343,7 @@ static int blob_key(const struct crypto *c, const unsigned char *master, const s
          c->hmac(c->sha256_md(), prk, SHA256_BYTES, info, info_len, key, &out_len) != NULL &&
          out_len == SHA256_BYTES;
     explicit_bzero(prk, sizeof(prk));
+    explicit_bzero(info, info_len); /* it holds the entropy's hash */
     free(info);
     return ok ? 0 : -1;
 }
