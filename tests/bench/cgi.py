@@ -231,6 +231,30 @@ def wrk(url: str, seconds: int) -> WrkResult:
     )
 
 
+def _cgi_processes(web: Lighttpd) -> int:
+    """How many processes of lighttpd's process group are not lighttpd: CGI scripts running."""
+    leader = int((web.workdir / "lighttpd.pid").read_text())
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command may hold spaces: the fields after its closing ")" are fixed.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, pgrp = int(stat.parent.name), int(fields[2])
+        count += pgrp == leader and pid != leader
+    return count
+
+
+def settle(web: Lighttpd, timeout: float = 120.0) -> None:
+    """Wait until the CGI processes of the last run have finished: wrk stops sending, but the
+    requests in flight (seconds each for boto3 on a loaded machine) still run, and the next
+    variant's run would share the CPU with them."""
+    deadline = time.monotonic() + timeout
+    while _cgi_processes(web) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def check_page(web: Lighttpd, script: str, secret: bytes) -> None:
     """One request to `script` must show secret's fingerprint (and warms the cache)."""
     status, body = web.fetch(f"/{script}")
@@ -252,6 +276,7 @@ def throughput_rows(ctx: BenchContext, st: Stack) -> list[Row]:
         decrypts_before = st.install.decrypts()
         for _ in range(ROUNDS):
             for variant, seconds in DURATION.items():
+                settle(web)
                 results[variant].runs.append(wrk(f"{web.url}/{SCRIPTS[variant]}", seconds))
         resolver_decrypts = st.install.decrypts() - decrypts_before
     kms, boto, static = results["kmskeys"], results["boto3"], results["static"]
