@@ -7,7 +7,8 @@ PY     := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
 # Debian packages every tier needs; topic makefiles in mk/ append to these lists.
-APT_PACKAGES := keyutils libkeyutils-dev gcc libc6-dev iproute2 procps iptables nftables \
+# libssl-dev: the static libcrypto the `kmskeys unprotect` program links (setup.py PROGRAMS).
+APT_PACKAGES := keyutils libkeyutils-dev libssl-dev gcc libc6-dev iproute2 procps iptables nftables \
                 lighttpd wrk util-linux
 TEST_PREREQS :=
 PYTEST_ARGS  ?=

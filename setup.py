@@ -1,9 +1,9 @@
 """Only here because cffi's out-of-line build hooks into setuptools through setup() keywords,
 for the hit-path extension beside it (kmskeys/_hitpath.c), for the resolver's small C program,
 `resolver/kmskeys-gate` (resolver/gate.c), which the wheel carries as package data, and for the
-`kmskeys` command: a small C program (bin/kmskeys.c, bin/unprotect.c) that answers a cached
-`kmskeys get` and the common `kmskeys unprotect`, and execs the Python CLI, the script
-`kmskeys-py` installed beside it, for everything else.
+`kmskeys` command: small static C programs (bin/) that answer a cached `kmskeys get` and the
+common `kmskeys unprotect`, and exec the Python CLI, the script `kmskeys-py` installed beside
+them, for everything else.
 
 Both compiled modules use the limited API of Python 3.11 (`_hitpath.c` defines Py_LIMITED_API;
 cffi's generated module does under py_limited_api), so the wheel is tagged cp311-abi3: one wheel
@@ -28,8 +28,17 @@ GATE = "kmskeys-gate"
 # wheel manylinux_2_34. A static gate needs no glibc symbol at all, and it uses nothing static
 # glibc cannot do (no NSS, no dlopen): the wheel stays manylinux2014 (docs/packaging.md).
 GATE_LINK = ["-static-pie"]
-COMMAND_SOURCES = ["bin/kmskeys.c", "bin/unprotect.c"]
-COMMAND = "kmskeys"
+# The `kmskeys` command: a cached `get` in C (bin/kmskeys.c), the common `unprotect` in a program
+# of its own (bin/unprotect.c: OpenSSL linked in would triple the start of every `get`), and the
+# Python CLI (bin/kmskeys-py) for the rest. Both static, as the gate: no glibc symbol version,
+# nothing for the dynamic loader to do at each start. They call request_key/keyctl by number (no
+# libkeyutils); unprotect links the build machine's static libcrypto (libssl-dev), whose
+# unused resolver and module-loading code makes the linker warn about static dlopen and
+# getaddrinfo: neither is ever called (bin/unprotect.c reads no openssl.cnf).
+PROGRAMS = {
+    "kmskeys": (["bin/kmskeys.c", "bin/common.c"], []),
+    "kmskeys-unprotect": (["bin/unprotect.c", "bin/common.c"], [":libcrypto.a"]),
+}
 
 
 class BuildExtAndGate(build_ext):
@@ -55,7 +64,7 @@ class BuildExtAndGate(build_ext):
 
 
 class BuildScriptsAndCommand(build_scripts):
-    """build_scripts (bin/kmskeys-py), plus the `kmskeys` command compiled beside it.
+    """build_scripts (bin/kmskeys-py), plus the programs of the `kmskeys` command beside it.
 
     Scripts are installed from this command's build_dir, in a wheel and in an editable install
     alike, so the program is linked straight into it: build_scripts itself would read it as a
@@ -67,18 +76,21 @@ class BuildScriptsAndCommand(build_scripts):
         compiler = new_compiler()
         customize_compiler(compiler)
         temp = self.get_finalized_command("build").build_temp
-        objects = compiler.compile(
-            COMMAND_SOURCES, output_dir=temp, extra_postargs=["-O2", "-Wall"]
-        )
-        # dlopen is in libc from glibc 2.34, in libdl before: --as-needed names libdl only
-        # where it is needed. libcrypto is dlopen'ed by `unprotect` (bin/unprotect.c).
-        compiler.link_executable(
-            objects,
-            COMMAND,
-            output_dir=self.build_dir,
-            libraries=["keyutils", "dl"],
-            extra_preargs=["-Wl,--as-needed"],
-        )
+        for program, (sources, libraries) in PROGRAMS.items():
+            # kmskeys/_wipe.h: the modules' wipe (glibc's explicit_bzero needs glibc 2.25).
+            objects = compiler.compile(
+                sources,
+                output_dir=os.path.join(temp, program),
+                include_dirs=["kmskeys"],
+                extra_postargs=["-O2", "-Wall"],
+            )
+            compiler.link_executable(
+                objects,
+                program,
+                output_dir=self.build_dir,
+                libraries=libraries,
+                extra_postargs=GATE_LINK,
+            )
 
 
 setup(

@@ -1,5 +1,6 @@
 /*
- * kmskeys: the `kmskeys` command. A cached `kmskeys get NAME` is answered here, in C; every
+ * kmskeys: the `kmskeys` command. A cached `kmskeys get NAME` is answered here, in C; `kmskeys
+ * unprotect` goes to kmskeys-unprotect (bin/unprotect.c), which answers the common case; every
  * other command, option and outcome is the Python CLI's (kmskeys/cli.py), run by exec'ing
  * `kmskeys-py` (bin/kmskeys-py) from this program's own directory with the same arguments.
  *
@@ -18,28 +19,27 @@
  *
  * It writes the payload and nothing else to stdout, and wipes every buffer that held it. A key
  * description is built only from a name and prefix that passed the grammar of kmskeys/names.py.
+ *
+ * It is linked static (setup.py), as the resolver's gate is: no glibc symbol version, so the
+ * wheel stays manylinux2014 (docs/packaging.md), and nothing for the dynamic loader to do at
+ * each start. So it calls request_key(2) and keyctl(2) by number instead of through
+ * libkeyutils, and wipes with kmskeys/_wipe.h (glibc's explicit_bzero needs glibc 2.25).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <keyutils.h>
-#include <limits.h>
+#include <linux/keyctl.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/fsuid.h>
-#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "_wipe.h"
 #include "kmskeys.h"
 
-/* The Python CLI: bin/kmskeys-py, installed beside this program (setup.py). */
-#define PYTHON_CLI "kmskeys-py"
-/* A description is at most 4095 bytes, plus keyctl_describe's "type;uid;gid;perm;" head. */
-#define DESCRIBE_MAX (4096 + 64)
 /* kmskeys.contract.DEFAULT_PREFIX. */
 #define DEFAULT_PREFIX "kms"
 /* A --blob-file larger than this goes to the Python CLI (a blob is at most a few KiB). */
@@ -52,89 +52,6 @@ struct get {
     const char *blob_file;
     const char *keyring;
 };
-
-/* Run the Python CLI with our arguments; never returns. */
-static void __attribute__((noreturn)) python(char **argv)
-{
-    char self[PATH_MAX], path[PATH_MAX + sizeof(PYTHON_CLI)];
-    ssize_t n;
-    char *slash;
-
-    /* /proc/self/exe is this program's file, however it was found (PATH, a symlink to it). */
-    n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-    if (n > 0) {
-        self[n] = '\0';
-        slash = strrchr(self, '/');
-        if (slash != NULL) {
-            slash[1] = '\0';
-            snprintf(path, sizeof(path), "%s%s", self, PYTHON_CLI);
-            argv[0] = path;
-            execv(path, argv);
-            fprintf(stderr, "kmskeys: cannot run %s: %s\n", path, strerror(errno));
-            exit(1);
-        }
-    }
-    fprintf(stderr, "kmskeys: cannot find %s beside this program: /proc/self/exe: %s\n",
-            PYTHON_CLI, strerror(errno));
-    exit(1);
-}
-
-static int is_alnum(char c)
-{
-    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
-}
-
-/* kmskeys.names.validate_prefix: [a-z][a-z0-9_-]{0,31}. */
-int valid_prefix(const char *prefix)
-{
-    size_t i, len = strlen(prefix);
-
-    if (len == 0 || len > PREFIX_MAX_BYTES || prefix[0] < 'a' || prefix[0] > 'z')
-        return 0;
-    for (i = 0; i < len; i++) {
-        char c = prefix[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-'))
-            return 0;
-    }
-    return 1;
-}
-
-/* kmskeys.names.validate_name: [A-Za-z0-9][A-Za-z0-9_./@+-]*, at most 200 bytes, no "..",
- * no empty or "." path segment. */
-int valid_name(const char *name)
-{
-    size_t i, len = strlen(name), segment = 0;
-
-    if (len == 0 || len > NAME_MAX_BYTES || !is_alnum(name[0]) || strstr(name, "..") != NULL)
-        return 0;
-    for (i = 0; i <= len; i++) {
-        char c = name[i];
-        if (c == '/' || c == '\0') {
-            if (i == segment || (i == segment + 1 && name[segment] == '.'))
-                return 0;
-            segment = i + 1;
-        } else if (!is_alnum(c) && strchr("_.@+-", c) == NULL) {
-            return 0;
-        }
-    }
-    return 1;
-}
-
-/* kmskeys.cli._normal_path: what str(pathlib.Path(p)) leaves as it is. */
-int normal_path(const char *path)
-{
-    const char *part = path[0] == '/' ? path + 1 : path;
-
-    for (;;) {
-        const char *end = strchrnul(part, '/');
-        size_t len = (size_t)(end - part);
-        if (len == 0 || (len == 1 && part[0] == '.'))
-            return 0;
-        if (*end == '\0')
-            return 1;
-        part = end + 1;
-    }
-}
 
 /* The argument lists kmskeys.cli._get_plain accepts, parsed as it parses them; 0 for any
  * other (argparse's usage and errors are the Python CLI's). */
@@ -271,55 +188,17 @@ static int destination(const char *keyring, key_serial_t *dest)
     }
     if (strcmp(keyring, "user") == 0) {
         /* The user keyring, linked into the process keyring so that the search sees it. */
-        *dest = keyctl_get_keyring_ID(KEY_SPEC_USER_KEYRING, 1);
-        return *dest < 0 || keyctl_link(*dest, KEY_SPEC_PROCESS_KEYRING) < 0 ? -1 : 0;
+        *dest = (key_serial_t)kmsk_keyctl(KEYCTL_GET_KEYRING_ID,
+                                          (unsigned long)KEY_SPEC_USER_KEYRING, 1, 0, 0);
+        return *dest < 0 || kmsk_keyctl(KEYCTL_LINK, (unsigned long)*dest,
+                                        (unsigned long)KEY_SPEC_PROCESS_KEYRING, 0, 0) < 0
+                   ? -1
+                   : 0;
     }
     /* Also restarts its expiry timer, as the Python CLI's request does. */
-    *dest = keyctl_get_persistent(-1, KEY_SPEC_PROCESS_KEYRING);
+    *dest = (key_serial_t)kmsk_keyctl(KEYCTL_GET_PERSISTENT, (unsigned long)-1,
+                                      (unsigned long)KEY_SPEC_PROCESS_KEYRING, 0, 0);
     return *dest < 0 ? -1 : 0;
-}
-
-/* The owner uid of `id`, from keyctl_describe's "type;uid;gid;perm;description", or -1.
- * keyctl_describe copies nothing into a buffer too small for the whole string. */
-static long long owner_of(key_serial_t id)
-{
-    char d[DESCRIBE_MAX];
-    long n;
-    char *end;
-    unsigned long uid;
-
-    n = keyctl_describe(id, d, sizeof(d));
-    if (n < 0 || (size_t)n > sizeof(d))
-        return -1;
-    d[sizeof(d) - 1] = '\0';
-    end = strchr(d, ';');
-    if (end == NULL)
-        return -1;
-    errno = 0;
-    uid = strtoul(end + 1, &end, 10);
-    return *end == ';' && errno == 0 ? (long long)uid : -1;
-}
-
-long cached_payload(const char *desc, key_serial_t dest, char *payload)
-{
-    key_serial_t id;
-    long n;
-
-    /* No callout: a cached key is found exactly as with one, and a miss never upcalls here. */
-    id = request_key("user", desc, NULL, dest);
-    if (id < 0)
-        return -1;
-    /* The kernel checks permissions and sets ownership by fsuid; setfsuid(-1) returns it. */
-    if (owner_of(id) != (long long)(uid_t)setfsuid((uid_t)-1))
-        return -1;
-    /* The payload is about to be in this process: no core dump of it. */
-    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-    n = keyctl_read(id, payload, PAYLOAD_MAX + 1);
-    if (n < 0 || n > PAYLOAD_MAX) {
-        explicit_bzero(payload, PAYLOAD_MAX + 1);
-        return -1;
-    }
-    return n;
 }
 
 /* Write all of buf to stdout: 0, or -1 if nothing could be written (the Python CLI then runs
@@ -373,7 +252,7 @@ static int get(const struct get *get)
     /* A closed pipe is an error to report, as the Python CLI does, not a signal. */
     signal(SIGPIPE, SIG_IGN);
     status = write_all(payload, (size_t)n);
-    explicit_bzero(payload, sizeof(payload));
+    kmsk_wipe(payload, sizeof(payload));
     if (status < 0)
         signal(SIGPIPE, SIG_DFL);
     return status;
@@ -389,10 +268,8 @@ int main(int argc, char **argv)
         if (status >= 0)
             return status;
     }
-    if (argc >= 2 && strcmp(argv[1], "unprotect") == 0) {
-        status = unprotect(argc - 2, argv + 2);
-        if (status >= 0)
-            return status;
-    }
+    /* OpenSSL, linked in for unprotect, would triple this program's start: a program of its own. */
+    if (argc >= 2 && strcmp(argv[1], "unprotect") == 0)
+        exec_beside(UNPROTECT_PROGRAM, argv);
     python(argv);
 }

@@ -1,30 +1,35 @@
 /*
- * `kmskeys unprotect`, the common case in C: a blob in binary form, read from a regular file or
- * a pipe whose writer is done, of at most one default chunk (1 MiB), whose master key is cached
- * in the kernel for this fsuid. A fresh `kmskeys unprotect` in Python costs an interpreter start
- * and the import of `cryptography`, several times `systemd-creds decrypt` (docs/dpapi.md).
+ * kmskeys-unprotect: `kmskeys unprotect`, the common case in C (the `kmskeys` command execs this
+ * program for it): a blob in binary form of at most one default chunk (1 MiB), read from a
+ * regular file or a pipe whose writer is done, whose master key is cached in the kernel for this
+ * fsuid. A fresh `kmskeys unprotect` in Python costs an interpreter start and the import of
+ * `cryptography`, several times `systemd-creds decrypt` (docs/dpapi.md).
  *
  * Everything else goes to the Python CLI, as for `get` (bin/kmskeys.c): the text form, a larger
  * blob, any option this does not parse exactly as argparse does, a blob of another uid, a miss
- * (the Python CLI asks the resolver), libcrypto missing, and every failure to parse or
- * authenticate: the Python CLI then starts over and answers with its own message, exit code
- * and diagnosis (truncation, wrong entropy, unknown version). For that, stdin is not consumed
- * until this program has answered: a regular file is read with pread(2) at its offset, a pipe
- * is looked at with tee(2), which copies what the pipe holds without taking it. Output is
- * written only once every chunk has authenticated, and stdin is consumed after that.
+ * (the Python CLI asks the resolver), and every failure to parse or authenticate: the Python
+ * CLI then starts over and answers with its own message, exit code and diagnosis (truncation,
+ * wrong entropy, unknown version). For that, stdin is not consumed until this program has
+ * answered: a regular file is read with pread(2) at its offset, a pipe is looked at with tee(2),
+ * which copies what the pipe holds without taking it. Output is written only once every chunk
+ * has authenticated, and stdin is consumed after that.
  *
  * The format and its key derivation are kmskeys/protectblob.py's and kmskeys/dpapi.py's:
  * HKDF-SHA256(master key, salt, "kmskeys dpapi v1\0" || SHA-256(entropy) || header) and
  * AES-256-GCM chunks with nonce = prefix || u32 index || last flag. tests/stored/
  * test_unprotect_compiled.py holds this program to the Python CLI, answer for answer.
  *
- * libcrypto is opened with dlopen(3) when an unprotect comes here, so `kmskeys get` never
- * loads it and the wheel names no libcrypto: where it is missing, the Python CLI answers.
+ * The crypto is OpenSSL's libcrypto, linked in statically (setup.py): the program is static, as
+ * the resolver's gate is, so that the wheel needs no glibc newer than 2.17 (docs/packaging.md),
+ * and a static program can load no shared libcrypto. It uses the EVP calls of OpenSSL 3 and
+ * its built-in default provider, without reading openssl.cnf (a provider that file names would
+ * be a shared module, which a static program cannot load either).
  */
 #define _GNU_SOURCE
-#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdint.h>
@@ -36,6 +41,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "_wipe.h"
 #include "kmskeys.h"
 
 /* kmskeys/protectblob.py: the header is magic, u8 format, u8 scope, u32 key version, u32 uid,
@@ -67,9 +73,6 @@ static const unsigned char HKDF_INFO[] = "kmskeys dpapi v1";
 /* The largest input answered here: one default chunk (kmskeys.protectblob.DEFAULT_CHUNK) with
  * the largest header. */
 #define INPUT_MAX ((1 << 20) + TAG_BYTES + FIXED_BYTES + 255 + 2 + MAX_DESCRIPTION_BYTES)
-/* openssl/evp.h: EVP_CTRL_GCM_SET_IVLEN, EVP_CTRL_GCM_SET_TAG (the same in 1.1 and 3). */
-#define EVP_CTRL_GCM_SET_IVLEN 0x9
-#define EVP_CTRL_GCM_SET_TAG 0x11
 
 struct options {
     const char *prefix;
@@ -91,21 +94,6 @@ struct header {
     char name[256];
     char description[MAX_DESCRIPTION_BYTES + 1];
     size_t raw_len;
-};
-
-/* The libcrypto calls used, by dlsym: their prototypes are the same in OpenSSL 1.1 and 3. */
-struct crypto {
-    const void *(*sha256_md)(void);
-    unsigned char *(*hmac)(const void *, const void *, int, const unsigned char *, size_t,
-                           unsigned char *, unsigned int *);
-    unsigned char *(*sha256)(const unsigned char *, size_t, unsigned char *);
-    const void *(*aes_256_gcm)(void);
-    void *(*ctx_new)(void);
-    void (*ctx_free)(void *);
-    int (*decrypt_init)(void *, const void *, void *, const unsigned char *, const unsigned char *);
-    int (*ctx_ctrl)(void *, int, int, void *);
-    int (*decrypt_update)(void *, unsigned char *, int *, const unsigned char *, int);
-    int (*decrypt_final)(void *, unsigned char *, int *);
 };
 
 static uint32_t be32(const unsigned char *p)
@@ -151,35 +139,21 @@ static int parse_options(int argc, char **argv, struct options *o)
     return valid_prefix(o->prefix) && (o->entropy_file == NULL || normal_path(o->entropy_file));
 }
 
-static int load_crypto(struct crypto *c)
+/* HMAC-SHA256 of data keyed with key into out (32 bytes): 0, or -1. */
+static int hmac_sha256(const unsigned char *key, size_t key_len, const unsigned char *data,
+                       size_t len, unsigned char *out)
 {
-    static const char *const names[] = {"libcrypto.so.3", "libcrypto.so.1.1"};
-    void *lib = NULL;
-    size_t i;
+    size_t out_len = 0;
 
-    for (i = 0; lib == NULL && i < sizeof(names) / sizeof(names[0]); i++)
-        lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
-    if (lib == NULL)
-        return -1;
-    *(void **)&c->sha256_md = dlsym(lib, "EVP_sha256");
-    *(void **)&c->hmac = dlsym(lib, "HMAC");
-    *(void **)&c->sha256 = dlsym(lib, "SHA256");
-    *(void **)&c->aes_256_gcm = dlsym(lib, "EVP_aes_256_gcm");
-    *(void **)&c->ctx_new = dlsym(lib, "EVP_CIPHER_CTX_new");
-    *(void **)&c->ctx_free = dlsym(lib, "EVP_CIPHER_CTX_free");
-    *(void **)&c->decrypt_init = dlsym(lib, "EVP_DecryptInit_ex");
-    *(void **)&c->ctx_ctrl = dlsym(lib, "EVP_CIPHER_CTX_ctrl");
-    *(void **)&c->decrypt_update = dlsym(lib, "EVP_DecryptUpdate");
-    *(void **)&c->decrypt_final = dlsym(lib, "EVP_DecryptFinal_ex");
-    return c->sha256_md && c->hmac && c->sha256 && c->aes_256_gcm && c->ctx_new &&
-                   c->ctx_free && c->decrypt_init && c->ctx_ctrl && c->decrypt_update &&
-                   c->decrypt_final
+    return EVP_Q_mac(NULL, "HMAC", NULL, "SHA256", NULL, key, key_len, data, len, out,
+                     SHA256_BYTES, &out_len) != NULL &&
+                   out_len == SHA256_BYTES
                ? 0
                : -1;
 }
 
 /* SHA-256 of --entropy-file, as dpapi_cli._read_entropy reads it (a regular file only). */
-static int entropy_hash(const struct crypto *c, const char *path, unsigned char *hash)
+static int entropy_hash(const char *path, unsigned char *hash)
 {
     static unsigned char data[MAX_ENTROPY_BYTES + 1];
     struct stat before, st;
@@ -199,10 +173,10 @@ static int entropy_hash(const struct crypto *c, const char *path, unsigned char 
                 break;
             got += n > 0 ? (size_t)n : 0;
         }
-        if (n == 0 && got <= MAX_ENTROPY_BYTES && c->sha256(data, got, hash) != NULL)
-            ok = 0;
+        if (n == 0 && got <= MAX_ENTROPY_BYTES)
+            ok = EVP_Q_digest(NULL, "SHA256", NULL, data, got, hash, NULL) == 1 ? 0 : -1;
     }
-    explicit_bzero(data, got);
+    kmsk_wipe(data, got);
     close(fd);
     return ok;
 }
@@ -319,15 +293,13 @@ static int parse_header(const unsigned char *d, size_t len, struct header *h)
     return h->chunk >= MIN_CHUNK && h->chunk <= MAX_CHUNK ? 0 : -1;
 }
 
-/* dpapi._blob_cipher's key: HKDF-SHA256 for 32 bytes, one block. */
-static int blob_key(const struct crypto *c, const unsigned char *master, const struct header *h,
-                    const unsigned char *raw, const unsigned char *entropy_sha,
-                    unsigned char *key)
+/* dpapi._blob_cipher's key: HKDF-SHA256 for 32 bytes, one block: extract, then expand. */
+static int blob_key(const unsigned char *master, const struct header *h, const unsigned char *raw,
+                    const unsigned char *entropy_sha, unsigned char *key)
 {
     unsigned char prk[SHA256_BYTES];
     unsigned char *info;
     size_t info_len = HKDF_INFO_BYTES + SHA256_BYTES + h->raw_len + 1;
-    unsigned int out_len = 0;
     int ok;
 
     info = malloc(info_len);
@@ -337,51 +309,47 @@ static int blob_key(const struct crypto *c, const unsigned char *master, const s
     memcpy(info + HKDF_INFO_BYTES, entropy_sha, SHA256_BYTES);
     memcpy(info + HKDF_INFO_BYTES + SHA256_BYTES, raw, h->raw_len);
     info[info_len - 1] = 1;
-    ok = c->hmac(c->sha256_md(), h->salt, SALT_BYTES, master, MASTER_KEY_BYTES, prk,
-                 &out_len) != NULL &&
-         out_len == SHA256_BYTES &&
-         c->hmac(c->sha256_md(), prk, SHA256_BYTES, info, info_len, key, &out_len) != NULL &&
-         out_len == SHA256_BYTES;
-    explicit_bzero(prk, sizeof(prk));
-    explicit_bzero(info, info_len); /* it holds the entropy's hash */
+    ok = hmac_sha256(h->salt, SALT_BYTES, master, MASTER_KEY_BYTES, prk) == 0 &&
+         hmac_sha256(prk, SHA256_BYTES, info, info_len, key) == 0;
+    kmsk_wipe(prk, sizeof(prk));
+    kmsk_wipe(info, info_len); /* it holds the entropy's hash */
     free(info);
     return ok ? 0 : -1;
 }
 
 /* Authenticate and decrypt every chunk of body into out: the plaintext's length, or -1. */
-static long open_chunks(const struct crypto *c, const unsigned char *key, const struct header *h,
+static long open_chunks(const unsigned char *key, const struct header *h,
                         const unsigned char *body, size_t len, unsigned char *out)
 {
     size_t sealed = (size_t)h->chunk + TAG_BYTES, at, done = 0;
     unsigned char nonce[NONCE_BYTES];
     uint32_t index;
-    void *ctx;
+    EVP_CIPHER_CTX *ctx;
     int n, ok = 1;
 
-    if (len == 0 || (ctx = c->ctx_new()) == NULL)
+    if (len == 0 || (ctx = EVP_CIPHER_CTX_new()) == NULL)
         return -1;
     memcpy(nonce, h->nonce_prefix, NONCE_PREFIX_BYTES);
     for (at = 0, index = 0; ok && at < len; at += sealed, index++) {
         size_t piece = len - at < sealed ? len - at : sealed;
-        int last = at + piece == len;
         nonce[7] = (unsigned char)(index >> 24);
         nonce[8] = (unsigned char)(index >> 16);
         nonce[9] = (unsigned char)(index >> 8);
         nonce[10] = (unsigned char)index;
-        nonce[11] = (unsigned char)last;
+        nonce[11] = (unsigned char)(at + piece == len); /* the last chunk */
         ok = piece >= TAG_BYTES &&
-             c->decrypt_init(ctx, c->aes_256_gcm(), NULL, NULL, NULL) == 1 &&
-             c->ctx_ctrl(ctx, EVP_CTRL_GCM_SET_IVLEN, NONCE_BYTES, NULL) == 1 &&
-             c->decrypt_init(ctx, NULL, NULL, key, nonce) == 1 &&
-             c->decrypt_update(ctx, out + done, &n, body + at, (int)(piece - TAG_BYTES)) == 1 &&
-             c->ctx_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG_BYTES,
-                         (void *)(body + at + piece - TAG_BYTES)) == 1 &&
-             c->decrypt_final(ctx, out + done + n, &n) == 1;
+             EVP_DecryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, NULL, NULL) == 1 &&
+             EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IVLEN, NONCE_BYTES, NULL) == 1 &&
+             EVP_DecryptInit_ex(ctx, NULL, NULL, key, nonce) == 1 &&
+             EVP_DecryptUpdate(ctx, out + done, &n, body + at, (int)(piece - TAG_BYTES)) == 1 &&
+             EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG_BYTES,
+                                 (void *)(body + at + piece - TAG_BYTES)) == 1 &&
+             EVP_DecryptFinal_ex(ctx, out + done + n, &n) == 1;
         done += piece - TAG_BYTES;
     }
-    c->ctx_free(ctx);
+    EVP_CIPHER_CTX_free(ctx);
     if (!ok) {
-        explicit_bzero(out, done);
+        kmsk_wipe(out, done);
         return -1;
     }
     return (long)done;
@@ -432,7 +400,6 @@ static int answer(const struct options *o, const struct input *in)
     char master[PAYLOAD_MAX + 1];
     unsigned char entropy_sha[SHA256_BYTES], key[SHA256_BYTES], *out;
     struct header h;
-    struct crypto c;
     long plain;
     int status = -1;
 
@@ -441,40 +408,42 @@ static int answer(const struct options *o, const struct input *in)
     /* dpapi._key_for: a user-scope blob of another uid is WrongUserError, before any request. */
     if (h.scope == SCOPE_USER && h.uid != (uint32_t)setfsuid((uid_t)-1))
         return -1;
-    if (load_crypto(&c) != 0)
+    /* The built-in default provider only: openssl.cnf could name shared modules. */
+    if (OPENSSL_init_crypto(OPENSSL_INIT_NO_LOAD_CONFIG, NULL) != 1)
         return -1;
     memcpy(entropy_sha, empty_sha, sizeof(empty_sha));
-    if (o->entropy_file != NULL && entropy_hash(&c, o->entropy_file, entropy_sha) != 0)
+    if (o->entropy_file != NULL && entropy_hash(o->entropy_file, entropy_sha) != 0)
         return -1;
     /* stored.stored_description of version N in the blob's scope: PREFIX:NAME#SCOPE#vN. */
     snprintf(desc, sizeof(desc), "%s:%s#%s#v%u", o->prefix, h.name,
              h.scope == SCOPE_USER ? "user" : "machine", h.version);
     if (cached_payload(desc, 0, master) != MASTER_KEY_BYTES) {
-        explicit_bzero(master, sizeof(master));
+        kmsk_wipe(master, sizeof(master));
         return -1;
     }
-    out = malloc(in->len);
-    if (out != NULL &&
-        blob_key(&c, (unsigned char *)master, &h, in->data, entropy_sha, key) == 0) {
-        plain = open_chunks(&c, key, &h, in->data + h.raw_len, in->len - h.raw_len, out);
+    out = malloc(in->len + 1); /* + 1: never malloc(0) */
+    if (out != NULL && blob_key((unsigned char *)master, &h, in->data, entropy_sha, key) == 0) {
+        plain = open_chunks(key, &h, in->data + h.raw_len, in->len - h.raw_len, out);
         if (plain >= 0) {
             signal(SIGPIPE, SIG_IGN); /* a closed pipe is an error to report, as in Python */
             status = write_out(out, (size_t)plain);
             if (status < 0)
                 signal(SIGPIPE, SIG_DFL);
-            explicit_bzero(out, (size_t)plain);
+            kmsk_wipe(out, (size_t)plain);
         }
     }
-    explicit_bzero(master, sizeof(master));
-    explicit_bzero(key, sizeof(key));
-    explicit_bzero(entropy_sha, sizeof(entropy_sha));
+    kmsk_wipe(master, sizeof(master));
+    kmsk_wipe(key, sizeof(key));
+    kmsk_wipe(entropy_sha, sizeof(entropy_sha));
     free(out);
     if (status == 0 && o->show_description)
         fprintf(stderr, "description: %s\n", h.description);
     return status;
 }
 
-int unprotect(int argc, char **argv)
+/* `kmskeys unprotect ARGS`: the exit status, or -1 when the Python CLI must answer (stdin then
+ * still holds all of its input). */
+static int unprotect(int argc, char **argv)
 {
     struct options o;
     struct input in = {0};
@@ -487,4 +456,17 @@ int unprotect(int argc, char **argv)
     }
     free(in.data);
     return status;
+}
+
+/* Run by `kmskeys` for `kmskeys unprotect ...`, with the same argv. */
+int main(int argc, char **argv)
+{
+    int status;
+
+    if (argc >= 2 && strcmp(argv[1], "unprotect") == 0) {
+        status = unprotect(argc - 2, argv + 2);
+        if (status >= 0)
+            return status;
+    }
+    python(argv);
 }
