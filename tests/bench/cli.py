@@ -4,8 +4,8 @@ The command is a small C program (bin/kmskeys.c) for a cached `get`. Its budget 
 is at most 2x `keyctl pipe` (a C program reading the same key by serial) and below
 `systemd-creds decrypt` (a host-key credential, the closest thing systemd has), all three in the
 same run. The Python CLI that runs every other command (`kmskeys-py`) is timed beside them and
-reported against a bare interpreter start (it was the command's budget: plus 3 ms). Runs are interleaved so that the machine's
-noise hits all of them alike.
+reported against a bare interpreter start (it was the command's budget: plus 3 ms). Runs are
+interleaved so that the machine's noise hits all of them alike.
 """
 
 from __future__ import annotations
