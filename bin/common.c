@@ -43,22 +43,22 @@ static int beside(const char *name, char *path, size_t size)
 
 void exec_beside(const char *name, char **argv)
 {
-    char path[PATH_MAX];
+    static char path[PATH_MAX];
+    char *self = argv[0];
 
-    if (beside(name, path, sizeof(path)) != 0) {
-        fprintf(stderr, "kmskeys: cannot find %s beside this program: /proc/self/exe: %s\n",
-                name, strerror(errno));
-        exit(1);
-    }
+    if (beside(name, path, sizeof(path)) != 0)
+        return;
     argv[0] = path;
     execv(path, argv);
-    fprintf(stderr, "kmskeys: cannot run %s: %s\n", path, strerror(errno));
-    exit(1);
+    argv[0] = self;
 }
 
 void python(char **argv)
 {
     exec_beside(PYTHON_CLI, argv);
+    fprintf(stderr, "kmskeys: cannot run %s beside this program: %s\n", PYTHON_CLI,
+            strerror(errno));
+    exit(1);
 }
 
 static int is_alnum(char c)

@@ -268,7 +268,8 @@ int main(int argc, char **argv)
         if (status >= 0)
             return status;
     }
-    /* OpenSSL, linked in for unprotect, would triple this program's start: a program of its own. */
+    /* OpenSSL, linked in for unprotect, would triple this program's start: a program of its own
+     * (and where it is missing, the Python CLI answers). */
     if (argc >= 2 && strcmp(argv[1], "unprotect") == 0)
         exec_beside(UNPROTECT_PROGRAM, argv);
     python(argv);

@@ -18,9 +18,9 @@ typedef int32_t key_serial_t;
 /* The program `kmskeys unprotect` runs, beside `kmskeys` (setup.py). */
 #define UNPROTECT_PROGRAM "kmskeys-unprotect"
 
-/* Exec the program `name` installed beside this one, with argv (argv[0] replaced); exits 1
- * with one line on stderr if it cannot. */
-void exec_beside(const char *name, char **argv) __attribute__((noreturn));
+/* Exec the program `name` installed beside this one, with argv (argv[0] replaced): returns,
+ * with errno set and argv as it was, only if it cannot. */
+void exec_beside(const char *name, char **argv);
 /* Exec the Python CLI, kmskeys-py, with argv: everything the C programs do not answer. */
 void python(char **argv) __attribute__((noreturn));
 /* kmskeys.names.validate_prefix and validate_name, exactly: 1 if valid. */

@@ -24,6 +24,10 @@ from kmskeys.errors import InvalidNameError, NotAProtectBlobError
 from kmskeys.names import validate_name
 from kmskeys.stored import MAX_VERSION, SCOPE_MACHINE, SCOPE_USER
 
+TYPE_CHECKING = False  # not `from typing import`: a fresh `kmskeys unprotect` pays for typing
+if TYPE_CHECKING:
+    from typing import Self
+
 MAGIC = b"kmsdpapi"
 FORMAT = 1
 TEXT_PREFIX = "kmsdp1:"
@@ -98,6 +102,14 @@ class ProtectHeader(tuple[str, str, int, "int | None", int, bytes, bytes, str]):
         nonce_prefix: bytes,
         description: str = "",
     ) -> ProtectHeader:
+        fields = (scope, name, key_version, uid, chunk_size, salt, nonce_prefix, description)
+        return cls._checked(fields)
+
+    @classmethod
+    def _checked(cls, fields: tuple[str, str, int, int | None, int, bytes, bytes, str]) -> Self:
+        """The header of these fields, in _FIELDS order, once checked (read_header's way in:
+        keyword arguments cost a parse on every blob opened)."""
+        scope, name, key_version, uid, chunk_size, salt, nonce_prefix, description = fields
         if scope not in _SCOPE_CODES:
             raise ValueError(f"scope must be {SCOPE_USER!r} or {SCOPE_MACHINE!r}")
         if name not in _VALID_NAMES:
@@ -112,9 +124,9 @@ class ProtectHeader(tuple[str, str, int, "int | None", int, bytes, bytes, str]):
             raise ValueError(f"chunk size must be in {MIN_CHUNK}..{MAX_CHUNK}")
         if len(salt) != SALT_BYTES or len(nonce_prefix) != NONCE_PREFIX_BYTES:
             raise ValueError("salt or nonce prefix has the wrong length")
-        _check_description(description)
-        fields = (scope, name, key_version, uid, chunk_size, salt, nonce_prefix, description)
-        return super().__new__(cls, fields)
+        if description:
+            _check_description(description)
+        return tuple.__new__(cls, fields)
 
     @property
     def scope(self) -> str:
@@ -248,16 +260,9 @@ def _decode(raw: bytes, name_len: int) -> ProtectHeader:
     try:
         name = raw[name_at : name_at + name_len].decode("ascii")  # ProtectHeader checks it
         description = raw[name_at + name_len + _U16.size :].decode("utf-8")
-        header = ProtectHeader(
-            scope=scope,
-            name=name,
-            key_version=version,
-            uid=None if scope == SCOPE_MACHINE and uid == NO_UID else uid,
-            chunk_size=chunk,
-            salt=salt,
-            nonce_prefix=prefix,
-            description=description,
-        )
+        user = None if scope == SCOPE_MACHINE and uid == NO_UID else uid
+        fields = (scope, name, version, user, chunk, salt, prefix, description)
+        header = ProtectHeader._checked(fields)
     except InvalidNameError:
         raise _bad("its name breaks the naming rules") from None
     except UnicodeDecodeError:

@@ -300,6 +300,14 @@ def test_the_owner_check_is_by_the_callers_uid(session_keyring: Keyring, stand_i
     assert (got.code, got.stdout, got.stderr) == (EXIT_OK, b"kmst-nobody", b"")
 
 
+def test_unprotect_without_its_program_is_the_python_clis(stand_in: Path) -> None:
+    # `kmskeys unprotect` runs kmskeys-unprotect beside the command; where it is missing (the
+    # stand-in directory has none), the Python CLI answers.
+    done = answer(stand_in, ["unprotect", "--prefix", "kmst"], stdin=subprocess.DEVNULL)
+    assert (done.code, done.stdout) == (42, b"")
+    assert done.stderr == b"fallback: unprotect --prefix kmst\n"
+
+
 def test_the_python_cli_is_found_beside_the_program_through_a_symlink(
     cached: tuple[str, str, bytes], stand_in: Path, tmp_path: Path
 ) -> None:
