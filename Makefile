@@ -7,7 +7,8 @@ PY     := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
 # Debian packages every tier needs; topic makefiles in mk/ append to these lists.
-APT_PACKAGES := keyutils libkeyutils-dev gcc libc6-dev iproute2 procps iptables nftables \
+# libssl-dev: the static libcrypto the `kmskeys unprotect` program links (setup.py PROGRAMS).
+APT_PACKAGES := keyutils libkeyutils-dev libssl-dev gcc libc6-dev iproute2 procps iptables nftables \
                 lighttpd wrk util-linux
 TEST_PREREQS :=
 PYTEST_ARGS  ?=
@@ -23,7 +24,7 @@ deps:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py kmskeys/_build_keyutils.py kmskeys/_hitpath.c resolver/gate.c kmskeys/contract.h | deps
+$(VENV)/.installed: pyproject.toml setup.py kmskeys/_build_keyutils.py kmskeys/_hitpath.c resolver/gate.c kmskeys/contract.h $(wildcard bin/*) | deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
@@ -65,7 +66,7 @@ demo: deps venv compile $(TEST_PREREQS)
 # every interpreter start.
 BENCH_VENV := .venv-bench
 
-$(BENCH_VENV)/.installed: pyproject.toml setup.py $(wildcard kmskeys/*.py kmskeys/*.c kmskeys/*.h encryptor/*.py resolver/*.py resolver/*.c resolver/*/*.py) | deps
+$(BENCH_VENV)/.installed: pyproject.toml setup.py $(wildcard bin/* kmskeys/*.py kmskeys/*.c kmskeys/*.h encryptor/*.py resolver/*.py resolver/*.c resolver/*/*.py) | deps
 	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
 	$(BENCH_VENV)/bin/python -m pip install -q --force-reinstall --no-deps .

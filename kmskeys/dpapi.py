@@ -39,6 +39,7 @@ from kmskeys.protectblob import (
     ProtectHeader,
     chunk_nonce,
     from_text,
+    parse_header,
     read_header,
     to_text,
 )
@@ -48,7 +49,9 @@ TYPE_CHECKING = False  # not `from typing import`: a fresh `kmskeys unprotect` p
 if TYPE_CHECKING:
     from typing import Protocol
 
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.hmac import HMAC
 
     class Reader(Protocol):
         """What protect and unprotect read from: a binary file object."""
@@ -69,6 +72,7 @@ MASTER_KEY_BYTES = 32
 # other size rather than recreate it.
 _MASTER_KEY_CALLOUT = str(MASTER_KEY_BYTES).encode()
 _HKDF_INFO = b"kmskeys dpapi v1\x00"
+_TEXT_PREFIX = TEXT_PREFIX.encode()
 _EMPTY_SHA256 = bytes.fromhex("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
 
 
@@ -80,17 +84,44 @@ _EMPTY_SHA256 = bytes.fromhex("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca
 fsuid = keyutils.current_fsuid
 
 
-def _read_owned(desc: str) -> bytes:
-    # One C call (kmskeys/_hitpath.c), as get_secret's: a keyring shared with another uid may
-    # hold a key that uid planted under this description, so only a key owned by our fsuid is
-    # read (KeyOwnershipError otherwise).
-    return keyutils.fetch(desc.encode(), _MASTER_KEY_CALLOUT, 0)[1]
+# The descriptions of (prefix, name, kind, scope, version), built and validated once each.
+_DESCRIPTIONS: dict[tuple[str, str, str, str | None, int], bytes] = {}
+
+
+def _description(prefix: str, name: str, kind: str, scope: str | None, version: int = 1) -> bytes:
+    key = (prefix, name, kind, scope, version)
+    desc = _DESCRIPTIONS.get(key)
+    if desc is None:
+        desc = stored_description(prefix, name, StoredQuery(kind, scope, version)).encode()
+        if len(_DESCRIPTIONS) < 1024:
+            _DESCRIPTIONS[key] = desc
+    return desc
+
+
+# The serial each description was last fetched as, for the one-syscall hit (as get_secret's).
+_SERIALS: dict[bytes, int] = {}
+
+
+def _read_owned(desc: bytes) -> bytes:
+    # As get_secret's path (kmskeys/_hitpath.c): a keyring shared with another uid may hold a
+    # key that uid planted under this description, so only a key owned by our fsuid is read
+    # (KeyOwnershipError otherwise); a serial this thread checked so in the last second is
+    # read again with one keyctl_read, which the kernel still checks.
+    serial = _SERIALS.get(desc)
+    if serial is not None:
+        payload = keyutils.read_recent(serial)
+        if payload is not None:
+            return payload
+    serial, payload = keyutils.fetch(desc, _MASTER_KEY_CALLOUT, 0)
+    if len(_SERIALS) < 1024:
+        _SERIALS[desc] = serial
+    return payload
 
 
 def _diagnose(prefix: str, name: str, scope: str, refused: KeyRejectedError) -> Exception:
     """Why the resolver refused a master key: a scope the policy does not give, or `refused`."""
     try:
-        policy = _read_owned(stored_description(prefix, name, StoredQuery(StoredQuery.SCOPE)))
+        policy = _read_owned(_description(prefix, name, StoredQuery.SCOPE, None))
     except KeyRejectedError:
         return refused
     held = policy.decode("ascii", "replace")
@@ -105,13 +136,13 @@ def _diagnose(prefix: str, name: str, scope: str, refused: KeyRejectedError) -> 
 
 def latest_version(name: str, scope: str, prefix: str = DEFAULT_STORED_PREFIX) -> int:
     """The newest master-key version of (scope, NAME); the resolver creates version 1 if none."""
-    desc = stored_description(prefix, name, StoredQuery(StoredQuery.LATEST, scope))
+    desc = _description(prefix, name, StoredQuery.LATEST, scope)
     try:
         raw = _read_owned(desc)
     except KeyRejectedError as exc:
         raise _diagnose(prefix, name, scope, exc) from None
     if not raw.isdigit():
-        raise KeyRejectedError(f"{desc}: the resolver's answer is not a version number")
+        raise KeyRejectedError(f"{desc.decode()}: the resolver's answer is not a version number")
     return int(raw)
 
 
@@ -122,54 +153,65 @@ def master_key(
     prefix: str = DEFAULT_STORED_PREFIX,
 ) -> bytes:
     """Version `version` of the master key of (scope, NAME), from the kernel cache or resolver."""
-    desc = stored_description(prefix, name, StoredQuery(StoredQuery.KEY, scope, version))
+    desc = _description(prefix, name, StoredQuery.KEY, scope, version)
     try:
         key = _read_owned(desc)
     except KeyNotFoundError:
         raise UnknownKeyVersionError(
-            f"{desc}: this host's keystore has no version {version} of the {scope}-scope key "
-            f"{name!r}; unprotect on the host that protected the data, or restore its keystore "
+            f"{desc.decode()}: this host's keystore has no version {version} of the {scope}-scope "
+            f"key {name!r}; unprotect on the host that protected the data, or restore its keystore "
             "(kmskeys-resolver stored list shows the versions kept)"
         ) from None
     except KeyRejectedError as exc:
         raise _diagnose(prefix, name, scope, exc) from None
     if len(key) != MASTER_KEY_BYTES:
-        raise KeyRejectedError(f"{desc}: the master key is {len(key)} bytes, not 32")
+        raise KeyRejectedError(f"{desc.decode()}: the master key is {len(key)} bytes, not 32")
     return key
 
 
 # --- one blob's key -----------------------------------------------------------------------------
 
 
-def _blob_cipher(master: bytes, header: bytes, salt: bytes, entropy: bytes) -> AESGCM:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+_CRYPTO: list[tuple[type[HMAC], type[AESGCM], type[hashes.Hash], hashes.SHA256]] = []
 
+
+def _crypto() -> tuple[type[HMAC], type[AESGCM], type[hashes.Hash], hashes.SHA256]:
+    # Imported on the first blob, not with this module; then looked up once, not per blob.
+    if not _CRYPTO:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        from cryptography.hazmat.primitives.hmac import HMAC
+
+        _CRYPTO.append((HMAC, AESGCM, hashes.Hash, hashes.SHA256()))
+    return _CRYPTO[0]
+
+
+def _blob_cipher(master: bytes, header: bytes, salt: bytes, entropy: bytes) -> AESGCM:
+    hmac, aesgcm, hash_, sha256 = _crypto()
     if entropy:
-        digest = hashes.Hash(hashes.SHA256())
+        digest = hash_(sha256)
         digest.update(entropy)
         entropy_hash = digest.finalize()
     else:
         entropy_hash = _EMPTY_SHA256
-    # The header is in the info: change one byte of it (scope, uid, name, version, description,
-    # chunk size, nonce prefix) and the key, so every chunk, no longer matches.
-    info = _HKDF_INFO + entropy_hash + header
-    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(master)
-    return AESGCM(derived)
+    # HKDF-SHA256 (RFC 5869) of the master key for 32 bytes, which is one block: extract,
+    # then expand with the counter byte 1. Two HMAC calls (cryptography's HKDF class is the
+    # same two, behind more Python). The header is in the info: change one byte of it (scope,
+    # uid, name, version, description, chunk size, nonce prefix) and the key, so every chunk,
+    # no longer matches.
+    extract = hmac(salt, sha256)
+    extract.update(master)
+    expand = hmac(extract.finalize(), sha256)
+    expand.update(_HKDF_INFO + entropy_hash + header + b"\x01")
+    return aesgcm(expand.finalize())
 
 
 # --- chunks -------------------------------------------------------------------------------------
 
-# Zeros to copy from: bytes(n) per wipe would cost a fresh allocation and its page faults.
-_ZEROS = [memoryview(b"")]
 
-
-def _wipe(buf: bytearray, size: int) -> None:
-    """Zero the first `size` bytes of `buf` (plaintext our code held)."""
-    if len(_ZEROS[0]) < size:
-        _ZEROS[0] = memoryview(bytes(size))
-    memoryview(buf)[:size] = _ZEROS[0][:size]
+def _wipe(buf: bytearray | memoryview, size: int) -> None:
+    """Zero the first `size` bytes of `buf` (plaintext our code held): one memset."""
+    keyutils.explicit_bzero(buf, size)
 
 
 # Stream buffers are reused from call to call (wiped when they held plaintext): a fresh
@@ -193,7 +235,7 @@ def _give(*buffers: bytearray) -> None:
 
 
 def _with_last(items: Iterable[memoryview]) -> Iterator[tuple[int, memoryview, bool]]:
-    """(index, item, is_last) for each item: one item of lookahead.
+    """(index, item, is_last) for each item of a stream: one item of lookahead.
 
     The next item is taken before the current one is handed out, so a source may reuse a
     buffer only every other item (the stream readers alternate between two).
@@ -209,29 +251,56 @@ def _with_last(items: Iterable[memoryview]) -> Iterator[tuple[int, memoryview, b
     yield index, prev, True
 
 
-def _slices(view: memoryview, size: int, *, empty_chunk: bool) -> Iterator[memoryview]:
-    if not view and empty_chunk:
-        yield view
-    for at in range(0, len(view), size):
-        yield view[at : at + size]
+def _pieces(
+    view: memoryview, size: int, *, empty_chunk: bool
+) -> list[tuple[int, memoryview, bool]]:
+    """(index, chunk, is_last) for each chunk of a view in memory: slices, no copy."""
+    if not view:
+        return [(0, view, True)] if empty_chunk else []
+    last = (len(view) - 1) // size
+    return [(i, view[i * size : (i + 1) * size], i == last) for i in range(last + 1)]
+
+
+def _unread_bytes(src: io.BytesIO) -> memoryview | None:
+    """The unread part of an io.BytesIO as a view of its own bytes, or None.
+
+    CPython's getvalue() returns the object's bytes without a copy unless a view of them is
+    exported (getbuffer()), when it returns a copy, which would be plaintext of ours that a
+    bytes object cannot wipe: that case is told by truncate() at the current size, a no-op that
+    raises BufferError while a view is exported, and is read into buffers of ours instead.
+    Otherwise the position moves to the end, as reading it all would leave it.
+    """
+    at = src.tell()
+    end = src.seek(0, io.SEEK_END)
+    try:
+        src.truncate(end)
+    except BufferError:
+        src.seek(at)
+        return None
+    return memoryview(src.getvalue())[at:]
 
 
 class _Chunks:
-    """The chunks of `src`, `size` bytes each but the last: slices of bytes in memory (no copy),
-    or reads of a stream into two alternating buffers, which `wipe()` zeroes after use.
+    """(index, chunk, is_last) for the chunks of `src`, `size` bytes each but the last: slices
+    of bytes already in memory (a memoryview, or an io.BytesIO's own bytes: reading them into a
+    buffer of ours would be one more copy, of the plaintext, which would then need wiping), or
+    reads of a stream into two alternating buffers, which `release(wipe=True)` zeroes once, at
+    the end.
 
     `empty_chunk`: an empty input is one empty chunk (plaintext), or no chunk (ciphertext).
     """
 
     def __init__(self, src: Reader | memoryview, size: int, *, empty_chunk: bool) -> None:
+        if isinstance(src, io.BytesIO):
+            src = _unread_bytes(src) or src
         self.src, self.size, self.empty_chunk = src, size, empty_chunk
         self.buffers: tuple[bytearray, ...] = ()
         self.used = [0, 0]
 
-    def __iter__(self) -> Iterator[memoryview]:
+    def __iter__(self) -> Iterator[tuple[int, memoryview, bool]]:
         if isinstance(self.src, memoryview):
-            return _slices(self.src, self.size, empty_chunk=self.empty_chunk)
-        return self._read(self.src)
+            return iter(_pieces(self.src, self.size, empty_chunk=self.empty_chunk))
+        return _with_last(self._read(self.src))
 
     def _read(self, src: Reader) -> Iterator[memoryview]:
         self.buffers = (_take(self.size), _take(self.size))
@@ -269,14 +338,15 @@ def _new_header(
     me = fsuid()
     version = latest_version(name, scope, prefix)
     master = master_key(name, scope, version, prefix)
+    random = os.urandom(SALT_BYTES + NONCE_PREFIX_BYTES)
     header = ProtectHeader(
         scope=scope,
         name=name,
         key_version=version,
         uid=me if scope == SCOPE_USER else None,
         chunk_size=chunk_size,
-        salt=os.urandom(SALT_BYTES),
-        nonce_prefix=os.urandom(NONCE_PREFIX_BYTES),
+        salt=random[:SALT_BYTES],
+        nonce_prefix=random[SALT_BYTES:],
         description=description,
     )
     raw = header.encode()
@@ -302,7 +372,7 @@ def protect_stream(
     out = _take(chunk_size + TAG_BYTES)
     chunks = _Chunks(src, chunk_size, empty_chunk=True)
     try:
-        for index, chunk, last in _with_last(chunks):
+        for index, chunk, last in chunks:
             sealed = memoryview(out)[: len(chunk) + TAG_BYTES]
             aead.encrypt_into(chunk_nonce(header.nonce_prefix, index, last), chunk, None, sealed)
             dst.write(sealed)
@@ -312,29 +382,24 @@ def protect_stream(
     return header
 
 
-def _split_blob(blob: bytes | bytearray) -> tuple[ProtectHeader, bytes, memoryview]:
+def _split_blob(blob: bytes | bytearray | memoryview) -> tuple[ProtectHeader, bytes, memoryview]:
     """Header, header bytes and chunks of a whole blob in memory (binary or text form)."""
-    if blob[: len(TEXT_PREFIX)] == TEXT_PREFIX.encode():
+    if blob[: len(_TEXT_PREFIX)] == _TEXT_PREFIX:
         blob = from_text(bytes(blob))
-    view = memoryview(blob)
-    at = 0
-
-    def read(size: int) -> bytes:  # the header only: never a copy of the whole blob
-        nonlocal at
-        part = bytes(view[at : at + size])
-        at += len(part)
-        return part
-
-    header, raw = read_header(read)
-    return header, raw, view[len(raw) :]
+    header, raw = parse_header(blob)  # the header only: never a copy of the whole blob
+    return header, raw, memoryview(blob)[len(raw) :]
 
 
 def _open_header(src: Reader) -> tuple[ProtectHeader, bytes, Reader | memoryview]:
     """Header, header bytes and the rest of a stream (binary, or text form decoded)."""
+    if isinstance(src, io.BytesIO):
+        whole = _unread_bytes(src)
+        if whole is not None:  # in memory already: parsed and sliced where it is
+            return _split_blob(whole)
     head = b""
     while len(head) < len(MAGIC) and (more := src.read(len(MAGIC) - len(head))):
         head += more  # a pipe may give fewer bytes than asked
-    if head[: len(TEXT_PREFIX)] == TEXT_PREFIX.encode():
+    if head[: len(_TEXT_PREFIX)] == _TEXT_PREFIX:
         return _split_blob(head + src.read())
     peeked = io.BytesIO(head)
 
@@ -347,14 +412,14 @@ def _open_header(src: Reader) -> tuple[ProtectHeader, bytes, Reader | memoryview
 
 def _key_for(header: ProtectHeader, raw: bytes, entropy: bytes, prefix: str) -> AESGCM:
     """The blob's cipher, once the blob is known to be the caller's to open."""
+    scope, name, version, uid, _, salt, _, _ = header
     me = fsuid()
-    if header.scope == SCOPE_USER and header.uid != me:
+    if scope == SCOPE_USER and uid != me:
         raise WrongUserError(
-            f"protected for uid {header.uid}; you are uid {me}: a user-scope blob opens only "
-            f"for the user who protected it, so run unprotect as uid {header.uid}"
+            f"protected for uid {uid}; you are uid {me}: a user-scope blob opens only "
+            f"for the user who protected it, so run unprotect as uid {uid}"
         )
-    master = master_key(header.name, header.scope, header.key_version, prefix)
-    return _blob_cipher(master, raw, header.salt, entropy)
+    return _blob_cipher(master_key(name, scope, version, prefix), raw, salt, entropy)
 
 
 def _open_chunks(
@@ -365,34 +430,33 @@ def _open_chunks(
     done: Callable[[memoryview], object],
 ) -> None:
     """Authenticate and decrypt every chunk of `body` into `place(n)`, then `done(that view)`."""
-    chunks = _Chunks(body, header.chunk_size + TAG_BYTES, empty_chunk=False)
-    try:
-        _open_each(header, aead, chunks, place, done)
-    finally:
-        chunks.release(wipe=False)  # ciphertext
-
-
-def _open_each(
-    header: ProtectHeader,
-    aead: AESGCM,
-    chunks: _Chunks,
-    place: Callable[[int], memoryview],
-    done: Callable[[memoryview], object],
-) -> None:
+    size = header.chunk_size + TAG_BYTES
+    # Chunks in memory are sliced with no _Chunks at all: a blob of one chunk is the common case.
+    chunks: _Chunks | None = None
+    pieces: Iterable[tuple[int, memoryview, bool]]
+    if isinstance(body, memoryview):
+        pieces = _pieces(body, size, empty_chunk=False)
+    else:
+        chunks = pieces = _Chunks(body, size, empty_chunk=False)
+    prefix = header.nonce_prefix
     seen = 0
-    for index, sealed, last in _with_last(chunks):
-        seen += 1
-        if len(sealed) < TAG_BYTES:
-            raise TruncatedProtectBlobError(
-                f"the blob ends early, inside chunk {index}; restore it from an intact copy"
-            )
-        plain = place(len(sealed) - TAG_BYTES)
-        try:
-            aead.decrypt_into(chunk_nonce(header.nonce_prefix, index, last), sealed, None, plain)
-        except Exception as exc:
-            plain[:] = bytes(len(plain))  # decrypt_into leaves unauthenticated bytes behind
-            raise _auth_failure(aead, header, bytes(sealed), index=index, last=last) from exc
-        done(plain)
+    try:
+        for index, sealed, last in pieces:
+            seen += 1
+            if len(sealed) < TAG_BYTES:
+                raise TruncatedProtectBlobError(
+                    f"the blob ends early, inside chunk {index}; restore it from an intact copy"
+                )
+            plain = place(len(sealed) - TAG_BYTES)
+            try:
+                aead.decrypt_into(chunk_nonce(prefix, index, last), sealed, None, plain)
+            except Exception as exc:
+                _wipe(plain, len(plain))  # decrypt_into leaves unauthenticated bytes behind
+                raise _auth_failure(aead, header, bytes(sealed), index=index, last=last) from exc
+            done(plain)
+    finally:
+        if chunks is not None:
+            chunks.release(wipe=False)  # ciphertext
     if not seen:
         raise TruncatedProtectBlobError(
             "the blob ends early, before its first chunk; restore it from an intact copy"
@@ -408,23 +472,24 @@ def unprotect_stream(
     before a later chunk fails: on any failure this raises, and the caller must drop what was
     written (the CLI truncates a regular file back and exits non-zero).
     """
-    held: list[bytearray] = []
-
-    def place(n: int) -> memoryview:
-        # Every chunk fits a chunk-size buffer: one serves them all.
-        if not held:
-            held.append(_take(header.chunk_size))
-        return memoryview(held[0])[:n]
-
     header, raw, body = _open_header(src)
     aead = _key_for(header, raw, entropy, prefix)
+    # Every chunk fits a chunk-size buffer: one serves them all, wiped once at the end.
+    out = _take(header.chunk_size)
+    view = memoryview(out)
+    used = 0
+
+    def place(n: int) -> memoryview:
+        nonlocal used
+        used = max(used, n)
+        return view[:n]
+
     try:
         _open_chunks(header, aead, body, place, dst.write)
         return header
     finally:
-        for out in held:
-            _wipe(out, len(out))
-        _give(*held)
+        _wipe(out, used)
+        _give(out)
 
 
 def _auth_failure(
@@ -475,7 +540,7 @@ def protect_bytes(
     blob = bytearray(len(raw) + len(view) + chunks * TAG_BYTES)
     blob[: len(raw)] = raw
     at = len(raw)
-    for index, chunk, last in _with_last(_slices(view, chunk_size, empty_chunk=True)):
+    for index, chunk, last in _pieces(view, chunk_size, empty_chunk=True):
         end = at + len(chunk) + TAG_BYTES
         nonce = chunk_nonce(header.nonce_prefix, index, last)
         aead.encrypt_into(nonce, chunk, None, memoryview(blob)[at:end])

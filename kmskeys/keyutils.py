@@ -13,41 +13,75 @@ from _thread import _local as thread_local
 from kmskeys._hitpath import BUILD_STAMP as _HITPATH_STAMP
 from kmskeys._hitpath import fetch as _fetch
 from kmskeys._hitpath import read_recent as _read_recent
-from kmskeys._keyutils_cffi import ffi, lib
 from kmskeys.contract import BUILD_STAMP
 
 TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
+
+    from kmskeys._keyutils_cffi import ffi, lib
 
 
-def _verify_build() -> None:
+def _verify_stamp(module: str, stamp: str) -> None:
     # pyca/cryptography's _verify_package_version: a compiled part built from other sources
     # than this Python (a stale editable install, a half-copied tree) never loads silently.
-    cffi_stamp = ffi.string(lib.kmsk_build_stamp()).decode()
-    built = (("_hitpath", _HITPATH_STAMP), ("_keyutils_cffi", cffi_stamp))
-    for module, stamp in built:
-        if stamp != BUILD_STAMP:
-            raise ImportError(
-                f"kmskeys.{module} was built from other sources (build stamp {stamp!r}, this "
-                f"kmskeys is {BUILD_STAMP!r}): reinstall kmskeys (pip install --force-reinstall, "
-                "or make venv in a checkout)"
-            )
+    if stamp != BUILD_STAMP:
+        raise ImportError(
+            f"kmskeys.{module} was built from other sources (build stamp {stamp!r}, this "
+            f"kmskeys is {BUILD_STAMP!r}): reinstall kmskeys (pip install --force-reinstall, "
+            "or make venv in a checkout)"
+        )
 
 
-_verify_build()
+# The hit-path extension is loaded by every `import kmskeys`: checked here. The cffi module is
+# loaded on first use (_Binding), and checked then.
+_verify_stamp("_hitpath", _HITPATH_STAMP)
 
-KEY_SPEC_THREAD_KEYRING: int = lib.KEY_SPEC_THREAD_KEYRING
-KEY_SPEC_PROCESS_KEYRING: int = lib.KEY_SPEC_PROCESS_KEYRING
-KEY_SPEC_SESSION_KEYRING: int = lib.KEY_SPEC_SESSION_KEYRING
-KEY_SPEC_USER_KEYRING: int = lib.KEY_SPEC_USER_KEYRING
-KEY_SPEC_USER_SESSION_KEYRING: int = lib.KEY_SPEC_USER_SESSION_KEYRING
-KEY_SPEC_GROUP_KEYRING: int = lib.KEY_SPEC_GROUP_KEYRING
-KEY_SPEC_REQKEY_AUTH_KEY: int = lib.KEY_SPEC_REQKEY_AUTH_KEY
 
-_NULL = ffi.NULL
+class _Binding:
+    """Stands for `ffi` or `lib` (kmskeys._keyutils_cffi) until the first call that needs one:
+    that call imports the cffi module, checks its build stamp and puts the real two in their
+    place. get_secret's hit and full paths are kmskeys/_hitpath.c, so `import kmskeys` and a
+    cached secret never load cffi, which is about a quarter of the client's import time (python
+    -X importtime: the cffi backend, libpthread and the module), paid by every CGI process
+    (tests/bench/cgi.py)."""
+
+    def __init__(self, which: str) -> None:
+        self.which = which
+
+    def __getattr__(self, name: str) -> Any:
+        from kmskeys._keyutils_cffi import ffi as real_ffi
+        from kmskeys._keyutils_cffi import lib as real_lib
+
+        _verify_stamp("_keyutils_cffi", real_ffi.string(real_lib.kmsk_build_stamp()).decode())
+        globals().update(ffi=real_ffi, lib=real_lib)
+        return getattr(real_ffi if self.which == "ffi" else real_lib, name)
+
+
+if not TYPE_CHECKING:
+    ffi, lib = _Binding("ffi"), _Binding("lib")
+
+# include/uapi/linux/keyctl.h: the special keyring ids (kernel ABI; tests/unit holds them to
+# libkeyutils' own).
+KEY_SPEC_THREAD_KEYRING = -1
+KEY_SPEC_PROCESS_KEYRING = -2
+KEY_SPEC_SESSION_KEYRING = -3
+KEY_SPEC_USER_KEYRING = -4
+KEY_SPEC_USER_SESSION_KEYRING = -5
+KEY_SPEC_GROUP_KEYRING = -6
+KEY_SPEC_REQKEY_AUTH_KEY = -7
+
 # Read buffers need no zeroing on allocation: they are wiped after use instead.
-_new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
+_UNCLEARED: list[Callable[[str, int], Any]] = []
+
+
+def _new_uncleared(cdecl: str, size: int) -> Any:
+    if not _UNCLEARED:
+        _UNCLEARED.append(ffi.new_allocator(should_clear_after_alloc=False))
+    return _UNCLEARED[0](cdecl, size)
+
+
 # Most secrets are passwords and tokens: one read syscall with a buffer this size serves them.
 READ_GUESS = 1024
 # Each thread keeps one such buffer between reads, wiped after every use.
@@ -73,7 +107,7 @@ def add_key(type_: bytes, description: bytes, payload: bytes, keyring: int) -> i
 def request_key(type_: bytes, description: bytes, callout_info: bytes | None, keyring: int) -> int:
     """request_key(2): find a key, or construct it through the upcall when callout_info is set."""
     serial: int = lib.request_key(
-        type_, description, _NULL if callout_info is None else callout_info, keyring
+        type_, description, ffi.NULL if callout_info is None else callout_info, keyring
     )
     if serial == -1:
         desc = description.decode(errors="replace")
@@ -287,13 +321,14 @@ def _os_error(what: str) -> OSError:
     return OSError(err, f"{what}: {os.strerror(err)}")
 
 
-CLONE_NEWUSER: int = lib.CLONE_NEWUSER
-CLONE_NEWNS: int = lib.CLONE_NEWNS
+# include/uapi/linux/sched.h (kernel ABI).
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNS = 0x00020000
 
 
 def private_fs(fstype: bytes, size: bytes | None) -> int:
     """fsopen + fsmount: the O_PATH fd of a new ramfs/tmpfs root (mode 0700) mounted nowhere."""
-    fd: int = lib.kmsk_private_fs(fstype, _NULL if size is None else size)
+    fd: int = lib.kmsk_private_fs(fstype, ffi.NULL if size is None else size)
     if fd == -1:
         raise _os_error(f"fsopen({fstype.decode()})")
     return fd
@@ -315,7 +350,17 @@ def keyctl_get_keyring_ID(key: int, create: bool) -> int:
 
 def keyctl_join_session_keyring(name: bytes | None) -> int:
     """Join the named session keyring, or a new anonymous one when `name` is None."""
-    serial: int = lib.keyctl_join_session_keyring(_NULL if name is None else name)
+    serial: int = lib.keyctl_join_session_keyring(ffi.NULL if name is None else name)
     if serial == -1:
         raise _fail("keyctl_join_session_keyring")
     return serial
+
+
+def explicit_bzero(buffer: bytearray | memoryview, size: int) -> None:
+    """Zero the first `size` bytes of a writable buffer with libc's explicit_bzero (a memset the
+    compiler may not drop): half the cost of copying zeros in from Python."""
+    have = len(buffer) if buffer.__class__ is bytearray else memoryview(buffer).nbytes
+    if not 0 <= size <= have:
+        raise ValueError(f"cannot wipe {size} bytes of a {have}-byte buffer")
+    if size:
+        lib.explicit_bzero(ffi.from_buffer(buffer, require_writable=True), size)

@@ -24,6 +24,10 @@ from kmskeys.errors import InvalidNameError, NotAProtectBlobError
 from kmskeys.names import validate_name
 from kmskeys.stored import MAX_VERSION, SCOPE_MACHINE, SCOPE_USER
 
+TYPE_CHECKING = False  # not `from typing import`: a fresh `kmskeys unprotect` pays for typing
+if TYPE_CHECKING:
+    from typing import Self
+
 MAGIC = b"kmsdpapi"
 FORMAT = 1
 TEXT_PREFIX = "kmsdp1:"
@@ -62,6 +66,9 @@ def _check_description(text: str) -> str:
     return text
 
 
+# Names that passed validate_name: a process opens many blobs of few names.
+_VALID_NAMES: set[str] = set()
+
 _FIELDS = (
     "scope",
     "name",
@@ -95,9 +102,20 @@ class ProtectHeader(tuple[str, str, int, "int | None", int, bytes, bytes, str]):
         nonce_prefix: bytes,
         description: str = "",
     ) -> ProtectHeader:
+        fields = (scope, name, key_version, uid, chunk_size, salt, nonce_prefix, description)
+        return cls._checked(fields)
+
+    @classmethod
+    def _checked(cls, fields: tuple[str, str, int, int | None, int, bytes, bytes, str]) -> Self:
+        """The header of these fields, in _FIELDS order, once checked (read_header's way in:
+        keyword arguments cost a parse on every blob opened)."""
+        scope, name, key_version, uid, chunk_size, salt, nonce_prefix, description = fields
         if scope not in _SCOPE_CODES:
             raise ValueError(f"scope must be {SCOPE_USER!r} or {SCOPE_MACHINE!r}")
-        validate_name(name)
+        if name not in _VALID_NAMES:
+            validate_name(name)
+            if len(_VALID_NAMES) < 1024:
+                _VALID_NAMES.add(name)
         if not 1 <= key_version <= MAX_VERSION:
             raise ValueError(f"key version must be in 1..{MAX_VERSION}")
         if (scope == SCOPE_USER) != (uid is not None) or not (uid is None or 0 <= uid < NO_UID):
@@ -106,9 +124,9 @@ class ProtectHeader(tuple[str, str, int, "int | None", int, bytes, bytes, str]):
             raise ValueError(f"chunk size must be in {MIN_CHUNK}..{MAX_CHUNK}")
         if len(salt) != SALT_BYTES or len(nonce_prefix) != NONCE_PREFIX_BYTES:
             raise ValueError("salt or nonce prefix has the wrong length")
-        _check_description(description)
-        fields = (scope, name, key_version, uid, chunk_size, salt, nonce_prefix, description)
-        return super().__new__(cls, fields)
+        if description:
+            _check_description(description)
+        return tuple.__new__(cls, fields)
 
     @property
     def scope(self) -> str:
@@ -165,20 +183,21 @@ class ProtectHeader(tuple[str, str, int, "int | None", int, bytes, bytes, str]):
 
     def encode(self) -> bytes:
         """The header's exact bytes (the HKDF info covers all of them)."""
-        name = self.name.encode()
-        desc = self.description.encode()
+        scope, name, version, uid, chunk_size, salt, nonce_prefix, description = self
+        raw_name = name.encode()
+        desc = description.encode()
         fixed = _FIXED.pack(
             MAGIC,
             FORMAT,
-            _SCOPE_CODES[self.scope],
-            self.key_version,
-            NO_UID if self.uid is None else self.uid,
-            self.chunk_size,
-            self.salt,
-            self.nonce_prefix,
-            len(name),
+            _SCOPE_CODES[scope],
+            version,
+            NO_UID if uid is None else uid,
+            chunk_size,
+            salt,
+            nonce_prefix,
+            len(raw_name),
         )
-        return fixed + name + _U16.pack(len(desc)) + desc
+        return fixed + raw_name + _U16.pack(len(desc)) + desc
 
 
 def read_header(read: Callable[[int], bytes]) -> tuple[ProtectHeader, bytes]:
@@ -191,51 +210,76 @@ def read_header(read: Callable[[int], bytes]) -> tuple[ProtectHeader, bytes]:
         raise _bad("it does not start with the kmsdpapi magic")
     if len(fixed) < _FIXED.size:
         raise _bad("the header is cut short")
-    _magic, fmt, scope_code, version, uid, chunk, salt, prefix, name_len = _FIXED.unpack(fixed)
-    if fmt != FORMAT:
-        raise _bad(f"unsupported format version {fmt}")
-    name_raw = _read_exactly(read, name_len)
-    desc_len_raw = _read_exactly(read, _U16.size)
-    if len(name_raw) < name_len or len(desc_len_raw) < _U16.size:
+    if fixed[len(MAGIC)] != FORMAT:
+        raise _bad(f"unsupported format version {fixed[len(MAGIC)]}")
+    # The name and the description's length in one read.
+    name_len = fixed[-1]
+    middle = _read_exactly(read, name_len + _U16.size)
+    if len(middle) < name_len + _U16.size:
         raise _bad("the header is cut short")
-    (desc_len,) = _U16.unpack(desc_len_raw)
+    (desc_len,) = _U16.unpack_from(middle, name_len)
     if desc_len > MAX_DESCRIPTION_BYTES:
         raise _bad(f"its description is longer than {MAX_DESCRIPTION_BYTES} bytes")
-    desc_raw = _read_exactly(read, desc_len)
+    desc_raw = _read_exactly(read, desc_len) if desc_len else b""
     if len(desc_raw) < desc_len:
         raise _bad("the header is cut short")
+    raw = fixed + middle + desc_raw
+    return _decode(raw, name_len), raw
+
+
+def parse_header(blob: bytes | bytearray | memoryview) -> tuple[ProtectHeader, bytes]:
+    """read_header for a blob in memory: the same header or the same error, without reads."""
+    view = memoryview(blob)
+    size = _FIXED.size
+    if len(view) >= size + _U16.size and view[: len(MAGIC)] == MAGIC and view[len(MAGIC)] == FORMAT:
+        name_len = view[size - 1]
+        end = size + name_len + _U16.size
+        if len(view) >= end:
+            desc_len = view[end - 2] << 8 | view[end - 1]
+            if desc_len <= MAX_DESCRIPTION_BYTES and len(view) >= end + desc_len:
+                raw = bytes(view[: end + desc_len])
+                return _decode(raw, name_len), raw
+    at = 0
+
+    def read(size: int) -> bytes:  # every error is read_header's, in its order
+        nonlocal at
+        part = bytes(view[at : at + size])
+        at += len(part)
+        return part
+
+    return read_header(read)
+
+
+def _decode(raw: bytes, name_len: int) -> ProtectHeader:
+    """The header whose complete bytes are `raw` (magic, format and lengths already checked)."""
+    _magic, _fmt, scope_code, version, uid, chunk, salt, prefix, _ = _FIXED.unpack_from(raw)
     scope = _CODE_SCOPES.get(scope_code)
     if scope is None:
         raise _bad(f"unknown scope code {scope_code}")
+    name_at = _FIXED.size
     try:
-        name = name_raw.decode("ascii")
-        validate_name(name)
-        description = desc_raw.decode("utf-8")
-        header = ProtectHeader(
-            scope=scope,
-            name=name,
-            key_version=version,
-            uid=None if scope == SCOPE_MACHINE and uid == NO_UID else uid,
-            chunk_size=chunk,
-            salt=salt,
-            nonce_prefix=prefix,
-            description=description,
-        )
+        name = raw[name_at : name_at + name_len].decode("ascii")  # ProtectHeader checks it
+        description = raw[name_at + name_len + _U16.size :].decode("utf-8")
+        user = None if scope == SCOPE_MACHINE and uid == NO_UID else uid
+        fields = (scope, name, version, user, chunk, salt, prefix, description)
+        header = ProtectHeader._checked(fields)
     except InvalidNameError:
         raise _bad("its name breaks the naming rules") from None
     except UnicodeDecodeError:
         raise _bad("its name or description is not valid text") from None
     except ValueError as exc:
         raise _bad(str(exc)) from None
-    raw = fixed + name_raw + desc_len_raw + desc_raw
     if header.encode() != raw:
         raise _bad("its header is not in canonical form")
-    return header, raw
+    return header
 
 
 def _read_exactly(read: Callable[[int], bytes], size: int) -> bytes:
-    parts = []
-    left = size
+    first = read(size)
+    if len(first) == size or not first:
+        return first
+    parts = [first]
+    left = size - len(first)
     while left > 0:
         part = read(left)
         if not part:

@@ -39,6 +39,7 @@ from tests.support.lighttpd import EXAMPLE_CONF, Lighttpd  # noqa: E402
 DEFAULT_PREFIX = "kmsdemo"
 NAME = "db-password"
 CGI_SCRIPT = ROOT / "examples" / "cgi" / "secret.py"
+CGI_PAGE = CGI_SCRIPT.with_name("secret_page.py")  # the page secret.py imports
 BIN = Path(sys.executable).parent
 KMSKEYS, RESOLVER = BIN / "kmskeys", BIN / "kmskeys-resolver"
 HIT_REQUESTS = 20
@@ -210,6 +211,7 @@ class Demo:
         docroot = self.tmp / "www"
         docroot.mkdir(mode=0o755)
         shutil.copy(CGI_SCRIPT, docroot / CGI_SCRIPT.name)
+        shutil.copy(CGI_PAGE, docroot / CGI_PAGE.name)
         self.web = Lighttpd(
             EXAMPLE_CONF,
             self.tmp / "lighttpd",

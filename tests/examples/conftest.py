@@ -97,6 +97,7 @@ def lighttpd_for(install: Install, tmp_path: Path, secret: str) -> Lighttpd:
     docroot = tmp_path / "www"
     docroot.mkdir(exist_ok=True)
     shutil.copy(EXAMPLES / "cgi" / "secret.py", docroot / "secret.py")
+    shutil.copy(EXAMPLES / "cgi" / "secret_page.py", docroot / "secret_page.py")
     return Lighttpd(
         EXAMPLE_CONF, tmp_path / "lighttpd", docroot=docroot, python=sys.executable,
         prefix=install.prefix, secret=secret,
@@ -111,6 +112,7 @@ def nginx_for(install: Install, tmp_path: Path, secret: str) -> NginxFcgiwrap:
     script = docroot / "secret.py"
     script.write_text(f"#!{sys.executable}\n" + (EXAMPLES / "cgi" / "secret.py").read_text())
     script.chmod(0o755)
+    shutil.copy(EXAMPLES / "cgi" / "secret_page.py", docroot / "secret_page.py")
     return NginxFcgiwrap(
         NGINX_CONF, tmp_path / "nginx", script, docroot=docroot, prefix=install.prefix,
         secret=secret,

@@ -160,13 +160,15 @@ def test_flush_then_get_asks_the_resolver_at_once(
 
 
 def test_cached_get_imports_no_argparse_re_pathlib_or_enum(session_keyring: Keyring) -> None:
-    # What the installed `kmskeys` script imports beyond a bare interpreter start (an editable
+    # What the Python CLI imports for a get beyond a bare interpreter start (an editable
     # install's finder already imports pathlib and re at every start; tests/packaging checks
-    # the absolute set in a regular install).
+    # the absolute set in a regular install). The compiled `kmskeys` answers a cached get
+    # without Python (tests/kernel/test_cli_compiled.py); `kmskeys-py` is what it falls back to.
     prefix, name = unique_prefix(), unique()
     session_keyring.add_key("user", f"{prefix}:{name}", b"cached")
     bare = imported_modules([sys.executable, "-c", "pass"])
-    got = imported_modules([KMSKEYS, "get", name, "--prefix", prefix, "--keyring", "session"])
+    python_cli = str(Path(KMSKEYS).with_name("kmskeys-py"))
+    got = imported_modules([python_cli, "get", name, "--prefix", prefix, "--keyring", "session"])
     assert "kmskeys.cli" in got
     assert not (got - bare) & SLOW_IMPORTS, sorted(got - bare)
 

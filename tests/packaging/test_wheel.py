@@ -34,6 +34,8 @@ pytestmark = pytest.mark.kernel
 OLDEST_GLIBC = (2, 17)
 OLDEST_KEYUTILS = (1, 5)
 COMPILED = ("kmskeys/_keyutils_cffi.abi3.so", "kmskeys/_hitpath.abi3.so", "resolver/kmskeys-gate")
+# The `kmskeys` command's programs (bin/, setup.py PROGRAMS): static, as the gate.
+PROGRAMS = ("kmskeys-0.1.0.data/scripts/kmskeys", "kmskeys-0.1.0.data/scripts/kmskeys-unprotect")
 
 
 @dataclass
@@ -112,8 +114,8 @@ def test_wheel_is_abi3_manylinux2014(dist: Dist) -> None:
 
 def test_no_compiled_file_needs_a_glibc_newer_than_2_17(dist: Dist, tmp_path: Path) -> None:
     with zipfile.ZipFile(dist.wheel) as wheel:
-        wheel.extractall(tmp_path, members=COMPILED)
-    for name in COMPILED:
+        wheel.extractall(tmp_path, members=COMPILED + PROGRAMS)
+    for name in COMPILED + PROGRAMS:
         needed = needed_versions(tmp_path / name)
         glibc = {v for vs in needed.values() for v in vs if v.startswith("GLIBC_")}
         keyutils = needed.get("libkeyutils.so.1", set())
@@ -122,8 +124,10 @@ def test_no_compiled_file_needs_a_glibc_newer_than_2_17(dist: Dist, tmp_path: Pa
         # libc, the dynamic loader (for __tls_get_addr) and libkeyutils: nothing else.
         others = {lib for lib in needed if not lib.startswith("ld-linux")}
         assert others <= {"libc.so.6", "libkeyutils.so.1"}, (name, sorted(needed))
-    # The gate is static: no libc symbol version, so no glibc floor at all (setup.py GATE_LINK).
-    assert needed_versions(tmp_path / "resolver" / "kmskeys-gate") == {}
+    # The gate and the command's programs are static: no libc symbol version, so no glibc floor
+    # at all (setup.py GATE_LINK).
+    for name in ("resolver/kmskeys-gate", *PROGRAMS):
+        assert needed_versions(tmp_path / name) == {}, name
     # The modules still link the host's libkeyutils (it is no manylinux library: not grafted).
     for name in COMPILED[:2]:
         assert "libkeyutils.so.1" in needed_versions(tmp_path / name), name
@@ -152,7 +156,8 @@ def test_wheel_holds_both_compiled_modules_the_script_data_and_license(dist: Dis
         "kmskeys/py.typed",
         "resolver/data/kmskeys-resolver.service",
         "resolver/data/kmskeys-firewall.service",
-        "kmskeys-0.1.0.data/scripts/kmskeys",
+        *PROGRAMS,
+        "kmskeys-0.1.0.data/scripts/kmskeys-py",
         "kmskeys-0.1.0.dist-info/licenses/LICENSE",
     ):
         assert path in names, path
@@ -172,8 +177,12 @@ def test_compiled_files_name_no_directory_of_the_build_machine(dist: Dist, tmp_p
 
     with zipfile.ZipFile(dist.wheel) as wheel:
         wheel.extractall(tmp_path)
-    compiled = [*tmp_path.glob("kmskeys/*.so"), tmp_path / "resolver" / "kmskeys-gate"]
-    assert len(compiled) == 3, compiled
+    compiled = [
+        *tmp_path.glob("kmskeys/*.so"),
+        tmp_path / "resolver" / "kmskeys-gate",
+        *(tmp_path / name for name in PROGRAMS),
+    ]
+    assert len(compiled) == 5, compiled
     for path in compiled:
         with path.open("rb") as file:
             sections = ELFFile(file).iter_sections()
@@ -191,7 +200,11 @@ def test_sdist_builds_the_wheel_and_warns_of_nothing_deprecated(dist: Dist) -> N
         names = set(sdist.getnames())
     for path in (
         "LICENSE",
-        "bin/kmskeys",
+        "bin/kmskeys.c",
+        "bin/unprotect.c",
+        "bin/common.c",
+        "bin/kmskeys.h",
+        "bin/kmskeys-py",
         "resolver/gate.c",
         "resolver/data/kmskeys-resolver.service",
     ):
@@ -221,14 +234,18 @@ def test_installed_command_gets_without_argparse_re_pathlib_or_enum(
     installed: Installed, cached: tuple[str, str, bytes], tmp_path: Path
 ) -> None:
     prefix, name, secret = cached
-    command = installed.venv / "bin" / "kmskeys"
-    assert command.read_text().splitlines()[0] == f"#!{installed.python}"
-    argv = [str(command), "get", name, "--prefix", prefix]
-    done = subprocess.run(
-        argv, env=installed.env, cwd=tmp_path, capture_output=True, timeout=30, check=False
-    )
-    assert (done.returncode, done.stdout, done.stderr) == (0, secret, b"")
-    # A regular install: the whole process, interpreter start included, imports none of them.
+    command, python_cli = installed.venv / "bin" / "kmskeys", installed.venv / "bin" / "kmskeys-py"
+    assert command.read_bytes()[:4] == b"\x7fELF"  # bin/kmskeys.c, compiled
+    assert python_cli.read_text().splitlines()[0] == f"#!{installed.python}"
+    for program in (command, python_cli):
+        argv = [str(program), "get", name, "--prefix", prefix]
+        done = subprocess.run(
+            argv, env=installed.env, cwd=tmp_path, capture_output=True, timeout=30, check=False
+        )
+        assert (done.returncode, done.stdout, done.stderr) == (0, secret, b"")
+    # The command answers a cached get without starting Python at all.
+    assert imported_modules([str(command), *argv[1:]], env=installed.env) == set()
+    # A regular install: the whole Python CLI process, interpreter start included, imports none.
     modules = imported_modules(argv, env=installed.env)
     assert "kmskeys.cli" in modules
     assert not modules & SLOW_IMPORTS, sorted(modules & SLOW_IMPORTS)

@@ -1,0 +1,60 @@
+"""kmskeys.keyutils loads its cffi module only when a call needs it, and its kernel constants are
+libkeyutils' own (they are written out so that `import kmskeys` need not load cffi): a CGI
+process (examples/cgi) pays for every module it loads, and get_secret's hit path is
+kmskeys/_hitpath.c."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from kmskeys import Keyring, keyutils
+from tests.support.names import unique_prefix
+
+pytestmark = pytest.mark.kernel
+
+CONSTANTS = [
+    "KEY_SPEC_THREAD_KEYRING",
+    "KEY_SPEC_PROCESS_KEYRING",
+    "KEY_SPEC_SESSION_KEYRING",
+    "KEY_SPEC_USER_KEYRING",
+    "KEY_SPEC_USER_SESSION_KEYRING",
+    "KEY_SPEC_GROUP_KEYRING",
+    "KEY_SPEC_REQKEY_AUTH_KEY",
+    "CLONE_NEWUSER",
+    "CLONE_NEWNS",
+]
+
+
+@pytest.mark.parametrize("name", CONSTANTS)
+def test_the_written_out_constants_are_the_librarys(name: str) -> None:
+    from kmskeys._keyutils_cffi import lib
+
+    assert getattr(keyutils, name) == getattr(lib, name)
+
+
+def test_cffi_loads_on_the_first_call_that_needs_it() -> None:
+    probe = (
+        "import sys\n"
+        "import kmskeys\n"
+        "from kmskeys import keyutils\n"
+        "before = '_cffi_backend' in sys.modules\n"
+        "uid = keyutils.current_fsuid()\n"
+        "print(before, '_cffi_backend' in sys.modules, type(keyutils.lib).__name__, uid >= 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "Lib", "True"]
+
+
+def test_a_cached_secret_in_a_new_process_never_loads_cffi(session_keyring: Keyring) -> None:
+    prefix = unique_prefix()
+    session_keyring.add_key("user", f"{prefix}:cgi", b"kmst-cgi")
+    probe = (
+        "import sys, kmskeys\n"
+        f"assert kmskeys.get_secret('cgi', prefix={prefix!r}) == b'kmst-cgi'\n"
+        "print(sorted(m for m in sys.modules if 'cffi' in m))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
