@@ -6,14 +6,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "../kmskeys/contract.h"
+
 /* A key serial, as the kernel's key_serial_t (include/linux/key.h). */
 typedef int32_t key_serial_t;
 
-/* kmskeys.contract.USER_PAYLOAD_MAX: a `user` key holds 1..32767 bytes. */
-#define PAYLOAD_MAX 32767
-/* kmskeys/names.py: MAX_NAME_BYTES, MAX_PREFIX_BYTES. */
-#define NAME_MAX_BYTES 200
-#define PREFIX_MAX_BYTES 32
+/* The generated facts (kmskeys/contract.h): a `user` key holds 1..32767 bytes; a NAME and a
+ * prefix are at most these many bytes (kmskeys/names.py). */
+#define PAYLOAD_MAX KMSKEYS_USER_PAYLOAD_MAX
+#define NAME_MAX_BYTES KMSKEYS_NAME_MAX
+#define PREFIX_MAX_BYTES KMSKEYS_PREFIX_MAX
 
 /* The program `kmskeys unprotect` runs, beside `kmskeys` (setup.py). */
 #define UNPROTECT_PROGRAM "kmskeys-unprotect"
