@@ -74,9 +74,16 @@ def test_b_cannot_unprotect_a_user_scope_blob(stored: StoredInstall) -> None:
     refused = as_user(UID_B, lambda: kmskeys.unprotect(text, prefix=stored.stored_prefix))
     assert refused["error"] == "WrongUserError"
     assert f"protected for uid {UID_A}; you are uid {UID_B}" in str(refused["message"])
-    # B rewriting the uid in the header gets B's own key, under which nothing authenticates.
+    # B rewriting the uid in the header asks for B's own key: B has none, and an unprotect
+    # never makes one; once B has one, nothing authenticates under it.
     header, _, chunks = _parts(text)
     forged = to_text(header.replace(uid=UID_B).encode() + chunks)
+    tampered = as_user(UID_B, lambda: kmskeys.unprotect(forged, prefix=stored.stored_prefix))
+    assert tampered["error"] == "UnknownKeyVersionError", tampered
+    assert not stored.entry(name, uid=UID_B).exists()
+    assert "ok" in as_user(
+        UID_B, lambda: kmskeys.protect(b"B", name=name, prefix=stored.stored_prefix)
+    )
     tampered = as_user(UID_B, lambda: kmskeys.unprotect(forged, prefix=stored.stored_prefix))
     assert tampered["error"] == "ProtectAuthenticationError", tampered
 
