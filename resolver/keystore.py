@@ -24,7 +24,6 @@ or all at once by `kmskeys-resolver stored migrate` (resolver/keystore_migrate.p
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from collections.abc import Iterator
@@ -36,13 +35,7 @@ from typing import Protocol
 from kmskeys import fileio
 from kmskeys.stored import SCOPE_MACHINE, SCOPE_USER
 from resolver import keystore_migrate as migrate
-from resolver.errors import (
-    CorruptEntryError,
-    KeystoreError,
-    UnavailableError,
-    UnknownSecretError,
-    errno_name,
-)
+from resolver.errors import CorruptEntryError, KeystoreError, UnknownSecretError
 from resolver.keystore_entry import (
     MACHINE_DIR,
     SEAL_KMS,
@@ -54,6 +47,7 @@ from resolver.keystore_entry import (
     parse_name_dir,
     parse_version,
     scope_dir,
+    write_error,
 )
 
 __all__ = [
@@ -74,8 +68,6 @@ MAX_ENTRY_BYTES = 16 * 1024
 # handler runs longer than the 60 s maximum deadline.
 STALE_TEMP_SECONDS = 600
 TEMP_PREFIX = fileio.TEMP_PREFIX
-# Out of space or not writable now: the kernel does not cache EAGAIN, so the next request retries.
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 class Reservation(Protocol):
@@ -294,16 +286,6 @@ def versions_in(dir_fd: int) -> list[int]:
     """The versions a name directory holds, ascending."""
     found = (parse_version(file_name) for file_name in os.listdir(dir_fd))
     return sorted(version for version in found if version is not None)
-
-
-def write_error(exc: OSError, root: Path) -> Exception:
-    """The refusal for a failed write below keystore_dir: EAGAIN when out of space."""
-    if exc.errno in _FULL_ERRNOS:
-        return UnavailableError(
-            f"keystore {root} cannot take a new entry ({errno_name(exc.errno or 0)}); nothing was "
-            "written and existing entries are untouched: free space, then retry"
-        )
-    return KeystoreError(f"keystore {root}: cannot write ({exc.strerror})")
 
 
 def _sweep_stale_temps(dir_fd: int) -> None:

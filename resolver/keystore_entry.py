@@ -12,15 +12,22 @@ entry is refused, never regenerated. docs/dpapi.md has the entry format.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import secrets
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 from kmskeys.errors import InvalidNameError
 from kmskeys.names import validate_name
 from kmskeys.stored import MAX_VERSION, SCOPE_MACHINE, SCOPE_USER
-from resolver.errors import CorruptEntryError
+from resolver.errors import (
+    CorruptEntryError,
+    KeystoreError,
+    UnavailableError,
+    errno_name,
+)
 
 SEAL_NONE = "none"
 SEAL_KMS = "kms"
@@ -40,6 +47,8 @@ _NO_UID = 0xFFFFFFFF
 _HEAD = struct.Struct(">6sBBBIIQHB")
 _U16 = struct.Struct(">H")
 _DIGEST = 32
+# Out of space or not writable now: the kernel does not cache EAGAIN, so the next request retries.
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def scope_dir(scope: str, uid: int | None) -> tuple[str, ...]:
@@ -198,3 +207,13 @@ def parse_flat_name(file_name: str) -> tuple[str, int] | None:
     version = parse_version(digits) if sep else None
     name = parse_name_dir(encoded) if version is not None else None
     return None if name is None or version is None else (name, version)
+
+
+def write_error(exc: OSError, root: Path) -> Exception:
+    """The refusal for a failed write below keystore_dir: EAGAIN when out of space."""
+    if exc.errno in _FULL_ERRNOS:
+        return UnavailableError(
+            f"keystore {root} cannot take a new entry ({errno_name(exc.errno or 0)}); nothing was "
+            "written and existing entries are untouched: free space, then retry"
+        )
+    return KeystoreError(f"keystore {root}: cannot write ({exc.strerror})")

@@ -16,14 +16,33 @@ from __future__ import annotations
 
 import os
 import stat
-from contextlib import suppress
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, suppress
+from pathlib import Path
+from typing import Protocol
 
 from resolver.errors import KeystoreError
-from resolver.keystore_entry import EntryId, name_dir, parse_flat_name, scope_dir
+from resolver.keystore_entry import EntryId, name_dir, parse_flat_name, scope_dir, write_error
 
-if TYPE_CHECKING:
-    from resolver.keystore import Keystore
+
+class Keystore(Protocol):
+    """What moving needs of resolver.keystore.Keystore (which imports this module)."""
+
+    root: Path
+
+    def open_dir(self, parent: int, part: str, shown: str, create: bool) -> int | None:
+        """A checked directory below keystore_dir."""
+        ...
+
+    def opened(
+        self, parts: tuple[str, ...], create: bool = False
+    ) -> AbstractContextManager[int | None]:
+        """An fd of keystore_dir/PARTS."""
+        ...
+
+    def scopes(self) -> Iterator[tuple[str, int | None]]:
+        """Every scope directory."""
+        ...
 
 
 def flat_versions(scope_fd: int, name: str) -> list[int]:
@@ -40,8 +59,6 @@ def flat_versions(scope_fd: int, name: str) -> list[int]:
 
 def move_name(store: Keystore, scope_fd: int, eid: EntryId, versions: list[int]) -> None:
     """Move the flat entries `versions` of eid's name into its own directory."""
-    from resolver.keystore import write_error
-
     where = "/".join(eid.directory())
     shown = f"{where}/{eid.name_dir()}"
     fd = store.open_dir(scope_fd, eid.name_dir(), shown, create=True)

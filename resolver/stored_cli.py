@@ -122,11 +122,20 @@ def rotate(
 
 
 def _flush(config: config_mod.Config, name: str) -> str:
-    """Flush NAME's cached keys host-wide (every uid's, and the host cache); what it did."""
+    """Flush NAME's cached keys host-wide (every uid's, and the host cache); what it did.
+
+    A rotation makes exactly the cached `#latest` answers stale (a version's key never
+    changes). flush_host(prefix, NAME) is root's `kmskeys flush NAME`; the `#latest` forms are
+    flushed by their own descriptions too, so that this holds whether or not that flush
+    reaches a name's qualified forms.
+    """
     from kmskeys.hostflush import flush_host
 
-    flushed = flush_host(config.stored_prefix, name)
-    return f"flushed {flushed.keys} cached key(s) of {flushed.uids} uid(s)"
+    keys = uids = 0
+    for form in (name, *(f"{name}{q}" for q in ("#latest", "#user#latest", "#machine#latest"))):
+        flushed = flush_host(config.stored_prefix, form)
+        keys, uids = keys + flushed.keys, max(uids, flushed.uids)
+    return f"flushed {keys} cached key(s) of {uids} uid(s)"
 
 
 def _uid(text: str) -> int:
@@ -159,7 +168,9 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 
 
 def _list(config: config_mod.Config) -> int:
-    rows = [("SCOPE", "UID", "NAME", "VERSION", "BYTES", "SEAL", "CREATED", "STATE")]
+    rows: list[tuple[str, ...]] = [
+        ("SCOPE", "UID", "NAME", "VERSION", "BYTES", "SEAL", "CREATED", "STATE")
+    ]
     for listed in Keystore(config.keystore_dir).scan():
         eid, entry = listed.id, listed.entry
         rows.append(
@@ -184,7 +195,7 @@ def _list(config: config_mod.Config) -> int:
 def _accounts(config: config_mod.Config) -> int:
     """Each uid's account, and the retired ones: whose keys they are, never a key."""
     store = Keystore(config.keystore_dir)
-    rows = [("UID", "USER", "ACCOUNT", "BOUND", "STATE")]
+    rows: list[tuple[str, ...]] = [("UID", "USER", "ACCOUNT", "BOUND", "STATE")]
     places = [(USER_DIR,)] + [(RETIRED_DIR, str(uid)) for uid in _numbers(store, (RETIRED_DIR,))]
     for place in places:
         with store.opened(place) as parent:

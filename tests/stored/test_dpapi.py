@@ -158,6 +158,25 @@ def test_rotation_keeps_old_blobs_readable(stored: StoredInstall) -> None:
         assert key.hex() not in listed.stdout and to_text(key)[7:] not in listed.stdout
 
 
+@pytest.mark.parametrize("scope", ["user", "machine"])
+def test_rotate_flushes_so_the_next_protect_uses_the_new_version(
+    stored: StoredInstall, scope: str
+) -> None:
+    # Same process, same session keyring: the first protect cached `NAME#SCOPE#latest` = 1
+    # (for the name's ttl, 300 s); rotate flushes it host-wide by itself.
+    name = unique("machine" if scope == "machine" else "rotflush")
+    prefix = stored.stored_prefix
+    first = kmskeys.protect(b"before", name=name, scope=scope, prefix=prefix)
+    assert dpapi.inspect(first).key_version == 1
+    whose = ["--machine"] if scope == "machine" else ["--uid", "0"]
+    done = run_resolver("stored", "--config", str(stored.config), "rotate", name, *whose)
+    assert done.returncode == 0, done.stderr
+    assert f"{name}: flushed " in done.stdout, done.stdout
+    again = kmskeys.protect(b"after", name=name, scope=scope, prefix=prefix)
+    assert dpapi.inspect(again).key_version == 2
+    assert [kmskeys.unprotect(t, prefix=prefix) for t in (first, again)] == [b"before", b"after"]
+
+
 def test_rotate_refuses_the_wrong_scope(stored: StoredInstall) -> None:
     config = ["stored", "--config", str(stored.config), "rotate"]
     machine = run_resolver(*config, unique("userkey"), "--machine")
