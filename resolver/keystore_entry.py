@@ -35,6 +35,7 @@ VERSION_SEP = "#"
 SLASH_IN_FILE = ":"
 USER_DIR = "user"
 MACHINE_DIR = "machine"
+RETIRED_DIR = "retired"  # retired accounts' user directories (resolver/retire.py)
 
 _MAGIC = b"KMSKST"
 _FORMAT = 1

@@ -38,9 +38,8 @@ from resolver.accounts import (
 from resolver.charges import CHARGES_DIR
 from resolver.errors import ResolverError
 from resolver.keystore import Keystore
-from resolver.keystore_entry import USER_DIR, write_error
+from resolver.keystore_entry import RETIRED_DIR, USER_DIR, write_error
 
-RETIRED_DIR = "retired"
 HOOK_PATH = Path("/usr/local/sbin/kmskeys-userdel")
 
 

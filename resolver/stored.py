@@ -36,6 +36,7 @@ from resolver.charges import Ledger, check_quota
 from resolver.config import Config
 from resolver.errors import KeystoreError, RefusedError, UnknownSecretError
 from resolver.keystore import SEAL_KMS, SEAL_NONE, Entry, EntryId, Keystore
+from resolver.keystore_entry import RETIRED_DIR
 
 
 def parse_size(callout: bytes) -> int:
@@ -143,7 +144,7 @@ class StoredBackend:
         if eid.version == 1:
             why += "; a #vN request never makes a key"
         if eid.uid is not None:
-            with self.store.opened(("retired", str(eid.uid))) as retired:
+            with self.store.opened((RETIRED_DIR, str(eid.uid))) as retired:
                 if retired is not None:
                     why += (
                         f"; uid {eid.uid} had an earlier account whose keys were retired: what it "

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kmskeys.errors import InvalidNameError
+from kmskeys.errors import InvalidNameError, KmsKeysError
 from kmskeys.names import validate_name
 from kmskeys.stored import KEY_SIZE_DEFAULT, SCOPE_MACHINE, SCOPE_USER
 from resolver import config as config_mod
@@ -31,8 +31,8 @@ from resolver.backend import Timings
 from resolver.errors import ResolverError
 from resolver.gateway import UNMETERED
 from resolver.keystore import EntryId, Keystore
-from resolver.keystore_entry import USER_DIR
-from resolver.retire import RETIRED_DIR, user_name
+from resolver.keystore_entry import RETIRED_DIR, USER_DIR
+from resolver.retire import user_name
 from resolver.stored import make_entry, parse_size, root_size
 
 # A rotation runs from a shell, not under request-key: give a KMS seal time to answer.
@@ -295,7 +295,15 @@ def _run(config: config_mod.Config, args: argparse.Namespace) -> int:
     older = "version 1 stays" if eid.version == 2 else f"versions 1-{eid.version - 1} stay"
     kept = f"; {older} available" if eid.version > 1 else ""
     print(f"{eid}: created{kept}; new protections use version {eid.version}")
-    print(f"{eid.name}: {_flush(config, eid.name)}")
+    try:
+        print(f"{eid.name}: {_flush(config, eid.name)}")
+    except (OSError, KmsKeysError) as exc:
+        print(
+            f"kmskeys-resolver stored rotate: {eid} was created, but the flush failed ({exc}): "
+            f"cached copies use version {eid.version - 1} until they expire; run kmskeys flush",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -246,3 +246,23 @@ def test_retire_flushes_every_key_cached_for_the_uid(store: StoredInstall) -> No
             assert "1 cached key(s) flushed" in done.stdout, done.stdout
             gone = child.run(1)
             assert gone in ({"ok": "KeyRevokedError"}, {"ok": "KeyNotFoundError"}), gone
+
+
+def test_retired_keys_can_be_restored(store: StoredInstall) -> None:
+    # A userdel by mistake: root retires (the hook did), then gives the keys back.
+    with _accounts() as created:
+        key_name = f"{TEST_TAG}-{secrets.token_hex(3)}-restore"
+        a_name = _name()
+        a = _useradd(a_name)
+        created.append(a_name)
+        blob = str(_run(a_name, _protect(store, key_name, b"kept"))["ok"])
+        assert _admin(store, "retire", "--user", a_name).returncode == 0
+        assert _run(a_name, _unprotect(store, blob))["error"] == "UnknownKeyVersionError"
+        listed = _admin(store, "accounts").stdout.splitlines()
+        ident = next(line.split()[2] for line in listed if line.startswith(f"{a.pw_uid} "))
+        done = _admin(store, "restore", "--uid", str(a.pw_uid), ident)
+        assert done.returncode == 0, done.stderr
+        assert _run(a_name, _unprotect(store, blob)) == {"ok": "kept"}
+        assert not (store.keystore / "retired" / str(a.pw_uid) / ident).exists()
+        again = _admin(store, "restore", "--uid", str(a.pw_uid), ident)
+        assert again.returncode == 1 and "retire them first" in again.stderr
