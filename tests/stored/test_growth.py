@@ -9,13 +9,14 @@ the uid whose request created them, and a request that cannot be answered writes
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
-from kmskeys import Keyring
+from kmskeys import Keyring, QuotaExceededError
 from tests.stored.conftest import UID_A, UID_B, _policy, as_user
 from tests.stored.harness import StoredInstall, stored_installed
 from tests.support.names import unique
@@ -29,7 +30,7 @@ def _install(**settings: Any) -> Iterator[StoredInstall]:
         yield install
 
 
-def _request(install: StoredInstall, name: str, size: str = "32") -> object:
+def _request(install: StoredInstall, name: str, size: str = "32") -> Callable[[], object]:
     """A's or B's request, as a result dict: {"ok": key length} or {"error": ...}."""
     return lambda: len(install.request(name, size))
 
@@ -98,8 +99,6 @@ def test_each_new_entry_costs_a_token_of_the_uids_bucket(session_keyring: object
 
 def _fill_quota_then_request(install: StoredInstall, name: str) -> str:
     """Fill this uid's key quota but a few bytes, then ask for a 4096-byte key."""
-    from kmskeys import QuotaExceededError
-
     ring = Keyring.session()
     for size in (4000, 1000, 250, 60, 15, 1):
         added = 0
@@ -110,10 +109,9 @@ def _fill_quota_then_request(install: StoredInstall, name: str) -> str:
                 break
             added += 1
     # Room for the request's own key (its description), never for a 4096-byte payload.
-    fillers = [k for k in ring.list() if k.describe().description.startswith("kmst-fill-0250-")]
-    fillers[0].unlink(ring)
-    import time
-
+    descriptions = {k.describe().description: k for k in ring.list()}
+    freed = sorted(d for d in descriptions if d.startswith(("kmst-fill-0250-", "kmst-fill-1000-")))
+    descriptions[freed[0]].unlink(ring)
     time.sleep(0.3)  # the key GC returns the quota asynchronously
     try:
         install.request(name, "4096")
