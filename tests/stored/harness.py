@@ -126,6 +126,9 @@ def stored_installed(
     config = root / "resolver.toml"
     write_config(config, values, names)
     done = run_resolver("install", "--config", str(config), "--rules", rules, resolver=resolver)
+    if done.returncode != 0:  # nothing installed: only the temporary tree to remove
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
     assert done.returncode == 0, done.stderr
     try:
         yield StoredInstall(
