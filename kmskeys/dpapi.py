@@ -119,7 +119,8 @@ def _read_owned(desc: bytes) -> bytes:
 
 
 def _diagnose(prefix: str, name: str, scope: str, refused: KeyRejectedError) -> Exception:
-    """Why the resolver refused a master key: a scope the policy does not give, or `refused`."""
+    """Why the resolver refused a master key: a scope the policy does not give, user keys of
+    another account, or `refused`."""
     try:
         policy = _read_owned(_description(prefix, name, StoredQuery.SCOPE, None))
     except KeyRejectedError:
@@ -131,7 +132,24 @@ def _diagnose(prefix: str, name: str, scope: str, refused: KeyRejectedError) -> 
             f"protect it with scope={held!r}, or have the admin add "
             f'[stored."{name}"] scope = "{scope}" to the resolver config'
         )
-    return refused
+    return (_account_refusal(prefix, name) if held == SCOPE_USER else None) or refused
+
+
+def _account_refusal(prefix: str, name: str) -> Exception | None:
+    """WrongUserError when this uid's user keys belong to another account (a reused uid)."""
+    try:
+        standing = _read_owned(_description(prefix, name, StoredQuery.ACCOUNT, None))
+    except KeyRejectedError:
+        return None
+    if standing not in (b"other", b"retired"):
+        return None
+    me = fsuid()
+    how = "were retired" if standing == b"retired" else "belong to another account of this uid"
+    return WrongUserError(
+        f"the keys of uid {me} on this host {how} (a uid reused after userdel, or a user "
+        f"renamed): they never open for another account; ask root to run kmskeys-resolver "
+        f"stored retire --uid {me}, which gives this account keys of its own"
+    )
 
 
 def latest_version(name: str, scope: str, prefix: str = DEFAULT_STORED_PREFIX) -> int:
@@ -160,7 +178,8 @@ def master_key(
         raise UnknownKeyVersionError(
             f"{desc.decode()}: this host's keystore has no version {version} of the {scope}-scope "
             f"key {name!r}; unprotect on the host that protected the data, or restore its keystore "
-            "(kmskeys-resolver stored list shows the versions kept)"
+            "(kmskeys-resolver stored list shows the versions kept); a user-scope blob of an "
+            "account removed since (userdel) opens only with that account's retired keys"
         ) from None
     except KeyRejectedError as exc:
         raise _diagnose(prefix, name, scope, exc) from None

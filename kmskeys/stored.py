@@ -9,10 +9,15 @@ One grammar for the client (kmskeys.dpapi builds descriptions) and the resolver 
     SELECTOR = "v" N                key version N (decimal, 1..2**31-1, no leading zero)
              | "latest"             the payload is the newest version's number, in ASCII
              | "scope"              the payload is the policy's scope for NAME (no SCOPE then)
+             | "account"            the payload is the requester's standing with its uid's
+                                    user-scope keys: "ok", "other" (they belong to another
+                                    account of the uid) or "retired" (no SCOPE then)
 
 Without a selector the payload is version 1 of the key: `stored:NAME` returns the same bytes for
-ever, rotation or not, which is the essay's contract. `#` cannot occur in a NAME
-(`[A-Za-z0-9_./@+-]`), so a qualifier is never mistaken for part of a name.
+ever, rotation or not, which is the essay's contract. Version 1 is made on a miss of NAME without
+a selector or of `#latest`; a `#vN` selector (what unprotect asks for) never makes a key. `#`
+cannot occur in a NAME (`[A-Za-z0-9_./@+-]`), so a qualifier is never mistaken for part of a
+name.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ SCOPES = (SCOPE_USER, SCOPE_MACHINE)
 QUALIFIER_SEP = "#"
 SELECT_LATEST = "latest"
 SELECT_SCOPE = "scope"
+SELECT_ACCOUNT = "account"
 MAX_VERSION = 2**31 - 1
 
 # The callout of a `stored:` request is the key size in bytes; empty means the default.
@@ -36,14 +42,19 @@ KEY_SIZE_MAX = 4096
 class StoredQuery:
     """What a `stored:` description's qualifier asks for: a key version, `latest` or `scope`."""
 
-    __slots__ = ("kind", "scope", "version")
+    __slots__ = ("explicit", "kind", "scope", "version")
 
-    KEY, LATEST, SCOPE = "key", "latest", "scope"
+    KEY, LATEST, SCOPE, ACCOUNT = "key", "latest", "scope", "account"
 
-    def __init__(self, kind: str, scope: str | None = None, version: int = 1) -> None:
+    def __init__(
+        self, kind: str, scope: str | None = None, version: int = 1, *, explicit: bool = False
+    ) -> None:
         self.kind = kind
         self.scope = scope
         self.version = version
+        # Parsed from a `#vN` selector: the key is looked up, never made on a miss. Not part
+        # of equality: `#user#v1` and `#user` name the same key.
+        self.explicit = explicit
 
     def qualifier(self) -> str:
         """The canonical qualifier text, `""` for plain version 1 with no scope."""
@@ -95,8 +106,8 @@ def parse_qualifier(qualifier: str) -> StoredQuery:
     selector = parts[0]
     if selector == SELECT_LATEST:
         return StoredQuery(StoredQuery.LATEST, scope)
-    if selector == SELECT_SCOPE and scope is None:
-        return StoredQuery(StoredQuery.SCOPE)
+    if selector in (SELECT_SCOPE, SELECT_ACCOUNT) and scope is None:
+        return StoredQuery(selector)
     digits = selector[1:]
     if (
         selector[:1] == "v"
@@ -106,9 +117,10 @@ def parse_qualifier(qualifier: str) -> StoredQuery:
         and len(digits) <= 10
         and int(digits) <= MAX_VERSION
     ):
-        return StoredQuery(StoredQuery.KEY, scope, int(digits))
+        return StoredQuery(StoredQuery.KEY, scope, int(digits), explicit=True)
     raise _invalid(
-        f"stored: qualifier {qualifier[:40]!r} must be [#user|#machine][#vN|#latest], or #scope"
+        f"stored: qualifier {qualifier[:40]!r} must be [#user|#machine][#vN|#latest], "
+        "#scope or #account"
     )
 
 

@@ -27,8 +27,10 @@ usage: kmskeys-resolver COMMAND [ARGS...]
                  the optional warm daemon: keeps a KMS client loaded for the handler
   prefetch [--config PATH] [--concurrency N] [--jitter S] [NAME ...]
                  fill the host cache from blob_dir (at boot: kmskeys-prefetch.service)
-  stored rotate NAME [--uid U | --machine] | stored list
-                 add a version of a stored: key; list the keystore (metadata only)
+  stored create|rotate NAME [--uid U | --machine] [--size N] | stored list | stored accounts
+  stored retire --uid U | stored restore --uid U ACCOUNT | stored migrate | stored userdel-hook
+                 the keystore: make or add a version of a key (rotate flushes its cached
+                 #latest), list it (metadata only), retire an account's keys (docs/dpapi.md)
   firewall ...   keep IMDS reachable by root only (see `kmskeys-resolver firewall --help`)
 """
 

@@ -1,193 +1,85 @@
-"""The host's keystore for `stored:` keys: one root-only file per (scope, uid, NAME, version).
+"""The host's keystore for `stored:` keys: root-only directories, one file per key version.
 
-    keystore_dir/user/UID/NAME#VERSION       (default keystore_dir: /var/lib/kmskeys)
-    keystore_dir/machine/NAME#VERSION
+    keystore_dir/                      root 0700 (default /var/lib/kmskeys)
+      user/UID/.account                the account the user's keys are bound to (accounts.py)
+      user/UID/NAME/VERSION            the entries of the uid's user-scope keys
+      machine/NAME/VERSION             the host's machine-scope keys
+      charges/UID                      what the uid's requests created (charges.py)
+      retired/UID/ACCOUNT/             user directories of retired accounts (retire.py)
 
-A `/` in NAME is written `:` in the file name (no name contains `:`), so each scope is one flat
-directory. Every directory must be root-owned with no group or other bits (0700), every entry
-root-owned 0600, checked on each open through file descriptors (O_NOFOLLOW below keystore_dir).
+Every directory must be root-owned with no group or other bits (0700), every entry root-owned
+0600, checked on each open through file descriptors (O_NOFOLLOW below keystore_dir). Finding a
+name's versions opens its directory by name and lists it: it costs the same with one name in
+the scope or a hundred thousand (the kernel looks a name up in a directory by hash, on ext4 and
+tmpfs alike).
 
 An entry is written once and never again: into a temp file, fsync'd, then hard-linked to its name
 (link() fails if the name exists, so of concurrent creators exactly one wins and the others read
-the winner's entry), then the directory is fsync'd (kmskeys.fileio.write_new; every open here
-goes through kmskeys.fileio too). Each entry ends with a SHA-256 of the rest: a
-corrupt or truncated entry is refused, never regenerated, since a new key would make everything
-protected under the old one unreadable. docs/dpapi.md has the entry format.
+the winner's entry), then the directory is fsync'd (kmskeys.fileio.write_new). Each entry ends
+with a SHA-256 of the rest: a corrupt or truncated entry is refused, never regenerated, since a
+new key would make everything protected under the old one unreadable. A keystore of the flat
+layout of kmskeys 0.1 (`user/UID/NAME#VERSION`) is moved to this one name by name on first use,
+or all at once by `kmskeys-resolver stored migrate` (resolver/keystore_migrate.py).
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
-import secrets
-import struct
 import time
 from collections.abc import Iterator
-from contextlib import suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from kmskeys import fileio
-from kmskeys.errors import InvalidNameError
-from kmskeys.names import validate_name
-from kmskeys.stored import MAX_VERSION, SCOPE_MACHINE, SCOPE_USER
-from resolver.errors import (
-    CorruptEntryError,
-    KeystoreError,
-    UnavailableError,
-    UnknownSecretError,
-    errno_name,
+from kmskeys.stored import SCOPE_MACHINE, SCOPE_USER
+from resolver import keystore_migrate as migrate
+from resolver.errors import CorruptEntryError, KeystoreError, UnknownSecretError
+from resolver.keystore_entry import (
+    MACHINE_DIR,
+    SEAL_KMS,
+    SEAL_NONE,
+    USER_DIR,
+    Entry,
+    EntryId,
+    parse_flat_name,
+    parse_name_dir,
+    parse_version,
+    scope_dir,
+    write_error,
 )
+
+__all__ = [
+    "MAX_ENTRY_BYTES",
+    "SEAL_KMS",
+    "SEAL_NONE",
+    "Entry",
+    "EntryId",
+    "Keystore",
+    "Listed",
+    "Reservation",
+]
 
 # keystore_dir itself may be a link (root's choice, like blob_dir); below it, nothing is.
 _ROOT_FLAGS = fileio.FOLLOW | fileio.PRIVATE
-SEAL_NONE = "none"
-SEAL_KMS = "kms"
 MAX_ENTRY_BYTES = 16 * 1024
 # A temp file older than this is a creator's leftover (killed before it linked): no live
 # handler runs longer than the 60 s maximum deadline.
 STALE_TEMP_SECONDS = 600
 TEMP_PREFIX = fileio.TEMP_PREFIX
-VERSION_SEP = "#"
-SLASH_IN_FILE = ":"
-
-_MAGIC = b"KMSKST"
-_FORMAT = 1
-_SEAL_CODES = {SEAL_NONE: 0, SEAL_KMS: 1}
-_CODE_SEALS = {code: seal for seal, code in _SEAL_CODES.items()}
-_SCOPE_CODES = {SCOPE_USER: 1, SCOPE_MACHINE: 2}
-_CODE_SCOPES = {code: scope for scope, code in _SCOPE_CODES.items()}
-_NO_UID = 0xFFFFFFFF
-# magic, format, seal, scope, uid, version, created (unix s), key size, name length
-_HEAD = struct.Struct(">6sBBBIIQHB")
-_U16 = struct.Struct(">H")
-_DIGEST = 32
-# Out of space or not writable now: the kernel does not cache EAGAIN, so the next request retries.
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
-@dataclass(frozen=True)
-class EntryId:
-    """Which key an entry holds: scope, owner uid (user scope only), name and version."""
+class Reservation(Protocol):
+    """What a new entry is charged against (resolver/charges.py): held while it is written."""
 
-    scope: str
-    uid: int | None
-    name: str
-    version: int
+    def reserve(self, size: int) -> AbstractContextManager[object]:
+        """Charge `size` bytes and one entry, or refuse; uncharged if the block raises."""
+        ...
 
-    def file_name(self) -> str:
-        """The entry's file name inside its scope directory."""
-        return f"{self.name.replace('/', SLASH_IN_FILE)}{VERSION_SEP}{self.version}"
-
-    def directory(self) -> tuple[str, ...]:
-        """The scope directory, relative to keystore_dir."""
-        return ("user", str(self.uid)) if self.scope == SCOPE_USER else ("machine",)
-
-    def __str__(self) -> str:
-        owner = f"user:{self.uid}" if self.scope == SCOPE_USER else "machine"
-        return f"{owner}/{self.name}#v{self.version}"
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One stored key: the key itself (seal "none") or its KMS ciphertext (seal "kms")."""
-
-    id: EntryId
-    created: int
-    key_size: int
-    seal: str
-    material: bytes
-    seal_key_arn: str = ""
-
-    def __repr__(self) -> str:  # never the material
-        return f"Entry({self.id}, size={self.key_size}, seal={self.seal}, created={self.created})"
-
-    def encode(self) -> bytes:
-        """The entry file's bytes, ending with the SHA-256 of everything before it."""
-        name = self.id.name.encode()
-        arn = self.seal_key_arn.encode()
-        body = (
-            _HEAD.pack(
-                _MAGIC,
-                _FORMAT,
-                _SEAL_CODES[self.seal],
-                _SCOPE_CODES[self.id.scope],
-                _NO_UID if self.id.uid is None else self.id.uid,
-                self.id.version,
-                self.created,
-                self.key_size,
-                len(name),
-            )
-            + name
-            + _U16.pack(len(arn))
-            + arn
-            + _U16.pack(len(self.material))
-            + self.material
-        )
-        return body + hashlib.sha256(body).digest()
-
-    @classmethod
-    def decode(cls, data: bytes, expected: EntryId, shown: str) -> Entry:
-        """Parse an entry file, which must be intact and be the entry `expected` names."""
-
-        def corrupt(why: str) -> CorruptEntryError:
-            return CorruptEntryError(
-                f"keystore entry {shown} is corrupt ({why}); refused and left as it is, never "
-                "regenerated: restore it from a backup (docs/dpapi.md)"
-            )
-
-        if len(data) < _HEAD.size + _DIGEST:
-            raise corrupt(f"truncated to {len(data)} bytes")
-        body, digest = data[:-_DIGEST], data[-_DIGEST:]
-        if not secrets.compare_digest(hashlib.sha256(body).digest(), digest):
-            raise corrupt("checksum mismatch")
-        magic, fmt, seal_code, scope_code, uid, version, created, size, name_len = _HEAD.unpack(
-            body[: _HEAD.size]
-        )
-        if magic != _MAGIC or fmt != _FORMAT:
-            raise corrupt("not a kmskeys keystore entry of format 1")
-        at = _HEAD.size
-        name, at = body[at : at + name_len], at + name_len
-        fields = []
-        for _ in range(2):  # seal key ARN, material
-            if at + _U16.size > len(body):
-                raise corrupt("fields run past the end")
-            (length,) = _U16.unpack(body[at : at + _U16.size])
-            at += _U16.size
-            fields.append(body[at : at + length])
-            at += length
-        if at != len(body):
-            raise corrupt("fields do not fill the entry")
-        arn, material = fields
-        seal = _CODE_SEALS.get(seal_code)
-        scope = _CODE_SCOPES.get(scope_code)
-        found = EntryId(
-            scope or "?",
-            None if uid == _NO_UID else uid,
-            name.decode("ascii", "replace"),
-            version,
-        )
-        if found != expected:
-            raise corrupt(f"it holds {found}")
-        if seal is None or (seal == SEAL_NONE) != (not arn) or not material:
-            raise corrupt("unknown seal")
-        if seal == SEAL_NONE and len(material) != size:
-            raise corrupt("key size mismatch")
-        return cls(found, created, size, seal, material, arn.decode("ascii", "replace"))
-
-
-def parse_file_name(file_name: str) -> tuple[str, int] | None:
-    """(NAME, version) of an entry file name, or None for anything else (temp files, strays)."""
-    encoded, sep, digits = file_name.rpartition(VERSION_SEP)
-    if not sep or not digits.isascii() or not digits.isdigit() or digits[0] == "0":
-        return None
-    if len(digits) > 10 or int(digits) > MAX_VERSION:
-        return None
-    try:
-        return validate_name(encoded.replace(SLASH_IN_FILE, "/")), int(digits)
-    except InvalidNameError:
-        return None
+    def release(self, size: int) -> None:
+        """Give back a charge whose entry was not ours after all (a concurrent creator won)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -223,7 +115,8 @@ class Keystore:
                 ) from None
             raise KeystoreError(str(exc)) from None
 
-    def _open_dir(self, parent: int, part: str, shown: str, create: bool) -> int | None:
+    def open_dir(self, parent: int, part: str, shown: str, create: bool) -> int | None:
+        """The checked directory `part` of `parent` (made when `create`), None if missing."""
         flags = fileio.PRIVATE | (fileio.CREATE if create else 0)
         try:
             return fileio.open_dir(part, f"keystore {shown}", flags, dir_fd=parent)
@@ -232,56 +125,70 @@ class Keystore:
                 return None
             raise KeystoreError(str(exc)) from None
         except OSError as exc:  # making it failed: out of space, read-only
-            raise _write_error(exc, self.root) from None
+            raise write_error(exc, self.root) from None
 
-    def _scope_dir(self, root: int, eid: EntryId, create: bool) -> int | None:
-        """The scope directory of `eid` (made when `create`), or None when it does not exist."""
-        parts = eid.directory()
-        fd = root
-        for index, part in enumerate(parts):
-            try:
-                child = self._open_dir(fd, part, "/".join(parts[: index + 1]), create)
-            finally:
+    @contextmanager
+    def opened(self, parts: tuple[str, ...], create: bool = False) -> Iterator[int | None]:
+        """An fd of keystore_dir/PARTS (made when `create`), or None when it does not exist;
+        closed after the block."""
+        root = self._open_root()
+        fd: int | None = root
+        try:
+            for index, part in enumerate(parts):
+                assert fd is not None
+                child = self.open_dir(fd, part, "/".join(parts[: index + 1]), create)
                 if fd != root:
                     os.close(fd)
-            if child is None:
-                return None
-            fd = child
+                fd = child
+                if fd is None:
+                    break
+            yield fd
+        finally:
+            if fd is not None and fd != root:
+                os.close(fd)
+            os.close(root)
+
+    def _name_dir(self, scope_fd: int, eid: EntryId, create: bool) -> int | None:
+        """The directory of `eid`'s name (made when `create`), moved out of the flat layout of
+        kmskeys 0.1 first if that is where the name still is."""
+        part, shown = eid.name_dir(), "/".join((*eid.directory(), eid.name_dir()))
+        fd = self.open_dir(scope_fd, part, shown, create=False)
+        if fd is None and (flat := migrate.flat_versions(scope_fd, eid.name)):
+            # Checked before any creation: a name whose entries are still flat is moved, never
+            # given a new version 1 beside its old one.
+            migrate.move_name(self, scope_fd, eid, flat)
+            fd = self.open_dir(scope_fd, part, shown, create=False)
+        if fd is None and create:
+            fd = self.open_dir(scope_fd, part, shown, create=True)
         return fd
+
+    @contextmanager
+    def _name(self, eid: EntryId, create: bool = False) -> Iterator[int | None]:
+        with self.opened(eid.directory(), create) as scope_fd:
+            fd = None if scope_fd is None else self._name_dir(scope_fd, eid, create)
+            try:
+                yield fd
+            finally:
+                if fd is not None:
+                    os.close(fd)
 
     # --- reading ------------------------------------------------------------------------------
 
     def versions(self, scope: str, uid: int | None, name: str) -> list[int]:
         """The versions kept for (scope, uid, name), ascending; [] when there are none."""
-        probe = EntryId(scope, uid, name, 1)
-        root = self._open_root()
-        try:
-            fd = self._scope_dir(root, probe, create=False)
-            if fd is None:
-                return []
-            try:
-                return _versions_in(fd, name)
-            finally:
-                os.close(fd)
-        finally:
-            os.close(root)
+        with self._name(EntryId(scope, uid, name, 1)) as fd:
+            return [] if fd is None else versions_in(fd)
 
     def read(self, eid: EntryId) -> Entry:
         """The intact entry `eid`; UnknownSecretError if it does not exist."""
-        root = self._open_root()
-        try:
-            fd = self._scope_dir(root, eid, create=False)
+        with self._name(eid) as fd:
             if fd is None:
                 raise UnknownSecretError(f"no keystore entry {eid}")
-            try:
-                return self._read_entry(fd, eid)
-            finally:
-                os.close(fd)
-        finally:
-            os.close(root)
+            return self.read_entry(fd, eid)
 
-    def _read_entry(self, dir_fd: int, eid: EntryId) -> Entry:
-        shown = "/".join((*eid.directory(), eid.file_name()))
+    def read_entry(self, dir_fd: int, eid: EntryId) -> Entry:
+        """The intact entry `eid` in its name directory `dir_fd`."""
+        shown = eid.shown()
         label = f"keystore entry {shown}"
         try:
             data = fileio.read_file(
@@ -299,92 +206,86 @@ class Keystore:
 
     # --- creating -----------------------------------------------------------------------------
 
-    def create(self, entry: Entry) -> tuple[Entry, bool]:
-        """Store `entry` unless its name exists; (the entry now stored, True if it is ours)."""
+    def create(self, entry: Entry, charge: Reservation | None = None) -> tuple[Entry, bool]:
+        """Store `entry` unless its name exists; (the entry now stored, True if it is ours).
+
+        `charge` (the requester's ledger) is charged before the entry is linked and given back
+        if the link fails or a concurrent creator won: a crash in between leaves the uid
+        charged for an entry that does not exist, never the reverse.
+        """
         data = entry.encode()
-        root = self._open_root()
-        try:
-            fd = self._scope_dir(root, entry.id, create=True)
+        with self._name(entry.id, create=True) as fd:
             if fd is None:  # removed again between our mkdir and open
                 raise KeystoreError(f"keystore {self.root}: a directory vanished as it was made")
-            try:
-                _sweep_stale_temps(fd)
+            _sweep_stale_temps(fd)
+            held = charge.reserve(len(data)) if charge is not None else nullcontext()
+            with held:
                 try:
                     won = fileio.write_new(fd, entry.id.file_name(), data, 0o600)
                 except OSError as exc:
-                    raise _write_error(exc, self.root) from None
-                if won:
-                    return entry, True
-                return self._read_entry(fd, entry.id), False
-            finally:
-                os.close(fd)
-        finally:
-            os.close(root)
+                    raise write_error(exc, self.root) from None
+                if not won and charge is not None:
+                    charge.release(len(data))
+            if won:
+                return entry, True
+            return self.read_entry(fd, entry.id), False
 
     # --- listing ------------------------------------------------------------------------------
 
     def scan(self) -> Iterator[Listed]:
         """Every entry, for `stored list`: metadata, or why it cannot be read (never raises on
         one bad entry)."""
-        root = self._open_root()
-        try:
-            for scope, uid in self._scope_dirs(root):
-                probe = EntryId(scope, uid, "x", 1)
-                fd = self._scope_dir(root, probe, create=False)
-                if fd is None:
+        for scope, uid in self.scopes():
+            with self.opened(scope_dir(scope, uid)) as scope_fd:
+                if scope_fd is None:
                     continue
-                try:
-                    for file_name in sorted(os.listdir(fd)):
-                        parsed = parse_file_name(file_name)
-                        if parsed is None:
-                            continue
-                        eid = EntryId(scope, uid, *parsed)
-                        try:
-                            yield Listed(eid, self._read_entry(fd, eid), None)
-                        except (KeystoreError, UnknownSecretError) as exc:
-                            yield Listed(eid, None, exc.reason)
-                finally:
-                    os.close(fd)
-        finally:
-            os.close(root)
+                for part in sorted(os.listdir(scope_fd)):
+                    yield from self._scan_name(scope_fd, scope, uid, part)
 
-    def _scope_dirs(self, root: int) -> Iterator[tuple[str, int | None]]:
-        if self._open_dir_exists(root, "machine"):
-            yield SCOPE_MACHINE, None
-        users = self._open_dir(root, "user", "user", create=False)
-        if users is None:
+    def _scan_name(self, scope_fd: int, scope: str, uid: int | None, part: str) -> Iterator[Listed]:
+        flat = parse_flat_name(part)
+        if flat is not None:
+            eid = EntryId(scope, uid, *flat)
+            yield Listed(
+                eid, None, "flat layout of kmskeys 0.1: run kmskeys-resolver stored migrate"
+            )
+            return
+        name = parse_name_dir(part)
+        if name is None:
+            return  # the account record, temp files
+        probe = EntryId(scope, uid, name, 1)
+        try:
+            fd = self.open_dir(scope_fd, part, "/".join((*scope_dir(scope, uid), part)), False)
+        except KeystoreError as exc:
+            yield Listed(probe, None, exc.reason)
+            return
+        if fd is None:
             return
         try:
-            uids = sorted(int(n) for n in os.listdir(users) if n.isascii() and n.isdigit())
+            for version in versions_in(fd):
+                eid = EntryId(scope, uid, name, version)
+                try:
+                    yield Listed(eid, self.read_entry(fd, eid), None)
+                except (KeystoreError, UnknownSecretError) as exc:
+                    yield Listed(eid, None, exc.reason)
         finally:
-            os.close(users)
-        for uid in uids:
+            os.close(fd)
+
+    def scopes(self) -> Iterator[tuple[str, int | None]]:
+        """(scope, uid) of every scope directory: machine, then each uid's, ascending."""
+        with self.opened((MACHINE_DIR,)) as machine:
+            if machine is not None:
+                yield SCOPE_MACHINE, None
+        with self.opened((USER_DIR,)) as users:
+            uids = [] if users is None else [n for n in os.listdir(users) if n.isdigit()]
+        for uid in sorted(int(n) for n in uids if n.isascii()):
             yield SCOPE_USER, uid
 
-    def _open_dir_exists(self, root: int, part: str) -> bool:
-        fd = self._open_dir(root, part, part, create=False)
-        if fd is None:
-            return False
-        os.close(fd)
-        return True
 
-
-def _versions_in(dir_fd: int, name: str) -> list[int]:
-    found = []
-    for file_name in os.listdir(dir_fd):
-        parsed = parse_file_name(file_name)
-        if parsed is not None and parsed[0] == name:
-            found.append(parsed[1])
-    return sorted(found)
-
-
-def _write_error(exc: OSError, root: Path) -> Exception:
-    if exc.errno in _FULL_ERRNOS:
-        return UnavailableError(
-            f"keystore {root} cannot take a new entry ({errno_name(exc.errno or 0)}); nothing was "
-            "written and existing entries are untouched: free space, then retry"
-        )
-    return KeystoreError(f"keystore {root}: cannot write ({exc.strerror})")
+def versions_in(dir_fd: int) -> list[int]:
+    """The versions a name directory holds, ascending."""
+    found = (parse_version(file_name) for file_name in os.listdir(dir_fd))
+    return sorted(version for version in found if version is not None)
 
 
 def _sweep_stale_temps(dir_fd: int) -> None:

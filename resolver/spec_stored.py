@@ -16,10 +16,12 @@ from kmskeys.stored import split_qualifier
 from resolver.backend import BackendSpec
 from resolver.errors import ConfigError
 from resolver.settings import policy, setting
-from resolver.validators import NameRule, abs_path, choice, key_arn, prefix, text
+from resolver.validators import NameRule, abs_path, choice, count, key_arn, prefix, text
 
 DEFAULT_KEYSTORE_DIR = Path(contract.DEFAULT_KEYSTORE_DIR)
 SEALS = ("none", "kms")
+MAX_ENTRIES_PER_UID = 1_000_000
+MAX_BYTES_PER_UID = 1 << 30
 
 
 @dataclass(frozen=True, init=False, repr=False, eq=False)
@@ -57,11 +59,26 @@ class StoredSettings:
         'the seal context; required with `seal = "kms"`',
         examples=('"arn:aws:ec2:eu-west-1:111122223333:instance/i-..."',),
     )
+    keystore_entries_per_uid: int = setting(
+        1000,
+        count(1, MAX_ENTRIES_PER_UID),
+        "keystore entries the requests of one uid may create (1 to 1000000): its user-scope "
+        "keys and the machine-scope keys its request made first; the next new name is refused, "
+        "nothing written (docs/dpapi.md)",
+        note="new stored: keys one uid's requests may create",
+    )
+    keystore_bytes_per_uid: int = setting(
+        1 << 20,
+        count(4096, MAX_BYTES_PER_UID),
+        "bytes of keystore entries the requests of one uid may create (4096 to 1 GiB; an entry "
+        "is its key size plus about 100 bytes, plus the ciphertext overhead when sealed)",
+        note="bytes of stored: entries one uid's requests may create",
+    )
     stored: tuple[NameRule, ...] = policy(
-        "per-name policy of `stored:` names: `ttl`, `allow_users`, `scope` (below)",
+        "per-name policy of `stored:` names: `ttl`, `allow_users`, `scope`, `key_size` (below)",
         "stored_prefix",
-        ("ttl", "allow_users", "scope"),
-        '[stored."shared/*"]\nscope = "machine"',
+        ("ttl", "allow_users", "scope", "key_size"),
+        '[stored."shared/*"]\nscope = "machine"\nkey_size = 32',
     )
 
     def check_stored(self, where: str) -> None:

@@ -5,7 +5,15 @@ bytes, and the same bytes after the key is unlinked, the keyrings cleared or the
 The callout is the key size (16..4096, empty for 32); the description's qualifier
 (kmskeys.stored) asserts a scope and picks a version, `latest` or the policy's `scope`. The
 handler has already applied `allow_users`; the scope comes from `[stored."GLOB"]` alone, and a
-user-scope key is the key of the kernel's %u, never of anything the requester says.
+user-scope key is the key of the kernel's %u, never of anything the requester says, and only
+while the uid is the account its keys were bound to (resolver/accounts.py).
+
+A new entry is made only for a request that will be answered, and only within the requester's
+means (resolver/charges.py): its uid's cap on entries and bytes, its key quota and a token of its
+bucket. Its size is never the requester's to choose for others: a machine-scope key is made at
+the policy's `key_size` (32 bytes without one) or by root's `stored create`; a user-scope key at
+the policy's `key_size`, else at the size its own user's first request asks for, since only
+that user ever uses it.
 """
 
 from __future__ import annotations
@@ -22,10 +30,13 @@ from kmskeys.stored import (
     StoredQuery,
     parse_qualifier,
 )
+from resolver.accounts import Accounts
 from resolver.backend import Budget, Context, Request, Result, Timings
+from resolver.charges import Ledger, check_quota
 from resolver.config import Config
 from resolver.errors import KeystoreError, RefusedError, UnknownSecretError
 from resolver.keystore import SEAL_KMS, SEAL_NONE, Entry, EntryId, Keystore
+from resolver.keystore_entry import RETIRED_DIR
 
 
 def parse_size(callout: bytes) -> int:
@@ -49,9 +60,10 @@ class StoredBackend:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store = Keystore(config.keystore_dir)
+        self.accounts = Accounts(self.store)
 
     def resolve(self, request: Request, context: Context) -> Result:
-        """The key (or version number, or scope) the request's description names."""
+        """The key (or version number, scope or account standing) the description names."""
         try:
             query = parse_qualifier(request.qualifier)
         except InvalidNameError as exc:
@@ -60,21 +72,22 @@ class StoredBackend:
         scope = self.config.scope_for(request.name)
         notes = context.notes
         notes["source"] = "keystore"
-        if query.kind == StoredQuery.SCOPE:
-            notes["mode"] = "scope"
-            return Result(scope.encode(), details=notes)
+        if query.kind in (StoredQuery.SCOPE, StoredQuery.ACCOUNT):
+            return self._about(query.kind, scope, request, notes)
         if query.scope is not None and query.scope != scope:
             raise RefusedError(
                 f"scope not allowed by policy: {request.name!r} is {scope}-scoped here, "
                 f"the request asks for {query.scope}"
             )
         uid = request.uid if scope == SCOPE_USER else None
+        if scope == SCOPE_USER:
+            self.accounts.check(request.uid, request.user)
         if query.kind == StoredQuery.LATEST:
-            entry = self._latest(scope, uid, request.name, size, context)
+            entry = self._latest(EntryId(scope, uid, request.name, 1), size, request, context)
             notes["mode"] = f"{scope}.latest"
             return Result(str(entry.id.version).encode(), details=notes)
         eid = EntryId(scope, uid, request.name, query.version)
-        entry, key = self._entry(eid, size, context)
+        entry, key = self._entry(eid, size, request, context, create=not query.explicit)
         self._check_size(entry, size)
         notes["mode"] = f"{scope}.v{entry.id.version}" + (
             ".sealed" if entry.seal == SEAL_KMS else ""
@@ -83,17 +96,30 @@ class StoredBackend:
             key = self._unseal(entry, context)
         return Result(key, details=notes)
 
-    def _latest(self, scope: str, uid: int | None, name: str, size: int, context: Context) -> Entry:
-        versions = self.store.versions(scope, uid, name)
+    def _about(self, kind: str, scope: str, request: Request, notes: dict[str, str]) -> Result:
+        """`#scope` (the policy's scope for NAME) or `#account` (the requester's standing)."""
+        notes["mode"] = kind
+        if kind == StoredQuery.SCOPE:
+            return Result(scope.encode(), details=notes)
+        status = self.accounts.status(request.uid, request.user)
+        # A standing changes when root retires an account: cached as briefly as a refusal.
+        return Result(status.encode(), ttl=self.config.negative_ttl, details=notes)
+
+    def _latest(self, first: EntryId, size: int, request: Request, context: Context) -> Entry:
+        versions = self.store.versions(first.scope, first.uid, first.name)
         if versions:
-            entry = self.store.read(EntryId(scope, uid, name, versions[-1]))
+            entry = self.store.read(EntryId(first.scope, first.uid, first.name, versions[-1]))
         else:
-            entry, _ = self._first(EntryId(scope, uid, name, 1), size, context)
+            # The answer is the version number: one byte of the requester's quota.
+            entry, _ = self._first(first, size, request, context, payload=1)
         self._check_size(entry, size)
         return entry
 
-    def _entry(self, eid: EntryId, size: int, context: Context) -> tuple[Entry, bytes | None]:
-        """The entry `eid`, made now if it is version 1 and none exists (with its key)."""
+    def _entry(
+        self, eid: EntryId, size: int, request: Request, context: Context, *, create: bool
+    ) -> tuple[Entry, bytes | None]:
+        """The entry `eid`, made now if it is version 1, none exists and `create` (with its
+        key)."""
         try:
             return self.store.read(eid), None
         except UnknownSecretError:
@@ -101,18 +127,30 @@ class StoredBackend:
         versions = self.store.versions(eid.scope, eid.uid, eid.name)
         if eid.version in versions:  # a concurrent request created it since we looked
             return self.store.read(eid), None
-        if eid.version != 1:
-            raise UnknownSecretError(
-                f"no version {eid.version} of {eid.name!r} ({eid.scope} scope"
-                f"{'' if eid.uid is None else f', uid {eid.uid}'}); versions kept: "
-                f"{', '.join(map(str, versions)) or 'none'}"
-            )
+        if eid.version != 1 or not create:
+            raise UnknownSecretError(self._unknown(eid, versions))
         if versions:
             raise KeystoreError(
                 f"keystore entry {eid} is missing while later versions exist; it is never "
                 "recreated: restore it from a backup"
             )
-        return self._first(eid, size, context)
+        return self._first(eid, size, request, context, payload=size)
+
+    def _unknown(self, eid: EntryId, versions: list[int]) -> str:
+        kept = ", ".join(map(str, versions)) or "none"
+        owner = "" if eid.uid is None else f", uid {eid.uid}"
+        why = f"no version {eid.version} of {eid.name!r} ({eid.scope} scope{owner})"
+        why += f"; versions kept: {kept}"
+        if eid.version == 1:
+            why += "; a #vN request never makes a key"
+        if eid.uid is not None:
+            with self.store.opened((RETIRED_DIR, str(eid.uid))) as retired:
+                if retired is not None:
+                    why += (
+                        f"; uid {eid.uid} had an earlier account whose keys were retired: what it "
+                        "protected opens only with those (kmskeys-resolver stored accounts)"
+                    )
+        return why
 
     def _check_size(self, entry: Entry, size: int) -> None:
         if entry.key_size != size:
@@ -121,17 +159,35 @@ class StoredBackend:
                 f"for {size}; a stored key is never recreated, so ask for {entry.key_size}"
             )
 
-    def _first(self, eid: EntryId, size: int, context: Context) -> tuple[Entry, bytes | None]:
-        """Create `eid` unless a concurrent request did; the entry kept, and its key if ours."""
+    def _first(
+        self, eid: EntryId, asked: int, request: Request, context: Context, *, payload: int
+    ) -> tuple[Entry, bytes | None]:
+        """Create `eid` unless a concurrent request did; the entry kept, and its key if ours.
+
+        Every check that can refuse comes before anything is written: the size, the uid's cap,
+        the requester's key quota (room for `payload`, the answer), its bucket.
+        """
+        config = self.config
+        size = made_size(config, eid, asked)
+        ledger = Ledger(
+            self.store, request.uid, config.keystore_entries_per_uid, config.keystore_bytes_per_uid
+        )
+        ledger.check(len(Entry(eid, 0, size, SEAL_NONE, bytes(size)).encode()))
+        check_quota(request.uid, payload)
+        if config.seal != SEAL_KMS:
+            # The creation's token; a sealed creation spends its Encrypt's.
+            context.budget.spend()
+        if eid.scope == SCOPE_USER:
+            self.accounts.bind(request.uid, request.user)
         entry, key = make_entry(
-            self.config,
+            config,
             eid,
             size,
             budget=context.budget,
             deadline=context.deadline,
             timings=context.timings,
         )
-        stored, ours = self.store.create(entry)
+        stored, ours = self.store.create(entry, ledger)
         if ours:
             context.notes["source"] = "keystore-new"
             return stored, key
@@ -144,6 +200,48 @@ class StoredBackend:
 
         seal = KmsSeal(self.config, context.budget, context.deadline, context.timings)
         return seal.unseal(entry)
+
+
+def policy_size(config: Config, name: str) -> tuple[int, str] | None:
+    """The policy's `key_size` for NAME, and where it says so; None when it sets none."""
+    rule = config.rule_for(name, config.stored_prefix)
+    if rule is None or rule.key_size is None:
+        return None
+    return rule.key_size, f'policy [stored."{rule.pattern}"] key_size'
+
+
+def made_size(config: Config, eid: EntryId, asked: int) -> int:
+    """The size a requester's new entry `eid` is made at: the policy's `key_size`; else 32 for
+    machine scope, or what the key's own user asks (`asked`) for user scope. A request for
+    another size is refused before anything is made."""
+    policy = policy_size(config, eid.name)
+    if policy is None and eid.scope == SCOPE_USER:
+        return asked
+    made, why = policy or (
+        KEY_SIZE_DEFAULT,
+        "the default for machine scope without a policy key_size",
+    )
+    if asked != made:
+        raise RefusedError(
+            f"bad size: {eid.scope}-scope key {eid.name!r} is made {made} bytes here ({why}), "
+            f"the request asks for {asked}; no requester chooses the size of a key: ask for "
+            f"{made}, or root makes it with kmskeys-resolver stored create --size"
+        )
+    return made
+
+
+def root_size(config: Config, name: str, asked: int | None, fallback: int) -> int:
+    """The size of a key root's `stored create` or `rotate` makes: the policy's `key_size`
+    (refusing another `asked`), else `asked`, else `fallback`."""
+    policy = policy_size(config, name)
+    if policy is None:
+        return fallback if asked is None else asked
+    if asked is not None and asked != policy[0]:
+        raise RefusedError(
+            f"--size {asked}: {name!r} is {policy[0]} bytes by {policy[1]}; change the policy, "
+            "or leave out --size"
+        )
+    return policy[0]
 
 
 def make_entry(

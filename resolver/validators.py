@@ -14,7 +14,7 @@ from typing import Any
 
 from kmskeys.errors import InvalidNameError
 from kmskeys.names import validate_prefix
-from kmskeys.stored import SCOPES
+from kmskeys.stored import KEY_SIZE_MAX, KEY_SIZE_MIN, SCOPES
 from resolver.errors import ConfigError
 
 Check = Callable[[object, str], Any]
@@ -38,6 +38,8 @@ class NameRule:
     allow_users: tuple[str, ...] | None = None
     # `[stored."GLOB"]` only: whose key a name is, one per uid ("user") or one per host.
     scope: str | None = None
+    # `[stored."GLOB"]` only: the size in bytes of the keys made for these names.
+    key_size: int | None = None
 
     def allows(self, user: str | None, uid: int) -> bool:
         """True if this rule lets `user` (name, may be None) with `uid` have the secret."""
@@ -223,6 +225,7 @@ RULE_CHECKS: dict[str, Check] = {
     "ttl": seconds(1, MAX_TTL),
     "allow_users": users,
     "scope": choice(SCOPES),
+    "key_size": count(KEY_SIZE_MIN, KEY_SIZE_MAX),
 }
 
 

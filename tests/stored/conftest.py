@@ -21,9 +21,13 @@ from tests.stored.harness import StoredInstall, stored_installed
 from tests.support.names import TEST_TAG
 from tests.support.reach import reach_checkout
 
-# Names matching these globs are machine-scoped, or kept for user A alone.
+# Names matching these globs are machine-scoped, or kept for user A alone; the sized ones are
+# made at SIZED bytes by policy (machine scope, and user scope).
 MACHINE_GLOB = f"{TEST_TAG}-*-machine-*"
 A_ONLY_GLOB = f"{TEST_TAG}-*-aonly-*"
+SIZED_MACHINE_GLOB = f"{TEST_TAG}-*-msized-*"
+SIZED_USER_GLOB = f"{TEST_TAG}-*-usized-*"
+SIZED = 48
 # Two uids with no passwd entry and no keys: the kernel needs nothing more to keep them apart.
 # Below 2**31: a requester with a larger fsuid never reaches the handler on this kernel.
 UID_A = 2_000_000_000 + secrets.randbelow(1_000_000)
@@ -79,6 +83,8 @@ def _policy() -> str:
     return (
         f'\n[stored."{MACHINE_GLOB}"]\nscope = "machine"\n'
         f'\n[stored."{A_ONLY_GLOB}"]\nallow_users = [{UID_A}]\n'
+        f'\n[stored."{SIZED_MACHINE_GLOB}"]\nscope = "machine"\nkey_size = {SIZED}\n'
+        f'\n[stored."{SIZED_USER_GLOB}"]\nkey_size = {SIZED}\n'
     )
 
 

@@ -60,7 +60,11 @@ class StoredInstall:
     def entry(self, name: str, version: int = 1, uid: int | None = 0) -> Path:
         """Where the keystore keeps (user uid | machine, name, version)."""
         where = self.keystore / ("machine" if uid is None else f"user/{uid}")
-        return where / f"{name.replace('/', ':')}#{version}"
+        return where / name.replace("/", ":") / str(version)
+
+    def entries_of(self, name: str) -> list[Path]:
+        """Every file in a directory of `name` (any scope or uid), temp files included."""
+        return [p for p in self.files() if p.parent.name == name.replace("/", ":")]
 
     def files(self) -> list[Path]:
         """Every file below the keystore (entries and any temp files), sorted."""
@@ -122,6 +126,9 @@ def stored_installed(
     config = root / "resolver.toml"
     write_config(config, values, names)
     done = run_resolver("install", "--config", str(config), "--rules", rules, resolver=resolver)
+    if done.returncode != 0:  # nothing installed: only the temporary tree to remove
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
     assert done.returncode == 0, done.stderr
     try:
         yield StoredInstall(

@@ -74,9 +74,16 @@ def test_b_cannot_unprotect_a_user_scope_blob(stored: StoredInstall) -> None:
     refused = as_user(UID_B, lambda: kmskeys.unprotect(text, prefix=stored.stored_prefix))
     assert refused["error"] == "WrongUserError"
     assert f"protected for uid {UID_A}; you are uid {UID_B}" in str(refused["message"])
-    # B rewriting the uid in the header gets B's own key, under which nothing authenticates.
+    # B rewriting the uid in the header asks for B's own key: B has none, and an unprotect
+    # never makes one; once B has one, nothing authenticates under it.
     header, _, chunks = _parts(text)
     forged = to_text(header.replace(uid=UID_B).encode() + chunks)
+    tampered = as_user(UID_B, lambda: kmskeys.unprotect(forged, prefix=stored.stored_prefix))
+    assert tampered["error"] == "UnknownKeyVersionError", tampered
+    assert not stored.entry(name, uid=UID_B).exists()
+    assert "ok" in as_user(
+        UID_B, lambda: kmskeys.protect(b"B", name=name, prefix=stored.stored_prefix)
+    )
     tampered = as_user(UID_B, lambda: kmskeys.unprotect(forged, prefix=stored.stored_prefix))
     assert tampered["error"] == "ProtectAuthenticationError", tampered
 
@@ -149,6 +156,25 @@ def test_rotation_keeps_old_blobs_readable(stored: StoredInstall) -> None:
     for version in (1, 2):
         key = stored.entry(name, version, UID_A).read_bytes()[-64:-32]
         assert key.hex() not in listed.stdout and to_text(key)[7:] not in listed.stdout
+
+
+@pytest.mark.parametrize("scope", ["user", "machine"])
+def test_rotate_flushes_so_the_next_protect_uses_the_new_version(
+    stored: StoredInstall, scope: str
+) -> None:
+    # Same process, same session keyring: the first protect cached `NAME#SCOPE#latest` = 1
+    # (for the name's ttl, 300 s); rotate flushes it host-wide by itself.
+    name = unique("machine" if scope == "machine" else "rotflush")
+    prefix = stored.stored_prefix
+    first = kmskeys.protect(b"before", name=name, scope=scope, prefix=prefix)
+    assert dpapi.inspect(first).key_version == 1
+    whose = ["--machine"] if scope == "machine" else ["--uid", "0"]
+    done = run_resolver("stored", "--config", str(stored.config), "rotate", name, *whose)
+    assert done.returncode == 0, done.stderr
+    assert f"{name}: flushed " in done.stdout, done.stdout
+    again = kmskeys.protect(b"after", name=name, scope=scope, prefix=prefix)
+    assert dpapi.inspect(again).key_version == 2
+    assert [kmskeys.unprotect(t, prefix=prefix) for t in (first, again)] == [b"before", b"after"]
 
 
 def test_rotate_refuses_the_wrong_scope(stored: StoredInstall) -> None:

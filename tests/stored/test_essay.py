@@ -60,7 +60,7 @@ def test_essay_flow_from_the_shell(stored: StoredInstall) -> None:
     mine = [stored.log.wait_for(name) for _ in range(4)]
     assert "source=keystore-new" in mine[0] and "mode=user.v1" in mine[0]
     assert all("source=keystore " in line for line in mine[1:])
-    assert [p for p in stored.files() if name in p.name] == [stored.entry(name)]
+    assert stored.entries_of(name) == [stored.entry(name)]
     assert first not in "".join(mine)  # no key material in the log
 
 
@@ -104,7 +104,7 @@ def test_other_size_than_the_stored_key_is_refused_never_recreated(stored: Store
     line = stored.log.wait_for(name)
     assert "is 32 bytes, the request asks for 64" in line
     assert entry.read_bytes() == kept
-    assert [p for p in stored.files() if name in p.name] == [entry]
+    assert stored.entries_of(name) == [entry]
     Keyring.join_session()
     assert stored.request(name, "32") == key
 

@@ -24,7 +24,7 @@ from resolver.install import rule_line
 from tests.stored.harness import StoredInstall, stored_installed, write_config
 from tests.support.names import unique, unique_prefix
 from tests.support.prereqs import REQUEST_KEY_D
-from tests.upcall.harness import RESOLVER
+from tests.upcall.harness import RESOLVER, run_resolver
 
 pytestmark = pytest.mark.upcall
 
@@ -69,7 +69,7 @@ def test_fifty_parallel_first_requests_make_one_entry(stored: StoredInstall) -> 
             digests.append(pipe.read().decode())
         os.waitpid(pid, 0)
     assert len(digests) == HERD and len(set(digests)) == 1, set(digests)
-    assert [p for p in stored.files() if name in p.name] == [stored.entry(name)]
+    assert stored.entries_of(name) == [stored.entry(name)]
     assert not _temps(stored)
     # The log may lose a line or two under a herd (the syslog socket's queue is short and the
     # resolver never blocks on it), but no request failed and at most one created the entry.
@@ -115,9 +115,12 @@ def test_sigkill_between_write_and_link_leaves_no_entry(stored: StoredInstall) -
     assert "source=keystore-new" in stored.log.wait_for(name)
     Keyring.join_session()
     assert stored.request(name) == key
-    # A leftover older than any handler can live is swept by the next creation in its directory.
+    # A leftover older than any handler can live is swept by the next creation in its directory
+    # (the name's: here, a rotation).
     os.utime(leftovers[0], (time.time() - 3600, time.time() - 3600))
-    stored.request(unique("sweeper"))
+    config = ["stored", "--config", str(stored.config)]
+    done = run_resolver(*config, "rotate", name, "--uid", "0")
+    assert done.returncode == 0, done.stderr
     assert not leftovers[0].exists()
 
 
@@ -150,7 +153,7 @@ def test_corrupt_entry_is_refused_and_left_untouched(
         line = stored.log.wait_for(name)
         assert line.startswith(ERR) and "is corrupt" in line and "never regenerated" in line
     assert entry.read_bytes() == damaged and entry.stat().st_mtime_ns == mtime
-    assert [p for p in stored.files() if name in p.name] == [entry]
+    assert stored.entries_of(name) == [entry]
     # Restored from a backup, the same key answers again.
     entry.write_bytes(intact)
     Keyring.join_session()
@@ -247,6 +250,8 @@ def _symlink(path: Path) -> None:
         ("root", _chown(1), "unsafe"),
         ("scope", _chmod(0o750), "unsafe"),
         ("scope", _symlink, "link"),
+        ("name", _chmod(0o750), "unsafe"),
+        ("name", _symlink, "link"),
         ("entry", _chmod(0o644), "unsafe"),
         ("entry", _chmod(0o640), "unsafe"),
         ("entry", _chown(1), "unsafe"),
@@ -259,7 +264,8 @@ def test_unsafe_keystore_is_refused(
     name = unique("unsafe")
     key = stored.request(name)
     entry = stored.entry(name)
-    target = {"root": stored.keystore, "scope": entry.parent, "entry": entry}[where]
+    places = {"root": stored.keystore, "scope": entry.parent.parent, "name": entry.parent}
+    target = places.get(where, entry)
     st = target.stat()
     damage(target)
     stored.log.wait_for(name)  # the creation's line, out of the way

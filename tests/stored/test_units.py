@@ -24,7 +24,8 @@ from kmskeys.protectblob import (
 from kmskeys.stored import StoredQuery, parse_qualifier, split_qualifier, stored_description
 from resolver import config as config_mod
 from resolver.errors import ConfigError, CorruptEntryError, RefusedError
-from resolver.keystore import Entry, EntryId, parse_file_name
+from resolver.keystore import Entry, EntryId
+from resolver.keystore_entry import parse_flat_name, parse_name_dir, parse_version
 from resolver.registry import split_description
 from resolver.stored import parse_size
 
@@ -122,6 +123,10 @@ def test_stored_config() -> None:
         (b'[names."x"]\nscope = "machine"\n', "unknown key 'scope'"),
         (b'[stored."x"]\nscope = "host"\n', "scope must be one of user, machine"),
         (b'[stored."x"]\nsize = 32\n', "unknown key 'size'"),
+        (b'[stored."x"]\nkey_size = 15\n', "key_size"),
+        (b'[names."x"]\nkey_size = 32\n', "unknown key 'key_size'"),
+        (b"keystore_entries_per_uid = 0\n", "keystore_entries_per_uid"),
+        (b"keystore_bytes_per_uid = 100\n", "keystore_bytes_per_uid"),
         (b'stored_prefix = "kms"\n', "stored_prefix must differ"),
         (b'seal = "kms"\nseal_key_arn = "arn:aws:kms:us-east-1:111122223333:key/k"\n', "seal_host"),
         (b'seal = "tpm"\n', "seal must be one of none, kms"),
@@ -152,11 +157,18 @@ def _entry(**changes: object) -> Entry:
 
 def test_entry_round_trip_and_name() -> None:
     entry = _entry()
-    assert entry.id.file_name() == "app:db#2" and entry.id.directory() == ("user", "1000")
+    assert entry.id.directory() == ("user", "1000")
+    assert (entry.id.name_dir(), entry.id.file_name()) == ("app:db", "2")
+    assert entry.id.shown() == "user/1000/app:db/2" and entry.id.flat_name() == "app:db#2"
     assert Entry.decode(entry.encode(), entry.id, "t") == entry
-    assert parse_file_name("app:db#2") == ("app/db", 2)
+    assert parse_flat_name("app:db#2") == ("app/db", 2)
+    assert (parse_name_dir("app:db"), parse_version("2")) == ("app/db", 2)
     for stray in (".tmp-1-ab", "app:db#02", "app:db#0", "app:db", "..#1", "a#99999999999"):
-        assert parse_file_name(stray) is None
+        assert parse_flat_name(stray) is None
+    for stray in (".account", ".tmp-1-ab", "..", "a#1", ""):
+        assert parse_name_dir(stray) is None
+    for stray in ("02", "0", "", "99999999999", ".tmp-1-ab", "1a"):
+        assert parse_version(stray) is None
     sealed = _entry(seal="kms", material=b"\x01" * 180, seal_key_arn="arn:aws:kms:r:1:key/k")
     assert Entry.decode(sealed.encode(), sealed.id, "t") == sealed
     assert "material" not in repr(sealed) and "\\x01" not in repr(sealed)
