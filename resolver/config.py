@@ -30,6 +30,7 @@ from resolver.settings import (
     toml_keys,
 )
 from resolver.spec_kms import DEFAULT_BLOB_DIR, KmsSettings
+from resolver.spec_pass import PassSettings
 from resolver.spec_stored import DEFAULT_KEYSTORE_DIR, StoredSettings
 from resolver.validators import NameRule, abs_path, choice
 
@@ -62,7 +63,13 @@ OBSOLETE: dict[str, tuple[tuple[str, ...], str]] = {
 
 @dataclass(frozen=True)
 class Config(
-    StoredSettings, KmsSettings, HostCacheSettings, LimitSettings, AwsSettings, CoreSettings
+    PassSettings,
+    StoredSettings,
+    KmsSettings,
+    HostCacheSettings,
+    LimitSettings,
+    AwsSettings,
+    CoreSettings,
 ):
     """Validated resolver settings (docs/resolver.md lists each key)."""
 
@@ -81,10 +88,17 @@ class Config(
         """The first policy section whose glob matches `name`: `[names."GLOB"]` for a `kms:`
         name (the default), the table of the backend serving `prefix` otherwise."""
         rules = self.names
-        for prefix_setting, table in _POLICY_TABLES:
+        for prefix_setting, table, _ in _POLICY_TABLES:
             if prefix is not None and getattr(self, prefix_setting) == prefix:
                 rules = getattr(self, table)
         return next((r for r in rules if fnmatch.fnmatchcase(name, r.pattern)), None)
+
+    def policy_table(self, prefix: str | None) -> str:
+        """The TOML name of the policy table that governs names under `prefix`."""
+        return next(
+            (key for setting, _, key in _POLICY_TABLES if getattr(self, setting) == prefix),
+            "names",
+        )
 
     def ttl_for(self, name: str, prefix: str | None = None) -> int:
         """Seconds a resolved key for `name` stays cached."""
@@ -104,6 +118,7 @@ COMPONENTS = (
     Component("per-uid limits", LimitSettings),
     Component("the host cache", HostCacheSettings),
     Component("the stored: backend (the keystore, docs/dpapi.md)", StoredSettings),
+    Component("the pass: backend (a user's password store, docs/tokens.md)", PassSettings),
 )
 # TOML key -> (field name, validator), from every component's declaration.
 _KEYS = {
@@ -112,11 +127,13 @@ _KEYS = {
     for f, meta in declared(component.settings)
     for key in toml_keys(f, meta)
 }
-# (prefix setting, policy table) of each backend.
+# (prefix setting, policy table field, its TOML name) of each backend.
 _POLICY_TABLES = tuple(
-    (meta.prefix_setting, f.name) for f, meta in declared(Config) if meta.rule_keys
+    (meta.prefix_setting, f.name, toml_keys(f, meta)[0])
+    for f, meta in declared(Config)
+    if meta.rule_keys
 )
-_PREFIX_SETTINGS = tuple(setting for setting, _ in _POLICY_TABLES)
+_PREFIX_SETTINGS = tuple(setting for setting, _, _ in _POLICY_TABLES)
 
 
 def known_keys() -> tuple[str, ...]:

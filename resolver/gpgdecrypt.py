@@ -1,8 +1,8 @@
 """Running gpg as the requesting user: decrypt one opened `pass:` entry, bounded, never a prompt.
 
-The other half of resolver/passstore.py (which finds and opens the entry as the user). gpg
+The other half of resolver/passentry.py (which finds and opens the entry as the user). gpg
 rather than the `pass` script: no shell, no `PASSWORD_STORE_GPG_OPTS` or extensions, one
-process, and the file gpg reads (on its stdin) is the file passstore checked.
+process, and the file gpg reads (on its stdin) is the file passentry checked.
 
 - gpg runs with the user's uid, gid and groups, in a process group of its own, with a clean
   environment (PassLocation.environment: the user's HOME, never the requester's environment).
@@ -27,7 +27,7 @@ import time
 from contextlib import suppress
 
 from resolver.errors import UnavailableError
-from resolver.passstore import (
+from resolver.passentry import (
     AgentLockedError,
     AgentNotRunningError,
     GpgMissingError,
