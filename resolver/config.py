@@ -32,6 +32,7 @@ from resolver.settings import (
 from resolver.spec_kms import DEFAULT_BLOB_DIR, KmsSettings
 from resolver.spec_pass import PassSettings
 from resolver.spec_stored import DEFAULT_KEYSTORE_DIR, StoredSettings
+from resolver.spec_token import Pkcs11Settings
 from resolver.validators import NameRule, abs_path, choice
 
 __all__ = [
@@ -63,6 +64,7 @@ OBSOLETE: dict[str, tuple[tuple[str, ...], str]] = {
 
 @dataclass(frozen=True)
 class Config(
+    Pkcs11Settings,
     PassSettings,
     StoredSettings,
     KmsSettings,
@@ -119,6 +121,9 @@ COMPONENTS = (
     Component("the host cache", HostCacheSettings),
     Component("the stored: backend (the keystore, docs/dpapi.md)", StoredSettings),
     Component("the pass: backend (a user's password store, docs/tokens.md)", PassSettings),
+    Component(
+        "the token: backend and the pkcs11 seal (a PKCS#11 token, docs/tokens.md)", Pkcs11Settings
+    ),
 )
 # TOML key -> (field name, validator), from every component's declaration.
 _KEYS = {
@@ -213,6 +218,7 @@ def _check(config: Config, where: str) -> None:
     """The rules that tie settings together, within a component and across them."""
     config.check_kms(where)
     config.check_stored(where)
+    config.check_token(where, config.seal)
     if config.discovery and not config.region_list:
         raise ConfigError(f"{where}: discovery needs region (or regions)")
     for arn in config.key_arns:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kmskeys.errors import InvalidNameError
-from resolver import spec_kms, spec_pass, spec_stored
+from resolver import spec_kms, spec_pass, spec_stored, spec_token
 from resolver.backend import Backend, BackendSpec
 from resolver.errors import ConfigError
 
@@ -39,11 +39,18 @@ def _pass(config: Config) -> Backend:
     return PassBackend(config)
 
 
+def _token(config: Config) -> Backend:
+    from resolver.tokenbackend import TokenBlobBackend
+
+    return TokenBlobBackend(config)
+
+
 # In order: the first is the default prefix's (`kms:`), named by a description that fits none.
 SHIPPED: tuple[tuple[BackendSpec, Callable[[Config], Backend]], ...] = (
     (spec_kms.SPEC, _kms),
     (spec_stored.SPEC, _stored),
     (spec_pass.SPEC, _pass),
+    (spec_token.SPEC, _token),
 )
 
 

@@ -9,7 +9,6 @@ requester's environment nor a file of the user's (docs/tokens.md).
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,8 @@ MIN_DEADLINE_SHARE = 0.1
 
 def path_template(value: object, where: str) -> str:
     """An absolute path, or one that starts with `{home}`, using only {home}, {user}, {uid}."""
+    import string  # only when a config sets a template: not on every miss's import path
+
     found = text(value, where)
     try:
         parts = list(string.Formatter().parse(found))
