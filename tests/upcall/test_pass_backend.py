@@ -22,7 +22,7 @@ from tests.support.names import unique_prefix
 from tests.support.passgpg import PassOwner, missing, pass_user, scratch
 from tests.support.requester import Requester, as_user
 
-pytestmark = pytest.mark.upcall
+pytestmark = [pytest.mark.upcall, pytest.mark.tokens]
 
 PASS_TTL = 120
 SECRET_BYTES = (b"hunter2", b"alice", b"example.invalid", b"linked", b"not yours")
