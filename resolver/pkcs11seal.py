@@ -295,7 +295,9 @@ def _classify(exc: BaseException, step: str, settings: TokenSettings) -> Excepti
     gone = (p11.DeviceRemoved, p11.TokenNotPresent, p11.TokenNotRecognised, p11.DeviceError,
             p11.SessionHandleInvalid, p11.SessionClosed, p11.SlotIDInvalid, p11.DeviceMemory,
             p11.HostMemory, p11.FunctionFailed, p11.NoSuchToken, p11.FunctionCancelled)  # fmt: skip
-    if isinstance(exc, gone):
+    # CKR_GENERAL_ERROR: at the decryption, what a token answers to a wrapped key it cannot
+    # unwrap (SoftHSM2); anywhere else, a device in trouble, not a refusal to cache.
+    if isinstance(exc, gone) or (isinstance(exc, p11.GeneralError) and step != "decrypt"):
         return TokenUnavailableError(f"{where}: the token is not reachable ({type(exc).__name__})")
     if isinstance(exc, p11.PinIncorrect):
         return TokenPinError(
@@ -309,7 +311,7 @@ def _classify(exc: BaseException, step: str, settings: TokenSettings) -> Excepti
         )
     if isinstance(exc, p11.NoSuchKey | p11.MultipleObjectsReturned):
         return TokenRefusedError(
-            f"{where}: no single private key labelled {settings.key_label!r} ({type(exc).__name__})"
+            f"{where}: no single key labelled {settings.key_label!r} ({type(exc).__name__})"
         )
     if isinstance(exc, p11.EncryptedDataInvalid | p11.EncryptedDataLenRange | p11.GeneralError):
         return TokenRefusedError(f"{where}: the token could not unwrap the data key")

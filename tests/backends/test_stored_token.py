@@ -16,7 +16,7 @@ from resolver.pkcs11seal import TokenRefusedError
 from resolver.stored import StoredBackend
 from tests.backends.contract import MemoryBudget
 from tests.backends.test_stored import TestStoredBackend
-from tests.support.softhsm import Token, missing, system_token
+from tests.support.softhsm import Token, missing, refresh_in_process, system_token
 
 pytestmark = [pytest.mark.tokens, pytest.mark.usefixtures("as_root")]
 
@@ -28,6 +28,7 @@ def token() -> Iterator[Token]:
     if lacking:
         pytest.fail("the token seal cannot be tested here; missing: " + "; ".join(lacking))
     with system_token() as made:
+        refresh_in_process(made.module)  # this process may have initialised SoftHSM before
         yield made
 
 

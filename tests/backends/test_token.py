@@ -23,7 +23,7 @@ from resolver.policy import user_name
 from resolver.tokenbackend import TokenBlobBackend
 from tests.backends.contract import BackendContract, MemoryBudget, MemoryCache
 from tests.support.names import unique
-from tests.support.softhsm import Token, missing, system_token
+from tests.support.softhsm import Token, missing, refresh_in_process, system_token
 
 pytestmark = [pytest.mark.tokens, pytest.mark.usefixtures("as_root")]
 
@@ -37,6 +37,7 @@ def token() -> Iterator[Token]:
     if lacking:
         pytest.fail("the token: contract cannot run here; missing: " + "; ".join(lacking))
     with system_token() as made:
+        refresh_in_process(made.module)  # this process may have initialised SoftHSM before
         yield made
 
 

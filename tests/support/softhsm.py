@@ -158,6 +158,18 @@ def softhsm_token(base: Path) -> Iterator[Token]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def refresh_in_process(module: str) -> None:
+    """Let this process's SoftHSM see the tokens there are now: SoftHSM reads its token
+    directory at C_Initialize, so a process that initialised it before a token was made (an
+    earlier test's) finalises and initialises it again. A resolver handler is a new process
+    for every miss and never needs this."""
+    import pkcs11
+
+    lib = pkcs11.lib(module)
+    if lib.initialized:
+        lib.reinitialize()
+
+
 @contextmanager
 def system_token() -> Iterator[Token]:
     """An initialised token with the seal key pair in SoftHSM's own configuration; deleted
