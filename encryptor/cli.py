@@ -24,7 +24,8 @@ DEBUG_ENV = "KMSKEYS_DEBUG"
 
 
 def encrypt_main(argv: Sequence[str] | None = None) -> int:
-    """`kmskeys encrypt NAME --key-id KEY`: read a secret from stdin or --input, print its blob."""
+    """`kmskeys encrypt NAME --key-id KEY | --to TARGET`: read a secret from stdin or --input,
+    print its blob (a `kms:` blob, or a token blob for `token:NAME`)."""
     parser = argparse.ArgumentParser(
         prog="kmskeys encrypt",
         description="Encrypt a secret (stdin, or --input FILE) into a blob bound to NAME. The "
@@ -34,6 +35,13 @@ def encrypt_main(argv: Sequence[str] | None = None) -> int:
         "name", metavar="NAME", help="the secret's name, requested as PREFIX:NAME (kms:NAME)"
     )
     _key_options(parser)
+    parser.add_argument(
+        "--to",
+        metavar="TARGET",
+        help="instead of KMS: a token blob for a host's PKCS#11 token (token:NAME), encrypted "
+        "with its public key alone: pkcs11:token=LABEL;object=KEY?module-path=MODULE, or a PEM "
+        "public key FILE exported from the token (docs/tokens.md)",
+    )
     parser.add_argument("--input", metavar="FILE", default="-", help="read the secret from FILE")
     parser.add_argument("--output", metavar="FILE", type=Path, help="write the blob to FILE")
     modes = parser.add_mutually_exclusive_group()
@@ -210,9 +218,13 @@ def _encrypt(args: argparse.Namespace) -> int:
         encrypt_raw,
         parse_context_option,
     )
-    from encryptor.files import read_bounded, write_atomic
+    from encryptor.files import read_bounded
     from kmskeys.names import validate_name
 
+    if args.to is not None:
+        from encryptor.tokenencrypt import encrypt_command
+
+        return encrypt_command(args, _emit)
     key_id = _require_key_id(args)
     validate_name(args.name)
     if args.raw and (args.user or args.not_after or args.context):
@@ -244,6 +256,13 @@ def _encrypt(args: argparse.Namespace) -> int:
             "instead of passing it as callout info",
             file=sys.stderr,
         )
+    return _emit(args, text)
+
+
+def _emit(args: argparse.Namespace, text: str) -> int:
+    """Write the blob's text to --output (atomically) or stdout."""
+    from encryptor.files import write_atomic
+
     if args.output is not None:
         write_atomic(args.output, (text + "\n").encode("ascii"))
     else:
@@ -253,8 +272,10 @@ def _encrypt(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from encryptor.inspection import check, describe, read_blob, rows
+    from encryptor.inspection import check, describe, read_text, rows
+    from kmskeys.blob import parse_blob
     from kmskeys.names import validate_name
+    from kmskeys.tokenblob import is_token_blob
 
     name, source = (None, args.first) if args.second is None else (args.first, args.second)
     try:
@@ -263,7 +284,12 @@ def _inspect(args: argparse.Namespace) -> int:
         raise UsageError(f"--prefix: {exc}") from None
     if name is not None:
         name = validate_name(name)
-    blob = read_blob(source or "-")
+    text = read_text(source or "-")
+    if is_token_blob(text):
+        from encryptor.tokenencrypt import inspect_command
+
+        return inspect_command(args, text, name, prefix)
+    blob = parse_blob(text, allow_legacy=True)
     # A blob made for another name or user: refused here exactly as the resolver refuses it.
     checked = check(blob, name, args.user)
     description = describe(blob, checked)

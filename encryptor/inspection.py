@@ -22,18 +22,20 @@ UNRECORDED = "unrecorded"
 UNBOUND = "unbound"
 
 
+def read_text(source: str) -> str | bytes:
+    """The blob's text, given as text, as a file holding it, or as `-` (stdin)."""
+    if source == "-":
+        return read_bounded("-", MAX_BLOB_CHARS, "the blob")
+    if source.startswith(PREFIX) and ":" in source:
+        return source
+    if Path(source).is_file():
+        return read_bounded(source, MAX_BLOB_CHARS, "the blob")
+    return source  # bare text: perhaps a legacy blob (or a token blob, kmskeys.tokenblob)
+
+
 def read_blob(source: str) -> Blob:
     """The blob given as text, as a file holding it, or as `-` (stdin); legacy ones too."""
-    data: str | bytes
-    if source == "-":
-        data = read_bounded("-", MAX_BLOB_CHARS, "the blob")
-    elif source.startswith(PREFIX) and ":" in source:
-        data = source
-    elif Path(source).is_file():
-        data = read_bounded(source, MAX_BLOB_CHARS, "the blob")
-    else:
-        data = source  # bare text: perhaps a legacy blob
-    return parse_blob(data, allow_legacy=True)
+    return parse_blob(read_text(source), allow_legacy=True)
 
 
 def check(blob: Blob, name: str | None, user: str | None) -> str | None:

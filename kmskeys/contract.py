@@ -43,6 +43,10 @@ DEFAULT_PREFIX = "kms"
 # keystore lives (root-owned, 0700; docs/dpapi.md).
 DEFAULT_STORED_PREFIX = "stored"
 DEFAULT_KEYSTORE_DIR = "/var/lib/kmskeys"
+# The namespaces of a user's own password-store entries (`pass:NAME[#all|#field=KEY]`,
+# kmskeys/passname.py) and of blobs a PKCS#11 token opens (`token:NAME`, kmskeys/tokenblob.py).
+DEFAULT_PASS_PREFIX = "pass"  # noqa: S105 - a prefix, not a password
+DEFAULT_TOKEN_PREFIX = "token"  # noqa: S105 - a prefix
 
 
 # The program install's rule runs first, built from resolver/gate.c into the resolver package:

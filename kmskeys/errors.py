@@ -6,6 +6,7 @@ import errno as _errno
 import os
 
 from kmskeys.contract import (
+    DEFAULT_PASS_PREFIX,
     DEFAULT_PREFIX,
     ERRNO_REFUSED,
     ERRNO_UNAVAILABLE,
@@ -20,6 +21,14 @@ RESOLVER_LOG_HINT = (
 ERRNO_CACHED = (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED, _errno.EDQUOT)
 # The errno alone does not say which of several causes it was: doctor checks each.
 DOCTOR_HINT = "run `kmskeys doctor{option}` to check the set-up"
+# EAGAIN on a `pass:` entry: the resolver answers a locked (or absent) gpg-agent with EAGAIN, so
+# that the first request after unlocking resolves (EAGAIN is never cached); the errno cannot say
+# "locked", so the client says what it most likely means (docs/tokens.md).
+LOCKED_AGENT_ADVICE = (
+    "the password store could not answer: most often your gpg-agent is locked or not running. "
+    "Unlock it (e.g. `pass show {name}` once), then ask again: the next request after unlocking "
+    "resolves (the resolver log says outcome=locked)"
+)
 # What the errno of a request that never reached the resolver means, beyond the class advice.
 _UPCALL_CAUSES = {
     _errno.ENOKEY: (
@@ -206,6 +215,9 @@ def error_for_errno(
     message = f"{what}: {os.strerror(err)} [{name}]"
     if upcall and err in (_errno.EPERM, _errno.ENOSYS):
         pass  # not the class's "run as root": a seccomp filter refuses the call to everyone
+    elif upcall and err == ERRNO_UNAVAILABLE and _is_pass(description):
+        name = (description or "").partition(":")[2].partition("#")[0]
+        message += " - " + LOCKED_AGENT_ADVICE.format(name=name)
     elif cls is not KeyctlError and cls.__doc__:
         message += " - " + " ".join(cls.__doc__.split())
     if not upcall:
@@ -225,6 +237,12 @@ def error_for_errno(
     if notes:
         message += " (" + "; ".join(notes) + ")"
     return cls(message, errno=err)
+
+
+def _is_pass(description: str | None) -> bool:
+    """Whether `description` names a `pass:` entry: the default pass prefix, or a selector."""
+    prefix, _, rest = (description or "").partition(":")
+    return prefix == DEFAULT_PASS_PREFIX or "#all" in rest or "#field=" in rest
 
 
 # --- DPAPI: kmskeys.protect / unprotect (docs/dpapi.md) ------------------------------------------

@@ -80,7 +80,12 @@ def _split(item: str, where: str, *, quote: bool = True) -> tuple[str, str]:
         got = f", got {item!r}" if quote else ""
         raise UsageError(f"{where}: expected TARGET=NAME{got}")
     try:
-        validate_name(name)
+        if "#" in name:  # one part of a `pass:` entry: NAME#all, NAME#field=KEY
+            from kmskeys.passname import check_reference
+
+            check_reference(name)
+        else:
+            validate_name(name)
     except ValueError:
         if quote:
             raise

@@ -47,6 +47,16 @@ def _explained(exc: OSError, description: bytes) -> OSError:
     return found
 
 
+def _describe(name: str | bytes, prefix: str) -> bytes:
+    """`PREFIX:NAME`, or `PREFIX:NAME#SELECTOR` for one part of a `pass:` entry (`#all`,
+    `#field=KEY`: kmskeys/passname.py; `#` is outside the name alphabet)."""
+    if name.__class__ is str and "#" in name:
+        from kmskeys.passname import reference_description
+
+        return reference_description(prefix, str(name)).encode()
+    return description(name, prefix).encode()
+
+
 def _serial(key: Key | Keyring | int) -> int:
     return key if isinstance(key, int) else key.serial
 
@@ -373,7 +383,8 @@ def get_secret(
     `keyring` is None (this process's session keyring, as request_key(2) chooses), "session",
     "user" or "persistent" (shared by every process of this uid), or a Keyring. Without `blob`
     the resolver loads `NAME.kms` from its blob_dir; the callout is then b"", not NULL, because
-    request_key(2) never upcalls with a NULL callout.
+    request_key(2) never upcalls with a NULL callout. With `prefix="pass"`, NAME is a password
+    store entry (its first line), `NAME#all` the whole entry, `NAME#field=KEY` one field.
     """
     # The client's hot path (budget: 1.5x a C request_key + keyctl_read). A validated name's
     # description is computed once per process. A key this thread found and checked in the
@@ -383,7 +394,7 @@ def get_secret(
     try:
         desc = _DESCRIPTIONS[name, prefix]
     except (KeyError, TypeError):
-        desc = description(name, prefix).encode()
+        desc = _describe(name, prefix)
         if len(_DESCRIPTIONS) < 1024:
             _DESCRIPTIONS[name, prefix] = desc
     serial = _SERIALS.get(desc)

@@ -117,6 +117,23 @@ def pass_description(prefix: str, name: str, query: PassQuery | None = None) -> 
     return description(name, prefix) + (query or PassQuery()).selector()
 
 
+def check_reference(text: str) -> str:
+    """Return `text` if it is `NAME` or `NAME#SELECTOR` (a `pass:` entry's part), else raise
+    InvalidNameError: what `kmskeys exec` mappings and `get_secret` names may be."""
+    from kmskeys.names import validate_name
+
+    name, selector = split_selector(text)
+    validate_name(name)
+    parse_selector(selector)
+    return text
+
+
+def reference_description(prefix: str, text: str) -> str:
+    """The description of `NAME#SELECTOR` under `prefix`, in its one canonical spelling."""
+    name, selector = split_selector(text)
+    return pass_description(prefix, name, parse_selector(selector))
+
+
 def select(entry: bytes, query: PassQuery) -> bytes:
     """The part of a decrypted entry that `query` names; LookupError (with no entry text) if the
     entry has no such part.
@@ -141,9 +158,11 @@ __all__ = [
     "SELECT_ALL",
     "PassQuery",
     "check_field_key",
+    "check_reference",
     "parse_pass_description",
     "parse_selector",
     "pass_description",
+    "reference_description",
     "select",
     "split_selector",
 ]

@@ -2,8 +2,9 @@
 
 One format for the two uses of issue 25 (docs/blob-format.md, "Token blobs"):
 
-- a **blob** `kmsp1:<base64url>`, written at build time with the token's public key alone
-  (`kmskeys encrypt --to pkcs11:...`) and opened on the host by the token;
+- a **blob** `kmsp2:<base64url>`, written at build time with the token's public key alone
+  (`kmskeys encrypt --to pkcs11:...`) and opened on the host by the token (`token:NAME`, from
+  blob_dir/NAME.kmsp);
 - a **sealed keystore key** (`seal = "pkcs11"`), the same envelope bound to the seal context.
 
 The envelope: a random 32-byte data key, wrapped by RSA-OAEP (MGF1 and hash SHA-1, no label)
@@ -12,7 +13,13 @@ SHA-1 is the one variant that SoftHSM 2.6 (it refuses any other hash), YubiKey P
 (RSA keys only, no AES, no derive) and smart cards all decrypt; SHA-1's collisions do not touch
 OAEP. The name, the user and the metadata are bound exactly as KMS encryption context binds a
 `kms:` blob: they come from the request, never from the blob, and they are the AES-GCM
-associated data, so a blob presented under another name or by another user does not open.
+associated data, so a blob presented under another name or by another user does not open. As a
+`kmsk2:` blob does, a `kmsp2:` blob also records the name (and user) it was made for, so that a
+blob deployed under another name is refused locally, with both names, before the token is asked:
+a check, never the binding.
+
+Version 1 (`kmsp1:`, issue 25's first phase) recorded no name; it never left a release, and is
+refused with a message that says to encrypt again.
 
 Stdlib only at import; `cryptography` is imported inside the sealing functions.
 """
@@ -38,11 +45,17 @@ from kmskeys.blob import (
     check_context_key,
     check_context_value,
 )
+from kmskeys.blobfields import BlobMismatchError, check_recorded_name, check_user_name
 from kmskeys.contract import USER_PAYLOAD_MAX
 
 PREFIX = "kmsp"
-VERSION = 1
+VERSION = 2
 TEXT_PREFIX = f"{PREFIX}{VERSION}:"
+RETIRED_PREFIXES = (f"{PREFIX}1:",)
+# A token blob deployed for NAME lives at blob_dir/NAME + BLOB_SUFFIX (`token:NAME`).
+BLOB_SUFFIX = ".kmsp"
+# The associated data's own layout version, not the blob's (kept when the text format moves).
+AAD_VERSION = 1
 ALG_RSA_OAEP_SHA1_AES256GCM = 1
 ALGORITHMS = {ALG_RSA_OAEP_SHA1_AES256GCM: "RSA-OAEP-SHA1+AES-256-GCM"}
 KEY_ID_BYTES = 32  # SHA-256 of the token key's SubjectPublicKeyInfo (DER)
@@ -98,13 +111,25 @@ class TokenEnvelope:
 
 @dataclass(frozen=True)
 class TokenBlob:
-    """A parsed `kmsp1:` blob; `parse_token_blob` reads one, `to_text` writes one."""
+    """A parsed `kmsp2:` blob; `parse_token_blob` reads one, `to_text` writes one.
+
+    `name` (and `user`, exactly when it binds one) are what it was made for: not secret, and
+    not the binding (that is the request's name and user, in the associated data)."""
 
     envelope: TokenEnvelope
-    binds_user: bool = False
+    name: str
+    user: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
 
+    @property
+    def binds_user(self) -> bool:
+        """Whether only requests by `user` open it."""
+        return self.user is not None
+
     def __post_init__(self) -> None:
+        check_recorded_name(self.name)
+        if self.user is not None:
+            check_user_name(self.user)
         if len(self.metadata) > MAX_METADATA:
             raise BlobFormatError(f"more than {MAX_METADATA} metadata entries")
         for key, value in self.metadata.items():
@@ -113,10 +138,19 @@ class TokenBlob:
         ordered = dict(sorted(self.metadata.items()))
         object.__setattr__(self, "metadata", types.MappingProxyType(ordered))
 
+    def check_request(self, name: str | None, user: str | None) -> None:
+        """Raise BlobMismatchError if this blob records another name than `name`, or another
+        user than `user` (each when given): what the token would refuse, found without it."""
+        if name is not None and name != self.name:
+            raise BlobMismatchError(f"blob was encrypted for {self.name!r}, not {name!r}")
+        if self.user is not None and user is not None and user != self.user:
+            raise BlobMismatchError(f"blob was encrypted for user {self.user!r}, not {user!r}")
+
     def encryption_context(self, name: str, user: str | None) -> dict[str, str]:
         """The bound context for a request for `name` by `user` (both from the request)."""
         if not isinstance(name, str) or not name:
             raise BlobFormatError("the request supplied no secret name")
+        self.check_request(name, user)
         context = {CONTEXT_NAME: name}
         if self.binds_user:
             if not isinstance(user, str) or not user:
@@ -131,8 +165,10 @@ class TokenBlob:
         return associated_data(PURPOSE_BLOB, envelope.alg, envelope.key_id, context, _flags(self))
 
     def to_text(self) -> str:
-        """`kmsp1:` + base64url (no padding) of the body."""
+        """`kmsp2:` + base64url (no padding) of the body."""
         body = bytearray(struct.pack(">BB", self.envelope.alg, _flags(self)))
+        for value in (self.name,) if self.user is None else (self.name, self.user):
+            body += struct.pack(">B", len(value)) + value.encode("ascii")
         body += self.envelope.key_id
         body += struct.pack(">B", len(self.metadata))
         for key, value in self.metadata.items():
@@ -155,7 +191,7 @@ def is_token_blob(text: str | bytes) -> bool:
 
 
 def parse_token_blob(text: str | bytes) -> TokenBlob:
-    """Parse a `kmsp1:` blob or raise BlobFormatError (never repeating the input)."""
+    """Parse a `kmsp2:` blob or raise BlobFormatError (never repeating the input)."""
     if isinstance(text, bytes):
         try:
             text = text.decode("ascii")
@@ -164,6 +200,11 @@ def parse_token_blob(text: str | bytes) -> TokenBlob:
     if len(text) > MAX_BLOB_CHARS:
         raise BlobFormatError(f"longer than {MAX_BLOB_CHARS} characters")
     text = text.strip(" \t\r\n")
+    if text.startswith(RETIRED_PREFIXES):
+        raise BlobFormatError(
+            f"a {text[:6]} token blob records no name (a format before any release): encrypt "
+            f"the secret again (kmskeys encrypt --to ...), which writes {TEXT_PREFIX}"
+        )
     if not text.startswith(TEXT_PREFIX):
         raise BlobFormatError(f"a token blob starts with {TEXT_PREFIX!r}")
     encoded = text[len(TEXT_PREFIX) :]
@@ -177,12 +218,14 @@ def parse_token_blob(text: str | bytes) -> TokenBlob:
     alg, flags = reader.u8("algorithm"), reader.u8("flags")
     if flags & ~_FLAG_BINDS_USER:
         raise BlobFormatError("unknown flags set")
+    name = reader.text(reader.u8("name length"), "name")
+    user = reader.text(reader.u8("user length"), "user") if flags & _FLAG_BINDS_USER else None
     key_id = reader.take(KEY_ID_BYTES, "key id")
     metadata = _read_metadata(reader)
     wrapped = reader.take(reader.u16("wrapped key length"), "wrapped key")
     nonce = reader.take(NONCE_BYTES, "nonce")
     envelope = TokenEnvelope(alg, key_id, wrapped, nonce, reader.rest())
-    return TokenBlob(envelope, binds_user=bool(flags & _FLAG_BINDS_USER), metadata=metadata)
+    return TokenBlob(envelope, name, user, metadata=metadata)
 
 
 def associated_data(
@@ -192,7 +235,7 @@ def associated_data(
     items = sorted(context.items())
     if len(items) > 255:
         raise BlobFormatError("context has too many entries")
-    parts = [purpose, struct.pack(">BBB", VERSION, alg, flags), kid]
+    parts = [purpose, struct.pack(">BBB", AAD_VERSION, alg, flags), kid]
     parts.append(struct.pack(">B", len(items)))
     for key, value in items:
         k, v = key.encode("utf-8"), value.encode("utf-8")
@@ -225,6 +268,12 @@ class _Reader:
     def u16(self, what: str) -> int:
         value: int = struct.unpack(">H", self.take(2, what))[0]
         return value
+
+    def text(self, n: int, what: str) -> str:
+        try:
+            return self.take(n, what).decode("ascii")
+        except UnicodeDecodeError:
+            raise BlobFormatError(f"the recorded {what} is not ASCII") from None
 
     def rest(self) -> bytes:
         chunk, self.pos = self.data[self.pos :], len(self.data)
@@ -315,20 +364,20 @@ def seal_blob(
     user: str | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> TokenBlob:
-    """A `kmsp1:` blob of `plaintext` for `name` (and `user`), openable by the token alone."""
+    """A `kmsp2:` blob of `plaintext` for `name` (and `user`), openable by the token alone."""
     from kmskeys.names import validate_name
 
     meta = dict(metadata or {})
     draft_context = {CONTEXT_NAME: validate_name(name), **meta}
     if user is not None:
-        draft_context[CONTEXT_USER] = user
+        draft_context[CONTEXT_USER] = check_user_name(user)
     kid = key_id(spki_der)
     data_key, wrapped = wrap_data_key(spki_der)
     flags = _FLAG_BINDS_USER if user is not None else 0
     aad = associated_data(PURPOSE_BLOB, ALG_RSA_OAEP_SHA1_AES256GCM, kid, draft_context, flags)
     nonce, sealed = seal_with(data_key, plaintext, aad)
     envelope = TokenEnvelope(ALG_RSA_OAEP_SHA1_AES256GCM, kid, wrapped, nonce, sealed)
-    return TokenBlob(envelope, binds_user=user is not None, metadata=meta)
+    return TokenBlob(envelope, name, user, metadata=meta)
 
 
 def open_blob(blob: TokenBlob, data_key: bytes, name: str, user: str | None) -> bytes:
@@ -353,6 +402,7 @@ def open_entry(envelope: TokenEnvelope, data_key: bytes, context: Mapping[str, s
 
 __all__ = [
     "ALG_RSA_OAEP_SHA1_AES256GCM",
+    "BLOB_SUFFIX",
     "TEXT_PREFIX",
     "TokenBlob",
     "TokenEnvelope",

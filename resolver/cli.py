@@ -16,7 +16,7 @@ usage: kmskeys-resolver COMMAND [ARGS...]
 
   handle [--config PATH] %k %d %u %g %T %P %S
                  the request-key handler (run by /sbin/request-key, as root)
-  install [--config PATH] [--prefix P] [--key-arn ARN ...] [--rules kms|stored|both]
+  install [--config PATH] [--prefix P] [--key-arn ARN ...] [--rules BACKEND,...|both|all]
                  write the request-key rule(s), and a config, blob_dir and keystore when missing
   uninstall [--config PATH] [--prefix P]
                  remove exactly what install wrote
@@ -60,9 +60,9 @@ def _install_command(command: str, argv: Sequence[str]) -> int:
         )
         parser.add_argument(
             "--rules",
-            choices=install_mod.RULES,
             default="kms",
-            help="route kms: requests, stored: requests or both to the handler (default: kms)",
+            help="the backends whose requests the rule routes to the handler: a comma-separated "
+            "list of kms, stored, pass, token; both (kms,stored) or all (default: kms)",
         )
     args = parser.parse_args(argv)
     try:

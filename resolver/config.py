@@ -30,7 +30,9 @@ from resolver.settings import (
     toml_keys,
 )
 from resolver.spec_kms import DEFAULT_BLOB_DIR, KmsSettings
+from resolver.spec_pass import PassSettings
 from resolver.spec_stored import DEFAULT_KEYSTORE_DIR, StoredSettings
+from resolver.spec_token import Pkcs11Settings
 from resolver.validators import NameRule, abs_path, choice
 
 __all__ = [
@@ -62,7 +64,14 @@ OBSOLETE: dict[str, tuple[tuple[str, ...], str]] = {
 
 @dataclass(frozen=True)
 class Config(
-    StoredSettings, KmsSettings, HostCacheSettings, LimitSettings, AwsSettings, CoreSettings
+    Pkcs11Settings,
+    PassSettings,
+    StoredSettings,
+    KmsSettings,
+    HostCacheSettings,
+    LimitSettings,
+    AwsSettings,
+    CoreSettings,
 ):
     """Validated resolver settings (docs/resolver.md lists each key)."""
 
@@ -81,10 +90,17 @@ class Config(
         """The first policy section whose glob matches `name`: `[names."GLOB"]` for a `kms:`
         name (the default), the table of the backend serving `prefix` otherwise."""
         rules = self.names
-        for prefix_setting, table in _POLICY_TABLES:
+        for prefix_setting, table, _ in _POLICY_TABLES:
             if prefix is not None and getattr(self, prefix_setting) == prefix:
                 rules = getattr(self, table)
         return next((r for r in rules if fnmatch.fnmatchcase(name, r.pattern)), None)
+
+    def policy_table(self, prefix: str | None) -> str:
+        """The TOML name of the policy table that governs names under `prefix`."""
+        return next(
+            (key for setting, _, key in _POLICY_TABLES if getattr(self, setting) == prefix),
+            "names",
+        )
 
     def ttl_for(self, name: str, prefix: str | None = None) -> int:
         """Seconds a resolved key for `name` stays cached."""
@@ -104,6 +120,10 @@ COMPONENTS = (
     Component("per-uid limits", LimitSettings),
     Component("the host cache", HostCacheSettings),
     Component("the stored: backend (the keystore, docs/dpapi.md)", StoredSettings),
+    Component("the pass: backend (a user's password store, docs/tokens.md)", PassSettings),
+    Component(
+        "the token: backend and the pkcs11 seal (a PKCS#11 token, docs/tokens.md)", Pkcs11Settings
+    ),
 )
 # TOML key -> (field name, validator), from every component's declaration.
 _KEYS = {
@@ -112,11 +132,13 @@ _KEYS = {
     for f, meta in declared(component.settings)
     for key in toml_keys(f, meta)
 }
-# (prefix setting, policy table) of each backend.
+# (prefix setting, policy table field, its TOML name) of each backend.
 _POLICY_TABLES = tuple(
-    (meta.prefix_setting, f.name) for f, meta in declared(Config) if meta.rule_keys
+    (meta.prefix_setting, f.name, toml_keys(f, meta)[0])
+    for f, meta in declared(Config)
+    if meta.rule_keys
 )
-_PREFIX_SETTINGS = tuple(setting for setting, _ in _POLICY_TABLES)
+_PREFIX_SETTINGS = tuple(setting for setting, _, _ in _POLICY_TABLES)
 
 
 def known_keys() -> tuple[str, ...]:
@@ -196,6 +218,7 @@ def _check(config: Config, where: str) -> None:
     """The rules that tie settings together, within a component and across them."""
     config.check_kms(where)
     config.check_stored(where)
+    config.check_token(where, config.seal)
     if config.discovery and not config.region_list:
         raise ConfigError(f"{where}: discovery needs region (or regions)")
     for arn in config.key_arns:

@@ -69,7 +69,7 @@ def docs_table() -> str:
         out += [f"**{component.title}**", "", "| key | default | meaning |", "|---|---|---|"]
         for f, meta in declared(component.settings):
             if meta.rule_keys:
-                keys = f'`[{f.name}."GLOB"]`'
+                keys = f'`[{toml_keys(f, meta)[0]}."GLOB"]`'
             else:
                 keys = ", ".join(f"`{key}`" for key in toml_keys(f, meta))
             out.append(f"| {keys} | {_shown_default(f, meta)} | {meta.meaning} |")

@@ -24,14 +24,13 @@ from resolver import config as config_mod
 from resolver.config_text import template, toml_value
 from resolver.errors import ConfigError, InstallError
 from resolver.handler import MACROS
+from resolver.registry import SHIPPED
 
 REQUEST_KEY_D = Path(contract.REQUEST_KEY_D)
 MARKER = "# kmskeys-resolver install"
 GATE = contract.GATE_PROGRAM
 _CREATED_CONFIG = "# created-config: "
 _CREATED_DIR = "# created-dir: "
-# Which descriptions `install --rules` routes to the handler: one config serves both.
-RULES = ("kms", "stored", "both")
 
 
 @dataclass
@@ -268,10 +267,10 @@ def install(
 ) -> list[str]:
     """Install the rule(s) (and a config, blob_dir, keystore when missing); say what was done.
 
-    `rules` is "kms", "stored" or "both": which prefixes the one rule file routes to the handler.
+    `rules` names the backends whose prefixes the one rule file routes to the handler
+    (`routed_backends`).
     """
-    if rules not in RULES:
-        raise InstallError(f"--rules must be one of {', '.join(RULES)}")
+    backends = routed_backends(rules)
     check_dependencies()
     config_path = Path(os.path.abspath(config_path))
     prefix, config = _prefix_for(config_path, prefix)
@@ -298,12 +297,10 @@ def install(
     else:
         _add_key_arns(config, key_arns, actions)
         config = config_mod.load(config_path)
-    routed = {"kms": [prefix], "stored": [config.stored_prefix]}.get(
-        rules, [prefix, config.stored_prefix]
-    )
-    if rules != "stored":
+    routed = [getattr(config, spec.prefix_setting) for spec, _ in SHIPPED if spec.name in backends]
+    if {"kms", "token"} & set(backends):
         _mkdirs(config.blob_dir, manifest, actions)
-    if rules != "kms":
+    if "stored" in backends:
         # Root's alone, 0700: the stored: keys live here (resolver/keystore.py).
         _mkdirs(config.keystore_dir, manifest, actions, mode=0o700)
     if not request_key_d.is_dir():
@@ -322,6 +319,21 @@ def install(
         _write_atomic(target, text, 0o644)
         actions.append(f"wrote {target}")
     return actions or [f"{target} already up to date"]
+
+
+def routed_backends(rules: str) -> list[str]:
+    """The backends `--rules` names: `kms,pass`, `both` (kms and stored) or `all`."""
+    shipped = [spec.name for spec, _ in SHIPPED]
+    if rules in ("both", "all"):
+        return ["kms", "stored"] if rules == "both" else shipped
+    names = [name.strip() for name in rules.split(",")]
+    unknown = [name for name in names if name not in shipped]
+    if unknown or not names:
+        raise InstallError(
+            f"--rules {rules!r}: name backends among {', '.join(shipped)} (comma-separated), "
+            "or both, or all"
+        )
+    return names
 
 
 def uninstall(

@@ -31,6 +31,7 @@ from resolver.errors import (
 
 SEAL_NONE = "none"
 SEAL_KMS = "kms"
+SEAL_PKCS11 = "pkcs11"  # resolver/tokenseal.py
 VERSION_SEP = "#"
 SLASH_IN_FILE = ":"
 USER_DIR = "user"
@@ -39,7 +40,7 @@ RETIRED_DIR = "retired"  # retired accounts' user directories (resolver/retire.p
 
 _MAGIC = b"KMSKST"
 _FORMAT = 1
-_SEAL_CODES = {SEAL_NONE: 0, SEAL_KMS: 1}
+_SEAL_CODES = {SEAL_NONE: 0, SEAL_KMS: 1, SEAL_PKCS11: 2}
 _CODE_SEALS = {code: seal for seal, code in _SEAL_CODES.items()}
 _SCOPE_CODES = {SCOPE_USER: 1, SCOPE_MACHINE: 2}
 _CODE_SCOPES = {code: scope for scope, code in _SCOPE_CODES.items()}
@@ -98,7 +99,8 @@ class EntryId:
 
 @dataclass(frozen=True)
 class Entry:
-    """One stored key: the key itself (seal "none") or its KMS ciphertext (seal "kms")."""
+    """One stored key: the key itself (seal "none"), its KMS ciphertext (seal "kms") or a
+    token envelope (seal "pkcs11", `seal_key_arn` then `pkcs11:KEY_ID`)."""
 
     id: EntryId
     created: int

@@ -21,6 +21,11 @@ it is never in a message. A module that cannot be loaded, a token not present an
 are EAGAIN (the kernel never caches it; a stale value may answer where configured); a wrong PIN,
 a missing or substituted key and a blob for another key are refusals.
 
+`token_call` is the token's gateway, as resolver/gateway.py is AWS's: every private operation
+goes through it, spending the requester's budget first (a token is one device shared by every
+uid; a YubiKey takes tens to hundreds of milliseconds per RSA decryption), timing it, and
+classifying every failure once (`_classify`).
+
 python-pkcs11 is imported only here, lazily: no other path of the resolver loads it.
 """
 
@@ -29,9 +34,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kmskeys.tokenblob import (
     ALG_RSA_OAEP_SHA1_AES256GCM,
@@ -41,11 +47,13 @@ from kmskeys.tokenblob import (
     open_blob,
     open_entry,
 )
-from resolver.errors import RefusedError, UnavailableError
+from resolver.errors import ConfigError, RefusedError, ServiceUnavailableError
 
 if TYPE_CHECKING:
-    from kmskeys.blob import BlobFormatError  # noqa: F401
+    from resolver.backend import Budget, Timings
+    from resolver.config import Config
 
+T = TypeVar("T")
 MAX_PIN = 256
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 # CK_TOKEN_INFO flags (PKCS#11 v2.40, pkcs11t.h).
@@ -57,9 +65,10 @@ CKF_USER_PIN_TO_BE_CHANGED = 0x00080000
 _PIN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
 
 
-class TokenUnavailableError(UnavailableError):
+class TokenUnavailableError(ServiceUnavailableError):
     """The token cannot be reached (EAGAIN): module, reader or token absent, or a device error;
-    insert the token or fix `module`, then ask again."""
+    insert the token or fix `token_module`, then ask again. Like an AWS outage, it is the one
+    class a stale host-cache entry may answer for."""
 
 
 class TokenRefusedError(RefusedError):
@@ -209,7 +218,14 @@ class TokenSession:
         return bytearray(data_key)
 
     def open_blob(self, blob: TokenBlob, name: str, user: str | None) -> bytes:
-        """The secret of a `kmsp1:` blob requested as `name` by `user` (from the request)."""
+        """The secret of a `kmsp2:` blob requested as `name` by `user` (from the request)."""
+        from kmskeys.blob import BlobFormatError
+
+        try:
+            # A blob made for another name or user costs the token nothing.
+            blob.check_request(name, user)
+        except BlobFormatError as exc:
+            raise TokenRefusedError(exc.reason) from None
         return self._opened(blob.envelope, lambda key: open_blob(blob, bytes(key), name, user))
 
     def open_entry(self, envelope: TokenEnvelope, context: Mapping[str, str]) -> bytes:
@@ -234,6 +250,40 @@ def public_key(settings: TokenSettings) -> bytes:
     return _public_spki(_find_token(settings), settings)
 
 
+def settings_from(config: Config) -> TokenSettings:
+    """The token the config names (resolver/spec_token.py), or ConfigError if none is."""
+    if config.token_module is None or config.token_label is None or not config.token_key_label:
+        raise ConfigError(f"config {config.path}: no token is configured (token_module...)")
+    pin_file = None if config.token_pin_file is None else str(config.token_pin_file)
+    key_id = None if config.token_key_id is None else bytes.fromhex(config.token_key_id)
+    return TokenSettings(
+        str(config.token_module),
+        config.token_label,
+        config.token_key_label,
+        pin_file=pin_file,
+        pin_credential=config.token_pin_credential,
+        key_id=key_id,
+    )
+
+
+def token_call(
+    settings: TokenSettings,
+    budget: Budget,
+    timings: Timings,
+    action: Callable[[TokenSession], T],
+    phase: str = "token",
+) -> T:
+    """`action` on a logged-in session: the requester's budget spent first (a caller over its
+    rate never touches the token), the time recorded as `phase`, failures classified."""
+    budget.spend()
+    start = time.perf_counter()
+    try:
+        with TokenSession(settings) as token:
+            return action(token)
+    finally:
+        timings.add(phase, (time.perf_counter() - start) * 1000)
+
+
 # --- the token, step by step; every PKCS#11 error classified once -----------------------------
 
 
@@ -245,7 +295,9 @@ def _classify(exc: BaseException, step: str, settings: TokenSettings) -> Excepti
     gone = (p11.DeviceRemoved, p11.TokenNotPresent, p11.TokenNotRecognised, p11.DeviceError,
             p11.SessionHandleInvalid, p11.SessionClosed, p11.SlotIDInvalid, p11.DeviceMemory,
             p11.HostMemory, p11.FunctionFailed, p11.NoSuchToken, p11.FunctionCancelled)  # fmt: skip
-    if isinstance(exc, gone):
+    # CKR_GENERAL_ERROR: at the decryption, what a token answers to a wrapped key it cannot
+    # unwrap (SoftHSM2); anywhere else, a device in trouble, not a refusal to cache.
+    if isinstance(exc, gone) or (isinstance(exc, p11.GeneralError) and step != "decrypt"):
         return TokenUnavailableError(f"{where}: the token is not reachable ({type(exc).__name__})")
     if isinstance(exc, p11.PinIncorrect):
         return TokenPinError(
@@ -259,7 +311,7 @@ def _classify(exc: BaseException, step: str, settings: TokenSettings) -> Excepti
         )
     if isinstance(exc, p11.NoSuchKey | p11.MultipleObjectsReturned):
         return TokenRefusedError(
-            f"{where}: no single private key labelled {settings.key_label!r} ({type(exc).__name__})"
+            f"{where}: no single key labelled {settings.key_label!r} ({type(exc).__name__})"
         )
     if isinstance(exc, p11.EncryptedDataInvalid | p11.EncryptedDataLenRange | p11.GeneralError):
         return TokenRefusedError(f"{where}: the token could not unwrap the data key")
@@ -358,4 +410,6 @@ __all__ = [
     "TokenUnavailableError",
     "public_key",
     "read_pin",
+    "settings_from",
+    "token_call",
 ]

@@ -23,10 +23,10 @@ def check_allowed(
     config: Config, name: str, uid: int, user: str | None, prefix: str | None = None
 ) -> None:
     """Refuse unless the first `[names."GLOB"]` rule matching `name` admits the requester
-    (`[stored."GLOB"]` for a name under the stored prefix)."""
+    (the table of the backend serving `prefix`, e.g. `[stored."GLOB"]`)."""
     rule = config.rule_for(name, prefix)
     if rule is not None and not rule.allows(user, uid):
-        table = "stored" if prefix is not None and prefix == config.stored_prefix else "names"
+        table = config.policy_table(prefix)
         raise RefusedError(f"policy: {table} {rule.pattern!r} do not allow this user")
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kmskeys.errors import InvalidNameError
-from resolver import spec_kms, spec_stored
+from resolver import spec_kms, spec_pass, spec_stored, spec_token
 from resolver.backend import Backend, BackendSpec
 from resolver.errors import ConfigError
 
@@ -33,10 +33,24 @@ def _stored(config: Config) -> Backend:
     return StoredBackend(config)
 
 
+def _pass(config: Config) -> Backend:
+    from resolver.passbackend import PassBackend
+
+    return PassBackend(config)
+
+
+def _token(config: Config) -> Backend:
+    from resolver.tokenbackend import TokenBlobBackend
+
+    return TokenBlobBackend(config)
+
+
 # In order: the first is the default prefix's (`kms:`), named by a description that fits none.
 SHIPPED: tuple[tuple[BackendSpec, Callable[[Config], Backend]], ...] = (
     (spec_kms.SPEC, _kms),
     (spec_stored.SPEC, _stored),
+    (spec_pass.SPEC, _pass),
+    (spec_token.SPEC, _token),
 )
 
 
@@ -48,9 +62,9 @@ def prefixes(config: Config) -> tuple[str, ...]:
 def split_description(config: Config, desc: str) -> tuple[str, str, str]:
     """(prefix, NAME, qualifier) of a description this config serves; InvalidNameError if none.
 
-    The backend's grammar splits what follows the prefix: only `stored:` descriptions have a
-    qualifier (`stored:NAME#machine#v2`, kmskeys.stored), which that backend checks, so that a
-    refusal of the qualifier is logged under NAME.
+    The backend's grammar splits what follows the prefix: `stored:` and `pass:` descriptions
+    have a qualifier (`stored:NAME#machine#v2`, kmskeys.stored; `pass:NAME#field=login`,
+    kmskeys.passname), which that backend checks, so that a refusal of it is logged under NAME.
     """
     head, sep, rest = desc.partition(":")
     for spec, _ in SHIPPED:

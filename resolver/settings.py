@@ -101,9 +101,17 @@ def setting(
     return field(default=default, metadata={META: meta})
 
 
-def policy(meaning: str, prefix_setting: str, rule_keys: tuple[str, ...], example: str) -> Any:
+def policy(
+    meaning: str,
+    prefix_setting: str,
+    rule_keys: tuple[str, ...],
+    example: str,
+    *,
+    keys: tuple[str, ...] = (),
+) -> Any:
     """A dataclass field that is a per-name policy table, `[TABLE."GLOB"]` sections, for the
-    names under the prefix that the setting `prefix_setting` holds."""
+    names under the prefix that the setting `prefix_setting` holds; `keys` names the table when
+    the field's name cannot (`[pass."GLOB"]`: `pass` is a Python keyword)."""
 
     def check(value: object, where: str) -> tuple[NameRule, ...]:
         return name_rules(value, where, rule_keys)
@@ -112,6 +120,7 @@ def policy(meaning: str, prefix_setting: str, rule_keys: tuple[str, ...], exampl
         check,
         meaning,
         shown="none",
+        keys=keys,
         examples=(example,),
         rule_keys=rule_keys,
         prefix_setting=prefix_setting,

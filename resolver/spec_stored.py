@@ -19,7 +19,7 @@ from resolver.settings import policy, setting
 from resolver.validators import NameRule, abs_path, choice, count, key_arn, prefix, text
 
 DEFAULT_KEYSTORE_DIR = Path(contract.DEFAULT_KEYSTORE_DIR)
-SEALS = ("none", "kms")
+SEALS = ("none", "kms", "pkcs11")
 MAX_ENTRIES_PER_UID = 1_000_000
 MAX_BYTES_PER_UID = 1 << 30
 
@@ -43,8 +43,9 @@ class StoredSettings:
         "none",
         choice(SEALS),
         '`"kms"`: new keystore entries are KMS ciphertext bound to this host, scope and name; '
-        "each seal or unseal is an AWS call of the requester's (`kms_rate_per_uid`)",
-        note='"kms": entries wrapped by seal_key_arn, bound to seal_host',
+        "each seal or unseal is an AWS call of the requester's (`kms_rate_per_uid`). "
+        '`"pkcs11"`: wrapped by the key on the host\'s token (`token_module`..., docs/tokens.md)',
+        note='"kms": by seal_key_arn; "pkcs11": by the token key',
     )
     seal_key_arn: str | None = setting(
         None,
@@ -56,7 +57,8 @@ class StoredSettings:
         None,
         text,
         "this instance's ARN (`arn:aws:ec2:REGION:ACCOUNT:instance/ID`), the `kmskeys_host` of "
-        'the seal context; required with `seal = "kms"`',
+        'the seal context; required with `seal = "kms"` (with `"pkcs11"`: optional, default '
+        "`token`)",
         examples=('"arn:aws:ec2:eu-west-1:111122223333:instance/i-..."',),
     )
     keystore_entries_per_uid: int = setting(

@@ -35,7 +35,7 @@ from resolver.backend import Budget, Context, Request, Result, Timings
 from resolver.charges import Ledger, check_quota
 from resolver.config import Config
 from resolver.errors import KeystoreError, RefusedError, UnknownSecretError
-from resolver.keystore import SEAL_KMS, SEAL_NONE, Entry, EntryId, Keystore
+from resolver.keystore import SEAL_KMS, SEAL_NONE, SEAL_PKCS11, Entry, EntryId, Keystore
 from resolver.keystore_entry import RETIRED_DIR
 
 
@@ -90,7 +90,7 @@ class StoredBackend:
         entry, key = self._entry(eid, size, request, context, create=not query.explicit)
         self._check_size(entry, size)
         notes["mode"] = f"{scope}.v{entry.id.version}" + (
-            ".sealed" if entry.seal == SEAL_KMS else ""
+            "" if entry.seal == SEAL_NONE else ".sealed"
         )
         if key is None:
             key = self._unseal(entry, context)
@@ -196,6 +196,11 @@ class StoredBackend:
     def _unseal(self, entry: Entry, context: Context) -> bytes:
         if entry.seal == SEAL_NONE:
             return entry.material
+        if entry.seal == SEAL_PKCS11:
+            from resolver.tokenseal import TokenSeal
+
+            sealer = TokenSeal(self.config, context.budget, context.deadline, context.timings)
+            return sealer.unseal(entry)
         from resolver.seal import KmsSeal
 
         seal = KmsSeal(self.config, context.budget, context.deadline, context.timings)
@@ -255,6 +260,10 @@ def make_entry(
 
         material = KmsSeal(config, budget, deadline, timings).seal(eid, key)
         arn = config.seal_key_arn or ""
+    elif config.seal == SEAL_PKCS11:
+        from resolver.tokenseal import TokenSeal
+
+        material, arn = TokenSeal(config, budget, deadline, timings).seal(eid, key)
     else:
         material, arn = key, ""
     return Entry(eid, int(time.time()), size, config.seal, material, arn), key

@@ -35,6 +35,7 @@ MODULES.append("tests.bench.hostcache")  # host-cache miss and the simulated hou
 MODULES.append("tests.bench.identity")  # requester identification added to a miss (issue 24)
 MODULES.append("tests.bench.fleet")  # Secrets Manager calls per rotation, simulated (issue 21)
 MODULES.append("tests.bench.rotation")  # rotation reaching a running program (issue 21)
+MODULES.append("tests.bench.tokens")  # a pass: miss, a token-sealed stored: miss (issue 25)
 
 
 def machine() -> str:

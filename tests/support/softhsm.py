@@ -6,6 +6,12 @@ initialises a token with `softhsm2-util --init-token` (a random label, user PIN 
 generates the seal key pair on it: RSA 2048, the private half sensitive and never extractable,
 the public half readable without login. SoftHSM reads SOFTHSM2_CONF once, at C_Initialize, so
 code that opens the token runs in a child process with `token.env()` (`run_child`).
+
+`system_token()` makes the same token in SoftHSM's own configuration (Debian's
+/etc/softhsm/softhsm2.conf, tokens below /var/lib/softhsm/tokens): the one a resolver run by
+request-key sees, since the kernel starts it with no SOFTHSM2_CONF. Its label is unique; the
+token (its directory) is deleted afterwards, even on failure, and nothing else there is touched.
+`remove()` deletes it early: a token pulled out of its slot.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 from tests.support.names import TEST_TAG
 
 MODULE_CANDIDATES = ("/usr/lib/softhsm/libsofthsm2.so",)
+SYSTEM_CONF = Path("/etc/softhsm/softhsm2.conf")
 KEY_LABEL = "kmskeys-seal"
 TIMEOUT = 120
 REPO = Path(__file__).resolve().parents[2]
@@ -47,9 +54,12 @@ def missing() -> list[str]:
 class Token:
     """One initialised SoftHSM2 token and what it takes to open it."""
 
-    def __init__(self, directory: Path, label: str, user_pin: str, so_pin: str) -> None:
+    def __init__(
+        self, directory: Path, label: str, user_pin: str, so_pin: str, *, system: bool = False
+    ) -> None:
         self.directory = directory
-        self.conf = directory / "softhsm2.conf"
+        self.system = system
+        self.conf = SYSTEM_CONF if system else directory / "softhsm2.conf"
         self.label = label
         self.user_pin = user_pin
         self.so_pin = so_pin
@@ -58,7 +68,16 @@ class Token:
 
     def env(self) -> dict[str, str]:
         """The environment a process needs to see this token (and no other)."""
+        if self.system:
+            return {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
         return {**os.environ, "SOFTHSM2_CONF": str(self.conf)}
+
+    def remove(self) -> None:
+        """Delete the token (its slot is empty afterwards); idempotent."""
+        subprocess.run(
+            ["softhsm2-util", "--delete-token", "--token", self.label], env=self.env(),
+            capture_output=True, timeout=TIMEOUT, check=False,
+        )  # fmt: skip
 
     def util(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run softhsm2-util against this token's configuration."""
@@ -127,30 +146,66 @@ def softhsm_token(base: Path) -> Iterator[Token]:
     """An initialised token with the seal key pair, in `base/softhsm`; removed after."""
     directory = base / f"softhsm-{secrets.token_hex(3)}"
     (directory / "tokens").mkdir(parents=True, mode=0o700)
-    token = Token(
-        directory,
-        label=f"{TEST_TAG}-{secrets.token_hex(3)}",
-        user_pin=secrets.token_hex(4),
-        so_pin=secrets.token_hex(4),
-    )
+    token = _new_token(directory)
     token.conf.write_text(
         f"directories.tokendir = {directory / 'tokens'}\n"
         "objectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n"
     )
-    initial = secrets.token_hex(4)
     try:
-        token.util(
-            "--init-token", "--free", "--label", token.label,
-            "--pin", initial, "--so-pin", token.so_pin,
-        )  # fmt: skip
-        made = run_child(
-            _KEYGEN,
-            token.env(),
-            {"module": token.module, "label": token.label, "initial": initial,
-             "pin": token.user_pin, "key": token.key_label},
-        )  # fmt: skip
-        if made.get("ok") is not True:
-            raise RuntimeError(f"key generation on the token failed: {made}")
+        _initialise(token)
         yield token
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def refresh_in_process(module: str) -> None:
+    """Let this process's SoftHSM see the tokens there are now: SoftHSM reads its token
+    directory at C_Initialize, so a process that initialised it before a token was made (an
+    earlier test's) finalises and initialises it again. A resolver handler is a new process
+    for every miss and never needs this."""
+    import pkcs11
+
+    lib = pkcs11.lib(module)
+    if lib.initialized:
+        lib.reinitialize()
+
+
+@contextmanager
+def system_token() -> Iterator[Token]:
+    """An initialised token with the seal key pair in SoftHSM's own configuration; deleted
+    after (see the module docstring)."""
+    if not SYSTEM_CONF.exists():
+        raise RuntimeError(f"{SYSTEM_CONF} is missing (apt-get install softhsm2)")
+    token = _new_token(Path("/nonexistent"), system=True)
+    try:
+        _initialise(token)
+        yield token
+    finally:
+        token.remove()
+
+
+def _new_token(directory: Path, *, system: bool = False) -> Token:
+    return Token(
+        directory,
+        label=f"{TEST_TAG}-{secrets.token_hex(3)}",
+        user_pin=secrets.token_hex(4),
+        so_pin=secrets.token_hex(4),
+        system=system,
+    )
+
+
+def _initialise(token: Token) -> None:
+    """`softhsm2-util --init-token`, a PIN of its own (not the one in argv), the key pair."""
+    initial = secrets.token_hex(4)
+    token.util(
+        "--init-token", "--free", "--label", token.label,
+        "--pin", initial, "--so-pin", token.so_pin,
+    )  # fmt: skip
+    made = run_child(
+        _KEYGEN,
+        token.env(),
+        {"module": token.module, "label": token.label, "initial": initial,
+         "pin": token.user_pin, "key": token.key_label},
+    )  # fmt: skip
+    if made.get("ok") is not True:
+        raise RuntimeError(f"key generation on the token failed: {made}")

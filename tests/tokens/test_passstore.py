@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 from kmskeys.contract import USER_PAYLOAD_MAX
 from kmskeys.passname import PassQuery
-from resolver import passstore
+from resolver import gpgdecrypt, passstore
 from resolver.errors import RefusedError, UnavailableError
 from tests.support.passgpg import ENTRY, PassOwner
 
@@ -83,7 +84,7 @@ def test_gpg_runs_as_the_user_with_a_clean_environment(passer: PassOwner) -> Non
     location = passstore.locate(passer.uid)
     read_end, write_end = os.pipe()
     probe = ["/usr/bin/sh", "-c", "id -u; id -g; id -G; env | sort; ps -o pgid= -p $$"]
-    proc = passstore._spawn(location, probe, passstore.subprocess.DEVNULL, write_end, ())
+    proc = gpgdecrypt._spawn(location, probe, subprocess.DEVNULL, write_end, ())
     os.close(write_end)
     proc.wait(30)
     lines = os.read(read_end, 65536).decode().split("\n")
@@ -232,9 +233,8 @@ def test_a_hung_agent_meets_the_deadline_and_the_process_group_dies(hung_agent: 
     assert not _gpg_processes(owner.uid)
 
 
-def test_gpg_missing_is_unavailable(passer: PassOwner, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(passstore, "GPG", "/nonexistent/gpg")
-    exc = _failure(passer, "email/work")
+def test_gpg_missing_is_unavailable(passer: PassOwner) -> None:
+    exc = _failure(passer, "email/work", gpg="/nonexistent/gpg")
     assert type(exc) is passstore.GpgMissingError and exc.answer_errno == errno.EAGAIN
 
 

@@ -96,7 +96,7 @@ def _flags(token: Token) -> int:
 
 def test_public_key_needs_no_pin_and_a_blob_round_trips(token: Token, pin_file: Path) -> None:
     blob = _blob(token, user="alice")
-    assert blob.startswith("kmsp1:")
+    assert blob.startswith("kmsp2:")
     got = _call(token, "open-blob", pin_file=str(pin_file), blob=blob, name="db-password",
                 user="alice")  # fmt: skip
     assert got.get("ok") == SECRET, got

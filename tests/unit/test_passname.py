@@ -76,3 +76,39 @@ def test_query_construction_is_checked() -> None:
         PassQuery(PassQuery.ALL, "login")
     with pytest.raises(InvalidNameError):
         PassQuery("second-line")
+
+
+def test_a_reference_is_a_name_or_a_name_and_one_selector() -> None:
+    from kmskeys.passname import check_reference, reference_description
+
+    assert check_reference("email/work") == "email/work"
+    assert check_reference("email/work#field=login") == "email/work#field=login"
+    assert reference_description("pass", "email/work#all") == "pass:email/work#all"
+    assert reference_description("pass", "email/work") == "pass:email/work"
+    for bad in ("email/work#", "email/work#first", "email/work#field=", "../x#all", "a#all#all"):
+        with pytest.raises(InvalidNameError):
+            check_reference(bad)
+
+
+def test_get_secret_builds_the_selector_description_and_refuses_a_bad_one() -> None:
+    from kmskeys.key import _describe
+
+    assert _describe("email/work#field=login", "pass") == b"pass:email/work#field=login"
+    assert _describe("email/work", "kms") == b"kms:email/work"
+    with pytest.raises(InvalidNameError):
+        _describe("email/work#field=a b", "pass")
+
+
+def test_eagain_on_a_pass_entry_says_to_unlock_the_agent() -> None:
+    import errno
+
+    from kmskeys.errors import TemporarilyUnavailableError, error_for_errno
+
+    for desc in ("pass:email/work", "mypass:email/work#field=login"):
+        exc = error_for_errno(errno.EAGAIN, "request_key " + desc, upcall=True, description=desc)
+        assert isinstance(exc, TemporarilyUnavailableError)
+        assert "gpg-agent is locked" in str(exc) and "`pass show email/work`" in str(exc)
+        assert "KMS" not in str(exc)
+    # Any other prefix keeps the class's own advice.
+    other = error_for_errno(errno.EAGAIN, "request_key kms:x", upcall=True, description="kms:x")
+    assert "KMS could not be reached" in str(other) and "gpg-agent" not in str(other)

@@ -1,4 +1,4 @@
-"""kmskeys.tokenblob: the kmsp1: format and its bindings, with a software RSA key standing in
+"""kmskeys.tokenblob: the kmsp2: format and its bindings, with a software RSA key standing in
 for the token's private half (the token tests in tests/tokens open the same blobs on SoftHSM2).
 """
 
@@ -44,9 +44,10 @@ def test_a_blob_round_trips_through_its_text() -> None:
     metadata = {"kmskeys_not_after": "2099-01-01T00:00:00Z", "team": "a"}
     blob = seal_blob(SPKI, b"secret", "db/password", user="alice", metadata=metadata)
     text = blob.to_text()
-    assert text.startswith("kmsp1:") and is_token_blob(text) and is_token_blob(text.encode())
+    assert text.startswith("kmsp2:") and is_token_blob(text) and is_token_blob(text.encode())
     parsed = parse_token_blob(text + "\n")
     assert parsed.to_text() == text
+    assert (parsed.name, parsed.user, parsed.binds_user) == ("db/password", "alice", True)
     assert parsed.envelope.key_id == key_id(SPKI)
     assert open_blob(parsed, _unwrap(parsed.envelope), "db/password", "alice") == b"secret"
     # A kmsk1 reader does not mistake it for a KMS blob.
@@ -68,19 +69,43 @@ def test_metadata_and_header_are_authenticated() -> None:
     body = bytearray(base64.urlsafe_b64decode(blob.to_text()[6:] + "=="))
     index = body.index(b"team") + 4 + 2
     body[index] ^= 1  # "a" -> "`": still valid text, another context
-    forged = parse_token_blob("kmsp1:" + base64.urlsafe_b64encode(bytes(body)).decode().rstrip("="))
+    forged = parse_token_blob("kmsp2:" + base64.urlsafe_b64encode(bytes(body)).decode().rstrip("="))
     with pytest.raises(BlobFormatError):
         open_blob(forged, _unwrap(forged.envelope), "n", None)
 
 
 @pytest.mark.parametrize(
     "text",
-    ["", "kmsp1:", "kmsp2:AAAA", "kmsk1:AAAA", "kmsp1:!!!!", "kmsp1:" + "A" * 100, "\xff"],
+    ["", "kmsp2:", "kmsp3:AAAA", "kmsk1:AAAA", "kmsp2:!!!!", "kmsp2:" + "A" * 100, "\xff"],
 )
 def test_malformed_blobs_are_refused_without_echo(text: str) -> None:
     with pytest.raises(BlobFormatError) as caught:
         parse_token_blob(text)
     assert text[6:] not in str(caught.value) or len(text) <= 6
+
+
+def test_a_blob_records_its_name_and_user_and_a_mismatch_is_refused_before_the_token() -> None:
+    from kmskeys.blobfields import BlobMismatchError
+
+    blob = parse_token_blob(seal_blob(SPKI, b"secret", "db/password", user="alice").to_text())
+    blob.check_request("db/password", "alice")
+    for name, user in (("db/other", "alice"), ("db/password", "bob")):
+        with pytest.raises(BlobMismatchError) as caught:
+            blob.check_request(name, user)
+        assert "encrypted for" in str(caught.value)
+    # The check comes before any key is needed: no data key at all is given here.
+    with pytest.raises(BlobMismatchError):
+        open_blob(blob, b"", "db/other", "alice")
+    unbound = parse_token_blob(seal_blob(SPKI, b"secret", "n").to_text())
+    assert unbound.user is None and not unbound.binds_user
+    unbound.check_request("n", "anyone")
+
+
+def test_a_version_1_blob_is_refused_saying_to_encrypt_again() -> None:
+    old = "kmsp1:" + seal_blob(SPKI, b"secret", "n").to_text()[6:]
+    with pytest.raises(BlobFormatError) as caught:
+        parse_token_blob(old)
+    assert "encrypt the secret again" in str(caught.value)
 
 
 def test_a_blob_never_carries_request_bound_keys() -> None:
