@@ -174,8 +174,9 @@ class StoredBackend:
         )
         ledger.check(len(Entry(eid, 0, size, SEAL_NONE, bytes(size)).encode()))
         check_quota(request.uid, payload)
-        if config.seal != SEAL_KMS:
-            # The creation's token; a sealed creation spends its Encrypt's.
+        if config.seal == SEAL_NONE:
+            # The creation's token; a sealed creation spends its seal's (the KMS Encrypt, or the
+            # token's public-key read), so that every new entry costs exactly one.
             context.budget.spend()
         if eid.scope == SCOPE_USER:
             self.accounts.bind(request.uid, request.user)
