@@ -62,6 +62,13 @@ class _Binding:
 if not TYPE_CHECKING:
     ffi, lib = _Binding("ffi"), _Binding("lib")
 
+
+def load_binding() -> None:
+    """Load the cffi module now: before a process changes to an identity that may not be able to
+    read the installation (a forked child becoming another user)."""
+    getattr(lib, "keyctl_read")  # noqa: B009 (the lazy binding's __getattr__ does the load)
+
+
 # include/uapi/linux/keyctl.h: the special keyring ids (kernel ABI; tests/unit holds them to
 # libkeyutils' own).
 KEY_SPEC_THREAD_KEYRING = -1

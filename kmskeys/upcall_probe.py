@@ -199,6 +199,12 @@ def probe(
         )
         script.chmod(0o700)  # only request-key, as root, runs it
         rule.write_text(_RULE.format(prefix=prefix, script=script))
+        # Everything a case's child runs after taking its identity is loaded now, as root: the
+        # identity may not be able to read the installation (a checkout below a 0700 directory,
+        # an interpreter under /root), and the binding and the error classes load lazily.
+        keyutils.load_binding()
+        import kmskeys.errors  # noqa: F401
+
         answers = {
             case: _run_case(become, f"{prefix}:{case}".encode(), timeout)
             for case, become in cases.items()
