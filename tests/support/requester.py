@@ -199,6 +199,8 @@ def header() -> list[str]:
     modes = requester_modes()
     if forced_mode():
         why = f"forced by {FORCE_ENV}"
+    elif not any(_works(mode) for mode in MODES):
+        why = "NEITHER can upcall here: every tier with non-root requesters fails (see above)"
     elif modes == ["fsuid"]:
         why = "this host refuses upcalls from a non-root euid: emulated"
     else:
