@@ -261,7 +261,7 @@ def _subuid_ranges(config: Config, path: Path) -> tuple[tuple[int, int, str], ..
         fd = fileio.open_file(path, label)
     except fileio.UntrustedFileError as exc:
         if exc.problem != fileio.MISSING:
-            _warn_unsafe(config, str(exc))
+            _warn_unsafe(config, path, exc.detail)
         return ()
     try:
         st = os.fstat(fd)
@@ -270,7 +270,7 @@ def _subuid_ranges(config: Config, path: Path) -> tuple[tuple[int, int, str], ..
             return _PARSED[signature]
         text = fileio.read_fd(fd, SUBUID_MAX_BYTES, label)
     except fileio.UntrustedFileError as exc:
-        _warn_unsafe(config, str(exc))
+        _warn_unsafe(config, path, exc.detail)
         return ()
     except OSError:
         return ()
@@ -297,7 +297,7 @@ def parse_subuid(text: bytes) -> list[tuple[int, int, str]]:
     return found
 
 
-def _warn_unsafe(config: Config, why: str) -> None:
+def _warn_unsafe(config: Config, path: Path, why: str) -> None:
     """Log, at most once per SUBUID_WARN_EVERY seconds host-wide, that nothing is aggregated."""
     try:
         fd = open_state_file(config.state_dir, _SUBUID_WARNED)
@@ -315,5 +315,6 @@ def _warn_unsafe(config: Config, why: str) -> None:
         os.close(fd)
     from resolver.answer import log_writer
 
-    reason = f"{why}: per-uid limits are not aggregated over subordinate uids (aggregate_subuids)"
-    log_writer(config).emit(LOG_WARNING, format_fields(config=config.path, reason=reason))
+    reason = f"per-uid limits not aggregated over subordinate uids (aggregate_subuids): {why}"
+    line = format_fields(config=config.path, subuid_file=path, reason=reason)
+    log_writer(config).emit(LOG_WARNING, line)

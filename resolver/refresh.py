@@ -50,7 +50,7 @@ from resolver.answer import log_writer
 from resolver.hostcache import boottime
 from resolver.keyrecords import RENEWABLE, Record
 from resolver.limits import open_state_file
-from resolver.log import LOG_WARNING, SyslogWriter, format_fields
+from resolver.log import LOG_INFO, LOG_WARNING, SyslogWriter, format_fields
 
 if TYPE_CHECKING:
     from resolver.config import Config
@@ -238,6 +238,9 @@ def run(config: Config, stop: threading.Event) -> None:
     if lock is None:
         return
     refresher = Refresher(config)
+    refresher.scan()
+    started = format_fields(config=config.path, refresh="running", keys=len(refresher.known))
+    refresher.log.emit(LOG_INFO, started)
     try:
         with ThreadPoolExecutor(WORKERS, thread_name_prefix="kmskeys-refresh") as pool:
             while not stop.is_set():
@@ -249,6 +252,7 @@ def run(config: Config, stop: threading.Event) -> None:
                 stop.wait(max(0.02, wake - boottime()))
     finally:
         os.close(lock)
+        refresher.log.emit(LOG_INFO, format_fields(config=config.path, refresh="stopped"))
 
 
 def once(config: Config) -> list[tuple[Record, str]]:

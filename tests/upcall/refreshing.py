@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from tests.upcall.harness import RESOLVER, Install, run_resolver
 
 # What the refresher appends to the resolver's line for a key it renewed (resolver/refresh.py).
 VIA = " via=refresh"
+STARTUP = 60.0
 
 
 @contextmanager
@@ -27,6 +29,9 @@ def refresher(install: Install, resolver: Path = RESOLVER) -> Iterator[subproces
         stderr=subprocess.PIPE,
     )
     try:
+        # Running once it says so: a machine under load may take seconds to start it, longer
+        # than a short ttl, and a key answered before would expire unrenewed.
+        _wait_for_line(install, " refresh=running ", proc)
         yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -37,6 +42,18 @@ def refresher(install: Install, resolver: Path = RESOLVER) -> Iterator[subproces
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def _wait_for_line(install: Install, needle: str, proc: subprocess.Popen[bytes]) -> None:
+    end = time.monotonic() + STARTUP
+    while time.monotonic() < end:
+        found = next((line for line in list(install.log.lines) if needle in line), None)
+        if found is not None:
+            install.log.lines.remove(found)
+            return
+        assert proc.poll() is None, "kmskeys-resolver refresh exited"
+        time.sleep(0.05)
+    raise AssertionError(f"kmskeys-resolver refresh did not start within {STARTUP} s")
 
 
 def refresh_once(install: Install) -> dict[int, str]:
