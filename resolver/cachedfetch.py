@@ -98,20 +98,17 @@ class Through:
         wait = max(0.0, min(config.stale_wait, context.deadline - time.monotonic()))
         until = time.monotonic() + wait
         try:
-            lock = self.cache.lock(config.state_dir, self.desc, wait)
-        except DeadlineExceeded:
-            return self._stale(standby, context, "deadline exceeded")
-        with lock:
-            fresh = self.cache.lookup(self.desc)
-            if fresh is not None and fresh.age < ttl:
-                return _hit(fresh, context)
-            if not lock.held:
-                why = f"another request is refreshing it (stale_wait {config.stale_wait:g} s)"
-                return self._stale(standby, context, why)
-            try:
+            with self.cache.lock(config.state_dir, self.desc, wait) as lock:
+                fresh = self.cache.lookup(self.desc)
+                if fresh is not None and fresh.age < ttl:
+                    return _hit(fresh, context)
+                if not lock.held:
+                    why = f"another request is refreshing it (stale_wait {config.stale_wait:g} s)"
+                    return self._stale(standby, context, why)
                 done = self._in_background(lock, context, ttl, until)
-            except DeadlineExceeded:
-                done = None
+        except DeadlineExceeded:
+            # The handler's watchdog: whatever was started goes on in the background.
+            return self._stale(standby, context, "deadline exceeded")
         if done is None:
             why = (
                 f"{self.label} did not answer within stale_wait {config.stale_wait:g} s; "
