@@ -170,3 +170,12 @@ def test_new_settings_defaults_and_refusals() -> None:
     ):
         with pytest.raises(ConfigError):
             parse(bad)
+
+
+def test_the_refresh_unit_is_a_long_running_loop_without_core_dumps() -> None:
+    unit = Path(__file__).resolve().parents[2] / "resolver" / "data" / "kmskeys-refresh.service"
+    text = unit.read_text()
+    for line in ("Type=simple", "LimitCORE=0", "Restart=always", "WantedBy=multi-user.target"):
+        assert f"\n{line}\n" in text, line
+    assert "\nExecStart=kmskeys-resolver refresh --config /etc/kmskeys/resolver.toml\n" in text
+    assert "\nReadWritePaths=/run/kmskeys\n" in text  # its records, locks and buckets
