@@ -219,3 +219,15 @@ def _wait_gone(serial: int) -> None:
             return  # expired or revoked: as good as gone
         time.sleep(0.01)
     raise AssertionError(f"key {serial} outlived its keyring")
+
+
+def test_a_redeployed_blob_reaches_the_key_in_place(fresh: Install) -> None:
+    name = unique("aheadredeploy")
+    fresh.deploy(name, fresh.blob(b"kmst-v1", name))
+    key = Key.request(fresh.description(name), b"")
+    assert key.read() == b"kmst-v1"
+    fresh.deploy(name, fresh.blob(b"kmst-v2", name))
+    done = refresh_once(fresh)
+    assert done[key.serial].startswith("renewed (ttl "), done
+    assert Key.request(fresh.description(name), b"").serial == key.serial
+    assert key.read() == b"kmst-v2"
