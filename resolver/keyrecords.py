@@ -105,6 +105,10 @@ def remember(config: Config, asked: KernelRequest, outcome: Outcome, answered: f
         return "refresh_ahead is off" if not config.refresh_ahead else "not answered"
     if outcome.perm & RENEWABLE != RENEWABLE:
         return "the key cannot be renewed (no kmskeys-admin group, or it has members)"
+    if asked.description.partition(":")[0] == config.pass_prefix:
+        # The user's own password store, read through the user's gpg-agent: renewing it would
+        # keep using (and so keep alive) an unlock the user may have walked away from.
+        return "pass: entries are not renewed"
     record = Record(
         outcome.key,
         uid=outcome.uid,

@@ -179,3 +179,34 @@ def test_the_refresh_unit_is_a_long_running_loop_without_core_dumps() -> None:
         assert f"\n{line}\n" in text, line
     assert "\nExecStart=kmskeys-resolver refresh --config /etc/kmskeys/resolver.toml\n" in text
     assert "\nReadWritePaths=/run/kmskeys\n" in text  # its records, locks and buckets
+
+
+def test_what_is_remembered_for_refresh_ahead(tmp_path: Path) -> None:
+    from kmskeys.contract import ADMIN_KEY_PERM, RESOLVED_KEY_PERM
+    from resolver import keyrecords
+    from resolver.outcome import Outcome
+    from resolver.pipeline import KernelRequest
+
+    config = parse({"state_dir": str(tmp_path / "state"), "refresh_keys_per_uid": 2})
+
+    def answered(serial: int, desc: str, perm: int = ADMIN_KEY_PERM) -> str | None:
+        asked = KernelRequest(serial, desc, 1000, 1000, callout=b"kmsk2:AAAA")
+        outcome = Outcome(
+            "ok", 6, key=serial, uid=1000, timeout=300, negative_ttl=10, payload=b"x", perm=perm
+        )
+        return keyrecords.remember(config, asked, outcome, 1.0)
+
+    assert answered(11, "kms:app") is None
+    assert answered(12, "pass:web/db") == "pass: entries are not renewed"
+    assert answered(13, "kms:other", RESOLVED_KEY_PERM) is not None  # no admin group bits
+    assert answered(14, "stored:k#user#latest") is None
+    assert answered(15, "kms:third") == "uid 1000 has refresh_keys_per_uid 2 keys"
+    assert {uid: sorted(serials) for uid, serials in keyrecords.listing(config).items()} == {
+        1000: [11, 14]
+    }
+    record = keyrecords.load(config, 1000, 11)
+    assert record is not None and record.callout == b"kmsk2:AAAA" and record.timeout == 300
+    folder = tmp_path / "state" / "refresh" / "1000"
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    keyrecords.forget(config, 1000, 11)
+    assert keyrecords.load(config, 1000, 11) is None
