@@ -76,20 +76,32 @@ POSSESSOR_SHIFT, USER_SHIFT, GROUP_SHIFT, OTHER_SHIFT = 24, 16, 8, 0
 # Possessors get nothing: any process that shares the keyring (a joined session keyring,
 # `su`/`runuser` inheriting one) possesses the key, and keyctl_read succeeds on a possessed key
 # even without READ; possession comes from a search, so possessors must not have SEARCH (nor
-# LINK, which would let them link it into a keyring they search). No WRITE or SETATTR for
-# anyone, so nobody can update or re-permission the cached secret.
+# LINK, which would let them link it into a keyring they search). No WRITE or SETATTR for the
+# owner or possessors, so no process can update or re-time the cached secret; only root, through
+# the member-less admin group below (ADMIN_GROUP_PERM), renews it.
 RESOLVED_KEY_PERM = (PERM_VIEW | PERM_READ | PERM_SEARCH | PERM_LINK) << USER_SHIFT
 
-# --- Host-wide administration (`kmskeys flush` as root) ---------------------------------------
-# /proc/keys lists only keys the reader may VIEW, and keyctl_invalidate needs SEARCH; the kernel
-# grants root no override for either. So the resolver gives every key it instantiates the group
-# ADMIN_GROUP (created by install, with NO members) and group VIEW|SEARCH, never READ or LINK;
-# root's flush takes the gid as its fsgid for the moment it lists and invalidates. The group must
-# stay empty: group SEARCH lets a member who possesses a keyring holding the key find it, and
-# finding it is possessing it, and a possessor may read a key without READ. Nobody but root's
-# flush ever has this gid, so RESOLVED_KEY_PERM's reasoning is unchanged for every other process.
+# --- Host-wide administration (root's `kmskeys flush`, `kmskeys-resolver refresh`) -------------
+# /proc/keys lists only keys the reader may VIEW, keyctl_invalidate needs SEARCH, KEYCTL_UPDATE
+# needs WRITE and KEYCTL_SET_TIMEOUT needs SETATTR; the kernel grants root no override for any
+# of them (key_task_permission checks the bits alone). So the resolver gives every key it
+# instantiates the group ADMIN_GROUP (created by install, with NO members) and these group bits:
+# - VIEW|SEARCH: root's flush lists and invalidates every uid's keys (kmskeys/hostflush.py);
+# - WRITE|SETATTR: refresh-ahead (resolver/refresh.py) renews a key in place, KEYCTL_UPDATE then
+#   KEYCTL_SET_TIMEOUT, so the serial stays and no reader ever meets a gap;
+# never READ or LINK: root's flush and refresh read no key and link none anywhere. Root takes the
+# gid as its fsgid (one thread, for the moment it acts). The kernel picks ONE set of bits, the
+# first that applies: the owner's when fsuid == the key's uid, else the group's when the fsgid
+# or a supplementary group matches, else other's (possessor bits add to it). So root acting on
+# a key uid 0 owns takes a non-zero fsuid as well, or the owner's bits (no WRITE) apply.
+# The group must stay empty: group SEARCH lets a member who possesses a keyring holding the key
+# find it, finding it is possessing it, and a possessor may read a key without READ; group WRITE
+# would let a member overwrite the cached secret. Nobody but root's flush and refresh threads
+# ever has this gid, so RESOLVED_KEY_PERM's reasoning is unchanged for every other process
+# (checked on 6.18: with the gid as fsgid, update and set_timeout succeed; without these bits,
+# or with fsuid equal to the owner's, both fail with EACCES).
 ADMIN_GROUP = "kmskeys-admin"
-ADMIN_GROUP_PERM = (PERM_VIEW | PERM_SEARCH) << GROUP_SHIFT
+ADMIN_GROUP_PERM = (PERM_VIEW | PERM_SEARCH | PERM_WRITE | PERM_SETATTR) << GROUP_SHIFT
 # What the resolver sets on a host that has the admin group (install creates it); without the
 # group, RESOLVED_KEY_PERM alone and the requester's gid.
 ADMIN_KEY_PERM = RESOLVED_KEY_PERM | ADMIN_GROUP_PERM

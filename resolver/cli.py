@@ -27,6 +27,9 @@ usage: kmskeys-resolver COMMAND [ARGS...]
                  the optional warm daemon: keeps a KMS client loaded for the handler
   prefetch [--config PATH] [--concurrency N] [--jitter S] [NAME ...]
                  fill the host cache from blob_dir (at boot: kmskeys-prefetch.service)
+  refresh [--config PATH] [--once]
+                 renew answered keys in place before they expire (kmskeys-refresh.service);
+                 --once: renew every recorded key now, then exit
   stored create|rotate NAME [--uid U | --machine] [--size N] | stored list | stored accounts
   stored retire --uid U | stored restore --uid U ACCOUNT | stored migrate | stored userdel-hook
                  the keystore: make or add a version of a key (rotate flushes its cached
@@ -148,6 +151,45 @@ def _prefetch(argv: Sequence[str]) -> int:
     return 1 if any(outcome.startswith("failed") for _, outcome in outcomes) else 0
 
 
+def _refresh(argv: Sequence[str]) -> int:
+    import argparse
+    import signal
+    import threading
+
+    from resolver import config as config_mod
+    from resolver import refresh as refresh_mod
+    from resolver.errors import ResolverError
+    from resolver.log import field
+
+    parser = argparse.ArgumentParser(
+        prog="kmskeys-resolver refresh",
+        description="Renew the keys the resolver answered, in place, before they expire (root).",
+    )
+    parser.add_argument("--config", type=Path, default=config_mod.DEFAULT_PATH)
+    parser.add_argument("--once", action="store_true", help="renew every recorded key now, exit")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("kmskeys-resolver refresh: must run as root", file=sys.stderr)
+        return 1
+    try:
+        config = config_mod.load(args.config)
+        if not config.refresh_ahead:
+            print("kmskeys-resolver refresh: refresh_ahead is off in the config", file=sys.stderr)
+            return 1
+        if args.once:
+            for record, what in refresh_mod.once(config):
+                print(f"{record.serial} {field(record.description)} uid {record.uid}: {what}")
+            return 0
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        refresh_mod.run(config, stop)
+    except (ResolverError, OSError) as exc:
+        print(f"kmskeys-resolver refresh: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kmskeys-resolver` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -175,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_main(rest)
     if command == "prefetch":
         return _prefetch(rest)
+    if command == "refresh":
+        return _refresh(rest)
     if command == "stored":
         from resolver.stored_cli import main as stored_main
 

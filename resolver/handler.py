@@ -20,8 +20,8 @@ from types import FrameType
 from kmskeys.errors import KmsKeysError
 from kmskeys.key import Key
 from kmskeys.keyutils import KEY_SPEC_REQKEY_AUTH_KEY, disable_core_dumps, keyctl_read
+from resolver import background, pipeline
 from resolver import config as config_mod
-from resolver import pipeline
 from resolver.answer import answer, log_error, log_writer
 from resolver.errors import ConfigError, DeadlineExceeded, ResolverError, failure
 from resolver.outcome import Outcome
@@ -137,6 +137,9 @@ class Handler:
         self.log = log_writer()
         self.negative_ttl = DEFAULT_NEGATIVE_TTL
         self.watchdog = Watchdog()
+        # What was resolved under which config, for refresh-ahead's record of the key.
+        self.asked: KernelRequest | None = None
+        self.config: config_mod.Config | None = None
 
     def run(self) -> int:
         """Handle the request; the exit status is for request-key's log only."""
@@ -160,7 +163,13 @@ class Handler:
             outcome = self._resolve(asked)
         except (Exception, DeadlineExceeded) as exc:  # every failure is answered
             outcome = pipeline.rejection(asked, self.failure(exc), self.negative_ttl)
-        return answer(self.key, outcome, self.log, self.started)
+        code = answer(self.key, outcome, self.log, self.started)
+        if code == 0 and outcome.answered and self.config is not None and self.asked is not None:
+            # After the answer: the key exists now. Refresh-ahead renews it before it expires.
+            from resolver.keyrecords import remember
+
+            remember(self.config, self.asked, outcome, time.clock_gettime(time.CLOCK_BOOTTIME))
+        return code
 
     def _resolve(self, asked: KernelRequest) -> Outcome:
         watchdog, started = self.watchdog, self.started
@@ -171,6 +180,7 @@ class Handler:
                 asked.key, asked.description, asked.uid, asked.gid, callout=callout
             )
             config = self._load_config()
+            self.asked, self.config = asked, config
             deadline = started + config.deadline - WATCHDOG_MARGIN
             with watchdog.armed(deadline):
                 return pipeline.resolve(asked, config, deadline, fired=lambda: watchdog.fired)
@@ -211,4 +221,7 @@ def main(
         return 2
     if config is not None and config.path != args.config:
         config = None
+    # This process must exit for the requester to wake: a refresh that outlives the request
+    # goes on in a detached child (resolver/background.py).
+    background.use_fork()
     return Handler(args, started, config).run()

@@ -7,7 +7,8 @@ that only an identical request can hit it: prefix, name, the user for a user-bou
 BLAKE2b-256 digest of the blob's canonical text (`Blob.identity()`: every spelling the parser
 accepts, and the version-1 form of a version-2 blob, share one entry; a redeployed blob is a new
 one). Policy, the blob's expiry, its recorded name and the key allowlist are checked before the
-cache is consulted (resolver/blobs.py).
+cache is consulted (resolver/blobs.py); how a request goes through the cache (fresh, refresh,
+stale) is resolver/cachedfetch.py.
 
 An entry's payload is an 8-byte header (the CLOCK_BOOTTIME second of its decrypt, so its age
 does not depend on the wall clock) and the plaintext. It is fresh for the name's `ttl`; after
@@ -15,6 +16,11 @@ that, it is kept for `stale_grace` more seconds to answer when KMS is unavailabl
 expires it after max(ttl, stale_grace) + 1 s. The keyring lives as long as root's persistent
 keyring: the handler touches that on every run, which restarts its expiry timer
 (kernel.keys.persistent_keyring_expiry, 3 days by default); a reboot empties it.
+
+Every entry costs root's kernel key quota, so each is charged to the uid whose request made it
+(its `charged_uid`): at most `host_cache_keys_per_uid` entries and `host_cache_bytes_per_uid`
+bytes each (uid 0's own are not counted), and none that would take root past
+`host_cache_root_share` of its quota. Past a charge the answer is given, only not kept.
 """
 
 from __future__ import annotations
@@ -27,17 +33,22 @@ import time
 # hashlib.blake2b is this very class; importing hashlib would also load OpenSSL's libcrypto,
 # 2 to 3 ms on every miss (python -X importtime), for a digest this one gives as well.
 from _blake2 import blake2b
+from _thread import get_ident
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kmskeys import keyutils
-from kmskeys.contract import HOSTCACHE_PERM, USER_PAYLOAD_MAX
+from kmskeys.contract import HOSTCACHE_ENTRY_PREFIX, HOSTCACHE_PERM, USER_PAYLOAD_MAX
 from kmskeys.errors import KmsKeysError
 from kmskeys.hostflush import host_cache_ring
-from resolver.limits import open_state_file
+from resolver.errors import ConfigError
+from resolver.limits import charged_uid, open_state_file
+
+if TYPE_CHECKING:
+    from resolver.config import Config
 
 _HEADER = struct.Struct("=d")
 # Refreshes of one entry by handlers of different keyrings wait for each other (one Decrypt per
@@ -45,6 +56,14 @@ _HEADER = struct.Struct("=d")
 # state_dir holds a bounded number of them.
 LOCK_STRIPES = 64
 REFRESH_WAIT = 1.0  # seconds a miss waits for another handler's refresh of its stripe
+# A uid's charges: state_dir/CHARGE_PREFIX + UID holds one record per entry it made, (serial,
+# bytes, CLOCK_BOOTTIME second the kernel drops it), and is locked while an entry is added.
+CHARGE_PREFIX = "hccharge-"
+_CHARGE = struct.Struct("=iqd")
+# Root's use of its kernel key quota, one line per uid: "UID: USAGE NKEYS/NIKEYS QNKEYS/MAXKEYS
+# QNBYTES/MAXBYTES" (security/keys/proc.c proc_key_users_show); numbers only, nothing a user
+# can write into it.
+KEY_USERS = Path("/proc/key-users")
 
 
 def blob_digest(text: bytes) -> str:
@@ -57,6 +76,11 @@ def boottime() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
+def stripe_of(desc: str) -> int:
+    """Which of the LOCK_STRIPES refresh locks the entry `desc` takes."""
+    return int.from_bytes(blake2b(desc.encode(), digest_size=4).digest()) % LOCK_STRIPES
+
+
 @dataclass(frozen=True)
 class Entry:
     """A host-cache entry: its key serial, the plaintext and its age in seconds."""
@@ -66,38 +90,91 @@ class Entry:
     age: float
 
 
+class Kept:
+    """What `store` did: true when the entry was kept, else `reason` says why not (the answer
+    is given all the same: the cache is an optimisation)."""
+
+    __slots__ = ("kept", "reason")
+
+    def __init__(self, kept: bool, reason: str = "") -> None:
+        self.kept = kept
+        self.reason = reason
+
+    def __bool__(self) -> bool:
+        return self.kept
+
+    def __repr__(self) -> str:
+        return f"Kept({self.kept}, {self.reason!r})"
+
+
+class RefreshLock:
+    """The refresh lock of one entry's stripe: `held` or not. Whoever finishes the refresh
+    releases it, the request itself or the background refresh it was handed to
+    (resolver/background.py), which then owns `fd`."""
+
+    __slots__ = ("fd", "held")
+
+    def __init__(self, fd: int, held: bool) -> None:
+        self.fd = fd
+        self.held = held
+
+    def hand_over(self) -> int:
+        """The fd, now the caller's to close: release() no longer closes it."""
+        fd, self.fd = self.fd, -1
+        return fd
+
+    def release(self) -> None:
+        """Drop the lock (close the fd) unless it was handed over."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> RefreshLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class Cache(Protocol):
-    """What the `kms:` backend asks of a host cache (HostCache; an in-memory one in tests)."""
+    """What a backend asks of a host cache (HostCache; an in-memory one in tests)."""
 
     def lookup(self, desc: str) -> Entry | None:
         """The entry described `desc`, or None."""
         ...
 
-    def store(self, desc: str, plaintext: bytes, lifetime: int) -> bool:
-        """Keep `plaintext` as `desc` for `lifetime` seconds; False if it is not kept."""
+    def store(self, desc: str, plaintext: bytes, lifetime: int, *, uid: int) -> Kept:
+        """Keep `plaintext` as `desc` for `lifetime` seconds, charged to the requester `uid`."""
         ...
 
     def purge(self, desc: str) -> None:
         """Drop the entry described `desc`, if there is one."""
         ...
 
-    def refreshing(self, state_dir: Path, desc: str) -> AbstractContextManager[None]:
-        """Hold the refresh lock of `desc` for the block (bounded wait)."""
+    def lock(self, state_dir: Path, desc: str, wait: float) -> RefreshLock:
+        """The refresh lock of `desc`, waiting up to `wait` s for it (then not held)."""
         ...
 
 
 class HostCache:
     """The host-cache keyring, as its root possessor sees it."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: Config) -> None:
+        self.config = config
         self._ring: int | None = None
+        self._holder = (0, 0)
 
     def ring(self) -> int:
-        """The keyring's serial, found or created on first use."""
-        if self._ring is None:
+        """The keyring's serial, found or created on first use in this process and thread."""
+        # Possession goes with the credentials the lookup installed the process keyring in: a
+        # forked child gets no process keyring (copy_creds drops it without CLONE_THREAD), and
+        # a thread that existed before it was installed does not see it (commit_creds changes
+        # the calling thread's credentials only). Such a caller finds the ring again.
+        holder = (os.getpid(), get_ident())
+        if self._ring is None or self._holder != holder:
             ring = host_cache_ring(create=True)
             assert ring is not None
-            self._ring = ring
+            self._ring, self._holder = ring, holder
         return self._ring
 
     def lookup(self, desc: str) -> Entry | None:
@@ -112,19 +189,28 @@ class HostCache:
         (stamp,) = _HEADER.unpack_from(payload)
         return Entry(serial, payload[_HEADER.size :], max(0.0, boottime() - stamp))
 
-    def store(self, desc: str, plaintext: bytes, lifetime: int) -> bool:
-        """Keep `plaintext` as `desc` for `lifetime` seconds; False if it does not fit a key."""
+    def store(self, desc: str, plaintext: bytes, lifetime: int, *, uid: int) -> Kept:
+        """Keep `plaintext` as `desc` for `lifetime` seconds, charged to `uid`'s charged uid;
+        not kept past the uid's charge, root's quota share, or a `user` key's size."""
         if len(plaintext) + _HEADER.size > USER_PAYLOAD_MAX:
-            return False  # a `user` key holds 32767 bytes: such a secret is not host-cached
+            # A `user` key holds 32767 bytes: such a secret is not host-cached.
+            return Kept(False, f"not kept: over {USER_PAYLOAD_MAX - _HEADER.size} bytes")
         payload = _HEADER.pack(boottime()) + plaintext
+        # What the kernel's quota counts: the description and the payload.
+        cost = len(desc.encode()) + len(payload)
         try:
-            # add_key with an existing description updates that key in place.
-            serial = keyutils.add_key(b"user", desc.encode(), payload, self.ring())
-            keyutils.keyctl_setperm(serial, HOSTCACHE_PERM)
-            keyutils.keyctl_set_timeout(serial, lifetime)
-        except KmsKeysError:
-            return False  # the cache is an optimisation: the requester is answered anyway
-        return True
+            existing = self._serial(desc)
+            crowded = root_quota_problem(self.config.host_cache_root_share, cost, existing is None)
+            if crowded is not None:
+                return Kept(False, f"not kept: {crowded}")
+            charged = charged_uid(self.config, uid)
+            if charged == 0:
+                # Root's own requests and prefetch: root's choice of blob_dir, not charged.
+                self._add(desc, payload, lifetime)
+                return Kept(True)
+            return self._charged(charged, desc, payload, lifetime, existing)
+        except (KmsKeysError, ConfigError, OSError) as exc:
+            return Kept(False, f"not kept: {exc}")
 
     def purge(self, desc: str) -> None:
         """Invalidate the entry described `desc`, if there is one."""
@@ -134,26 +220,132 @@ class HostCache:
         except KmsKeysError:
             pass
 
+    def lock(self, state_dir: Path, desc: str, wait: float) -> RefreshLock:
+        """The refresh lock of `desc` (one of LOCK_STRIPES flock files in state_dir), waiting
+        up to `wait` s; past that, not held (the caller decides what to do without it)."""
+        fd = open_state_file(state_dir, f"hostcache-{stripe_of(desc)}")
+        give_up = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return RefreshLock(fd, True)
+            except BlockingIOError:
+                if time.monotonic() >= give_up:
+                    os.close(fd)
+                    return RefreshLock(-1, False)
+                time.sleep(0.01)
+            except BaseException:
+                os.close(fd)
+                raise
+
     @contextmanager
     def refreshing(self, state_dir: Path, desc: str) -> Iterator[None]:
-        """Hold the refresh lock of `desc` (one of LOCK_STRIPES flock files in state_dir), or
-        go on without it after REFRESH_WAIT."""
-        stripe = int.from_bytes(blake2b(desc.encode(), digest_size=4).digest()) % LOCK_STRIPES
-        fd = open_state_file(state_dir, f"hostcache-{stripe}")
-        try:
-            # A refresher of this entry is done in a KMS round trip; the wait is bounded because
-            # a stripe is shared with other names: one name's hung KMS call (another uid's,
-            # say) must not hold up an unrelated miss. Past the bound, refresh unlocked (at
-            # worst one more Decrypt).
-            give_up = time.monotonic() + REFRESH_WAIT
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= give_up:
-                        break
-                    time.sleep(0.01)
+        """Hold the refresh lock of `desc` for the block, or go on without it after
+        REFRESH_WAIT (a stripe is shared with other names: one name's hung KMS call must not
+        hold up an unrelated miss; past the bound, at worst one more Decrypt)."""
+        with self.lock(state_dir, desc, REFRESH_WAIT):
             yield
+
+    def _serial(self, desc: str) -> int | None:
+        try:
+            return keyutils.keyctl_search(self.ring(), b"user", desc.encode(), 0)
+        except KmsKeysError:
+            return None
+
+    def _add(self, desc: str, payload: bytes, lifetime: int) -> int:
+        # add_key with an existing description updates that key in place (same serial).
+        serial = keyutils.add_key(b"user", desc.encode(), payload, self.ring())
+        keyutils.keyctl_setperm(serial, HOSTCACHE_PERM)
+        keyutils.keyctl_set_timeout(serial, lifetime)
+        return serial
+
+    def _charged(
+        self, charged: int, desc: str, payload: bytes, lifetime: int, existing: int | None
+    ) -> Kept:
+        """Add the entry if `charged`'s entries stay within its charge, and record it."""
+        config = self.config
+        fd = open_state_file(config.state_dir, f"{CHARGE_PREFIX}{charged}")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the uid's stores, one at a time
+            records = [r for r in _read_charges(fd) if r[0] != existing and _alive(r)]
+            keys, total = len(records) + 1, sum(r[1] for r in records) + len(desc) + len(payload)
+            if keys > config.host_cache_keys_per_uid or total > config.host_cache_bytes_per_uid:
+                _write_charges(fd, records)
+                return Kept(
+                    False,
+                    f"not kept: uid {charged} is at its host-cache charge ({len(records)} "
+                    f"entries, {total - len(desc) - len(payload)} bytes; host_cache_keys_per_uid "
+                    f"{config.host_cache_keys_per_uid}, host_cache_bytes_per_uid "
+                    f"{config.host_cache_bytes_per_uid})",
+                )
+            serial = self._add(desc, payload, lifetime)
+            records.append((serial, len(desc) + len(payload), boottime() + lifetime))
+            _write_charges(fd, records)
+            return Kept(True)
         finally:
             os.close(fd)
+
+
+def _read_charges(fd: int) -> list[tuple[int, int, float]]:
+    raw = os.pread(fd, 1 << 24, 0)
+    usable = len(raw) - len(raw) % _CHARGE.size
+    return [_CHARGE.unpack_from(raw, at) for at in range(0, usable, _CHARGE.size)]
+
+
+def _write_charges(fd: int, records: list[tuple[int, int, float]]) -> None:
+    data = b"".join(_CHARGE.pack(*record) for record in records)
+    os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
+
+
+def _alive(record: tuple[int, int, float]) -> bool:
+    """Whether a charge still stands: its entry is not past its lifetime, and the serial is
+    still a host-cache entry (not flushed, purged, or reused by another key)."""
+    serial, _, ends = record
+    if boottime() >= ends:
+        return False
+    try:
+        described = keyutils.keyctl_describe_alloc(serial).split(b";", 4)
+    except KmsKeysError:
+        return False
+    return (
+        len(described) == 5
+        and described[0] == b"user"
+        and described[1] == b"0"
+        and described[4].startswith(HOSTCACHE_ENTRY_PREFIX.encode())
+    )
+
+
+def root_quota_problem(share: float, cost: int, new_key: bool) -> str | None:
+    """Why an entry of `cost` bytes would take root past `share` of its key quota, or None
+    (also when /proc/key-users cannot be read: the kernel's own quota still holds)."""
+    found = root_quota()
+    if found is None:
+        return None
+    keys, max_keys, used, max_bytes = found
+    if keys + new_key <= share * max_keys and used + cost <= share * max_bytes:
+        return None
+    return (
+        f"root's key quota would pass host_cache_root_share {share:g} ({keys}/{max_keys} keys, "
+        f"{used}/{max_bytes} bytes in use)"
+    )
+
+
+def root_quota(path: Path = KEY_USERS) -> tuple[int, int, int, int] | None:
+    """(keys, max keys, bytes, max bytes) of uid 0's kernel key quota, or None if unknown."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        uid, _, rest = line.partition(":")
+        fields = rest.split()
+        if uid.strip() != "0" or len(fields) < 4:
+            continue
+        try:
+            keys, max_keys = (int(n) for n in fields[2].split("/"))
+            used, max_bytes = (int(n) for n in fields[3].split("/"))
+        except ValueError:
+            return None
+        return keys, max_keys, used, max_bytes
+    return None

@@ -12,12 +12,17 @@ root-only `state_dir` (a tmpfs, /run/kmskeys, by default):
   AWS call made for the uid's request (KMS Decrypt, the keystore seal, retries included) takes
   one, so no uid can burn the account's request quota. The budgets are spent by the AWS
   gateway (resolver/gateway.py); prefetch has a bucket of its own.
+
+Per-uid means per charged uid (`charged_uid`): a uid inside a subordinate range of /etc/subuid
+(a rootless container's) spends its range owner's limits, so a user with 65536 subuids gets one
+share, not 65536. The host cache's charges and refresh-ahead's records count the same way.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import pwd
 import struct
 import time
 from pathlib import Path
@@ -26,6 +31,7 @@ from typing import TYPE_CHECKING
 from kmskeys import fileio
 from kmskeys.contract import BUILD_STAMP
 from resolver.errors import ConfigError, UnavailableError
+from resolver.log import LOG_WARNING, format_fields
 
 if TYPE_CHECKING:
     from resolver.config import Config
@@ -38,6 +44,9 @@ SLOT_FD_ENV = "KMSKEYS_SLOT_FD"
 GATE_STAMP_ENV = "KMSKEYS_GATE_STAMP"
 # A uid's slots are the files SLOT_PREFIX + "UID-INDEX" in state_dir (the gate's too).
 SLOT_PREFIX = "slot-"
+# A uid's background host-cache refreshes (resolver/cachedfetch.py) hold these instead: they
+# must not take the slots its requests need.
+BACKGROUND_PREFIX = "bgslot-"
 # A bucket file holds (tokens, CLOCK_MONOTONIC seconds of the last refill): the clock is the
 # same for every process on the host, and /run starts empty at boot.
 _BUCKET = struct.Struct("=dd")
@@ -73,13 +82,13 @@ def open_state_file(state_dir: Path, name: str) -> int:
         os.close(dir_fd)
 
 
-def acquire_slot(state_dir: Path, uid: int, slots: int) -> int | None:
+def acquire_slot(state_dir: Path, uid: int, slots: int, prefix: str = SLOT_PREFIX) -> int | None:
     """An fd holding one of `uid`'s `slots` handler slots (keep it open), or None if all are
-    taken."""
+    taken; `prefix` names another kind of slot (BACKGROUND_PREFIX)."""
     dir_fd = _state_dir(state_dir)
     try:
         for index in range(slots):
-            fd = _open(dir_fd, f"{SLOT_PREFIX}{uid}-{index}")
+            fd = _open(dir_fd, f"{prefix}{uid}-{index}")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -125,13 +134,17 @@ class UidBudget:
         self.uid = uid
 
     def spend(self) -> None:
-        """Take a token, or refuse for now (EAGAIN)."""
+        """Take a token of the charged uid's bucket, or refuse for now (EAGAIN)."""
         config = self.config
+        charged = charged_uid(config, self.uid)
         if not take_token(
-            config.state_dir, str(self.uid), config.kms_rate_per_uid, config.kms_burst_per_uid
+            config.state_dir, str(charged), config.kms_rate_per_uid, config.kms_burst_per_uid
         ):
+            whose = f"uid {self.uid}" + (
+                f" (charged to uid {charged}, /etc/subuid)" if charged != self.uid else ""
+            )
             raise UnavailableError(
-                f"uid {self.uid} is over its KMS call rate (kms_rate_per_uid "
+                f"{whose} is over its KMS call rate (kms_rate_per_uid "
                 f"{config.kms_rate_per_uid:g}/s, burst {config.kms_burst_per_uid})"
             )
 
@@ -193,3 +206,115 @@ def inherited_slot(state_dir: Path, uid: int, slots: int) -> tuple[int | None, b
     os.set_inheritable(fd, False)  # the worker gets it through fork; nothing it execs does
     index = name[len(prefix) :]
     return fd, index.isdigit() and int(index) < slots
+
+
+# --- Subordinate uid ranges ------------------------------------------------------------------
+# shadow-utils' subuid(5): one `owner:start:count` per line, owner a user name or a numeric uid;
+# useradd and usermod write it, newuidmap reads it to map a rootless container's uids.
+SUBUID_FILE = Path("/etc/subuid")
+SUBUID_MAX_BYTES = 1 << 20
+# An unsafe /etc/subuid is logged at most once per this many seconds (a line per miss would
+# flood the log): the stamp of the last line is kept in state_dir.
+SUBUID_WARN_EVERY = 3600.0
+_SUBUID_WARNED = "subuid-warned"
+# The (dev, ino, size, mtime_ns) of the file last parsed -> its ranges: one parse per process.
+_PARSED: dict[tuple[int, int, int, int], tuple[tuple[int, int, str], ...]] = {}
+
+
+def charged_uid(config: Config, uid: int, subuid_file: Path = SUBUID_FILE) -> int:
+    """The uid whose per-uid limits `uid` spends: the owner of the /etc/subuid range holding it.
+
+    Exactly these semantics (resolver/gate.c implements the same for the per-uid slots):
+    - off (the uid itself) when `aggregate_subuids` is false, when the file is missing, or when
+      it is unsafe: not a regular root-owned file, group- or world-writable, a link, or over
+      SUBUID_MAX_BYTES (that case is logged);
+    - each line is `owner:start:count` (the line's surrounding whitespace ignored): start and
+      count decimal, count at least 1; owner all digits is that uid, anything else a user name
+      looked up with getpwnam. A line that does not parse, or whose owner has no passwd entry,
+      is skipped as if absent;
+    - the first line, in file order, whose [start, start + count) holds `uid` decides: the uid
+      is charged to that line's owner. No line holds it: the uid itself.
+    """
+    if not config.aggregate_subuids:
+        return uid
+    for start, count, owner in _subuid_ranges(config, subuid_file):
+        if start <= uid < start + count:
+            found = _owner_uid(owner)
+            if found is not None:
+                return found
+    return uid
+
+
+def _owner_uid(owner: str) -> int | None:
+    if owner.isascii() and owner.isdigit():
+        return int(owner)
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except (KeyError, ValueError):  # no such user; a NUL in the name
+        return None
+
+
+def _subuid_ranges(config: Config, path: Path) -> tuple[tuple[int, int, str], ...]:
+    """The (start, count, owner) of each valid line of `path`; () when missing or unsafe."""
+    label = f"subordinate uid file {path}"
+    try:
+        fd = fileio.open_file(path, label)
+    except fileio.UntrustedFileError as exc:
+        if exc.problem != fileio.MISSING:
+            _warn_unsafe(config, path, exc.detail)
+        return ()
+    try:
+        st = os.fstat(fd)
+        signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if signature in _PARSED:
+            return _PARSED[signature]
+        text = fileio.read_fd(fd, SUBUID_MAX_BYTES, label)
+    except fileio.UntrustedFileError as exc:
+        _warn_unsafe(config, path, exc.detail)
+        return ()
+    except OSError:
+        return ()
+    finally:
+        os.close(fd)
+    ranges = tuple(parse_subuid(text))
+    _PARSED.clear()
+    _PARSED[signature] = ranges
+    return ranges
+
+
+def parse_subuid(text: bytes) -> list[tuple[int, int, str]]:
+    """The (start, count, owner) of each line of a subuid file that parses, in file order."""
+    found = []
+    for raw in text.decode("utf-8", "replace").splitlines():
+        fields = raw.strip().split(":")
+        if len(fields) != 3 or not fields[0]:
+            continue
+        owner, start, count = fields
+        if not (start.isascii() and start.isdigit() and count.isascii() and count.isdigit()):
+            continue
+        if int(count) >= 1:
+            found.append((int(start), int(count), owner))
+    return found
+
+
+def _warn_unsafe(config: Config, path: Path, why: str) -> None:
+    """Log, at most once per SUBUID_WARN_EVERY seconds host-wide, that nothing is aggregated."""
+    try:
+        fd = open_state_file(config.state_dir, _SUBUID_WARNED)
+    except ConfigError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        raw = os.pread(fd, 8, 0)
+        now = time.clock_gettime(time.CLOCK_BOOTTIME)
+        (last,) = struct.unpack("=d", raw) if len(raw) == 8 else (-SUBUID_WARN_EVERY,)
+        if 0 <= now - last < SUBUID_WARN_EVERY:
+            return
+        os.pwrite(fd, struct.pack("=d", now), 0)
+    finally:
+        os.close(fd)
+    from resolver.answer import log_writer
+
+    reason = f"per-uid limits not aggregated over subordinate uids (aggregate_subuids): {why}"
+    line = format_fields(config=config.path, subuid_file=path, reason=reason)
+    log_writer(config).emit(LOG_WARNING, line)

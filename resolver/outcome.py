@@ -108,6 +108,8 @@ class Outcome:
             mode=facts.get("mode"),
             age=facts.get("age"),
             ttl=self.timeout if self.answered else None,
+            # Why the host cache did not keep this answer (a uid at its charge, say).
+            cache=facts.get("cache"),
             errno=None if self.answered else errno_name(self.errno),
             reason=self.reason,
             ms=None if ms is None else f"{ms:.0f}",

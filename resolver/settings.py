@@ -19,6 +19,7 @@ from typing import Any
 
 from resolver.validators import (
     MAX_CONCURRENT,
+    MAX_DEADLINE,
     MAX_NEGATIVE_TTL,
     MAX_TTL,
     MAX_TTL_JITTER,
@@ -29,6 +30,7 @@ from resolver.validators import (
     choice,
     count,
     deadline,
+    duration,
     fraction,
     name_rules,
     rate,
@@ -44,6 +46,8 @@ DEFAULT_SYSLOG_SOCKET = Path("/dev/log")
 DEFAULT_STATE_DIR = Path("/run/kmskeys")
 FACILITIES = {"authpriv": 10, "daemon": 3, "auth": 4, "user": 1}
 PARTITIONS = ("aws", "aws-cn", "aws-us-gov")
+MAX_HOST_CACHE_KEYS = 1_000_000  # kernel.keys.root_maxkeys' default
+MAX_HOST_CACHE_BYTES = 1 << 30
 
 
 # The settings tables are loaded on every miss, and making a dataclass costs a few hundred
@@ -272,6 +276,15 @@ class LimitSettings:
         "root-only directory of the per-uid limits' lock files",
         note="root-only: the per-uid limits' lock files",
     )
+    aggregate_subuids: bool = setting(
+        True,
+        boolean,
+        "charge a uid inside a subordinate range of `/etc/subuid` (`owner:start:count`, rootless "
+        "containers) to the range's owner: every per-uid limit above, the host cache's and "
+        "refresh-ahead's are then the owner's, shared by the whole range. `/etc/subuid` must be "
+        "root-owned and not writable by group or others, else nothing is aggregated (logged)",
+        note="a /etc/subuid range spends its owner's per-uid limits",
+    )
 
 
 @dataclass(frozen=True, init=False, repr=False, eq=False)
@@ -296,4 +309,46 @@ class HostCacheSettings:
         seconds(1, MAX_NEGATIVE_TTL),
         "key timeout (1 to 3600 s) of a stale answer, so that KMS is asked again soon",
         note="... with this key timeout, so that KMS is retried soon",
+    )
+    stale_wait: float = setting(
+        1.0,
+        duration(0.0, MAX_DEADLINE),
+        "seconds (0 to 60) a miss that has a stale host-cache entry at hand waits for KMS before "
+        "it is answered stale; the refresh then goes on in the background and fills the host "
+        'cache when KMS answers (below, "Stale without the stall")',
+        note="KMS slow: answer stale after this long, refresh in the background",
+    )
+    host_cache_keys_per_uid: int = setting(
+        200,
+        count(1, MAX_HOST_CACHE_KEYS),
+        "host-cache entries a requesting uid may have made at once (uid 0 is not counted); past "
+        "it, answers are given but not kept",
+        note="host-cache entries charged to one uid ...",
+    )
+    host_cache_bytes_per_uid: int = setting(
+        1 << 20,
+        count(1, MAX_HOST_CACHE_BYTES),
+        "bytes (description and payload, as the kernel's quota counts them) of those entries",
+        note="... and their bytes",
+    )
+    host_cache_root_share: float = setting(
+        0.5,
+        fraction(1.0),
+        "the host cache never keeps an entry that would take root's kernel key quota "
+        "(`/proc/key-users`, uid 0) past this share of `root_maxkeys` or `root_maxbytes`",
+        note="never fill root's key quota past this share",
+    )
+    refresh_ahead: bool = setting(
+        True,
+        boolean,
+        "remember each key answered, so that `kmskeys-resolver refresh` renews it in place "
+        'before it expires (below, "Refresh-ahead")',
+        note="remember answered keys for kmskeys-resolver refresh",
+    )
+    refresh_keys_per_uid: int = setting(
+        200,
+        count(1, MAX_HOST_CACHE_KEYS),
+        "keys remembered for refresh-ahead per uid; past it, a uid's further keys expire as "
+        "without refresh-ahead",
+        note="keys remembered per uid",
     )

@@ -37,6 +37,7 @@ from resolver.config import Config
 from resolver.errors import KeystoreError, RefusedError, UnknownSecretError
 from resolver.keystore import SEAL_KMS, SEAL_NONE, SEAL_PKCS11, Entry, EntryId, Keystore
 from resolver.keystore_entry import RETIRED_DIR
+from resolver.limits import charged_uid
 
 
 def parse_size(callout: bytes) -> int:
@@ -169,8 +170,10 @@ class StoredBackend:
         """
         config = self.config
         size = made_size(config, eid, asked)
+        # The cap is the charged uid's: a /etc/subuid range shares its owner's (limits.py).
+        charged = charged_uid(config, request.uid)
         ledger = Ledger(
-            self.store, request.uid, config.keystore_entries_per_uid, config.keystore_bytes_per_uid
+            self.store, charged, config.keystore_entries_per_uid, config.keystore_bytes_per_uid
         )
         ledger.check(len(Entry(eid, 0, size, SEAL_NONE, bytes(size)).encode()))
         check_quota(request.uid, payload)

@@ -29,7 +29,7 @@ from resolver import config as config_mod
 from resolver import handler
 from resolver.answer import answer_unanswered, log_writer
 from resolver.errors import ResolverError, UnavailableError
-from resolver.limits import acquire_slot, inherited_slot, stale_gate
+from resolver.limits import acquire_slot, charged_uid, inherited_slot, stale_gate
 from resolver.pipeline import KernelRequest, rejection
 from resolver.registry import split_description
 
@@ -98,14 +98,17 @@ def _admit(
     if config is None:
         return None, None  # the worker refuses the config and logs why
     slots = config.max_concurrent_per_uid
-    slot, allowed = inherited_slot(config.state_dir, args.uid, slots)
     try:
+        # A subordinate uid's slots are its range owner's (kmskeys-gate charges the same).
+        charged = charged_uid(config, args.uid)
+        slot, allowed = inherited_slot(config.state_dir, charged, slots)
         if slot is None:
-            slot = acquire_slot(config.state_dir, args.uid, slots)
+            slot = acquire_slot(config.state_dir, charged, slots)
     except ResolverError as exc:
         return exc, None
     if slot is None or not allowed:
-        why = f"uid {args.uid} already has {slots} requests being resolved (max_concurrent_per_uid)"
+        whose = f"uid {args.uid}" + (f" (charged to uid {charged})" if charged != args.uid else "")
+        why = f"{whose} already has {slots} requests being resolved (max_concurrent_per_uid)"
         return UnavailableError(why), slot
     return None, slot
 

@@ -17,7 +17,6 @@ the key can make one).
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 
 from kmskeys import fileio
@@ -25,14 +24,10 @@ from kmskeys.blobfields import CONTEXT_NOT_AFTER, BlobFormatError, parse_not_aft
 from kmskeys.contract import hostcache_entry
 from kmskeys.tokenblob import BLOB_SUFFIX, MAX_BLOB_CHARS, TokenBlob, parse_token_blob
 from resolver.backend import Context, Request, Result
+from resolver.cachedfetch import Through
 from resolver.config import Config
-from resolver.errors import (
-    DeadlineExceeded,
-    RefusedError,
-    ServiceUnavailableError,
-    UnknownSecretError,
-)
-from resolver.hostcache import Cache, Entry, HostCache, blob_digest
+from resolver.errors import RefusedError, UnknownSecretError
+from resolver.hostcache import Cache, HostCache, blob_digest
 
 
 class TokenBlobBackend:
@@ -90,47 +85,18 @@ class TokenBlobBackend:
     def cache(self) -> Cache:
         """The host cache (root's keyring), made on first use."""
         if self._cache is None:
-            self._cache = HostCache()
+            self._cache = HostCache(self.config)
         return self._cache
 
     def _cached(self, desc: str, blob: TokenBlob, request: Request, context: Context) -> Result:
-        cache = self.cache()
-        ttl = self.config.ttl_for(request.name, request.prefix)
-        start = time.perf_counter()
-        entry = cache.lookup(desc)
-        context.timings.add("hostcache", (time.perf_counter() - start) * 1000)
-        if entry is not None and entry.age < ttl:
-            return self._hit(entry, context)
-        try:
-            with cache.refreshing(self.config.state_dir, desc):
-                entry = cache.lookup(desc)
-                if entry is not None and entry.age < ttl:
-                    return self._hit(entry, context)
-                plaintext = self.open(blob, request, context)
-        except (ServiceUnavailableError, DeadlineExceeded) as exc:
-            # The token is gone or hung (never a refusal, never a uid over its own rate).
-            why = "deadline exceeded" if isinstance(exc, DeadlineExceeded) else exc.reason
-            stale = self._stale(entry, context, why)
-            if stale is None:
-                raise
-            return stale
-        except RefusedError:
-            # A refusal is never masked: a replaced token takes effect at this refresh.
-            cache.purge(desc)
-            raise
-        cache.store(desc, plaintext, max(ttl, self.config.stale_grace) + 1)
-        return Result(plaintext, details=context.notes)
+        # Fresh, one token operation per host, stale while the token is unavailable (a
+        # YubiKey pulled out), at most stale_wait of waiting for a hung one; a refusal (a
+        # replaced token) purges the entry (resolver/cachedfetch.py).
+        def refresh(context: Context) -> bytes:
+            return self.open(blob, request, context)
 
-    def _hit(self, entry: Entry, context: Context) -> Result:
-        context.notes.update(source="hostcache", age=f"{entry.age:.0f}")
-        return Result(entry.plaintext, details=context.notes)
-
-    def _stale(self, entry: Entry | None, context: Context, why: str) -> Result | None:
-        grace = self.config.stale_grace
-        if entry is None or not grace or entry.age > grace:
-            return None
-        context.notes.update(source="hostcache", age=f"{entry.age:.0f}", reason=why)
-        return Result(entry.plaintext, ttl=self.config.stale_ttl, stale=True, details=context.notes)
+        through = Through(self.config, self.cache(), desc, refresh, request=request, label="token")
+        return through.fetch(context)
 
 
 def read_token_blob(config: Config, name: str) -> bytes:

@@ -86,6 +86,18 @@ def count(low: int, high: int) -> Check:
     return lambda value, where: _whole(value, low, high, where, "")
 
 
+def duration(low: float, high: float) -> Check:
+    """A number of seconds (a fraction allowed) in [low, high]."""
+
+    def check(value: object, where: str) -> float:
+        number = _number(value)
+        if number is None or not low <= number <= high:
+            raise ConfigError(f"{where} must be a number of seconds in [{low:g}, {high:g}]")
+        return number
+
+    return check
+
+
 def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None

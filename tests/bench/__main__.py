@@ -36,6 +36,7 @@ MODULES.append("tests.bench.identity")  # requester identification added to a mi
 MODULES.append("tests.bench.fleet")  # Secrets Manager calls per rotation, simulated (issue 21)
 MODULES.append("tests.bench.rotation")  # rotation reaching a running program (issue 21)
 MODULES.append("tests.bench.tokens")  # a pass: miss, a token-sealed stored: miss (issue 25)
+MODULES.append("tests.bench.refresh")  # refresh-ahead: a reader never meets a miss (issue 26)
 
 
 def machine() -> str:

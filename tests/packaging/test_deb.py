@@ -45,7 +45,12 @@ DEFAULTS = Path("/etc/default/kmskeys")
 REQUEST_KEY_D = Path(contract.REQUEST_KEY_D)
 RULE = REQUEST_KEY_D / rule_file_name(DEFAULT_PREFIX)
 UNIT_DIR = Path("/lib/systemd/system")
-UNITS = ("kmskeys-resolver.service", "kmskeys-firewall.service", "kmskeys-prefetch.service")
+UNITS = (
+    "kmskeys-resolver.service",
+    "kmskeys-firewall.service",
+    "kmskeys-prefetch.service",
+    "kmskeys-refresh.service",
+)
 STATE = Path("/var/lib/kmskeys-package")
 RUN_DIR = Path("/run/kmskeys")
 # What the package owns or makes on a host: none of it may be there before, nor after the purge.
