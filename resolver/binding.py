@@ -31,7 +31,7 @@ from resolver.errors import IdentityError, IdentityUnclearError, RefusedError
 from resolver.log import field
 
 if TYPE_CHECKING:
-    from resolver.backend import Context
+    from resolver.backend import Context, Timings
     from resolver.programpolicy import ProgramPolicy
     from resolver.requester import AuthView
     from resolver.task import Requester
@@ -52,7 +52,17 @@ class Binding:
     policy rule (None, or a rule without program keys: the name answers to any program).
     """
 
-    __slots__ = ("bound", "key", "keyrings", "policy", "requesters", "uid", "view", "who")
+    __slots__ = (
+        "bound",
+        "key",
+        "keyrings",
+        "policy",
+        "requesters",
+        "timings",
+        "uid",
+        "view",
+        "who",
+    )
 
     def __init__(
         self,
@@ -72,6 +82,7 @@ class Binding:
         self.bound = False
         self.who: Requester | None = None
         self.requesters: tuple[Requester, ...] = ()
+        self.timings: Timings | None = None
 
     def admit(self, context: Context) -> None:
         """For a name with a program policy: identify the requester, refuse it outside the
@@ -97,6 +108,7 @@ class Binding:
         if self.who is not None:
             return self.who
         self.bound = True
+        self.timings = context.timings
         start = time.perf_counter()
         try:
             view = self._view()
@@ -121,8 +133,13 @@ class Binding:
             return
         from resolver.task import check_alive
 
-        for who in self.requesters:
-            check_alive(who)
+        start = time.perf_counter()
+        try:
+            for who in self.requesters:
+                check_alive(who)
+        finally:
+            if self.timings is not None:
+                self.timings.add("identify", (time.perf_counter() - start) * 1000)
 
     def _view(self) -> AuthView:
         if self.view is None:

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from resolver.log import field
-from resolver.record import Record
+from resolver.task import Record
 from resolver.validators import PROGRAM_KEYS, PROGRAM_RULE_CHECKS
 
 if TYPE_CHECKING:

@@ -31,9 +31,9 @@ from kmskeys.contract import (
     PROC_KEYS_READER_ID,
 )
 from resolver.errors import IdentityError, IdentityUnclearError, RequesterGoneError
-from resolver.record import Record
 from resolver.task import (
     PROC,
+    Record,
     Requester,
     cgroup2_mount,
     check_alive,

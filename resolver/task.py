@@ -27,7 +27,6 @@ from functools import cache
 from kmskeys.contract import UNIT_SUFFIXES
 from resolver.errors import IdentityError, RequesterGoneError
 from resolver.log import field, format_fields
-from resolver.record import Record
 
 PROC = "/proc"
 MOUNTINFO = "/proc/self/mountinfo"
@@ -42,6 +41,31 @@ UPCALL_WCHAN = b"call_usermodehelper_exec"
 # Files through which a cgroup's owner can add processes or child groups: one that a non-root
 # uid may write marks a delegated cgroup (systemd's Delegate=, user@UID.service).
 _DELEGATION_FILES = ("", "/cgroup.procs", "/cgroup.threads")
+
+
+class Record:
+    """A value: equality, hash and repr from its __slots__ (the identification's small records;
+    not a dataclass or NamedTuple, whose creation costs a miss a few hundred microseconds)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def fields(self) -> tuple[object, ...]:
+        """The values, in __slots__ order."""
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def as_dict(self) -> dict[str, object]:
+        """The values by name."""
+        return dict(zip(self.__slots__, self.fields(), strict=True))
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.fields() == self.fields()
+
+    def __hash__(self) -> int:
+        return hash(self.fields())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={value!r}" for name, value in self.as_dict().items())
+        return f"{type(self).__name__}({shown})"
 
 
 class Requester(Record):
@@ -136,17 +160,11 @@ def _status(path: str, tid: int, uid: int) -> dict[str, int]:
         raw = _read(path)
     except (FileNotFoundError, ProcessLookupError):
         raise RequesterGoneError("requester has exited") from None
-    # The kernel escapes the one free-text field (Name), so every line is its own.
-    fields: dict[bytes, bytes] = {}
-    for line in raw.split(b"\n"):
-        key, sep, value = line.partition(b":\t")
-        if sep:
-            fields[key] = value
     try:
-        state = fields[b"State"][:1]
-        pending = int(fields[b"SigPnd"], 16) | int(fields[b"ShdPnd"], 16)
-        ids = {key: int(fields[key.encode()]) for key in ("Pid", "Tgid", "PPid")}
-        fsuid = int(fields[b"Uid"].split()[3])
+        state = _status_field(raw, b"State")[:1]
+        pending = int(_status_field(raw, b"SigPnd"), 16) | int(_status_field(raw, b"ShdPnd"), 16)
+        ids = {key: int(_status_field(raw, key.encode())) for key in ("Pid", "Tgid", "PPid")}
+        fsuid = int(_status_field(raw, b"Uid").split()[3])
     except (KeyError, ValueError, IndexError):
         raise IdentityError(f"requester {tid}: unreadable status") from None
     if state in (b"Z", b"X") or pending & _SIGKILL_MASK:
@@ -157,6 +175,18 @@ def _status(path: str, tid: int, uid: int) -> dict[str, int]:
         # The waiting thread cannot change its own credentials: another task is showing here.
         raise IdentityError(f"requester {tid} has fsuid {fsuid}, its request {uid}")
     return ids
+
+
+def _status_field(raw: bytes, name: bytes) -> bytes:
+    """The value of line `NAME:\tVALUE` of a status file (KeyError if it has none). The kernel
+    escapes the one free-text field (Name), so every line is its own, and only the first line
+    has no newline before it (Name, never looked up)."""
+    start = raw.find(b"\n" + name + b":\t")
+    if start < 0:
+        raise KeyError(name)
+    start += len(name) + 3
+    end = raw.find(b"\n", start)
+    return raw[start:] if end < 0 else raw[start:end]
 
 
 def cgroup_path(raw: bytes) -> str:
