@@ -1,24 +1,25 @@
 """The pipeline's program step (issue 24): who asked, whether the name's policy admits it, where
 its key may go and with which mask.
 
-A name whose policy sets `allow_units`, `allow_cgroups` or `allow_exe`, or a blob bound to a
-unit, answers to the requesting program, not to its uid. The pipeline makes one Binding per
-request and asks it nothing for any other name: no /proc/keys read, no import of the
-identification. For a bound request it
+The rest is comments: every miss loads this module, and comments cost it nothing."""
 
-- identifies the requester from what the holder of the request's authority sees (an AuthView:
-  gathered here by the handler, or handed over by the gate under the daemon path), after the
-  uid policy and before any backend, host cache or AWS call;
-- judges every requester the authorization key's lines name: the kernel's own line is among
-  them, so a key description that forges more can neither admit anyone (all must pass) nor
-  make a refusal stick (a disagreement is EAGAIN, never cached);
-- refuses a destination keyring that anyone but the requester's own thread, process or session
-  could search (the user or persistent keyring, the user-session keyring, a keyring of another
-  user), since the key is instantiated with possessor bits only (PROGRAM_KEY_PERM);
-- checks, just before the answer, that each requester still waits unkilled.
-
-docs/security.md ("Secrets bound to a program") says what this defends against, and what not.
-"""
+# A name whose policy sets `allow_units`, `allow_cgroups` or `allow_exe`, or a blob bound to a
+# unit, answers to the requesting program, not to its uid. The pipeline makes one Binding per
+# request and asks it nothing for any other name: no /proc/keys read, no import of the
+# identification. For a bound request it
+#
+# - identifies the requester from what the holder of the request's authority sees (an AuthView:
+#   gathered here by the handler, or handed over by the gate under the daemon path), after the
+#   uid policy and before any backend, host cache or AWS call;
+# - judges every requester the authorization key's lines name: the kernel's own line is among
+#   them, so a key description that forges more can neither admit anyone (all must pass) nor
+#   make a refusal stick (a disagreement is EAGAIN, never cached);
+# - refuses a destination keyring that anyone but the requester's own thread, process or session
+#   could search (the user or persistent keyring, the user-session keyring, a keyring of another
+#   user), since the key is instantiated with possessor bits only (PROGRAM_KEY_PERM);
+# - checks, just before the answer, that each requester still waits unkilled.
+#
+# docs/security.md ("Secrets bound to a program") says what this defends against, and what not.
 
 from __future__ import annotations
 

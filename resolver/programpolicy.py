@@ -1,23 +1,24 @@
 """Which programs of a uid may have a name: `allow_units`, `allow_cgroups` and `allow_exe`.
 
-Pure functions over resolver.task.Requester. The three keys are valid in any backend's
-per-name policy section (`[names."GLOB"]`, `[stored."GLOB"]`, ...: the settings tables add them
-to every policy table, resolver/settings.py), and their grammar is checked with the config's
-(resolver/validators.py, so that a miss for a name without them never loads this module);
-`refusal` answers whether a requester passes. Each key is optional; a requester must pass every
-key the section sets (one entry of each list suffices). Each failing check has its own reason.
+The rest is comments: a bound miss loads this module, and comments cost it nothing."""
 
-- `allow_units`: systemd unit names or globs (`nginx.service`, `app-*.scope`), matched against
-  the unit read from the root-controlled part of the requester's cgroup path. A pattern ends in
-  a literal unit suffix, so `nginx*` cannot match `nginx-evil.scope` by accident.
-- `allow_cgroups`: cgroup v2 path globs (`/system.slice/app.service`,
-  `/user.slice/*/session-*.scope`), matched against the same root-controlled part; `*` and `?`
-  stay within one path component and a `**` component spans any number of them. For hosts
-  without systemd, or a desktop session.
-- `allow_exe`: absolute paths, exact. The running executable must be that file, and only root
-  may be able to change what the path names. An interpreter's path (python3, bash, node) admits
-  every script of the uid that interpreter runs: name a compiled program, or use a unit.
-"""
+# Pure functions over resolver.task.Requester. The three keys are valid in any backend's
+# per-name policy section (`[names."GLOB"]`, `[stored."GLOB"]`, ...: the settings tables add them
+# to every policy table, resolver/settings.py), and their grammar is checked with the config's
+# (resolver/validators.py, so that a miss for a name without them never loads this module);
+# `refusal` answers whether a requester passes. Each key is optional; a requester must pass every
+# key the section sets (one entry of each list suffices). Each failing check has its own reason.
+#
+# - `allow_units`: systemd unit names or globs (`nginx.service`, `app-*.scope`), matched against
+#   the unit read from the root-controlled part of the requester's cgroup path. A pattern ends in
+#   a literal unit suffix, so `nginx*` cannot match `nginx-evil.scope` by accident.
+# - `allow_cgroups`: cgroup v2 path globs (`/system.slice/app.service`,
+#   `/user.slice/*/session-*.scope`), matched against the same root-controlled part; `*` and `?`
+#   stay within one path component and a `**` component spans any number of them. For hosts
+#   without systemd, or a desktop session.
+# - `allow_exe`: absolute paths, exact. The running executable must be that file, and only root
+#   may be able to change what the path names. An interpreter's path (python3, bash, node) admits
+#   every script of the uid that interpreter runs: name a compiled program, or use a unit.
 
 from __future__ import annotations
 

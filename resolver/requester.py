@@ -1,26 +1,27 @@
 """Who asked: the task that triggered a request-key upcall, as the kernel recorded it.
 
-The kernel keeps the triggering thread in the request's authorization key and prints it only in
-/proc/keys, to a reader that may view that key (the holder of the request's authority possesses
-it, through the `_req.N` session keyring the kernel gives request-key and what it runs):
+The rest is comments: a bound miss loads this module, and comments cost it nothing."""
 
-    11794e12 I------     4 perm 1b010000     0     0 .request_ key:3595579c pid:19014 ci:0
-
-What the holder sees is an AuthView: the handler gathers it itself (`view_here`); under the
-daemon path the gate gathers it and hands it over (docs/resolver.md, "Identifying the
-requester"). resolver/task.py then looks at the task through /proc. Key descriptions are
-hostile input: only lines that start with the authorization key's own serial count, and
-anything unclear refuses (docs/security.md, "Secrets bound to a program").
-
-Kernel facts relied on (each checked on 6.18 by tests/upcall/test_requester_identity.py):
-- `pid:` is the requesting *thread's* id in the initial pid namespace (rka->pid =
-  current->pid), also for a requester in a child pid namespace;
-- /proc/keys prints a type name in 9 columns (`%-9.9s`) and descriptions raw, newlines
-  included: a key's description can forge whole lines, even lines that start with the serial of
-  a key that exists; the kernel's own line for the authorization key is always there for its
-  holder, so the forgeries can only add lines, never hide it (`identify_all`);
-- the requesting thread waits in call_usermodehelper_exec (its wchan) while the upcall runs.
-"""
+# The kernel keeps the triggering thread in the request's authorization key and prints it only in
+# /proc/keys, to a reader that may view that key (the holder of the request's authority possesses
+# it, through the `_req.N` session keyring the kernel gives request-key and what it runs):
+#
+#     11794e12 I------     4 perm 1b010000     0     0 .request_ key:3595579c pid:19014 ci:0
+#
+# What the holder sees is an AuthView: the handler gathers it itself (`view_here`); under the
+# daemon path the gate gathers it and hands it over (docs/resolver.md, "Identifying the
+# requester"). resolver/task.py then looks at the task through /proc. Key descriptions are
+# hostile input: only lines that start with the authorization key's own serial count, and
+# anything unclear refuses (docs/security.md, "Secrets bound to a program").
+#
+# Kernel facts relied on (each checked on 6.18 by tests/upcall/test_requester_identity.py):
+# - `pid:` is the requesting *thread's* id in the initial pid namespace (rka->pid =
+#   current->pid), also for a requester in a child pid namespace;
+# - /proc/keys prints a type name in 9 columns (`%-9.9s`) and descriptions raw, newlines
+#   included: a key's description can forge whole lines, even lines that start with the serial of
+#   a key that exists; the kernel's own line for the authorization key is always there for its
+#   holder, so the forgeries can only add lines, never hide it (`identify_all`);
+# - the requesting thread waits in call_usermodehelper_exec (its wchan) while the upcall runs.
 
 from __future__ import annotations
 

@@ -1,20 +1,21 @@
 """A requesting task as /proc and the cgroup tree show it: its cgroup (hence its systemd unit),
 its executable and its parents.
 
-resolver/requester.py finds the task's id where only the kernel could have written it; this
-module looks at that task. Cgroup names and executable paths are hostile input: every file is
-taken from where the kernel alone could have put it, and anything unclear refuses
-(docs/security.md, "Secrets bound to a program"). Stdlib only; a few reads of /proc and some
-stats.
+The rest is comments: a bound miss loads this module, and comments cost it nothing."""
 
-Kernel facts relied on (each checked on 6.18 by tests/upcall/test_requester_identity.py):
-- the requesting thread sleeps uninterruptibly (UMH_WAIT_PROC, state D) until the handler
-  exits, even with SIGKILL pending, so its id cannot be reused meanwhile and it cannot exec; an
-  execve in another thread waits for it too (de_thread), having queued SIGKILL to it; its
-  /proc/PID/wchan says `call_usermodehelper_exec` meanwhile;
-- the kernel refuses a cgroup name holding a newline (EINVAL), so /proc/PID/cgroup has one
-  `0::` line on a host where cgroup2 is mounted; other control characters pass raw.
-"""
+# resolver/requester.py finds the task's id where only the kernel could have written it; this
+# module looks at that task. Cgroup names and executable paths are hostile input: every file is
+# taken from where the kernel alone could have put it, and anything unclear refuses
+# (docs/security.md, "Secrets bound to a program"). Stdlib only; a few reads of /proc and some
+# stats.
+#
+# Kernel facts relied on (each checked on 6.18 by tests/upcall/test_requester_identity.py):
+# - the requesting thread sleeps uninterruptibly (UMH_WAIT_PROC, state D) until the handler
+#   exits, even with SIGKILL pending, so its id cannot be reused meanwhile and it cannot exec; an
+#   execve in another thread waits for it too (de_thread), having queued SIGKILL to it; its
+#   /proc/PID/wchan says `call_usermodehelper_exec` meanwhile;
+# - the kernel refuses a cgroup name holding a newline (EINVAL), so /proc/PID/cgroup has one
+#   `0::` line on a host where cgroup2 is mounted; other control characters pass raw.
 
 from __future__ import annotations
 
