@@ -228,3 +228,26 @@ def test_timings_show_a_sub_millisecond_phase() -> None:
     timings = Timings()
     timings.add("identify", 0.42)
     assert str(timings) == "identify:0.4"
+
+
+def test_the_resolvers_report_names_the_rules_that_bind_programs() -> None:
+    """For doctor: which rules, in which tables, so that it can say what such a host needs."""
+    from resolver.selfcheck import program_policies
+
+    config = parse(
+        {
+            "key_arns": [KEY],
+            "names": {"db-password": {"allow_units": ["nginx.service"]}, "other": {"ttl": 5}},
+            "stored": {"wm/*": {"allow_cgroups": ["/user.slice/**"], "allow_exe": ["/usr/bin/x"]}},
+        }
+    )
+    assert program_policies(config) == [
+        {"table": "names", "glob": "db-password", "allow_units": ["nginx.service"]},
+        {
+            "table": "stored",
+            "glob": "wm/*",
+            "allow_cgroups": ["/user.slice/**"],
+            "allow_exe": ["/usr/bin/x"],
+        },
+    ]
+    assert program_policies(parse({"key_arns": [KEY]})) == []
