@@ -45,7 +45,7 @@ USER_SESSION_KEYRING = "_uid_ses."
 
 
 class Binding:
-    """One request's program binding, decided on demand (see the module docstring).
+    """One request's program binding, decided on demand (see the comment at the top).
 
     `key` is the key under construction (%k), `uid` the requester's fsuid (%u), `keyrings` its
     thread, process and session keyrings (%T %P %S, 0 for none), `view` the AuthView or a
