@@ -124,9 +124,12 @@ ADMIN_KEY_PERM = RESOLVED_KEY_PERM | ADMIN_GROUP_PERM
 # key, so the resolver requires that keyring to be owned by the requester's uid (never a session
 # keyring inherited through su/runuser from another user) and not shared by the whole uid.
 PROGRAM_KEY_PERM = (PERM_VIEW | PERM_READ | PERM_SEARCH) << POSSESSOR_SHIFT
-# With the admin group, root's flush finds and invalidates it as any other key (section 10 of
-# docs/security.md: group VIEW and SEARCH for a group nobody is in, never READ or LINK).
-PROGRAM_ADMIN_KEY_PERM = PROGRAM_KEY_PERM | ADMIN_GROUP_PERM
+# With the admin group, root's flush finds and invalidates it as any other key (group VIEW and
+# SEARCH for a group nobody is in, never READ or LINK), and nothing more: no WRITE or SETATTR,
+# so refresh-ahead never renews it in place. Renewing resolves the request again, and a
+# program-bound request can only be resolved for a requester identified while it waits: the key
+# expires, and its next request identifies anew.
+PROGRAM_ADMIN_KEY_PERM = PROGRAM_KEY_PERM | (PERM_VIEW | PERM_SEARCH) << GROUP_SHIFT
 
 # request_key(2)'s destination keyring as the holder of the request's authority sees it
 # (include/uapi/linux/keyctl.h: "requestor's dest keyring"; possessed, so describable).
