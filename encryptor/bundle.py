@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from encryptor.encryption import build_metadata, check_key_id, check_user, encrypt
+from encryptor.encryption import build_metadata, check_key_id, check_unit, check_user, encrypt
 from encryptor.errors import InputError
 from encryptor.expiry import parse_when
 from encryptor.files import write_atomic
@@ -149,6 +149,7 @@ def bundle(
     output_dir: Path,
     *,
     user: str | None = None,
+    unit: str | None = None,
     not_after: datetime | str | None = None,
     context: Mapping[str, str] | None = None,
     client: KMSClient | None = None,
@@ -164,6 +165,8 @@ def bundle(
     key_id = check_key_id(key_id)
     if user is not None:
         check_user(user)
+    if unit is not None:
+        check_unit(unit)
     # Resolve a relative expiry once, so every blob of the bundle carries the same instant.
     when = parse_when(not_after) if isinstance(not_after, str) else not_after
     build_metadata(not_after=when, context=context)  # fail on bad options before any KMS call
@@ -180,6 +183,7 @@ def bundle(
                 entry.name,
                 key_id,
                 user=user,
+                unit=unit,
                 not_after=when,
                 context=context,
                 client=client,

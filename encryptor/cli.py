@@ -64,8 +64,9 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kmskeys inspect",
         description="Describe a blob (version, mode, bindings, expiry, key, size). Never decrypts "
-        "and never calls AWS. With NAME (and --user), also check that the blob was made for that "
-        "name (and user), as the resolver does before it asks KMS: exit 3 if not.",
+        "and never calls AWS. With NAME (and --user, --unit), also check that the blob was made "
+        "for that name (and user, and unit), as the resolver does before it asks KMS: exit 3 if "
+        "not.",
     )
     parser.add_argument(
         "first",
@@ -82,6 +83,9 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--user", metavar="USER", help="also check the host user a user-bound blob is bound to"
+    )
+    parser.add_argument(
+        "--unit", metavar="UNIT", help="also check the systemd unit a unit-bound blob is bound to"
     )
     parser.add_argument("--json", action="store_true", help="print the description as JSON")
     parser.add_argument(
@@ -145,6 +149,12 @@ def _key_options(parser: argparse.ArgumentParser) -> None:
         help=f"KMS key id, ARN, alias/NAME or alias ARN (default: ${KEY_ID_ENV})",
     )
     parser.add_argument("--user", metavar="USER", help="bind to this host user (DPAPI user scope)")
+    parser.add_argument(
+        "--unit",
+        metavar="UNIT",
+        help="bind to this systemd unit (nginx.service): only a requester the resolver finds in "
+        "it, from its cgroup, gets the secret",
+    )
     parser.add_argument(
         "--not-after", metavar="WHEN", help="expiry: ISO 8601 (2030-01-31T00:00:00Z) or +30d, +12h"
     )
@@ -227,8 +237,10 @@ def _encrypt(args: argparse.Namespace) -> int:
         return encrypt_command(args, _emit)
     key_id = _require_key_id(args)
     validate_name(args.name)
-    if args.raw and (args.user or args.not_after or args.context):
-        raise UsageError("--raw makes an unbound legacy blob: no --user, --not-after or --context")
+    if args.raw and (args.user or args.unit or args.not_after or args.context):
+        raise UsageError(
+            "--raw makes an unbound legacy blob: no --user, --unit, --not-after or --context"
+        )
     context = parse_context_option(args.context)
     if args.input == "-" and sys.stdin.isatty():
         print("reading the secret from stdin; end it with Ctrl-D", file=sys.stderr)
@@ -242,6 +254,7 @@ def _encrypt(args: argparse.Namespace) -> int:
             args.name,
             key_id,
             user=args.user,
+            unit=args.unit,
             not_after=args.not_after,
             context=context,
             envelope=True if args.envelope else None,
@@ -290,8 +303,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
         return inspect_command(args, text, name, prefix)
     blob = parse_blob(text, allow_legacy=True)
-    # A blob made for another name or user: refused here exactly as the resolver refuses it.
-    checked = check(blob, name, args.user)
+    # A blob made for another name, user or unit: refused here as the resolver refuses it.
+    checked = check(blob, name, args.user, args.unit)
     description = describe(blob, checked)
     if args.json:
         print(json.dumps(description, indent=2, sort_keys=True))
@@ -314,6 +327,7 @@ def _bundle(args: argparse.Namespace) -> int:
         key_id,
         args.output_dir,
         user=args.user,
+        unit=args.unit,
         not_after=args.not_after,
         context=context,
         **_aws(args),

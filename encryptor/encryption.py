@@ -1,4 +1,5 @@
-"""Turn one secret into a blob bound to its name (and optionally a user): the library API."""
+"""Turn one secret into a blob bound to its name (and optionally a user and a systemd unit):
+the library API."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from encryptor.expiry import parse_when
 from kmskeys.blob import (
     CONTEXT_NAME,
     CONTEXT_NOT_AFTER,
+    CONTEXT_UNIT,
     CONTEXT_USER,
     MODE_DIRECT,
     RESERVED_CONTEXT_PREFIX,
@@ -22,7 +24,7 @@ from kmskeys.blob import (
     check_context_value,
     format_not_after,
 )
-from kmskeys.blobfields import check_user_name
+from kmskeys.blobfields import check_unit_name, check_user_name
 from kmskeys.contract import KMS_PLAINTEXT_MAX, USER_PAYLOAD_MAX
 from kmskeys.envelope import seal
 from kmskeys.errors import InvalidNameError
@@ -43,6 +45,7 @@ def encrypt(
     key_id: str,
     *,
     user: str | None = None,
+    unit: str | None = None,
     not_after: datetime | str | None = None,
     context: Mapping[str, str] | None = None,
     envelope: bool | None = None,
@@ -51,10 +54,13 @@ def encrypt(
     profile: str | None = None,
     endpoint_url: str | None = None,
 ) -> Blob:
-    """Encrypt `plaintext` into a Blob bound to `name` (and `user`); `.to_text()` to deploy it.
+    """Encrypt `plaintext` into a Blob bound to `name` (and `user`, and the systemd `unit` that
+    alone may have it); `.to_text()` to deploy it.
 
-    The blob (version 2) records `name` and `user` too, so a resolver refuses it for another
-    name or user without asking KMS.
+    The blob (version 2) records `name`, `user` and `unit` too, so a resolver refuses it for
+    another name, user or unit without asking KMS. A unit-bound blob decrypts only when the
+    resolver reads that unit from the requester's cgroup (docs/security.md), whatever the
+    resolver's policy says.
 
     Envelope mode is chosen above 4096 bytes unless `envelope` says otherwise. `not_after` is
     an aware datetime, ISO 8601 text or `+30d`. `client` overrides region/profile/endpoint_url.
@@ -64,9 +70,12 @@ def encrypt(
     key_id = check_key_id(key_id)
     metadata = build_metadata(not_after=not_after, context=context)
     user = None if user is None else check_user(user)
+    unit = None if unit is None else check_unit(unit)
     request_context = {CONTEXT_NAME: name}
     if user is not None:
         request_context[CONTEXT_USER] = user
+    if unit is not None:
+        request_context[CONTEXT_UNIT] = unit
     request_context.update(metadata)
 
     use_envelope = len(plaintext) > KMS_PLAINTEXT_MAX if envelope is None else envelope
@@ -88,6 +97,7 @@ def encrypt(
             key_arn=_returned_key(generated.get("KeyId")),
             name=name,
             user=user,
+            unit=unit,
             metadata=metadata,
             wrapped_key=generated["CiphertextBlob"],
             data_key=generated["Plaintext"],
@@ -111,6 +121,8 @@ def encrypt(
         # The blob records what it is for: the resolver refuses it for another name locally.
         name=name,
         user=user,
+        binds_unit=unit is not None,
+        unit=unit,
     )
 
 
@@ -172,6 +184,14 @@ def check_user(user: str) -> str:
         raise InputError(f"--user: {exc.reason}") from None
 
 
+def check_unit(unit: str) -> str:
+    """`unit` if it can be a systemd unit that holds processes (`nginx.service`), else raise."""
+    try:
+        return check_unit_name(unit)
+    except BlobFormatError as exc:
+        raise InputError(f"--unit: {exc.reason}") from None
+
+
 def build_metadata(
     *, not_after: datetime | str | None = None, context: Mapping[str, str] | None = None
 ) -> dict[str, str]:
@@ -181,7 +201,7 @@ def build_metadata(
         if isinstance(key, str) and key.startswith(RESERVED_CONTEXT_PREFIX):
             raise InputError(
                 f"--context key {key[:40]!r}: keys starting with {RESERVED_CONTEXT_PREFIX!r} "
-                "are reserved (use --user / --not-after)"
+                "are reserved (use --user / --unit / --not-after)"
             )
         try:
             metadata[check_context_key(key)] = check_context_value(value)

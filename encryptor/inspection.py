@@ -13,7 +13,7 @@ from typing import Any
 from encryptor.errors import InputError
 from encryptor.files import read_bounded
 from kmskeys.blob import CONTEXT_NOT_AFTER, MAX_BLOB_CHARS, MODE_LEGACY, PREFIX, Blob, parse_blob
-from kmskeys.blobfields import BlobFormatError, check_user_name
+from kmskeys.blobfields import BlobFormatError, check_unit_name, check_user_name
 from kmskeys.contract import CALLOUT_MAX
 
 # The outcomes of a check, as `--json` shows them under "check".
@@ -38,23 +38,29 @@ def read_blob(source: str) -> Blob:
     return parse_blob(read_text(source), allow_legacy=True)
 
 
-def check(blob: Blob, name: str | None, user: str | None) -> str | None:
+def check(blob: Blob, name: str | None, user: str | None, unit: str | None = None) -> str | None:
     """None if nothing was asked; else MATCH, UNRECORDED (version 1) or UNBOUND (legacy).
 
-    Raises BlobMismatchError for a blob that records another name or user.
+    Raises BlobMismatchError for a blob that records another name, user or unit.
     """
-    if user is not None:
-        try:
-            check_user_name(user)
-        except BlobFormatError as exc:
-            raise InputError(f"--user: {exc.reason}") from None
-    if name is None and user is None:
+    for option, value, valid in (
+        ("--user", user, check_user_name),
+        ("--unit", unit, check_unit_name),
+    ):
+        if value is not None:
+            try:
+                valid(value)
+            except BlobFormatError as exc:
+                raise InputError(f"{option}: {exc.reason}") from None
+    if name is None and user is None and unit is None:
         return None
-    blob.check_request(name, user)
+    blob.check_request(name, user, unit)
     if blob.mode == MODE_LEGACY:
         return UNBOUND
-    if (name is not None and blob.name is None) or (
-        user is not None and blob.binds_user and blob.user is None
+    if (
+        (name is not None and blob.name is None)
+        or (user is not None and blob.binds_user and blob.user is None)
+        or (unit is not None and blob.binds_unit and blob.unit is None)
     ):
         return UNRECORDED
     return MATCH
@@ -71,6 +77,8 @@ def describe(blob: Blob, checked: str | None) -> dict[str, Any]:
         "binds_name": blob.mode != MODE_LEGACY,
         "user": blob.user,
         "binds_user": blob.binds_user,
+        "unit": blob.unit,
+        "binds_unit": blob.binds_unit,
         "not_after": None if not_after is None else not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "expired": not_after is not None and not_after <= datetime.now(UTC),
         "key_arn": blob.key_arn,
@@ -90,6 +98,7 @@ def rows(
         ("mode", blob.mode),
         ("name", _name_row(blob, prefix)),
         ("user", _user_row(blob)),
+        ("unit", _unit_row(blob)),
         (
             "not_after",
             "none"
@@ -138,15 +147,31 @@ def _user_row(blob: Blob) -> str:
     return f"{blob.user}: decrypts only for the host user {blob.user}"
 
 
+def _unit_row(blob: Blob) -> str:
+    if not blob.binds_unit:
+        return "not bound (any program the resolver's policy admits)"
+    if blob.unit is None:
+        return (
+            "bound: decrypts only for a requester in the systemd unit it was encrypted for (a "
+            "version-1 blob does not record it)"
+        )
+    return (
+        f"{blob.unit}: decrypts only for a requester the resolver finds in {blob.unit} "
+        "(from its cgroup)"
+    )
+
+
 def _check_row(blob: Blob, checked: str, name: str | None) -> str:
     if checked == UNBOUND:
         return "nothing to check: a legacy blob is bound to no name or user"
     if checked == UNRECORDED:
         return (
             "not checked locally: a version-1 blob does not record what it was made for (KMS "
-            "still refuses another name or user; re-encrypt to record them)"
+            "still refuses another name, user or unit; re-encrypt to record them)"
         )
     made_for = [f"name {blob.name}"] if name is not None else []
     if blob.user is not None:
         made_for.append(f"user {blob.user}")
+    if blob.unit is not None:
+        made_for.append(f"unit {blob.unit}")
     return "ok: made for " + (", ".join(made_for) or "any user")

@@ -6,10 +6,11 @@ in docs/blob-format.md; keep the two in step.
 
     kmsk2:<base64url, no padding, of the v2 body>     (kmsk1: blobs are read too)
 
-The encryption context always takes the secret's name and the requesting user from the request,
-never from the blob. A version-2 blob also records the name (and user) it was encrypted for, so
-that a blob deployed under another name is refused locally, with both names, before any KMS
-call: a check, never the binding (KMS still checks the context).
+The encryption context always takes the secret's name, the requesting user and (for a
+unit-bound blob) the requester's systemd unit from the request, never from the blob. A
+version-2 blob also records the name (and user, and unit) it was encrypted for, so that a blob
+deployed under another name is refused locally, with both names, before any KMS call: a check,
+never the binding (KMS still checks the context).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from datetime import datetime
 from kmskeys.blobfields import (
     CONTEXT_NAME,
     CONTEXT_NOT_AFTER,
+    CONTEXT_UNIT,
     CONTEXT_USER,
     MAX_CONTEXT_KEY,
     MAX_CONTEXT_VALUE,
@@ -33,8 +35,7 @@ from kmskeys.blobfields import (
     BlobMismatchError,
     check_context_key,
     check_context_value,
-    check_recorded_name,
-    check_user_name,
+    check_recorded,
     format_not_after,
     parse_not_after,
 )
@@ -42,7 +43,7 @@ from kmskeys.contract import USER_PAYLOAD_MAX
 
 PREFIX = "kmsk"
 VERSION = 2  # what the encryptor writes
-VERSIONS = (1, 2)  # what this kmskeys reads: version 1 records no name or user
+VERSIONS = (1, 2)  # what this kmskeys reads: version 1 records no name, user or unit
 MAX_BLOB_CHARS = 64 * 1024
 
 MODE_DIRECT = "direct"
@@ -60,7 +61,10 @@ MAX_SEALED = USER_PAYLOAD_MAX + TAG_BYTES  # what opens must fit a `user` key
 _MODE_CODES = {MODE_DIRECT: 1, MODE_ENVELOPE: 2}
 _CODE_MODES = {code: mode for mode, code in _MODE_CODES.items()}
 _FLAG_BINDS_USER = 0x01
-_KNOWN_FLAGS = _FLAG_BINDS_USER
+# The resolver must add kmskeys_unit, the requester's unit. A reader from before it refuses the
+# blob ("unknown flags set"): it never decrypts such a blob without the binding.
+_FLAG_BINDS_UNIT = 0x02
+_KNOWN_FLAGS = _FLAG_BINDS_USER | _FLAG_BINDS_UNIT
 # The AAD layout's own version, not the blob's: a recorded name or user only gates requests, so
 # a version-2 envelope seals exactly as its version-1 form does (see Blob.identity).
 _AAD_VERSION = 1
@@ -84,10 +88,12 @@ class Blob:
     ciphertext: bytes = b""
     nonce: bytes | None = None
     sealed: bytes | None = None
-    # Version 2: the name it was encrypted for, and the user if it binds one. Not secret: the
-    # same values are the KMS context, which CloudTrail records in clear.
+    # Version 2: the name it was encrypted for, and the user and unit if it binds them. Not
+    # secret: the same values are the KMS context, which CloudTrail records in clear.
     name: str | None = None
     user: str | None = None
+    binds_unit: bool = False
+    unit: str | None = None
 
     def __post_init__(self) -> None:
         _check(self)
@@ -102,7 +108,8 @@ class Blob:
         # Ciphertext is not secret, but pages of hex help nobody reading a log or a test failure.
         return (
             f"Blob(version={self.version}, mode={self.mode!r}, name={self.name!r}, "
-            f"user={self.user!r}, key_arn={self.key_arn!r}, binds_user={self.binds_user}, "
+            f"user={self.user!r}, unit={self.unit!r}, key_arn={self.key_arn!r}, "
+            f"binds_user={self.binds_user}, binds_unit={self.binds_unit}, "
             f"metadata={dict(self.metadata)!r}, ciphertext=<{len(self.ciphertext)} bytes>, "
             f"sealed=<{len(self.sealed or b'')} bytes>)"
         )
@@ -118,38 +125,48 @@ class Blob:
         """Length of the blob's text form in characters (what a callout or file must hold)."""
         return len(self.to_text())
 
-    def check_request(self, name: str | None, user: str | None) -> None:
-        """Raise BlobMismatchError if this blob records another name than `name`, or another
-        user than `user` (each when given): what KMS would refuse, found locally."""
+    def check_request(self, name: str | None, user: str | None, unit: str | None = None) -> None:
+        """Raise BlobMismatchError if this blob records another name than `name`, another user
+        than `user` or another unit than `unit` (each when given): what KMS would refuse, found
+        locally."""
         if self.name is not None and name is not None and name != self.name:
             raise BlobMismatchError(f"blob was encrypted for {self.name!r}, not {name!r}")
         if self.user is not None and user is not None and user != self.user:
             raise BlobMismatchError(f"blob was encrypted for user {self.user!r}, not {user!r}")
+        if self.unit is not None and unit is not None and unit != self.unit:
+            raise BlobMismatchError(f"blob was encrypted for unit {self.unit!r}, not {unit!r}")
 
-    def encryption_context(self, name: str, user: str | None) -> dict[str, str]:
-        """The KMS EncryptionContext for a request for `name` by `user`.
+    def encryption_context(
+        self, name: str, user: str | None, unit: str | None = None
+    ) -> dict[str, str]:
+        """The KMS EncryptionContext for a request for `name` by `user` (in `unit`).
 
-        `name` and `user` come from the request, never from the blob; a blob that records
-        others raises BlobMismatchError first. Legacy blobs were encrypted without any context,
-        so theirs is empty.
+        `name`, `user` and `unit` come from the request (the unit from the requester's cgroup),
+        never from the blob; a blob that records others raises BlobMismatchError first. Legacy
+        blobs were encrypted without any context, so theirs is empty.
         """
         if self.mode == MODE_LEGACY:
             return {}
         if not isinstance(name, str) or not name:
             raise BlobFormatError("the request supplied no secret name")
-        self.check_request(name, user)
+        self.check_request(name, user, unit)
         context = {CONTEXT_NAME: name}
         if self.binds_user:
             if not isinstance(user, str) or not user:
                 raise BlobFormatError("blob is bound to a user but the request supplied none")
             context[CONTEXT_USER] = user
+        if self.binds_unit:
+            if not isinstance(unit, str) or not unit:
+                raise BlobFormatError("blob is bound to a unit but the request supplied none")
+            context[CONTEXT_UNIT] = unit
         context.update(self.metadata)
         return context
 
     def identity(self) -> str:
         """The canonical text of what this blob decrypts to, the same for every spelling and
         version of it: its version-1 text (a recorded name or user only gates requests), or
-        the legacy text. The host cache keys its entries on this."""
+        the legacy text. The host cache keys its entries on this (with the user and unit of
+        a blob bound to them)."""
         if self.mode == MODE_LEGACY:
             return self.to_text()
         return _text(1, _encode_body(self, 1))
@@ -203,12 +220,12 @@ def parse_blob(text: str | bytes, *, allow_legacy: bool = False) -> Blob:
 def envelope_aad(blob: Blob, context: Mapping[str, str]) -> bytes:
     """The AES-GCM associated data of an envelope blob opened under `context`.
 
-    `context` is `blob.encryption_context(name, user)`: the seal binds the same name, user and
-    metadata as the KMS data key, plus the blob's flags and key ARN.
+    `context` is `blob.encryption_context(name, user, unit)`: the seal binds the same name,
+    user, unit and metadata as the KMS data key, plus the blob's flags and key ARN.
     """
     if blob.mode != MODE_ENVELOPE or blob.key_arn is None:
         raise BlobFormatError("associated data exists only for envelope blobs")
-    flags = _FLAG_BINDS_USER if blob.binds_user else 0
+    flags = _flags(blob)
     arn = blob.key_arn.encode("ascii")
     items = sorted(context.items())
     if len(items) > 255:
@@ -226,21 +243,23 @@ def envelope_aad(blob: Blob, context: Mapping[str, str]) -> bytes:
 def _check(blob: Blob) -> None:
     """Every invariant of a Blob; one place, used by parsing and by the encryptor alike."""
     if blob.mode == MODE_LEGACY:
-        if blob.version != 0 or blob.key_arn is not None or blob.binds_user or blob.metadata:
+        if blob.version or blob.key_arn is not None or blob.metadata or _flags(blob):
             raise BlobFormatError("a legacy blob has version 0 and no ARN, bindings or metadata")
         if blob.nonce is not None or blob.sealed is not None:
             raise BlobFormatError("a legacy blob has no envelope")
-        if blob.name is not None or blob.user is not None:
-            raise BlobFormatError("a legacy blob records no name or user")
+        if blob.name is not None or blob.user is not None or blob.unit is not None:
+            raise BlobFormatError("a legacy blob records no name, user or unit")
         _check_ciphertext(blob.ciphertext)
         return
     if blob.mode not in _MODE_CODES:
         raise BlobFormatError("mode must be 'direct', 'envelope' or 'legacy'")
     if blob.version not in VERSIONS:
         raise BlobFormatError(f"unsupported blob version {blob.version}")
-    if type(blob.binds_user) is not bool:
-        raise BlobFormatError("binds_user must be a bool")
-    _check_recorded(blob)
+    if type(blob.binds_user) is not bool or type(blob.binds_unit) is not bool:
+        raise BlobFormatError("binds_user and binds_unit must be bools")
+    check_recorded(
+        blob.version, (blob.name, blob.user, blob.unit), (blob.binds_user, blob.binds_unit)
+    )
     arn = blob.key_arn
     if (
         not isinstance(arn, str)
@@ -268,27 +287,13 @@ def _check(blob: Blob) -> None:
         raise BlobFormatError(f"an envelope's sealed part is {TAG_BYTES + 1} to {MAX_SEALED} bytes")
 
 
-def _check_recorded(blob: Blob) -> None:
-    """Version 1 records nothing; version 2 records the name, and the user iff it binds one."""
-    if blob.version == 1:
-        if blob.name is not None or blob.user is not None:
-            raise BlobFormatError("a version-1 blob records no name or user")
-        return
-    if not isinstance(blob.name, str):
-        raise BlobFormatError("a version-2 blob records the name it was encrypted for")
-    check_recorded_name(blob.name)
-    if not blob.binds_user:
-        if blob.user is not None:
-            raise BlobFormatError("a blob that binds no user records none")
-    elif not isinstance(blob.user, str):
-        raise BlobFormatError("a version-2 blob bound to a user records that user")
-    else:
-        check_user_name(blob.user)
-
-
 def _check_ciphertext(ciphertext: bytes) -> None:
     if not isinstance(ciphertext, bytes) or not 0 < len(ciphertext) <= MAX_KMS_CIPHERTEXT:
         raise BlobFormatError(f"KMS ciphertext must be 1 to {MAX_KMS_CIPHERTEXT} bytes")
+
+
+def _flags(blob: Blob) -> int:
+    return _FLAG_BINDS_USER * blob.binds_user | _FLAG_BINDS_UNIT * blob.binds_unit
 
 
 def _text(version: int, body: bytes) -> str:
@@ -298,16 +303,14 @@ def _text(version: int, body: bytes) -> str:
 def _encode_body(blob: Blob, version: int) -> bytes:
     # The body, big-endian (docs/blob-format.md):
     #   u8 mode | u8 flags | v2 only: u8 name_len name [u8 user_len user, if binds user]
-    #   | u16 arn_len arn | u8 count (u8 klen key u16 vlen value)*
-    #   | u16 ct_len ct | envelope only: nonce[12] sealed[rest]
+    #   [u8 unit_len unit, if binds unit] | u16 arn_len arn | u8 count (u8 klen key u16 vlen
+    #   value)* | u16 ct_len ct | envelope only: nonce[12] sealed[rest]
     assert blob.key_arn is not None
-    flags = _FLAG_BINDS_USER if blob.binds_user else 0
-    parts = [struct.pack(">BB", _MODE_CODES[blob.mode], flags)]
+    parts = [struct.pack(">BB", _MODE_CODES[blob.mode], _flags(blob))]
     if version >= 2:
-        assert blob.name is not None
-        recorded = [blob.name] if blob.user is None else [blob.name, blob.user]
-        for value in recorded:
-            parts += [struct.pack(">B", len(value)), value.encode("ascii")]
+        for value in (blob.name, blob.user, blob.unit):
+            if value is not None:
+                parts += [struct.pack(">B", len(value)), value.encode("ascii")]
     arn = blob.key_arn.encode("ascii")
     parts += [struct.pack(">H", len(arn)), arn, struct.pack(">B", len(blob.metadata))]
     for key, value in blob.metadata.items():  # already sorted by key
@@ -399,11 +402,14 @@ def _decode_body(version: int, body: bytes) -> Blob:
     if flags & ~_KNOWN_FLAGS:
         raise BlobFormatError("unknown flags set")
     binds_user = bool(flags & _FLAG_BINDS_USER)
-    name = user = None
+    binds_unit = bool(flags & _FLAG_BINDS_UNIT)
+    name = user = unit = None
     if version >= 2:
         name = r.ascii(r.u8("recorded name length"), "recorded name")
         if binds_user:
             user = r.ascii(r.u8("recorded user length"), "recorded user")
+        if binds_unit:
+            unit = r.ascii(r.u8("recorded unit length"), "recorded unit")
     arn = r.ascii(r.u16("key ARN length"), "key ARN")
     metadata = _decode_metadata(r)
     ciphertext = r.take(r.u16("ciphertext length"), "ciphertext")
@@ -424,6 +430,8 @@ def _decode_body(version: int, body: bytes) -> Blob:
         sealed=sealed,
         name=name,
         user=user,
+        binds_unit=binds_unit,
+        unit=unit,
     )
 
 
@@ -441,7 +449,7 @@ def _decode_metadata(r: _Reader) -> dict[str, str]:
             value = value_bytes.decode("utf-8")
         except UnicodeDecodeError:
             raise BlobFormatError("metadata is not valid text") from None
-        if key in (CONTEXT_NAME, CONTEXT_USER):
+        if key in (CONTEXT_NAME, CONTEXT_USER, CONTEXT_UNIT):
             # The request supplies these; a blob that carries them is forged or broken.
             raise BlobFormatError(f"blob carries the request-bound context key {key!r}")
         if metadata and key <= previous:
@@ -468,6 +476,7 @@ _TO_STANDARD = str.maketrans("-_", "+/")
 __all__ = [
     "CONTEXT_NAME",
     "CONTEXT_NOT_AFTER",
+    "CONTEXT_UNIT",
     "CONTEXT_USER",
     "MAX_BLOB_CHARS",
     "MAX_CONTEXT_KEY",

@@ -1,7 +1,8 @@
 """What each field of a kmskeys blob may hold, and the blob's two errors.
 
 A leaf below kmskeys.blob (the format) that the encryptor shares: the encryption-context keys,
-the metadata grammar, the expiry format and the recorded name and user of a version-2 blob.
+the metadata grammar, the expiry format and the recorded name, user and unit of a version-2
+blob.
 Stdlib only, like kmskeys.blob; docs/blob-format.md is the reference for every rule here.
 """
 
@@ -9,12 +10,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from kmskeys.contract import UNIT_NAME_CHARS, UNIT_NAME_MAX, UNIT_SUFFIXES
 from kmskeys.errors import InvalidNameError, KmsKeysError
 from kmskeys.names import validate_name
 
 # Encryption-context keys: the fixed contract shared by encryptor, resolver and terraform.
 CONTEXT_NAME = "kmskeys_name"
 CONTEXT_USER = "kmskeys_user"
+# The requester's systemd unit, for a unit-bound blob: read by the resolver from the
+# root-controlled part of the requester's cgroup (docs/security.md, "Secrets bound to a program").
+CONTEXT_UNIT = "kmskeys_unit"
 CONTEXT_NOT_AFTER = "kmskeys_not_after"
 RESERVED_CONTEXT_PREFIX = "kmskeys_"
 
@@ -29,6 +34,7 @@ _CONTEXT_KEY_CHARS = frozenset(
 )
 # Portable user names (POSIX) plus '@' (directory users) and a trailing '$' (machine accounts).
 _USER_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.@-$")
+_UNIT_CHARS = frozenset(UNIT_NAME_CHARS)
 
 
 class BlobFormatError(KmsKeysError, ValueError):
@@ -42,7 +48,7 @@ class BlobFormatError(KmsKeysError, ValueError):
 
 
 class BlobMismatchError(BlobFormatError):
-    """The blob was made for another name or user; deploy the blob encrypted for this one."""
+    """The blob was made for another name, user or unit; deploy the one encrypted for this."""
 
     lead = ""
 
@@ -68,6 +74,50 @@ def check_user_name(user: str) -> str:
             "not starting with '-'"
         )
     return user
+
+
+def check_unit_name(unit: str) -> str:
+    """`unit` if it can be a systemd unit that holds processes (`nginx.service`), else raise."""
+    if (
+        not isinstance(unit, str)
+        or not 0 < len(unit) <= UNIT_NAME_MAX
+        or not _UNIT_CHARS.issuperset(unit)
+        or not any(unit.endswith(s) and len(unit) > len(s) for s in UNIT_SUFFIXES)
+    ):
+        raise BlobFormatError(
+            f"a unit name is 1 to {UNIT_NAME_MAX} letters, digits and : - _ . \\ @, ending in "
+            + ", ".join(UNIT_SUFFIXES)
+        )
+    return unit
+
+
+def check_recorded(
+    version: int,
+    recorded: tuple[str | None, str | None, str | None],
+    binds: tuple[bool, bool],
+) -> None:
+    """Version 1 records nothing; version 2 records the (name, user, unit) it was made for: the
+    name always, the user iff it binds one, the unit iff it binds one (`binds`: user, unit)."""
+    name, user, unit = recorded
+    binds_user, binds_unit = binds
+    if version == 1:
+        if recorded != (None, None, None):
+            raise BlobFormatError("a version-1 blob records no name, user or unit")
+        return
+    if not isinstance(name, str):
+        raise BlobFormatError("a version-2 blob records the name it was encrypted for")
+    check_recorded_name(name)
+    for what, value, bound, check in (
+        ("user", user, binds_user, check_user_name),
+        ("unit", unit, binds_unit, check_unit_name),
+    ):
+        if not bound:
+            if value is not None:
+                raise BlobFormatError(f"a blob that binds no {what} records none")
+        elif not isinstance(value, str):
+            raise BlobFormatError(f"a version-2 blob bound to a {what} records that {what}")
+        else:
+            check(value)
 
 
 def check_context_key(key: str) -> str:

@@ -8,7 +8,7 @@
 #define KMSKEYS_CONTRACT_H
 
 /* Each compiled part carries it; checked against kmskeys.contract.BUILD_STAMP. */
-#define KMSKEYS_BUILD_STAMP "0.1.0+e86efe2f8928"
+#define KMSKEYS_BUILD_STAMP "0.1.0+f97819b49771"
 
 /* a `user` key's payload, bytes */
 #define KMSKEYS_USER_PAYLOAD_MAX 32767
@@ -46,5 +46,11 @@
 #define KMSKEYS_MAX_SLOTS 1000
 /* negative_ttl at most */
 #define KMSKEYS_MAX_NEGATIVE_TTL 3600
+/* reads /proc/keys as */
+#define KMSKEYS_PROC_KEYS_READER_ID 0xfffffffeU
+/* auth-key lines examined at most */
+#define KMSKEYS_AUTH_LINES_MAX 8
+/* a longer line is not the kernel's */
+#define KMSKEYS_AUTH_LINE_MAX 255
 
 #endif

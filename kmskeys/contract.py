@@ -23,7 +23,7 @@ DESCRIPTION_MAX = 4095
 # Compiled into every compiled part (the hit-path extension, the cffi module, kmskeys-gate) from
 # kmskeys/contract.h; each is checked against this at import or run, so a part built from other
 # sources never loads silently. Written by scripts/generate.py: never edit by hand.
-BUILD_STAMP = "0.1.0+e86efe2f8928"
+BUILD_STAMP = "0.1.0+f97819b49771"
 
 # --- AWS KMS limits --------------------------------------------------------------------------
 # KMS Encrypt takes at most 4096 bytes of plaintext; larger secrets go in envelope mode.
@@ -106,6 +106,51 @@ ADMIN_GROUP_PERM = (PERM_VIEW | PERM_SEARCH | PERM_WRITE | PERM_SETATTR) << GROU
 # group, RESOLVED_KEY_PERM alone and the requester's gid.
 ADMIN_KEY_PERM = RESOLVED_KEY_PERM | ADMIN_GROUP_PERM
 
+# --- Keys bound to a program (docs/security.md, "Secrets bound to a program") -----------------
+# A name whose policy binds it to programs (allow_units, allow_cgroups, allow_exe) or a blob bound
+# to a unit answers to its requester's keyring, not to its uid: other programs of the same uid
+# must neither find nor read it. Permissions cannot say "this uid AND this keyring", so the owner
+# gets nothing and the possessor everything the hit path needs:
+# - possessor VIEW: describe() (the client's owner check: the key is still chowned to the uid);
+# - possessor READ and SEARCH: request_key(2) finds the key in the requester's keyrings, which
+#   makes it possessed, and reads it; keyctl_invalidate (`kmskeys flush` in that session) too;
+# - no LINK, for anyone: request_key(2) links a found key into an explicit destination only with
+#   LINK, so even the requester cannot put it in a keyring the rest of its uid searches (its user
+#   or persistent keyring); the resolver links it only into the requester's own thread, process
+#   or session keyring (resolver/binding.py);
+# - no owner bits: another process of the uid that does not possess the key (another session)
+#   cannot describe, read, search or link it, by serial or by name (EACCES; request_key: ENOKEY).
+# Possession is not tied to a uid: every process sharing the requester's keyring possesses the
+# key, so the resolver requires that keyring to be owned by the requester's uid (never a session
+# keyring inherited through su/runuser from another user) and not shared by the whole uid.
+PROGRAM_KEY_PERM = (PERM_VIEW | PERM_READ | PERM_SEARCH) << POSSESSOR_SHIFT
+# With the admin group, root's flush finds and invalidates it as any other key (group VIEW and
+# SEARCH for a group nobody is in, never READ or LINK), and nothing more: no WRITE or SETATTR,
+# so refresh-ahead never renews it in place. Renewing resolves the request again, and a
+# program-bound request can only be resolved for a requester identified while it waits: the key
+# expires, and its next request identifies anew.
+PROGRAM_ADMIN_KEY_PERM = PROGRAM_KEY_PERM | (PERM_VIEW | PERM_SEARCH) << GROUP_SHIFT
+
+# request_key(2)'s destination keyring as the holder of the request's authority sees it
+# (include/uapi/linux/keyctl.h: "requestor's dest keyring"; possessed, so describable).
+KEY_SPEC_REQUESTOR_KEYRING = -8
+# The fsuid and fsgid /proc/keys is read with to find a request's authorization key: (uid_t)-2,
+# mapped in the initial user namespace and owning no keys, so the reader sees the authorization
+# key it possesses and keys that grant others VIEW, not every key root may view.
+PROC_KEYS_READER_ID = 0xFFFFFFFE
+# At most this many /proc/keys lines may start with the authorization key's serial (the kernel's
+# own line, and copies a key description forges): more is answered EAGAIN, unexamined. A line
+# longer than AUTH_LINE_MAX bytes is not the kernel's (its own is under 100).
+AUTH_LINES_MAX = 8
+AUTH_LINE_MAX = 255
+
+# systemd unit types whose cgroup holds processes (a slice only holds other cgroups): a unit
+# read from a cgroup path, named in allow_units or bound into a blob ends in one of these.
+UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")
+# systemd's unit name alphabet (src/basic/unit-name.c) and length (UNIT_NAME_MAX - 1).
+UNIT_NAME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789:-_.\\@"
+UNIT_NAME_MAX = 255
+
 # --- The host cache (resolver/hostcache.py) ---------------------------------------------------
 # The resolver keeps each decrypted secret once per host, in a keyring of this description
 # linked from root's persistent keyring (KEYCTL_GET_PERSISTENT; only uid 0, or CAP_SETUID, can
@@ -125,8 +170,11 @@ HOSTCACHE_KEYRING_PERM = (
 ) | (PERM_VIEW << USER_SHIFT)
 
 
-def hostcache_entry(prefix: str, name: str, user: str | None = None, digest: str = "") -> str:
-    """The host-cache description of NAME's blob with this digest (and user, if user-bound).
+def hostcache_entry(
+    prefix: str, name: str, user: str | None = None, digest: str = "", unit: str | None = None
+) -> str:
+    """The host-cache description of NAME's blob with this digest (and user, if user-bound, and
+    unit, if unit-bound: `:u=USER:s=UNIT`, unambiguous since a user name holds no ':').
 
     With the defaults, the common head of every entry for PREFIX:NAME (what flush matches):
     names cannot hold ':' (kmskeys/names.py), so `kms:a:` never matches an entry of `kms:a:b`.
@@ -134,7 +182,11 @@ def hostcache_entry(prefix: str, name: str, user: str | None = None, digest: str
     head = f"{HOSTCACHE_ENTRY_PREFIX}{prefix}:{name}:"
     if not digest:
         return head
-    return f"{head}{digest}" + ("" if user is None else f":u={user}")
+    return (
+        f"{head}{digest}"
+        + ("" if user is None else f":u={user}")
+        + ("" if unit is None else f":s={unit}")
+    )
 
 
 # --- What the resolver answers ----------------------------------------------------------------

@@ -27,14 +27,15 @@ def seal(
     key_arn: str,
     name: str,
     user: str | None,
+    unit: str | None = None,
     metadata: Mapping[str, str],
     wrapped_key: bytes,
     data_key: bytes,
     context: Mapping[str, str],
     plaintext: bytes,
 ) -> Blob:
-    """An envelope blob for `name` (bound to `user`, if given): `plaintext` under AES-256-GCM
-    with `data_key`, AAD from envelope_aad."""
+    """An envelope blob for `name` (bound to `user` and `unit`, if given): `plaintext` under
+    AES-256-GCM with `data_key`, AAD from envelope_aad."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     if len(data_key) != DATA_KEY_BYTES:
@@ -54,6 +55,8 @@ def seal(
         sealed=bytes(TAG_BYTES + 1),
         name=name,
         user=user,
+        binds_unit=unit is not None,
+        unit=unit,
     )
     sealed = AESGCM(data_key).encrypt(nonce, plaintext, envelope_aad(draft, context))
     return replace(draft, sealed=sealed)

@@ -25,6 +25,8 @@ class Request:
     `kms:` an inline blob (or empty: load NAME.kms from blob_dir), for `stored:` a key size.
     `qualifier` is what follows NAME in a `stored:` description (`#user#v2`, kmskeys.stored);
     always empty for `kms:`. `pid` is the requesting process when known (None today).
+    `unit` is the requester's systemd unit when the backend asked the binding for it (a
+    unit-bound blob), from the root-controlled part of its cgroup: never from the request.
     """
 
     prefix: str
@@ -35,6 +37,7 @@ class Request:
     callout: bytes = b""
     qualifier: str = ""
     pid: int | None = None
+    unit: str | None = None
 
     def __repr__(self) -> str:  # never the callout: it may be a blob
         return f"Request({self.prefix}:{self.name}{self.qualifier}, uid={self.uid})"
@@ -51,7 +54,8 @@ class Timings:
         self.phases[phase] = self.phases.get(phase, 0.0) + ms
 
     def __str__(self) -> str:
-        return ",".join(f"{k}:{v:.0f}" for k, v in self.phases.items())
+        # Tenths: sub-millisecond phases (the host cache, the identification) stay visible.
+        return ",".join(f"{k}:{v:.1f}" for k, v in self.phases.items())
 
 
 class Result:
@@ -93,15 +97,34 @@ class Budget(Protocol):
 class Context:
     """What a backend resolves within: the deadline (time.monotonic()), the budget its AWS
     calls spend, the timings it adds to, and `notes`: the log line's facts so far, which a
-    failure is logged with too (the source of a blob that then failed to decrypt, say)."""
+    failure is logged with too (the source of a blob that then failed to decrypt, say).
+    `binding` is the request's program binding (resolver/binding.py), which a backend asks for
+    the requester's unit (a unit-bound blob); None where no request is identified (prefetch)."""
 
-    __slots__ = ("budget", "deadline", "notes", "timings")
+    __slots__ = ("binding", "budget", "deadline", "notes", "timings")
 
     def __init__(self, deadline: float, budget: Budget) -> None:
         self.deadline = deadline
         self.budget = budget
         self.timings = Timings()
         self.notes: dict[str, str] = {}
+        self.binding: ProgramBinding | None = None
+
+
+class ProgramBinding(Protocol):
+    """A request's program binding (resolver/binding.Binding): who asked, decided on demand."""
+
+    def unit(self, context: Context) -> str:
+        """The requester's systemd unit, read from its cgroup (RefusedError if it has none)."""
+        ...
+
+    def perm(self, admin_group: bool) -> int | None:
+        """The key's mask if the request is bound to its requester, else None."""
+        ...
+
+    def still_waiting(self) -> None:
+        """RequesterGoneError unless the requester still waits, unkilled."""
+        ...
 
 
 class Backend(Protocol):

@@ -1,8 +1,9 @@
 """The `kms:` backend: NAME's blob (inline, or NAME.kms in blob_dir), decrypted by KMS.
 
 The blob comes from the callout or from a root-owned file below blob_dir; the values KMS binds
-it to (name, user) come from the request. Every check comes first: the blob's expiry and user
-binding, then the key allowlist (the gateway's `authorize`, resolver/kms.py). Then the host
+it to (name, user, and for a unit-bound blob the requester's systemd unit, resolver/binding.py)
+come from the request. Every check comes first: the blob's expiry, user and unit binding, then
+the key allowlist (the gateway's `authorize`, resolver/kms.py). Then the host
 cache (resolver/hostcache.py, through resolver/cachedfetch.py): one Decrypt per host for each
 blob, whatever keyring or uid asks, and a stale answer when KMS is unavailable. Decryption goes
 through the warm daemon when one is configured and answering (resolver/warm.py), else through
@@ -10,6 +11,8 @@ the gateway in this process.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from kmskeys import fileio
 from kmskeys.blob import MAX_BLOB_CHARS, Blob, BlobFormatError, parse_blob
@@ -37,16 +40,21 @@ class BlobBackend:
     def resolve(self, request: Request, context: Context) -> Result:
         """The plaintext of NAME's blob for this request."""
         _, blob = self.load(request, context.notes)
+        if blob.binds_unit:
+            # The unit KMS binds the blob to: read from the requester's cgroup, never the blob.
+            request = replace(request, unit=requester_unit(context))
         if not self.config.host_cache:
             authorized = self.authorize(blob, request)
             return Result(self.decrypt(authorized, request, context), details=context.notes)
-        # Only an identical request hits: same prefix and name, same user for a user-bound blob
-        # (KMS binds it to that user), same blob: its canonical text, whatever the spelling.
+        # Only an identical request hits: same prefix and name, same user (unit) for a blob
+        # bound to one (KMS binds it to that user, unit), same blob: its canonical text,
+        # whatever the spelling.
         desc = hostcache_entry(
             request.prefix,
             request.name,
             request.user if blob.binds_user else None,
             blob_digest(blob.identity().encode("ascii")),
+            request.unit if blob.binds_unit else None,
         )
         cache = self.cache()
         try:
@@ -67,9 +75,9 @@ class BlobBackend:
         or region the config does not list never reaches the daemon or a KMS client (and never
         makes this process import botocore)."""
         try:
-            # A blob made for another user (its name was checked on load), before the host
-            # cache and KMS; not on load, where prefetch reads user-bound blobs to skip them.
-            blob.check_request(request.name, request.user)
+            # A blob made for another user or unit (its name was checked on load), before the
+            # host cache and KMS; not on load, where prefetch reads bound blobs to skip them.
+            blob.check_request(request.name, request.user, request.unit)
         except BlobFormatError as exc:
             raise RefusedError(exc.reason) from None
         check_blob(blob, request.user)
@@ -104,6 +112,13 @@ class BlobBackend:
             raise RefusedError(f"{source} blob: {exc.reason}") from None
         notes["mode"] = blob.mode
         return text, blob
+
+
+def requester_unit(context: Context) -> str:
+    """The requester's systemd unit, for a unit-bound blob (resolver/binding.py)."""
+    if context.binding is None:
+        raise RefusedError("blob is bound to a systemd unit: no requester is identified here")
+    return context.binding.unit(context)
 
 
 def read_blob(config: Config, name: str) -> bytes:

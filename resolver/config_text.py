@@ -57,7 +57,8 @@ def template(values: Mapping[str, object] | None = None) -> str:
                 shown = _example(f, meta, index)
                 note = meta.note if index == 0 else ""
                 lines.append(_commented(f"{key} = {shown}", note))
-    lines.append("\n# Per-name policy: the first matching glob wins (docs/resolver.md).\n")
+    lines.append("\n# Per-name policy: the first matching glob wins (docs/resolver.md). Any\n")
+    lines.append("# section also takes allow_units, allow_cgroups, allow_exe (which programs).\n")
     lines.extend(f"{table}\n" for table in tables)
     return "".join(lines)
 
@@ -68,11 +69,13 @@ def docs_table() -> str:
     for component in COMPONENTS:
         out += [f"**{component.title}**", "", "| key | default | meaning |", "|---|---|---|"]
         for f, meta in declared(component.settings):
+            meaning = meta.meaning
             if meta.rule_keys:
                 keys = f'`[{toml_keys(f, meta)[0]}."GLOB"]`'
+                meaning += "; its keys: " + ", ".join(f"`{key}`" for key in meta.rule_keys)
             else:
                 keys = ", ".join(f"`{key}`" for key in toml_keys(f, meta))
-            out.append(f"| {keys} | {_shown_default(f, meta)} | {meta.meaning} |")
+            out.append(f"| {keys} | {_shown_default(f, meta)} | {meaning} |")
         out.append("")
     out.append(DOCS_END)
     return "\n".join(out)

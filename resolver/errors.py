@@ -60,6 +60,24 @@ class ServiceUnavailableError(UnavailableError):
     answer for (not a uid over its own call rate, and never a refusal)."""
 
 
+class IdentityError(RefusedError):
+    """The requester of a program-bound name could not be identified beyond doubt, or its key
+    could not go where only it may read it (EKEYREJECTED); the log line says why."""
+
+
+class RequesterGoneError(UnavailableError):
+    """The requester exited or is being killed (EAGAIN, never cached: a waiter retries)."""
+
+    outcome = "gone"
+    alarm = False
+
+
+class IdentityUnclearError(UnavailableError):
+    """Lines of /proc/keys that a key description forged claim the request's authorization key
+    and disagree with the kernel's own (EAGAIN, never cached, so a forgery never makes a refusal
+    stick); the log line names them: find the key that forges them (`kmskeys doctor`)."""
+
+
 class QuotaError(ResolverError):
     """The requester's kernel key quota is full (EDQUOT): `kmskeys doctor` says how to raise it."""
 

@@ -176,8 +176,16 @@ class Handler:
         with watchdog.armed(started + DEFAULT_DEADLINE - WATCHDOG_MARGIN):
             # After assume_authority, reading the authorization key gives the callout.
             callout = keyctl_read(KEY_SPEC_REQKEY_AUTH_KEY)
+            args = self.args
             asked = KernelRequest(
-                asked.key, asked.description, asked.uid, asked.gid, callout=callout
+                asked.key,
+                asked.description,
+                asked.uid,
+                asked.gid,
+                callout=callout,
+                # Where the requester's key may go, if its name is bound to programs: this
+                # process holds the authority, so the pipeline looks at the request itself.
+                keyrings=(args.thread_keyring, args.process_keyring, args.session_keyring),
             )
             config = self._load_config()
             self.asked, self.config = asked, config

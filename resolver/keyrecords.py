@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from kmskeys import fileio
 from kmskeys.contract import ADMIN_GROUP_PERM, DESCRIPTION_MAX, PERM_SETATTR, PERM_WRITE
 from kmskeys.contract import GROUP_SHIFT as _GROUP_SHIFT
+from kmskeys.contract import POSSESSOR_SHIFT as _POSSESSOR_SHIFT
 from resolver.errors import ConfigError
 from resolver.limits import charged_uid
 
@@ -103,6 +104,9 @@ def remember(config: Config, asked: KernelRequest, outcome: Outcome, answered: f
     or None. Never raises for a state problem: refresh-ahead is an optimisation."""
     if not config.refresh_ahead or not outcome.answered:
         return "refresh_ahead is off" if not config.refresh_ahead else "not answered"
+    if outcome.perm >> _POSSESSOR_SHIFT:
+        # Bound to a program (PROGRAM_KEY_PERM): each resolution identifies its requester.
+        return "program-bound keys are not renewed"
     if outcome.perm & RENEWABLE != RENEWABLE:
         return "the key cannot be renewed (no kmskeys-admin group, or it has members)"
     if asked.description.partition(":")[0] == config.pass_prefix:

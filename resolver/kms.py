@@ -1,6 +1,6 @@
 """KMS Decrypt of a `kms:` blob, bound to the request: the gateway operation and its use.
 
-The request supplies what KMS binds the blob to (name, user); the blob supplies its ciphertext
+The request supplies what KMS binds the blob to (name, user, unit); the blob supplies its ciphertext
 and key. The allowlist (resolver/policy.py check_key) is this operation's `authorize`, so the
 gateway applies it once, before the host cache or the warm daemon is asked. The warm daemon
 runs `open_blob` too (resolver/warm.py), in its own process.
@@ -34,7 +34,7 @@ class BlobDecrypt:
         self.blob = blob
         try:
             # The values KMS binds the blob to: from the request, never from the blob.
-            self.context = blob.encryption_context(request.name, request.user)
+            self.context = blob.encryption_context(request.name, request.user, request.unit)
         except BlobFormatError as exc:
             raise RefusedError(exc.reason) from None
 

@@ -96,9 +96,13 @@ class Outcome:
         )
 
     def line(self, ms: float | None = None) -> str:
-        """The one log line: never a payload; requester-given values quoted (resolver/log.py)."""
+        """The one log line: never a payload; requester-given values quoted (resolver/log.py).
+
+        A program-bound request's line also names what was seen of the requester: the
+        `requester` detail, fields already rendered by resolver.task.Requester.summary.
+        """
         facts = dict(self.details)
-        return format_fields(
+        line = format_fields(
             uid=self.uid,
             user=self.user,
             name=self.name,
@@ -112,6 +116,7 @@ class Outcome:
             cache=facts.get("cache"),
             errno=None if self.answered else errno_name(self.errno),
             reason=self.reason,
-            ms=None if ms is None else f"{ms:.0f}",
-            t=self.timings or None,
         )
+        seen = facts.get("requester")
+        timed = format_fields(ms=None if ms is None else f"{ms:.0f}", t=self.timings or None)
+        return " ".join(part for part in (line, seen, timed) if part)

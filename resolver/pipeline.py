@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from kmskeys.contract import ADMIN_GROUP, ADMIN_KEY_PERM, RESOLVED_KEY_PERM, USER_PAYLOAD_MAX
 from kmskeys.errors import InvalidNameError
 from resolver.backend import Budget, Context, Request, Result
+from resolver.binding import Binding, ViewSource
 from resolver.config import Config
 from resolver.errors import DeadlineExceeded, RefusedError, ResolverError, failure
 from resolver.limits import UidBudget
@@ -27,13 +29,23 @@ from resolver.outcome import Outcome
 from resolver.policy import check_allowed, user_name
 from resolver.registry import backend_for, split_description
 
+if TYPE_CHECKING:
+    from resolver.requester import AuthView
+
 
 class KernelRequest:
     """A request as the kernel told it: the key under construction (%k), its description
     (%d), the requester's fsuid and fsgid (%u, %g), the callout (from the authorization key)
-    and, when known, the requester's pid."""
+    and, when known, the requester's pid (informational: the identification never uses it).
 
-    __slots__ = ("callout", "description", "gid", "key", "pid", "uid")
+    For a program-bound name (resolver/binding.py): `keyrings`, the requester's thread, process
+    and session keyrings (%T %P %S, 0 for none), and `view`, what the holder of the request's
+    authority sees of it (resolver.requester.AuthView), or a callable that gets it when needed;
+    None means this process holds the authority and gathers it itself (the handler). Under the
+    daemon path the gate supplies both (docs/resolver.md, "Identifying the requester").
+    """
+
+    __slots__ = ("callout", "description", "gid", "key", "keyrings", "pid", "uid", "view")
 
     def __init__(
         self,
@@ -44,6 +56,8 @@ class KernelRequest:
         *,
         callout: bytes = b"",
         pid: int | None = None,
+        keyrings: tuple[int, int, int] = (0, 0, 0),
+        view: AuthView | ViewSource | None = None,
     ) -> None:
         self.key = key
         self.description = description
@@ -51,6 +65,8 @@ class KernelRequest:
         self.gid = gid
         self.callout = callout
         self.pid = pid
+        self.keyrings = keyrings
+        self.view = view
 
     def __repr__(self) -> str:  # never the callout: it may be a blob
         return f"KernelRequest(key={self.key}, {self.description!r}, uid={self.uid})"
@@ -89,6 +105,12 @@ def _resolve(
     facts["name"] = name
     facts["user"] = user = user_name(asked.uid)
     check_allowed(config, name, asked.uid, user, prefix)
+    # Programs, after users and before any backend: nothing is read for a name without a policy.
+    binding = Binding(
+        asked.key, asked.uid, asked.keyrings, asked.view, config.rule_for(name, prefix)
+    )
+    binding.admit(context)
+    context.binding = binding
     request = Request(prefix, name, asked.uid, asked.gid, user, asked.callout, qualifier, asked.pid)
     result = backend_for(config, prefix).resolve(request, context)
     size = len(result.payload)
@@ -110,6 +132,11 @@ def answered(
     # The admin group lets root's `kmskeys flush` find and invalidate the key (VIEW, SEARCH),
     # never read or link it; a host without the group keeps %g and no group bits.
     gid = admin_group()
+    perm = RESOLVED_KEY_PERM if gid is None else ADMIN_KEY_PERM
+    if context.binding is not None:
+        # A program-bound key: possessor bits only, and only for a requester still waiting.
+        context.binding.still_waiting()
+        perm = context.binding.perm(gid is not None) or perm
     details = {**context.notes, **result.details}
     return Outcome(
         "stale" if result.stale else "ok",
@@ -120,7 +147,7 @@ def answered(
         negative_ttl=config.negative_ttl,
         payload=result.payload,
         gid=asked.gid if gid is None else gid,
-        perm=RESOLVED_KEY_PERM if gid is None else ADMIN_KEY_PERM,
+        perm=perm,
         name=facts["name"] or asked.description,
         user=facts["user"],
         details=tuple(details.items()),

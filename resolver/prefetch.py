@@ -56,6 +56,8 @@ def prefetch_one(config: Config, name: str, jitter: float) -> str:
         _, blob = backend.load(request, context.notes)
         if blob.binds_user:
             return "skipped (user-bound: decrypted for its user on request)"
+        if blob.binds_unit:
+            return "skipped (unit-bound: decrypted for its unit on request)"
         result = backend.resolve(request, context)
     except ResolverError as exc:
         return f"failed ({exc.outcome}): {exc.reason}"

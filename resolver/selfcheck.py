@@ -27,6 +27,8 @@ from resolver import config as config_mod
 from resolver.errors import ConfigError, InstallError, RefusedError
 from resolver.install import gate_executable, gate_settings
 from resolver.policy import check_key
+from resolver.settings import declared, toml_keys
+from resolver.validators import PROGRAM_KEYS
 
 # What the handler imports for a miss (resolver/install.py check_dependencies imports them).
 DEPENDENCIES = ("botocore", "cryptography")
@@ -62,7 +64,22 @@ def _config_report(path: Path) -> tuple[dict[str, Any], config_mod.Config | None
         "gate_settings": gate_settings(config),
         # Keys the file sets that mean nothing any more, with what to do about each.
         "obsolete": {key: config_mod.OBSOLETE[key][1] for key in config.obsolete},
+        # The per-name rules that bind names to programs (docs/security.md, section 12), for
+        # doctor's report of what such a host needs (cgroup v2, Yama, its key count).
+        "program_policies": program_policies(config),
     }, config
+
+
+def program_policies(config: config_mod.Config) -> list[dict[str, Any]]:
+    """Each policy rule that sets allow_units, allow_cgroups or allow_exe: its table, glob and
+    those keys."""
+    found = []
+    for f, meta in declared(config_mod.Config):
+        for rule in getattr(config, f.name) if meta.rule_keys else ():
+            if rule.binds_programs:
+                keys = {k: list(getattr(rule, k)) for k in PROGRAM_KEYS if getattr(rule, k)}
+                found.append({"table": toml_keys(f, meta)[0], "glob": rule.pattern, **keys})
+    return found
 
 
 def _dependencies() -> str | None:

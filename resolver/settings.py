@@ -23,6 +23,7 @@ from resolver.validators import (
     MAX_NEGATIVE_TTL,
     MAX_TTL,
     MAX_TTL_JITTER,
+    PROGRAM_KEYS,
     Check,
     NameRule,
     abs_path,
@@ -115,7 +116,10 @@ def policy(
 ) -> Any:
     """A dataclass field that is a per-name policy table, `[TABLE."GLOB"]` sections, for the
     names under the prefix that the setting `prefix_setting` holds; `keys` names the table when
-    the field's name cannot (`[pass."GLOB"]`: `pass` is a Python keyword)."""
+    the field's name cannot (`[pass."GLOB"]`: `pass` is a Python keyword). Every table also
+    takes the program keys (`allow_units`, `allow_cgroups`, `allow_exe`: resolver/binding.py),
+    which the pipeline applies whatever the backend."""
+    rule_keys = tuple(dict.fromkeys((*rule_keys, *PROGRAM_KEYS)))
 
     def check(value: object, where: str) -> tuple[NameRule, ...]:
         return name_rules(value, where, rule_keys)

@@ -77,7 +77,7 @@ class KmsSettings:
         note="kmskeys-resolver serve (the warm path)",
     )
     names: tuple[NameRule, ...] = policy(
-        "per-name policy of `kms:` names: `ttl`, `allow_users` (below)",
+        "per-name policy of `kms:` names (below)",
         "prefix",
         ("ttl", "allow_users"),
         '[names."app/*"]\nttl = 60\nallow_users = ["www-data", 33]',

@@ -104,7 +104,7 @@ class PassSettings:
         "rest is kept to answer, so a hung agent is an `EAGAIN` that names gpg",
     )
     pass_rules: tuple[NameRule, ...] = policy(
-        "per-name policy of `pass:` names: `ttl`, `allow_users` (below)",
+        "per-name policy of `pass:` names (below)",
         "pass_prefix",
         ("ttl", "allow_users"),
         '[pass."email/*"]\nttl = 60',

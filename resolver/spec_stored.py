@@ -77,7 +77,7 @@ class StoredSettings:
         note="bytes of stored: entries one uid's requests may create",
     )
     stored: tuple[NameRule, ...] = policy(
-        "per-name policy of `stored:` names: `ttl`, `allow_users`, `scope`, `key_size` (below)",
+        "per-name policy of `stored:` names (below)",
         "stored_prefix",
         ("ttl", "allow_users", "scope", "key_size"),
         '[stored."shared/*"]\nscope = "machine"\nkey_size = 32',

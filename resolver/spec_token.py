@@ -101,7 +101,7 @@ class Pkcs11Settings:
         examples=('"3f1c..."',),
     )
     token_rules: tuple[NameRule, ...] = policy(
-        "per-name policy of `token:` names: `ttl`, `allow_users` (below)",
+        "per-name policy of `token:` names (below)",
         "token_prefix",
         ("ttl", "allow_users"),
         '[token."db/*"]\nallow_users = ["postgres"]',

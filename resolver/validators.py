@@ -7,11 +7,13 @@ settings tables (resolver/settings.py, resolver/spec_*.py) name a validator for 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kmskeys.contract import UNIT_NAME_CHARS, UNIT_NAME_MAX, UNIT_SUFFIXES
 from kmskeys.errors import InvalidNameError
 from kmskeys.names import validate_prefix
 from kmskeys.stored import KEY_SIZE_MAX, KEY_SIZE_MIN, SCOPES
@@ -40,6 +42,19 @@ class NameRule:
     scope: str | None = None
     # `[stored."GLOB"]` only: the size in bytes of the keys made for these names.
     key_size: int | None = None
+    # Every backend's: which programs of an allowed user may have the name
+    # (resolver/programpolicy.py); None: not set.
+    allow_units: tuple[str, ...] | None = None
+    allow_cgroups: tuple[str, ...] | None = None
+    allow_exe: tuple[str, ...] | None = None
+
+    @property
+    def binds_programs(self) -> bool:
+        """True if the rule sets a program key: the name answers only to the programs listed
+        (resolver/binding.py)."""
+        return not (
+            self.allow_units is None and self.allow_cgroups is None and self.allow_exe is None
+        )
 
     def allows(self, user: str | None, uid: int) -> bool:
         """True if this rule lets `user` (name, may be None) with `uid` have the secret."""
@@ -233,11 +248,85 @@ def users(value: object, where: str) -> tuple[str, ...]:
     return tuple(found)
 
 
+# --- The program keys of every policy table (resolver/programpolicy.py matches them) ----------
+PROGRAM_KEYS = ("allow_units", "allow_cgroups", "allow_exe")
+# systemd's unit name alphabet, plus glob characters.
+_UNIT_CHARS = frozenset(UNIT_NAME_CHARS + "*?[]!")
+_UNIT_ALPHABET = "letters, digits, ':-_.\\@' and the glob characters '*?[]!'"
+_MAX_PATH = 4096
+
+
+def check_units(value: object, where: str) -> tuple[str, ...]:
+    """`allow_units`: a non-empty list of unit names or globs ending in a unit suffix."""
+    return _list(value, where, _unit)
+
+
+def check_cgroups(value: object, where: str) -> tuple[str, ...]:
+    """`allow_cgroups`: a non-empty list of absolute cgroup path globs."""
+    return _list(value, where, _cgroup)
+
+
+def check_exes(value: object, where: str) -> tuple[str, ...]:
+    """`allow_exe`: a non-empty list of exact, normalized absolute paths."""
+    return _list(value, where, _exe)
+
+
+PROGRAM_RULE_CHECKS: dict[str, Check] = {
+    "allow_units": check_units,
+    "allow_cgroups": check_cgroups,
+    "allow_exe": check_exes,
+}
+
+
+def _list(value: object, where: str, check: Callable[[str, str], None]) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where} must be a non-empty list of strings")
+    items = []
+    for item in value:
+        if not isinstance(item, str) or not item:
+            raise ConfigError(f"{where}: {item!r} is not a non-empty string")
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in item):
+            raise ConfigError(f"{where}: {item!r} holds a control character")
+        check(item, where)
+        items.append(item)
+    return tuple(items)
+
+
+def _unit(item: str, where: str) -> None:
+    if len(item) > UNIT_NAME_MAX or not _UNIT_CHARS.issuperset(item):
+        raise ConfigError(f"{where}: {item!r} is not a unit name or glob ({_UNIT_ALPHABET})")
+    if not any(item.endswith(s) and len(item) > len(s) for s in UNIT_SUFFIXES):
+        raise ConfigError(
+            f"{where}: {item!r} must end in a literal unit suffix that holds processes "
+            f"({', '.join(UNIT_SUFFIXES)}); match a slice with allow_cgroups"
+        )
+
+
+def _cgroup(item: str, where: str) -> None:
+    if len(item) > _MAX_PATH or not item.startswith("/"):
+        raise ConfigError(f"{where}: {item!r} must be an absolute cgroup path glob")
+    parts = [] if item == "/" else item.split("/")[1:]
+    if any(part in ("", ".", "..") for part in parts):
+        raise ConfigError(f"{where}: {item!r} has an empty, '.' or '..' component")
+    if any("**" in part and part != "**" for part in parts):
+        raise ConfigError(f"{where}: {item!r}: '**' must be a whole path component")
+
+
+def _exe(item: str, where: str) -> None:
+    if len(item) > _MAX_PATH or not item.startswith("/") or item.startswith("//"):
+        raise ConfigError(f"{where}: {item!r} must be an absolute path")
+    if os.path.normpath(item) != item:
+        raise ConfigError(f"{where}: {item!r} is not normalized (no '.', '..', '//' or '/' end)")
+    if any(ch in item for ch in "*?["):
+        raise ConfigError(f"{where}: {item!r}: allow_exe takes exact paths, not globs")
+
+
 RULE_CHECKS: dict[str, Check] = {
     "ttl": seconds(1, MAX_TTL),
     "allow_users": users,
     "scope": choice(SCOPES),
     "key_size": count(KEY_SIZE_MIN, KEY_SIZE_MAX),
+    **PROGRAM_RULE_CHECKS,
 }
 
 

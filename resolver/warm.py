@@ -129,6 +129,7 @@ class WarmDecrypter:
             "uid": request.uid,
             "gid": request.gid,
             "user": request.user,
+            "unit": request.unit,
             "timeout": max(0.0, deadline - time.monotonic()),
         }
         try:
@@ -292,13 +293,15 @@ class Daemon:
         try:
             name = validate_name(str(message["name"]))
             blob = parse_blob(str(message["blob"]), allow_legacy=self.config.allow_legacy_blobs)
-            user = message.get("user")
+            user, unit = message.get("user"), message.get("unit")
             request = Request(
                 prefix=self.config.prefix,
                 name=name,
                 uid=int(message["uid"]),
                 gid=int(message["gid"]),
                 user=None if user is None else str(user),
+                # The handler read it from the requester's cgroup; KMS binds the blob to it.
+                unit=None if unit is None else str(unit),
             )
             timeout = min(float(message["timeout"]), self.config.deadline)
         except (KeyError, TypeError, ValueError, InvalidNameError, BlobFormatError) as exc:

@@ -72,6 +72,11 @@ def facts() -> list[tuple[str, str, str]]:
         ("SLOT_PREFIX", _c_string(limits.SLOT_PREFIX), "state_dir/SLOT_PREFIX UID-INDEX"),
         ("MAX_SLOTS", str(validators.MAX_CONCURRENT), "max_concurrent_per_uid at most"),
         ("MAX_NEGATIVE_TTL", str(validators.MAX_NEGATIVE_TTL), "negative_ttl at most"),
+        # What the gate gathers for the identification of a program-bound request
+        # (docs/resolver.md, "Identifying the requester").
+        ("PROC_KEYS_READER_ID", f"{contract.PROC_KEYS_READER_ID:#x}U", "reads /proc/keys as"),
+        ("AUTH_LINES_MAX", str(contract.AUTH_LINES_MAX), "auth-key lines examined at most"),
+        ("AUTH_LINE_MAX", str(contract.AUTH_LINE_MAX), "a longer line is not the kernel's"),
     ]
 
 

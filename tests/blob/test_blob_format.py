@@ -174,7 +174,7 @@ def test_malformed_text_gives_one_reason(text: str, reason: str) -> None:
     ("body", "reason"),
     [
         (raw_body(mode=3), "unknown mode"),
-        (raw_body(flags=2), "unknown flags"),
+        (raw_body(flags=4), "unknown flags"),
         (raw_body() + b"x", "trailing bytes"),
         (raw_body()[:-1], "truncated ciphertext"),
         (raw_body(meta=[(b"b", b"1"), (b"a", b"2")]), "ascending"),

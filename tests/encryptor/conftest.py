@@ -43,14 +43,16 @@ def assert_no_plaintext(*outputs: bytes | str) -> None:
             assert marker[:16] not in data, "a plaintext marker leaked into test output"
 
 
-def open_blob(client: Any, text: str, name: str, user: str | None = None) -> bytes:
+def open_blob(
+    client: Any, text: str, name: str, user: str | None = None, unit: str | None = None
+) -> bytes:
     """Decrypt a blob exactly as docs/blob-format.md tells the resolver to."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     from kmskeys.blob import envelope_aad
 
     blob = parse_blob(text, allow_legacy=True)
-    context = blob.encryption_context(name, user)
+    context = blob.encryption_context(name, user, unit)
     kwargs: dict[str, Any] = {"CiphertextBlob": blob.ciphertext, "EncryptionContext": context}
     if blob.key_arn is not None:
         kwargs["KeyId"] = blob.key_arn

@@ -115,6 +115,30 @@ def test_context_binds_name_and_user(
             open_blob(client, parse_blob(text).identity(), name, user)
 
 
+def test_unit_binds_the_context_kms_checks(
+    kmskeys_cli: Cli, emulator: KmsEmulator, key_arn: str
+) -> None:
+    for size in (100, 5000):  # direct and envelope
+        plaintext = secret_of(size)
+        proc = kmskeys_cli(
+            "encrypt", "db", "--key-id", key_arn, "--unit", "nginx.service", stdin=plaintext
+        )
+        assert proc.returncode == 0, proc.stderr
+        text, client = proc.stdout.decode(), emulator.client()
+        assert parse_blob(text).unit == "nginx.service"
+        assert open_blob(client, text, "db", None, "nginx.service") == plaintext
+        with pytest.raises(BlobMismatchError):
+            open_blob(client, text, "db", None, "cron.service")
+        # The record is a check only: KMS refuses the version-1 form for another unit too.
+        with pytest.raises(client.exceptions.InvalidCiphertextException):
+            open_blob(client, parse_blob(text).identity(), "db", None, "cron.service")
+    for bad in ("nginx", "system.slice", "a b.service"):
+        refused = kmskeys_cli("encrypt", "db", "--key-id", key_arn, f"--unit={bad}", stdin=b"x")
+        assert refused.returncode == EXIT_INPUT and "--unit" in one_line_error(refused, "encrypt")
+    raw = kmskeys_cli("encrypt", "db", "--key-id", key_arn, "--raw", "--unit", "a.service")
+    assert raw.returncode == EXIT_USAGE
+
+
 def test_raw_is_unbound_base64(kmskeys_cli: Cli, emulator: KmsEmulator, key_arn: str) -> None:
     plaintext = secret_of(50)
     proc = kmskeys_cli("encrypt", "db", "--key-id", key_arn, "--raw", stdin=plaintext)
@@ -150,6 +174,7 @@ def test_inspect_has_the_same_shape_for_both_modes(
         "mode",
         "name",
         "user",
+        "unit",
         "not_after",
         "key_arn",
         "size",

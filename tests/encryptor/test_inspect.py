@@ -72,6 +72,29 @@ def test_the_user_is_checked_too(kmskeys_cli: Cli, key_arn: str, tmp_path: Path)
     assert hostile.returncode == EXIT_INPUT and "--user" in one_line_error(hostile, "inspect")
 
 
+def test_the_unit_is_shown_and_checked(kmskeys_cli: Cli, key_arn: str, tmp_path: Path) -> None:
+    path = encrypted(kmskeys_cli, key_arn, tmp_path / "db.kms", "db", "--unit", "nginx.service")
+    shown = kmskeys_cli("inspect", str(path)).stdout.decode()
+    assert "unit       nginx.service: decrypts only for a requester the resolver finds in" in shown
+    described = json.loads(kmskeys_cli("inspect", "--json", str(path)).stdout)
+    assert (described["unit"], described["binds_unit"]) == ("nginx.service", True)
+    good = kmskeys_cli("inspect", "--unit", "nginx.service", "db", str(path))
+    assert good.returncode == 0, good.stderr
+    assert (
+        good.stdout.decode().splitlines()[-1]
+        == "check      ok: made for name db, unit nginx.service"
+    )
+    bad = kmskeys_cli("inspect", "--unit", "cron.service", "db", str(path))
+    assert bad.returncode == EXIT_INPUT
+    reason = "blob was encrypted for unit 'nginx.service', not 'cron.service'"
+    assert one_line_error(bad, "inspect").endswith(reason)
+    for hostile in ("nginx", "a\nb.service"):
+        refused = kmskeys_cli("inspect", "--unit", hostile, "db", str(path))
+        assert refused.returncode == EXIT_INPUT and "--unit" in one_line_error(refused, "inspect")
+    unbound = encrypted(kmskeys_cli, key_arn, tmp_path / "free.kms", "db")
+    assert "unit       not bound" in kmskeys_cli("inspect", str(unbound)).stdout.decode()
+
+
 def test_a_version_1_blob_is_described_and_said_unchecked(
     kmskeys_cli: Cli, key_arn: str, tmp_path: Path
 ) -> None:

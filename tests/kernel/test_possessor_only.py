@@ -1,10 +1,11 @@
 """The kernel facts a program-bound key rests on (issue 24): possessor bits alone.
 
-A key with possessor VIEW, READ and SEARCH and nothing for its owner, group or others is read
-by the client's hit path (kmskeys._hitpath: request_key, then keyctl_describe for the owner
-check, then keyctl_read) in a process that possesses it through its session keyring, and by its
-children, which share that keyring; another process of the same uid neither finds it nor
-describes, reads or links it. Phase 2 instantiates program-bound keys this way.
+A key with possessor VIEW, READ and SEARCH and nothing for its owner, group or others
+(kmskeys.contract.PROGRAM_KEY_PERM) is read by the client's hit path (kmskeys._hitpath:
+request_key, then keyctl_describe for the owner check, then keyctl_read) in a process that
+possesses it through its session keyring, and by its children, which share that keyring;
+another process of the same uid neither finds it nor describes, reads or links it. The client
+still refuses such a key owned by another uid, though possessing it lets it describe the key.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import os
 
 import pytest
 
-from kmskeys import _hitpath, keyutils
-from kmskeys.contract import PERM_READ, PERM_SEARCH, PERM_VIEW, POSSESSOR_SHIFT
+from kmskeys import _hitpath, get_secret, keyutils
+from kmskeys.contract import PROGRAM_KEY_PERM
 from tests.support.names import unique
 from tests.support.requester import NOBODY, Requester, Steps, as_user
 
 pytestmark = pytest.mark.kernel
 
-POSSESSOR_ONLY = (PERM_VIEW | PERM_READ | PERM_SEARCH) << POSSESSOR_SHIFT
+POSSESSOR_ONLY = PROGRAM_KEY_PERM
 SECRET = b"kmst-possessed"
 
 
@@ -100,3 +101,26 @@ def test_a_possessor_only_key_answers_its_session_alone(requester: Requester) ->
                     "link": errno.EACCES,
                 }
             }, session
+
+
+def test_the_client_refuses_a_possessed_key_of_another_owner(
+    requester: Requester, session_keyring: object
+) -> None:
+    """Root's program-bound key in a session keyring a user process shares (runuser without a
+    new session): the user possesses it, so describe works, and the client's owner check is
+    what refuses it (KeyOwnershipError), never a read."""
+    name = unique("possessed")
+    description = f"kmst:{name}".encode()
+    serial = keyutils.add_key(b"user", description, SECRET, keyutils.KEY_SPEC_SESSION_KEYRING)
+    keyutils.keyctl_setperm(serial, POSSESSOR_ONLY)
+
+    def take() -> object:
+        owner = keyutils.keyctl_describe_alloc(serial).decode().split(";")[1]
+        try:
+            get_secret(name, prefix="kmst")
+        except OSError as exc:
+            return {"owner": owner, "refused": type(exc).__name__}
+        return {"owner": owner, "refused": None}
+
+    seen = as_user(NOBODY, take, session="inherit", mode=requester.mode)
+    assert seen == {"ok": {"owner": "0", "refused": "KeyOwnershipError"}}

@@ -44,11 +44,18 @@ def _nspid(tid: int) -> list[int]:
     return []
 
 
+def _publish(path: Path, value: object) -> None:
+    """Write `path` whole or not at all: the test reads it as soon as it exists."""
+    draft = path.with_suffix(".draft")
+    draft.write_text(json.dumps(value))
+    os.replace(draft, path)
+
+
 def _hold(directory: Path, name: str, key: int) -> None:
     from resolver.requester import own_auth_key
 
     held = {"auth": own_auth_key(), "target": key}
-    (directory / f"held-{name}.json").write_text(json.dumps(held))
+    _publish(directory / f"held-{name}.json", held)
     release = directory / f"release-{name}"
     limit = time.monotonic() + HOLD_LIMIT
     while not release.exists() and time.monotonic() < limit:
@@ -132,7 +139,7 @@ def main(argv: list[str]) -> int:
             verdict["answered"] = "instantiated"
         except Exception as failed:
             verdict["answered"] = f"instantiate failed: {failed}"
-    (directory / f"verdict-{name}.json").write_text(json.dumps(verdict))
+    _publish(directory / f"verdict-{name}.json", verdict)
     return 0
 
 

@@ -182,7 +182,7 @@ def test_the_refresh_unit_is_a_long_running_loop_without_core_dumps() -> None:
 
 
 def test_what_is_remembered_for_refresh_ahead(tmp_path: Path) -> None:
-    from kmskeys.contract import ADMIN_KEY_PERM, RESOLVED_KEY_PERM
+    from kmskeys.contract import ADMIN_KEY_PERM, PROGRAM_ADMIN_KEY_PERM, RESOLVED_KEY_PERM
     from resolver import keyrecords
     from resolver.outcome import Outcome
     from resolver.pipeline import KernelRequest
@@ -199,6 +199,9 @@ def test_what_is_remembered_for_refresh_ahead(tmp_path: Path) -> None:
     assert answered(11, "kms:app") is None
     assert answered(12, "pass:web/db") == "pass: entries are not renewed"
     assert answered(13, "kms:other", RESOLVED_KEY_PERM) is not None  # no admin group bits
+    # A program-bound key: each resolution identifies its requester, which a renewal has not.
+    bound = answered(16, "kms:db", PROGRAM_ADMIN_KEY_PERM)
+    assert bound == "program-bound keys are not renewed"
     assert answered(14, "stored:k#user#latest") is None
     assert answered(15, "kms:third") == "uid 1000 has refresh_keys_per_uid 2 keys"
     assert {uid: sorted(serials) for uid, serials in keyrecords.listing(config).items()} == {

@@ -12,20 +12,20 @@ from pathlib import Path
 
 import pytest
 
+from kmskeys.contract import AUTH_LINE_MAX, AUTH_LINES_MAX
 from resolver.requester import (
     AuthRecord,
+    AuthView,
     IdentityError,
+    IdentityUnclearError,
     Requester,
     RequesterGoneError,
-    auth_record,
-    cgroup2_mount,
-    cgroup_path,
+    auth_lines,
+    auth_records,
     check_alive,
     identify,
-    inspect_task,
-    trusted_depth,
-    unit_of,
 )
+from resolver.task import cgroup2_mount, cgroup_path, inspect_task, trusted_depth, unit_of
 
 pytestmark = pytest.mark.unit
 
@@ -38,6 +38,13 @@ USER_KEY = b"1350c385 I--Q---     1  59m 3f010000  1000  1000 user      app:db-p
 
 def _keys(*lines: bytes) -> bytes:
     return b"\n".join(lines) + b"\n"
+
+
+def auth_record(proc_keys: bytes, auth: int, target: int, uid: int | None = None) -> AuthRecord:
+    """The one requester the lines for `auth` name (as the pipeline reads them)."""
+    found = auth_records(AuthView(auth, auth_lines(proc_keys, auth), 0, ""), target, uid)
+    assert len(found) == 1, found
+    return found[0]
 
 
 def _forging(line: bytes, serial: bytes = b"2a000001") -> bytes:
@@ -56,11 +63,44 @@ def test_a_non_root_requesters_line_names_its_uid() -> None:
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
-def test_a_forged_copy_of_the_line_refuses_wherever_it_is(where: str) -> None:
+def test_a_forged_copy_of_the_line_only_adds_a_requester_to_judge(where: str) -> None:
+    """The kernel's line is always there: a forgery cannot hide it, only name someone else
+    beside it, and the pipeline must then judge both (resolver/binding.py)."""
     forged = _forging(REAL.replace(b"pid:19014", b"pid:1"))
     lines = (forged, REAL) if where == "before" else (REAL, forged)
-    with pytest.raises(IdentityError, match="starts 2 lines of /proc/keys"):
-        auth_record(_keys(OTHER, *lines), AUTH, TARGET)
+    view = AuthView(AUTH, auth_lines(_keys(OTHER, *lines), AUTH), 0, "")
+    assert set(auth_records(view, TARGET)) == {AuthRecord(19014, 0), AuthRecord(1, 0)}
+
+
+def test_an_exact_copy_of_the_line_changes_nothing() -> None:
+    view = AuthView(AUTH, auth_lines(_keys(_forging(REAL), REAL), AUTH), 0, "")
+    assert auth_records(view, TARGET) == (AuthRecord(19014, 0),)
+
+
+def test_a_forged_line_beside_the_kernels_that_is_not_its_shape_is_unclear() -> None:
+    """Not a refusal (cached): EAGAIN, so that a forgery never makes one stick."""
+    forged = _forging(REAL.replace(b"pid:19014 ci:0", b"pid:1 ci:0 x"))
+    with pytest.raises(IdentityUnclearError, match="1 not the kernel's"):
+        auth_records(AuthView(AUTH, auth_lines(_keys(forged, REAL), AUTH), 0, ""), TARGET)
+
+
+def test_too_many_lines_are_unclear_unexamined() -> None:
+    forged = [_forging(REAL.replace(b"pid:19014", b"pid:%d" % i)) for i in range(AUTH_LINES_MAX)]
+    lines = auth_lines(_keys(*forged, REAL), AUTH)
+    assert len(lines) == AUTH_LINES_MAX + 1
+    with pytest.raises(IdentityUnclearError, match="starts 9 lines"):
+        auth_records(AuthView(AUTH, lines, 0, ""), TARGET)
+
+
+def test_a_line_longer_than_the_kernel_writes_is_not_read() -> None:
+    long = REAL.replace(b"ci:0", b"ci:" + b"0" * AUTH_LINE_MAX)
+    assert auth_lines(_keys(_forging(long), REAL), AUTH) == (REAL,)
+
+
+def test_a_line_for_another_uid_is_not_the_requests() -> None:
+    line = REAL.replace(b"    0     0 .request_", b"65534 65534 .request_")
+    with pytest.raises(IdentityError, match="is for uid 65534, the request for 0"):
+        auth_record(_keys(line), AUTH, TARGET, uid=0)
 
 
 def test_a_forged_line_alone_is_refused_when_it_is_not_the_kernels_shape() -> None:
@@ -322,17 +362,17 @@ def test_a_task_that_is_not_the_waiting_requester_refuses(
     proc = _fake_proc(tmp_path, "/bin/sh")
     (proc / "501" / "status").write_text(status)
     with pytest.raises(error, match=why):
-        inspect_task(AuthRecord(501, 1000), proc=str(proc), cgroup_root=str(cgroup_root))
+        inspect_task(501, 1000, proc=str(proc), cgroup_root=str(cgroup_root))
 
 
 def test_a_requester_gone_refuses_as_gone(tmp_path: Path, cgroup_root: Path) -> None:
     proc = _fake_proc(tmp_path, "/bin/sh")
     (proc / "500" / "task" / "501" / "cgroup").unlink()
     with pytest.raises(RequesterGoneError, match="exited"):
-        inspect_task(AuthRecord(501, 1000), proc=str(proc), cgroup_root=str(cgroup_root))
+        inspect_task(501, 1000, proc=str(proc), cgroup_root=str(cgroup_root))
     shutil.rmtree(proc / "501")
     with pytest.raises(RequesterGoneError, match="has exited"):
-        inspect_task(AuthRecord(501, 1000), proc=str(proc), cgroup_root=str(cgroup_root))
+        inspect_task(501, 1000, proc=str(proc), cgroup_root=str(cgroup_root))
 
 
 def test_an_executable_a_user_could_change_is_not_trusted(
@@ -343,7 +383,7 @@ def test_an_executable_a_user_could_change_is_not_trusted(
     mine.write_text("#!/bin/sh\n")
     os.chown(mine.parent, 1000, 1000)
     proc = _fake_proc(tmp_path, str(mine))
-    who = inspect_task(AuthRecord(501, 1000), proc=str(proc), cgroup_root=str(cgroup_root))
+    who = inspect_task(501, 1000, proc=str(proc), cgroup_root=str(cgroup_root))
     assert who.exe == str(mine)
     assert who.exe_problem == f"{mine.parent} is writable by a non-root user"
 
@@ -357,10 +397,10 @@ def test_a_sticky_root_directory_does_not_spoil_a_root_owned_path(
     program = shared / "opt" / "app"
     program.write_text("#!/bin/sh\n")
     proc = _fake_proc(tmp_path, str(program))
-    who = inspect_task(AuthRecord(501, 1000), proc=str(proc), cgroup_root=str(cgroup_root))
+    who = inspect_task(501, 1000, proc=str(proc), cgroup_root=str(cgroup_root))
     assert who.exe_problem is None
     shared.chmod(0o777)  # not sticky: anyone may rename opt/ away and put another there
-    who = inspect_task(AuthRecord(501, 1000), proc=str(proc), cgroup_root=str(cgroup_root))
+    who = inspect_task(501, 1000, proc=str(proc), cgroup_root=str(cgroup_root))
     assert who.exe_problem == f"{shared} is writable by a non-root user"
 
 
@@ -388,7 +428,7 @@ def test_a_requester_killed_after_identification_is_caught_before_answering(
     tmp_path: Path, cgroup_root: Path
 ) -> None:
     proc = _fake_proc(tmp_path, "/bin/sh")
-    who = inspect_task(AuthRecord(501, 1000), proc=str(proc), cgroup_root=str(cgroup_root))
+    who = inspect_task(501, 1000, proc=str(proc), cgroup_root=str(cgroup_root))
     check_alive(who, proc=str(proc))
     (proc / "500" / "task" / "501" / "status").write_text(_status(501, 500, sigpnd="100"))
     with pytest.raises(RequesterGoneError, match="exiting"):

@@ -158,31 +158,39 @@ def _forged_line(auth: int, target: int, uid: int, pid: int) -> bytes:
     )
 
 
-def test_a_forged_proc_keys_line_refuses(
+def _forge(held: dict[str, int], rule: IdentityRule, pid: int | None) -> object:
+    """As another process of the uid: a key whose description forges the authorization key's
+    line (viewable by others), naming `pid` (None: itself)."""
+    line = _forged_line(held["auth"], held["target"], NOBODY, pid or os.getpid())
+    # The kernel appends ": DATALEN" to a user key's line: a last line takes it, so the forged
+    # one is exactly what the kernel prints for the real key.
+    desc = rule.description("forge").encode() + b"\n" + line + b"\n#"
+    serial = keyutils.add_key(b"user", desc, b"x", keyutils.KEY_SPEC_SESSION_KEYRING)
+    keyutils.keyctl_setperm(serial, 0x3F010001)  # possessor all, owner and other VIEW
+    return os.getpid()
+
+
+def _asking(child: Steps, result: dict[str, object], key: str) -> threading.Thread:
+    asking = threading.Thread(target=lambda: result.update({key: child.run(0)}))
+    asking.start()
+    return asking
+
+
+def test_a_forged_line_naming_a_task_that_waits_for_no_upcall_changes_nothing(
     cg: cgroups.Slice, rule: IdentityRule, requester: Requester
 ) -> None:
     """Another process of the uid, in another unit, forges the authorization key's line (a key
-    description with a newline, viewable by others) while the handler waits: refused."""
+    description with a newline, viewable by others) naming itself while the handler waits: the
+    kernel's own line is still there, and only a task waiting for an upcall can have asked."""
     name = "hold-forged"
     with Steps(NOBODY, [lambda: request(rule.description(name))], mode=requester.mode) as child:
         assert child.ready() == {"ok": None}
         cg.move(child.pid, cg.path("app.service"))
         result: dict[str, object] = {}
-        asking = threading.Thread(target=lambda: result.update(got=child.run(0)))
-        asking.start()
+        asking = _asking(child, result, "got")
         try:
             held = rule.held(name)
-
-            def forge() -> object:
-                line = _forged_line(held["auth"], held["target"], NOBODY, os.getpid())
-                # The kernel appends ": DATALEN" to a user key's line: a last line takes it,
-                # so the forged one is exactly what the kernel prints for the real key.
-                desc = rule.description("forge").encode() + b"\n" + line + b"\n#"
-                serial = keyutils.add_key(b"user", desc, b"x", keyutils.KEY_SPEC_SESSION_KEYRING)
-                keyutils.keyctl_setperm(serial, 0x3F010001)  # possessor all, owner and other VIEW
-                return os.getpid()
-
-            with Resident(NOBODY, forge, mode=requester.mode) as forger:
+            with Resident(NOBODY, lambda: _forge(held, rule, None), mode=requester.mode) as forger:
                 assert isinstance(forger.result, dict) and "ok" in forger.result, forger.result
                 cg.move(forger.pid, cg.path("other.service"))
                 lines = Path("/proc/keys").read_bytes().split(b"\n")
@@ -193,10 +201,43 @@ def test_a_forged_proc_keys_line_refuses(
         finally:
             rule.release(name)
             asking.join(timeout=30)
-    assert result["got"] == {"error": "KeyRejectedError", "errno": errno.EKEYREJECTED}
-    verdict = rule.verdict(name)
-    assert verdict["error"] == "IdentityError" and verdict["answered"] == "rejected"
-    assert "starts 2 lines of /proc/keys" in str(verdict["reason"])
+    got = result["got"]
+    assert isinstance(got, dict) and "ok" in got, got
+    assert got["ok"]["tid"] == child.pid and got["ok"]["unit"] == "app.service"
+
+
+def test_a_forged_line_naming_another_waiting_requester_is_unclear_not_refused(
+    cg: cgroups.Slice, rule: IdentityRule, requester: Requester
+) -> None:
+    """A forgery that names a task which does wait for an upcall (another request of the uid,
+    held) cannot be told from the kernel's line: EAGAIN, never a cached refusal and never the
+    other task's identity."""
+    first, second = "hold-first", "hold-second"
+    with (
+        Steps(NOBODY, [lambda: request(rule.description(first))], mode=requester.mode) as one,
+        Steps(NOBODY, [lambda: request(rule.description(second))], mode=requester.mode) as two,
+    ):
+        assert one.ready() == two.ready() == {"ok": None}
+        cg.move(one.pid, cg.path("app.service"))
+        cg.move(two.pid, cg.path("other.service"))
+        result: dict[str, object] = {}
+        asking = [_asking(one, result, first), _asking(two, result, second)]
+        try:
+            held = rule.held(first)
+            rule.held(second)
+            with Resident(NOBODY, lambda: _forge(held, rule, two.pid), mode=requester.mode):
+                rule.release(first)
+                asking[0].join(timeout=30)
+        finally:
+            rule.release(first)
+            rule.release(second)
+            for thread in asking:
+                thread.join(timeout=30)
+    assert result[first] == {"error": "TemporarilyUnavailableError", "errno": errno.EAGAIN}
+    verdict = rule.verdict(first)
+    assert verdict["error"] == "IdentityUnclearError" and verdict["answered"] == "rejected"
+    assert "name 2 requesters" in str(verdict["reason"])
+    assert isinstance(result[second], dict) and "ok" in result[second]
 
 
 def test_a_forged_line_the_handler_cannot_view_changes_nothing(
