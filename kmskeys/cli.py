@@ -17,7 +17,6 @@ import sys
 from kmskeys import keyutils
 from kmskeys.contract import DEFAULT_PREFIX
 from kmskeys.key import KEYRINGS, Key
-from kmskeys.names import description
 
 TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
 
@@ -284,15 +283,18 @@ def cmd_flush(argv: Sequence[str]) -> int:
     if (args.name is None) != args.all:
         parser.error("give NAME or --all")
     try:
-        desc = f"{args.prefix}:*" if args.all else description(args.name, args.prefix)
+        from kmskeys.hostflush import covers, flush_host
+        from kmskeys.secretref import described
+
+        # NAME, NAME#SELECTOR or a whole description (`sm:prod/db`): its own prefix wins.
+        desc = f"{args.prefix}:*" if args.all else described(args.name, args.prefix)
+        prefix, _, name = desc.partition(":")
         host = None
         if os.geteuid() == 0:
-            from kmskeys.hostflush import flush_host
-
-            host = flush_host(args.prefix, None if args.all else args.name)
+            host = flush_host(prefix, None if args.all else name)
         found = []
-        for key in visible_keys(args.prefix):
-            if not args.all and key.description != desc:
+        for key in visible_keys(prefix):
+            if not args.all and not covers(desc, key.description):
                 continue
             if key.state != "negative":
                 # Invalidation removes the key from every keyring, so no other process of this
