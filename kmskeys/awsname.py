@@ -190,7 +190,8 @@ def parse_sm_selector(selector: str) -> SmQuery:
             )
         stage, version_id = (value, None) if key + eq == STAGE_KEY else (None, value)
     if parts:
-        why = "the field comes first" if field is None else "one field and one version at most"
+        first = field is None and "=" not in parts[0]
+        why = "the field comes first" if first else "one field and one version at most"
         raise _invalid(f"sm: selector {_shown(selector)}: {why} (#FIELD#stage=LABEL)")
     query = SmQuery(field, stage, version_id)
     if query.selector() != selector:

@@ -151,10 +151,8 @@ class SecretsManagerBackend(SourceBackend):
             query = parse_sm_selector(request.qualifier)
         except InvalidNameError as exc:
             raise RefusedError(str(exc)) from None
-        if query.version_id is not None:
-            notes["version_id"] = query.version_id
-        else:
-            notes["stage"] = str(query.aws_stage)
+        if query.aws_stage is not None:
+            notes["stage"] = query.aws_stage  # a VersionId asked for is logged as version=
         if query.field is not None:
             notes["field"] = query.field
         return SecretValue(self.config.sm_path_prefix + request.name, query)
