@@ -67,7 +67,7 @@ class SmSettings:
         examples=('"https://secretsmanager.eu-west-1.amazonaws.com"',),
     )
     sm: tuple[NameRule, ...] = policy(
-        "per-name policy of `sm:` names (the NAME, whatever its selector): `ttl`, `allow_users`",
+        "per-name policy of `sm:` names (the NAME, whatever its selector; below)",
         "sm_prefix",
         ("ttl", "allow_users"),
         '[sm."prod/*"]\nttl = 600\nallow_users = ["www-data"]',

@@ -85,7 +85,7 @@ class SsmSettings:
         examples=('"https://ssm.eu-west-1.amazonaws.com"',),
     )
     ssm: tuple[NameRule, ...] = policy(
-        "per-name policy of `ssm:` names (the NAME, whatever its selector): `ttl`, `allow_users`",
+        "per-name policy of `ssm:` names (the NAME, whatever its selector; below)",
         "ssm_prefix",
         ("ttl", "allow_users"),
         '[ssm."app/prod/*"]\nallow_users = ["www-data"]',
