@@ -52,7 +52,7 @@ COMMAND_GROUP = "kmskeys.commands"
 USAGE = """\
 usage: kmskeys COMMAND [ARGS...]
 
-host commands:
+host commands (NAME may be a whole description: sm:prod/db#password, ssm:app/db):
   get NAME       print the secret NAME (from the kernel cache, or resolved once)
   show           list the kms keys this process can see, with expiry (never payloads)
   flush NAME     invalidate the cached key NAME so the next request re-resolves it
@@ -118,7 +118,11 @@ def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
 def cmd_get(argv: Sequence[str]) -> int:
     """`kmskeys get NAME [--blob BLOB | --blob-file FILE]`: write the secret to stdout."""
     parser = _parser("kmskeys get", "Print the secret NAME to stdout, resolving it if needed.")
-    parser.add_argument("name", metavar="NAME")
+    parser.add_argument(
+        "name",
+        metavar="NAME",
+        help="a secret name, NAME#SELECTOR, or a whole description (sm:prod/db#password)",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--blob", help="the blob itself (ciphertext, safe in argv)")
     source.add_argument("--blob-file", type=_path, help="read the blob from FILE ('-' for stdin)")
