@@ -12,10 +12,10 @@
   kmskeys/awsname.py for `sm:` and `ssm:`, whose descriptions must be canonical (one spelling
   per request, so one secret is never two kernel keys); kmskeys/passname.py for `pass:`;
   kmskeys/stored.py for `stored:`.
-- A prefix the client does not know (an operator's own name for a backend) takes any selector
-  of `#`-separated tokens of A-Z a-z 0-9 _ . @ + = -: the resolver, which knows its backends,
-  checks it exactly. The client's check is for early, clear errors; the resolver's is the one
-  that counts.
+- A prefix the client does not know (an operator's own name for a backend) takes a selector
+  that one of the backends' grammars accepts: the resolver, which knows which backend serves
+  it, checks it exactly. The client's check is for early, clear errors; the resolver's is the
+  one that counts.
 """
 
 from __future__ import annotations
@@ -70,34 +70,58 @@ def split_reference(ref: str | bytes, prefix: str = DEFAULT_PREFIX) -> tuple[str
 
 
 def check_selector(prefix: str, selector: str) -> str:
-    """`selector` if the grammar of `prefix` accepts it as canonical, else InvalidNameError."""
+    """`selector` if the grammar of `prefix` accepts it, else InvalidNameError."""
     if not selector:
         return selector
     if prefix in (DEFAULT_PREFIX, DEFAULT_TOKEN_PREFIX):
         raise _invalid(f"{prefix}: names take no selector ('#'): {_shown(selector)}")
-    if prefix == DEFAULT_SM_PREFIX:
-        from kmskeys.awsname import parse_sm_selector
+    grammar = _GRAMMARS.get(prefix)
+    if grammar is not None:
+        grammar(selector)
+        return selector
+    # A prefix of the operator's own naming: one of the backends' grammars must accept it.
+    for check in _GRAMMARS.values():
+        try:
+            check(selector)
+        except ValueError:
+            continue
+        return selector
+    raise _invalid(
+        f"selector {_shown(selector)} fits no backend's grammar: pass: #all or #field=KEY; sm: "
+        "[#FIELD][#stage=LABEL|#version=ID]; ssm: #VERSION or #LABEL; stored: [#SCOPE][#vN]"
+    )
 
-        parse_sm_selector(selector)
-    elif prefix == DEFAULT_SSM_PREFIX:
-        from kmskeys.awsname import parse_ssm_selector
 
-        parse_ssm_selector(selector)
-    elif prefix == DEFAULT_PASS_PREFIX:
-        from kmskeys.passname import parse_selector
+def _pass(selector: str) -> None:
+    from kmskeys.passname import parse_selector
 
-        parse_selector(selector)  # one spelling each: #all, #field=KEY
-    elif prefix == DEFAULT_STORED_PREFIX:
-        from kmskeys.stored import parse_qualifier
+    parse_selector(selector)  # one spelling each: #all, #field=KEY
 
-        parse_qualifier(selector)  # the stored: backend's own reading (docs/dpapi.md)
-    elif len(selector) > MAX_SELECTOR or not all(
-        part and _TOKEN_CHARS.issuperset(part) for part in selector[1:].split(SELECTOR_SEP)
-    ):
-        raise _invalid(
-            f"selector {_shown(selector)} must be #-separated tokens of A-Z a-z 0-9 _ . @ + = -"
-        )
-    return selector
+
+def _sm(selector: str) -> None:
+    from kmskeys.awsname import parse_sm_selector
+
+    parse_sm_selector(selector)
+
+
+def _ssm(selector: str) -> None:
+    from kmskeys.awsname import parse_ssm_selector
+
+    parse_ssm_selector(selector)
+
+
+def _stored(selector: str) -> None:
+    from kmskeys.stored import parse_qualifier
+
+    parse_qualifier(selector)  # the stored: backend's own reading (docs/dpapi.md)
+
+
+_GRAMMARS = {
+    DEFAULT_PASS_PREFIX: _pass,
+    DEFAULT_SM_PREFIX: _sm,
+    DEFAULT_SSM_PREFIX: _ssm,
+    DEFAULT_STORED_PREFIX: _stored,
+}
 
 
 def described(ref: str | bytes, prefix: str = DEFAULT_PREFIX) -> str:

@@ -17,7 +17,7 @@ from kmskeys.awsname import (
 )
 from kmskeys.errors import InvalidNameError
 from kmskeys.exec_plan import Mapping, UsageError
-from kmskeys.key import _described
+from kmskeys.key import _describe
 from kmskeys.secretref import described, split_reference
 from resolver import spec_sm, spec_ssm
 
@@ -103,10 +103,15 @@ def test_a_client_reads_names_selectors_and_whole_descriptions() -> None:
         "#password#stage=AWSPREVIOUS",
     )
     # get_secret's path reads the same way, through the same module.
-    assert _described("sm:prod/db#password", "kms") == "sm:prod/db#password"
-    assert _described("db", "sm") == "sm:db"
-    # A prefix the client does not know: any selector of plain tokens; the resolver decides.
+    assert _describe("sm:prod/db#password", "kms") == b"sm:prod/db#password"
+    assert _describe("db", "sm") == b"sm:db"
+    assert _describe("email/work#field=login", "pass") == b"pass:email/work#field=login"
+    # A prefix the client does not know: a selector some backend's grammar accepts; the
+    # resolver, which knows which backend serves the prefix, decides.
     assert described("vault:app/db#field=login") == "vault:app/db#field=login"
+    assert described("aws:prod/db#password#stage=AWSPREVIOUS") == (
+        "aws:prod/db#password#stage=AWSPREVIOUS"
+    )
     assert described("stored:key#machine#v2") == "stored:key#machine#v2"
 
 
@@ -120,8 +125,10 @@ def test_a_client_reads_names_selectors_and_whole_descriptions() -> None:
         ("sm:prod/../etc", "kms", "'..'"),
         ("sm:prod/db#stage=AWSCURRENT", "kms", "spelled"),
         ("ssm:app/db#aws1", "kms", "aws or ssm"),
-        ("vault:app/db#a b", "kms", "tokens"),
-        ("vault:app/db#", "kms", "tokens"),
+        ("vault:app/db#a b", "kms", "fits no backend's grammar"),
+        ("vault:app/db#", "kms", "#all or #field=KEY"),
+        ("pass:email/work#field=a b", "kms", "field key"),
+        ("token:key#x", "kms", "take no selector"),
         (b"sm:\xffdb", "kms", "ASCII"),
     ],
 )
