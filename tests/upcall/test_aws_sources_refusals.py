@@ -42,6 +42,7 @@ def test_a_name_outside_the_allowlist_is_refused_without_a_call(sources: Sources
     sources.sm().create_secret(Name=f"app/{(name := unique('out'))}", SecretString="kmst-no")
     line = refused(sources, sources.sm_desc(name), name, KeyRejectedError, "not in sm_secrets")
     assert " outcome=refused " in line and " errno=EKEYREJECTED " in line, line
+    assert "import:" not in line and "client:" not in line, line  # botocore never loaded
     sources.ssm().put_parameter(Name=f"/other/{name}", Value="kmst-no", Type="String")
     desc = sources.ssm_desc(f"other/{name}")
     refused(sources, desc, f"other/{name}", KeyRejectedError, "not in ssm_parameters")
