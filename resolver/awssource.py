@@ -6,13 +6,16 @@ backend's (resolver/blobs.py), in the same order:
 
 1. the operation's allowlist (`Gateway.authorize`): a name the config does not list is refused
    before the host cache is consulted and before any client exists;
-2. the host cache: one entry per identical AWS request (service, Region, secret or parameter,
-   version selector), whatever is then taken from it, so every uid and keyring asking, and
-   every field of one JSON secret, share one call per host per ttl. The entry records the
-   version the service returned (VersionId, parameter version), logged with each answer;
+2. the host cache (resolver/cachedfetch.py `Through`, as for `kms:` blobs and `token:`): one
+   entry per identical AWS request (service, Region, secret or parameter, version selector),
+   whatever is then taken from it, so every uid and keyring asking, and every field of one JSON
+   secret, share one call per host per ttl; charged to the requester's uid, refreshed ahead by
+   `kmskeys-resolver refresh` like any key. The entry records the version the service returned
+   (VersionId, parameter version), logged with each answer;
 3. the call, spending the requester's budget; its answer refreshes the entry. A stale entry
    (up to `stale_grace` old) answers only while the service is unavailable (EAGAIN class,
-   never a refusal); a refusal or an unknown answer drops the entry.
+   never a refusal), after at most `stale_wait`; a refusal or an unknown answer drops the
+   entry.
 
 The value is then cut to what the description asks for (a JSON field, for `sm:`) and bounded:
 a kernel key holds 1 to 32767 bytes, and a value outside that is refused saying so.
@@ -20,22 +23,16 @@ a kernel key holds 1 to 32767 bytes, and a value outside that is refused saying 
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kmskeys.contract import USER_PAYLOAD_MAX, hostcache_entry
 from resolver.backend import Context, Request, Result
-from resolver.errors import (
-    DeadlineExceeded,
-    RefusedError,
-    ServiceUnavailableError,
-    UnknownSecretError,
-)
+from resolver.errors import RefusedError, ServiceUnavailableError
 from resolver.gateway import Authorized, Gateway, Operation, Target
 
 if TYPE_CHECKING:
     from resolver.config import Config
-    from resolver.hostcache import Cache, Entry
+    from resolver.hostcache import Cache
 
 RECORD_VERSION = b"1"
 TEXT, BINARY = b"t", b"b"
@@ -115,27 +112,42 @@ class SourceBackend:
         authorized = self.gateway.authorize(op)  # the allowlist: no AWS call, no cache
         if not self.config.host_cache:
             fetched = self._call(authorized, context)
+            context.notes["source"] = self.source
             return self._result(fetched, request, context)
+        from resolver.cachedfetch import Through
         from resolver.hostcache import blob_digest
 
         digest = blob_digest(op.identity(authorized.target).encode())
         desc = hostcache_entry(request.prefix, request.name, None, digest)
-        return self._cached(self.cache(), desc, authorized, request, context)
+
+        def refresh(own: Context) -> bytes:
+            # Kept whole (every field of a secret shares it), with the version it had.
+            return self._call(authorized, own).pack()
+
+        # Fresh, one call per host, stale while the service is unavailable (at most
+        # stale_wait of waiting for a hung one); a refusal or an unknown answer purges the
+        # entry (resolver/cachedfetch.py).
+        cached = Through(self.config, self.cache(), desc, refresh, request=request, label=op.label)
+        kept = cached.fetch(context)
+        record = Fetched.unpack(kept.payload)
+        if record is None:
+            raise ServiceUnavailableError("the host-cache entry is not a value record")
+        context.notes.setdefault("source", self.source)
+        return self._result(record, request, context, ttl=kept.ttl, stale=kept.stale)
 
     def cache(self) -> Cache:
         """The host cache (root's keyring), made on first use."""
         if self._cache is None:
             from resolver.hostcache import HostCache
 
-            self._cache = HostCache()
+            self._cache = HostCache(self.config)
         return self._cache
 
     def _call(self, authorized: Authorized[Fetched], context: Context) -> Fetched:
-        fetched = self.gateway.call(authorized, context.budget, context.deadline, context.timings)
-        context.notes.update(source=self.source, version=fetched.version)
-        return fetched
+        return self.gateway.call(authorized, context.budget, context.deadline, context.timings)
 
-    def _result(self, fetched: Fetched, request: Request, context: Context, **stale: Any) -> Result:
+    def _result(self, fetched: Fetched, request: Request, context: Context, **kept: Any) -> Result:
+        context.notes["version"] = fetched.version
         payload = self.select(fetched, request)
         size = len(payload)
         if size > USER_PAYLOAD_MAX:
@@ -145,90 +157,4 @@ class SourceBackend:
             )
         if not size:
             raise RefusedError("the value is empty: a kernel key cannot hold 0 bytes")
-        return Result(payload, details=context.notes, **stale)
-
-    def _cached(
-        self,
-        cache: Cache,
-        desc: str,
-        authorized: Authorized[Fetched],
-        request: Request,
-        context: Context,
-    ) -> Result:
-        ttl = self.config.ttl_for(request.name, request.prefix)
-        start = time.perf_counter()
-        entry = cache.lookup(desc)
-        context.timings.add("hostcache", (time.perf_counter() - start) * 1000)
-        found = _fresh(entry, ttl)
-        if found is not None:
-            return self._hit(*found, request, context)
-        try:
-            # Refreshes of this entry by other keyrings' handlers wait here (bounded), then
-            # find it fresh: one call per host.
-            with cache.refreshing(self.config.state_dir, desc):
-                entry = cache.lookup(desc)
-                found = _fresh(entry, ttl)
-                if found is not None:
-                    return self._hit(*found, request, context)
-                return self._refresh(
-                    cache, desc, entry, authorized=authorized, request=request, context=context
-                )
-        except DeadlineExceeded:
-            stale = self._stale(entry, request, context, "deadline exceeded")
-            if stale is None:
-                raise
-            return stale
-
-    def _refresh(
-        self,
-        cache: Cache,
-        desc: str,
-        entry: Entry | None,
-        *,
-        authorized: Authorized[Fetched],
-        request: Request,
-        context: Context,
-    ) -> Result:
-        try:
-            fetched = self._call(authorized, context)
-        except (ServiceUnavailableError, DeadlineExceeded) as exc:
-            # The service is unavailable (never a refusal, never a uid over its own rate).
-            why = "deadline exceeded" if isinstance(exc, DeadlineExceeded) else exc.reason
-            stale = self._stale(entry, request, context, why)
-            if stale is None:
-                raise
-            return stale
-        except (RefusedError, UnknownSecretError):
-            # A refusal or a deleted secret is never masked by an older answer.
-            cache.purge(desc)
-            raise
-        # Kept for stale answers past its freshness; the kernel drops it after that. A record
-        # too large for a key is not kept (the answer goes out all the same).
-        ttl = self.config.ttl_for(request.name, request.prefix)
-        cache.store(desc, fetched.pack(), max(ttl, self.config.stale_grace) + 1)
-        return self._result(fetched, request, context)
-
-    def _hit(self, fetched: Fetched, entry: Entry, request: Request, context: Context) -> Result:
-        context.notes.update(source="hostcache", age=f"{entry.age:.0f}", version=fetched.version)
-        return self._result(fetched, request, context)
-
-    def _stale(
-        self, entry: Entry | None, request: Request, context: Context, why: str
-    ) -> Result | None:
-        """An answer from `entry` while the service is unavailable, within stale_grace, with
-        stale_ttl as the key's timeout so that the service is asked again soon."""
-        grace = self.config.stale_grace
-        fetched = Fetched.unpack(entry.plaintext) if entry is not None else None
-        if entry is None or fetched is None or not grace or entry.age > grace:
-            return None
-        context.notes.update(
-            source="hostcache", age=f"{entry.age:.0f}", version=fetched.version, reason=why
-        )
-        return self._result(fetched, request, context, ttl=self.config.stale_ttl, stale=True)
-
-
-def _fresh(entry: Entry | None, ttl: int) -> tuple[Fetched, Entry] | None:
-    if entry is None or entry.age >= ttl:
-        return None
-    fetched = Fetched.unpack(entry.plaintext)
-    return None if fetched is None else (fetched, entry)
+        return Result(payload, details=context.notes, **kept)

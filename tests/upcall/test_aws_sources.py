@@ -194,3 +194,22 @@ def test_prefetch_fills_the_entries_the_allowlists_name(sources: Sources) -> Non
     assert ask(sources.ssm_desc(parameter)) == b"kmst-prefetched"
     assert " source=hostcache " in sources.install.log.wait_for(parameter)
     assert (sources.calls(), sources.calls("GetParameter")) == before
+
+
+def test_refresh_ahead_renews_an_sm_key_in_place_with_the_rotated_value(sources: Sources) -> None:
+    from kmskeys import Key
+    from tests.upcall.refreshing import purge_host_cache, refresh_once
+
+    name = sources.secret({"password": "kmst-before"})
+    key = Key.request(sources.sm_desc(f"{name}#password"), b"")
+    assert key.read() == b"kmst-before"
+    sources.sm().put_secret_value(SecretId=f"app/{name}", SecretString='{"password": "kmst-after"}')
+    purge_host_cache(sources.sm_prefix)  # as if the entry's ttl had run out
+    before = sources.calls()
+    done = refresh_once(sources.install)
+    assert done[key.serial].startswith("renewed (ttl "), done
+    # The same key, the new value: a reader never met a miss.
+    assert key.read() == b"kmst-after"
+    assert sources.calls() >= before + 1
+    renewed = [ln for ln in sources.install.log.drain() if f" name={name} " in ln]
+    assert any(" via=refresh" in ln and " version=" in ln for ln in renewed), renewed
