@@ -72,8 +72,9 @@ $(BENCH_VENV)/.installed: pyproject.toml setup.py $(wildcard bin/* kmskeys/*.py 
 	$(BENCH_VENV)/bin/python -m pip install -q --force-reinstall --no-deps .
 	$(BENCH_VENV)/bin/python -m pip install -q '.[resolver]'
 	@# boto3 is no dependency of the resolver (botocore is): the CGI and fresh-process rows'
-	@# per-process boto3 decrypt baseline needs it in the apps' venv.
-	$(BENCH_VENV)/bin/python -m pip install -q boto3
+	@# per-process boto3 decrypt baseline needs it in the apps' venv, and the Secrets Manager
+	@# rows AWS's own caching library (tests/bench/sources.py).
+	$(BENCH_VENV)/bin/python -m pip install -q boto3 aws-secretsmanager-caching
 	@touch $@
 
 bench: deps venv compile $(TEST_PREREQS) $(BENCH_VENV)/.installed

@@ -17,7 +17,6 @@ import sys
 from kmskeys import keyutils
 from kmskeys.contract import DEFAULT_PREFIX
 from kmskeys.key import KEYRINGS, Key
-from kmskeys.names import description
 
 TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
 
@@ -53,7 +52,7 @@ COMMAND_GROUP = "kmskeys.commands"
 USAGE = """\
 usage: kmskeys COMMAND [ARGS...]
 
-host commands:
+host commands (NAME may be a whole description: sm:prod/db#password, ssm:app/db):
   get NAME       print the secret NAME (from the kernel cache, or resolved once)
   show           list the kms keys this process can see, with expiry (never payloads)
   flush NAME     invalidate the cached key NAME so the next request re-resolves it
@@ -119,7 +118,11 @@ def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
 def cmd_get(argv: Sequence[str]) -> int:
     """`kmskeys get NAME [--blob BLOB | --blob-file FILE]`: write the secret to stdout."""
     parser = _parser("kmskeys get", "Print the secret NAME to stdout, resolving it if needed.")
-    parser.add_argument("name", metavar="NAME")
+    parser.add_argument(
+        "name",
+        metavar="NAME",
+        help="a secret name, NAME#SELECTOR, or a whole description (sm:prod/db#password)",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--blob", help="the blob itself (ciphertext, safe in argv)")
     source.add_argument("--blob-file", type=_path, help="read the blob from FILE ('-' for stdin)")
@@ -284,15 +287,18 @@ def cmd_flush(argv: Sequence[str]) -> int:
     if (args.name is None) != args.all:
         parser.error("give NAME or --all")
     try:
-        desc = f"{args.prefix}:*" if args.all else description(args.name, args.prefix)
+        from kmskeys.hostflush import covers, flush_host
+        from kmskeys.secretref import described
+
+        # NAME, NAME#SELECTOR or a whole description (`sm:prod/db`): its own prefix wins.
+        desc = f"{args.prefix}:*" if args.all else described(args.name, args.prefix)
+        prefix, _, name = desc.partition(":")
         host = None
         if os.geteuid() == 0:
-            from kmskeys.hostflush import flush_host
-
-            host = flush_host(args.prefix, None if args.all else args.name)
+            host = flush_host(prefix, None if args.all else name)
         found = []
-        for key in visible_keys(args.prefix):
-            if not args.all and key.description != desc:
+        for key in visible_keys(prefix):
+            if not args.all and not covers(desc, key.description):
                 continue
             if key.state != "negative":
                 # Invalidation removes the key from every keyring, so no other process of this

@@ -47,6 +47,12 @@ DEFAULT_KEYSTORE_DIR = "/var/lib/kmskeys"
 # kmskeys/passname.py) and of blobs a PKCS#11 token opens (`token:NAME`, kmskeys/tokenblob.py).
 DEFAULT_PASS_PREFIX = "pass"  # noqa: S105 - a prefix, not a password
 DEFAULT_TOKEN_PREFIX = "token"  # noqa: S105 - a prefix
+# The namespaces of secrets the resolver reads where AWS users keep them: Secrets Manager
+# (`sm:NAME[#FIELD][#stage=LABEL|#version=ID]`) and Parameter Store (`ssm:NAME[#VERSION|#LABEL]`);
+# the grammar is kmskeys/awsname.py, the backends resolver/secretsmanager.py and
+# resolver/parameterstore.py.
+DEFAULT_SM_PREFIX = "sm"
+DEFAULT_SSM_PREFIX = "ssm"
 
 
 # The program install's rule runs first, built from resolver/gate.c into the resolver package:

@@ -195,7 +195,7 @@ def _resolve(names: Sequence[str], prefix: str, keyring: str | None) -> dict[str
 
 
 def _mapping(opts: argparse.Namespace) -> Mapping:
-    mapping = Mapping()
+    mapping = Mapping(opts.prefix)
     for item in opts.env:
         mapping.add_env(item, f"--env {item}")
     for path in opts.env_file:

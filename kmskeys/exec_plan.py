@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping as MappingABC
 
-from kmskeys.names import validate_name
+from kmskeys.contract import DEFAULT_PREFIX
+from kmskeys.secretref import described
 
 _VAR_START = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")
 _VAR_CHARS = _VAR_START | frozenset("0123456789")
@@ -37,15 +38,20 @@ class SecretFailedError(Exception):
 
 
 class Mapping:
-    """Where each secret goes: environment variables and file names, each to a secret name."""
+    """Where each secret goes: environment variables and file names, each to a secret name.
 
-    def __init__(self) -> None:
+    A name is NAME, NAME#SELECTOR or a whole description (`DB=sm:prod/db#password`), checked
+    against the grammar of its prefix (`prefix`, the --prefix, unless it names its own).
+    """
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = prefix
         self.env: dict[str, str] = {}
         self.files: dict[str, str] = {}
 
     def add_env(self, item: str, where: str, *, quote: bool = True) -> None:
         """Map VAR=NAME; `quote=False` keeps the item's text out of error messages."""
-        var, name = _split(item, where, quote=quote)
+        var, name = _split(item, where, self.prefix, quote=quote)
         if not (var[:1] in _VAR_START and set(var) <= _VAR_CHARS):
             shown = f"{var!r} is" if quote else "the part before '=' is"
             raise UsageError(f"{where}: {shown} not an environment variable name")
@@ -55,7 +61,7 @@ class Mapping:
 
     def add_file(self, item: str, where: str) -> None:
         """Map FILE=NAME: FILE is one path segment below $CREDENTIALS_DIRECTORY."""
-        file, name = _split(item, where)
+        file, name = _split(item, where, self.prefix)
         # One path segment, as a systemd credential name: no "/", not "." or "..". A leading
         # "." is refused too, which keeps the watch's in-flight files (kmskeys/credfs.py) apart.
         if not (file and file[0] != "." and set(file) <= _FILE_CHARS and len(file) <= 255):
@@ -73,19 +79,14 @@ class Mapping:
         return [file for file, mapped in self.files.items() if mapped == name]
 
 
-def _split(item: str, where: str, *, quote: bool = True) -> tuple[str, str]:
+def _split(item: str, where: str, prefix: str, *, quote: bool = True) -> tuple[str, str]:
     target, eq, name = item.partition("=")
     target, name = target.strip(), name.strip()
     if not eq or not target or not name:
         got = f", got {item!r}" if quote else ""
         raise UsageError(f"{where}: expected TARGET=NAME{got}")
     try:
-        if "#" in name:  # one part of a `pass:` entry: NAME#all, NAME#field=KEY
-            from kmskeys.passname import check_reference
-
-            check_reference(name)
-        else:
-            validate_name(name)
+        described(name, prefix)
     except ValueError:
         if quote:
             raise

@@ -78,13 +78,22 @@ def host_cache_ring(create: bool, holder: int = keyutils.KEY_SPEC_PROCESS_KEYRIN
     return ring
 
 
+def covers(flushed: str, desc: str) -> bool:
+    """True if flushing the description `flushed` reaches the key described `desc`: the same
+    description, or, for `PREFIX:NAME` without a selector, every `PREFIX:NAME#SELECTOR` too
+    (`sm:prod/db` reaches `sm:prod/db#password`; `#` is outside the name alphabet, so
+    `kms:a` never reaches `kms:ab`)."""
+    return desc == flushed or ("#" not in flushed and desc.startswith(flushed + "#"))
+
+
 def _matches(desc: str, prefix: str, name: str | None) -> bool:
-    return desc == f"{prefix}:{name}" if name is not None else True
+    return covers(f"{prefix}:{name}", desc) if name is not None else True
 
 
 def flush_host(prefix: str, name: str | None) -> Flushed:
     """Invalidate every cached `prefix:name` key of every uid (name None: every key the resolver
-    made) and the host-cache entries of that name (None: all); needs root."""
+    made; a name without a selector: its selectors' keys too, `covers`) and the host-cache
+    entries of that name (None: all); needs root."""
     # In a thread of its own: the fsgid is per thread, and the persistent keyring is linked into
     # that thread's keyring, which goes with the thread (the caller gets no process keyring).
     import threading
@@ -152,7 +161,12 @@ def _flush_entries(prefix: str, name: str | None) -> int:
     ring = host_cache_ring(create=False, holder=keyutils.KEY_SPEC_THREAD_KEYRING)
     if ring is None:
         return 0
-    head = hostcache_entry(prefix, name) if name is not None else HOSTCACHE_ENTRY_PREFIX
+    # One entry serves every selector of a name (resolver/awssource.py): flush the name's.
+    head = (
+        hostcache_entry(prefix, name.partition("#")[0])
+        if name is not None
+        else HOSTCACHE_ENTRY_PREFIX
+    )
     count = 0
     for serial in memoryview(keyutils.keyctl_read(ring)).cast("i").tolist():
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kmskeys import keyutils
 from kmskeys.contract import DEFAULT_PREFIX, USER_PAYLOAD_MAX
-from kmskeys.names import description
+from kmskeys.names import description, is_reference
 
 _USER = b"user"
 # A named session keyring this uid joins: possessors all, owner view/read/search/link (the
@@ -48,12 +48,14 @@ def _explained(exc: OSError, description: bytes) -> OSError:
 
 
 def _describe(name: str | bytes, prefix: str) -> bytes:
-    """`PREFIX:NAME`, or `PREFIX:NAME#SELECTOR` for one part of a `pass:` entry (`#all`,
-    `#field=KEY`: kmskeys/passname.py; `#` is outside the name alphabet)."""
-    if name.__class__ is str and "#" in name:
-        from kmskeys.passname import reference_description
+    """`PREFIX:NAME`, or the description a reference names: a selector (`pass:NAME#all`,
+    `sm:NAME#password`) or a prefix of its own (`sm:prod/db#password`), read by
+    kmskeys/secretref.py, which a plain name never loads (`:` and `#` are outside the name
+    alphabet)."""
+    if is_reference(name):
+        from kmskeys.secretref import described
 
-        return reference_description(prefix, str(name)).encode()
+        return described(name, prefix).encode()
     return description(name, prefix).encode()
 
 

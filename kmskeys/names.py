@@ -66,8 +66,20 @@ def validate_prefix(prefix: str) -> str:
 
 
 def description(name: str | bytes, prefix: str = DEFAULT_PREFIX) -> str:
-    """Return the kernel key description `PREFIX:NAME` for a validated name."""
+    """Return the kernel key description `PREFIX:NAME` for a validated name.
+
+    (What an application names may also hold a selector or a prefix of its own:
+    kmskeys/secretref.py reads those, `sm:prod/db#password`.)
+    """
     return f"{validate_prefix(prefix)}:{validate_name(name)}"
+
+
+def is_reference(name: object) -> bool:
+    """True if `name` holds a `:` or a `#`: a reference for kmskeys/secretref.py to read, never
+    a plain name (both are outside the name alphabet)."""
+    if isinstance(name, str):
+        return ":" in name or "#" in name
+    return isinstance(name, bytes) and (b":" in name or b"#" in name)
 
 
 def parse_description(desc: str | bytes, prefix: str = DEFAULT_PREFIX) -> str:

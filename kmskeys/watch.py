@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from kmskeys.errors import KeyNotFoundError, KeyRejectedError
 from kmskeys.key import Key, get_secret
-from kmskeys.names import description
+from kmskeys.secretref import described
 
 # Retries of a secret that could not be resolved again: the first after BACKOFF_FIRST seconds,
 # each later one twice as late, up to BACKOFF_MAX, each +-BACKOFF_JITTER at random so that the
@@ -79,7 +79,7 @@ class SecretWatch:
     def __init__(self, names: list[str], prefix: str, keyring: str | None) -> None:
         self.prefix = prefix
         self.keyring = keyring
-        self.secrets = {name: Watched(name, description(name, prefix)) for name in names}
+        self.secrets = {name: Watched(name, described(name, prefix)) for name in names}
         self._key = secrets.token_bytes(32)
         self._fsuid = _fsuid()
 

@@ -66,7 +66,7 @@ class SessionClients:
         client = session.create_client(
             service,
             region_name=region,
-            endpoint_url=config.endpoint_url,
+            endpoint_url=endpoint_for(config, service),
             config=BotoConfig(
                 connect_timeout=connect,
                 read_timeout=read,
@@ -76,6 +76,18 @@ class SessionClients:
         )
         timings.add("client", (time.perf_counter() - start) * 1000)
         return client
+
+
+# A service whose endpoint has a setting of its own (a VPC endpoint's DNS name serves one
+# service); unset, `endpoint_url` serves it too.
+ENDPOINT_SETTINGS = {"secretsmanager": "sm_endpoint_url", "ssm": "ssm_endpoint_url"}
+
+
+def endpoint_for(config: Config, service: str) -> str | None:
+    """The endpoint URL of `service` from the config; None: AWS's for the region."""
+    own = ENDPOINT_SETTINGS.get(service)
+    found = getattr(config, own) if own is not None else None
+    return found if isinstance(found, str) else config.endpoint_url
 
 
 def check_credentials_file(path: os.PathLike[str]) -> None:

@@ -30,6 +30,7 @@ from resolver.errors import (
     RefusedError,
     ResolverError,
     ServiceUnavailableError,
+    UnknownSecretError,
     failure,
 )
 from resolver.hostcache import REFRESH_WAIT, Cache, Entry, RefreshLock
@@ -151,8 +152,9 @@ class Through:
             own = Context(context.deadline, context.budget)
             try:
                 plaintext = self.refresh(own)
-            except RefusedError as exc:
-                # A refusal is never masked: a revoked permission takes effect at this refresh.
+            except (RefusedError, UnknownSecretError) as exc:
+                # A refusal is never masked: a revoked permission takes effect at this refresh;
+                # nor is a secret the service says is gone (sm:, ssm:).
                 cache.purge(desc)
                 return background.Finished(error=exc, phases=own.timings.phases)
             except DeadlineExceeded:

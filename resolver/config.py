@@ -31,6 +31,8 @@ from resolver.settings import (
 )
 from resolver.spec_kms import DEFAULT_BLOB_DIR, KmsSettings
 from resolver.spec_pass import PassSettings
+from resolver.spec_sm import SmSettings
+from resolver.spec_ssm import SsmSettings
 from resolver.spec_stored import DEFAULT_KEYSTORE_DIR, StoredSettings
 from resolver.spec_token import Pkcs11Settings
 from resolver.validators import NameRule, abs_path, choice
@@ -66,6 +68,8 @@ OBSOLETE: dict[str, tuple[tuple[str, ...], str]] = {
 class Config(
     Pkcs11Settings,
     PassSettings,
+    SsmSettings,
+    SmSettings,
     StoredSettings,
     KmsSettings,
     HostCacheSettings,
@@ -124,6 +128,8 @@ COMPONENTS = (
     Component(
         "the token: backend and the pkcs11 seal (a PKCS#11 token, docs/tokens.md)", Pkcs11Settings
     ),
+    Component("the sm: backend (Secrets Manager)", SmSettings),
+    Component("the ssm: backend (Parameter Store)", SsmSettings),
 )
 # TOML key -> (field name, validator), from every component's declaration.
 _KEYS = {
@@ -219,6 +225,8 @@ def _check(config: Config, where: str) -> None:
     config.check_kms(where)
     config.check_stored(where)
     config.check_token(where, config.seal)
+    config.check_sm(where, config.regions)
+    config.check_ssm(where, config.regions)
     if config.discovery and not config.region_list:
         raise ConfigError(f"{where}: discovery needs region (or regions)")
     for arn in config.key_arns:

@@ -2,8 +2,8 @@
 
 An Operation says what to call (service, method, parameters), which resource it names and how
 to check the answer. The gateway applies each of these once, for every operation alike (KMS
-Decrypt of a blob, the keystore seal's Encrypt and Decrypt, prefetch; Secrets Manager and
-Parameter Store next), in this order:
+Decrypt of a blob, the keystore seal's Encrypt and Decrypt, prefetch, Secrets Manager's
+GetSecretValue, Parameter Store's GetParameter), in this order:
 
 1. the operation's allowlist (`authorize`): the resource must be one the config lists, checked
    before any client exists, so a cheap refusal never loads botocore;
@@ -15,8 +15,9 @@ Parameter Store next), in this order:
 5. the one error classification (kmskeys.contract.classify_aws_exception) mapped to the
    resolver's failure classes; the reason names AWS error codes, never AWS's messages.
 
-A new operation (issue 21: Secrets Manager GetSecretValue, SSM GetParameter) is a class with
-the Operation attributes and methods; its `authorize` is its own allowlist check.
+An operation is a class with the Operation attributes and methods; its `authorize` is its own
+allowlist check, and an optional `refusal(code)` names what an AWS refusal code means for it
+(resolver/secretsmanager.py, resolver/parameterstore.py: a missing secret is unknown, ENOKEY).
 """
 
 from __future__ import annotations
@@ -216,7 +217,11 @@ def failure(exc: BaseException, op: Operation[Any]) -> ResolverError:
             f"{label} answered HTTP {status} with an unreadable error body"
         )
     if found.kind in REFUSALS:
-        return RefusedError(f"{label} {code}")
+        # An operation may name what a code means for it (Secrets Manager's
+        # ResourceNotFoundException is an unknown secret, not a refusal): `refusal(code)`.
+        refine = getattr(op, "refusal", None)
+        special = refine(code) if refine is not None else None
+        return special if isinstance(special, ResolverError) else RefusedError(f"{label} {code}")
     if found.kind == AWS_NO_CREDENTIALS:
         return ServiceUnavailableError(f"no AWS credentials ({code})")
     if found.kind == AWS_TIMEOUT:

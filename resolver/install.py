@@ -268,7 +268,8 @@ def install(
     """Install the rule(s) (and a config, blob_dir, keystore when missing); say what was done.
 
     `rules` names the backends whose prefixes the one rule file routes to the handler
-    (`routed_backends`).
+    (`routed_backends`); with `kms`, the `sm:` and `ssm:` prefixes too when the config lists
+    secrets or parameters for them (`aws_sources`).
     """
     backends = routed_backends(rules)
     check_dependencies()
@@ -298,6 +299,8 @@ def install(
         _add_key_arns(config, key_arns, actions)
         config = config_mod.load(config_path)
     routed = [getattr(config, spec.prefix_setting) for spec, _ in SHIPPED if spec.name in backends]
+    if "kms" in backends:
+        routed += [p for p in aws_sources(config) if p not in routed]
     if {"kms", "token"} & set(backends):
         _mkdirs(config.blob_dir, manifest, actions)
     if "stored" in backends:
@@ -334,6 +337,14 @@ def routed_backends(rules: str) -> list[str]:
             "or both, or all"
         )
     return names
+
+
+def aws_sources(config: config_mod.Config) -> list[str]:
+    """The prefixes of the AWS sources the config reads (`sm:` with `sm_secrets`, `ssm:` with
+    `ssm_parameters`): routed with the `kms:` rule, since the same AWS set-up serves them."""
+    return [config.sm_prefix] * bool(config.sm_secrets) + [config.ssm_prefix] * bool(
+        config.ssm_parameters
+    )
 
 
 def uninstall(

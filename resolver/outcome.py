@@ -111,6 +111,12 @@ class Outcome:
             source=facts.get("source"),
             mode=facts.get("mode"),
             age=facts.get("age"),
+            # What an sm:/ssm: answer was: the version the service returned (VersionId, a
+            # parameter version), the stage or label asked for, the JSON field served.
+            version=facts.get("version"),
+            stage=facts.get("stage"),
+            label=facts.get("label"),
+            field=facts.get("field"),
             ttl=self.timeout if self.answered else None,
             # Why the host cache did not keep this answer (a uid at its charge, say).
             cache=facts.get("cache"),

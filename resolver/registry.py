@@ -1,7 +1,8 @@
 """The backends the resolver ships, and which one serves a description: from the config alone.
 
-Each backend declares itself in a light module (resolver/spec_kms.py, resolver/spec_stored.py:
-its settings, its grammar, its policy table) and is listed here with the loader of its code.
+Each backend declares itself in a light module (resolver/spec_kms.py, spec_stored.py, spec_sm.py,
+spec_ssm.py: its settings, its grammar, its policy table) and is listed here with the loader of
+its code.
 There is no discovery (no entry points, nothing read from what is installed): a root program
 loads only the backends it ships. A backend's code is imported on demand, so a request for one
 never loads another's.
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kmskeys.errors import InvalidNameError
-from resolver import spec_kms, spec_pass, spec_stored, spec_token
+from resolver import spec_kms, spec_pass, spec_sm, spec_ssm, spec_stored, spec_token
 from resolver.backend import Backend, BackendSpec
 from resolver.errors import ConfigError
 
@@ -45,12 +46,26 @@ def _token(config: Config) -> Backend:
     return TokenBlobBackend(config)
 
 
+def _sm(config: Config) -> Backend:
+    from resolver.secretsmanager import SecretsManagerBackend
+
+    return SecretsManagerBackend(config)
+
+
+def _ssm(config: Config) -> Backend:
+    from resolver.parameterstore import ParameterStoreBackend
+
+    return ParameterStoreBackend(config)
+
+
 # In order: the first is the default prefix's (`kms:`), named by a description that fits none.
 SHIPPED: tuple[tuple[BackendSpec, Callable[[Config], Backend]], ...] = (
     (spec_kms.SPEC, _kms),
     (spec_stored.SPEC, _stored),
     (spec_pass.SPEC, _pass),
     (spec_token.SPEC, _token),
+    (spec_sm.SPEC, _sm),
+    (spec_ssm.SPEC, _ssm),
 )
 
 
@@ -62,9 +77,10 @@ def prefixes(config: Config) -> tuple[str, ...]:
 def split_description(config: Config, desc: str) -> tuple[str, str, str]:
     """(prefix, NAME, qualifier) of a description this config serves; InvalidNameError if none.
 
-    The backend's grammar splits what follows the prefix: `stored:` and `pass:` descriptions
-    have a qualifier (`stored:NAME#machine#v2`, kmskeys.stored; `pass:NAME#field=login`,
-    kmskeys.passname), which that backend checks, so that a refusal of it is logged under NAME.
+    The backend's grammar splits what follows the prefix: `stored:`, `pass:`, `sm:` and `ssm:`
+    descriptions have a qualifier (`stored:NAME#machine#v2`, kmskeys.stored;
+    `pass:NAME#field=login`, kmskeys.passname; `sm:NAME#password`, kmskeys.awsname), which that
+    backend checks, so that a refusal of it is logged under NAME.
     """
     head, sep, rest = desc.partition(":")
     for spec, _ in SHIPPED:

@@ -54,6 +54,11 @@ def _config_report(path: Path) -> tuple[dict[str, Any], config_mod.Config | None
         "ok": True,
         "prefix": config.prefix,
         "stored_prefix": config.stored_prefix,
+        # The AWS sources' prefixes and how many allowlist entries each has (0: it reads none).
+        "sources": {
+            config.sm_prefix: len(config.sm_secrets),
+            config.ssm_prefix: len(config.ssm_parameters),
+        },
         "blob_dir": str(config.blob_dir),
         "allow_legacy_blobs": config.allow_legacy_blobs,
         "syslog_socket": str(config.syslog_socket),

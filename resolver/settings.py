@@ -264,8 +264,8 @@ class LimitSettings:
         10.0,
         rate,
         "AWS calls per second per uid (token bucket refill): KMS Decrypt, the keystore seal's "
-        "Encrypt and Decrypt, retries included, and each new `stored:` keystore entry; prefetch "
-        "has a bucket of its own",
+        "Encrypt and Decrypt, GetSecretValue, GetParameter, retries included, and each new "
+        "`stored:` keystore entry; prefetch has a bucket of its own",
         note="AWS calls per second per uid (token bucket) ...",
     )
     kms_burst_per_uid: int = setting(

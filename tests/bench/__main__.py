@@ -37,6 +37,7 @@ MODULES.append("tests.bench.fleet")  # Secrets Manager calls per rotation, simul
 MODULES.append("tests.bench.rotation")  # rotation reaching a running program (issue 21)
 MODULES.append("tests.bench.tokens")  # a pass: miss, a token-sealed stored: miss (issue 25)
 MODULES.append("tests.bench.refresh")  # refresh-ahead: a reader never meets a miss (issue 26)
+MODULES.append("tests.bench.sources")  # Secrets Manager: fresh process and hit (issue 21)
 
 
 def machine() -> str:

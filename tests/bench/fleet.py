@@ -3,9 +3,13 @@
 Simulated, not measured: a fleet cannot run on one machine. The model is docs/scale.md's
 rotation case (scripts/fleet_sim.py, with scripts/fleet_rotation.py): a rotation event fanned
 out by Run Command, each host's flush, then each uid's next request. The baseline is the same
-fleet without the host cache, in the same run. The host cache's one-call-per-host claim for a
-single host is measured by the upcall tier (tests/terraform/test_rotation_document.py: root and
-another uid re-resolve after the flush document, one Decrypt for the host).
+fleet without the host cache, in the same run. The model is the resolver's: the first uid's
+miss after the flush refreshes the host-cache entry (resolver/awssource.py, one entry per
+secret whatever field each uid asks), the others wait for it on the entry's refresh lock (at
+most 1 s, `hostcache.REFRESH_WAIT`) and hit. The one-call-per-host claim for a single host is
+measured by the terraform tier (tests/terraform/test_rotation_document.py: a real secret rotated
+with PutSecretValue, root and another uid re-resolve after the flush document, one
+GetSecretValue for the host; the same for a parameter and a kms: blob).
 
 Works alone as `python -m tests.bench.fleet` as well as from `python -m tests.bench`.
 """

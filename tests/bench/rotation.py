@@ -10,9 +10,9 @@ new process's `kmskeys get NAME` returns the new value. The two other secrets ar
 rotated: the proxy counts the Decrypts and the resolver logs the upcalls made for each name.
 
 A source is how a new value is deployed. `BlobSource` redeploys a `kms:` blob (encrypted
-beforehand, as CI does). A Secrets Manager source (PutSecretValue on the moto server) plugs in
-beside it, with the same two methods, once the resolver serves `sm:` names; `rows()` makes one
-row per source.
+beforehand, as CI does); `SecretsManagerSource` calls PutSecretValue on the moto server, and
+the program reads one field of the JSON secret (`sm:NAME#value`); `rows()` makes one pair of
+rows per source.
 
 Works alone as `python -m tests.bench.rotation` as well as from `python -m tests.bench`.
 """
@@ -37,7 +37,8 @@ from tests.bench.common import BenchContext, Row, median, print_rows, row
 from tests.support.kms_emulator import KmsEmulator
 from tests.support.kms_proxy import KmsProxy, ProxiedRequest
 from tests.support.names import unique
-from tests.upcall.harness import RESOLVER, Install, installed
+from tests.upcall.harness import RESOLVER, Install
+from tests.upcall.sources import SM_PATH, Sources, sources_installed
 
 ROTATIONS = 5  # per --on-change action
 INTERVAL = 2.0  # the watch's default (kmskeys/exec_cli.py)
@@ -73,9 +74,20 @@ class Source(Protocol):
     """Where a secret's value is deployed from, for one kind of description prefix."""
 
     label: str  # shown in the row, e.g. "kms: blob redeploy"
+    prefix: str  # the description prefix its names are asked for under
+    selector: str  # what follows NAME in the description the program is given
+    unit: str  # what its calls are called in the row ("KMS Decrypt")
+
+    def name(self, stem: str) -> str:
+        """A new unique NAME of this source's."""
+        ...
 
     def prepare(self, name: str, value: bytes) -> Callable[[], None]:
         """Everything a deploy of `value` needs ahead of time; the returned call deploys it."""
+        ...
+
+    def called(self, request: ProxiedRequest) -> str | None:
+        """The NAME a request to AWS is a call for, None when it is no call of this source."""
         ...
 
 
@@ -83,9 +95,15 @@ class BlobSource:
     """`kms:` secrets: a blob encrypted beforehand (CI), written over NAME.kms in blob_dir."""
 
     label = "kms: blob redeploy"
+    selector = ""
+    unit = "KMS Decrypt"
 
     def __init__(self, install: Install) -> None:
         self.install = install
+        self.prefix = install.prefix
+
+    def name(self, stem: str) -> str:
+        return unique(stem)
 
     def prepare(self, name: str, value: bytes) -> Callable[[], None]:
         blob = self.install.blob(value, name)
@@ -94,6 +112,42 @@ class BlobSource:
             self.install.deploy(name, blob)
 
         return deploy
+
+    def called(self, request: ProxiedRequest) -> str | None:
+        if request.operation != "Decrypt":
+            return None
+        return str(json.loads(request.body)["EncryptionContext"].get("kmskeys_name", ""))
+
+
+class SecretsManagerSource:
+    """`sm:` secrets: PutSecretValue of a JSON secret, whose one field the program reads."""
+
+    label = "Secrets Manager PutSecretValue"
+    selector = "#value"
+    unit = "GetSecretValue"
+
+    def __init__(self, sources: Sources) -> None:
+        self.client = sources.sm()
+        self.prefix = sources.sm_prefix
+
+    def name(self, stem: str) -> str:
+        return unique(f"sm{stem}")  # inside the install's allowlist (tests/upcall/sources.py)
+
+    def prepare(self, name: str, value: bytes) -> Callable[[], None]:
+        secret, text = f"{SM_PATH}{name}", json.dumps({"value": value.decode()})
+
+        def deploy() -> None:
+            try:
+                self.client.put_secret_value(SecretId=secret, SecretString=text)
+            except self.client.exceptions.ResourceNotFoundException:
+                self.client.create_secret(Name=secret, SecretString=text)
+
+        return deploy
+
+    def called(self, request: ProxiedRequest) -> str | None:
+        if request.operation != "GetSecretValue":
+            return None
+        return str(json.loads(request.body).get("SecretId", "")).removeprefix(SM_PATH)
 
 
 def _ask(path: Path) -> bytes | None:
@@ -113,8 +167,8 @@ def _served(path: Path, value: bytes, since: float, timeout: float = 60.0) -> fl
     return time.monotonic() - since
 
 
-def _flush(kmskeys: str, install: Install, name: str) -> None:
-    argv = [kmskeys, "flush", name, "--prefix", install.prefix]
+def _flush(kmskeys: str, source: Source, name: str) -> None:
+    argv = [kmskeys, "flush", name, "--prefix", source.prefix]
     for _ in range(5):
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
         # The flush's own-keys pass may meet a key the watch (root here) is having made and
@@ -153,22 +207,23 @@ class Measured:
 
 def _measure(ctx_python: str, install: Install, source: Source, tmp: Path) -> Measured:
     kmskeys = str(Path(ctx_python).parent / "kmskeys")
-    names = [unique("rotated"), unique("untouched"), unique("untouched")]
+    names = [source.name("rotated"), source.name("untouched"), source.name("untouched")]
     for name in names:
         source.prepare(name, unique("v0").encode())()
     out = Measured(names[0], names[1:])
     assert install.proxy is not None
 
     def count(request: ProxiedRequest) -> None:
-        if request.operation == "Decrypt":
-            name = json.loads(request.body)["EncryptionContext"].get("kmskeys_name", "")
+        name = source.called(request)
+        if name is not None:
             out.decrypts[name] = out.decrypts.get(name, 0) + 1
 
+    refs = [name + source.selector for name in names]
     for action in ACTIONS:
         path = tmp / f"served-{action.split(':')[0]}.sock"
-        argv = [kmskeys, "exec", "--prefix", install.prefix, "--watch", f"--on-change={action}"]
-        argv += ["--holdoff", "1", "--file", f"secret={names[0]}"]
-        argv += [f"--file=other{i}={name}" for i, name in enumerate(names[1:])]
+        argv = [kmskeys, "exec", "--prefix", source.prefix, "--watch", f"--on-change={action}"]
+        argv += ["--holdoff", "1", "--file", f"secret={refs[0]}"]
+        argv += [f"--file=other{i}={ref}" for i, ref in enumerate(refs[1:])]
         argv += ["--", ctx_python, "-c", SERVER, os.fspath(path)]
         with subprocess.Popen(argv, stderr=subprocess.PIPE) as watch:
             try:
@@ -182,7 +237,7 @@ def _measure(ctx_python: str, install: Install, source: Source, tmp: Path) -> Me
                     deploy = source.prepare(names[0], value)
                     start = time.monotonic()
                     deploy()
-                    _flush(kmskeys, install, names[0])
+                    _flush(kmskeys, source, names[0])
                     out.latency[action].append(_served(path, value, start))
                     # Past the holdoff (each rotation is acted on at once), and at a random
                     # point of the poll's period, so that the samples spread over it.
@@ -200,9 +255,9 @@ def _measure(ctx_python: str, install: Install, source: Source, tmp: Path) -> Me
         deploy = source.prepare(names[0], value)
         start = time.monotonic()
         deploy()
-        _flush(kmskeys, install, names[0])
+        _flush(kmskeys, source, names[0])
         got = subprocess.run(
-            [kmskeys, "get", names[0], "--prefix", install.prefix],
+            [kmskeys, "get", refs[0], "--prefix", source.prefix],
             capture_output=True,
             check=True,
             timeout=60,
@@ -227,7 +282,7 @@ def _idle(install: Install, pid: int, out: Measured) -> None:
     cpu = _cpu_seconds(pid)
     time.sleep(IDLE_INTERVALS * INTERVAL)
     out.idle_cpu_ms_per_s = (_cpu_seconds(pid) - cpu) * 1000 / (IDLE_INTERVALS * INTERVAL)
-    out.idle_calls = install.proxy.count("Decrypt") + len(install.log.drain())
+    out.idle_calls = install.proxy.count() + len(install.log.drain())
     out.rss_mib = _rss_mib(pid)
 
 
@@ -252,10 +307,10 @@ def _rows(source: Source, m: Measured) -> list[Row]:
         row(
             f"calls for untouched secrets ({len(untouched)} watched beside the rotated one, "
             f"{rotations} rotations) and an idle watch ({IDLE_INTERVALS} polls)",
-            value=f"untouched: {spent} KMS Decrypt + upcalls; idle: {m.idle_calls}; watch "
+            value=f"untouched: {spent} {source.unit} + upcalls; idle: {m.idle_calls}; watch "
             f"parent idle CPU {m.idle_cpu_ms_per_s:.2f} ms/s, RSS {m.rss_mib:.0f} MiB",
-            baseline=f"rotated secret: {m.decrypts.get(rotated, 0)} Decrypt for {rotations} "
-            "rotations",
+            baseline=f"rotated secret: {m.decrypts.get(rotated, 0)} {source.unit} for "
+            f"{rotations} rotations",
             ratio=f"{spent + m.idle_calls} calls",
             budget="0 for untouched and idle",
             ok=spent == 0 and m.idle_calls == 0,
@@ -274,10 +329,11 @@ def rows(ctx: BenchContext | None = None) -> list[Row]:
         KmsProxy(emulator.url) as proxy,
     ):
         key_arn = emulator.client().create_key(Description="kmst bench")["KeyMetadata"]["Arn"]
-        with installed(emulator, proxy, key_arn, resolver=resolver, deadline=8) as install:
+        with sources_installed(emulator, proxy, key_arn, resolver=resolver, deadline=8) as aws:
+            install = aws.install
             Keyring.join_session()
             try:
-                for source in (BlobSource(install),):
+                for source in (BlobSource(install), SecretsManagerSource(aws)):
                     out += _rows(source, _measure(python, install, source, Path(tmp)))
             finally:
                 Keyring.join_session()

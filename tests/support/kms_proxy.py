@@ -1,14 +1,19 @@
-"""A counting, fault-injecting HTTP reverse proxy on 127.0.0.1 in front of the KMS emulator.
+"""A counting, fault-injecting HTTP reverse proxy on 127.0.0.1 in front of the AWS emulator.
 
     proxy = KmsProxy(emulator.url).start()
     ... point the resolver's endpoint_url at proxy.url ...
     proxy.count("Decrypt")            # requests whose X-Amz-Target is TrentService.Decrypt
+    proxy.count("GetSecretValue")     # secretsmanager.GetSecretValue (Secrets Manager)
+    proxy.count("GetParameter")       # AmazonSSM.GetParameter (Parameter Store)
     proxy.set_fault(lambda req: Fault(503, body=b'{"__type":"ThrottlingException"}'))
     proxy.set_fault(lambda req: time.sleep(10))   # a hang: the resolver's deadline must win
     proxy.set_fault(lambda req: DROP)              # close the connection without an answer
+    proxy.set_fault(only("secretsmanager", aws_error("ThrottlingException")))  # one service
 
-A fault callable receives the ProxiedRequest and returns None to forward it unchanged, a Fault
-to answer instead of the emulator, or DROP.
+KMS, Secrets Manager and SSM all speak the JSON protocol with an X-Amz-Target header, so one
+proxy serves the three (moto serves them on one port). A fault callable receives the
+ProxiedRequest and returns None to forward it unchanged, a Fault to answer instead of the
+emulator, or DROP.
 """
 
 from __future__ import annotations
@@ -27,15 +32,25 @@ _HOP_BY_HOP = frozenset(
 )  # fmt: skip
 
 
+# X-Amz-Target's prefix, per service.
+SERVICES = {"TrentService": "kms", "secretsmanager": "secretsmanager", "AmazonSSM": "ssm"}
+
+
 @dataclass(frozen=True)
 class ProxiedRequest:
-    """One request as the proxy saw it: the KMS operation (e.g. `Decrypt`), headers, body."""
+    """One request as the proxy saw it: the operation (e.g. `Decrypt`), headers, body."""
 
     method: str
     path: str
     operation: str
     headers: dict[str, str]
     body: bytes
+
+    @property
+    def service(self) -> str:
+        """`kms`, `secretsmanager` or `ssm` (from X-Amz-Target), `""` when unknown."""
+        target = self.headers.get("X-Amz-Target") or self.headers.get("x-amz-target") or ""
+        return SERVICES.get(target.partition(".")[0], "")
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,15 @@ def kms_error(code: str, status: int = 400, message: str = "injected") -> Fault:
     """A KMS-style JSON error answer, e.g. kms_error("ThrottlingException", 400)."""
     body = f'{{"__type":"{code}","message":"{message}"}}'.encode()
     return Fault(status, body)
+
+
+# Secrets Manager and SSM answer errors the same way (awsJson1.1).
+aws_error = kms_error
+
+
+def only(service: str, answer: Fault | _Drop) -> FaultHook:
+    """A fault hook that answers `answer` to `service`'s requests and forwards the others."""
+    return lambda request: answer if request.service == service else None
 
 
 class KmsProxy:

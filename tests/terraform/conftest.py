@@ -39,7 +39,8 @@ from tests.terraform import applied, variants
 from tests.terraform.applied import Applied
 from tests.terraform.events import Probe
 from tests.terraform.rendered import Rendered
-from tests.upcall.harness import KMSKEYS, Install, installed, kms_stack
+from tests.upcall.harness import KMSKEYS, Install, kms_stack
+from tests.upcall.sources import SM_PATH, Sources, sources_installed
 
 REPO = tfsupport.REPO
 TERRAFORM = tfsupport.TERRAFORM_DIR
@@ -132,13 +133,17 @@ class DemoRun:
 class RotationRun:
     """The rotation root applied to moto, and the real resolver install it flushes on this host.
 
-    The root calls modules/fleet-rotation with every description prefix set to the install's
-    own (unique) prefix and kmskeys_path set to this venv's kmskeys, so that the applied
-    document's commands run here for real.
+    The install reads Secrets Manager and Parameter Store from its own moto server
+    (tests/upcall/sources.py: secrets under `app/`, parameters under `/kmst/`). The root calls
+    modules/fleet-rotation with the install's own (unique) prefixes: `sm:` and `ssm:` for the
+    Secrets Manager and Parameter Store rules (with `app/` as the secrets' path prefix), `kms:`
+    for kmskeys' own event; kmskeys_path is this venv's kmskeys, so that the applied document's
+    commands run here for real.
     """
 
     install: Install
     applied: Applied
+    sources: Sources
 
 
 class Workspace:
@@ -238,22 +243,24 @@ class Workspace:
     def rotation(self) -> RotationRun:
         """A resolver install on this host, then the rotation root aimed at it."""
         emulator, proxy, key_arn = self.stack.enter_context(kms_stack())
-        install = self.stack.enter_context(installed(emulator, proxy, key_arn))
+        sources = self.stack.enter_context(sources_installed(emulator, proxy, key_arn))
+        install = sources.install
         tree = tfsupport.copy_tree(self.root / "tree-rotation")
         here = self.root / "rotation"
         here.mkdir()
         inputs = {
             **ROTATION_INPUTS,
             "kmskeys_path": str(KMSKEYS),
-            "secretsmanager_prefix": install.prefix,
-            "parameterstore_prefix": install.prefix,
+            "secretsmanager_prefix": sources.sm_prefix,
+            "secretsmanager_path_prefix": SM_PATH,
+            "parameterstore_prefix": sources.ssm_prefix,
             "custom_event_prefixes": [install.prefix],
         }
         main = applied.module_root(tree, here, "fleet-rotation", "fleet", inputs)
         (here / "main.tf").write_text(main)
         run = applied.apply(self.tf, here, self.moto.url, {})
         self.roots.append(run)
-        return RotationRun(install, run)
+        return RotationRun(install, run, sources)
 
 
 # examples/aws-sources: a name of its own, and a secret value made up for the run.

@@ -1,7 +1,7 @@
 """The flush document's own commands, run for real on this host: every uid gets the new value.
 
 terraform applied modules/fleet-rotation to moto (tests/terraform/conftest.py, job "rotation"),
-aimed at a real resolver install on this host: every description prefix is the install's own,
+aimed at a real resolver install on this host, with the install's own description prefixes;
 kmskeys_path is this venv's kmskeys. From what was applied, read back from moto:
 
 1. an event as AWS delivers it goes through the applied rule's pattern and the applied
@@ -13,12 +13,10 @@ kmskeys_path is this venv's kmskeys. From what was applied, read back from moto:
    each parameter in the environment as SSM_<name> (interpolationType ENV_VAR).
 
 Before the flush, root and another uid (tests/support/requester.py) still hold the old value;
-after it, the next request of each returns the new one, for one KMS Decrypt on the host.
-
-Today the secrets are kms: blobs: the resolver's sm: and ssm: backends do not exist yet. The
-document flushes by description (PREFIX:NAME) whatever the backend, so a Secrets Manager or
-Parameter Store event flushes the blob-backed key of the same name here; once those backends
-land, the same test should deploy the value with PutSecretValue / PutParameter instead.
+after it, the next request of each returns the new one, for one call on the host. Each source
+is real: a kms: blob redeployed for kmskeys' own event, a Secrets Manager secret rotated with
+PutSecretValue for the two Secrets Manager rules (its field asked for, through the `app/` path
+prefix the rules strip), a parameter overwritten with PutParameter for the Parameter Store rule.
 """
 
 from __future__ import annotations
@@ -40,18 +38,54 @@ from tests.terraform.applied import REGION
 from tests.terraform.conftest import ROTATION_INPUTS, RotationRun, Workspace
 from tests.terraform.events import Probe
 from tests.upcall.harness import KMSKEYS, Install
+from tests.upcall.sources import SM_PATH
 
 pytestmark = [pytest.mark.terraform, pytest.mark.upcall]
 
-# What each rule receives for a rotation of NAME under PREFIX, as AWS would deliver it.
-EVENTS: dict[str, Callable[[str, str], dict[str, Any]]] = {
-    "kmskeys": lambda name, prefix: events.flush_request(REGION, name, prefix),
-    "sm-api": lambda name, _: events.secrets_manager_call(REGION, "PutSecretValue", name),
-    "sm-rotation": lambda name, _: events.rotation_succeeded(
-        REGION, events.secret_arn(REGION, name)
-    ),
-    "ssm": lambda name, _: events.parameter_change(REGION, f"/{name}"),
-}
+
+class Rotation:
+    """One source's rotation: its description, how to change its value, the event AWS then
+    delivers, and the calls its re-resolution costs (KMS Decrypt, GetSecretValue...)."""
+
+    def __init__(self, kind: str, run: RotationRun) -> None:
+        sources, install = run.sources, run.install
+        self.name = unique("smrotate" if kind.startswith("sm") else "rotate")
+        self.counter = {"kmskeys": "Decrypt", "ssm": "GetParameter"}.get(kind, "GetSecretValue")
+        self.proxy = sources.proxy
+        if kind == "kmskeys":
+            install.deploy(self.name, install.blob(b"kmst-old-value", self.name))
+            self.desc = self.flushed = install.description(self.name)
+            self.change: Callable[[], None] = lambda: install.deploy(
+                self.name, install.blob(b"kmst-new-value", self.name)
+            )
+            self.event = events.flush_request(REGION, self.name, install.prefix)
+        elif kind == "ssm":
+            self.name = sources.parameter("kmst-old-value")
+            self.desc = self.flushed = sources.ssm_desc(self.name)
+            ssm = sources.ssm()
+            self.change = lambda: ssm.put_parameter(
+                Name=f"/{self.name}", Value="kmst-new-value", Overwrite=True
+            )
+            self.event = events.parameter_change(REGION, f"/{self.name}")
+        else:
+            sm = sources.sm()
+            secret = f"{SM_PATH}{self.name}"
+            arn = sm.create_secret(Name=secret, SecretString='{"v": "kmst-old-value"}')["ARN"]
+            self.desc, self.flushed = sources.sm_desc(f"{self.name}#v"), sources.sm_desc(self.name)
+            self.change = lambda: sm.put_secret_value(
+                SecretId=secret, SecretString='{"v": "kmst-new-value"}'
+            )
+            self.event = (
+                events.secrets_manager_call(REGION, "PutSecretValue", secret)
+                if kind == "sm-api"
+                else events.rotation_succeeded(REGION, arn)
+            )
+
+    def calls(self) -> int:
+        return self.proxy.count(self.counter)
+
+
+KINDS = ("kmskeys", "sm-api", "sm-rotation", "ssm")
 
 
 class InvalidParameters(Exception):
@@ -129,40 +163,42 @@ def run_document(
 
 
 def fetcher(install: Install, name: str) -> Callable[[], str]:
+    return described(install.description(name))
+
+
+def described(desc: str) -> Callable[[], str]:
     def fetch() -> str:
         from kmskeys import Key
 
-        return Key.request(install.description(name), b"").read().decode()
+        return Key.request(desc, b"").read().decode()
 
     return fetch
 
 
-@pytest.mark.parametrize("kind", sorted(EVENTS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_an_event_flushes_every_uid_and_the_next_request_gets_the_new_value(
-    applied: dict[str, Any], install: Install, probe: Probe, kind: str, tmp_path: Path
+    applied: dict[str, Any], rotation_run: RotationRun, probe: Probe, kind: str, tmp_path: Path
 ) -> None:
-    name = unique("rotate")
-    install.deploy(name, install.blob(b"kmst-old-value", name))
-    fetch = fetcher(install, name)
+    rotation = Rotation(kind, rotation_run)
+    fetch = described(rotation.desc)
     with Steps("root", [fetch]) as root, Steps(NOBODY, [fetch]) as other:
         assert root.ready() == other.ready() == {"ok": None}
         assert root.run(0) == other.run(0) == {"ok": "kmst-old-value"}
-        before = install.decrypts()
-        install.deploy(name, install.blob(b"kmst-new-value", name))  # the rotation
+        before = rotation.calls()
+        rotation.change()  # the rotation
         # Every uid's cached key still holds the old value: nothing told the kernel.
         assert root.run(0) == other.run(0) == {"ok": "kmst-old-value"}
 
-        event = EVENTS[kind](name, install.prefix)
-        (given,) = probe.deliver(applied["rules"][kind], event, applied["targets"][kind])
+        (given,) = probe.deliver(applied["rules"][kind], rotation.event, applied["targets"][kind])
         parameters = ssm_checked(applied["command"], given)
         done = run_document(applied["command"], parameters, tmp_path)
         assert done.returncode == 0, done.stderr
-        assert f"{install.description(name)}: flushed" in done.stdout, done.stdout
+        assert f"{rotation.flushed}: flushed" in done.stdout, done.stdout
         assert "kmst-old-value" not in done.stdout + done.stderr  # a flush reads no payload
 
         assert root.run(0) == other.run(0) == {"ok": "kmst-new-value"}
-        # The host cache: one Decrypt for the host, whichever uid asked first.
-        assert install.decrypts() == before + 1
+        # The host cache: one call for the host, whichever uid asked first.
+        assert rotation.calls() == before + 1
 
 
 # Values with a meaning to a shell: SSM's allowedPattern refuses them, and so does the script.
@@ -366,7 +402,9 @@ def test_the_runbook_sends_the_document_to_the_tag_with_the_rate_controls(
     # The root aimed the document at this host's kmskeys and the install's prefix.
     assert f"KMSKEYS='{KMSKEYS}'" in command["mainSteps"][0]["inputs"]["runCommand"]
     template = applied["targets"]["sm-api"]["InputTransformer"]["InputTemplate"]
-    assert json.loads(template.replace("<id>", "x"))["Prefix"] == [rotation_run.install.prefix]
+    given = json.loads(template.replace("<id>", "x"))
+    assert given["Prefix"] == [rotation_run.sources.sm_prefix]
+    assert given["PathPrefix"] == [SM_PATH]
 
 
 def test_eventbridge_may_start_this_runbook_only_for_these_rules(

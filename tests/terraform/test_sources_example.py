@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
 
+from resolver.backend import Context, Request
+from resolver.errors import RefusedError
+from resolver.gateway import UNMETERED
 from tests.terraform import events
 from tests.terraform.applied import REGION, Applied
 from tests.terraform.conftest import SOURCES_INPUTS, Workspace
@@ -197,3 +202,42 @@ def test_a_rotation_of_the_created_secret_reaches_the_runbook_with_its_arn(
             "PathPrefix": [""],
         }
     ]
+
+
+def test_the_resolver_config_it_outputs_serves_the_secret_and_the_parameter(
+    sources: Applied, workspace: Workspace, tmp_path: Path
+) -> None:
+    """The `resolver_config` output, as the hosts' config, through the sm: and ssm: backends
+    against the same moto over HTTP: the secret's field and the parameter, by ARN."""
+    from resolver.config import parse_text
+    from resolver.parameterstore import ParameterStoreBackend
+    from resolver.secretsmanager import SecretsManagerBackend
+
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n"
+    )
+    credentials.chmod(0o600)
+    extra = (
+        f'endpoint_url = "{workspace.moto.url}"\nshared_credentials_file = "{credentials}"\n'
+        "host_cache = false\n"
+    )
+    config = parse_text((sources.outputs["resolver_config"] + extra).encode())
+    sm = SecretsManagerBackend(config).resolve(
+        Request("sm", f"{NAME}/db", 0, 0, "root", b"", "#password"), context()
+    )
+    assert sm.payload == SOURCES_INPUTS["db_password"].encode()
+    assert sm.details["source"] == "secretsmanager"
+    ssm = ParameterStoreBackend(config).resolve(
+        Request("ssm", f"{NAME}/db/password", 0, 0, "root", b"", ""), context()
+    )
+    assert ssm.payload == SOURCES_INPUTS["db_password"].encode()
+    # Nothing else of the account: another secret's name is refused before any call.
+    with pytest.raises(RefusedError, match="not in sm_secrets"):
+        SecretsManagerBackend(config).resolve(
+            Request("sm", f"{NAME}/other", 0, 0, "root", b"", ""), context()
+        )
+
+
+def context() -> Context:
+    return Context(time.monotonic() + 10.0, UNMETERED)

@@ -26,6 +26,7 @@ from tests.upcall.harness import (
     kms_stack,
     run_resolver,
 )
+from tests.upcall.sources import Sources, sources_installed
 
 __all__ = ["KMSKEYS", "RESOLVER", "SHORT_TTL", "Install", "installed", "run_resolver"]
 
@@ -73,3 +74,22 @@ def extra_install(
         return installed(emulator, proxy, key_arn, **settings)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def sources_install(kms_backend: tuple[KmsEmulator, KmsProxy, str]) -> Iterator[Sources]:
+    """The session's install that reads Secrets Manager and Parameter Store (sources.py)."""
+    with sources_installed(*kms_backend) as sources:
+        yield sources
+
+
+@pytest.fixture
+def sources(sources_install: Sources, session_keyring: object) -> Iterator[Sources]:
+    """That install, in a fresh session keyring, with counts, faults and log reset."""
+    sources_install.proxy.set_fault(None)
+    sources_install.proxy.reset_counts()
+    sources_install.install.log.drain()
+    try:
+        yield sources_install
+    finally:
+        sources_install.proxy.set_fault(None)

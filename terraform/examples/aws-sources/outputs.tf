@@ -47,3 +47,14 @@ output "custom_event" {
   description = "Source and DetailType of a kmskeys Flush Request."
   value       = try(module.rotation.custom_event, null)
 }
+
+output "resolver_config" {
+  description = "The resolver settings that serve the example's secret and parameter on the hosts (/etc/kmskeys/resolver.toml): sm:NAME/db, ssm:NAME/db/password, and NAME.kms blobs. By ARN, which pins the account and the Region."
+  value = try(join("\n", [
+    format("region = %q", var.region),
+    format("key_arns = [%q]", module.kms_key.key_arn),
+    format("sm_secrets = [%q]", aws_secretsmanager_secret.db.arn),
+    format("ssm_parameters = [%q]", aws_ssm_parameter.db_password.arn),
+    "",
+  ]), null)
+}
