@@ -159,9 +159,9 @@ def explained(exc: KmsKeysError, description: str) -> KmsKeysError:
     what = "request_key " + description[:256]
     if err == errno.ENOKEY and not answered_by_resolver(negative):
         cause = (
-            f"no resolver answered this request, and the kernel caches such a failed upcall "
-            f"for {KERNEL_NEGATIVE_TIMEOUT} s (cached failure (key {negative.serial}), expires "
-            f"{negative.expires}): {no_resolver_cause(description.partition(':')[0])}"
+            f"no resolver answered this request: {no_resolver_cause(description.partition(':')[0])}"
+            f"; the kernel caches such a failed upcall for {KERNEL_NEGATIVE_TIMEOUT} s as a "
+            f"cached failure (key {negative.serial}), which expires {negative.expires}"
         )
         return error_for_errno(
             err, what, upcall=True, description=description, cached=retry, cause=cause

@@ -143,3 +143,15 @@ def _is_report(value: object) -> TypeGuard[CheckReport]:
         return False
     dependencies = value.get("dependencies")
     return dependencies is None or isinstance(dependencies, str)
+
+
+def loaded_config(report: CheckReport) -> ConfigLoaded | None:
+    """The report's config when the resolver could load it."""
+    config = report["config"]
+    return config if config["ok"] is True else None
+
+
+def refused_config(report: CheckReport) -> ConfigRefused | None:
+    """Why the resolver could not load its config, when it could not."""
+    config = report["config"]
+    return config if config["ok"] is False else None
