@@ -1,6 +1,6 @@
-/* kmskeys._hitpath: the hit path of kmskeys.get_secret, as two calls into C.
+/* kmskeys._hitpath: the hit paths of kmskeys.get_secret and of Key.request().read(), in C.
  *
- * The rest of the binding is cffi (kmskeys/_build_keyutils.py). These two functions are a
+ * The rest of the binding is cffi (kmskeys/_build_keyutils.py). These functions are a
  * CPython extension (limited API, abi3) because the hit path's budget is 1.5x a C program that
  * does request_key + keyctl_read: a cffi call releases and retakes the GIL and converts its
  * arguments and result in Python, which alone costs about as much as the C program.
@@ -17,6 +17,16 @@
  *     (then the caller takes the full path). The kernel still checks the permissions, and a
  *     revoked, expired or invalidated key fails the read at once. The one-second bound caps how
  *     long a serial freed by the key GC and reused by an unrelated key could be trusted.
+ *
+ * request(type, desc, callout, dest) -> serial or (serial, None, owner, fsuid)
+ *     Key.request of the safe tier (kmskeys.Key): request_key(2) as given, then the same owner
+ *     check as fetch, unless this thread checked the serial for this fsuid less than a second
+ *     ago. A key owned by someone else: the 4-tuple, as fetch.
+ *
+ * read(serial) -> payload or (owner, fsuid)
+ *     Key.read of the safe tier: the owner check (skipped within the second, as above), then
+ *     one keyctl_read. A payload over 32767 bytes (a big_key, a large keyring) raises OSError
+ *     EMSGSIZE after the check passed: the caller reads it another way.
  *
  * Payloads are read into a stack buffer that is wiped before returning.
  *
@@ -171,6 +181,110 @@ static PyObject *fetch(PyObject *self, PyObject *args)
     return Py_BuildValue("(iN)", id, payload);
 }
 
+/* Whether this thread checked `serial` for fsuid `me` less than a second ago. */
+static int checked_recently(key_serial_t serial, uid_t me)
+{
+    long long now = now_ns();
+    unsigned i;
+
+    for (i = 0; i < RECENT; i++)
+        if (recent[i].serial == serial)
+            return recent[i].fsuid == me && now - recent[i].checked_ns < RECENT_NS;
+    return 0;
+}
+
+/* The owner check of the safe tier: 1 if `id` is owned by `me` (remembered for a second);
+ * 0 if not, with `*owner` set (-1: its permissions hide it); -1 with errno set if the key
+ * cannot be described for another reason (revoked, expired, gone). */
+static int owned_by(key_serial_t id, uid_t me, long long *owner)
+{
+    if (checked_recently(id, me))
+        return 1;
+    errno = 0;
+    *owner = owner_of(id);
+    if (*owner < 0 && errno != 0 && errno != EACCES) {
+        forget(id);
+        return -1;
+    }
+    if (*owner != (long long)me) {
+        forget(id);
+        return 0;
+    }
+    remember(id, me);
+    return 1;
+}
+
+static PyObject *request(PyObject *self, PyObject *args)
+{
+    const char *type, *desc;
+    PyObject *callout_obj;
+    const char *callout = NULL;
+    int dest, err = 0;
+    key_serial_t id = -1;
+    long long owner = -1;
+    uid_t me;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "yyOi", &type, &desc, &callout_obj, &dest))
+        return NULL;
+    if (callout_obj != Py_None) {
+        callout = PyBytes_AsString(callout_obj);
+        if (callout == NULL)
+            return NULL;
+    }
+    /* As in fetch: request_key may upcall, or wait for a key under construction. */
+    Py_BEGIN_ALLOW_THREADS
+    id = request_key(type, desc, callout, dest);
+    if (id < 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    if (err != 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    me = (uid_t)setfsuid((uid_t)-1);
+    switch (owned_by(id, me, &owner)) {
+    case 1:
+        return PyLong_FromLong(id);
+    case 0:
+        return Py_BuildValue("(iOLL)", id, Py_None, owner, (long long)me);
+    default:
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+}
+
+static PyObject *read_checked(PyObject *self, PyObject *arg)
+{
+    long serial = PyLong_AsLong(arg);
+    long long owner = -1;
+    int failed;
+    uid_t me;
+    PyObject *payload;
+
+    (void)self;
+    if (serial == -1 && PyErr_Occurred())
+        return NULL;
+    me = (uid_t)setfsuid((uid_t)-1);
+    switch (owned_by((key_serial_t)serial, me, &owner)) {
+    case 1:
+        break;
+    case 0:
+        return Py_BuildValue("(LL)", owner, (long long)me);
+    default:
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    payload = payload_of((key_serial_t)serial, &failed);
+    if (payload == NULL) {
+        if (failed == 0)
+            return NULL;
+        if (failed != EMSGSIZE)
+            forget((key_serial_t)serial);
+        errno = failed;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return payload;
+}
+
 static PyObject *read_recent(PyObject *self, PyObject *arg)
 {
     long serial = PyLong_AsLong(arg);
@@ -207,11 +321,14 @@ static PyMethodDef methods[] = {
      "fetch(desc, callout, dest): the full path of get_secret."},
     {"read_recent", read_recent, METH_O,
      "read_recent(serial): the payload of a key checked in the last second, or None."},
+    {"request", request, METH_VARARGS,
+     "request(type, desc, callout, dest): Key.request with the owner check."},
+    {"read", read_checked, METH_O, "read(serial): Key.read with the owner check."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "kmskeys._hitpath", "The hit path of kmskeys.get_secret.", -1,
+    PyModuleDef_HEAD_INIT, "kmskeys._hitpath", "The hit paths of get_secret and Key.request.", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 

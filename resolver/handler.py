@@ -18,8 +18,9 @@ from pathlib import Path
 from types import FrameType
 
 from kmskeys.errors import KmsKeysError
-from kmskeys.key import Key
-from kmskeys.keyutils import KEY_SPEC_REQKEY_AUTH_KEY, disable_core_dumps, keyctl_read
+from kmskeys.keyutils import KEY_SPEC_REQKEY_AUTH_KEY, keyctl_read
+from kmskeys.lowlevel import Key
+from kmskeys.lowlevel.process import disable_core_dumps
 from resolver import background, pipeline
 from resolver import config as config_mod
 from resolver.answer import answer, log_error, log_writer

@@ -37,8 +37,9 @@ def test_root_flush_reaches_every_uid_and_the_host_cache(
         return [key.serial, key.read().decode()]
 
     def read_others() -> list[str]:
-        # Every serial another uid cached, read as this uid: the kernel must refuse each.
-        from kmskeys import Key
+        # Every serial another uid cached, read as this uid without the client's owner check
+        # (the low-level tier): the kernel must refuse each.
+        from kmskeys.lowlevel import Key
 
         out = []
         for serial in others:
