@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
+from pathlib import Path
 
 from kmskeys import keyutils, prockeys
 from kmskeys.contract import DEFAULT_PREFIX, POSSESSOR_MASK, REQUEST_KEY_D
@@ -113,8 +115,6 @@ def _shell_safe(text: str) -> bool:
 
 def no_resolver_cause(prefix: str) -> str:
     """Why no resolver answered a request for PREFIX:*, as far as this process can tell."""
-    from pathlib import Path
-
     from kmskeys.rules import read_rule, rule_file
 
     base = Path(REQUEST_KEY_D)
@@ -132,7 +132,7 @@ def no_resolver_cause(prefix: str) -> str:
         )
     first = rule.gate or rule.program
     for program in (first, rule.program):
-        if not os.access(program, os.X_OK):
+        if not _runnable(program):
             return f"the rule in {path} runs {program}, which is missing or not executable"
     if os.geteuid() != 0:
         return (
@@ -144,6 +144,18 @@ def no_resolver_cause(prefix: str) -> str:
         f"the rule in {path} runs {first}, which did not answer: it could not start or died "
         "before answering (see the resolver log)"
     )
+
+
+def _runnable(program: Path) -> bool:
+    """Whether root could run `program` (request-key runs it as root), as far as this process
+    can see: a path it cannot look into counts as runnable."""
+    try:
+        st = os.stat(program)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and bool(st.st_mode & 0o111)
 
 
 def explained(exc: KmsKeysError, description: str) -> KmsKeysError:
