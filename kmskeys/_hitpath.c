@@ -18,10 +18,16 @@
  *     revoked, expired or invalidated key fails the read at once. The one-second bound caps how
  *     long a serial freed by the key GC and reused by an unrelated key could be trusted.
  *
+ * key_request(cls, description, callout_info=None, destination=None, type=b"user") -> Key
+ *     Key.request of the safe tier, whole (kmskeys.Key.request is this, as a classmethod):
+ *     request_key(2) as given, then the same owner check as fetch, unless this thread checked
+ *     the serial for this fsuid less than a second ago; a new `cls` with the serial. Anything
+ *     but bytes without a destination goes to kmskeys.key's Python side, and a failure or a
+ *     key owned by someone else to its failure hook, which raises (hooks()).
+ *
  * request(type, desc, callout, dest) -> serial or (serial, None, owner, fsuid)
- *     Key.request of the safe tier (kmskeys.Key): request_key(2) as given, then the same owner
- *     check as fetch, unless this thread checked the serial for this fsuid less than a second
- *     ago. A key owned by someone else: the 4-tuple, as fetch.
+ *     The same request and check for that Python side. A key owned by someone else: the
+ *     4-tuple, as fetch.
  *
  * read(serial) -> payload or (owner, fsuid)
  *     Key.read of the safe tier: the owner check (skipped within the second, as above), then
@@ -214,25 +220,46 @@ static int owned_by(key_serial_t id, uid_t me, long long *owner)
     return 1;
 }
 
-static PyObject *request(PyObject *self, PyObject *args)
+/* A bytes argument as a C string; TypeError for anything else (the caller converts a str and
+ * calls again), ValueError for an embedded NUL. */
+static int bytes_arg(PyObject *obj, const char **out)
 {
-    const char *type, *desc;
-    PyObject *callout_obj;
-    const char *callout = NULL;
+    char *s;
+
+    if (!PyBytes_Check(obj)) {
+        PyErr_SetString(PyExc_TypeError, "expected bytes");
+        return -1;
+    }
+    if (PyBytes_AsStringAndSize(obj, &s, NULL) < 0)
+        return -1;
+    *out = s;
+    return 0;
+}
+
+/* METH_FASTCALL: the hit path's budget is a few hundred nanoseconds above the C program's, and
+ * an argument tuple and its parsing cost a good part of them. */
+static PyObject *request(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *type, *desc, *callout = NULL;
     int dest, err = 0;
     key_serial_t id = -1;
     long long owner = -1;
     uid_t me;
 
     (void)self;
-    if (!PyArg_ParseTuple(args, "yyOi", &type, &desc, &callout_obj, &dest))
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "request(type, desc, callout, dest)");
         return NULL;
-    if (callout_obj != Py_None) {
-        callout = PyBytes_AsString(callout_obj);
-        if (callout == NULL)
-            return NULL;
     }
-    /* As in fetch: request_key may upcall, or wait for a key under construction. */
+    if (bytes_arg(args[0], &type) < 0 || bytes_arg(args[1], &desc) < 0)
+        return NULL;
+    if (args[2] != Py_None && bytes_arg(args[2], &callout) < 0)
+        return NULL;
+    dest = (int)PyLong_AsLong(args[3]);
+    if (dest == -1 && PyErr_Occurred())
+        return NULL;
+    /* As in fetch: request_key may upcall, or wait for a key under construction. The
+     * arguments stay alive: the caller holds references to them. */
     Py_BEGIN_ALLOW_THREADS
     id = request_key(type, desc, callout, dest);
     if (id < 0)
@@ -251,6 +278,134 @@ static PyObject *request(PyObject *self, PyObject *args)
     default:
         return PyErr_SetFromErrno(PyExc_OSError);
     }
+}
+
+/* Key.request of the safe tier, whole: a classmethod of kmskeys.Key (kmskeys/key.py), so that
+ * a hit costs no Python frame. Bytes arguments and no destination take the fast path here;
+ * anything else goes to the Python `slow` hook, and a failure or a foreign key to the `failed`
+ * hook, which raise the client's errors (registered by kmskeys.key at import, with hooks()). */
+static PyObject *hook_slow, *hook_failed, *serial_name;
+
+static PyObject *slow_path(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *pos, *kw = NULL, *result = NULL;
+    Py_ssize_t i, nkw = kwnames == NULL ? 0 : PyTuple_Size(kwnames);
+
+    pos = PyTuple_New(nargs);
+    if (pos == NULL)
+        return NULL;
+    for (i = 0; i < nargs; i++) {
+        Py_INCREF(args[i]);
+        PyTuple_SetItem(pos, i, args[i]);
+    }
+    if (nkw > 0) {
+        kw = PyDict_New();
+        for (i = 0; kw != NULL && i < nkw; i++)
+            if (PyDict_SetItem(kw, PyTuple_GetItem(kwnames, i), args[nargs + i]) < 0)
+                Py_CLEAR(kw);
+        if (kw == NULL)
+            goto done;
+    }
+    result = PyObject_Call(hook_slow, pos, kw);
+done:
+    Py_DECREF(pos);
+    Py_XDECREF(kw);
+    return result;
+}
+
+/* The `failed` hook raises the client's error; it returning is a bug of ours. */
+static PyObject *raised(PyObject *result)
+{
+    if (result == NULL)
+        return NULL;
+    Py_DECREF(result);
+    PyErr_SetString(PyExc_RuntimeError, "kmskeys: the failure hook did not raise");
+    return NULL;
+}
+
+static PyObject *key_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames)
+{
+    /* cls, description, callout_info, destination, type */
+    PyObject *arg[5] = {NULL, NULL, Py_None, Py_None, NULL};
+    static const char *const names[5] = {"", "description", "callout_info", "destination", "type"};
+    const char *type = "user", *desc, *callout = NULL;
+    Py_ssize_t i, j, nkw = kwnames == NULL ? 0 : PyTuple_Size(kwnames);
+    int err = 0;
+    key_serial_t id = -1;
+    long long owner = -1;
+    uid_t me;
+    allocfunc alloc;
+    PyObject *key, *serial;
+
+    (void)self;
+    if (hook_slow == NULL || nargs < 1 || nargs > 5)
+        return hook_slow == NULL ? PyErr_Format(PyExc_RuntimeError, "no hooks") :
+                                   slow_path(args, nargs, kwnames);
+    for (i = 0; i < nargs; i++)
+        arg[i] = args[i];
+    for (i = 0; i < nkw; i++) {
+        for (j = 1; j < 5; j++)
+            if (PyUnicode_CompareWithASCIIString(PyTuple_GetItem(kwnames, i), names[j]) == 0)
+                break;
+        if (j == 5 || j < nargs)
+            return slow_path(args, nargs, kwnames); /* Python says what is wrong */
+        arg[j] = args[nargs + i];
+    }
+    if (arg[1] == NULL || !PyType_Check(arg[0]) || !PyBytes_CheckExact(arg[1]) ||
+        (arg[2] != Py_None && !PyBytes_CheckExact(arg[2])) || arg[3] != Py_None ||
+        (arg[4] != NULL && !PyBytes_CheckExact(arg[4])))
+        return slow_path(args, nargs, kwnames);
+    if (bytes_arg(arg[1], &desc) < 0 || (arg[2] != Py_None && bytes_arg(arg[2], &callout) < 0) ||
+        (arg[4] != NULL && bytes_arg(arg[4], &type) < 0))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    id = request_key(type, desc, callout, 0);
+    if (id < 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    if (err != 0)
+        return raised(PyObject_CallFunction(hook_failed, "OOiO", arg[1], arg[2], err, Py_None));
+    me = (uid_t)setfsuid((uid_t)-1);
+    switch (owned_by(id, me, &owner)) {
+    case 1:
+        break;
+    case 0:
+        return raised(PyObject_CallFunction(hook_failed, "OOi(iOLL)", arg[1], arg[2], 0, id,
+                                            Py_None, owner, (long long)me));
+    default:
+        err = errno;
+        return raised(PyObject_CallFunction(hook_failed, "OOiO", arg[1], arg[2], err, Py_None));
+    }
+    /* A plain slotted class: what object.__new__ does, then the one slot. */
+    alloc = (allocfunc)PyType_GetSlot((PyTypeObject *)arg[0], Py_tp_alloc);
+    key = alloc((PyTypeObject *)arg[0], 0);
+    if (key == NULL)
+        return NULL;
+    serial = PyLong_FromLong(id);
+    if (serial == NULL || PyObject_SetAttr(key, serial_name, serial) < 0) {
+        Py_XDECREF(serial);
+        Py_DECREF(key);
+        return NULL;
+    }
+    Py_DECREF(serial);
+    return key;
+}
+
+static PyObject *hooks(PyObject *self, PyObject *args)
+{
+    PyObject *slow, *failed;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OO", &slow, &failed))
+        return NULL;
+    Py_INCREF(slow);
+    Py_INCREF(failed);
+    Py_XDECREF(hook_slow);
+    Py_XDECREF(hook_failed);
+    hook_slow = slow;
+    hook_failed = failed;
+    Py_RETURN_NONE;
 }
 
 static PyObject *read_checked(PyObject *self, PyObject *arg)
@@ -321,9 +476,16 @@ static PyMethodDef methods[] = {
      "fetch(desc, callout, dest): the full path of get_secret."},
     {"read_recent", read_recent, METH_O,
      "read_recent(serial): the payload of a key checked in the last second, or None."},
-    {"request", request, METH_VARARGS,
+    {"request", (PyCFunction)(void (*)(void))request, METH_FASTCALL,
      "request(type, desc, callout, dest): Key.request with the owner check."},
     {"read", read_checked, METH_O, "read(serial): Key.read with the owner check."},
+    {"key_request", (PyCFunction)(void (*)(void))key_request, METH_FASTCALL | METH_KEYWORDS,
+     "key_request(cls, description, callout_info=None, destination=None, type=b'user')\n"
+     "--\n\n"
+     "Find a key, or have the kernel upcall to construct it when callout_info is not None;\n"
+     "KeyOwnershipError if the key found is not owned by this process's fsuid.\n\n"
+     "request_key(2) never upcalls with a NULL callout: pass b\"\" to upcall without one."},
+    {"hooks", hooks, METH_VARARGS, "hooks(slow, failed): kmskeys.key's Python side of key_request."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -334,8 +496,12 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__hitpath(void)
 {
-    PyObject *m = PyModule_Create(&module);
+    PyObject *m;
 
+    serial_name = PyUnicode_InternFromString("serial");
+    if (serial_name == NULL)
+        return NULL;
+    m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddStringConstant(m, "BUILD_STAMP", KMSKEYS_BUILD_STAMP) != 0) {
         Py_DECREF(m);
         return NULL;

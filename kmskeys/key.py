@@ -18,7 +18,7 @@ from kmskeys.names import description, is_reference
 
 TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
 if TYPE_CHECKING:
-    from typing import ClassVar
+    from typing import ClassVar, Self
 
 _USER = b"user"
 # A named session keyring this uid joins: possessors all, owner view/read/search/link (the
@@ -95,6 +95,17 @@ def _describe(name: str | bytes, prefix: str) -> bytes:
     return description(name, prefix).encode()
 
 
+def _request_failed_hook(
+    description: bytes, callout: bytes | None, err: int, found: tuple[int, None, int, int] | None
+) -> None:
+    """The failure of kmskeys/_hitpath.c's key_request: raise the client's error for it."""
+    if found is not None:
+        raise _foreign(description.decode(errors="replace"), found)
+    import os
+
+    raise _request_failed(OSError(err, os.strerror(err)), description, callout)
+
+
 def _serial(key: Key | Keyring | int) -> int:
     return key if isinstance(key, int) else key.serial
 
@@ -129,38 +140,50 @@ class Key:
     def __init__(self, serial: int) -> None:
         self.serial = int(serial)
 
+    if TYPE_CHECKING:
+
+        @classmethod
+        def request(
+            cls,
+            description: str | bytes,
+            callout_info: str | bytes | None = None,
+            destination: Key | Keyring | int | None = None,
+            type: str | bytes = _USER,
+        ) -> Self:
+            """Find a key, or have the kernel upcall to construct it when `callout_info` is
+            not None; KeyOwnershipError if the key found is not owned by this process's fsuid.
+
+            request_key(2) never upcalls with a NULL callout: pass b"" to upcall without one.
+            """
+            ...
+
+    else:
+        # The client's hot path (budget: 1.5x C's request_key + keyctl_read, with the owner
+        # check): the whole call is C (kmskeys/_hitpath.c key_request), which sends anything
+        # but bytes without a destination to _request_slow, and a failure or a key of another
+        # uid to _request_failed_hook; the check of a serial this thread checked in the last
+        # second costs nothing more.
+        request = classmethod(_hitpath.key_request)
+
     @classmethod
-    def request(
+    def _request_slow(
         cls,
         description: str | bytes,
         callout_info: str | bytes | None = None,
         destination: Key | Keyring | int | None = None,
         type: str | bytes = _USER,
-    ) -> Key:
-        """Find a key, or have the kernel upcall to construct it when `callout_info` is not None;
-        KeyOwnershipError if the key found is not owned by this process's fsuid.
-
-        request_key(2) never upcalls with a NULL callout: pass b"" to upcall without one.
-        """
-        # The client's hot path (budget: 1.5x C's request_key + keyctl_read, with the check):
-        # plain bytes skip the conversions, and the owner check of a serial this thread checked
-        # in the last second costs nothing more (kmskeys/_hitpath.c).
-        if type.__class__ is not bytes:
-            type = _as_bytes(type, "key type")
-        if description.__class__ is not bytes:
-            description = _as_bytes(description, "description")
-        if callout_info is not None and callout_info.__class__ is not bytes:
-            callout_info = _as_bytes(callout_info, "callout info")
+    ) -> Self:
+        """Key.request with arguments the C fast path does not take: converted, then checked."""
+        desc = _as_bytes(description, "description")
+        callout = None if callout_info is None else _as_bytes(callout_info, "callout info")
         dest = 0 if destination is None else _serial(destination)
         try:
-            found = _request(type, description, callout_info, dest)
+            found = _request(_as_bytes(type, "key type"), desc, callout, dest)
         except OSError as exc:
-            raise _request_failed(exc, description, callout_info) from None
+            raise _request_failed(exc, desc, callout) from None
         if found.__class__ is not int:
-            raise _foreign(description.decode(errors="replace"), found)  # type: ignore[arg-type]
-        key = object.__new__(cls)
-        key.serial = found
-        return key
+            raise _foreign(desc.decode(errors="replace"), found)  # type: ignore[arg-type]
+        return cls(found)
 
     @classmethod
     def add(
@@ -353,6 +376,10 @@ class Keyring(Key):
     def clear(self) -> None:
         """Unlink every key from this keyring."""
         keyutils.keyctl_clear(self.serial)
+
+
+# The Python side of _hitpath.key_request: unbound, it gets the class the call was made on.
+_hitpath.hooks(Key.__dict__["_request_slow"].__func__, _request_failed_hook)
 
 
 # Where get_secret caches: None (request_key's default, the session keyring), "session", or a

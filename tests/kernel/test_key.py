@@ -385,3 +385,30 @@ def test_a_key_that_expires_before_the_upcall_exits_is_enokey_to_its_requester(
         pytest.raises(KeyNotFoundError),
     ):
         kmskeys.get_secret(unique(), prefix=prefix)
+
+
+def test_key_request_takes_every_argument_form_alike(session_keyring: Keyring) -> None:
+    """Key.request is C on its fast path (bytes, no destination) and Python otherwise: both
+    answer alike, with the same checks and errors."""
+    name = desc()
+    key = session_keyring.add_key("user", name, b"same")
+    forms = [
+        lambda: Key.request(name.encode()),
+        lambda: Key.request(name),
+        lambda: Key.request(description=name.encode(), type=b"user"),
+        lambda: Key.request(name, None, session_keyring, "user"),
+        lambda: Key.request(name.encode(), destination=session_keyring.serial),
+    ]
+    for form in forms:
+        found = form()
+        assert type(found) is Key and found == key and found.read() == b"same"
+    assert type(Keyring.request(name.encode())) is Keyring  # the class it was called on
+    for missing in (lambda: Key.request(desc().encode()), lambda: Key.request(desc())):
+        with pytest.raises(KeyNotFoundError):
+            missing()
+    with pytest.raises(TypeError):
+        Key.request(name.encode(), nonsense=1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Key.request(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Key.request(name.encode() + b"\0x")
