@@ -22,11 +22,11 @@
  *     Key.request of the safe tier, whole (kmskeys.Key.request is this, as a classmethod):
  *     request_key(2) as given, then the same owner check as fetch, unless this thread checked
  *     the serial for this fsuid less than a second ago; a new `cls` with the serial. Anything
- *     but bytes without a destination goes to kmskeys.key's Python side, and a failure or a
- *     key owned by someone else to its failure hook, which raises (hooks()).
+ *     but bytes without a destination goes to kmskeys/_request.py, and a failure or a key
+ *     owned by someone else to its failed_hook, which raises the client's error.
  *
  * request(type, desc, callout, dest) -> serial or (serial, None, owner, fsuid)
- *     The same request and check for that Python side. A key owned by someone else: the
+ *     The same request and check for kmskeys/_request.py. A key owned by someone else: the
  *     4-tuple, as fetch.
  *
  * read(serial) -> payload or (owner, fsuid)
@@ -282,15 +282,40 @@ static PyObject *request(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 
 /* Key.request of the safe tier, whole: a classmethod of kmskeys.Key (kmskeys/key.py), so that
  * a hit costs no Python frame. Bytes arguments and no destination take the fast path here;
- * anything else goes to the Python `slow` hook, and a failure or a foreign key to the `failed`
- * hook, which raise the client's errors (registered by kmskeys.key at import, with hooks()). */
+ * anything else goes to kmskeys._request.request_slow, and a failure or a foreign key to its
+ * failed_hook, which raise the client's errors. That module is imported the first time it is
+ * needed, never by `import kmskeys`. */
 static PyObject *hook_slow, *hook_failed, *serial_name;
+
+static int load_hooks(void)
+{
+    PyObject *mod;
+
+    if (hook_slow != NULL && hook_failed != NULL)
+        return 0;
+    mod = PyImport_ImportModule("kmskeys._request");
+    if (mod == NULL)
+        return -1;
+    Py_XDECREF(hook_slow);
+    Py_XDECREF(hook_failed);
+    hook_slow = PyObject_GetAttrString(mod, "request_slow");
+    hook_failed = PyObject_GetAttrString(mod, "failed_hook");
+    Py_DECREF(mod);
+    if (hook_slow == NULL || hook_failed == NULL) {
+        Py_CLEAR(hook_slow);
+        Py_CLEAR(hook_failed);
+        return -1;
+    }
+    return 0;
+}
 
 static PyObject *slow_path(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     PyObject *pos, *kw = NULL, *result = NULL;
     Py_ssize_t i, nkw = kwnames == NULL ? 0 : PyTuple_Size(kwnames);
 
+    if (load_hooks() < 0)
+        return NULL;
     pos = PyTuple_New(nargs);
     if (pos == NULL)
         return NULL;
@@ -313,7 +338,12 @@ done:
     return result;
 }
 
-/* The `failed` hook raises the client's error; it returning is a bug of ours. */
+/* Call failed_hook with a Py_BuildValue format and its arguments: it raises the client's
+ * error. */
+#define FAILED(...) \
+    (load_hooks() < 0 ? NULL : raised(PyObject_CallFunction(hook_failed, __VA_ARGS__)))
+
+/* failed_hook raises the client's error; it returning is a bug of ours. */
 static PyObject *raised(PyObject *result)
 {
     if (result == NULL)
@@ -339,9 +369,8 @@ static PyObject *key_request(PyObject *self, PyObject *const *args, Py_ssize_t n
     PyObject *key, *serial;
 
     (void)self;
-    if (hook_slow == NULL || nargs < 1 || nargs > 5)
-        return hook_slow == NULL ? PyErr_Format(PyExc_RuntimeError, "no hooks") :
-                                   slow_path(args, nargs, kwnames);
+    if (nargs < 1 || nargs > 5)
+        return slow_path(args, nargs, kwnames);
     for (i = 0; i < nargs; i++)
         arg[i] = args[i];
     for (i = 0; i < nkw; i++) {
@@ -365,17 +394,16 @@ static PyObject *key_request(PyObject *self, PyObject *const *args, Py_ssize_t n
         err = errno;
     Py_END_ALLOW_THREADS
     if (err != 0)
-        return raised(PyObject_CallFunction(hook_failed, "OOiO", arg[1], arg[2], err, Py_None));
+        return FAILED("OOiO", arg[1], arg[2], err, Py_None);
     me = (uid_t)setfsuid((uid_t)-1);
     switch (owned_by(id, me, &owner)) {
     case 1:
         break;
     case 0:
-        return raised(PyObject_CallFunction(hook_failed, "OOi(iOLL)", arg[1], arg[2], 0, id,
-                                            Py_None, owner, (long long)me));
+        return FAILED("OOi(iOLL)", arg[1], arg[2], 0, id, Py_None, owner, (long long)me);
     default:
         err = errno;
-        return raised(PyObject_CallFunction(hook_failed, "OOiO", arg[1], arg[2], err, Py_None));
+        return FAILED("OOiO", arg[1], arg[2], err, Py_None);
     }
     /* A plain slotted class: what object.__new__ does, then the one slot. */
     alloc = (allocfunc)PyType_GetSlot((PyTypeObject *)arg[0], Py_tp_alloc);
@@ -390,22 +418,6 @@ static PyObject *key_request(PyObject *self, PyObject *const *args, Py_ssize_t n
     }
     Py_DECREF(serial);
     return key;
-}
-
-static PyObject *hooks(PyObject *self, PyObject *args)
-{
-    PyObject *slow, *failed;
-
-    (void)self;
-    if (!PyArg_ParseTuple(args, "OO", &slow, &failed))
-        return NULL;
-    Py_INCREF(slow);
-    Py_INCREF(failed);
-    Py_XDECREF(hook_slow);
-    Py_XDECREF(hook_failed);
-    hook_slow = slow;
-    hook_failed = failed;
-    Py_RETURN_NONE;
 }
 
 static PyObject *read_checked(PyObject *self, PyObject *arg)
@@ -485,7 +497,6 @@ static PyMethodDef methods[] = {
      "Find a key, or have the kernel upcall to construct it when callout_info is not None;\n"
      "KeyOwnershipError if the key found is not owned by this process's fsuid.\n\n"
      "request_key(2) never upcalls with a NULL callout: pass b\"\" to upcall without one."},
-    {"hooks", hooks, METH_VARARGS, "hooks(slow, failed): kmskeys.key's Python side of key_request."},
     {NULL, NULL, 0, NULL},
 };
 

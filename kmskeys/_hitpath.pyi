@@ -18,6 +18,5 @@ def key_request(
     type: object = b"user",
     /,
 ) -> object: ...
-def hooks(slow: object, failed: object, /) -> None: ...
 
 BUILD_STAMP: str

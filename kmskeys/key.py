@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from kmskeys import _hitpath, keyutils
 from kmskeys.contract import DEFAULT_PREFIX, USER_PAYLOAD_MAX
+from kmskeys.names import as_bytes as _as_bytes
 from kmskeys.names import description, is_reference
 
 TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
 if TYPE_CHECKING:
     from typing import ClassVar, Self
+
+    from kmskeys.keydesc import KeyDescription
 
 _USER = b"user"
 # A named session keyring this uid joins: possessors all, owner view/read/search/link (the
@@ -27,7 +30,6 @@ SESSION_KEYRING_PERM = 0x3F1B0000
 _SIZED_TYPES = (b"user", b"logon")
 # The C calls of the hit paths (kmskeys/_hitpath.c), bound once.
 _fetch = _hitpath.fetch
-_request = _hitpath.request
 _read = _hitpath.read
 _read_recent = _hitpath.read_recent
 
@@ -45,44 +47,6 @@ def _check_payload_size(type_: bytes, payload: bytes) -> None:
     )
 
 
-def _as_bytes(value: str | bytes, what: str) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    raise TypeError(f"{what} must be str or bytes, not {type(value).__name__}")
-
-
-def _request_failed(exc: OSError, description: bytes, callout: bytes | None) -> Exception:
-    """The client's error for a failed request_key(2) of `description` (off the hit path).
-
-    A failure the kernel now caches is named as such (kmskeys/cached.py: which negative key,
-    when it expires, who put it there, the flush that drops it).
-    """
-    from kmskeys.errors import KmsKeysError, error_for_errno
-
-    desc = description.decode(errors="replace")
-    if isinstance(exc, KmsKeysError):
-        err: KmsKeysError = exc
-    else:
-        upcall = callout is not None
-        err = error_for_errno(
-            exc.errno or 0, "request_key " + desc[:256], upcall=upcall, description=desc
-        )
-    if callout is None:
-        return err
-    from kmskeys.cached import explained
-
-    return explained(err, desc)
-
-
-def _foreign(description: str, found: tuple[int, None, int, int]) -> Exception:
-    from kmskeys.errors import foreign_key_error
-
-    serial, _, owner, fsuid = found
-    return foreign_key_error(description, serial, owner, fsuid)
-
-
 def _describe(name: str | bytes, prefix: str) -> bytes:
     """`PREFIX:NAME`, or the description a reference names: a selector (`pass:NAME#all`,
     `sm:NAME#password`) or a prefix of its own (`sm:prod/db#password`), read by
@@ -95,40 +59,8 @@ def _describe(name: str | bytes, prefix: str) -> bytes:
     return description(name, prefix).encode()
 
 
-def _request_failed_hook(
-    description: bytes, callout: bytes | None, err: int, found: tuple[int, None, int, int] | None
-) -> None:
-    """The failure of kmskeys/_hitpath.c's key_request: raise the client's error for it."""
-    if found is not None:
-        raise _foreign(description.decode(errors="replace"), found)
-    import os
-
-    raise _request_failed(OSError(err, os.strerror(err)), description, callout)
-
-
 def _serial(key: Key | Keyring | int) -> int:
     return key if isinstance(key, int) else key.serial
-
-
-class KeyDescription(tuple[str, int, int, int, str]):
-    """What `keyctl describe` says about a key (type, uid, gid, perm, description); no payload."""
-
-    # A plain tuple subclass rather than typing.NamedTuple: `typing` costs milliseconds to import.
-    __slots__ = ()
-
-    def __new__(cls, type_: str, uid: int, gid: int, perm: int, desc: str) -> KeyDescription:
-        return super().__new__(cls, (type_, uid, gid, perm, desc))
-
-    type = property(lambda self: self[0], doc="key type, e.g. 'user'")
-    uid = property(lambda self: self[1], doc="owner uid")
-    gid = property(lambda self: self[2], doc="group gid")
-    perm = property(lambda self: self[3], doc="permission mask")
-    description = property(lambda self: self[4], doc="key description, e.g. 'kms:NAME'")
-
-    def __repr__(self) -> str:
-        return "KeyDescription(type={!r}, uid={}, gid={}, perm={:#010x}, description={!r})".format(
-            *self
-        )
 
 
 class Key:
@@ -149,41 +81,17 @@ class Key:
             callout_info: str | bytes | None = None,
             destination: Key | Keyring | int | None = None,
             type: str | bytes = _USER,
-        ) -> Self:
-            """Find a key, or have the kernel upcall to construct it when `callout_info` is
-            not None; KeyOwnershipError if the key found is not owned by this process's fsuid.
-
-            request_key(2) never upcalls with a NULL callout: pass b"" to upcall without one.
-            """
-            ...
+        ) -> Self: ...
 
     else:
-        # The client's hot path (budget: 1.5x C's request_key + keyctl_read, with the owner
-        # check): the whole call is C (kmskeys/_hitpath.c key_request), which sends anything
-        # but bytes without a destination to _request_slow, and a failure or a key of another
-        # uid to _request_failed_hook; the check of a serial this thread checked in the last
-        # second costs nothing more.
+        # Find a key, or have the kernel upcall to construct it when `callout_info` is not
+        # None; KeyOwnershipError if the key found is not owned by this process's fsuid.
+        # request_key(2) never upcalls with a NULL callout: pass b"" to upcall without one.
+        # The client's hot path (budget: 1.5x C's request_key + keyctl_read, with the check):
+        # the whole call is C (kmskeys/_hitpath.c key_request), which leaves anything but bytes
+        # without a destination, and every failure, to kmskeys/_request.py; the check of a
+        # serial this thread checked in the last second costs nothing more.
         request = classmethod(_hitpath.key_request)
-
-    @classmethod
-    def _request_slow(
-        cls,
-        description: str | bytes,
-        callout_info: str | bytes | None = None,
-        destination: Key | Keyring | int | None = None,
-        type: str | bytes = _USER,
-    ) -> Self:
-        """Key.request with arguments the C fast path does not take: converted, then checked."""
-        desc = _as_bytes(description, "description")
-        callout = None if callout_info is None else _as_bytes(callout_info, "callout info")
-        dest = 0 if destination is None else _serial(destination)
-        try:
-            found = _request(_as_bytes(type, "key type"), desc, callout, dest)
-        except OSError as exc:
-            raise _request_failed(exc, desc, callout) from None
-        if found.__class__ is not int:
-            raise _foreign(desc.decode(errors="replace"), found)  # type: ignore[arg-type]
-        return cls(found)
 
     @classmethod
     def add(
@@ -207,24 +115,19 @@ class Key:
         try:
             found = _read(self.serial)
         except OSError as exc:
-            return self._read_failed(exc)
+            from kmskeys._request import read_failed
+
+            return read_failed(self.serial, exc)
         if found.__class__ is bytes:
             return found
-        owner, fsuid = found
-        raise _foreign(f"key {self.serial}", (self.serial, None, owner, fsuid))
+        from kmskeys._request import read_foreign
 
-    def _read_failed(self, exc: OSError) -> bytes:
-        import errno
-
-        if exc.errno == errno.EMSGSIZE:
-            # Checked, but larger than the C path's buffer (a big_key, a large keyring).
-            return keyutils.keyctl_read(self.serial)
-        from kmskeys.errors import error_for_errno
-
-        raise error_for_errno(exc.errno or 0, "keyctl_read") from None
+        raise read_foreign(self.serial, *found)
 
     def describe(self) -> KeyDescription:
         """Return type, uid, gid, permissions and description."""
+        from kmskeys.keydesc import KeyDescription
+
         raw = keyutils.keyctl_describe_alloc(self.serial).decode(errors="replace")
         # The description is last and may itself contain ';'.
         type_, uid, gid, perm, desc = raw.split(";", 4)
@@ -378,10 +281,6 @@ class Keyring(Key):
         keyutils.keyctl_clear(self.serial)
 
 
-# The Python side of _hitpath.key_request: unbound, it gets the class the call was made on.
-_hitpath.hooks(Key.__dict__["_request_slow"].__func__, _request_failed_hook)
-
-
 # Where get_secret caches: None (request_key's default, the session keyring), "session", or a
 # keyring every process of the uid shares ("user", "persistent"). A shared keyring is linked
 # into this process's own keyring (private: children do not inherit it) so that request_key
@@ -482,9 +381,13 @@ def fetch(description: bytes, callout_info: bytes | None, dest: int) -> tuple[in
     try:
         found = _fetch(description, callout_info, dest)
     except OSError as exc:
-        raise _request_failed(exc, description, callout_info) from None
+        from kmskeys._request import request_failed
+
+        raise request_failed(exc, description, callout_info) from None
     if len(found) == 4:
-        raise _foreign(description.decode(errors="replace"), found)
+        from kmskeys._request import foreign
+
+        raise foreign(description.decode(errors="replace"), found)
     serial, payload = found
     assert payload is not None
     return serial, payload

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from kmskeys import key as _safe
 from kmskeys import keyutils
-from kmskeys.key import KeyDescription
+from kmskeys.keydesc import KeyDescription
+from kmskeys.names import as_bytes
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -45,17 +46,19 @@ class Key(_safe.Key):
         type: str | bytes = b"user",
     ) -> Key:
         """request_key(2), whoever owns the key found (the safe tier's check is not made)."""
-        callout = None if callout_info is None else _safe._as_bytes(callout_info, "callout info")
-        desc = _safe._as_bytes(description, "description")
+        callout = None if callout_info is None else as_bytes(callout_info, "callout info")
+        desc = as_bytes(description, "description")
         try:
             serial = keyutils.request_key(
-                _safe._as_bytes(type, "key type"),
+                as_bytes(type, "key type"),
                 desc,
                 callout,
                 0 if destination is None else _serial(destination),
             )
         except OSError as exc:
-            raise _safe._request_failed(exc, desc, callout) from None
+            from kmskeys._request import request_failed
+
+            raise request_failed(exc, desc, callout) from None
         return cls(serial)
 
     def read(self) -> bytes:
@@ -64,9 +67,7 @@ class Key(_safe.Key):
 
     def instantiate(self, payload: str | bytes, keyring: _KeyArg = 0) -> None:
         """Instantiate this key under construction (resolver side, with authority assumed)."""
-        keyutils.keyctl_instantiate(
-            self.serial, _safe._as_bytes(payload, "payload"), _serial(keyring)
-        )
+        keyutils.keyctl_instantiate(self.serial, as_bytes(payload, "payload"), _serial(keyring))
 
     def reject(self, timeout: int, error: int, keyring: _KeyArg = 0) -> None:
         """Negatively instantiate: requesters get `error` for `timeout` seconds."""
