@@ -22,12 +22,10 @@
  *     Key.request of the safe tier, whole (kmskeys.Key.request is this, as a classmethod):
  *     request_key(2) as given, then the same owner check as fetch, unless this thread checked
  *     the serial for this fsuid less than a second ago; a new `cls` with the serial. Anything
- *     but bytes without a destination goes to kmskeys/_request.py, and a failure or a key
- *     owned by someone else to its failed_hook, which raises the client's error.
- *
- * request(type, desc, callout, dest) -> serial or (serial, None, owner, fsuid)
- *     The same request and check for kmskeys/_request.py. A key owned by someone else: the
- *     4-tuple, as fetch.
+ *     but bytes and an int (or no) destination goes to kmskeys/_request.py, which converts it
+ *     and calls again; a failure or a key owned by someone else goes to its failed_hook,
+ *     which raises the client's error. METH_FASTCALL: an argument tuple and its parsing would
+ *     cost a good part of the few hundred nanoseconds the budget leaves above C.
  *
  * read(serial) -> payload or (owner, fsuid)
  *     Key.read of the safe tier: the owner check (skipped within the second, as above), then
@@ -236,50 +234,6 @@ static int bytes_arg(PyObject *obj, const char **out)
     return 0;
 }
 
-/* METH_FASTCALL: the hit path's budget is a few hundred nanoseconds above the C program's, and
- * an argument tuple and its parsing cost a good part of them. */
-static PyObject *request(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    const char *type, *desc, *callout = NULL;
-    int dest, err = 0;
-    key_serial_t id = -1;
-    long long owner = -1;
-    uid_t me;
-
-    (void)self;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "request(type, desc, callout, dest)");
-        return NULL;
-    }
-    if (bytes_arg(args[0], &type) < 0 || bytes_arg(args[1], &desc) < 0)
-        return NULL;
-    if (args[2] != Py_None && bytes_arg(args[2], &callout) < 0)
-        return NULL;
-    dest = (int)PyLong_AsLong(args[3]);
-    if (dest == -1 && PyErr_Occurred())
-        return NULL;
-    /* As in fetch: request_key may upcall, or wait for a key under construction. The
-     * arguments stay alive: the caller holds references to them. */
-    Py_BEGIN_ALLOW_THREADS
-    id = request_key(type, desc, callout, dest);
-    if (id < 0)
-        err = errno;
-    Py_END_ALLOW_THREADS
-    if (err != 0) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    me = (uid_t)setfsuid((uid_t)-1);
-    switch (owned_by(id, me, &owner)) {
-    case 1:
-        return PyLong_FromLong(id);
-    case 0:
-        return Py_BuildValue("(iOLL)", id, Py_None, owner, (long long)me);
-    default:
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-}
-
 /* Key.request of the safe tier, whole: a classmethod of kmskeys.Key (kmskeys/key.py), so that
  * a hit costs no Python frame. Bytes arguments and no destination take the fast path here;
  * anything else goes to kmskeys._request.request_slow, and a failure or a foreign key to its
@@ -361,7 +315,7 @@ static PyObject *key_request(PyObject *self, PyObject *const *args, Py_ssize_t n
     static const char *const names[5] = {"", "description", "callout_info", "destination", "type"};
     const char *type = "user", *desc, *callout = NULL;
     Py_ssize_t i, j, nkw = kwnames == NULL ? 0 : PyTuple_Size(kwnames);
-    int err = 0;
+    int err = 0, dest;
     key_serial_t id = -1;
     long long owner = -1;
     uid_t me;
@@ -382,14 +336,18 @@ static PyObject *key_request(PyObject *self, PyObject *const *args, Py_ssize_t n
         arg[j] = args[nargs + i];
     }
     if (arg[1] == NULL || !PyType_Check(arg[0]) || !PyBytes_CheckExact(arg[1]) ||
-        (arg[2] != Py_None && !PyBytes_CheckExact(arg[2])) || arg[3] != Py_None ||
+        (arg[2] != Py_None && !PyBytes_CheckExact(arg[2])) ||
+        (arg[3] != Py_None && !PyLong_CheckExact(arg[3])) ||
         (arg[4] != NULL && !PyBytes_CheckExact(arg[4])))
         return slow_path(args, nargs, kwnames);
+    dest = arg[3] == Py_None ? 0 : (int)PyLong_AsLong(arg[3]);
+    if (dest == -1 && PyErr_Occurred())
+        return NULL;
     if (bytes_arg(arg[1], &desc) < 0 || (arg[2] != Py_None && bytes_arg(arg[2], &callout) < 0) ||
         (arg[4] != NULL && bytes_arg(arg[4], &type) < 0))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    id = request_key(type, desc, callout, 0);
+    id = request_key(type, desc, callout, dest);
     if (id < 0)
         err = errno;
     Py_END_ALLOW_THREADS
@@ -488,8 +446,6 @@ static PyMethodDef methods[] = {
      "fetch(desc, callout, dest): the full path of get_secret."},
     {"read_recent", read_recent, METH_O,
      "read_recent(serial): the payload of a key checked in the last second, or None."},
-    {"request", (PyCFunction)(void (*)(void))request, METH_FASTCALL,
-     "request(type, desc, callout, dest): Key.request with the owner check."},
     {"read", read_checked, METH_O, "read(serial): Key.read with the owner check."},
     {"key_request", (PyCFunction)(void (*)(void))key_request, METH_FASTCALL | METH_KEYWORDS,
      "key_request(cls, description, callout_info=None, destination=None, type=b'user')\n"

@@ -19,7 +19,6 @@ from kmskeys.names import as_bytes
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from typing import NoReturn, Protocol, TypeVar
 
     class _Serial(Protocol):
@@ -61,27 +60,22 @@ def failed_hook(
 
 
 def request_slow(
-    cls: Callable[[int], K],
+    cls: type[K],
     description: str | bytes,
     callout_info: str | bytes | None = None,
     destination: _Serial | int | None = None,
     type: str | bytes = b"user",
 ) -> K:
-    """Key.request with arguments the C fast path does not take: converted, then checked.
-    `cls` is the kmskeys.Key (sub)class the call was made on."""
+    """Key.request with arguments the C fast path does not take (a str, a Key as destination):
+    converted, then the same C call. `cls` is the kmskeys.Key (sub)class it was made on."""
     desc = as_bytes(description, "description")
     callout = None if callout_info is None else as_bytes(callout_info, "callout info")
     if destination is None or isinstance(destination, int):
-        dest = destination or 0
+        dest = int(destination or 0)
     else:
         dest = destination.serial
-    try:
-        found = _hitpath.request(as_bytes(type, "key type"), desc, callout, dest)
-    except OSError as exc:
-        raise request_failed(exc, desc, callout) from None
-    if isinstance(found, tuple):
-        raise foreign(desc.decode(errors="replace"), found)
-    return cls(found)
+    key: K = _hitpath.key_request(cls, desc, callout, dest, as_bytes(type, "key type"))
+    return key
 
 
 def read_failed(serial: int, exc: OSError) -> bytes:
