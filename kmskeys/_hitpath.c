@@ -22,8 +22,8 @@
  *     Key.request of the safe tier, whole (kmskeys.Key.request is this, as a classmethod):
  *     request_key(2) as given, then the same owner check as fetch, unless this thread checked
  *     the serial for this fsuid less than a second ago; a new `cls` with the serial. Anything
- *     but bytes and an int (or no) destination goes to kmskeys/_request.py, which converts it
- *     and calls again; a failure or a key owned by someone else goes to its failed_hook,
+ *     but bytes (without NUL) and an int (or no) destination goes to kmskeys/_request.py,
+ *     which converts it and calls again; a failure or a key owned by someone else goes to its failed_hook,
  *     which raises the client's error. METH_FASTCALL: an argument tuple and its parsing would
  *     cost a good part of the few hundred nanoseconds the budget leaves above C.
  *
@@ -218,20 +218,17 @@ static int owned_by(key_serial_t id, uid_t me, long long *owner)
     return 1;
 }
 
-/* A bytes argument as a C string; TypeError for anything else (the caller converts a str and
- * calls again), ValueError for an embedded NUL. */
-static int bytes_arg(PyObject *obj, const char **out)
+/* A bytes argument as a C string: 0, or 1 when it holds a NUL byte (the kernel takes C strings
+ * and would see less than was asked for: the Python side refuses it). */
+static int nul_in(PyObject *obj, const char **out)
 {
     char *s;
+    Py_ssize_t n;
 
-    if (!PyBytes_Check(obj)) {
-        PyErr_SetString(PyExc_TypeError, "expected bytes");
-        return -1;
-    }
-    if (PyBytes_AsStringAndSize(obj, &s, NULL) < 0)
+    if (PyBytes_AsStringAndSize(obj, &s, &n) < 0)
         return -1;
     *out = s;
-    return 0;
+    return strlen(s) != (size_t)n;
 }
 
 /* Key.request of the safe tier, whole: a classmethod of kmskeys.Key (kmskeys/key.py), so that
@@ -343,9 +340,13 @@ static PyObject *key_request(PyObject *self, PyObject *const *args, Py_ssize_t n
     dest = arg[3] == Py_None ? 0 : (int)PyLong_AsLong(arg[3]);
     if (dest == -1 && PyErr_Occurred())
         return NULL;
-    if (bytes_arg(arg[1], &desc) < 0 || (arg[2] != Py_None && bytes_arg(arg[2], &callout) < 0) ||
-        (arg[4] != NULL && bytes_arg(arg[4], &type) < 0))
-        return NULL;
+    err = nul_in(arg[1], &desc);
+    if (err == 0 && arg[2] != Py_None)
+        err = nul_in(arg[2], &callout);
+    if (err == 0 && arg[4] != NULL)
+        err = nul_in(arg[4], &type);
+    if (err != 0)
+        return err < 0 ? NULL : slow_path(args, nargs, kwnames);
     Py_BEGIN_ALLOW_THREADS
     id = request_key(type, desc, callout, dest);
     if (id < 0)

@@ -70,11 +70,16 @@ def request_slow(
     converted, then the same C call. `cls` is the kmskeys.Key (sub)class it was made on."""
     desc = as_bytes(description, "description")
     callout = None if callout_info is None else as_bytes(callout_info, "callout info")
+    key_type = as_bytes(type, "key type")
+    for what, value in (("description", desc), ("callout info", callout), ("key type", key_type)):
+        if value is not None and b"\0" in value:
+            # request_key(2) takes C strings: the kernel would see less than was asked for.
+            raise error_for_errno(errno.EINVAL, f"request_key: the {what} holds a NUL byte")
     if destination is None or isinstance(destination, int):
         dest = int(destination or 0)
     else:
         dest = destination.serial
-    key: K = _hitpath.key_request(cls, desc, callout, dest, as_bytes(type, "key type"))
+    key: K = _hitpath.key_request(cls, desc, callout, dest, key_type)
     return key
 
 
