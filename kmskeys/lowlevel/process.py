@@ -11,6 +11,7 @@ binding's `lib`, which loads and checks that module on first use.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from kmskeys import keyutils
 
@@ -19,20 +20,28 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWNS = 0x00020000
 
 
+def _ffi() -> Any:
+    return keyutils.ffi  # type: ignore[attr-defined]  # the binding's, checked on first use
+
+
+def _lib() -> Any:
+    return keyutils.lib  # type: ignore[attr-defined]  # the binding's, checked on first use
+
+
 def _os_error(what: str) -> OSError:
-    err = keyutils.ffi.errno  # read first: any later C call may overwrite it
+    err = _ffi().errno  # read first: any later C call may overwrite it
     return OSError(err, f"{what}: {os.strerror(err)}")
 
 
 def disable_core_dumps() -> None:
     """RLIMIT_CORE 0 and PR_SET_DUMPABLE 0 for this process (the resolver's, not the client's)."""
-    if keyutils.lib.kmsk_disable_core_dumps() == -1:
+    if _lib().kmsk_disable_core_dumps() == -1:
         raise _os_error("prctl(PR_SET_DUMPABLE)")
 
 
 def private_fs(fstype: bytes, size: bytes | None) -> int:
     """fsopen + fsmount: the O_PATH fd of a new ramfs/tmpfs root (mode 0700) mounted nowhere."""
-    fd: int = keyutils.lib.kmsk_private_fs(fstype, keyutils.ffi.NULL if size is None else size)
+    fd: int = _lib().kmsk_private_fs(fstype, _ffi().NULL if size is None else size)
     if fd == -1:
         raise _os_error(f"fsopen({fstype.decode()})")
     return fd
@@ -40,5 +49,5 @@ def private_fs(fstype: bytes, size: bytes | None) -> int:
 
 def unshare(flags: int) -> None:
     """unshare(2) (os.unshare arrives with Python 3.12)."""
-    if keyutils.lib.kmsk_unshare(flags) == -1:
+    if _lib().kmsk_unshare(flags) == -1:
         raise _os_error("unshare")
