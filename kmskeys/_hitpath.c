@@ -118,20 +118,34 @@ static long long owner_of(key_serial_t id)
     return *end == ';' ? (long long)uid : -1;
 }
 
+/* Most secrets are passwords and tokens: a first read asks for this many bytes. The kernel
+ * copies a key's payload through a buffer of the size asked for when that is at most a page,
+ * and asks the key for its size first (a second pass) when it is more (keyctl_read_key). */
+#define READ_GUESS 1024
+
 static PyObject *payload_of(key_serial_t serial, int *failed)
 {
     char buf[PAYLOAD_MAX + 1];
     long n;
+    size_t dirty; /* how much of buf a read has written: all of it is wiped */
     PyObject *payload;
 
-    n = keyctl_read(serial, buf, sizeof(buf));
+    n = keyctl_read(serial, buf, READ_GUESS);
+    /* keyctl_read returns the payload's whole size even when the buffer is smaller, and copies
+     * what fits. */
+    dirty = n <= 0 ? 0 : n < READ_GUESS ? (size_t)n : READ_GUESS;
+    if (n > READ_GUESS && n <= PAYLOAD_MAX) {
+        n = keyctl_read(serial, buf, sizeof(buf));
+        if (n > 0 && (size_t)n > dirty)
+            dirty = (size_t)n < sizeof(buf) ? (size_t)n : sizeof(buf);
+    }
     if (n < 0 || n > PAYLOAD_MAX) {
         *failed = n < 0 ? errno : EMSGSIZE;
-        kmsk_wipe(buf, sizeof(buf));
+        kmsk_wipe(buf, dirty);
         return NULL;
     }
     payload = PyBytes_FromStringAndSize(buf, n);
-    kmsk_wipe(buf, (size_t)n);
+    kmsk_wipe(buf, dirty);
     *failed = 0;
     return payload;
 }

@@ -412,3 +412,15 @@ def test_key_request_takes_every_argument_form_alike(session_keyring: Keyring) -
         Key.request(42)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         Key.request(name.encode() + b"\0x")
+
+
+@pytest.mark.parametrize("size", [1, 1023, 1024, 1025, 4096, 4097, 32767])
+def test_payloads_on_either_side_of_the_first_read_come_back_whole(
+    session_keyring: Keyring, size: int
+) -> None:
+    # kmskeys/_hitpath.c reads 1024 bytes first and reads again when the payload is larger.
+    prefix, name = "kmst", unique()
+    payload = bytes((i * 7 + size) % 251 for i in range(size))
+    session_keyring.add_key("user", f"{prefix}:{name}", payload)
+    assert Key.request(f"{prefix}:{name}").read() == payload
+    assert kmskeys.get_secret(name, prefix=prefix) == payload
