@@ -185,10 +185,6 @@ def probe(
     """
     if os.geteuid() != 0:
         raise PermissionError("the upcall probe writes a rule in /etc/request-key.d: run as root")
-    # The binding loads its cffi module on first use: load it here, while this process can read
-    # its own files; a child that takes another uid as its fsuid may not (an installation below
-    # a directory only root may enter, such as /root or a `mktemp -d` folder).
-    keyutils.current_fsuid()
     keyctl = shutil.which("keyctl") or "/bin/keyctl"
     prefix = prefix or f"kmskeys-probe-{secrets.token_hex(4)}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
