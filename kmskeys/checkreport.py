@@ -9,7 +9,7 @@ an object that does not have the shape, so a drift between them is a finding, no
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict, TypeGuard
+from typing import Any, Literal, TypedDict, TypeGuard
 
 # Why the resolver could not load its config, or a file or directory it refuses, as one word
 # doctor maps to a fix: kmskeys.fileio's refusal words (missing, symlink, unsafe, unreadable,
@@ -36,6 +36,9 @@ class ConfigLoaded(TypedDict):
     gate_settings: list[str]
     # Keys the file sets that mean nothing any more, with what to do about each.
     obsolete: dict[str, str]
+    # The per-name rules that bind names to programs: table, glob and their allow_units,
+    # allow_cgroups, allow_exe (resolver/selfcheck.py program_policies).
+    program_policies: list[dict[str, Any]]
 
 
 class ConfigRefused(TypedDict):

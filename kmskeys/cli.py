@@ -230,14 +230,14 @@ def visible_keys(prefix: str | None) -> Iterator[ProcKey]:
     """The live `user` keys under `prefix:` that /proc/keys lists for this process, each confirmed
     by keyctl_describe (kmskeys/prockeys.py); prefix None: every key the resolver made."""
     from kmskeys import prockeys
-    from kmskeys.contract import POSSESSOR_MASK
+    from kmskeys.contract import RESOLVER_KEY_PERMS
 
     def wanted(key: ProcKey) -> bool:
         if key.type != "user":
             return False
         if prefix is None:
-            # The resolver clears the possessor bits of every key it answers (kmskeys/contract.py).
-            return not key.perm & POSSESSOR_MASK
+            # The masks the resolver gives the keys it answers (kmskeys/contract.py).
+            return key.perm in RESOLVER_KEY_PERMS
         return key.description.startswith(prefix + ":")
 
     # Invalidated and dead keys linger in /proc/keys until the key GC runs; describe refuses

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from kmskeys import fileio
 from kmskeys.blob import MAX_BLOB_CHARS, BlobFormatError, parse_blob
