@@ -26,6 +26,8 @@ class ConfigLoaded(TypedDict):
     ok: Literal[True]
     prefix: str
     stored_prefix: str
+    # The AWS sources' prefixes (sm:, ssm:) and how many allowlist entries each has (0: none).
+    sources: dict[str, int]
     blob_dir: str
     allow_legacy_blobs: bool
     syslog_socket: str
