@@ -3,11 +3,15 @@
 Secrets encrypted with AWS KMS at build time are resolved once per host by a root request-key
 handler and served from the kernel key retention service. This package is the app client: it
 needs only cffi and libkeyutils, and never imports boto3.
+
+The top level is the safe tier: `get_secret`, `Key` and `Keyring` return a payload only from a
+key this process's fsuid owns. `kmskeys.lowlevel` is the low-level tier, for the resolver side:
+unchecked request and read, and the calls that answer, re-own and re-permission keys.
 """
 
 from __future__ import annotations
 
-from kmskeys.key import Key, KeyDescription, Keyring, get_secret
+from kmskeys.key import Key, Keyring, get_secret
 from kmskeys.names import description, validate_name
 
 TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
         UnknownKeyVersionError,
         WrongUserError,
     )
+    from kmskeys.keydesc import KeyDescription
 
 __version__ = "0.1.0"
 
@@ -50,6 +55,10 @@ def __getattr__(name: str) -> object:
         from kmskeys import errors
 
         return getattr(errors, name)
+    if name == "KeyDescription":
+        from kmskeys.keydesc import KeyDescription
+
+        return KeyDescription
     if name in _DPAPI:
         # DPAPI needs `cryptography`: loaded on the first protect/unprotect, never on import.
         from kmskeys import dpapi

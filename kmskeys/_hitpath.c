@@ -1,6 +1,6 @@
-/* kmskeys._hitpath: the hit path of kmskeys.get_secret, as two calls into C.
+/* kmskeys._hitpath: the hit paths of kmskeys.get_secret and of Key.request().read(), in C.
  *
- * The rest of the binding is cffi (kmskeys/_build_keyutils.py). These two functions are a
+ * The rest of the binding is cffi (kmskeys/_build_keyutils.py). These functions are a
  * CPython extension (limited API, abi3) because the hit path's budget is 1.5x a C program that
  * does request_key + keyctl_read: a cffi call releases and retakes the GIL and converts its
  * arguments and result in Python, which alone costs about as much as the C program.
@@ -17,6 +17,20 @@
  *     (then the caller takes the full path). The kernel still checks the permissions, and a
  *     revoked, expired or invalidated key fails the read at once. The one-second bound caps how
  *     long a serial freed by the key GC and reused by an unrelated key could be trusted.
+ *
+ * key_request(cls, description, callout_info=None, destination=None, type=b"user") -> Key
+ *     Key.request of the safe tier, whole (kmskeys.Key.request is this, as a classmethod):
+ *     request_key(2) as given, then the same owner check as fetch, unless this thread checked
+ *     the serial for this fsuid less than a second ago; a new `cls` with the serial. Anything
+ *     but bytes (without NUL) and an int (or no) destination goes to kmskeys/_request.py,
+ *     which converts it and calls again; a failure or a key owned by someone else goes to its failed_hook,
+ *     which raises the client's error. METH_FASTCALL: an argument tuple and its parsing would
+ *     cost a good part of the few hundred nanoseconds the budget leaves above C.
+ *
+ * read(serial) -> payload or (owner, fsuid)
+ *     Key.read of the safe tier: the owner check (skipped within the second, as above), then
+ *     one keyctl_read. A payload over 32767 bytes (a big_key, a large keyring) raises OSError
+ *     EMSGSIZE after the check passed: the caller reads it another way.
  *
  * Payloads are read into a stack buffer that is wiped before returning.
  *
@@ -104,20 +118,34 @@ static long long owner_of(key_serial_t id)
     return *end == ';' ? (long long)uid : -1;
 }
 
+/* Most secrets are passwords and tokens: a first read asks for this many bytes. The kernel
+ * copies a key's payload through a buffer of the size asked for when that is at most a page,
+ * and asks the key for its size first (a second pass) when it is more (keyctl_read_key). */
+#define READ_GUESS 1024
+
 static PyObject *payload_of(key_serial_t serial, int *failed)
 {
     char buf[PAYLOAD_MAX + 1];
     long n;
+    size_t dirty; /* how much of buf a read has written: all of it is wiped */
     PyObject *payload;
 
-    n = keyctl_read(serial, buf, sizeof(buf));
+    n = keyctl_read(serial, buf, READ_GUESS);
+    /* keyctl_read returns the payload's whole size even when the buffer is smaller, and copies
+     * what fits. */
+    dirty = n <= 0 ? 0 : n < READ_GUESS ? (size_t)n : READ_GUESS;
+    if (n > READ_GUESS && n <= PAYLOAD_MAX) {
+        n = keyctl_read(serial, buf, sizeof(buf));
+        if (n > 0 && (size_t)n > dirty)
+            dirty = (size_t)n < sizeof(buf) ? (size_t)n : sizeof(buf);
+    }
     if (n < 0 || n > PAYLOAD_MAX) {
         *failed = n < 0 ? errno : EMSGSIZE;
-        kmsk_wipe(buf, sizeof(buf));
+        kmsk_wipe(buf, dirty);
         return NULL;
     }
     payload = PyBytes_FromStringAndSize(buf, n);
-    kmsk_wipe(buf, (size_t)n);
+    kmsk_wipe(buf, dirty);
     *failed = 0;
     return payload;
 }
@@ -171,6 +199,232 @@ static PyObject *fetch(PyObject *self, PyObject *args)
     return Py_BuildValue("(iN)", id, payload);
 }
 
+/* Whether this thread checked `serial` for fsuid `me` less than a second ago. */
+static int checked_recently(key_serial_t serial, uid_t me)
+{
+    long long now = now_ns();
+    unsigned i;
+
+    for (i = 0; i < RECENT; i++)
+        if (recent[i].serial == serial)
+            return recent[i].fsuid == me && now - recent[i].checked_ns < RECENT_NS;
+    return 0;
+}
+
+/* The owner check of the safe tier: 1 if `id` is owned by `me` (remembered for a second);
+ * 0 if not, with `*owner` set (-1: its permissions hide it); -1 with errno set if the key
+ * cannot be described for another reason (revoked, expired, gone). */
+static int owned_by(key_serial_t id, uid_t me, long long *owner)
+{
+    if (checked_recently(id, me))
+        return 1;
+    errno = 0;
+    *owner = owner_of(id);
+    if (*owner < 0 && errno != 0 && errno != EACCES) {
+        forget(id);
+        return -1;
+    }
+    if (*owner != (long long)me) {
+        forget(id);
+        return 0;
+    }
+    remember(id, me);
+    return 1;
+}
+
+/* A bytes argument as a C string: 0, or 1 when it holds a NUL byte (the kernel takes C strings
+ * and would see less than was asked for: the Python side refuses it). */
+static int nul_in(PyObject *obj, const char **out)
+{
+    char *s;
+    Py_ssize_t n;
+
+    if (PyBytes_AsStringAndSize(obj, &s, &n) < 0)
+        return -1;
+    *out = s;
+    return strlen(s) != (size_t)n;
+}
+
+/* Key.request of the safe tier, whole: a classmethod of kmskeys.Key (kmskeys/key.py), so that
+ * a hit costs no Python frame. Bytes arguments and no destination take the fast path here;
+ * anything else goes to kmskeys._request.request_slow, and a failure or a foreign key to its
+ * failed_hook, which raise the client's errors. That module is imported the first time it is
+ * needed, never by `import kmskeys`. */
+static PyObject *hook_slow, *hook_failed, *serial_name;
+
+static int load_hooks(void)
+{
+    PyObject *mod;
+
+    if (hook_slow != NULL && hook_failed != NULL)
+        return 0;
+    mod = PyImport_ImportModule("kmskeys._request");
+    if (mod == NULL)
+        return -1;
+    Py_XDECREF(hook_slow);
+    Py_XDECREF(hook_failed);
+    hook_slow = PyObject_GetAttrString(mod, "request_slow");
+    hook_failed = PyObject_GetAttrString(mod, "failed_hook");
+    Py_DECREF(mod);
+    if (hook_slow == NULL || hook_failed == NULL) {
+        Py_CLEAR(hook_slow);
+        Py_CLEAR(hook_failed);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *slow_path(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *pos, *kw = NULL, *result = NULL;
+    Py_ssize_t i, nkw = kwnames == NULL ? 0 : PyTuple_Size(kwnames);
+
+    if (load_hooks() < 0)
+        return NULL;
+    pos = PyTuple_New(nargs);
+    if (pos == NULL)
+        return NULL;
+    for (i = 0; i < nargs; i++) {
+        Py_INCREF(args[i]);
+        PyTuple_SetItem(pos, i, args[i]);
+    }
+    if (nkw > 0) {
+        kw = PyDict_New();
+        for (i = 0; kw != NULL && i < nkw; i++)
+            if (PyDict_SetItem(kw, PyTuple_GetItem(kwnames, i), args[nargs + i]) < 0)
+                Py_CLEAR(kw);
+        if (kw == NULL)
+            goto done;
+    }
+    result = PyObject_Call(hook_slow, pos, kw);
+done:
+    Py_DECREF(pos);
+    Py_XDECREF(kw);
+    return result;
+}
+
+/* Call failed_hook with a Py_BuildValue format and its arguments: it raises the client's
+ * error. */
+#define FAILED(...) \
+    (load_hooks() < 0 ? NULL : raised(PyObject_CallFunction(hook_failed, __VA_ARGS__)))
+
+/* failed_hook raises the client's error; it returning is a bug of ours. */
+static PyObject *raised(PyObject *result)
+{
+    if (result == NULL)
+        return NULL;
+    Py_DECREF(result);
+    PyErr_SetString(PyExc_RuntimeError, "kmskeys: the failure hook did not raise");
+    return NULL;
+}
+
+static PyObject *key_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames)
+{
+    /* cls, description, callout_info, destination, type */
+    PyObject *arg[5] = {NULL, NULL, Py_None, Py_None, NULL};
+    static const char *const names[5] = {"", "description", "callout_info", "destination", "type"};
+    const char *type = "user", *desc, *callout = NULL;
+    Py_ssize_t i, j, nkw = kwnames == NULL ? 0 : PyTuple_Size(kwnames);
+    int err = 0, dest;
+    key_serial_t id = -1;
+    long long owner = -1;
+    uid_t me;
+    allocfunc alloc;
+    PyObject *key, *serial;
+
+    (void)self;
+    if (nargs < 1 || nargs > 5)
+        return slow_path(args, nargs, kwnames);
+    for (i = 0; i < nargs; i++)
+        arg[i] = args[i];
+    for (i = 0; i < nkw; i++) {
+        for (j = 1; j < 5; j++)
+            if (PyUnicode_CompareWithASCIIString(PyTuple_GetItem(kwnames, i), names[j]) == 0)
+                break;
+        if (j == 5 || j < nargs)
+            return slow_path(args, nargs, kwnames); /* Python says what is wrong */
+        arg[j] = args[nargs + i];
+    }
+    if (arg[1] == NULL || !PyType_Check(arg[0]) || !PyBytes_CheckExact(arg[1]) ||
+        (arg[2] != Py_None && !PyBytes_CheckExact(arg[2])) ||
+        (arg[3] != Py_None && !PyLong_CheckExact(arg[3])) ||
+        (arg[4] != NULL && !PyBytes_CheckExact(arg[4])))
+        return slow_path(args, nargs, kwnames);
+    dest = arg[3] == Py_None ? 0 : (int)PyLong_AsLong(arg[3]);
+    if (dest == -1 && PyErr_Occurred())
+        return NULL;
+    err = nul_in(arg[1], &desc);
+    if (err == 0 && arg[2] != Py_None)
+        err = nul_in(arg[2], &callout);
+    if (err == 0 && arg[4] != NULL)
+        err = nul_in(arg[4], &type);
+    if (err != 0)
+        return err < 0 ? NULL : slow_path(args, nargs, kwnames);
+    Py_BEGIN_ALLOW_THREADS
+    id = request_key(type, desc, callout, dest);
+    if (id < 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    if (err != 0)
+        return FAILED("OOiO", arg[1], arg[2], err, Py_None);
+    me = (uid_t)setfsuid((uid_t)-1);
+    switch (owned_by(id, me, &owner)) {
+    case 1:
+        break;
+    case 0:
+        return FAILED("OOi(iOLL)", arg[1], arg[2], 0, id, Py_None, owner, (long long)me);
+    default:
+        err = errno;
+        return FAILED("OOiO", arg[1], arg[2], err, Py_None);
+    }
+    /* A plain slotted class: what object.__new__ does, then the one slot. */
+    alloc = (allocfunc)PyType_GetSlot((PyTypeObject *)arg[0], Py_tp_alloc);
+    key = alloc((PyTypeObject *)arg[0], 0);
+    if (key == NULL)
+        return NULL;
+    serial = PyLong_FromLong(id);
+    if (serial == NULL || PyObject_SetAttr(key, serial_name, serial) < 0) {
+        Py_XDECREF(serial);
+        Py_DECREF(key);
+        return NULL;
+    }
+    Py_DECREF(serial);
+    return key;
+}
+
+static PyObject *read_checked(PyObject *self, PyObject *arg)
+{
+    long serial = PyLong_AsLong(arg);
+    long long owner = -1;
+    int failed;
+    uid_t me;
+    PyObject *payload;
+
+    (void)self;
+    if (serial == -1 && PyErr_Occurred())
+        return NULL;
+    me = (uid_t)setfsuid((uid_t)-1);
+    switch (owned_by((key_serial_t)serial, me, &owner)) {
+    case 1:
+        break;
+    case 0:
+        return Py_BuildValue("(LL)", owner, (long long)me);
+    default:
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    payload = payload_of((key_serial_t)serial, &failed);
+    if (payload == NULL) {
+        if (failed == 0)
+            return NULL;
+        if (failed != EMSGSIZE)
+            forget((key_serial_t)serial);
+        errno = failed;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return payload;
+}
+
 static PyObject *read_recent(PyObject *self, PyObject *arg)
 {
     long serial = PyLong_AsLong(arg);
@@ -207,18 +461,29 @@ static PyMethodDef methods[] = {
      "fetch(desc, callout, dest): the full path of get_secret."},
     {"read_recent", read_recent, METH_O,
      "read_recent(serial): the payload of a key checked in the last second, or None."},
+    {"read", read_checked, METH_O, "read(serial): Key.read with the owner check."},
+    {"key_request", (PyCFunction)(void (*)(void))key_request, METH_FASTCALL | METH_KEYWORDS,
+     "key_request(cls, description, callout_info=None, destination=None, type=b'user')\n"
+     "--\n\n"
+     "Find a key, or have the kernel upcall to construct it when callout_info is not None;\n"
+     "KeyOwnershipError if the key found is not owned by this process's fsuid.\n\n"
+     "request_key(2) never upcalls with a NULL callout: pass b\"\" to upcall without one."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "kmskeys._hitpath", "The hit path of kmskeys.get_secret.", -1,
+    PyModuleDef_HEAD_INIT, "kmskeys._hitpath", "The hit paths of get_secret and Key.request.", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__hitpath(void)
 {
-    PyObject *m = PyModule_Create(&module);
+    PyObject *m;
 
+    serial_name = PyUnicode_InternFromString("serial");
+    if (serial_name == NULL)
+        return NULL;
+    m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddStringConstant(m, "BUILD_STAMP", KMSKEYS_BUILD_STAMP) != 0) {
         Py_DECREF(m);
         return NULL;

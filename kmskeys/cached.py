@@ -1,20 +1,29 @@
-"""Cached failures: the negative keys this process's keyrings hold, found through /proc/keys.
+"""Cached failures: the negative keys this process's keyrings hold, and where each came from.
 
 A refusal or an unknown name is answered with a negative key that request_key(2) returns again,
 without an upcall, until it expires. That key is the only trace of the earlier failure, so the
-client names it in its error (and `kmskeys doctor` lists them): which key, and when it expires.
-Stdlib and the keyutils binding only; imported on failure paths only.
+client names it in its error (and `kmskeys doctor` lists them): which key, when it expires, and
+who put it there. The resolver's answer clears the possessor bits (contract.NEGATIVE_KEY_PERM);
+a key with the kernel's default mask was negated by the kernel itself, for 60 s, because no
+resolver answered the upcall (no rule for the prefix, a program that could not start, a host
+that refuses upcalls of non-root requesters), and the error says that instead of "check the
+name". The client's failure path: imported only when a request fails; stdlib and the keyutils
+binding only.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from kmskeys import keyutils
+from kmskeys import keyutils, prockeys
+from kmskeys.contract import DEFAULT_PREFIX, POSSESSOR_MASK, REQUEST_KEY_D
 from kmskeys.errors import ERRNO_CACHED, KeyctlError, KmsKeysError, error_for_errno
+from kmskeys.prockeys import ProcKey
 
-PROC_KEYS = Path("/proc/keys")
 # The keyrings `kmskeys flush` unlinks from: a negative key reachable from them is one a request
 # of this process can meet, and one flush can remove.
 OWN_KEYRINGS = (
@@ -24,74 +33,23 @@ OWN_KEYRINGS = (
     keyutils.KEY_SPEC_USER_KEYRING,
     keyutils.KEY_SPEC_USER_SESSION_KEYRING,
 )
-# /proc/keys prints a timeout as one figure with a unit (security/keys/proc.c).
-_UNITS = {"s": "s", "m": "min", "h": "h", "d": "days", "w": "weeks"}
+# When request-key runs no program that answers, the kernel negates the key itself with ENOKEY
+# for key_negative_timeout, a fixed 60 s (security/keys/request_key.c); no sysctl changes it.
+KERNEL_NEGATIVE_TIMEOUT = 60
 
 
-class ProcKeyLine:
-    """One line of /proc/keys: serial, flags, expiry, owner, type, description; never a payload."""
-
-    __slots__ = ("description", "expiry", "flags", "gid", "serial", "size", "type", "uid")
-
-    def __init__(self, line: str) -> None:
-        # SERIAL FLAGS USAGE EXPIRY PERM UID GID TYPE DESCRIPTION[: SUMMARY]
-        fields = line.split(None, 8)
-        self.serial = int(fields[0], 16)
-        self.flags = fields[1]
-        self.expiry = fields[3]
-        self.uid, self.gid = int(fields[5]), int(fields[6])
-        self.type = fields[7]
-        rest = fields[8].rstrip("\n") if len(fields) > 8 else ""
-        # `user` keys print "DESCRIPTION: DATALEN" once instantiated; negative ones only the
-        # description; keyrings "DESCRIPTION: N" or "DESCRIPTION: empty".
-        head, sep, tail = rest.rpartition(": ")
-        self.size = int(tail) if sep and tail.isdigit() else None
-        self.description = head if sep and (tail.isdigit() or tail == "empty") else rest
-
-    @property
-    def state(self) -> str:
-        """instantiated, negative, revoked, invalidated, dead or constructing."""
-        for flag, name in (
-            ("i", "invalidated"),
-            ("D", "dead"),
-            ("R", "revoked"),
-            ("N", "negative"),
-        ):
-            if flag in self.flags:
-                return name
-        return "constructing" if "U" in self.flags else "instantiated"
-
-    @property
-    def negative(self) -> bool:
-        """Rejected or negated (flag N), and neither invalidated nor dead yet."""
-        return "N" in self.flags and "i" not in self.flags and "D" not in self.flags
-
-    @property
-    def expires(self) -> str:
-        """`in 53 s`, `in 2 min` (the kernel rounds down), `never` or `now`."""
-        if self.expiry == "perm":
-            return "never"
-        if self.expiry == "expd":
-            return "now"
-        figure, unit = self.expiry[:-1], self.expiry[-1:]
-        return f"in {figure} {_UNITS.get(unit, unit)}"
+def _is_keyring(serial: int) -> bool:
+    try:
+        return keyutils.keyctl_describe_alloc(serial).startswith(b"keyring;")
+    except KeyctlError:
+        return False
 
 
-def proc_keys() -> dict[int, ProcKeyLine]:
-    """Every key /proc/keys shows this process, by serial."""
-    found = {}
-    with PROC_KEYS.open() as lines:
-        for line in lines:
-            try:
-                key = ProcKeyLine(line)
-            except (ValueError, IndexError):
-                continue  # a description may hold a newline: its continuation is no key line
-            found[key.serial] = key
-    return found
-
-
-def _reachable(keys: dict[int, ProcKeyLine]) -> Iterator[int]:
+def _reachable() -> Iterator[int]:
     """Serials linked from this process's own keyrings, nested keyrings included."""
+    # Which members to descend into: what /proc/keys calls a keyring, confirmed by describe
+    # (reading a key that is not a keyring would read its payload).
+    claimed = {key.serial for key in prockeys.lines() if key.type == "keyring"}
     seen: set[int] = set()
     pending = []
     for spec in OWN_KEYRINGS:
@@ -110,27 +68,25 @@ def _reachable(keys: dict[int, ProcKeyLine]) -> Iterator[int]:
             continue
         for serial in members:
             yield serial
-            if serial in keys and keys[serial].type == "keyring":
+            if serial in claimed and _is_keyring(serial):
                 pending.append(serial)
 
 
-def negative_keys(prefix: str | None = None) -> list[ProcKeyLine]:
+def negative_keys(prefix: str | None = None) -> list[ProcKey]:
     """The negative `user` keys this process's keyrings hold, under `prefix:` when given."""
-    keys = proc_keys()
-    wanted = {
-        serial
-        for serial, key in keys.items()
-        if key.negative
-        and key.type == "user"
-        and (prefix is None or key.description.startswith(prefix + ":"))
-    }
-    if not wanted:
+    head = "" if prefix is None else prefix + ":"
+
+    def wanted(key: ProcKey) -> bool:
+        return key.negative and key.type == "user" and key.rest.startswith(head)
+
+    keys = prockeys.keys(wanted)
+    if not keys:
         return []
-    found = {serial for serial in _reachable(keys) if serial in wanted}
+    found = {serial for serial in _reachable() if serial in keys}
     return sorted((keys[s] for s in found), key=lambda k: k.description)
 
 
-def cached_failure(description: str) -> ProcKeyLine | None:
+def cached_failure(description: str) -> ProcKey | None:
     """The negative key `description` this process's keyrings hold, if any (None on error)."""
     prefix = description.partition(":")[0]
     try:
@@ -140,10 +96,13 @@ def cached_failure(description: str) -> ProcKeyLine | None:
     return found[0] if found else None
 
 
+def answered_by_resolver(key: ProcKey) -> bool:
+    """The resolver rejected this key (it clears the possessor bits the kernel's default sets)."""
+    return not key.perm & POSSESSOR_MASK
+
+
 def flush_command(description: str) -> str:
     """The `kmskeys flush` command line that drops a cached failure of `description`."""
-    from kmskeys.contract import DEFAULT_PREFIX
-
     prefix, _, name = description.partition(":")
     shown = name if _shell_safe(name) else "'" + name.replace("'", "'\\''") + "'"
     option = "" if prefix == DEFAULT_PREFIX else f" --prefix {prefix}"
@@ -154,21 +113,73 @@ def _shell_safe(text: str) -> bool:
     return bool(text) and all(ch.isalnum() or ch in "_./@+-:" for ch in text)
 
 
+def no_resolver_cause(prefix: str) -> str:
+    """Why no resolver answered a request for PREFIX:*, as far as this process can tell."""
+    from kmskeys.rules import read_rule, rule_file
+
+    base = Path(REQUEST_KEY_D)
+    path = rule_file(prefix, base)
+    try:
+        rule = read_rule(path, prefix)
+    except FileNotFoundError:
+        rule = None
+    except (OSError, UnicodeDecodeError):
+        return f"the rule file {path} cannot be read here; run `kmskeys doctor` as root"
+    if rule is None:
+        return (
+            f"no rule in {base} routes {prefix}:* to a resolver (not installed here, or the app "
+            "should use another prefix)"
+        )
+    first = rule.gate or rule.program
+    for program in (first, rule.program):
+        if not _runnable(program):
+            return f"the rule in {path} runs {program}, which is missing or not executable"
+    if os.geteuid() != 0:
+        return (
+            f"the rule in {path} runs {first}, but nothing answered for this non-root "
+            "requester: this host may refuse upcalls of non-root requesters (the first request "
+            "then failed with ENOENT), or the program could not start (see the resolver log)"
+        )
+    return (
+        f"the rule in {path} runs {first}, which did not answer: it could not start or died "
+        "before answering (see the resolver log)"
+    )
+
+
+def _runnable(program: Path) -> bool:
+    """Whether root could run `program` (request-key runs it as root), as far as this process
+    can see: a path it cannot look into counts as runnable."""
+    try:
+        st = os.stat(program)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and bool(st.st_mode & 0o111)
+
+
 def explained(exc: KmsKeysError, description: str) -> KmsKeysError:
-    """`exc` from a request for `description`, naming the cached failure that holds it, if any."""
-    if exc.errno not in ERRNO_CACHED:
+    """`exc` from a request for `description`, naming the cached failure that holds it, if any,
+    and who put it there: the resolver's answer, or the kernel's when no resolver answered."""
+    err = exc.errno
+    if err not in ERRNO_CACHED:
         return exc
     negative = cached_failure(description)
     if negative is None:
         return exc
+    retry = f"`{flush_command(description)}` to retry now"
+    what = "request_key " + description[:256]
+    if err == errno.ENOKEY and not answered_by_resolver(negative):
+        cause = (
+            f"no resolver answered this request: {no_resolver_cause(description.partition(':')[0])}"
+            f"; the kernel caches such a failed upcall for {KERNEL_NEGATIVE_TIMEOUT} s as a "
+            f"cached failure (key {negative.serial}), which expires {negative.expires}"
+        )
+        return error_for_errno(
+            err, what, upcall=True, description=description, cached=retry, cause=cause
+        )
     note = (
-        f"cached failure (key {negative.serial}), expires {negative.expires}; "
-        f"`{flush_command(description)}` to retry now"
+        f"cached failure (key {negative.serial}), the resolver's answer, expires "
+        f"{negative.expires}; {retry}"
     )
-    return error_for_errno(
-        exc.errno,
-        "request_key " + description[:256],
-        upcall=True,
-        description=description,
-        cached=note,
-    )
+    return error_for_errno(err, what, upcall=True, description=description, cached=note)

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Iterator, Sequence
 
-    from kmskeys.cached import ProcKeyLine
+    from kmskeys.hostflush import Flushed
+    from kmskeys.prockeys import ProcKey
 
 # Exit codes of `kmskeys get` and `kmskeys flush`, one per error class (docs/cli.md).
 EXIT_OK = 0
@@ -56,7 +57,8 @@ host commands (NAME may be a whole description: sm:prod/db#password, ssm:app/db)
   get NAME       print the secret NAME (from the kernel cache, or resolved once)
   show           list the kms keys this process can see, with expiry (never payloads)
   flush NAME     invalidate the cached key NAME so the next request re-resolves it
-                 (as root: every uid's copy and the host cache; --all: everything)
+                 (as root: every uid's copy and the host cache; --all: every key under
+                 the prefix; --everything: every key kmskeys made, under every prefix)
   exec -- CMD    run CMD with secrets in its environment or in private files:
                  exec [--env VAR=NAME] [--env-file MAP] [--file FILE=NAME] -- CMD [ARGS]
                  (--watch: stay as CMD's parent and bring it each rotated secret)
@@ -224,18 +226,24 @@ def _normal_path(path: str) -> bool:
     return path == "-" or all(part not in ("", ".") for part in path.removeprefix("/").split("/"))
 
 
-def visible_keys(prefix: str) -> Iterator[ProcKeyLine]:
-    """The live `user` keys under `prefix:` that /proc/keys lists for this process."""
-    from kmskeys.cached import proc_keys
+def visible_keys(prefix: str | None) -> Iterator[ProcKey]:
+    """The live `user` keys under `prefix:` that /proc/keys lists for this process, each confirmed
+    by keyctl_describe (kmskeys/prockeys.py); prefix None: every key the resolver made."""
+    from kmskeys import prockeys
+    from kmskeys.contract import RESOLVER_KEY_PERMS
 
-    for key in proc_keys().values():
-        # Invalidated and dead keys linger in /proc/keys until the key GC runs: skip them.
-        if (
-            key.type == "user"
-            and key.description.startswith(prefix + ":")
-            and key.state not in ("invalidated", "dead")
-        ):
-            yield key
+    def wanted(key: ProcKey) -> bool:
+        if key.type != "user":
+            return False
+        if prefix is None:
+            # The masks the resolver gives the keys it answers (kmskeys/contract.py).
+            return key.perm in RESOLVER_KEY_PERMS
+        return key.description.startswith(prefix + ":")
+
+    # Invalidated and dead keys linger in /proc/keys until the key GC runs; describe refuses
+    # them, so they are never confirmed.
+    found = prockeys.keys(wanted)
+    yield from sorted(found.values(), key=lambda k: k.description)
 
 
 def cmd_show(argv: Sequence[str]) -> int:
@@ -243,7 +251,7 @@ def cmd_show(argv: Sequence[str]) -> int:
     parser = _parser("kmskeys show", "List the kms keys this process can see (never payloads).")
     args = parser.parse_args(argv)
     try:
-        keys = sorted(visible_keys(args.prefix), key=lambda k: k.description)
+        keys = list(visible_keys(args.prefix))
     except OSError as exc:
         return _fail("kmskeys show", exc)
     if not keys:
@@ -274,56 +282,97 @@ def _expiry(field: str) -> str:
 
 
 def cmd_flush(argv: Sequence[str]) -> int:
-    """`kmskeys flush NAME|--all`: invalidate every visible cached key for NAME, negative ones
-    too; as root, every uid's copies and the host cache's entries as well (kmskeys.hostflush)."""
+    """`kmskeys flush NAME|--all|--everything`: invalidate every visible cached key for NAME and
+    drop its cached failures; as root, every uid's copies and the host cache's entries as well
+    (kmskeys.hostflush)."""
     parser = _parser(
         "kmskeys flush", "Invalidate the cached key NAME; the next request re-resolves."
     )
+    parser.set_defaults(prefix=None)
     parser.add_argument("name", metavar="NAME", nargs="?")
-    parser.add_argument(
-        "--all", action="store_true", help="every cached key (as root: every key kmskeys made)"
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--all", action="store_true", help="every cached key under the prefix, not one name"
+    )
+    scope.add_argument(
+        "--everything",
+        action="store_true",
+        help="every key the resolver made, under every prefix (as root: every uid's, and the "
+        "whole host cache)",
     )
     args = parser.parse_args(argv)
-    if (args.name is None) != args.all:
-        parser.error("give NAME or --all")
+    if args.everything and (args.name is not None or args.prefix is not None):
+        parser.error("--everything takes no NAME and no --prefix")
+    if not args.everything and (args.name is None) != args.all:
+        parser.error("give NAME, --all or --everything")
+    prefix = None if args.everything else args.prefix or DEFAULT_PREFIX
+    name = None if args.all or args.everything else args.name
     try:
-        from kmskeys.hostflush import covers, flush_host
-        from kmskeys.secretref import described
+        if prefix is None:
+            label = "every kmskeys key"
+        elif name is None:
+            label = f"{prefix}:*"
+        else:
+            from kmskeys.secretref import described
 
-        # NAME, NAME#SELECTOR or a whole description (`sm:prod/db`): its own prefix wins.
-        desc = f"{args.prefix}:*" if args.all else described(args.name, args.prefix)
-        prefix, _, name = desc.partition(":")
+            # NAME, NAME#SELECTOR or a whole description (`sm:prod/db`): its own prefix wins.
+            label = described(name, prefix)
+            prefix, _, name = label.partition(":")
         host = None
         if os.geteuid() == 0:
-            host = flush_host(prefix, None if args.all else name)
-        found = []
-        for key in visible_keys(prefix):
-            if not args.all and not covers(desc, key.description):
-                continue
-            if key.state != "negative":
-                # Invalidation removes the key from every keyring, so no other process of this
-                # user keeps serving the old value after a rotation. (A negative key cannot be
-                # invalidated: every lookup but unlink's returns its rejection errno.)
-                Key(key.serial).invalidate()
-                found.append(key)
-            # Until the key GC runs, a search still meets the invalidated key and request_key
-            # answers EKEYREVOKED without an upcall; unlinking it from our own keyrings now makes
-            # the very next request miss and ask the resolver.
-            if _unlink_from_own_keyrings(key.serial) and key.state == "negative":
-                found.append(key)
+            from kmskeys.hostflush import flush_host
+
+            host = flush_host(prefix, name)
+        found = _flush_own(prefix, None if name is None else label)
     except Exception as exc:  # every error: one line, one exit code
         return _fail("kmskeys flush", exc)
-    if host is not None and (host.keys or host.entries):
-        print(
-            f"{desc}: flushed {host.keys + len(found)} cached keys of {host.uids} uids and "
-            f"{host.entries} host-cache entries"
-            + (f" ({host.lingering} not yet collected)" if host.lingering else "")
-        )
-    elif not found:
-        print(f"{desc}: nothing cached", file=sys.stderr)
-    else:
-        print(f"{desc}: flushed {len(found)} cached key{'s' if len(found) > 1 else ''}")
+    print(_flushed(label, host, found), file=sys.stdout if found or _any(host) else sys.stderr)
     return EXIT_OK
+
+
+def _any(host: Flushed | None) -> bool:
+    return host is not None and bool(host.keys or host.entries or host.negative)
+
+
+def _flushed(label: str, host: Flushed | None, own: int) -> str:
+    if _any(host):
+        assert host is not None
+        lingering = f" ({host.lingering} not yet collected)" if host.lingering else ""
+        failures = f", {host.negative} cached failures" if host.negative else ""
+        return (
+            f"{label}: flushed {host.keys + own} cached keys of {host.uids} uids{failures} and "
+            f"{host.entries} host-cache entries{lingering}"
+        )
+    if not own:
+        return f"{label}: nothing cached"
+    return f"{label}: flushed {own} cached key{'s' if own > 1 else ''}"
+
+
+def _flush_own(prefix: str | None, desc: str | None) -> int:
+    """Flush the keys this process sees under `prefix` (one description when given, with its
+    selectors' keys: kmskeys.hostflush.covers)."""
+    from kmskeys.errors import KeyctlError
+    from kmskeys.hostflush import covers
+
+    count = 0
+    for key in visible_keys(prefix):
+        if desc is not None and not covers(desc, key.description):
+            continue
+        try:
+            # Invalidation removes the key from every keyring, so no other process of this user
+            # keeps serving the old value after a rotation.
+            Key(key.serial).invalidate()
+            flushed = True
+        except KeyctlError:
+            # A negative key cannot be invalidated (every lookup but unlink's returns its
+            # rejection errno); unlinking it from our keyrings below drops it for us.
+            flushed = False
+        # Until the key GC runs, a search still meets the invalidated key and request_key
+        # answers EKEYREVOKED without an upcall; unlinking it from our own keyrings now makes
+        # the very next request miss and ask the resolver.
+        if _unlink_from_own_keyrings(key.serial) or flushed:
+            count += 1
+    return count
 
 
 def _unlink_from_own_keyrings(serial: int) -> bool:

@@ -8,7 +8,7 @@
 #define KMSKEYS_CONTRACT_H
 
 /* Each compiled part carries it; checked against kmskeys.contract.BUILD_STAMP. */
-#define KMSKEYS_BUILD_STAMP "0.1.0+f97819b49771"
+#define KMSKEYS_BUILD_STAMP "0.1.0+3371f3b5642f"
 
 /* a `user` key's payload, bytes */
 #define KMSKEYS_USER_PAYLOAD_MAX 32767

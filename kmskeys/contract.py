@@ -23,7 +23,7 @@ DESCRIPTION_MAX = 4095
 # Compiled into every compiled part (the hit-path extension, the cffi module, kmskeys-gate) from
 # kmskeys/contract.h; each is checked against this at import or run, so a part built from other
 # sources never loads silently. Written by scripts/generate.py: never edit by hand.
-BUILD_STAMP = "0.1.0+f97819b49771"
+BUILD_STAMP = "0.1.0+3371f3b5642f"
 
 # --- AWS KMS limits --------------------------------------------------------------------------
 # KMS Encrypt takes at most 4096 bytes of plaintext; larger secrets go in envelope mode.
@@ -156,6 +156,37 @@ UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")
 # systemd's unit name alphabet (src/basic/unit-name.c) and length (UNIT_NAME_MAX - 1).
 UNIT_NAME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789:-_.\\@"
 UNIT_NAME_MAX = 255
+
+# --- Negative keys (a cached refusal) --------------------------------------------------------
+# A key the resolver rejects gets the same owner bits and no possessor bits either. The kernel's
+# default mask for a key request_key(2) creates gives possessors everything (VIEW READ WRITE
+# SEARCH LINK SETATTR), and with WRITE a co-possessor's add_key of the same description updates
+# the negative key, which positively instantiates it: a payload of its choosing in a key the
+# requester owns. The kernel's default is also how the client tells a failed upcall (the kernel
+# negated the key for 60 s because no resolver answered) from the resolver's answer: only the
+# resolver clears the possessor bits (kmskeys/cached.py).
+NEGATIVE_KEY_PERM = RESOLVED_KEY_PERM
+# With the admin group, root's flush may also set its expiry (SETATTR): a negative key cannot
+# be invalidated (every lookup but unlink's and setattr's returns its rejection errno), and an
+# expired one is skipped by request_key's search. SETATTR on a key that holds no payload and can
+# never be instantiated again grants nothing else.
+ADMIN_NEGATIVE_KEY_PERM = NEGATIVE_KEY_PERM | (
+    (PERM_VIEW | PERM_SEARCH | PERM_SETATTR) << GROUP_SHIFT
+)
+# The possessor bits of a mask: the kernel's default for a key request_key(2) creates has them
+# all, a refusal the resolver answers none (a program-bound answer some: PROGRAM_KEY_PERM).
+POSSESSOR_MASK = 0x3F << POSSESSOR_SHIFT
+# Every mask the resolver gives a key it answers: how `kmskeys flush --everything` knows them.
+RESOLVER_KEY_PERMS = frozenset(
+    (
+        RESOLVED_KEY_PERM,
+        ADMIN_KEY_PERM,
+        PROGRAM_KEY_PERM,
+        PROGRAM_ADMIN_KEY_PERM,
+        NEGATIVE_KEY_PERM,
+        ADMIN_NEGATIVE_KEY_PERM,
+    )
+)
 
 # --- The host cache (resolver/hostcache.py) ---------------------------------------------------
 # The resolver keeps each decrypted secret once per host, in a keyring of this description

@@ -23,7 +23,7 @@ import os
 import socket
 from contextlib import suppress
 
-from kmskeys import keyutils
+from kmskeys.lowlevel import process
 
 
 class PrivateFsUnavailableError(OSError):
@@ -32,14 +32,14 @@ class PrivateFsUnavailableError(OSError):
 
 def _make() -> int:
     try:
-        return keyutils.private_fs(b"ramfs", None)
+        return process.private_fs(b"ramfs", None)
     except OSError:
-        return keyutils.private_fs(b"tmpfs", b"4m")
+        return process.private_fs(b"tmpfs", b"4m")
 
 
 def _make_in_user_namespace(uid: int, gid: int, sock: socket.socket) -> None:
     # In the helper child only: it alone enters the new namespaces.
-    keyutils.unshare(keyutils.CLONE_NEWUSER | keyutils.CLONE_NEWNS)
+    process.unshare(process.CLONE_NEWUSER | process.CLONE_NEWNS)
     for path, text in (
         ("/proc/self/setgroups", "deny"),  # required before an unprivileged gid_map
         ("/proc/self/uid_map", f"{uid} {uid} 1"),

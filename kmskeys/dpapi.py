@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 
 from kmskeys import keyutils
+from kmskeys._hitpath import read_recent as _read_recent
 from kmskeys.contract import DEFAULT_STORED_PREFIX
 from kmskeys.errors import (
     KeyNotFoundError,
@@ -29,6 +30,7 @@ from kmskeys.errors import (
     UnknownKeyVersionError,
     WrongUserError,
 )
+from kmskeys.key import fetch
 from kmskeys.protectblob import (
     DEFAULT_CHUNK,
     MAGIC,
@@ -109,10 +111,10 @@ def _read_owned(desc: bytes) -> bytes:
     # read again with one keyctl_read, which the kernel still checks.
     serial = _SERIALS.get(desc)
     if serial is not None:
-        payload = keyutils.read_recent(serial)
+        payload = _read_recent(serial)
         if payload is not None:
             return payload
-    serial, payload = keyutils.fetch(desc, _MASTER_KEY_CALLOUT, 0)
+    serial, payload = fetch(desc, _MASTER_KEY_CALLOUT, 0)
     if len(_SERIALS) < 1024:
         _SERIALS[desc] = serial
     return payload

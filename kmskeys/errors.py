@@ -202,18 +202,22 @@ def error_for_errno(
     upcall: bool = False,
     description: str | None = None,
     cached: str | None = None,
+    cause: str | None = None,
 ) -> KeyctlError:
     """Return the exception for `err`; `what` names the call and key, never a payload.
 
-    The message carries the class's advice. For a request that could upcall (`upcall`), the
-    kernel passes back only an errno, so the message also says `cached` (the negative key that
-    holds the failure, found by kmskeys.cached), points to the resolver log, and to `kmskeys
-    doctor` where the errno has several causes.
+    The message carries the class's advice, or `cause` when the caller knows what happened
+    (kmskeys.cached: a failed upcall the kernel negated). For a request that could upcall
+    (`upcall`), the kernel passes back only an errno, so the message also says `cached` (the
+    negative key that holds the failure, found by kmskeys.cached), points to the resolver log,
+    and to `kmskeys doctor` where the errno has several causes.
     """
     cls = _BY_ERRNO.get(err, KeyctlError)
     name = _errno.errorcode.get(err, str(err))
     message = f"{what}: {os.strerror(err)} [{name}]"
-    if upcall and err in (_errno.EPERM, _errno.ENOSYS):
+    if cause is not None:
+        message += " - " + cause
+    elif upcall and err in (_errno.EPERM, _errno.ENOSYS):
         pass  # not the class's "run as root": a seccomp filter refuses the call to everyone
     elif upcall and err == ERRNO_UNAVAILABLE and _is_pass(description):
         name = (description or "").partition(":")[2].partition("#")[0]
@@ -223,12 +227,12 @@ def error_for_errno(
     if not upcall:
         return cls(message, errno=err)
     notes = [] if cached is None else [cached]
-    if err in (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED, ERRNO_UNAVAILABLE):
+    upcall_cause = None if cause is not None else _UPCALL_CAUSES.get(err)
+    if cause is None and err in (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED, ERRNO_UNAVAILABLE):
         notes.append(RESOLVER_LOG_HINT)
-    cause = _UPCALL_CAUSES.get(err)
-    if cause is not None:
-        notes.append(cause)
-    if err in (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED) or cause is not None or cls is KeyctlError:
+    if upcall_cause is not None:
+        notes.append(upcall_cause)
+    if err in (ERRNO_UNKNOWN_SECRET, ERRNO_REFUSED) or cause or upcall_cause or cls is KeyctlError:
         # Not for EAGAIN (its causes are all the resolver's, and its log line names them), nor
         # where the class's own advice already says what to do (EDQUOT, EACCES).
         prefix = (description or "").partition(":")[0]

@@ -4,7 +4,11 @@ A key another uid owns is invisible to root in /proc/keys (no VIEW) and cannot b
 (no SEARCH): key permissions grant root no override. The resolver gives each key it instantiates
 the group `kmskeys-admin` with group VIEW|SEARCH only (kmskeys.contract.ADMIN_GROUP, whose
 comment says why the group has no members). Root takes that gid as its fsgid for as long as it
-lists and invalidates; it never gets READ or LINK, so a flush reads no payload.
+lists and invalidates; it never gets READ or LINK, so a flush reads no payload. A cached failure
+(a negative key) cannot be invalidated: the resolver gives those group SETATTR as well, and root
+makes them expire instead (contract.ADMIN_NEGATIVE_KEY_PERM). Every serial comes from a line of
+/proc/keys that the kernel's keyctl_describe confirms (kmskeys/prockeys.py): a user can forge
+lines there, never make root act on a key the line does not truly describe.
 
 The host cache (resolver/hostcache.py) is a keyring under root's persistent keyring: root
 reaches it as its possessor and invalidates the entries of the name.
@@ -17,8 +21,7 @@ import grp
 import time
 from dataclasses import dataclass
 
-from kmskeys import keyutils
-from kmskeys.cached import proc_keys
+from kmskeys import keyutils, prockeys
 from kmskeys.contract import (
     ADMIN_GROUP,
     HOSTCACHE_ENTRY_PREFIX,
@@ -27,6 +30,7 @@ from kmskeys.contract import (
     hostcache_entry,
 )
 from kmskeys.errors import KeyctlError
+from kmskeys.prockeys import ProcKey
 
 # The key GC unlinks an invalidated key from every keyring in a work item queued at once; until
 # it has, a search meets the invalidated key and request_key fails with EKEYREVOKED instead of
@@ -42,9 +46,10 @@ class Flushed:
     """What a host-wide flush did."""
 
     keys: int  # kernel keys of any uid invalidated
-    uids: int  # how many uids they belonged to
+    uids: int  # how many uids the keys and negative keys belonged to
     entries: int  # host-cache entries invalidated
     lingering: int  # invalidated keys the key GC had not removed after GC_WAIT
+    negative: int = 0  # cached failures (negative keys) of any uid made to expire
 
 
 def admin_gid() -> int | None:
@@ -86,14 +91,21 @@ def covers(flushed: str, desc: str) -> bool:
     return desc == flushed or ("#" not in flushed and desc.startswith(flushed + "#"))
 
 
-def _matches(desc: str, prefix: str, name: str | None) -> bool:
-    return covers(f"{prefix}:{name}", desc) if name is not None else True
+def _matches(desc: str, prefix: str | None, name: str | None) -> bool:
+    if prefix is None:
+        return True
+    if name is None:
+        return desc.startswith(prefix + ":")
+    return covers(f"{prefix}:{name}", desc)
 
 
-def flush_host(prefix: str, name: str | None) -> Flushed:
-    """Invalidate every cached `prefix:name` key of every uid (name None: every key the resolver
-    made; a name without a selector: its selectors' keys too, `covers`) and the host-cache
-    entries of that name (None: all); needs root."""
+def flush_host(prefix: str | None, name: str | None) -> Flushed:
+    """Invalidate every cached `prefix:name` key of every uid (a name without a selector: its
+    selectors' keys too, `covers`) and expire its cached failures, and invalidate the host-cache
+    entries of that name; name None: every key under `prefix:`; prefix None (and name None):
+    every key the resolver made, and the whole host cache. Root."""
+    if prefix is None and name is not None:
+        raise ValueError("a name needs its prefix")
     # In a thread of its own: the fsgid is per thread, and the persistent keyring is linked into
     # that thread's keyring, which goes with the thread (the caller gets no process keyring).
     import threading
@@ -114,59 +126,85 @@ def flush_host(prefix: str, name: str | None) -> Flushed:
     return outcome[0]
 
 
-def _flush_host(prefix: str, name: str | None) -> Flushed:
+def _flush_host(prefix: str | None, name: str | None) -> Flushed:
     gid = admin_gid()
-    flushed: dict[int, int] = {}  # serial -> gid, for the GC wait
+    invalidated: set[int] = set()
+    expired: set[int] = set()
     uids: set[int] = set()
+    lingering = 0
     if gid is not None:
         previous = keyutils.set_fsgid(gid)
         try:
             if keyutils.current_fsgid() != gid:
                 raise PermissionError(f"cannot take group {ADMIN_GROUP} (gid {gid}): not root?")
-            for key in proc_keys().values():
-                # Only keys the resolver made carry the admin gid; negative ones cannot be
-                # invalidated (every lookup but unlink's returns their errno) and expire soon.
-                if key.gid != gid or key.type != "user" or "N" in key.flags or "i" in key.flags:
+
+            def wanted(key: ProcKey) -> bool:
+                # Only keys the resolver made carry the admin gid. Each line is confirmed by
+                # keyctl_describe (kmskeys/prockeys.py): a forged one names no key to act on.
+                return (
+                    key.gid == gid
+                    and key.type == "user"
+                    and _matches(key.description, prefix, name)
+                )
+
+            for key in prockeys.keys(wanted).values():
+                outcome = _invalidate_or_expire(key.serial)
+                if outcome is None:
                     continue
-                if not _matches(key.description, prefix, name):
-                    continue
-                serial = key.serial
-                try:
-                    owner = keyutils.keyctl_describe_alloc(serial).split(b";", 3)[1]
-                    keyutils.keyctl_invalidate(serial)
-                except KeyctlError:
-                    continue  # expired or invalidated meanwhile
-                flushed[serial] = key.gid
-                uids.add(int(owner))
-            lingering = _wait_for_gc(set(flushed))
+                (invalidated if outcome else expired).add(key.serial)
+                uids.add(key.uid)
+            lingering = _wait(invalidated, expired)
         finally:
             keyutils.set_fsgid(previous)
-    else:
-        lingering = 0
-    return Flushed(len(flushed), len(uids), _flush_entries(prefix, name), lingering)
+    entries = _flush_entries(prefix, name)
+    return Flushed(len(invalidated), len(uids), entries, lingering, len(expired))
 
 
-def _wait_for_gc(serials: set[int]) -> int:
+def _invalidate_or_expire(serial: int) -> bool | None:
+    """Invalidate the key (True), or make a negative key expire (False); None: neither."""
+    try:
+        keyutils.keyctl_invalidate(serial)
+        return True
+    except KeyctlError as exc:
+        if exc.errno in (errno.EACCES, errno.EKEYEXPIRED, errno.EKEYREVOKED):
+            return None  # not ours to flush, or expired or invalidated meanwhile
+    # A negative key answers every lookup but unlink's and setattr's with its rejection errno,
+    # so it cannot be invalidated; the admin group's SETATTR lets root expire it
+    # (contract.ADMIN_NEGATIVE_KEY_PERM), and request_key's search skips an expired key.
+    try:
+        keyutils.keyctl_set_timeout(serial, 1)
+    except KeyctlError:
+        return None
+    return False
+
+
+def _wait(invalidated: set[int], expired: set[int]) -> int:
+    """Wait (at most GC_WAIT) until the key GC has removed the invalidated keys and the expiry
+    of the negative ones has passed; how many invalidated keys are still there."""
+    # Presence is read from unconfirmed lines (an invalidated key can no longer be described):
+    # a forged line can only make this wait longer, never make anything act.
     deadline = time.monotonic() + GC_WAIT
-    while serials:
-        present = set(proc_keys())
-        serials &= present
-        if not serials or time.monotonic() >= deadline:
+    while invalidated or expired:
+        present = {key.serial: key.expiry for key in prockeys.lines()}
+        invalidated &= present.keys()
+        expired = {s for s in expired if present.get(s, "expd") != "expd"}
+        if not (invalidated or expired) or time.monotonic() >= deadline:
             break
         time.sleep(_GC_POLL)
-    return len(serials)
+    return len(invalidated)
 
 
-def _flush_entries(prefix: str, name: str | None) -> int:
+def _flush_entries(prefix: str | None, name: str | None) -> int:
     ring = host_cache_ring(create=False, holder=keyutils.KEY_SPEC_THREAD_KEYRING)
     if ring is None:
         return 0
-    # One entry serves every selector of a name (resolver/awssource.py): flush the name's.
-    head = (
-        hostcache_entry(prefix, name.partition("#")[0])
-        if name is not None
-        else HOSTCACHE_ENTRY_PREFIX
-    )
+    if prefix is None:
+        head = HOSTCACHE_ENTRY_PREFIX
+    elif name is None:
+        head = f"{HOSTCACHE_ENTRY_PREFIX}{prefix}:"
+    else:
+        # One entry serves every selector of a name (resolver/awssource.py): flush the name's.
+        head = hostcache_entry(prefix, name.partition("#")[0])
     count = 0
     for serial in memoryview(keyutils.keyctl_read(ring)).cast("i").tolist():
         try:

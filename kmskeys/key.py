@@ -1,16 +1,37 @@
-"""`Key` and `Keyring`: the Pythonic layer over kmskeys.keyutils, and `get_secret`."""
+"""The safe tier: `Key`, `Keyring` and `get_secret`, over kmskeys.keyutils and kmskeys._hitpath.
+
+What an application is told to use refuses what is unsafe by default: `get_secret`, and
+`Key.request(...)`/`Key.read()` for any description, return a payload only from a key that this
+process's fsuid owns (KeyOwnershipError otherwise), because a keyring shared with another uid
+(a squatted named session, `su`, `runuser`) may hold a key that uid planted. The calls that
+construct, re-own or re-permission keys, and the unchecked request and read the resolver side
+needs, live in the low-level tier, `kmskeys.lowlevel`, where a reader knows they are sharp.
+This module is the client's hot path: nothing is imported here that `import kmskeys` does not
+need, and each hit is one or two calls into C (kmskeys/_hitpath.c).
+"""
 
 from __future__ import annotations
 
-from kmskeys import keyutils
+from kmskeys import _hitpath, keyutils
 from kmskeys.contract import DEFAULT_PREFIX, USER_PAYLOAD_MAX
+from kmskeys.names import as_bytes as _as_bytes
 from kmskeys.names import description, is_reference
+
+TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
+if TYPE_CHECKING:
+    from typing import ClassVar, Self
+
+    from kmskeys.keydesc import KeyDescription
 
 _USER = b"user"
 # A named session keyring this uid joins: possessors all, owner view/read/search/link (the
 # kernel's default lacks owner SEARCH, which joining by name needs), nobody else anything.
 SESSION_KEYRING_PERM = 0x3F1B0000
 _SIZED_TYPES = (b"user", b"logon")
+# The C calls of the hit paths (kmskeys/_hitpath.c), bound once.
+_fetch = _hitpath.fetch
+_read = _hitpath.read
+_read_recent = _hitpath.read_recent
 
 
 def _check_payload_size(type_: bytes, payload: bytes) -> None:
@@ -24,27 +45,6 @@ def _check_payload_size(type_: bytes, payload: bytes) -> None:
         f"a {type_.decode()} key holds at most {USER_PAYLOAD_MAX} bytes, "
         f"this payload has {len(payload)}"
     )
-
-
-def _as_bytes(value: str | bytes, what: str) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    raise TypeError(f"{what} must be str or bytes, not {type(value).__name__}")
-
-
-def _explained(exc: OSError, description: bytes) -> OSError:
-    # A failure the kernel now caches is named as such (kmskeys/cached.py: which negative key,
-    # when it expires, the flush that drops it); imported on this failure path only.
-    from kmskeys.cached import explained
-    from kmskeys.errors import KmsKeysError
-
-    if not isinstance(exc, KmsKeysError):
-        return exc
-    found = explained(exc, description.decode(errors="replace"))
-    assert isinstance(found, OSError)
-    return found
 
 
 def _describe(name: str | bytes, prefix: str) -> bytes:
@@ -63,67 +63,35 @@ def _serial(key: Key | Keyring | int) -> int:
     return key if isinstance(key, int) else key.serial
 
 
-class KeyDescription(tuple[str, int, int, int, str]):
-    """What `keyctl describe` says about a key (type, uid, gid, perm, description); no payload."""
-
-    # A plain tuple subclass rather than typing.NamedTuple: `typing` costs milliseconds to import.
-    __slots__ = ()
-
-    def __new__(cls, type_: str, uid: int, gid: int, perm: int, desc: str) -> KeyDescription:
-        return super().__new__(cls, (type_, uid, gid, perm, desc))
-
-    type = property(lambda self: self[0], doc="key type, e.g. 'user'")
-    uid = property(lambda self: self[1], doc="owner uid")
-    gid = property(lambda self: self[2], doc="group gid")
-    perm = property(lambda self: self[3], doc="permission mask")
-    description = property(lambda self: self[4], doc="key description, e.g. 'kms:NAME'")
-
-    def __repr__(self) -> str:
-        return "KeyDescription(type={!r}, uid={}, gid={}, perm={:#010x}, description={!r})".format(
-            *self
-        )
-
-
 class Key:
-    """A kernel key, by serial. Holding a Key grants nothing: the kernel checks every call."""
+    """A kernel key, by serial. Holding a Key grants nothing: the kernel checks every call, and
+    this tier reads a payload only from a key this process's fsuid owns."""
 
     __slots__ = ("serial",)
 
     def __init__(self, serial: int) -> None:
         self.serial = int(serial)
 
-    @classmethod
-    def request(
-        cls,
-        description: str | bytes,
-        callout_info: str | bytes | None = None,
-        destination: Key | Keyring | int | None = None,
-        type: str | bytes = _USER,
-    ) -> Key:
-        """Find a key, or have the kernel upcall to construct it when `callout_info` is not None.
+    if TYPE_CHECKING:
 
-        request_key(2) never upcalls with a NULL callout: pass b"" to upcall without one.
-        """
-        # This is the client's hot path (budget: 2x C): plain bytes skip the conversions.
-        if type.__class__ is not bytes:
-            type = _as_bytes(type, "key type")
-        if description.__class__ is not bytes:
-            description = _as_bytes(description, "description")
-        if callout_info is not None and callout_info.__class__ is not bytes:
-            callout_info = _as_bytes(callout_info, "callout info")
-        key = object.__new__(cls)
-        try:
-            key.serial = keyutils.request_key(
-                type,
-                description,
-                callout_info,
-                0 if destination is None else _serial(destination),
-            )
-        except OSError as exc:
-            if callout_info is None:
-                raise
-            raise _explained(exc, description) from None
-        return key
+        @classmethod
+        def request(
+            cls,
+            description: str | bytes,
+            callout_info: str | bytes | None = None,
+            destination: Key | Keyring | int | None = None,
+            type: str | bytes = _USER,
+        ) -> Self: ...
+
+    else:
+        # Find a key, or have the kernel upcall to construct it when `callout_info` is not
+        # None; KeyOwnershipError if the key found is not owned by this process's fsuid.
+        # request_key(2) never upcalls with a NULL callout: pass b"" to upcall without one.
+        # The client's hot path (budget: 1.5x C's request_key + keyctl_read, with the check):
+        # the whole call is C (kmskeys/_hitpath.c key_request), which leaves anything but bytes
+        # without a destination, and every failure, to kmskeys/_request.py; the check of a
+        # serial this thread checked in the last second costs nothing more.
+        request = classmethod(_hitpath.key_request)
 
     @classmethod
     def add(
@@ -143,31 +111,27 @@ class Key:
         return cls(serial)
 
     def read(self) -> bytes:
-        """Return the payload as bytes."""
-        return keyutils.keyctl_read(self.serial)
+        """Return the payload as bytes; KeyOwnershipError if this fsuid does not own the key."""
+        try:
+            found = _read(self.serial)
+        except OSError as exc:
+            from kmskeys._request import read_failed
+
+            return read_failed(self.serial, exc)
+        if found.__class__ is bytes:
+            return found
+        from kmskeys._request import read_foreign
+
+        raise read_foreign(self.serial, *found)
 
     def describe(self) -> KeyDescription:
         """Return type, uid, gid, permissions and description."""
+        from kmskeys.keydesc import KeyDescription
+
         raw = keyutils.keyctl_describe_alloc(self.serial).decode(errors="replace")
         # The description is last and may itself contain ';'.
         type_, uid, gid, perm, desc = raw.split(";", 4)
         return KeyDescription(type_, int(uid), int(gid), int(perm, 16), desc)
-
-    def instantiate(self, payload: str | bytes, keyring: Key | Keyring | int = 0) -> None:
-        """Instantiate this key under construction (resolver side, with authority assumed)."""
-        keyutils.keyctl_instantiate(self.serial, _as_bytes(payload, "payload"), _serial(keyring))
-
-    def reject(self, timeout: int, error: int, keyring: Key | Keyring | int = 0) -> None:
-        """Negatively instantiate: requesters get `error` for `timeout` seconds."""
-        keyutils.keyctl_reject(self.serial, timeout, error, _serial(keyring))
-
-    def negate(self, timeout: int, keyring: Key | Keyring | int = 0) -> None:
-        """Negatively instantiate with ENOKEY for `timeout` seconds."""
-        keyutils.keyctl_negate(self.serial, timeout, _serial(keyring))
-
-    def assume_authority(self) -> None:
-        """Assume the authority to instantiate this key (resolver side)."""
-        keyutils.keyctl_assume_authority(self.serial)
 
     def set_timeout(self, seconds: int) -> None:
         """Expire the key `seconds` from now; 0 clears the expiry."""
@@ -193,14 +157,6 @@ class Key:
         """Replace the payload."""
         keyutils.keyctl_update(self.serial, _as_bytes(payload, "payload"))
 
-    def setperm(self, perm: int) -> None:
-        """Set the permission mask (KEY_POS_*, KEY_USR_*, ... bits)."""
-        keyutils.keyctl_setperm(self.serial, perm)
-
-    def chown(self, uid: int, gid: int = -1) -> None:
-        """Change owner and group; -1 leaves one unchanged."""
-        keyutils.keyctl_chown(self.serial, uid, gid)
-
     def __int__(self) -> int:
         return self.serial
 
@@ -221,10 +177,11 @@ class Keyring(Key):
     """A keyring: a key that holds links to other keys.
 
     `Key.link(keyring)` links a key into a keyring; `add_key`, `search` and `list` act on its
-    contents.
+    contents, and give keys of this tier.
     """
 
     __slots__ = ()
+    _KEY: ClassVar[type[Key]] = Key  # the Key class of this tier (kmskeys.lowlevel has its own)
 
     @classmethod
     def _special(cls, spec: int, create: bool) -> Keyring:
@@ -282,12 +239,12 @@ class Keyring(Key):
             )
         # The kernel's default keyring mask lacks owner SEARCH, without which another process
         # of this uid joining the name would get a new keyring instead of this one.
-        ring.setperm(SESSION_KEYRING_PERM)
+        keyutils.keyctl_setperm(ring.serial, SESSION_KEYRING_PERM)
         return ring
 
     def add_key(self, type: str | bytes, description: str | bytes, payload: str | bytes) -> Key:
         """Add (or update) a key in this keyring; `Key.add(..., keyring)` is the same call."""
-        return Key.add(type, description, payload, self)
+        return self._KEY.add(type, description, payload, self)
 
     def search(
         self,
@@ -302,7 +259,7 @@ class Keyring(Key):
             _as_bytes(description, "description"),
             _serial(destination),
         )
-        return Key(serial)
+        return self._KEY(serial)
 
     def link_key(self, key: Key | int) -> None:
         """Link `key` into this keyring."""
@@ -314,8 +271,10 @@ class Keyring(Key):
 
     def list(self) -> list[Key]:
         """The keys linked into this keyring, in order."""
-        # Reading a keyring yields its members as an array of native key_serial_t (int32).
-        return [Key(s) for s in memoryview(self.read()).cast("i")]
+        # Reading a keyring yields its members as an array of native key_serial_t (int32); a
+        # list of serials is no secret, so any keyring this process may read is listed.
+        members = keyutils.keyctl_read(self.serial)
+        return [self._KEY(s) for s in memoryview(members).cast("i")]
 
     def clear(self) -> None:
         """Unlink every key from this keyring."""
@@ -331,7 +290,6 @@ class Keyring(Key):
 KEYRINGS = ("session", "user", "persistent")
 _DESCRIPTIONS: dict[tuple[object, str], bytes] = {}
 _SERIALS: dict[bytes, int] = {}
-_read_recent = keyutils.read_recent
 _SHARED: dict[str, int] = {}
 
 
@@ -406,10 +364,30 @@ def get_secret(
             return payload
     dest = _destination(keyring)
     callout = b"" if blob is None else blob if blob.__class__ is bytes else _as_bytes(blob, "blob")
-    try:
-        serial, payload = keyutils.fetch(desc, callout, dest)
-    except OSError as exc:
-        raise _explained(exc, desc) from None
+    serial, payload = fetch(desc, callout, dest)
     if len(_SERIALS) < 1024:
         _SERIALS[desc] = serial
     return payload
+
+
+def fetch(description: bytes, callout_info: bytes | None, dest: int) -> tuple[int, bytes]:
+    """The full path of get_secret: find or construct the `user` key `description`, check that
+    this process's fsuid owns it (KeyOwnershipError otherwise), read it: (serial, payload).
+
+    request_key(2) links the key it finds or constructs into `dest` (0: the kernel's default).
+    One call into C (kmskeys/_hitpath.c); the serial is then checked for this thread for a
+    second, so that a read of it costs one syscall.
+    """
+    try:
+        found = _fetch(description, callout_info, dest)
+    except OSError as exc:
+        from kmskeys._request import request_failed
+
+        raise request_failed(exc, description, callout_info) from None
+    if len(found) == 4:
+        from kmskeys._request import foreign
+
+        raise foreign(description.decode(errors="replace"), found)
+    serial, payload = found
+    assert payload is not None
+    return serial, payload

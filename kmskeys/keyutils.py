@@ -1,7 +1,9 @@
 """Thin layer over libkeyutils: one typed function per C call, each checking its return value.
 
-Nothing above this module touches `lib` or `ffi`; nothing here knows about secrets or blobs.
-Payloads and descriptions are bytes; lengths are the C library's size_t, never adjusted by hand.
+Nothing above this module touches `lib` or `ffi` (bar kmskeys/lowlevel/process.py, for the
+process-wide calls beside the key calls); nothing here knows about secrets, blobs or who owns a
+key (the owner check is kmskeys/key.py's, over kmskeys/_hitpath.c). Payloads and descriptions
+are bytes; lengths are the C library's size_t, never adjusted by hand.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ from __future__ import annotations
 from _thread import _local as thread_local
 
 from kmskeys._hitpath import BUILD_STAMP as _HITPATH_STAMP
-from kmskeys._hitpath import fetch as _fetch
-from kmskeys._hitpath import read_recent as _read_recent
 from kmskeys.contract import BUILD_STAMP
 
 TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
@@ -120,39 +120,6 @@ def request_key(type_: bytes, description: bytes, callout_info: bytes | None, ke
         desc = description.decode(errors="replace")
         raise _fail("request_key " + desc[:256], upcall=callout_info is not None, description=desc)
     return serial
-
-
-def fetch(description: bytes, callout_info: bytes | None, dest: int) -> tuple[int, bytes]:
-    """The full path of get_secret (kmskeys/_hitpath.c): find or construct `description`, check
-    that this process's fsuid owns it, read it: (serial, payload). KeyOwnershipError for a
-    key of another uid.
-
-    request_key(2) links the key it finds or constructs into `dest` (0: the kernel's default).
-    """
-    try:
-        found = _fetch(description, callout_info, dest)
-    except OSError as exc:
-        from kmskeys.errors import error_for_errno
-
-        desc = description.decode(errors="replace")
-        raise error_for_errno(
-            exc.errno or 0,
-            "request_key " + desc[:256],
-            upcall=callout_info is not None,
-            description=desc,
-        ) from None
-    if len(found) == 4:
-        from kmskeys.errors import foreign_key_error
-
-        serial, _, owner, fsuid = found
-        raise foreign_key_error(description.decode(errors="replace"), serial, owner, fsuid)
-    serial, payload = found
-    return serial, payload
-
-
-# The hit: the payload of a serial fetch() checked in this thread less than a second ago, or
-# None. One keyctl_read, no Python frame of ours (kmskeys/_hitpath.c).
-read_recent: Callable[[int], bytes | None] = _read_recent
 
 
 def keyctl_read(key: int) -> bytes:
@@ -313,38 +280,6 @@ def set_fsgid(gid: int) -> int:
 def current_fsgid() -> int:
     """The fsgid the kernel checks key group permissions with (setfsgid(-1) changes nothing)."""
     return int(lib.setfsgid(0xFFFFFFFF)) & 0xFFFFFFFF
-
-
-def disable_core_dumps() -> None:
-    """RLIMIT_CORE 0 and PR_SET_DUMPABLE 0 for this process (the resolver's, not the client's)."""
-    if lib.kmsk_disable_core_dumps() == -1:
-        raise _fail("prctl(PR_SET_DUMPABLE)")
-
-
-def _os_error(what: str) -> OSError:
-    import os
-
-    err = ffi.errno
-    return OSError(err, f"{what}: {os.strerror(err)}")
-
-
-# include/uapi/linux/sched.h (kernel ABI).
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNS = 0x00020000
-
-
-def private_fs(fstype: bytes, size: bytes | None) -> int:
-    """fsopen + fsmount: the O_PATH fd of a new ramfs/tmpfs root (mode 0700) mounted nowhere."""
-    fd: int = lib.kmsk_private_fs(fstype, ffi.NULL if size is None else size)
-    if fd == -1:
-        raise _os_error(f"fsopen({fstype.decode()})")
-    return fd
-
-
-def unshare(flags: int) -> None:
-    """unshare(2) (os.unshare arrives with Python 3.12)."""
-    if lib.kmsk_unshare(flags) == -1:
-        raise _os_error("unshare")
 
 
 def keyctl_get_keyring_ID(key: int, create: bool) -> int:

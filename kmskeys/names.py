@@ -19,6 +19,15 @@ _LOWER = frozenset("abcdefghijklmnopqrstuvwxyz")
 _PREFIX_CHARS = _LOWER | frozenset("0123456789_-")
 
 
+def as_bytes(value: str | bytes, what: str) -> bytes:
+    """`value` as the kernel takes a description, type or payload: bytes, a str as UTF-8."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    raise TypeError(f"{what} must be str or bytes, not {type(value).__name__}")
+
+
 def _invalid(message: str) -> Exception:
     from kmskeys.errors import InvalidNameError
 

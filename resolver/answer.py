@@ -91,6 +91,7 @@ def answer_unanswered(key: KeyHandle, outcome: Outcome, log: SyslogWriter, start
         key.assume_authority()
     except KmsKeysError:
         return 0
+    negative_mask(key, outcome)
     try:
         key.reject(outcome.timeout, outcome.errno, 0)
     except KmsKeysError:
@@ -114,7 +115,27 @@ def log_error(
     log.emit(LOG_ERR, line)
 
 
+def negative_mask(key: KeyHandle, outcome: Outcome) -> None:
+    """Before a rejection: the owner, group and mask of a cached refusal (`outcome.perm`,
+    contract.NEGATIVE_KEY_PERM or ADMIN_NEGATIVE_KEY_PERM).
+
+    No possessor bits, or a co-possessor's add_key of the same description would instantiate
+    the refused key with its own payload; the admin group may make it expire (root's flush).
+    The kernel's own negation keeps its default mask: that is how the client tells a failed
+    upcall from this answer (kmskeys/cached.py). The answer matters more than its mask: a
+    failure here leaves the kernel's default.
+    """
+    if not outcome.perm:
+        return
+    try:
+        key.chown(outcome.uid, outcome.gid)
+        key.setperm(outcome.perm)
+    except KmsKeysError:
+        pass
+
+
 def _reject(key: KeyHandle, outcome: Outcome, log: SyslogWriter, started: float) -> int:
+    negative_mask(key, outcome)
     try:
         key.reject(outcome.timeout, outcome.errno, 0)
     except KmsKeysError as exc:

@@ -18,8 +18,10 @@ from pathlib import Path
 from types import FrameType
 
 from kmskeys.errors import KmsKeysError
-from kmskeys.key import Key
-from kmskeys.keyutils import KEY_SPEC_REQKEY_AUTH_KEY, disable_core_dumps, keyctl_read
+from kmskeys.keyutils import KEY_SPEC_REQKEY_AUTH_KEY, keyctl_read
+from kmskeys.lowlevel import Key
+from kmskeys.lowlevel.process import disable_core_dumps
+from kmskeys.rules import HANDLER_MACROS
 from resolver import background, pipeline
 from resolver import config as config_mod
 from resolver.answer import answer, log_error, log_writer
@@ -31,11 +33,9 @@ from resolver.pipeline import KernelRequest
 WATCHDOG_MARGIN = 0.25
 DEFAULT_DEADLINE = 8.0
 DEFAULT_NEGATIVE_TTL = 10
-USAGE = "usage: kmskeys-resolver handle [--config PATH] %k %d %u %g %T %P %S"
-# The request-key macros install puts in the rule, in this order. The callout (%c) is not among
-# them: it would show in this process's argv (/proc/PID/cmdline) to every local user; the
-# handler reads it from the request's authorization key instead.
-MACROS = "%k %d %u %g %T %P %S"
+# The request-key macros install puts in the rule, in this order: kmskeys/rules.py, the one
+# grammar of the rule line (it says why %c is not among them).
+USAGE = f"usage: kmskeys-resolver handle [--config PATH] {' '.join(HANDLER_MACROS)}"
 
 
 @dataclass(frozen=True)

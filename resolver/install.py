@@ -20,10 +20,10 @@ from pathlib import Path
 from kmskeys import contract, fileio
 from kmskeys.contract import DEFAULT_PREFIX, rule_file_name
 from kmskeys.names import validate_prefix
+from kmskeys.rules import RuleError, format_rule
 from resolver import config as config_mod
 from resolver.config_text import template, toml_value
 from resolver.errors import ConfigError, InstallError
-from resolver.handler import MACROS
 from resolver.registry import SHIPPED
 
 REQUEST_KEY_D = Path(contract.REQUEST_KEY_D)
@@ -124,21 +124,14 @@ def rule_line(
     """
     config = config_mod.load(config_path) if config is None else config
     gate = gate_executable() if gate is None else gate
-    paths = (
-        ("gate", gate),
-        ("resolver", executable),
-        ("config", config_path),
-        ("state_dir", config.state_dir),
-        ("syslog_socket", config.syslog_socket),
-    )
-    for what, path in paths:
-        # request-key splits its program line on whitespace.
+    for what, path in (("state_dir", config.state_dir), ("syslog_socket", config.syslog_socket)):
+        # Handed to the gate on the rule line, which request-key splits on whitespace.
         if any(ch.isspace() for ch in str(path)) or not path.is_absolute():
             raise InstallError(f"{what} path {str(path)!r} must be absolute and without spaces")
-    gate_args = " ".join([str(gate), *gate_settings(config), "%k", "%u", "--"])
-    return (
-        f"create user {prefix}:* * {gate_args} {executable} handle --config {config_path} {MACROS}"
-    )
+    try:
+        return format_rule(prefix, executable, config_path, gate, gate_settings(config))
+    except RuleError as exc:
+        raise InstallError(str(exc)) from None
 
 
 def _toml_list(items: Sequence[str]) -> str:

@@ -4,16 +4,20 @@ The pipeline (resolver/pipeline.py) turns a request into an Outcome without touc
 the answer path (resolver/answer.py) carries it out and writes its one log line. An Outcome is
 plain data (numbers, strings, the payload), so a daemon can decide it in process and hand it to
 a small C program that answers the key (issue 23): for an answer, chown to (`uid`, `gid`),
-setperm `perm`, set the timeout `timeout` and instantiate `payload`; for a failure, reject with
-`errno` and `timeout`; then send `line(ms)` at `severity`.
+setperm `perm`, set the timeout `timeout` and instantiate `payload`; for a failure, chown and
+setperm the same way (a refusal's mask, kmskeys.contract.NEGATIVE_KEY_PERM), reject with `errno`
+and `timeout`; then send `line(ms)` at `severity`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from kmskeys.contract import ADMIN_KEY_PERM, ADMIN_NEGATIVE_KEY_PERM, NEGATIVE_KEY_PERM
 from resolver.errors import ResolverError, errno_name
 from resolver.log import LOG_ERR, LOG_WARNING, format_fields
+
+_ADMIN_PERMS = (ADMIN_KEY_PERM, ADMIN_NEGATIVE_KEY_PERM)
 
 
 class Outcome:
@@ -91,6 +95,9 @@ class Outcome:
             severity=severity if severity is not None else LOG_ERR if error.alarm else LOG_WARNING,
             timeout=self.negative_ttl,
             payload=b"",
+            # A refusal's mask: the answer's owner bits, no possessor bits, and with the admin
+            # group SETATTR too (kmskeys/contract.py NEGATIVE_KEY_PERM).
+            perm=ADMIN_NEGATIVE_KEY_PERM if self.perm in _ADMIN_PERMS else NEGATIVE_KEY_PERM,
             errno=error.answer_errno,
             reason=error.reason,
         )

@@ -17,7 +17,14 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kmskeys.contract import ADMIN_GROUP, ADMIN_KEY_PERM, RESOLVED_KEY_PERM, USER_PAYLOAD_MAX
+from kmskeys.contract import (
+    ADMIN_GROUP,
+    ADMIN_KEY_PERM,
+    ADMIN_NEGATIVE_KEY_PERM,
+    NEGATIVE_KEY_PERM,
+    RESOLVED_KEY_PERM,
+    USER_PAYLOAD_MAX,
+)
 from kmskeys.errors import InvalidNameError
 from resolver.backend import Budget, Context, Request, Result
 from resolver.binding import Binding, ViewSource
@@ -166,6 +173,9 @@ def rejection(
 ) -> Outcome:
     """The rejection Outcome of `asked` with `error`, cached (but EAGAIN) for negative_ttl."""
     facts = facts or {}
+    # The refusal's mask (resolver/answer.py negative_mask): no possessor bits; the admin
+    # group may make it expire (root's `kmskeys flush`).
+    gid = admin_group()
     pending = Outcome(
         "error",
         LOG_WARNING,
@@ -173,7 +183,8 @@ def rejection(
         uid=asked.uid,
         timeout=negative_ttl,
         negative_ttl=negative_ttl,
-        gid=asked.gid,
+        gid=asked.gid if gid is None else gid,
+        perm=NEGATIVE_KEY_PERM if gid is None else ADMIN_NEGATIVE_KEY_PERM,
         name=facts.get("name") or asked.description,
         user=facts.get("user"),
         details=tuple(context.notes.items()) if context is not None else (),

@@ -23,8 +23,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from kmskeys import fileio, keyutils
-from kmskeys.cached import proc_keys
+from kmskeys import fileio, keyutils, prockeys
 from kmskeys.errors import KeyctlError
 from kmskeys.hostflush import admin_gid
 from resolver.accounts import (
@@ -176,9 +175,10 @@ def _flush_uid(uid: int, gid: int) -> int:
         if keyutils.current_fsgid() != gid:
             raise PermissionError(f"cannot take the admin group (gid {gid}): not root?")
         count = 0
-        for key in proc_keys().values():
-            if (key.type, key.uid, key.gid) != ("user", uid, gid):
-                continue
+        # Lines of /proc/keys confirmed by keyctl_describe (kmskeys/prockeys.py), checked again
+        # below for what this flush needs.
+        found = prockeys.keys(lambda key: (key.type, key.uid, key.gid) == ("user", uid, gid))
+        for key in found.values():
             try:
                 described = keyutils.keyctl_describe_alloc(key.serial).split(b";", 4)
                 if described[:3] != [b"user", str(uid).encode(), str(gid).encode()]:

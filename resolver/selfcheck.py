@@ -20,6 +20,16 @@ from typing import Any
 
 from kmskeys import fileio
 from kmskeys.blob import MAX_BLOB_CHARS, BlobFormatError, parse_blob
+from kmskeys.checkreport import (
+    BlobFinding,
+    BlobProblem,
+    BlobsMissing,
+    BlobsScanned,
+    CheckReport,
+    ConfigLoaded,
+    ConfigRefused,
+    GateReport,
+)
 from kmskeys.contract import BLOB_SUFFIX, BUILD_STAMP
 from kmskeys.errors import InvalidNameError
 from kmskeys.names import validate_name
@@ -36,7 +46,7 @@ DEPENDENCIES = ("botocore", "cryptography")
 MAX_BLOB_FILES = 5000
 
 
-def _config_report(path: Path) -> tuple[dict[str, Any], config_mod.Config | None]:
+def _config_report(path: Path) -> tuple[ConfigLoaded | ConfigRefused, config_mod.Config | None]:
     try:
         config = config_mod.load(path)
     except ConfigError as exc:
@@ -118,9 +128,7 @@ def _entries(blob_dir: Path) -> Iterator[tuple[Path, os.stat_result]]:
                 continue  # gone meanwhile
 
 
-def _blob_problem(
-    config: config_mod.Config, path: Path, st: os.stat_result
-) -> dict[str, Any] | None:
+def _blob_problem(config: config_mod.Config, path: Path, st: os.stat_result) -> BlobFinding | None:
     """What the handler would refuse about this entry of blob_dir, or None."""
     relative = os.fspath(path.relative_to(config.blob_dir))
     if stat.S_ISLNK(st.st_mode):
@@ -157,7 +165,7 @@ def _detail(exc: fileio.UntrustedFileError) -> str:
     return exc.detail.removeprefix("is unsafe: ")
 
 
-def _blob_text_problem(config: config_mod.Config, name: str, text: bytes) -> dict[str, Any] | None:
+def _blob_text_problem(config: config_mod.Config, name: str, text: bytes) -> BlobFinding | None:
     try:
         blob = parse_blob(text, allow_legacy=config.allow_legacy_blobs)
         not_after = blob.not_after
@@ -176,7 +184,7 @@ def _blob_text_problem(config: config_mod.Config, name: str, text: bytes) -> dic
     return None
 
 
-def _blobs_report(config: config_mod.Config) -> dict[str, Any]:
+def _blobs_report(config: config_mod.Config) -> BlobsMissing | BlobsScanned:
     blob_dir = config.blob_dir
     try:
         label = f"blob_dir {blob_dir}"
@@ -187,7 +195,7 @@ def _blobs_report(config: config_mod.Config) -> dict[str, Any]:
         return {"problem": "unreadable", "error": exc.detail}
     if not os.access(blob_dir, os.R_OK | os.X_OK):
         return {"problem": "unreadable", "error": "permission denied"}
-    problems: list[dict[str, Any]] = []
+    problems: list[BlobProblem] = []
     count = 0
     truncated = False
     for path, entry in _entries(blob_dir):
@@ -202,7 +210,7 @@ def _blobs_report(config: config_mod.Config) -> dict[str, Any]:
     return {"problem": None, "files": count, "truncated": truncated, "problems": problems}
 
 
-def _gate_report() -> dict[str, Any]:
+def _gate_report() -> GateReport:
     """The installed kmskeys-gate's build stamp against this resolver's (kmskeys/contract.h)."""
     import subprocess
 
@@ -223,7 +231,7 @@ def _gate_report() -> dict[str, Any]:
     }
 
 
-def report(path: Path) -> dict[str, Any]:
+def report(path: Path) -> CheckReport:
     """The whole verdict for the config at `path`: JSON-ready."""
     path = Path(os.path.abspath(path))
     config_report, config = _config_report(path)

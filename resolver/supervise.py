@@ -22,8 +22,8 @@ from collections.abc import Sequence
 
 from kmskeys.contract import DEFAULT_PREFIX
 from kmskeys.errors import InvalidNameError
-from kmskeys.key import Key
-from kmskeys.keyutils import disable_core_dumps
+from kmskeys.lowlevel import Key
+from kmskeys.lowlevel.process import disable_core_dumps
 from kmskeys.names import parse_description
 from resolver import config as config_mod
 from resolver import handler

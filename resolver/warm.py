@@ -32,7 +32,7 @@ from typing import Any
 from kmskeys import fileio
 from kmskeys.blob import Blob, BlobFormatError, parse_blob
 from kmskeys.errors import InvalidNameError
-from kmskeys.keyutils import disable_core_dumps
+from kmskeys.lowlevel.process import disable_core_dumps
 from kmskeys.names import validate_name
 from kmskeys.trust import peer_uid
 from resolver.awsclient import SessionClients

@@ -27,7 +27,13 @@ from typing import ClassVar
 
 import pytest
 
-from kmskeys.contract import ADMIN_KEY_PERM, RESOLVED_KEY_PERM, USER_PAYLOAD_MAX
+from kmskeys.contract import (
+    ADMIN_KEY_PERM,
+    ADMIN_NEGATIVE_KEY_PERM,
+    NEGATIVE_KEY_PERM,
+    RESOLVED_KEY_PERM,
+    USER_PAYLOAD_MAX,
+)
 from kmskeys.errors import InvalidArgumentError, KeyRevokedError
 from resolver.answer import answer
 from resolver.backend import Backend, Context, Request, Result
@@ -218,8 +224,13 @@ class BackendContract:
         assert key.payload.decode("latin-1") not in log.lines[0][1]
 
     def test_a_refusal_is_one_rejection_with_its_class_and_one_line(self, config: Config) -> None:
-        key, log = self._answered(config, self.refused(config))
-        assert key.calls == ["reject"] and key.payload is None
+        request = self.refused(config)
+        key, log = self._answered(config, request)
+        # The refusal's mask first: no possessor bits, or a co-possessor's add_key of the name
+        # would instantiate the cached refusal (kmskeys.contract.NEGATIVE_KEY_PERM).
+        assert key.calls == ["chown", "setperm", "reject"] and key.payload is None
+        assert key.perm in (NEGATIVE_KEY_PERM, ADMIN_NEGATIVE_KEY_PERM)
+        assert key.owner is not None and key.owner[0] == request.uid
         assert key.rejected is not None
         assert key.rejected == (config.negative_ttl, errno.EKEYREJECTED)
         assert len(log.lines) == 1 and " outcome=refused " in log.lines[0][1]

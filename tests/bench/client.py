@@ -16,7 +16,8 @@ HIT_C = Path(__file__).with_name("hit.c")
 HIT_ITERATIONS = 100_000
 HIT_ROUNDS = 7
 FRESH_RUNS = 30
-# docs/design.md, Budgets: a get_secret hit costs at most 1.5x the C program's request + read.
+# docs/design.md, Budgets: a hit through get_secret, and through Key.request(...).read() (both
+# with the owner check), costs at most 1.5x the C program's request + read.
 HIT_BUDGET = 1.5
 SECRET = b"bench-secret-" + b"x" * 19  # a typical 32-byte password
 
@@ -38,13 +39,16 @@ def _per_call_ns(call: Callable[[], object]) -> float:
 
 
 def hit_rows(ctx: BenchContext, prefix: str, name: str) -> list[Row]:
-    """get_secret and Key.request + read on a cached key vs C, in interleaved rounds."""
+    """get_secret and Key.request + read on a cached key vs C, in interleaved rounds; each row
+    with the owner check of the safe tier (the low-level tier's unchecked calls are not the
+    applications' API)."""
     exe = _compile_hit(ctx)
     desc = f"{prefix}:{name}"
     request = Key.request
     calls: dict[str, Callable[[], object]] = {
         # The README's API: what an application calls on every use of the secret.
         "get_secret": lambda: get_secret(name, prefix=prefix),
+        # The design card's and the essay's form (issue 20.1).
         "request": lambda: request(desc.encode()).read(),
     }
     ns: dict[str, list[float]] = {"c": [], "get_secret": [], "request": []}
@@ -71,12 +75,12 @@ def hit_rows(ctx: BenchContext, prefix: str, name: str) -> list[Row]:
             ok=get_ratio <= HIT_BUDGET,
         ),
         row(
-            "hit per call: Key.request + read (the layer below, for reference)",
+            "hit per call: Key.request(desc).read(), owner-checked (the card's form)",
             value=f"{median(ns['request']) / 1000:.2f} µs",
             baseline=baseline,
             ratio=f"{request_ratio:.2f}x",
-            budget="none",
-            ok=None,
+            budget=f"≤ {HIT_BUDGET}x",
+            ok=request_ratio <= HIT_BUDGET,
         ),
     ]
 

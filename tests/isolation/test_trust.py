@@ -29,8 +29,9 @@ from kmskeys import (
     KmsKeysError,
     get_secret,
     keyutils,
+    lowlevel,
 )
-from kmskeys.contract import ADMIN_KEY_PERM
+from kmskeys.contract import ADMIN_KEY_PERM, ADMIN_NEGATIVE_KEY_PERM
 from tests.support.kms_proxy import ProxiedRequest
 from tests.support.names import unique
 from tests.support.requester import Requester, as_user
@@ -82,9 +83,9 @@ def test_a_squatted_named_keyring_leaks_nothing(
     blob_planted, blob_mine = iso.blob(b"kmst-real", name), iso.blob(b"kmst-root-only", mine)
 
     def squat() -> int:
-        ring = Keyring(_raw_join(ring_name))
+        ring = lowlevel.Keyring(_raw_join(ring_name))
         ring.setperm(OPEN)
-        ring.add_key("user", iso.description(name), PLANTED).setperm(OPEN)
+        lowlevel.Key.add("user", iso.description(name), PLANTED, ring).setperm(OPEN)
         return ring.serial
 
     def kmskeys_join() -> object:
@@ -116,13 +117,14 @@ def test_a_squatted_named_keyring_leaks_nothing(
         serial = seen["serial"]
 
         def probe_as_squatter() -> dict[str, object]:
-            ring = Keyring(_raw_join(ring_name))  # B owns it, so B joins it
+            # The low-level tier: no owner check of ours, the kernel's permission checks alone.
+            ring = lowlevel.Keyring(_raw_join(ring_name))  # B owns it, so B joins it
             return {
-                "read": _attempt(lambda: Key(serial).read().decode()),
+                "read": _attempt(lambda: lowlevel.Key(serial).read().decode()),
                 # The search meets root's key and is denied it (EACCES, not ENOKEY): B learns
                 # that the name is cached, never its payload.
                 "search": _attempt(lambda: ring.search(iso.description(mine)).serial),
-                "describe": _attempt(lambda: Key(serial).describe().uid),
+                "describe": _attempt(lambda: lowlevel.Key(serial).describe().uid),
                 "listed": f"{serial:08x}" in Path("/proc/keys").read_text(),
             }
 
@@ -159,7 +161,8 @@ def test_runuser_keeps_roots_keyring_but_gets_nothing_from_it(
         assert key.describe().perm == ADMIN_KEY_PERM
 
         def as_a_in_roots_keyring() -> dict[str, object]:
-            mine = Key(key.serial)
+            # The low-level tier: what the kernel itself lets A do to root's key.
+            mine = lowlevel.Key(key.serial)
             out = {
                 # A's own request meets root's key in the shared keyring and is denied it: the
                 # kernel answers EACCES (no upcall), which kmskeys explains.
@@ -172,7 +175,8 @@ def test_runuser_keeps_roots_keyring_but_gets_nothing_from_it(
                 "invalidate": _attempt(mine.invalidate),
             }
             # A plants the name root will ask for next, readable by all.
-            Keyring.session().add_key("user", iso.description(planted), PLANTED).setperm(OPEN)
+            ring = lowlevel.Keyring.session()
+            lowlevel.Key.add("user", iso.description(planted), PLANTED, ring).setperm(OPEN)
             return out
 
         seen = requester.run(a, as_a_in_roots_keyring, session="inherit")
@@ -197,6 +201,89 @@ def test_runuser_keeps_roots_keyring_but_gets_nothing_from_it(
                 }
             },
             "root": {"still": "kmst-root-bound", "next": {"foreign": a.pw_uid}},
+        }
+    }
+
+
+def test_key_request_never_returns_a_key_another_uid_planted(
+    users: tuple[User, User], iso: Install, requester: Requester
+) -> None:
+    """Issue 20.1: the card's `Key.request("kms:NAME")` and the essay's
+    `Key.request(b"kms:NAME", callout_info=blob)` refuse a key another uid planted in a keyring
+    they share, as get_secret does; a name of one's own still resolves through the upcall."""
+    a, _ = users
+    name, mine = unique("card"), unique("cardmine")
+    blob, blob_mine = iso.blob(b"kmst-card-real", name), iso.blob(b"kmst-card-mine", mine)
+    desc = iso.description(name)
+
+    def root_session() -> object:
+        def plant() -> int:
+            key = lowlevel.Key.add("user", desc, PLANTED, lowlevel.Keyring.session())
+            key.setperm(OPEN)
+            return key.serial
+
+        planted = requester.run(a, plant, session="inherit")
+        return {
+            "planted": isinstance(planted, dict) and "ok" in planted,
+            "card": _foreign(lambda: Key.request(desc).read().decode()),
+            "essay": _foreign(
+                lambda: Key.request(desc.encode(), callout_info=blob.encode()).read().decode()
+            ),
+            "search": _foreign(lambda: Keyring.session().search(desc).read().decode()),
+            "own": Key.request(iso.description(mine), blob_mine).read().decode(),
+        }
+
+    result = as_user("root", root_session, mode=requester.mode)
+    foreign = {"foreign": a.pw_uid}
+    assert result == {
+        "ok": {
+            "planted": True,
+            "card": foreign,
+            "essay": foreign,
+            "search": foreign,
+            "own": "kmst-card-mine",
+        }
+    }
+    assert iso.decrypts() == 1  # root's own name: the planted one never reached the resolver
+
+
+def test_a_cached_refusal_cannot_be_turned_into_a_planted_secret(
+    users: tuple[User, User], iso: Install, requester: Requester
+) -> None:
+    """A co-possessor's add_key of a refused name in a shared keyring would update the negative
+    key, which instantiates it with the planted payload in a key the requester owns, if
+    possessors could WRITE it (the kernel's default mask): the resolver's refusal grants
+    possessors nothing (contract.NEGATIVE_KEY_PERM)."""
+    a, _ = users
+    name = unique("refused")  # no blob deployed: the resolver answers ENOKEY, cached
+    desc = iso.description(name)
+
+    def root_session() -> object:
+        from kmskeys.cached import cached_failure
+
+        first = _attempt(lambda: get_secret(name, prefix=iso.prefix))
+        negative = cached_failure(desc)
+
+        def plant() -> object:
+            ring = lowlevel.Keyring.session()
+            return _attempt(lambda: lowlevel.Key.add("user", desc, PLANTED, ring).serial)
+
+        planted = requester.run(a, plant, session="inherit")
+        return {
+            "first": first,
+            "perm": None if negative is None else negative.perm,
+            "planted": planted,
+            "again": _attempt(lambda: get_secret(name, prefix=iso.prefix).decode()),
+        }
+
+    result = as_user("root", root_session, mode=requester.mode)
+    unknown = {"error": "KeyNotFoundError", "errno": errno.ENOKEY}
+    assert result == {
+        "ok": {
+            "first": unknown,
+            "perm": ADMIN_NEGATIVE_KEY_PERM,
+            "planted": {"ok": DENIED},
+            "again": unknown,
         }
     }
 

@@ -54,6 +54,9 @@ def test_b_never_reads_as_instantiated_key(
         serial, ring = held["serial"], held["ring"]
 
         def probe_as_b() -> dict[str, object]:
+            # The low-level tier: no owner check of the client's, the kernel's permissions alone.
+            from kmskeys.lowlevel import Key, Keyring
+
             proc_keys = Path("/proc/keys").read_text()
             return {
                 "read": _attempt(lambda: Key(serial).read().decode()),

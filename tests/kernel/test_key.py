@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 import kmskeys
-from kmskeys import Key, Keyring
+from kmskeys import Key, Keyring, lowlevel
 from kmskeys.errors import (
     InvalidArgumentError,
     KeyExpiredError,
     KeyNotFoundError,
+    KeyOwnershipError,
     KeyPermissionError,
     KeyRejectedError,
     KeyRevokedError,
@@ -184,8 +185,73 @@ def test_join_session_gives_a_new_empty_keyring(session_keyring: Keyring) -> Non
 
 def test_other_uid_cannot_read_the_key(session_keyring: Keyring) -> None:
     key = session_keyring.add_key("user", desc(), b"root-only")
-    result = as_user(NOBODY, key.read)
-    assert result == {"error": "KeyPermissionError", "errno": errno.EACCES}
+    # The safe tier refuses before reading: the key is not the reader's.
+    assert as_user(NOBODY, key.read) == {"error": "KeyOwnershipError", "errno": errno.EACCES}
+    # The low-level tier reads unchecked, and the kernel's own permission check refuses.
+    unchecked = lowlevel.Key(key.serial).read
+    assert as_user(NOBODY, unchecked) == {"error": "KeyPermissionError", "errno": errno.EACCES}
+
+
+OPEN = 0x3F3F3F3F  # every permission for everyone: what a planter sets
+
+
+def _planted(session_keyring: Keyring) -> tuple[str, int]:
+    """A key NOBODY adds to this (shared) session keyring, readable by everyone."""
+    name = desc()
+
+    def plant() -> int:
+        key = lowlevel.Keyring.session().add_key("user", name, b"planted")
+        assert isinstance(key, lowlevel.Key)
+        key.setperm(OPEN)
+        return key.serial
+
+    result = as_user(NOBODY, plant, session="inherit")
+    assert isinstance(result, dict) and "ok" in result, result
+    return name, result["ok"]
+
+
+def test_the_safe_tier_never_returns_a_key_another_uid_planted(session_keyring: Keyring) -> None:
+    name, serial = _planted(session_keyring)
+    # The card's form and the essay's form (callout info given: found in the keyring, so no
+    # upcall happens) both refuse, naming the owner; so does a read by serial.
+    for call in (
+        lambda: Key.request(name),
+        lambda: Key.request(name.encode(), callout_info=b"Q0lDSQ=="),
+        lambda: Key(serial).read(),
+        lambda: session_keyring.search(name).read(),
+    ):
+        with pytest.raises(KeyOwnershipError) as caught:
+            call()
+        assert caught.value.owner == NOBODY and caught.value.serial == serial
+    # The kernel itself would have handed it over: only the owner check stands in between.
+    assert lowlevel.Key.request(name).read() == b"planted"
+
+
+def test_a_key_checked_for_one_fsuid_is_checked_again_for_another(
+    session_keyring: Keyring,
+) -> None:
+    name = desc()
+    session_keyring.add_key("user", name, b"root-only")
+    key = Key.request(name)
+    assert key.read() == b"root-only"  # checked and remembered for this thread, for a second
+
+    def read_again() -> bytes:
+        # A forked child inherits the thread's memory of the check; as another fsuid, which
+        # possesses the key through the inherited session (the kernel would let it read), the
+        # check is made again and refuses.
+        return key.read()
+
+    assert as_user(NOBODY, read_again, session="inherit", mode="fsuid") == {
+        "error": "KeyOwnershipError",
+        "errno": errno.EACCES,
+    }
+
+
+def test_the_sharp_calls_are_in_the_low_level_tier_only() -> None:
+    sharp = ("instantiate", "reject", "negate", "assume_authority", "setperm", "chown")
+    assert not [name for name in sharp if hasattr(Key, name) or hasattr(Keyring, name)]
+    assert all(hasattr(lowlevel.Key, name) and hasattr(lowlevel.Keyring, name) for name in sharp)
+    assert issubclass(lowlevel.Keyring, Keyring) and issubclass(lowlevel.Key, Key)
 
 
 def test_other_uid_cannot_find_the_key_by_search(session_keyring: Keyring) -> None:
@@ -214,7 +280,8 @@ def _ekeyrevoked(ring: Keyring) -> None:
 
 
 def _eacces(ring: Keyring) -> None:
-    key = ring.add_key("user", desc(), b"x")
+    key = lowlevel.Keyring(ring.serial).add_key("user", desc(), b"x")
+    assert isinstance(key, lowlevel.Key)
     key.setperm(0)
     key.read()
 
@@ -318,3 +385,42 @@ def test_a_key_that_expires_before_the_upcall_exits_is_enokey_to_its_requester(
         pytest.raises(KeyNotFoundError),
     ):
         kmskeys.get_secret(unique(), prefix=prefix)
+
+
+def test_key_request_takes_every_argument_form_alike(session_keyring: Keyring) -> None:
+    """Key.request is C on its fast path (bytes, no destination) and Python otherwise: both
+    answer alike, with the same checks and errors."""
+    name = desc()
+    key = session_keyring.add_key("user", name, b"same")
+    forms = [
+        lambda: Key.request(name.encode()),
+        lambda: Key.request(name),
+        lambda: Key.request(description=name.encode(), type=b"user"),
+        lambda: Key.request(name, None, session_keyring, "user"),
+        lambda: Key.request(name.encode(), destination=session_keyring.serial),
+    ]
+    for form in forms:
+        found = form()
+        assert type(found) is Key and found == key and found.read() == b"same"
+    assert type(Keyring.request(name.encode())) is Keyring  # the class it was called on
+    for missing in (lambda: Key.request(desc().encode()), lambda: Key.request(desc())):
+        with pytest.raises(KeyNotFoundError):
+            missing()
+    with pytest.raises(TypeError):
+        Key.request(name.encode(), nonsense=1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Key.request(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Key.request(name.encode() + b"\0x")
+
+
+@pytest.mark.parametrize("size", [1, 1023, 1024, 1025, 4096, 4097, 32767])
+def test_payloads_on_either_side_of_the_first_read_come_back_whole(
+    session_keyring: Keyring, size: int
+) -> None:
+    # kmskeys/_hitpath.c reads 1024 bytes first and reads again when the payload is larger.
+    prefix, name = "kmst", unique()
+    payload = bytes((i * 7 + size) % 251 for i in range(size))
+    session_keyring.add_key("user", f"{prefix}:{name}", payload)
+    assert Key.request(f"{prefix}:{name}").read() == payload
+    assert kmskeys.get_secret(name, prefix=prefix) == payload

@@ -23,16 +23,19 @@ CONSTANTS = [
     "KEY_SPEC_USER_SESSION_KEYRING",
     "KEY_SPEC_GROUP_KEYRING",
     "KEY_SPEC_REQKEY_AUTH_KEY",
-    "CLONE_NEWUSER",
-    "CLONE_NEWNS",
 ]
+# The process-wide calls' constants live beside those calls (kmskeys.lowlevel.process).
+PROCESS_CONSTANTS = ["CLONE_NEWUSER", "CLONE_NEWNS"]
 
 
-@pytest.mark.parametrize("name", CONSTANTS)
+@pytest.mark.parametrize("name", CONSTANTS + PROCESS_CONSTANTS)
 def test_the_written_out_constants_are_the_librarys(name: str) -> None:
     from kmskeys._keyutils_cffi import lib
 
-    assert getattr(keyutils, name) == getattr(lib, name)
+    from kmskeys.lowlevel import process
+
+    home = process if name in PROCESS_CONSTANTS else keyutils
+    assert getattr(home, name) == getattr(lib, name)
 
 
 def test_cffi_loads_on_the_first_call_that_needs_it() -> None:

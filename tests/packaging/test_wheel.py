@@ -154,6 +154,8 @@ def test_wheel_holds_both_compiled_modules_the_script_data_and_license(dist: Dis
         "kmskeys/_hitpath.abi3.so",
         "resolver/kmskeys-gate",
         "kmskeys/py.typed",
+        "kmskeys/doctor/run.py",  # the subpackages: doctor, the low-level tier
+        "kmskeys/lowlevel/__init__.py",
         "resolver/data/kmskeys-resolver.service",
         "resolver/data/kmskeys-firewall.service",
         *PROGRAMS,

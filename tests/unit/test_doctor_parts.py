@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from kmskeys import errors
-from kmskeys.cached import ProcKeyLine, flush_command
-from kmskeys.doctor import Finding, _config_fix
+from kmskeys.cached import flush_command
+from kmskeys.doctor.config import _config_fix
+from kmskeys.doctor.finding import Finding
+from kmskeys.prockeys import ProcKey
 from resolver import config as config_mod
 from resolver.errors import ConfigError
 from resolver.install import default_config_text
@@ -77,14 +79,14 @@ def test_finding_text_and_json_are_the_same_finding() -> None:
 
 
 def test_proc_keys_lines_and_expiry() -> None:
-    neg = ProcKeyLine("1a2b3c4d I--QN--     1  53s 3f010000     0     0 user      kms:db\n")
+    neg = ProcKey("1a2b3c4d I--QN--     1  53s 3f010000     0     0 user      kms:db\n")
     assert (neg.serial, neg.negative, neg.description, neg.expires) == (
         0x1A2B3C4D,
         True,
         "kms:db",
         "in 53 s",
     )
-    ok = ProcKeyLine("0000002a I--Q---     1   2m 3f0b0000  1000  1000 user      kms:a/b: 12\n")
+    ok = ProcKey("0000002a I--Q---     1   2m 3f0b0000  1000  1000 user      kms:a/b: 12\n")
     assert (ok.negative, ok.description, ok.expires) == (False, "kms:a/b", "in 2 min")
     assert flush_command("kms:db") == "kmskeys flush db"
     assert flush_command("app:a b") == "kmskeys flush 'a b' --prefix app"

@@ -23,6 +23,17 @@ VIOLATIONS = {
         "resolver/_cycle_a.py": "from resolver import _cycle_b\n",
         "resolver/_cycle_b.py": "def f() -> None:\n    from resolver import _cycle_a\n",
     },
+    # A hot-path module that reaches the toolbox through a module of its own: the contract
+    # follows indirect imports, and a lazy import inside a function counts.
+    "hot-path-apart": {
+        "kmskeys/_violation.py": "def f() -> None:\n    from kmskeys.doctor import rule\n",
+    },
+}
+# contract id -> lines appended to existing modules of the copy (restored afterwards).
+APPENDED = {
+    "hot-path-apart": {
+        "kmskeys/names.py": "\n\ndef _violate() -> None:\n    import kmskeys._violation\n"
+    },
 }
 
 
@@ -55,13 +66,19 @@ def test_contract_holds_and_breaks_on_a_violation(tree: Path, contract: str) -> 
     kept = _lint(tree, contract)
     assert kept.returncode == 0, kept.stdout + kept.stderr
     added = [tree / path for path in VIOLATIONS[contract]]
+    appended = {tree / path: text for path, text in APPENDED.get(contract, {}).items()}
+    originals = {path: path.read_text() for path in appended}
     try:
         for path, text in zip(added, VIOLATIONS[contract].values(), strict=True):
             path.write_text(text)
+        for path, text in appended.items():
+            path.write_text(originals[path] + text)
         broken = _lint(tree, contract)
     finally:
         for path in added:
             path.unlink()
+        for path, text in originals.items():
+            path.write_text(text)
     assert broken.returncode != 0, broken.stdout
     assert "BROKEN" in broken.stdout, broken.stdout
     assert "_violation" in broken.stdout or "_cycle_" in broken.stdout, broken.stdout

@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 
 from kmskeys import Key, KeyNotFoundError, Keyring, get_secret
-from kmskeys.doctor import check_rule, listens
 from kmskeys.doctor import main as doctor_main
+from kmskeys.doctor.rule import check_rule
+from kmskeys.doctor.syslog import listens
 from kmskeys.upcall_probe import REQUEST_KEY_D, become_fsuid, nobody
 from resolver.install import rule_line, rule_path
 from tests.support.names import unique, unique_prefix

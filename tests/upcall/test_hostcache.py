@@ -90,7 +90,9 @@ def test_another_uid_cannot_reach_the_host_cache(resolver: Install) -> None:
     assert isinstance(found, dict) and isinstance(found.get("ok"), int), found
 
     def probe() -> dict[str, str]:
-        from kmskeys import Key, keyutils
+        # The low-level tier: what the kernel itself refuses, without the client's owner check.
+        from kmskeys import keyutils
+        from kmskeys.lowlevel import Key
 
         out = {}
         for what, call in (

@@ -228,11 +228,11 @@ def test_a_pass_key_lives_pass_ttl_and_never_reaches_the_host_cache(
     prefix = prefix_of(install)
 
     def session() -> dict[str, object]:
-        from kmskeys.cached import proc_keys
+        from kmskeys import prockeys
 
         value = read(prefix, "email/work#field=url")
         desc = f"{prefix}:email/work#field=url"
-        expiry = [k.expiry for k in proc_keys().values() if k.description == desc]
+        expiry = [k.expiry for k in prockeys.keys().values() if k.description == desc]
         return {"value": value, "expiry": expiry}
 
     got = requester.run(owner.pw.pw_name, session)

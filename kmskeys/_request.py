@@ -1,0 +1,97 @@
+"""The Python side of the safe tier's C calls (kmskeys/_hitpath.c): off the hit path.
+
+`kmskeys.Key.request` is C (`_hitpath.key_request`) for bytes arguments without a destination;
+the C code imports this module the first time it meets anything else (`request_slow`) or a
+failure or a key another uid owns (`failed_hook`), so `import kmskeys` never loads it. The
+errors of `get_secret` and `Key.read` are made here too. A failure the kernel now caches is
+named as such (kmskeys/cached.py: which negative key, when it expires, who put it there, the
+flush that drops it).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from kmskeys import _hitpath, keyutils
+from kmskeys.errors import KmsKeysError, error_for_errno, foreign_key_error
+from kmskeys.names import as_bytes
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn, Protocol, TypeVar
+
+    class _Serial(Protocol):
+        serial: int
+
+    K = TypeVar("K")
+
+
+def request_failed(exc: OSError, description: bytes, callout: bytes | None) -> Exception:
+    """The client's error for a failed request_key(2) of `description`."""
+    desc = description.decode(errors="replace")
+    if isinstance(exc, KmsKeysError):
+        err: KmsKeysError = exc
+    else:
+        upcall = callout is not None
+        err = error_for_errno(
+            exc.errno or 0, "request_key " + desc[:256], upcall=upcall, description=desc
+        )
+    if callout is None:
+        return err
+    from kmskeys.cached import explained
+
+    return explained(err, desc)
+
+
+def foreign(description: str, found: tuple[int, None, int, int]) -> Exception:
+    """KeyOwnershipError for a key found under `description` that this fsuid does not own."""
+    serial, _, owner, fsuid = found
+    return foreign_key_error(description, serial, owner, fsuid)
+
+
+def failed_hook(
+    description: bytes, callout: bytes | None, err: int, found: tuple[int, None, int, int] | None
+) -> NoReturn:
+    """A failure of `_hitpath.key_request`: raise the client's error for it."""
+    if found is not None:
+        raise foreign(description.decode(errors="replace"), found)
+    raise request_failed(OSError(err, os.strerror(err)), description, callout)
+
+
+def request_slow(
+    cls: type[K],
+    description: str | bytes,
+    callout_info: str | bytes | None = None,
+    destination: _Serial | int | None = None,
+    type: str | bytes = b"user",
+) -> K:
+    """Key.request with arguments the C fast path does not take (a str, a Key as destination):
+    converted, then the same C call. `cls` is the kmskeys.Key (sub)class it was made on."""
+    desc = as_bytes(description, "description")
+    callout = None if callout_info is None else as_bytes(callout_info, "callout info")
+    key_type = as_bytes(type, "key type")
+    for what, value in (("description", desc), ("callout info", callout), ("key type", key_type)):
+        if value is not None and b"\0" in value:
+            # request_key(2) takes C strings: the kernel would see less than was asked for.
+            raise error_for_errno(errno.EINVAL, f"request_key: the {what} holds a NUL byte")
+    if destination is None or isinstance(destination, int):
+        dest = int(destination or 0)
+    else:
+        dest = destination.serial
+    key: K = _hitpath.key_request(cls, desc, callout, dest, key_type)
+    return key
+
+
+def read_failed(serial: int, exc: OSError) -> bytes:
+    """Key.read's C call failed: a payload over its buffer is read another way (after the
+    check passed), anything else is the client's error."""
+    if exc.errno == errno.EMSGSIZE:
+        # A big_key or a large keyring: over the C path's 32767-byte buffer.
+        return keyutils.keyctl_read(serial)
+    raise error_for_errno(exc.errno or 0, "keyctl_read") from None
+
+
+def read_foreign(serial: int, owner: int, fsuid: int) -> Exception:
+    """KeyOwnershipError for Key(serial).read() of a key this fsuid does not own."""
+    return foreign_key_error(f"key {serial}", serial, owner, fsuid)
