@@ -12,6 +12,10 @@ lines there, never make root act on a key the line does not truly describe.
 
 The host cache (resolver/hostcache.py) is a keyring under root's persistent keyring: root
 reaches it as its possessor and invalidates the entries of the name.
+
+Before any of that, the flush epoch of every install routing the prefix changes
+(kmskeys/flushepoch.py): a miss already running then resolves again instead of landing the value
+it read before the flush.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import errno
 import grp
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from kmskeys import keyutils, prockeys
 from kmskeys.contract import (
     ADMIN_GROUP,
+    DEFAULT_STATE_DIR,
     HOSTCACHE_ENTRY_PREFIX,
     HOSTCACHE_KEYRING,
     HOSTCACHE_KEYRING_PERM,
@@ -118,12 +124,32 @@ def flush_host(prefix: str | None, name: str | None) -> Flushed:
         except BaseException as exc:  # re-raised in the caller's thread
             outcome.append(exc)
 
+    # First: a miss in flight that answers after this sees the change (flushepoch's order).
+    bump_epochs(prefix, name)
     worker = threading.Thread(target=run, name="kmskeys-flush")
     worker.start()
     worker.join()
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     return outcome[0]
+
+
+def bump_epochs(prefix: str | None, name: str | None) -> list[Path]:
+    """Change the flush epoch in the state_dir of every rule routing `prefix` (every kmskeys
+    rule when None); the state_dirs it changed."""
+    from kmskeys import flushepoch
+    from kmskeys.rules import installed_rules
+
+    dirs: list[Path] = []
+    for rule in installed_rules():
+        if prefix is not None and rule.prefix != prefix:
+            continue
+        # A rule without the gate (an older install) uses the default state_dir.
+        state_dir = rule.state_dir or Path(DEFAULT_STATE_DIR)
+        if state_dir not in dirs:
+            flushepoch.bump(state_dir, prefix, name)
+            dirs.append(state_dir)
+    return dirs
 
 
 def _flush_host(prefix: str | None, name: str | None) -> Flushed:

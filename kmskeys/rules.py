@@ -48,6 +48,13 @@ class Rule:
     path: Path | None = None  # the file it was read from
 
     @property
+    def state_dir(self) -> Path | None:
+        """The state_dir the gate is given (its first setting), if the rule runs the gate."""
+        if self.gate is None or not self.gate_settings:
+            return None
+        return Path(self.gate_settings[0])
+
+    @property
     def current(self) -> bool:
         """Written the way install writes it today (older installs also passed %c)."""
         return self.args[:1] == (HANDLE,) and self.args[3:] == HANDLER_MACROS
@@ -131,3 +138,28 @@ def rule_file(prefix: str, request_key_d: Path = Path(REQUEST_KEY_D)) -> Path:
         except (OSError, UnicodeDecodeError):
             continue
     return path
+
+
+def rules_in(text: str, path: Path | None = None) -> list[Rule]:
+    """Every `create user PREFIX:* *` rule of a request-key.conf file's text, whatever PREFIX."""
+    found = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) > 4 and words[:2] == ["create", "user"] and words[2].endswith(":*"):
+            rule = parse_rule(line, words[2][:-2], path)
+            if rule is not None:
+                found.append(rule)
+    return found
+
+
+def installed_rules(request_key_d: Path = Path(REQUEST_KEY_D)) -> list[Rule]:
+    """Every rule of every file in request_key_d that runs kmskeys (its gate or its resolver);
+    unreadable files are skipped."""
+    found = []
+    for path in sorted(request_key_d.glob("*.conf")):
+        try:
+            rules = rules_in(path.read_text(), path)
+        except (OSError, UnicodeDecodeError):
+            continue
+        found += [r for r in rules if r.gate is not None or r.args[:1] == (HANDLE,)]
+    return found
