@@ -163,3 +163,61 @@ def installed_rules(request_key_d: Path = Path(REQUEST_KEY_D)) -> list[Rule]:
             continue
         found += [r for r in rules if r.gate is not None or r.args[:1] == (HANDLE,)]
     return found
+
+
+# install records what it was asked and what it claims in the rule file (one comment line,
+# which request-key ignores) and in the install's state_dir: doctor's fixes re-run exactly that
+# install (kmskeys/doctor/fixes.py), and a second install refuses to share what this one claims
+# (resolver/installclash.py).
+RECORD_LINE = "# kmskeys-install: "
+RECORD_FILE = "install-record"
+
+
+@dataclass(frozen=True)
+class InstallRecord:
+    """One install as `kmskeys-resolver install` made it: its options (`rules`, `config`,
+    `prefix`), the prefixes its rules route, what it claims on the host, and the root side's
+    own programs (the resolver it installed, that resolver's interpreter)."""
+
+    prefix: str
+    config: str
+    rules: str
+    routed: tuple[str, ...]
+    stored_prefix: str
+    state_dir: str
+    keystore_dir: str | None  # when the rules route stored:
+    warm_socket: str | None
+    resolver: str
+    python: str
+
+    def line(self) -> str:
+        """The record as its rule-file comment line."""
+        import json
+
+        fields = {**self.__dict__, "routed": list(self.routed)}
+        return RECORD_LINE + json.dumps(fields, sort_keys=True)
+
+    def install_command(self) -> str:
+        """The command that makes this install again, as its root side runs it."""
+        import shlex
+
+        words = [self.resolver, "install", "--config", self.config, "--prefix", self.prefix]
+        return shlex.join([*words, "--rules", self.rules])
+
+
+def parse_record(text: str) -> InstallRecord | None:
+    """The install record in a rule file's (or a record file's) text; None when it has none or
+    one of another shape."""
+    import json
+
+    for line in text.splitlines():
+        if not line.startswith(RECORD_LINE):
+            continue
+        try:
+            fields = json.loads(line[len(RECORD_LINE) :])
+            record = InstallRecord(**{**fields, "routed": tuple(fields["routed"])})
+        except (ValueError, TypeError, KeyError):
+            return None
+        strings = (record.prefix, record.config, record.rules, record.resolver, record.python)
+        return record if all(isinstance(s, str) for s in strings) else None
+    return None
