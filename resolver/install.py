@@ -27,6 +27,8 @@ from resolver.config_text import template, toml_value
 from resolver.errors import ConfigError, InstallError
 from resolver.installclash import (
     check_clashes,
+    ensure_state_dir,
+    kept_record,
     make_record,
     remove_state_record,
     write_state_record,
@@ -286,7 +288,12 @@ def install(
     config_path = Path(os.path.abspath(config_path))
     prefix, config = _prefix_for(config_path, prefix)
     target = rule_path(prefix, request_key_d)
-    manifest = Manifest.parse(target.read_text()) if target.exists() else Manifest()
+    manifest = Manifest()
+    if target.exists():
+        manifest = Manifest.parse(target.read_text())
+    elif config is not None and (kept := kept_record(config.state_dir, config_path)) is not None:
+        # The rule file is gone, the install's record is not: what it created stays listed.
+        manifest = Manifest.parse(kept)
     actions: list[str] = []
     for arn in key_arns:
         try:
@@ -317,7 +324,7 @@ def install(
     record = make_record(config, rules, routed, executable)
     try:
         # Before anything more is written: a second install shares nothing with the first.
-        check_clashes(record, request_key_d)
+        check_clashes(record, target, request_key_d)
     except InstallError:
         _undo(manifest, wrote_config, made)
         raise
@@ -330,12 +337,12 @@ def install(
         raise InstallError(f"{request_key_d} is missing: install the keyutils package")
     ensure_admin_group(actions)
     try:
-        created = write_state_record(record)
+        if ensure_state_dir(record):
+            manifest.dirs.append(Path(record.state_dir))
+            actions.append(f"created directory {record.state_dir}")
+        write_state_record(record, manifest.lines())
     except (fileio.UntrustedFileError, OSError) as exc:
         raise InstallError(f"state_dir {record.state_dir}: {exc}") from None
-    if created:
-        manifest.dirs.append(Path(record.state_dir))
-        actions.append(f"created directory {record.state_dir}")
     text = "\n".join(
         [
             f"{MARKER} (prefix {prefix}); `kmskeys-resolver uninstall` removes this file.",

@@ -44,10 +44,11 @@ def make_record(
     )
 
 
-def check_clashes(record: InstallRecord, request_key_d: Path) -> None:
+def check_clashes(record: InstallRecord, target: Path, request_key_d: Path) -> None:
     """InstallError naming each thing `record` would share with another install, and what to
-    set instead; nothing when it shares none."""
-    problems = list(_clashes(record, request_key_d))
+    set instead; nothing when it shares none. The install in `target`, the rule file this one
+    (re)writes, is the one being replaced (`install --config OTHER` points the rule at OTHER)."""
+    problems = list(_clashes(record, target, request_key_d))
     if problems:
         raise InstallError(
             "another install on this host claims what this one would use:\n  "
@@ -63,11 +64,11 @@ def _setting_of(config: config_mod.Config, prefix: str) -> str:
     return "prefix"
 
 
-def _clashes(record: InstallRecord, request_key_d: Path) -> Iterator[str]:
+def _clashes(record: InstallRecord, target: Path, request_key_d: Path) -> Iterator[str]:
     config = config_mod.load(Path(record.config))
     ours = record.config
     for path, other in _others(request_key_d):
-        if other.config == ours:
+        if other.config == ours or path == target:
             continue  # the same install, its rules in another file
         where = f"{path} (config {other.config})"
         for prefix in sorted(set(record.routed) & set(other.routed)):
@@ -103,7 +104,7 @@ def _clashes(record: InstallRecord, request_key_d: Path) -> Iterator[str]:
 
 def _others(request_key_d: Path) -> Iterator[tuple[Path, InstallRecord]]:
     """Each rule file of the directory, as a record (made from its rules and config for an
-    install from before records); the target too (another config may have written it)."""
+    install from before records)."""
     for path in sorted(request_key_d.glob("*.conf")):
         try:
             text = path.read_text()
@@ -145,15 +146,29 @@ def _guessed(text: str, path: Path) -> InstallRecord | None:
     )
 
 
-def write_state_record(record: InstallRecord) -> bool:
-    """Keep the record in the install's state_dir too (doctor reads it when the rule is gone);
-    True if this created the state_dir."""
+def ensure_state_dir(record: InstallRecord) -> bool:
+    """Make the install's state_dir (root-only) if missing; True if this created it."""
     state_dir = Path(record.state_dir)
     created = not state_dir.exists()
-    fd = fileio.open_dir(state_dir, f"state_dir {state_dir}", fileio.CREATE | fileio.PRIVATE)
-    os.close(fd)
-    fileio.write_atomic(state_dir / RECORD_FILE, (record.line() + "\n").encode(), 0o600)
+    os.close(fileio.open_dir(state_dir, f"state_dir {state_dir}", fileio.CREATE | fileio.PRIVATE))
     return created
+
+
+def write_state_record(record: InstallRecord, manifest: list[str]) -> None:
+    """Keep the record, with install's manifest lines, in the install's state_dir too: doctor
+    reads it when the rule is gone, and install then writes the rule file as it was."""
+    text = "\n".join([record.line(), *manifest, ""])
+    fileio.write_atomic(Path(record.state_dir) / RECORD_FILE, text.encode(), 0o600)
+
+
+def kept_record(state_dir: Path, config: Path) -> str | None:
+    """The state_dir's record text, if it is the install of `config`'s."""
+    try:
+        text = fileio.read_file(state_dir / RECORD_FILE, 1 << 16, "install record").decode()
+    except (fileio.UntrustedFileError, OSError, UnicodeDecodeError):
+        return None
+    record = parse_record(text)
+    return text if record is not None and record.config == str(config) else None
 
 
 def remove_state_record(text: str) -> str | None:
