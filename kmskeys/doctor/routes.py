@@ -3,11 +3,13 @@ with the same config (`--rules both` routes kms: and stored: from one rule file)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from kmskeys.doctor.finding import FAIL, OK, Finding
 from kmskeys.doctor.fixes import REQUEST_KEY_D, recorded
-from kmskeys.rules import Rule, read_rule, rule_file
+from kmskeys.rules import Rule, installed_rules, read_rule, rule_file
 
 
 def check_routes(prefix: str, rule: Rule | None) -> Iterator[Finding]:
@@ -45,3 +47,9 @@ def _rule_of(prefix: str) -> Rule | None:
         return read_rule(path, prefix)
     except (OSError, UnicodeDecodeError):
         return None
+
+
+def routed_prefixes(config: Path) -> set[str]:
+    """The prefixes the rules of /etc/request-key.d route to a resolver with `config`."""
+    wanted = os.path.abspath(config)
+    return {r.prefix for r in installed_rules(REQUEST_KEY_D) if str(r.config) == wanted}

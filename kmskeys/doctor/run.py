@@ -22,12 +22,16 @@ from kmskeys.doctor.fixes import install_fix, own_resolver, pip_fix, recorded, s
 from kmskeys.doctor.imds import _probe_as_nobody, imds_findings
 from kmskeys.doctor.keyctl import check_keyctl, check_request_key
 from kmskeys.doctor.negative import check_negative_keys
+from kmskeys.doctor.programs import check_program_host
 from kmskeys.doctor.quota import check_quota
+from kmskeys.doctor.refresher import check_refresher
 from kmskeys.doctor.report import run_check
-from kmskeys.doctor.routes import check_routes
+from kmskeys.doctor.routes import check_routes, routed_prefixes
 from kmskeys.doctor.rule import check_gate, check_rule
 from kmskeys.doctor.session import check_session_keyring
+from kmskeys.doctor.stored import check_stored
 from kmskeys.doctor.syslog import check_syslog
+from kmskeys.doctor.tools import check_tools
 from kmskeys.doctor.upcall import check_upcalls
 from kmskeys.doctor.warm import check_warm_daemon
 from kmskeys.rules import Rule
@@ -116,6 +120,11 @@ def _verdict(report: CheckReport, rule: Rule | None, prefix: str) -> Iterator[Fi
         yield from check_blobs(report, config)
         yield from check_syslog(config, path)
         yield from check_warm_daemon(config, path)
+        routed = routed_prefixes(path)
+        yield from check_program_host(config)
+        yield from check_stored(config, path, routed)
+        yield from check_tools(config, path, routed)
+        yield from check_refresher(config, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
