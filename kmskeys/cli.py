@@ -351,13 +351,13 @@ def _flushed(label: str, host: Flushed | None, own: int) -> str:
 def _flush_own(prefix: str | None, desc: str | None) -> int:
     """Flush the keys this process sees under `prefix` (one description when given, with its
     selectors' keys: kmskeys.hostflush.covers)."""
-    from kmskeys.hostflush import covers
+    from kmskeys.hostflush import OWN_FLUSH_WAIT, covers, invalidate_each
 
     count = 0
     found = [k for k in visible_keys(prefix) if desc is None or covers(desc, k.description)]
     # Invalidation removes the key from every keyring, so no other process of this user keeps
     # serving the old value after a rotation.
-    done = _invalidate_each([key.serial for key in found], OWN_FLUSH_WAIT)
+    done = invalidate_each([key.serial for key in found], OWN_FLUSH_WAIT)
     for key in found:
         # False: a negative key cannot be invalidated (every lookup but unlink's returns its
         # rejection errno); unlinking it from our keyrings below drops it for us. None: a key
@@ -370,37 +370,6 @@ def _flush_own(prefix: str | None, desc: str | None) -> int:
         if _unlink_from_own_keyrings(key.serial) or flushed:
             count += 1
     return count
-
-
-# How long the flush of this process's own keys waits for a key under construction.
-OWN_FLUSH_WAIT = 0.5
-
-
-def _invalidate_each(serials: list[int], wait: float) -> dict[int, bool | None]:
-    """Invalidate each key, in a thread of its own: True invalidated, False refused, None
-    still waiting after `wait` s (the kernel waits for a key under construction to be answered
-    before it invalidates it; the thread goes on, and dies with the process)."""
-    import threading
-    import time
-
-    from kmskeys.errors import KeyctlError
-
-    results: dict[int, bool] = {}
-
-    def run(serial: int) -> None:
-        try:
-            keyutils.keyctl_invalidate(serial)
-            results[serial] = True
-        except KeyctlError:
-            results[serial] = False
-
-    threads = [threading.Thread(target=run, args=(s,), daemon=True) for s in serials]
-    for thread in threads:
-        thread.start()
-    until = time.monotonic() + wait
-    for thread in threads:
-        thread.join(max(0.0, until - time.monotonic()))
-    return {serial: results.get(serial) for serial in serials}
 
 
 def _unlink_from_own_keyrings(serial: int) -> bool:

@@ -58,6 +58,34 @@ class Flushed:
     negative: int = 0  # cached failures (negative keys) of any uid made to expire
 
 
+# How long the flush of this process's own keys waits for a key under construction.
+OWN_FLUSH_WAIT = 0.5
+
+
+def invalidate_each(serials: list[int], wait: float) -> dict[int, bool | None]:
+    """Invalidate each key, in a thread of its own: True invalidated, False refused, None
+    still waiting after `wait` s (the kernel waits for a key under construction to be answered
+    before it invalidates it; the thread goes on, and dies with the process)."""
+    import threading
+
+    results: dict[int, bool] = {}
+
+    def run(serial: int) -> None:
+        try:
+            keyutils.keyctl_invalidate(serial)
+            results[serial] = True
+        except KeyctlError:
+            results[serial] = False
+
+    threads = [threading.Thread(target=run, args=(s,), daemon=True) for s in serials]
+    for thread in threads:
+        thread.start()
+    until = time.monotonic() + wait
+    for thread in threads:
+        thread.join(max(0.0, until - time.monotonic()))
+    return {serial: results.get(serial) for serial in serials}
+
+
 def admin_gid() -> int | None:
     """The gid of ADMIN_GROUP, or None if this host has no such group (install creates it)."""
     try:

@@ -324,7 +324,7 @@ def install(
     record = make_record(config, rules, routed, executable)
     try:
         # Before anything more is written: a second install shares nothing with the first.
-        check_clashes(record, target, request_key_d)
+        check_clashes(record, target, request_key_d, new_config=wrote_config)
     except InstallError:
         _undo(manifest, wrote_config, made)
         raise

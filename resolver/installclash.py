@@ -44,17 +44,35 @@ def make_record(
     )
 
 
-def check_clashes(record: InstallRecord, target: Path, request_key_d: Path) -> None:
+def check_clashes(
+    record: InstallRecord, target: Path, request_key_d: Path, new_config: bool = False
+) -> None:
     """InstallError naming each thing `record` would share with another install, and what to
     set instead; nothing when it shares none. The install in `target`, the rule file this one
-    (re)writes, is the one being replaced (`install --config OTHER` points the rule at OTHER)."""
+    (re)writes, is the one being replaced (`install --config OTHER` points the rule at an
+    existing OTHER); never by a config this very install creates (a forgotten --prefix)."""
     problems = list(_clashes(record, target, request_key_d))
+    replaced = _record_of(target)
+    taken = replaced is not None and replaced.config != record.config
+    if new_config and taken and replaced is not None and Path(replaced.config).exists():
+        problems.insert(
+            0,
+            f"prefix {record.prefix!r} is installed with config {replaced.config} "
+            f"({target}): give {record.config} a prefix of its own (--prefix P)",
+        )
     if problems:
         raise InstallError(
             "another install on this host claims what this one would use:\n  "
             + "\n  ".join(problems)
             + '\n(docs/resolver.md, "Two installs on one host")'
         )
+
+
+def _record_of(path: Path) -> InstallRecord | None:
+    try:
+        return parse_record(path.read_text())
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _setting_of(config: config_mod.Config, prefix: str) -> str:

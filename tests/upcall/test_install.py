@@ -246,3 +246,19 @@ def test_a_second_install_on_the_same_warm_socket_is_refused(extra_install: Any)
                 shutil.rmtree(root, ignore_errors=True)
     finally:
         shutil.rmtree(sock.parent, ignore_errors=True)
+
+
+def test_a_new_config_never_takes_over_an_installed_prefix(resolver_install: Install) -> None:
+    # A second install that forgot --prefix P: install would create a config for the first
+    # install's prefix; refused, and the first install's rule left as it is.
+    root = Path(tempfile.mkdtemp(prefix=unique("install") + "-"))
+    config = root / "other.toml"
+    rule = rule_path(resolver_install.prefix)
+    before = rule.read_text()
+    try:
+        done = run_resolver("install", "--config", str(config), "--prefix", resolver_install.prefix)
+        assert done.returncode == 1
+        assert f"is installed with config {resolver_install.config}" in done.stderr, done.stderr
+        assert rule.read_text() == before and not config.exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
