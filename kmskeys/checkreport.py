@@ -9,7 +9,7 @@ an object that does not have the shape, so a drift between them is a finding, no
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict, TypeGuard
+from typing import Any, Literal, NotRequired, TypedDict, TypeGuard
 
 # Why the resolver could not load its config, or a file or directory it refuses, as one word
 # doctor maps to a fix: kmskeys.fileio's refusal words (missing, symlink, unsafe, unreadable,
@@ -41,6 +41,31 @@ class ConfigLoaded(TypedDict):
     # The per-name rules that bind names to programs: table, glob and their allow_units,
     # allow_cgroups, allow_exe (resolver/selfcheck.py program_policies).
     program_policies: list[dict[str, Any]]
+    # What the other backends need on this host (a report of an older resolver lacks them):
+    # whether refresh-ahead records keys, and whether a refresher runs; the pass: and token:
+    # prefixes with the gpg program and the PKCS#11 module they run (and whether each is
+    # there); the keystore's flat-layout leftovers (None: not readable here).
+    refresh_ahead: NotRequired[bool]
+    refresher: NotRequired[bool | None]  # a refresh loop holds its lock (None: cannot tell)
+    refresh_records: NotRequired[int | None]  # answered keys recorded for it (None: unknown)
+    pass_prefix: NotRequired[str]
+    token_prefix: NotRequired[str]
+    tools: NotRequired[dict[str, ToolFound]]
+    keystore: NotRequired[KeystoreFound]
+
+
+class ToolFound(TypedDict):
+    """A program or library a backend runs: its path, and whether it is there to run."""
+
+    path: str | None
+    ok: bool
+
+
+class KeystoreFound(TypedDict):
+    """The keystore: its directory, and entries left in the flat layout of kmskeys 0.1."""
+
+    dir: str
+    flat: int | None
 
 
 class ConfigRefused(TypedDict):

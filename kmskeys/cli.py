@@ -16,7 +16,7 @@ import sys
 
 from kmskeys import keyutils
 from kmskeys.contract import DEFAULT_PREFIX
-from kmskeys.key import KEYRINGS, Key
+from kmskeys.key import KEYRINGS
 
 TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
 
@@ -351,22 +351,19 @@ def _flushed(label: str, host: Flushed | None, own: int) -> str:
 def _flush_own(prefix: str | None, desc: str | None) -> int:
     """Flush the keys this process sees under `prefix` (one description when given, with its
     selectors' keys: kmskeys.hostflush.covers)."""
-    from kmskeys.errors import KeyctlError
-    from kmskeys.hostflush import covers
+    from kmskeys.hostflush import OWN_FLUSH_WAIT, covers, invalidate_each
 
     count = 0
-    for key in visible_keys(prefix):
-        if desc is not None and not covers(desc, key.description):
-            continue
-        try:
-            # Invalidation removes the key from every keyring, so no other process of this user
-            # keeps serving the old value after a rotation.
-            Key(key.serial).invalidate()
-            flushed = True
-        except KeyctlError:
-            # A negative key cannot be invalidated (every lookup but unlink's returns its
-            # rejection errno); unlinking it from our keyrings below drops it for us.
-            flushed = False
+    found = [k for k in visible_keys(prefix) if desc is None or covers(desc, k.description)]
+    # Invalidation removes the key from every keyring, so no other process of this user keeps
+    # serving the old value after a rotation.
+    done = invalidate_each([key.serial for key in found], OWN_FLUSH_WAIT)
+    for key in found:
+        # False: a negative key cannot be invalidated (every lookup but unlink's returns its
+        # rejection errno); unlinking it from our keyrings below drops it for us. None: a key
+        # under construction (invalidation waits until it is answered): root's flush changed
+        # the flush epoch first, so its answer resolves again (kmskeys/flushepoch.py).
+        flushed = bool(done[key.serial])
         # Until the key GC runs, a search still meets the invalidated key and request_key
         # answers EKEYREVOKED without an upcall; unlinking it from our own keyrings now makes
         # the very next request miss and ask the resolver.

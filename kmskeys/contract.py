@@ -43,6 +43,9 @@ DEFAULT_PREFIX = "kms"
 # keystore lives (root-owned, 0700; docs/dpapi.md).
 DEFAULT_STORED_PREFIX = "stored"
 DEFAULT_KEYSTORE_DIR = "/var/lib/kmskeys"
+# The resolver's root-only state (per-uid slots, host-cache locks, refresh records, the flush
+# epoch: kmskeys/flushepoch.py), a tmpfs by default.
+DEFAULT_STATE_DIR = "/run/kmskeys"
 # The namespaces of a user's own password-store entries (`pass:NAME[#all|#field=KEY]`,
 # kmskeys/passname.py) and of blobs a PKCS#11 token opens (`token:NAME`, kmskeys/tokenblob.py).
 DEFAULT_PASS_PREFIX = "pass"  # noqa: S105 - a prefix, not a password

@@ -12,6 +12,10 @@ lines there, never make root act on a key the line does not truly describe.
 
 The host cache (resolver/hostcache.py) is a keyring under root's persistent keyring: root
 reaches it as its possessor and invalidates the entries of the name.
+
+Before any of that, the flush epoch of every install routing the prefix changes
+(kmskeys/flushepoch.py): a miss already running then resolves again instead of landing the value
+it read before the flush.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import errno
 import grp
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from kmskeys import keyutils, prockeys
 from kmskeys.contract import (
     ADMIN_GROUP,
+    DEFAULT_STATE_DIR,
     HOSTCACHE_ENTRY_PREFIX,
     HOSTCACHE_KEYRING,
     HOSTCACHE_KEYRING_PERM,
@@ -50,6 +56,34 @@ class Flushed:
     entries: int  # host-cache entries invalidated
     lingering: int  # invalidated keys the key GC had not removed after GC_WAIT
     negative: int = 0  # cached failures (negative keys) of any uid made to expire
+
+
+# How long the flush of this process's own keys waits for a key under construction.
+OWN_FLUSH_WAIT = 0.5
+
+
+def invalidate_each(serials: list[int], wait: float) -> dict[int, bool | None]:
+    """Invalidate each key, in a thread of its own: True invalidated, False refused, None
+    still waiting after `wait` s (the kernel waits for a key under construction to be answered
+    before it invalidates it; the thread goes on, and dies with the process)."""
+    import threading
+
+    results: dict[int, bool] = {}
+
+    def run(serial: int) -> None:
+        try:
+            keyutils.keyctl_invalidate(serial)
+            results[serial] = True
+        except KeyctlError:
+            results[serial] = False
+
+    threads = [threading.Thread(target=run, args=(s,), daemon=True) for s in serials]
+    for thread in threads:
+        thread.start()
+    until = time.monotonic() + wait
+    for thread in threads:
+        thread.join(max(0.0, until - time.monotonic()))
+    return {serial: results.get(serial) for serial in serials}
 
 
 def admin_gid() -> int | None:
@@ -118,12 +152,32 @@ def flush_host(prefix: str | None, name: str | None) -> Flushed:
         except BaseException as exc:  # re-raised in the caller's thread
             outcome.append(exc)
 
+    # First: a miss in flight that answers after this sees the change (flushepoch's order).
+    bump_epochs(prefix, name)
     worker = threading.Thread(target=run, name="kmskeys-flush")
     worker.start()
     worker.join()
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     return outcome[0]
+
+
+def bump_epochs(prefix: str | None, name: str | None) -> list[Path]:
+    """Change the flush epoch in the state_dir of every rule routing `prefix` (every kmskeys
+    rule when None); the state_dirs it changed."""
+    from kmskeys import flushepoch
+    from kmskeys.rules import installed_rules
+
+    dirs: list[Path] = []
+    for rule in installed_rules():
+        if prefix is not None and rule.prefix != prefix:
+            continue
+        # A rule without the gate (an older install) uses the default state_dir.
+        state_dir = rule.state_dir or Path(DEFAULT_STATE_DIR)
+        if state_dir not in dirs:
+            flushepoch.bump(state_dir, prefix, name)
+            dirs.append(state_dir)
+    return dirs
 
 
 def _flush_host(prefix: str | None, name: str | None) -> Flushed:

@@ -48,6 +48,13 @@ class Rule:
     path: Path | None = None  # the file it was read from
 
     @property
+    def state_dir(self) -> Path | None:
+        """The state_dir the gate is given (its first setting), if the rule runs the gate."""
+        if self.gate is None or not self.gate_settings:
+            return None
+        return Path(self.gate_settings[0])
+
+    @property
     def current(self) -> bool:
         """Written the way install writes it today (older installs also passed %c)."""
         return self.args[:1] == (HANDLE,) and self.args[3:] == HANDLER_MACROS
@@ -131,3 +138,86 @@ def rule_file(prefix: str, request_key_d: Path = Path(REQUEST_KEY_D)) -> Path:
         except (OSError, UnicodeDecodeError):
             continue
     return path
+
+
+def rules_in(text: str, path: Path | None = None) -> list[Rule]:
+    """Every `create user PREFIX:* *` rule of a request-key.conf file's text, whatever PREFIX."""
+    found = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) > 4 and words[:2] == ["create", "user"] and words[2].endswith(":*"):
+            rule = parse_rule(line, words[2][:-2], path)
+            if rule is not None:
+                found.append(rule)
+    return found
+
+
+def installed_rules(request_key_d: Path = Path(REQUEST_KEY_D)) -> list[Rule]:
+    """Every rule of every file in request_key_d that runs kmskeys (its gate or its resolver);
+    unreadable files are skipped."""
+    found = []
+    for path in sorted(request_key_d.glob("*.conf")):
+        try:
+            rules = rules_in(path.read_text(), path)
+        except (OSError, UnicodeDecodeError):
+            continue
+        found += [r for r in rules if r.gate is not None or r.args[:1] == (HANDLE,)]
+    return found
+
+
+# install records what it was asked and what it claims in the rule file (one comment line,
+# which request-key ignores) and in the install's state_dir: doctor's fixes re-run exactly that
+# install (kmskeys/doctor/fixes.py), and a second install refuses to share what this one claims
+# (resolver/installclash.py).
+RECORD_LINE = "# kmskeys-install: "
+RECORD_FILE = "install-record"
+
+
+@dataclass(frozen=True)
+class InstallRecord:
+    """One install as `kmskeys-resolver install` made it: its options (`rules`, `config`,
+    `prefix`), the prefixes its rules route, what it claims on the host, and the root side's
+    own programs (the resolver it installed, that resolver's interpreter)."""
+
+    prefix: str
+    config: str
+    rules: str
+    routed: tuple[str, ...]
+    stored_prefix: str
+    state_dir: str
+    keystore_dir: str | None  # when the rules route stored:
+    warm_socket: str | None
+    resolver: str
+    python: str
+
+    def line(self) -> str:
+        """The record as its rule-file comment line."""
+        import json
+
+        fields = {**self.__dict__, "routed": list(self.routed)}
+        return RECORD_LINE + json.dumps(fields, sort_keys=True)
+
+    def install_command(self) -> str:
+        """The command that makes this install again, as its root side runs it."""
+        import shlex
+
+        words = [self.resolver, "install", "--config", self.config, "--prefix", self.prefix]
+        return shlex.join([*words, "--rules", self.rules])
+
+
+def parse_record(text: str) -> InstallRecord | None:
+    """The install record in a rule file's (or a record file's) text; None when it has none or
+    one of another shape."""
+    import json
+
+    for line in text.splitlines():
+        if not line.startswith(RECORD_LINE):
+            continue
+        try:
+            fields = json.loads(line[len(RECORD_LINE) :])
+            record = InstallRecord(**{**fields, "routed": tuple(fields["routed"])})
+        except (ValueError, TypeError, KeyError):
+            return None
+        strings = (record.prefix, record.config, record.rules, record.resolver, record.python)
+        return record if all(isinstance(s, str) for s in strings) else None
+    return None

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from kmskeys.flushepoch import Mark
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,10 @@ class Context:
     calls spend, the timings it adds to, and `notes`: the log line's facts so far, which a
     failure is logged with too (the source of a blob that then failed to decrypt, say).
     `binding` is the request's program binding (resolver/binding.py), which a backend asks for
-    the requester's unit (a unit-bound blob); None where no request is identified (prefetch)."""
+    the requester's unit (a unit-bound blob); None where no request is identified (prefetch).
+    `flush`: the request's flush epoch (kmskeys/flushepoch.py), None outside a request."""
 
-    __slots__ = ("binding", "budget", "deadline", "notes", "timings")
+    __slots__ = ("binding", "budget", "deadline", "flush", "notes", "timings")
 
     def __init__(self, deadline: float, budget: Budget) -> None:
         self.deadline = deadline
@@ -109,6 +113,9 @@ class Context:
         self.timings = Timings()
         self.notes: dict[str, str] = {}
         self.binding: ProgramBinding | None = None
+        # The request's flush epoch when it started (kmskeys/flushepoch.py): the host cache
+        # keeps and trusts entries under it; None outside a request (prefetch, refresh).
+        self.flush: Mark | None = None
 
 
 class ProgramBinding(Protocol):

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from kmskeys import flushepoch
 from resolver import background
 from resolver.backend import Context, Request, Result
 from resolver.errors import (
@@ -58,12 +59,17 @@ class Through:
     ) -> None:
         self.config, self.cache, self.desc = config, cache, desc
         self.refresh, self.request, self.label = refresh, request, label
+        self.epoch = bytes(8)  # the request's flush epoch, set by fetch
 
     def fetch(self, context: Context) -> Result:
         """The answer for this request: from the cache, the service, or stale (module doc)."""
         ttl = self.config.ttl_for(self.request.name, self.request.prefix)
+        if context.flush is None:  # outside a request (prefetch): the epoch of now
+            request = self.request
+            context.flush = flushepoch.mark(self.config.state_dir, request.prefix, request.name)
+        self.epoch = context.flush.token
         start = time.perf_counter()
-        entry = self.cache.lookup(self.desc)
+        entry = self._lookup()
         context.timings.add("hostcache", (time.perf_counter() - start) * 1000)
         if entry is not None and entry.age < ttl:
             return _hit(entry, context)
@@ -71,6 +77,12 @@ class Through:
             assert entry is not None
             return self._bounded(entry, ttl, context)
         return self._waiting(entry, ttl, context)
+
+    def _lookup(self) -> Entry | None:
+        """The entry, unless it was made under another flush epoch than this request's: one
+        that a miss in flight when root flushed stored afterwards (kmskeys/flushepoch.py)."""
+        entry = self.cache.lookup(self.desc)
+        return entry if entry is not None and entry.epoch == self.epoch else None
 
     def _servable(self, entry: Entry | None) -> bool:
         grace = self.config.stale_grace
@@ -82,7 +94,7 @@ class Through:
             # Refreshes of this entry by other keyrings' handlers wait here (up to
             # REFRESH_WAIT), then find it fresh.
             with self.cache.lock(self.config.state_dir, self.desc, REFRESH_WAIT):
-                entry = self.cache.lookup(self.desc) or entry
+                entry = self._lookup() or entry
                 if entry is not None and entry.age < ttl:
                     return _hit(entry, context)
                 done = self._task(context, ttl)()
@@ -100,7 +112,7 @@ class Through:
         until = time.monotonic() + wait
         try:
             with self.cache.lock(config.state_dir, self.desc, wait) as lock:
-                fresh = self.cache.lookup(self.desc)
+                fresh = self._lookup()
                 if fresh is not None and fresh.age < ttl:
                     return _hit(fresh, context)
                 if not lock.held:
@@ -147,6 +159,7 @@ class Through:
     def _task(self, context: Context, ttl: int) -> background.Task:
         """The refresh itself: ask the service, keep the answer, or purge on a refusal."""
         cache, desc, config, uid = self.cache, self.desc, self.config, self.request.uid
+        epoch = self.epoch
 
         def task() -> background.Finished:
             own = Context(context.deadline, context.budget)
@@ -164,7 +177,9 @@ class Through:
             except Exception as exc:
                 return background.Finished(error=failure(exc), phases=own.timings.phases)
             # Kept for stale answers past its freshness; the kernel drops it after that.
-            kept = cache.store(desc, plaintext, max(ttl, config.stale_grace) + 1, uid=uid)
+            # Under this request's epoch: after a flush, no later request trusts it.
+            lifetime = max(ttl, config.stale_grace) + 1
+            kept = cache.store(desc, plaintext, lifetime, uid=uid, epoch=epoch)
             return background.Finished(plaintext, None, own.timings.phases, kept.reason)
 
         return task

@@ -159,17 +159,27 @@ class Handler:
             )
             return 1
         asked = KernelRequest(args.key, args.description, args.uid, args.gid)
-        try:
-            outcome = self._resolve(asked)
-        except (Exception, DeadlineExceeded) as exc:  # every failure is answered
-            outcome = pipeline.rejection(asked, self.failure(exc), self.negative_ttl)
-        code = answer(self.key, outcome, self.log, self.started)
+        outcomes = [self._outcome(asked)]
+
+        def again() -> Outcome:
+            # Flushed by root meanwhile: resolved anew (resolver/answer.py, flushepoch.py).
+            outcomes.append(self._outcome(asked))
+            return outcomes[-1]
+
+        code = answer(self.key, outcomes[0], self.log, self.started, again)
+        outcome = outcomes[-1]
         if code == 0 and outcome.answered and self.config is not None and self.asked is not None:
             # After the answer: the key exists now. Refresh-ahead renews it before it expires.
             from resolver.keyrecords import remember
 
             remember(self.config, self.asked, outcome, time.clock_gettime(time.CLOCK_BOOTTIME))
         return code
+
+    def _outcome(self, asked: KernelRequest) -> Outcome:
+        try:
+            return self._resolve(asked)
+        except (Exception, DeadlineExceeded) as exc:  # every failure is answered
+            return pipeline.rejection(asked, self.failure(exc), self.negative_ttl)
 
     def _resolve(self, asked: KernelRequest) -> Outcome:
         watchdog, started = self.watchdog, self.started

@@ -10,8 +10,11 @@ one). Policy, the blob's expiry, its recorded name and the key allowlist are che
 cache is consulted (resolver/blobs.py); how a request goes through the cache (fresh, refresh,
 stale) is resolver/cachedfetch.py.
 
-An entry's payload is an 8-byte header (the CLOCK_BOOTTIME second of its decrypt, so its age
-does not depend on the wall clock) and the plaintext. It is fresh for the name's `ttl`; after
+An entry's payload is a 16-byte header (the CLOCK_BOOTTIME second of its decrypt, so its age
+does not depend on the wall clock, and the flush epoch of the request that made it:
+kmskeys/flushepoch.py) and the plaintext. A request under another epoch treats the entry as
+absent: an entry that a miss already running when root flushed lands afterwards answers no
+request that started after the flush. It is fresh for the name's `ttl`; after
 that, it is kept for `stale_grace` more seconds to answer when KMS is unavailable. The kernel
 expires it after max(ttl, stale_grace) + 1 s. The keyring lives as long as root's persistent
 keyring: the handler touches that on every run, which restarts its expiry timer
@@ -50,7 +53,7 @@ from resolver.limits import charged_uid, open_state_file
 if TYPE_CHECKING:
     from resolver.config import Config
 
-_HEADER = struct.Struct("=d")
+_HEADER = struct.Struct("=d8s")
 # Refreshes of one entry by handlers of different keyrings wait for each other (one Decrypt per
 # host, not one per keyring that missed at the same moment); lock files are striped so that
 # state_dir holds a bounded number of them.
@@ -88,6 +91,7 @@ class Entry:
     serial: int
     plaintext: bytes
     age: float
+    epoch: bytes = bytes(8)  # the flush epoch it was made under (kmskeys/flushepoch.py)
 
 
 class Kept:
@@ -143,8 +147,11 @@ class Cache(Protocol):
         """The entry described `desc`, or None."""
         ...
 
-    def store(self, desc: str, plaintext: bytes, lifetime: int, *, uid: int) -> Kept:
-        """Keep `plaintext` as `desc` for `lifetime` seconds, charged to the requester `uid`."""
+    def store(
+        self, desc: str, plaintext: bytes, lifetime: int, *, uid: int, epoch: bytes = bytes(8)
+    ) -> Kept:
+        """Keep `plaintext` as `desc` for `lifetime` seconds, charged to the requester `uid`,
+        made under the flush `epoch`."""
         ...
 
     def purge(self, desc: str) -> None:
@@ -186,16 +193,19 @@ class HostCache:
             return None
         if len(payload) <= _HEADER.size:
             return None
-        (stamp,) = _HEADER.unpack_from(payload)
-        return Entry(serial, payload[_HEADER.size :], max(0.0, boottime() - stamp))
+        stamp, epoch = _HEADER.unpack_from(payload)
+        return Entry(serial, payload[_HEADER.size :], max(0.0, boottime() - stamp), epoch)
 
-    def store(self, desc: str, plaintext: bytes, lifetime: int, *, uid: int) -> Kept:
-        """Keep `plaintext` as `desc` for `lifetime` seconds, charged to `uid`'s charged uid;
-        not kept past the uid's charge, root's quota share, or a `user` key's size."""
+    def store(
+        self, desc: str, plaintext: bytes, lifetime: int, *, uid: int, epoch: bytes = bytes(8)
+    ) -> Kept:
+        """Keep `plaintext` as `desc` for `lifetime` seconds, charged to `uid`'s charged uid,
+        made under the flush `epoch`; not kept past the uid's charge, root's quota share, or a
+        `user` key's size."""
         if len(plaintext) + _HEADER.size > USER_PAYLOAD_MAX:
             # A `user` key holds 32767 bytes: such a secret is not host-cached.
             return Kept(False, f"not kept: over {USER_PAYLOAD_MAX - _HEADER.size} bytes")
-        payload = _HEADER.pack(boottime()) + plaintext
+        payload = _HEADER.pack(boottime(), epoch) + plaintext
         # What the kernel's quota counts: the description and the payload.
         cost = len(desc.encode()) + len(payload)
         try:

@@ -6,6 +6,7 @@ administrator added or changed since.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import hashlib
 import os
@@ -19,11 +20,19 @@ from pathlib import Path
 
 from kmskeys import contract, fileio
 from kmskeys.contract import DEFAULT_PREFIX, rule_file_name
-from kmskeys.names import validate_prefix
+from kmskeys.names import MAX_PREFIX_BYTES, validate_prefix
 from kmskeys.rules import RuleError, format_rule
 from resolver import config as config_mod
 from resolver.config_text import template, toml_value
 from resolver.errors import ConfigError, InstallError
+from resolver.installclash import (
+    check_clashes,
+    ensure_state_dir,
+    kept_record,
+    make_record,
+    remove_state_record,
+    write_state_record,
+)
 from resolver.registry import SHIPPED
 
 REQUEST_KEY_D = Path(contract.REQUEST_KEY_D)
@@ -138,9 +147,13 @@ def _toml_list(items: Sequence[str]) -> str:
     return toml_value(list(items))
 
 
-def default_config_text(prefix: str, blob_dir: Path, key_arns: Sequence[str] = ()) -> str:
+def default_config_text(
+    prefix: str, blob_dir: Path, key_arns: Sequence[str] = (), own: bool = False
+) -> str:
     """The config install writes when none exists: every key, commented out at its default,
-    except the ones given (made from the settings tables, resolver/config_text.py)."""
+    except the ones given (made from the settings tables, resolver/config_text.py). `own`: a
+    config beside the default one, which gets host-wide things of its own (a second install
+    may not share them: resolver/installclash.py)."""
     values: dict[str, object] = {}
     if key_arns:
         values["key_arns"] = list(key_arns)
@@ -148,6 +161,12 @@ def default_config_text(prefix: str, blob_dir: Path, key_arns: Sequence[str] = (
         values["prefix"] = prefix
     if blob_dir != config_mod.DEFAULT_BLOB_DIR:
         values["blob_dir"] = blob_dir
+    if own:
+        values["state_dir"] = Path(f"/run/kmskeys-{prefix}")
+        values["keystore_dir"] = Path(f"/var/lib/kmskeys-{prefix}")
+        stored = f"{prefix}-stored"
+        if len(stored) <= MAX_PREFIX_BYTES:
+            values["stored_prefix"] = stored
     return template(values)
 
 
@@ -269,13 +288,19 @@ def install(
     config_path = Path(os.path.abspath(config_path))
     prefix, config = _prefix_for(config_path, prefix)
     target = rule_path(prefix, request_key_d)
-    manifest = Manifest.parse(target.read_text()) if target.exists() else Manifest()
+    manifest = Manifest()
+    if target.exists():
+        manifest = Manifest.parse(target.read_text())
+    elif config is not None and (kept := kept_record(config.state_dir, config_path)) is not None:
+        # The rule file is gone, the install's record is not: what it created stays listed.
+        manifest = Manifest.parse(kept)
     actions: list[str] = []
     for arn in key_arns:
         try:
             config_mod.parse({"key_arns": [arn]}, config_path)
         except ConfigError as exc:
             raise InstallError(f"--key-arn: {exc.reason}") from None
+    wrote_config, made = config is None, len(manifest.dirs)
     if config is None:
         _mkdirs(config_path.parent, manifest, actions)
         # Next to a config of its own, not the default install's blob_dir.
@@ -284,7 +309,8 @@ def install(
             if config_path == config_mod.DEFAULT_PATH
             else config_path.parent / "secrets"
         )
-        _write_atomic(config_path, default_config_text(prefix, blob_dir, key_arns), 0o644)
+        own = config_path != config_mod.DEFAULT_PATH
+        _write_atomic(config_path, default_config_text(prefix, blob_dir, key_arns, own), 0o644)
         manifest.config = (config_path, _digest(config_path))
         actions.append(f"wrote {config_path}")
         config = config_mod.load(config_path)
@@ -294,6 +320,14 @@ def install(
     routed = [getattr(config, spec.prefix_setting) for spec, _ in SHIPPED if spec.name in backends]
     if "kms" in backends:
         routed += [p for p in aws_sources(config) if p not in routed]
+    executable, gate = resolver_executable(), gate_executable()
+    record = make_record(config, rules, routed, executable)
+    try:
+        # Before anything more is written: a second install shares nothing with the first.
+        check_clashes(record, target, request_key_d, new_config=wrote_config)
+    except InstallError:
+        _undo(manifest, wrote_config, made)
+        raise
     if {"kms", "token"} & set(backends):
         _mkdirs(config.blob_dir, manifest, actions)
     if "stored" in backends:
@@ -302,10 +336,17 @@ def install(
     if not request_key_d.is_dir():
         raise InstallError(f"{request_key_d} is missing: install the keyutils package")
     ensure_admin_group(actions)
-    executable, gate = resolver_executable(), gate_executable()
+    try:
+        if ensure_state_dir(record):
+            manifest.dirs.append(Path(record.state_dir))
+            actions.append(f"created directory {record.state_dir}")
+        write_state_record(record, manifest.lines())
+    except (fileio.UntrustedFileError, OSError) as exc:
+        raise InstallError(f"state_dir {record.state_dir}: {exc}") from None
     text = "\n".join(
         [
             f"{MARKER} (prefix {prefix}); `kmskeys-resolver uninstall` removes this file.",
+            record.line(),
             *manifest.lines(),
             *(rule_line(p, executable, config_path, config, gate) for p in routed),
             "",
@@ -315,6 +356,16 @@ def install(
         _write_atomic(target, text, 0o644)
         actions.append(f"wrote {target}")
     return actions or [f"{target} already up to date"]
+
+
+def _undo(manifest: Manifest, wrote_config: bool, made: int) -> None:
+    """Remove what this refused install created: its config and the directories it made (those
+    after the first `made` of the manifest)."""
+    if wrote_config and manifest.config is not None:
+        manifest.config[0].unlink(missing_ok=True)
+    for directory in reversed(manifest.dirs[made:]):
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 def routed_backends(rules: str) -> list[str]:
@@ -359,6 +410,9 @@ def uninstall(
     # The rule goes first: no upcall may reach a half-removed installation.
     target.unlink()
     actions.append(f"removed {target}")
+    removed = remove_state_record(text)
+    if removed is not None:
+        actions.append(f"removed {removed}")
     if manifest.config is not None:
         path, digest = manifest.config
         if path.is_file() and _digest(path) == digest:

@@ -6,16 +6,20 @@ plain data (numbers, strings, the payload), so a daemon can decide it in process
 a small C program that answers the key (issue 23): for an answer, chown to (`uid`, `gid`),
 setperm `perm`, set the timeout `timeout` and instantiate `payload`; for a failure, chown and
 setperm the same way (a refusal's mask, kmskeys.contract.NEGATIVE_KEY_PERM), reject with `errno`
-and `timeout`; then send `line(ms)` at `severity`.
+and `timeout`; then send `line(ms)` at `severity`. Between the mask and the instantiation or
+rejection, `flush.changed()` must be false, or the request is resolved again (a flush came).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kmskeys.contract import ADMIN_KEY_PERM, ADMIN_NEGATIVE_KEY_PERM, NEGATIVE_KEY_PERM
 from resolver.errors import ResolverError, errno_name
 from resolver.log import LOG_ERR, LOG_WARNING, format_fields
+
+if TYPE_CHECKING:
+    from kmskeys.flushepoch import Mark
 
 _ADMIN_PERMS = (ADMIN_KEY_PERM, ADMIN_NEGATIVE_KEY_PERM)
 
@@ -29,7 +33,9 @@ class Outcome:
     `negative_ttl` what a rejection gets should the answer fail after all; `gid` the key's
     group (the admin group, or %g); `perm` its mask; `errno` what it is rejected with (0 for
     an answer); `name` NAME, or the description when it did not parse; `details` plain facts
-    (source, mode, age). Not a dataclass: the handler imports this on every miss.
+    (source, mode, age); `flush` the request's flush epoch when it started
+    (kmskeys/flushepoch.py: an answer re-checks it before the key is instantiated or rejected).
+    Not a dataclass: the handler imports this on every miss.
     """
 
     __slots__ = _FIELDS = (
@@ -48,6 +54,7 @@ class Outcome:
         "details",
         "reason",
         "timings",
+        "flush",
     )
 
     def __init__(
@@ -68,11 +75,13 @@ class Outcome:
         details: tuple[tuple[str, str], ...] = (),
         reason: str | None = None,
         timings: str = "",
+        flush: Mark | None = None,
     ) -> None:
         self.outcome, self.severity, self.key, self.uid = outcome, severity, key, uid
         self.timeout, self.negative_ttl, self.payload = timeout, negative_ttl, payload
         self.gid, self.perm, self.errno, self.name, self.user = gid, perm, errno, name, user
         self.details, self.reason, self.timings = details, reason, timings
+        self.flush = flush
 
     def replace(self, **changes: Any) -> Outcome:
         """A copy with `changes`."""

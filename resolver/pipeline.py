@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from kmskeys import flushepoch
 from kmskeys.contract import (
     ADMIN_GROUP,
     ADMIN_KEY_PERM,
@@ -110,6 +111,8 @@ def _resolve(
     except InvalidNameError as exc:
         raise RefusedError(str(exc)) from None
     facts["name"] = name
+    # Before anything is read: a flush from now on makes this request resolve again.
+    context.flush = flushepoch.mark(config.state_dir, prefix, name)
     facts["user"] = user = user_name(asked.uid)
     check_allowed(config, name, asked.uid, user, prefix)
     # Programs, after users and before any backend: nothing is read for a name without a policy.
@@ -161,6 +164,7 @@ def answered(
         # Served from an older host-cache entry because the service is unavailable: say why.
         reason=details.get("reason") if result.stale else None,
         timings=str(context.timings),
+        flush=context.flush,
     )
 
 
@@ -189,6 +193,7 @@ def rejection(
         user=facts.get("user"),
         details=tuple(context.notes.items()) if context is not None else (),
         timings=str(context.timings) if context is not None else "",
+        flush=context.flush if context is not None else None,
     )
     return pending.rejected(error)
 

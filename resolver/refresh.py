@@ -46,7 +46,7 @@ from kmskeys.contract import ERRNO_UNAVAILABLE
 from kmskeys.errors import KmsKeysError
 from kmskeys.hostflush import admin_gid
 from resolver import keyrecords, pipeline
-from resolver.answer import log_writer
+from resolver.answer import flushed, log_writer
 from resolver.hostcache import boottime
 from resolver.keyrecords import RENEWABLE, Record
 from resolver.limits import open_state_file
@@ -143,6 +143,9 @@ def refresh_key(config: Config, record: Record, log: SyslogWriter) -> tuple[str,
         record.serial, record.description, record.uid, record.gid, callout=record.callout
     )
     outcome = pipeline.resolve(asked, config, started + config.deadline)
+    if outcome.answered and flushed(outcome):
+        # Root flushed it meanwhile: the flush invalidates the key; never renew it with this.
+        return "not renewed: flushed while resolving", None
     if outcome.answered:
         try:
             renewed = renew(record, outcome.payload, outcome.timeout, gid)

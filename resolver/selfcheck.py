@@ -9,6 +9,7 @@ decrypted and no KMS or network call is made.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -29,6 +30,7 @@ from kmskeys.checkreport import (
     ConfigLoaded,
     ConfigRefused,
     GateReport,
+    ToolFound,
 )
 from kmskeys.contract import BLOB_SUFFIX, BUILD_STAMP
 from kmskeys.errors import InvalidNameError
@@ -82,7 +84,93 @@ def _config_report(path: Path) -> tuple[ConfigLoaded | ConfigRefused, config_mod
         # The per-name rules that bind names to programs (docs/security.md, section 12), for
         # doctor's report of what such a host needs (cgroup v2, Yama, its key count).
         "program_policies": program_policies(config),
+        "refresh_ahead": config.refresh_ahead,
+        "refresher": refresher_running(config),
+        "refresh_records": refresh_records(config),
+        "pass_prefix": config.pass_prefix,
+        "token_prefix": config.token_prefix,
+        "tools": tools(config),
+        "keystore": {"dir": str(config.keystore_dir), "flat": flat_entries(config)},
     }, config
+
+
+def refresher_running(config: config_mod.Config) -> bool | None:
+    """Whether a refresh loop (kmskeys-resolver refresh, or the warm daemon's) holds its lock
+    in state_dir; None when it cannot be told here (not root)."""
+    import fcntl
+
+    from resolver.refresh import LOCK_FILE
+
+    try:
+        fd = os.open(config.state_dir / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # drops the lock if this took it
+    return False
+
+
+def refresh_records(config: config_mod.Config) -> int | None:
+    """How many answered keys refresh-ahead has recorded (state_dir/refresh/UID/SERIAL, at
+    most MAX_BLOB_FILES counted); None when they cannot be read here."""
+    from resolver.keyrecords import RECORDS_DIR
+
+    root = config.state_dir / RECORDS_DIR
+    count = 0
+    try:
+        for uid in os.scandir(root):
+            if uid.is_dir(follow_symlinks=False):
+                count += len(os.listdir(uid.path))
+            if count >= MAX_BLOB_FILES:
+                break
+    except FileNotFoundError:
+        return 0
+    except OSError:
+        return None
+    return count
+
+
+def tools(config: config_mod.Config) -> dict[str, ToolFound]:
+    """The programs the pass: and token: backends run, and whether they are there."""
+    from resolver.gpgdecrypt import GPG
+
+    module = config.token_module
+    return {
+        "gpg": {"path": GPG, "ok": os.access(GPG, os.X_OK)},
+        "pkcs11": {
+            "path": None if module is None else str(module),
+            "ok": module is not None and os.path.isfile(module),
+        },
+    }
+
+
+def flat_entries(config: config_mod.Config) -> int | None:
+    """How many keystore entries are still in the flat layout of kmskeys 0.1 (`stored
+    migrate` moves them); None when the keystore cannot be read here."""
+    from resolver.keystore_entry import MACHINE_DIR, USER_DIR, parse_flat_name
+
+    root = config.keystore_dir
+    if not os.access(root, os.R_OK | os.X_OK):
+        return None
+    scopes = [root / MACHINE_DIR]
+    with contextlib.suppress(OSError):
+        scopes += [p for p in (root / USER_DIR).iterdir() if p.is_dir()]
+    count = 0
+    for scope in scopes:
+        try:
+            names = os.listdir(scope)
+        except OSError:
+            continue
+        count += sum(1 for n in names if parse_flat_name(n) is not None)
+    return count
 
 
 def program_policies(config: config_mod.Config) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from kmskeys import contract
 from resolver.validators import (
     MAX_CONCURRENT,
     MAX_DEADLINE,
@@ -44,7 +45,7 @@ from resolver.validators import (
 META = "kmskeys.setting"
 
 DEFAULT_SYSLOG_SOCKET = Path("/dev/log")
-DEFAULT_STATE_DIR = Path("/run/kmskeys")
+DEFAULT_STATE_DIR = Path(contract.DEFAULT_STATE_DIR)
 FACILITIES = {"authpriv": 10, "daemon": 3, "auth": 4, "user": 1}
 PARTITIONS = ("aws", "aws-cn", "aws-us-gov")
 MAX_HOST_CACHE_KEYS = 1_000_000  # kernel.keys.root_maxkeys' default

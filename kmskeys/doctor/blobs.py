@@ -40,7 +40,7 @@ def _blob_fix(problem: BlobProblem, config: Path, settings: ConfigLoaded) -> str
     if kind == "key" and problem.get("key_arn"):
         arn = problem["key_arn"]
         if not settings["key_arns"] and not settings["discovery"]:
-            return f"{resolver_command()} install --config {q(config)} --key-arn {q(arn)}"
+            return f"{resolver_command(config)} install --config {q(config)} --key-arn {q(arn)}"
         line = _toml_line(config, "key_arns")
         if line is not None and line.startswith("key_arns = ["):
             return f"sed -i 's|^key_arns = \\[|key_arns = [\"{arn}\", |' {q(config)}"

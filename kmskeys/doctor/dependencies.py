@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from kmskeys.checkreport import CheckReport
 from kmskeys.doctor.finding import FAIL, OK, Finding, q
-from kmskeys.doctor.fixes import own_resolver
+from kmskeys.doctor.fixes import recorded
 
 
 def check_dependencies(report: CheckReport, prefix: str) -> Iterator[Finding]:
@@ -18,14 +17,13 @@ def check_dependencies(report: CheckReport, prefix: str) -> Iterator[Finding]:
     if missing is None:
         yield Finding(OK, "dependencies", f"{program} imports botocore and cryptography")
         return
-    import importlib.util
-
-    mine = own_resolver()
-    complete = all(importlib.util.find_spec(m) for m in ("botocore", "cryptography"))
     config = Path(report["config_path"])
-    if mine is not None and complete and Path(os.path.abspath(mine)) != program:
-        fix = f"{q(mine)} install --config {q(config)} --prefix {q(prefix)}"
+    record = recorded(prefix, config)
+    if record is not None and Path(record.resolver) != program:
+        # The rule was pointed at another resolver since install: the install as recorded.
+        fix = record.install_command()
     else:
+        # The root side's own interpreter (the one the rule runs), never doctor's.
         fix = f"{q(report['python'])} -m pip install 'kmskeys[resolver]'"
     yield Finding(
         FAIL,

@@ -17,16 +17,21 @@ from kmskeys.contract import DEFAULT_PREFIX
 from kmskeys.doctor.blobs import check_blobs
 from kmskeys.doctor.config import check_config
 from kmskeys.doctor.dependencies import check_dependencies
-from kmskeys.doctor.finding import FAIL, INFO, WARN, Finding, q
-from kmskeys.doctor.fixes import install_fix, own_resolver, suggested_config
+from kmskeys.doctor.finding import FAIL, INFO, WARN, Finding
+from kmskeys.doctor.fixes import install_fix, own_resolver, pip_fix, recorded, suggested_config
 from kmskeys.doctor.imds import _probe_as_nobody, imds_findings
 from kmskeys.doctor.keyctl import check_keyctl, check_request_key
 from kmskeys.doctor.negative import check_negative_keys
+from kmskeys.doctor.programs import check_program_host
 from kmskeys.doctor.quota import check_quota
+from kmskeys.doctor.refresher import check_refresher
 from kmskeys.doctor.report import run_check
+from kmskeys.doctor.routes import check_routes, routed_prefixes
 from kmskeys.doctor.rule import check_gate, check_rule
 from kmskeys.doctor.session import check_session_keyring
+from kmskeys.doctor.stored import check_stored
 from kmskeys.doctor.syslog import check_syslog
+from kmskeys.doctor.tools import check_tools
 from kmskeys.doctor.upcall import check_upcalls
 from kmskeys.doctor.warm import check_warm_daemon
 from kmskeys.rules import Rule
@@ -60,7 +65,11 @@ def findings(prefix: str, config: Path | None) -> Iterator[Finding]:
         os.path.abspath(config or (rule.config if rule else suggested_config(prefix)))
     )
     runnable = rule is not None and os.access(rule.program, os.X_OK)
-    program = rule.program if rule is not None and runnable else own_resolver()
+    # The rule's resolver; with none that runs, the one the install recorded (the root side's
+    # own), and only then this environment's.
+    record = recorded(prefix, config_path)
+    fallback = Path(record.resolver) if record is not None else own_resolver()
+    program = rule.program if rule is not None and runnable else fallback
     # The resolver's check (an interpreter start and its imports) runs while the probes do.
     check = _Background(lambda: run_check(program, config_path)) if program else None
     yield from keyctl
@@ -73,7 +82,7 @@ def findings(prefix: str, config: Path | None) -> Iterator[Finding]:
             WARN,
             "config",
             f"no kmskeys-resolver to check {config_path} with",
-            f"{q(sys.executable)} -m pip install 'kmskeys[resolver]'",
+            pip_fix(config_path),
         )
     else:
         report = check.result()
@@ -102,6 +111,7 @@ def findings(prefix: str, config: Path | None) -> Iterator[Finding]:
 def _verdict(report: CheckReport, rule: Rule | None, prefix: str) -> Iterator[Finding]:
     """The findings drawn from the resolver's own report."""
     yield from check_config(report, prefix, routed=rule is not None)
+    yield from check_routes(prefix, rule)
     yield from check_dependencies(report, prefix)
     config = loaded_config(report)
     if config is not None:
@@ -110,6 +120,11 @@ def _verdict(report: CheckReport, rule: Rule | None, prefix: str) -> Iterator[Fi
         yield from check_blobs(report, config)
         yield from check_syslog(config, path)
         yield from check_warm_daemon(config, path)
+        routed = routed_prefixes(path)
+        yield from check_program_host(config)
+        yield from check_stored(config, path, routed)
+        yield from check_tools(config, path, routed)
+        yield from check_refresher(config, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

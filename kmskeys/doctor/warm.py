@@ -40,7 +40,7 @@ def check_warm_daemon(config: ConfigLoaded, config_path: Path) -> Iterator[Findi
             start = (
                 "systemctl enable --now kmskeys-resolver"
                 if Path("/run/systemd/system").is_dir()
-                else f"setsid {resolver_command()} serve --config {q(config_path)} "
+                else f"setsid {resolver_command(config_path)} serve --config {q(config_path)} "
                 "</dev/null >/dev/null 2>&1 &"
             )
             yield Finding(

@@ -119,16 +119,18 @@ class MemoryCache:
     """The host cache, in a dict (the real one is root's persistent keyring)."""
 
     def __init__(self) -> None:
-        self.entries: dict[str, tuple[float, bytes]] = {}
+        self.entries: dict[str, tuple[float, bytes, bytes]] = {}
 
     def lookup(self, desc: str) -> Entry | None:
         found = self.entries.get(desc)
         if found is None:
             return None
-        return Entry(0, found[1], time.monotonic() - found[0])
+        return Entry(0, found[1], time.monotonic() - found[0], found[2])
 
-    def store(self, desc: str, plaintext: bytes, lifetime: int, *, uid: int) -> Kept:
-        self.entries[desc] = (time.monotonic(), plaintext)
+    def store(
+        self, desc: str, plaintext: bytes, lifetime: int, *, uid: int, epoch: bytes = bytes(8)
+    ) -> Kept:
+        self.entries[desc] = (time.monotonic(), plaintext, epoch)
         return Kept(True)
 
     def purge(self, desc: str) -> None:

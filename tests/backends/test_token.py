@@ -121,8 +121,8 @@ class TestTokenBackend(BackendContract):
         # Past freshness and the module gone: the entry answers, stale, with the stale ttl.
         module = tmp_path / "gone" / "libsofthsm2.so"
         gone = parse({**self.settings, "host_cache": True, "ttl": 1, "token_module": str(module)})
-        for desc, (stamp, plain) in list(self.cache.entries.items()):
-            self.cache.entries[desc] = (stamp - 10, plain)
+        for desc, (stamp, plain, epoch) in list(self.cache.entries.items()):
+            self.cache.entries[desc] = (stamp - 10, plain, epoch)
         stale = self.backend(gone).resolve(request, self.context())
         assert (stale.payload, stale.stale, stale.ttl) == (VALUE, True, gone.stale_ttl)
         assert "does not exist" in stale.details["reason"]

@@ -386,3 +386,37 @@ def test_binary_and_text_forms_are_one_blob(stored: StoredInstall) -> None:
     assert kmskeys.unprotect(binary, prefix=prefix) == data
     assert kmskeys.unprotect_with_description(text, prefix=prefix) == (data, "two chunks")
     assert dpapi.inspect(binary) == dpapi.inspect(text)
+
+
+def test_roots_flush_of_a_name_reaches_every_qualified_form(stored: StoredInstall) -> None:
+    # Issue 20.6: root's `kmskeys flush NAME` reaches NAME, NAME#user#latest, NAME#user#vN and
+    # every other qualified form (as root: every uid's keys too, tests/isolation/test_hostflush.py).
+    name = unique("flushforms")
+    prefix = stored.stored_prefix
+    forms = ["", "#user", "#user#latest", "#latest", "#user#v1", "#v1"]
+    for form in forms:
+        assert stored.request(name, qualifier=form)  # a key, or its latest version number
+    other = unique("flushforms")  # a name that merely starts alike stays
+    assert len(stored.request(other)) == 32
+
+    def cached(which: str) -> set[str]:
+        from kmskeys import prockeys
+
+        def wanted(key: prockeys.ProcKey) -> bool:
+            return key.description.split("#")[0] == f"{prefix}:{which}"
+
+        found = prockeys.keys(wanted).values()
+        return {k.description for k in found if k.state == "instantiated"}
+
+    assert {f"{prefix}:{name}{form}" for form in forms} <= cached(name)
+    done = subprocess.run(
+        ["keyctl", "session", "-", str(KMSKEYS), "flush", name, "--prefix", prefix],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0 and "flushed" in done.stdout, done.stderr
+    assert f"flushed {len(forms)} cached keys" in done.stdout, done.stdout
+    assert cached(name) == set()
+    assert cached(other) == {f"{prefix}:{other}"}

@@ -39,9 +39,11 @@ class AgedCache:
     def lookup(self, desc: str) -> Entry | None:
         return self.entry
 
-    def store(self, desc: str, plaintext: bytes, lifetime: int, *, uid: int) -> Kept:
+    def store(
+        self, desc: str, plaintext: bytes, lifetime: int, *, uid: int, epoch: bytes = bytes(8)
+    ) -> Kept:
         self.stored.append(plaintext)
-        self.entry = Entry(1, plaintext, 0.0)
+        self.entry = Entry(1, plaintext, 0.0, epoch)
         self.changed.set()
         return Kept(True)
 

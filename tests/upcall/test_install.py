@@ -134,3 +134,131 @@ def test_the_obsolete_backend_key_is_accepted_and_reported(extra_install: Any) -
         done = run_resolver("check", "--config", str(install.config))
         report = json.loads(done.stdout)
         assert not report["config"]["ok"] and "backend is obsolete" in report["config"]["error"]
+
+
+def _second_config(root: Path, values: dict[str, Any]) -> Path:
+    from tests.stored.harness import write_config
+
+    config = root / "other.toml"
+    write_config(config, values)
+    return config
+
+
+def test_a_second_install_sharing_the_hosts_things_is_refused() -> None:
+    from tests.stored.harness import stored_installed
+
+    with stored_installed(rules="both") as first:
+        root = Path(tempfile.mkdtemp(prefix=unique("second") + "-"))
+        os.chmod(root, 0o755)
+        prefix = unique_prefix()
+        shared = {
+            "prefix": prefix,
+            "stored_prefix": first.stored_prefix,
+            "keystore_dir": first.keystore,
+            "state_dir": first.settings["state_dir"],
+            "blob_dir": root / "blobs",
+            "syslog_socket": first.log.path,
+        }
+        try:
+            config = _second_config(root, shared)
+            done = run_resolver("install", "--config", str(config), "--rules", "both")
+            assert done.returncode == 1
+            where = f"{rule_path(first.prefix)} (config {first.config})"
+            for setting, value in (
+                ("stored_prefix", repr(first.stored_prefix)),
+                ("state_dir", first.settings["state_dir"]),
+                ("keystore_dir", first.keystore),
+            ):
+                assert f"{setting} {value} " in done.stderr, done.stderr
+                assert f"set {setting} in {config}" in done.stderr, done.stderr
+            assert where in done.stderr
+            # Nothing written: no rule, no directory, the config untouched.
+            assert not rule_path(prefix).exists()
+            assert not (root / "blobs").exists()
+            # With things of its own, the second install goes in beside the first.
+            own = {
+                **shared,
+                "stored_prefix": unique_prefix(),
+                "keystore_dir": root / "keystore",
+                "state_dir": root / "state",
+            }
+            config = _second_config(root, own)
+            done = run_resolver("install", "--config", str(config), "--rules", "both")
+            assert done.returncode == 0, done.stderr
+            # Both answer: each its own stored: prefix.
+            assert len(first.request(unique("both"))) == 32
+            desc = f"{own['stored_prefix']}:{unique('both')}"
+            from kmskeys import Key
+
+            assert len(Key.request(desc, "32").read()) == 32
+        finally:
+            run_resolver("uninstall", "--config", str(root / "other.toml"), "--prefix", prefix)
+            rule_path(prefix).unlink(missing_ok=True)
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_config_install_writes_beside_the_default_one_claims_nothing_shared() -> None:
+    root = Path(tempfile.mkdtemp(prefix=unique("install") + "-"))
+    prefix = unique_prefix()
+    config = root / "etc" / "resolver.toml"
+    try:
+        done = run_resolver("install", "--config", str(config), "--prefix", prefix)
+        assert done.returncode == 0, done.stderr
+        text = config.read_text()
+        assert f'state_dir = "/run/kmskeys-{prefix}"' in text
+        assert f'keystore_dir = "/var/lib/kmskeys-{prefix}"' in text
+        assert f'stored_prefix = "{prefix}-stored"' in text
+        # The record: in the rule file and the state_dir, with the options and the programs.
+        from kmskeys.rules import RECORD_FILE, parse_record
+
+        record = parse_record(rule_path(prefix).read_text())
+        assert record is not None
+        assert (record.prefix, record.config, record.rules) == (prefix, str(config), "kms")
+        assert record.resolver == str(RESOLVER) and record.routed == (prefix,)
+        kept = Path(f"/run/kmskeys-{prefix}") / RECORD_FILE
+        assert parse_record(kept.read_text()) == record
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+        done = run_resolver("uninstall", "--config", str(config), "--prefix", prefix)
+        assert done.returncode == 0, done.stderr
+        assert not kept.exists() and not kept.parent.exists()
+    finally:
+        rule_path(prefix).unlink(missing_ok=True)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(f"/run/kmskeys-{prefix}", ignore_errors=True)
+
+
+def test_a_second_install_on_the_same_warm_socket_is_refused(extra_install: Any) -> None:
+    sock = Path(tempfile.mkdtemp(prefix=unique("warm") + "-")) / "warm.sock"
+    try:
+        with extra_install(warm_socket=sock) as first:
+            root = Path(tempfile.mkdtemp(prefix=unique("second") + "-"))
+            os.chmod(root, 0o755)
+            prefix = unique_prefix()
+            values = {"prefix": prefix, "state_dir": root / "state", "warm_socket": sock}
+            try:
+                config = _second_config(root, values)
+                done = run_resolver("install", "--config", str(config))
+                assert done.returncode == 1
+                assert f"warm_socket {sock} is the one of {rule_path(first.prefix)}" in done.stderr
+                assert not rule_path(prefix).exists()
+            finally:
+                rule_path(prefix).unlink(missing_ok=True)
+                shutil.rmtree(root, ignore_errors=True)
+    finally:
+        shutil.rmtree(sock.parent, ignore_errors=True)
+
+
+def test_a_new_config_never_takes_over_an_installed_prefix(resolver_install: Install) -> None:
+    # A second install that forgot --prefix P: install would create a config for the first
+    # install's prefix; refused, and the first install's rule left as it is.
+    root = Path(tempfile.mkdtemp(prefix=unique("install") + "-"))
+    config = root / "other.toml"
+    rule = rule_path(resolver_install.prefix)
+    before = rule.read_text()
+    try:
+        done = run_resolver("install", "--config", str(config), "--prefix", resolver_install.prefix)
+        assert done.returncode == 1
+        assert f"is installed with config {resolver_install.config}" in done.stderr, done.stderr
+        assert rule.read_text() == before and not config.exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
