@@ -156,37 +156,9 @@ def _get(
         secret = get_secret(name, callout, prefix=prefix, keyring=keyring)
     except Exception as exc:  # every error: one line, one exit code
         return _fail("kmskeys get", exc)
-    try:
-        _write_stdout(secret)
-    except OSError as exc:  # /dev/full, a closed pipe or stdout: one line, never the secret
-        print(f"kmskeys get: stdout: {exc.strerror or 'short write'}", file=sys.stderr)
-        return EXIT_ERROR
-    return EXIT_OK
+    from kmskeys.secretout import written
 
-
-def _write_stdout(data: bytes) -> None:
-    """Write all of data to stdout; to fd 1 unbuffered, as bin/kmskeys.c does: nothing is left
-    for the interpreter to flush (and fail on again) at exit."""
-    stdout = sys.stdout
-    if stdout is None:  # fd 1 was closed when Python started: it may have been reused since
-        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-    if stdout is not sys.__stdout__:  # main() called in-process with a stream of the caller's
-        stdout.buffer.write(data)
-        stdout.buffer.flush()
-        return
-    stdout.flush()
-    view, done = memoryview(data), 0
-    while done < len(data):
-        try:
-            written = os.write(1, view[done:])
-        except BlockingIOError:  # a non-blocking stdout: wait until it drains
-            import select
-
-            select.select([], [1], [])
-            continue
-        if written == 0:
-            raise OSError(errno.EIO, None)
-        done += written
+    return EXIT_OK if written(secret, "kmskeys get") else EXIT_ERROR
 
 
 def _read_blob_file(path: str) -> bytes:
