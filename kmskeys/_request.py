@@ -70,9 +70,13 @@ def fetch_failed(
             "of its first request (docs/security.md, section 12)"
         )
         raise error_for_errno(errno.EACCES, "request_key " + desc[:256], cause=cause) from None
-    from kmskeys.key import Key
-
-    return serial, Key(serial).read()
+    try:
+        found = _hitpath.read(serial)  # Key.read's owner check and read
+    except OSError as read_exc:
+        return serial, read_failed(serial, read_exc)
+    if isinstance(found, bytes):
+        return serial, found
+    raise read_foreign(serial, *found)
 
 
 def foreign(description: str, found: tuple[int, None, int, int]) -> Exception:

@@ -17,11 +17,11 @@ def write_stdout(data: bytes) -> None:
     stdout = sys.stdout
     if stdout is None:  # fd 1 was closed when Python started: it may have been reused since
         raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    stdout.flush()  # whatever was written before goes first
     if stdout is not sys.__stdout__:  # main() called in-process with a stream of the caller's
         stdout.buffer.write(data)
         stdout.buffer.flush()
         return
-    stdout.flush()
     view, done = memoryview(data), 0
     while done < len(data):
         try:
