@@ -44,6 +44,41 @@ def request_failed(exc: OSError, description: bytes, callout: bytes | None) -> E
     return explained(err, desc)
 
 
+def fetch_failed(
+    exc: OSError, description: bytes, callout: bytes | None, dest: int
+) -> tuple[int, bytes]:
+    """get_secret's request_key(2) failed: the key found in `dest` after all, or the error.
+
+    With a destination, request_key(2) links the key it finds into it, and checks LINK for
+    that: a key bound to a program grants LINK to nobody (kmskeys.contract.PROGRAM_KEY_PERM;
+    docs/security.md, section 12), so asking again for it with keyring="session" is EACCES,
+    even though the resolver answered it into that very keyring. A key already there needs no
+    link: keyctl_search(2) of `dest` finds it (possessed through `dest`, on its possessor
+    SEARCH) and links nothing; then the same owner check and read as the hit path. A key found
+    elsewhere is never linked into `dest`: the error says so.
+    """
+    if exc.errno != errno.EACCES or not dest:
+        raise request_failed(exc, description, callout) from None
+    try:
+        serial = keyutils.keyctl_search(dest, b"user", description, 0)
+    except OSError:
+        desc = description.decode(errors="replace")
+        cause = (
+            "the key found may not be linked into the requested keyring: a secret bound to a "
+            "program (allow_units, allow_cgroups, allow_exe) is kept in its requester's own "
+            "keyring and never linked into another; ask without keyring=, or with the keyring "
+            "of its first request (docs/security.md, section 12)"
+        )
+        raise error_for_errno(errno.EACCES, "request_key " + desc[:256], cause=cause) from None
+    try:
+        found = _hitpath.read(serial)  # Key.read's owner check and read
+    except OSError as read_exc:
+        return serial, read_failed(serial, read_exc)
+    if isinstance(found, bytes):
+        return serial, found
+    raise read_foreign(serial, *found)
+
+
 def foreign(description: str, found: tuple[int, None, int, int]) -> Exception:
     """KeyOwnershipError for a key found under `description` that this fsuid does not own."""
     serial, _, owner, fsuid = found

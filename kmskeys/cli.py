@@ -156,9 +156,9 @@ def _get(
         secret = get_secret(name, callout, prefix=prefix, keyring=keyring)
     except Exception as exc:  # every error: one line, one exit code
         return _fail("kmskeys get", exc)
-    sys.stdout.buffer.write(secret)
-    sys.stdout.buffer.flush()
-    return EXIT_OK
+    from kmskeys.secretout import written
+
+    return EXIT_OK if written(secret, "kmskeys get") else EXIT_ERROR
 
 
 def _read_blob_file(path: str) -> bytes:

@@ -381,9 +381,9 @@ def fetch(description: bytes, callout_info: bytes | None, dest: int) -> tuple[in
     try:
         found = _fetch(description, callout_info, dest)
     except OSError as exc:
-        from kmskeys._request import request_failed
+        from kmskeys._request import fetch_failed
 
-        raise request_failed(exc, description, callout_info) from None
+        return fetch_failed(exc, description, callout_info, dest)
     if len(found) == 4:
         from kmskeys._request import foreign
 

@@ -1,6 +1,6 @@
 """Suite-wide fixtures: tier prerequisites (fail, never skip), a fresh session keyring, and the
 checks that hold for every test: other uids reach the checkout, nothing reaches IMDS from the
-host's network."""
+host's network, no key the session named outlives it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.support.admin_group import removed_if_created
 from tests.support.imds_guard import GuardUnavailable, HostImdsGuard
+from tests.support.leftover_keys import leftover_after_gc
+from tests.support.names import issued
 from tests.support.prereqs import CHECKS, missing_for
 from tests.support.reach import header as reach_header
 from tests.support.reach import unreachable
@@ -23,6 +25,21 @@ _missing_cache: dict[str, list[str]] = {}
 # The session's IMDS guard (tests/support/imds_guard.py), or why there is none.
 _imds_guard: HostImdsGuard | None = None
 _imds_guard_missing = "not set up"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_keys_left() -> Iterator[None]:
+    """Fail the session if a key named by it outlives it (set up first, so checked last, after
+    every other session fixture has cleaned up): a test that put a key in a keyring that
+    outlives it (root's user or persistent keyring) and did not remove it, even on failure."""
+    yield
+    left = leftover_after_gc(issued())
+    if left:
+        pytest.fail(
+            "keys this session created are still alive in keyrings that outlive it (a test "
+            "must remove what it links, in a finally): " + "; ".join(left),
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -105,6 +105,47 @@ def test_the_0700_parent_really_closes_the_checkout_and_the_view_opens_it() -> N
     assert str(PARENT) in seen["covers"]
 
 
+# A fresh interpreter (nothing has loaded the cffi binding yet, as in `kmskeys doctor`) runs the
+# upcall probe, whose children take other identities: each case's outcome, and whether the
+# binding was loaded before the probe began.
+PROBE_UPCALLS = textwrap.dedent(
+    f"""
+    import json, sys
+    sys.path.insert(0, {str(ROOT)!r})
+    from kmskeys import upcall_probe
+    loaded = "kmskeys._keyutils_cffi" in sys.modules
+    caps = upcall_probe.probe_upcalls()
+    cases = {{name: [getattr(caps, name).ran, getattr(caps, name).uid, getattr(caps, name).error]
+              for name in ("root", "non_root", "fsuid", "ruid_fsuid")}}
+    print(json.dumps({{"loaded_before": loaded, "cases": cases}}))
+    """
+)
+
+
+def test_the_upcall_probe_answers_the_same_from_below_a_0700_directory() -> None:
+    """The probe's children become nobody (or act as it through the fsuid) and then call into
+    the binding: loaded lazily after that, it could not be read from a closed checkout, and the
+    probe said no requester could upcall (fixed by loading it first, as root)."""
+    closed = _run(sys.executable, "-c", PROBE_UPCALLS, timeout=120)
+    assert closed.returncode == 0, closed.stderr
+    open_ = subprocess.run(
+        [sys.executable, "-c", PROBE_UPCALLS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert open_.returncode == 0, open_.stderr
+    behind, beside = json.loads(closed.stdout), json.loads(open_.stdout)
+    assert behind["loaded_before"] is False  # the lazy binding's path, as doctor takes it
+    assert behind["cases"] == beside["cases"], (behind, beside)
+    # Root's own request and the suite's stand-in requester (euid 0, fsuid nobody) work on
+    # every machine this suite runs on; an import error would show as a case's error.
+    assert behind["cases"]["root"] == [True, 0, None], behind
+    assert behind["cases"]["fsuid"][2] is None, behind
+
+
 @pytest.mark.timeout(900)
 def test_tests_that_run_as_other_uids_pass_from_below_a_0700_directory(tmp_path: Path) -> None:
     done = _run(

@@ -392,22 +392,35 @@ def test_a_miss_goes_to_python_which_upcalls_once(session_keyring: Keyring, tmp_
     assert calls.read_text().splitlines() == [f"{prefix}:{name}"]
 
 
-@pytest.mark.parametrize("sink", ["closed pipe", "/dev/full"])
+FAILED_WRITES = {
+    "closed pipe": b"kmskeys get: stdout: Broken pipe\n",
+    "/dev/full": b"kmskeys get: stdout: No space left on device\n",
+    "closed stdout": b"kmskeys get: stdout: Bad file descriptor\n",
+}
+
+
+@pytest.mark.parametrize("sink", FAILED_WRITES)
 def test_a_failed_write_is_the_python_clis(sink: str, cached: tuple[str, str, bytes]) -> None:
-    # Nothing written: the Python CLI gets the key again and meets the same failure.
+    # Nothing written: the Python CLI gets the key again and meets the same failure, which it
+    # reports in one line and exit code 1, never a traceback nor the secret.
     prefix, name, secret = cached
     results = []
     for command in (KMSKEYS, KMSKEYS_PY):
+        kwargs: dict[str, object] = {}
         if sink == "closed pipe":
             read_end, out = os.pipe()
             os.close(read_end)
+        elif sink == "closed stdout":
+            out = os.open(os.devnull, os.O_WRONLY)
+            kwargs["preexec_fn"] = lambda: os.close(1)
         else:
             out = os.open(sink, os.O_WRONLY)
         try:
-            results.append(answer(command, ["get", name, "--prefix", prefix], stdout=out))
+            results.append(answer(command, ["get", name, "--prefix", prefix], stdout=out, **kwargs))
         finally:
             os.close(out)
     fast, slow = results
-    assert fast.python and fast.code != EXIT_OK
-    assert fast.code == slow.code
+    assert fast.python
+    assert (slow.code, slow.stderr) == (EXIT_ERROR, FAILED_WRITES[sink])
+    assert fast.same() == slow.same()
     assert secret not in fast.stderr

@@ -18,6 +18,7 @@ from typing import Any
 
 from kmskeys import Key
 from tests.support.kms_emulator import TEST_CREDENTIALS
+from tests.support.leftover_keys import flush_install
 from tests.support.names import unique, unique_prefix
 from tests.upcall.harness import RESOLVER, SyslogReader, run_resolver
 
@@ -136,6 +137,7 @@ def stored_installed(
         )
     finally:
         undone = run_resolver("uninstall", "--config", str(config), resolver=resolver)
+        flush_install(values)
         log.close()
         shutil.rmtree(root, ignore_errors=True)
         assert undone.returncode == 0, undone.stderr

@@ -10,6 +10,7 @@ the identity the handler instantiated the key with.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -35,7 +36,11 @@ class IdentityRule:
 
     def policy(self, **keys: list[str]) -> None:
         """The handler checks these program-policy keys (allow_units=[...], ...) from now on."""
-        (self.directory / "policy.json").write_text(json.dumps(keys))
+        # Whole or not at all, as the handler publishes its files: a handler still running
+        # from an earlier request may read it at any moment.
+        draft = self.directory / "policy.draft"
+        draft.write_text(json.dumps(keys))
+        os.replace(draft, self.directory / "policy.json")
 
     def _wait(self, path: Path, timeout: float = WAIT) -> dict[str, object]:
         deadline = time.monotonic() + timeout
@@ -46,6 +51,8 @@ class IdentityRule:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the handler wrote no {path.name} within {timeout} s")
             time.sleep(0.01)
+        # The handler publishes each file whole (identify_handler.py `_publish`: a draft
+        # renamed into place), so the first read that finds it finds all of it.
         found: dict[str, object] = json.loads(path.read_text())
         return found
 

@@ -22,6 +22,7 @@ from typing import Any
 from kmskeys import get_secret
 from tests.support.kms_emulator import TEST_CREDENTIALS, KmsEmulator
 from tests.support.kms_proxy import KmsProxy
+from tests.support.leftover_keys import flush_install
 from tests.support.names import unique, unique_prefix
 from tests.support.ttl import MIN_TTL
 
@@ -268,6 +269,7 @@ def installed(
         undone = run_resolver(
             "uninstall", "--config", str(config), "--prefix", prefix, resolver=resolver
         )
+        flush_install(values)
         log.close()
         shutil.rmtree(root, ignore_errors=True)
         assert undone.returncode == 0, undone.stderr

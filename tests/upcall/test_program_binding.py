@@ -33,7 +33,10 @@ pytestmark = pytest.mark.upcall
 
 SECRET = b"kmst-db-password"
 # Names under these globs are bound: to app.service, and (unit-bound blobs aside) nothing else.
-POLICY = '\n[names."kmst-*-pbapp-*"]\nallow_units = ["app.service"]\n'
+POLICY = (
+    '\n[names."kmst-*-pbapp-*"]\nallow_units = ["app.service"]\n'
+    '\n[names."kmst-*-pbcg-*"]\nallow_cgroups = ["/kmstest-*.slice/app.service"]\n'
+)
 USERS = [0, NOBODY]
 NO_KEY = (errno.ENOKEY, errno.EACCES)
 
@@ -470,3 +473,52 @@ def test_an_executable_replaced_before_its_request_does_not_pass(
         assert process.wait(timeout=30) != 0
         line = install.log.wait_for(swapped)
         assert "program policy (exe)" in line and f"{program} (deleted)" in line, line
+
+
+def _get_later(install: Install, name: str, **options: object) -> Callable[[], object]:
+    """get_secret once the hit path's memory of the serial is past (1 s): request_key again."""
+
+    def get() -> object:
+        time.sleep(1.1)
+        return _get(install, name, **options)()
+
+    return get
+
+
+@pytest.mark.parametrize("keyring", ["session", None])
+@pytest.mark.parametrize("stem", ["pbapp", "pbcg"], ids=["allow_units", "allow_cgroups"])
+def test_the_allowed_program_gets_its_key_again_with_an_explicit_session_keyring(
+    install: Install, cg: cgroups.Slice, requester: Requester, keyring: str | None, stem: str
+) -> None:
+    """A possessor-only key grants LINK to nobody, and request_key(2) checks LINK when it finds
+    a key and has a destination: the client finds it in that keyring instead of linking it."""
+    name = _name(install, stem)
+    steps = [_get(install, name, keyring=keyring), _get_later(install, name, keyring=keyring)]
+    with _in_unit(cg, "app.service", NOBODY, requester.mode, steps) as app:
+        assert app.run(0) == {"ok": SECRET.decode()}
+        assert app.run(1) == {"ok": SECRET.decode()}
+    assert install.decrypts() == 1
+
+
+def test_a_program_bound_key_is_never_linked_into_a_shared_keyring(
+    install: Install, cg: cgroups.Slice, requester: Requester
+) -> None:
+    """Cached in the session keyring, then asked for with keyring="user": the key is not there,
+    and linking it there would hand it to every program of the uid. The error says so."""
+    name = _name(install)
+    later = _get_later(install, name, keyring="user")
+
+    def refused() -> object:
+        try:
+            return {"got": later()}
+        except PermissionError as exc:
+            return {"error": type(exc).__name__, "errno": exc.errno, "message": str(exc)}
+
+    steps = [_get(install, name, keyring="session"), refused]
+    with _in_unit(cg, "app.service", NOBODY, requester.mode, steps) as app:
+        assert app.run(0) == {"ok": SECRET.decode()}
+        got = app.run(1)
+    assert isinstance(got, dict) and "ok" in got, got
+    assert got["ok"]["error"] == "KeyPermissionError" and got["ok"]["errno"] == errno.EACCES, got
+    assert "never linked into another" in got["ok"]["message"], got
+    assert install.decrypts() == 1

@@ -54,10 +54,24 @@ def fresh(ahead: Install, session_keyring: object) -> Install:
     return ahead
 
 
-def _lines(install: Install, name: str) -> tuple[list[str], list[str]]:
-    """(the handler's lines, the refresher's lines) about `name` so far."""
+def _lines(install: Install, name: str, refresher: int) -> tuple[list[str], list[str]]:
+    """(the handlers' lines, the refresher's renewals) about `name` so far, checked.
+
+    A renewal whose KMS call outlasts stale_wait (a loaded machine) renews the key from the
+    stale host-cache entry at once (outcome=stale, via=refresh) and finishes the call in a
+    thread of the refresher, which logs a line of its own when it ends (source=background, from
+    the refresher's pid): neither is a miss.
+    """
     lines = [line for line in install.log.drain() if f" name={name} " in line + " "]
-    return [ln for ln in lines if VIA not in ln], [ln for ln in lines if VIA in ln]
+    own = f"[{refresher}]: "
+    renewed = [ln for ln in lines if VIA in ln]
+    finished = [ln for ln in lines if VIA not in ln and own in ln]
+    handler = [ln for ln in lines if VIA not in ln and own not in ln]
+    assert all(" outcome=ok " in ln or " outcome=stale " in ln for ln in renewed), renewed
+    stale = sum(" outcome=stale " in ln for ln in renewed)
+    assert all(" source=background " in ln for ln in finished), finished
+    assert len(finished) <= stale, (renewed, finished)
+    return handler, renewed
 
 
 def _read_for(seconds: float, read: Callable[[], object]) -> tuple[list[object], int]:
@@ -77,7 +91,7 @@ def _read_for(seconds: float, read: Callable[[], object]) -> tuple[list[object],
 def test_a_reader_across_ttl_periods_keeps_one_serial_and_never_misses(fresh: Install) -> None:
     name = unique("ahead")
     fresh.deploy(name, fresh.blob(b"kmst-ahead", name))
-    with refresher(fresh):
+    with refresher(fresh) as running:
         first = Key.request(fresh.description(name), b"")
 
         def read() -> tuple[int, bytes]:
@@ -85,12 +99,12 @@ def test_a_reader_across_ttl_periods_keeps_one_serial_and_never_misses(fresh: In
             return key.serial, key.read()
 
         seen, errors = _read_for(PERIODS * TTL + 1, read)
+    handler, renewed = _lines(fresh, name, running.pid)
     assert errors == 0
-    assert set(seen) == {(first.serial, b"kmst-ahead")}, set(seen)
-    handler, renewed = _lines(fresh, name)
+    assert set(seen) == {(first.serial, b"kmst-ahead")}, (set(seen), handler, renewed)
     # One miss, the first request; every later read was a hit on the same key.
     assert len(handler) == 1 and " source=blob_dir " in handler[0], handler
-    assert len(renewed) >= PERIODS and all(" outcome=ok " in ln for ln in renewed), renewed
+    assert len(renewed) >= PERIODS, renewed
     assert all(f" key={first.serial} " in ln for ln in renewed), renewed
     # One KMS call per host per ttl at most: the refresher goes through the host cache.
     assert fresh.decrypts() <= PERIODS + 2, fresh.decrypts()
@@ -105,13 +119,13 @@ def test_a_non_root_uids_key_is_renewed_in_its_own_keyring(fresh: Install) -> No
         key = Key.request(fresh.description(name), b"")
         return [key.serial, key.read().decode(), key.describe().uid]
 
-    with refresher(fresh), Steps(NOBODY, [read]) as child:
+    with refresher(fresh) as running, Steps(NOBODY, [read]) as child:
         assert child.ready() == {"ok": None}
         seen, errors = _read_for(PERIODS * TTL + 1, lambda: child.run(0))
+    handler, renewed = _lines(fresh, name, running.pid)
     assert errors == 0
-    assert {str(s) for s in seen} == {str(seen[0])}, seen
+    assert {str(s) for s in seen} == {str(seen[0])}, (seen, handler, renewed)
     assert seen[0] == {"ok": [seen[0]["ok"][0], "kmst-ahead-user", NOBODY]}, seen[0]  # type: ignore[index]
-    handler, renewed = _lines(fresh, name)
     assert len(handler) == 1, handler
     assert len(renewed) >= PERIODS and all(f" uid={NOBODY} " in ln for ln in renewed), renewed
 
