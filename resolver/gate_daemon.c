@@ -1,0 +1,464 @@
+/*
+ * The gate's half of the resolver daemon's wire (resolver/wire.py has the format): hand the
+ * request to `kmskeys-resolver serve`, then answer the key as it says, exactly as
+ * resolver/answer.py would (chown, setperm, set_timeout, instantiate; a full quota is EDQUOT,
+ * any other failure EKEYREJECTED; or reject with the errno and ttl given), and report what the
+ * kernel said, so that the daemon writes the request's one log line.
+ *
+ * Trust: the daemon's socket must be root's, in a root-owned directory nobody else may write,
+ * and its listener uid 0 (SO_PEERCRED); otherwise nothing it could say is believed and the
+ * handler runs. Every field of its answer is checked against the request and the wire's
+ * bounds before the key is touched. Anything else that goes wrong before an answer arrives
+ * (no daemon, not accepted within DAEMON_WAIT_MS, the daemon gone) runs the handler too, which
+ * has what is left of the deadline: a dead daemon costs latency, never a wrong answer.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/fsuid.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include <linux/keyctl.h>
+
+#include "_wipe.h"
+#include "contract.h"
+#include "gate.h"
+
+#define HEADER_SIZE 12
+enum { READ_OK = 0, READ_TIMEOUT = -1, READ_CLOSED = -2, READ_BAD = -3 };
+
+struct buffer {
+    unsigned char *data;
+    size_t size, used;
+};
+
+struct outcome {
+    int32_t error;
+    uint32_t uid, gid, perm, timeout, negative_ttl, length;
+    int32_t keyring;
+    const unsigned char *payload;
+};
+
+static void put32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)(v >> 24), p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8), p[3] = (unsigned char)v;
+}
+
+static uint32_t get32(const unsigned char *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static int put_u32(struct buffer *b, uint32_t v)
+{
+    if (b->size - b->used < 4)
+        return -1;
+    put32(b->data + b->used, v);
+    b->used += 4;
+    return 0;
+}
+
+static int put_u64(struct buffer *b, unsigned long long v)
+{
+    return put_u32(b, (uint32_t)(v >> 32)) || put_u32(b, (uint32_t)v);
+}
+
+static int put_string(struct buffer *b, const void *text, size_t len, size_t max)
+{
+    if (len > max || put_u32(b, (uint32_t)len) || b->size - b->used < len)
+        return -1;
+    memcpy(b->data + b->used, text, len);
+    b->used += len;
+    return 0;
+}
+
+static void put_header(unsigned char *p, int type, size_t length)
+{
+    memcpy(p, KMSKEYS_WIRE_MAGIC, 4);
+    p[4] = (unsigned char)(KMSKEYS_WIRE_VERSION >> 8), p[5] = (unsigned char)KMSKEYS_WIRE_VERSION;
+    p[6] = (unsigned char)(type >> 8), p[7] = (unsigned char)type;
+    put32(p + 8, (uint32_t)length);
+}
+
+/* >0 when `fd` is ready for `events` before `deadline` (monotonic ms), 0 on timeout. */
+static int wait_fd(int fd, short events, long deadline)
+{
+    for (;;) {
+        long left = deadline - monotonic_ms();
+        if (left <= 0)
+            return 0;
+        struct pollfd p = {.fd = fd, .events = events};
+        int n = poll(&p, 1, (int)(left > 60000 ? 60000 : left));
+        if (n > 0)
+            return 1;
+        if (n < 0 && errno != EINTR)
+            return -1;
+    }
+}
+
+/* Connected to a daemon the kernel says is root's; -1 if none answers; -2 with `why` set if the
+ * socket or its listener is not to be believed. */
+static int connect_daemon(const char *path, char *why, size_t size)
+{
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    size_t len = strlen(path);
+    if (len >= sizeof addr.sun_path)
+        return -1;
+    memcpy(addr.sun_path, path, len + 1);
+    char dir[sizeof addr.sun_path];
+    memcpy(dir, path, len + 1);
+    char *slash = strrchr(dir, '/');
+    slash[slash == dir ? 1 : 0] = '\0';
+    /* Only root may have put a listener here: a root-owned directory nobody else may write,
+     * and a socket of root's (resolver/daemon.py binds it 0600). */
+    struct stat st;
+    if (stat(dir, &st))
+        return -1; /* no daemon: the normal fallback */
+    if (!S_ISDIR(st.st_mode) || st.st_uid != 0 || (st.st_mode & (S_IWGRP | S_IWOTH))) {
+        snprintf(why, size, "daemon socket directory %s is not root's alone", dir);
+        return -2;
+    }
+    if (lstat(path, &st))
+        return -1; /* no daemon: the normal fallback */
+    if (!S_ISSOCK(st.st_mode) || st.st_uid != 0 || (st.st_mode & (S_IWGRP | S_IWOTH))) {
+        snprintf(why, size, "daemon socket %s is not a socket of root's alone", path);
+        return -2;
+    }
+    int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (sock < 0)
+        return -1;
+    /* A unix socket connects at once or fails at once (EAGAIN: its backlog is full). */
+    if (connect(sock, (struct sockaddr *)&addr, sizeof addr)) {
+        close(sock);
+        return -1;
+    }
+    struct ucred cred;
+    socklen_t cred_len = sizeof cred;
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &cred_len) || cred_len != sizeof cred) {
+        close(sock);
+        return -1;
+    }
+    if (cred.uid != 0) {
+        /* A daemon not run by root could answer with any payload: never believed. */
+        snprintf(why, size, "daemon socket %s is served by uid %ld, not root", path, (long)cred.uid);
+        close(sock);
+        return -2;
+    }
+    return sock;
+}
+
+/* The lines of /proc/keys that start with the authorization key's serial, as the kernel prints
+ * them (resolver/requester.py parses them, in the daemon). Read with an fsuid and fsgid that
+ * own no keys: the possessed authorization key is shown, root's own keys are not read. */
+static void proc_keys(long auth, unsigned char *out, size_t *used, uint32_t *seen, uint32_t *flags)
+{
+    char head[16];
+    int head_len = snprintf(head, sizeof head, "%08lx ", auth);
+    int old_uid = setfsuid(KMSKEYS_UNOWNED_ID), old_gid = setfsgid(KMSKEYS_UNOWNED_ID);
+    int fd = open("/proc/keys", O_RDONLY | O_CLOEXEC);
+    size_t total = 0, pos = 0, kept = 0, line_len = 0;
+    int match = 1, capturing = 0;
+    char chunk[8192];
+    ssize_t n;
+    while (fd >= 0 && (n = read(fd, chunk, sizeof chunk)) > 0) {
+        for (ssize_t i = 0; i < n; i++) {
+            char ch = chunk[i];
+            if (ch == '\n') {
+                if (capturing)
+                    out[(*used)++] = '\n';
+                pos = 0, match = 1, capturing = 0;
+                continue;
+            }
+            if (pos < (size_t)head_len) {
+                match = match && ch == head[pos];
+                if (match && pos + 1 == (size_t)head_len) {
+                    (*seen)++;
+                    if (kept < KMSKEYS_WIRE_PROC_KEYS_LINES) {
+                        kept++, capturing = 1, line_len = (size_t)head_len;
+                        memcpy(out + *used, head, (size_t)head_len);
+                        *used += (size_t)head_len;
+                    }
+                }
+            } else if (capturing && line_len < KMSKEYS_WIRE_PROC_KEYS_LINE_MAX) {
+                out[(*used)++] = (unsigned char)ch;
+                line_len++;
+            }
+            pos++;
+        }
+        total += (size_t)n;
+        if (total > KMSKEYS_WIRE_PROC_KEYS_SCAN_MAX) {
+            *flags |= KMSKEYS_WIRE_FLAG_PROC_KEYS_CUT;
+            break;
+        }
+    }
+    if (capturing)
+        out[(*used)++] = '\n';
+    if (fd >= 0)
+        close(fd);
+    setfsgid((gid_t)old_gid);
+    setfsuid((uid_t)old_uid);
+}
+
+/* REQUEST (resolver/wire.py GateRequest) for our key: 0, or -1 if the kernel says no. */
+static int build_request(const struct args *a, struct buffer *b)
+{
+    /* "type;uid;gid;perm;description", as the kernel holds them. */
+    char described[KMSKEYS_DESCRIPTION_MAX + 64];
+    long n = syscall(SYS_keyctl, KEYCTL_DESCRIBE, a->key, described, sizeof described);
+    if (n <= 0 || (size_t)n > sizeof described)
+        return -1;
+    described[sizeof described - 1] = '\0';
+    char *field[4], *rest = described;
+    for (int i = 0; i < 4; i++) {
+        char *semi = strchr(rest, ';');
+        if (semi == NULL)
+            return -1;
+        *semi = '\0';
+        field[i] = rest, rest = semi + 1;
+    }
+    char *end;
+    errno = 0;
+    unsigned long uid = strtoul(field[1], &end, 10), gid;
+    if (errno || *end || uid != (unsigned long)a->uid || strcmp(field[0], "user") != 0)
+        return -1;
+    gid = strtoul(field[2], &end, 10);
+    if (errno || *end || gid > UINT32_MAX)
+        return -1;
+    /* After assuming authority, the authorization key reads as the callout. */
+    unsigned char callout[KMSKEYS_CALLOUT_MAX + 1];
+    long callout_len = syscall(SYS_keyctl, KEYCTL_READ, KEY_SPEC_REQKEY_AUTH_KEY, callout, sizeof callout);
+    long auth = syscall(SYS_keyctl, KEYCTL_GET_KEYRING_ID, KEY_SPEC_REQKEY_AUTH_KEY, 0);
+    if (callout_len < 0 || callout_len > KMSKEYS_CALLOUT_MAX || auth <= 0)
+        return -1;
+    unsigned char lines[KMSKEYS_WIRE_PROC_KEYS_MAX];
+    size_t lines_len = 0;
+    uint32_t seen = 0, flags = 0;
+    proc_keys(auth, lines, &lines_len, &seen, &flags);
+    b->used = HEADER_SIZE;
+    if (put_u32(b, (uint32_t)a->key) || put_u32(b, (uint32_t)a->uid) || put_u32(b, (uint32_t)gid) ||
+        put_u32(b, (uint32_t)auth) || put_u32(b, flags) || put_u32(b, seen) ||
+        put_u64(b, (unsigned long long)a->started_us) ||
+        put_string(b, KMSKEYS_BUILD_STAMP, strlen(KMSKEYS_BUILD_STAMP), KMSKEYS_WIRE_STAMP_MAX) ||
+        put_string(b, rest, strlen(rest), KMSKEYS_DESCRIPTION_MAX) ||
+        put_string(b, callout, (size_t)callout_len, KMSKEYS_CALLOUT_MAX) ||
+        put_string(b, lines, lines_len, KMSKEYS_WIRE_PROC_KEYS_MAX))
+        return -1;
+    put_header(b->data, KMSKEYS_WIRE_REQUEST, b->used - HEADER_SIZE);
+    return 0;
+}
+
+/* Send all of `data`, the slot fd riding with its first byte (SCM_RIGHTS). */
+static int send_all(int sock, const unsigned char *data, size_t len, int fd, long deadline)
+{
+    size_t sent = 0;
+    while (sent < len) {
+        struct iovec iov = {.iov_base = (void *)(data + sent), .iov_len = len - sent};
+        union {
+            char buf[CMSG_SPACE(sizeof(int))];
+            struct cmsghdr align;
+        } control;
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+        if (fd >= 0 && sent == 0) {
+            memset(&control, 0, sizeof control);
+            msg.msg_control = control.buf;
+            msg.msg_controllen = sizeof control.buf;
+            struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+            cmsg->cmsg_level = SOL_SOCKET;
+            cmsg->cmsg_type = SCM_RIGHTS;
+            cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+            memcpy(CMSG_DATA(cmsg), &fd, sizeof fd);
+        }
+        ssize_t n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+        if (n > 0) {
+            sent += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && errno == EAGAIN) {
+            if (wait_fd(sock, POLLOUT, deadline) <= 0)
+                return -1;
+        } else {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int read_exact(int sock, unsigned char *buf, size_t len, long deadline)
+{
+    size_t got = 0;
+    while (got < len) {
+        ssize_t n = recv(sock, buf + got, len - got, 0);
+        if (n > 0) {
+            got += (size_t)n;
+        } else if (n == 0) {
+            return READ_CLOSED;
+        } else if (errno == EAGAIN || errno == EINTR) {
+            int ready = wait_fd(sock, POLLIN, deadline);
+            if (ready <= 0)
+                return ready == 0 ? READ_TIMEOUT : READ_CLOSED;
+        } else {
+            return READ_CLOSED;
+        }
+    }
+    return READ_OK;
+}
+
+/* One message of type `type` whose body is at most `max` bytes, before `deadline`. */
+static int read_message(int sock, int type, unsigned char *body, size_t max, size_t *len, long deadline)
+{
+    unsigned char head[HEADER_SIZE];
+    int r = read_exact(sock, head, sizeof head, deadline);
+    if (r != READ_OK)
+        return r;
+    int version = head[4] << 8 | head[5], kind = head[6] << 8 | head[7];
+    *len = get32(head + 8);
+    if (memcmp(head, KMSKEYS_WIRE_MAGIC, 4) || version != KMSKEYS_WIRE_VERSION)
+        return READ_BAD;
+    if (kind == KMSKEYS_WIRE_DECLINED)
+        return READ_CLOSED; /* the daemon will not take it: the handler will */
+    if (kind != type || *len > max)
+        return READ_BAD;
+    return read_exact(sock, body, *len, deadline);
+}
+
+static void send_small(int sock, int type, const unsigned char *body, size_t len)
+{
+    unsigned char message[HEADER_SIZE + KMSKEYS_WIRE_REPORT_SIZE];
+    put_header(message, type, len);
+    memcpy(message + HEADER_SIZE, body, len);
+    send_all(sock, message, HEADER_SIZE + len, -1, monotonic_ms() + KMSKEYS_WIRE_REPORT_WAIT_MS);
+}
+
+/* The OUTCOME fields, checked against the request and the wire's bounds: 0 if believable. */
+static int parse_outcome(const struct args *a, const unsigned char *body, size_t len, struct outcome *o)
+{
+    if (len < KMSKEYS_WIRE_OUTCOME_FIXED)
+        return -1;
+    o->error = (int32_t)get32(body), o->uid = get32(body + 4), o->gid = get32(body + 8);
+    o->perm = get32(body + 12), o->timeout = get32(body + 16), o->negative_ttl = get32(body + 20);
+    o->keyring = (int32_t)get32(body + 24), o->length = get32(body + 28);
+    o->payload = body + KMSKEYS_WIRE_OUTCOME_FIXED;
+    if (len != KMSKEYS_WIRE_OUTCOME_FIXED + (size_t)o->length || o->negative_ttl < 1 ||
+        o->negative_ttl > KMSKEYS_MAX_NEGATIVE_TTL)
+        return -1;
+    if (o->error == 0)
+        /* An answer: to the requester, within the key's bounds, never a mask that lets anyone
+         * but the owner and possessors read or write it, linked into no keyring but the
+         * request's destination. */
+        return o->uid == (uint32_t)a->uid && o->length >= 1 && o->length <= KMSKEYS_USER_PAYLOAD_MAX &&
+                       o->timeout >= 1 && o->timeout <= KMSKEYS_WIRE_TIMEOUT_MAX &&
+                       !(o->perm & ~(uint32_t)KMSKEYS_ANSWER_PERM_ALLOWED) && o->keyring <= 0 &&
+                       o->keyring >= KEY_SPEC_REQUESTOR_KEYRING &&
+                       o->keyring != KEY_SPEC_REQKEY_AUTH_KEY
+                   ? 0
+                   : -1;
+    int known = o->error == KMSKEYS_ERRNO_UNKNOWN_SECRET || o->error == KMSKEYS_ERRNO_REFUSED ||
+                o->error == KMSKEYS_ERRNO_UNAVAILABLE || o->error == KMSKEYS_ERRNO_QUOTA;
+    return known && o->length == 0 && o->timeout >= 1 && o->timeout <= KMSKEYS_MAX_NEGATIVE_TTL ? 0 : -1;
+}
+
+/* Answer the key as resolver/answer.py does; REPORT's body says what the kernel said. */
+static void carry_out(const struct args *a, const struct outcome *o, unsigned char report[16])
+{
+    unsigned long key = (unsigned long)a->key;
+    int step = KMSKEYS_WIRE_STEP_NONE, failed = 0, reject = 0, result = 0;
+    unsigned long ttl = o->timeout;
+    if (o->error == 0) {
+        /* Owner, mask and expiry first, so that no waiter ever sees the kernel's defaults. */
+        if (syscall(SYS_keyctl, KEYCTL_CHOWN, key, (unsigned long)o->uid, (unsigned long)o->gid))
+            step = KMSKEYS_WIRE_STEP_CHOWN;
+        else if (syscall(SYS_keyctl, KEYCTL_SETPERM, key, (unsigned long)o->perm))
+            step = KMSKEYS_WIRE_STEP_SETPERM;
+        else if (syscall(SYS_keyctl, KEYCTL_SET_TIMEOUT, key, (unsigned long)o->timeout))
+            step = KMSKEYS_WIRE_STEP_TIMEOUT;
+        else if (syscall(SYS_keyctl, KEYCTL_INSTANTIATE, key, o->payload, (size_t)o->length,
+                         (long)o->keyring))
+            step = KMSKEYS_WIRE_STEP_INSTANTIATE;
+        if (step != KMSKEYS_WIRE_STEP_NONE) {
+            failed = errno;
+            /* A full key quota is said as such (doctor explains it); anything else refuses. */
+            reject = failed == EDQUOT ? KMSKEYS_ERRNO_QUOTA : KMSKEYS_ERRNO_REFUSED;
+            ttl = o->negative_ttl;
+        }
+    } else {
+        reject = o->error;
+    }
+    if (reject && syscall(SYS_keyctl, KEYCTL_REJECT, key, ttl, (unsigned long)reject, 0))
+        result = errno;
+    put32(report, (uint32_t)step), put32(report + 4, (uint32_t)failed);
+    put32(report + 8, (uint32_t)reject), put32(report + 12, (uint32_t)result);
+}
+
+/* A request the daemon accepted: wait for its OUTCOME and carry it out. */
+static int answer_from(const struct args *a, int sock, long wait)
+{
+    long deadline = monotonic_ms() + wait;
+    static unsigned char body[KMSKEYS_WIRE_OUTCOME_MAX];
+    size_t len = 0;
+    struct outcome o;
+    char why[160];
+    int r = read_message(sock, KMSKEYS_WIRE_OUTCOME, body, sizeof body, &len, deadline);
+    if (r == READ_CLOSED)
+        return DAEMON_FALLBACK; /* the daemon is gone: the handler has what is left of the deadline */
+    if (r == READ_TIMEOUT) {
+        send_small(sock, KMSKEYS_WIRE_ABANDON, NULL, 0);
+        snprintf(why, sizeof why,
+                 "the resolver daemon accepted the request but did not answer within %ld ms", wait);
+        reject_key(a, a->negative_ttl, KMSKEYS_ERRNO_UNAVAILABLE);
+        log_line(a, KMSKEYS_LOG_ERR, KMSKEYS_OUTCOME_UNAVAILABLE, KMSKEYS_ERRNO_UNAVAILABLE_NAME, why);
+        return DAEMON_ANSWERED;
+    }
+    if (r != READ_OK || parse_outcome(a, body, len, &o)) {
+        send_small(sock, KMSKEYS_WIRE_ABANDON, NULL, 0);
+        kmsk_wipe(body, sizeof body);
+        log_line(a, KMSKEYS_LOG_ERR, "fallback", NULL,
+                 "the resolver daemon's answer is not one the gate accepts: the handler answers");
+        return DAEMON_FALLBACK;
+    }
+    unsigned char report[KMSKEYS_WIRE_REPORT_SIZE];
+    carry_out(a, &o, report);
+    kmsk_wipe(body, sizeof body);
+    send_small(sock, KMSKEYS_WIRE_REPORT, report, sizeof report);
+    return DAEMON_ANSWERED;
+}
+
+int ask_daemon(const struct args *a, int slot)
+{
+    long accept_by = monotonic_ms() + a->daemon_wait_ms;
+    char why[512];
+    int sock = connect_daemon(a->daemon_socket, why, sizeof why);
+    if (sock == -2)
+        log_line(a, KMSKEYS_LOG_ERR, "fallback", NULL, why);
+    if (sock < 0)
+        return DAEMON_FALLBACK;
+    static unsigned char request[HEADER_SIZE + KMSKEYS_WIRE_REQUEST_MAX];
+    struct buffer b = {.data = request, .size = sizeof request};
+    unsigned char accepted[4];
+    size_t len = 0;
+    int result = DAEMON_FALLBACK;
+    /* request-key assumed the authority already; assuming it again is harmless. */
+    if (syscall(SYS_keyctl, KEYCTL_ASSUME_AUTHORITY, a->key) < 0 || build_request(a, &b) ||
+        send_all(sock, request, b.used, slot, accept_by))
+        goto out;
+    int r = read_message(sock, KMSKEYS_WIRE_ACCEPTED, accepted, sizeof accepted, &len, accept_by);
+    if (r != READ_OK || len != sizeof accepted) {
+        /* Not accepted in time: the daemon must not go on with it, the handler answers. */
+        send_small(sock, KMSKEYS_WIRE_ABANDON, NULL, 0);
+        goto out;
+    }
+    long wait = get32(accepted);
+    result = answer_from(a, sock, wait < KMSKEYS_WIRE_OUTCOME_WAIT_MAX_MS ? wait : KMSKEYS_WIRE_OUTCOME_WAIT_MAX_MS);
+out:
+    kmsk_wipe(request, sizeof request);
+    close(sock);
+    return result;
+}
