@@ -179,21 +179,33 @@ static void append_field(char *buf, size_t size, const char *text)
     snprintf(buf + used, size - used, "%s\"", truncated ? "..." : "");
 }
 
+/* The key's name as the handler logs it (after its prefix), or "?". Read while the gate holds
+ * the authority, which lets it describe a key of any uid: once the key is answered, a key of
+ * another uid is no longer root's to describe. The first call keeps it for the later ones. */
+static const char *key_name(const struct args *a)
+{
+    static char described[KMSKEYS_DESCRIPTION_MAX + 1 + 64];
+    static const char *name;
+    if (name)
+        return name;
+    /* "type;uid;gid;perm;description" */
+    long n = syscall(SYS_keyctl, KEYCTL_DESCRIBE, a->key, described, sizeof described - 1);
+    const char *description = described;
+    for (int field = 0; n > 0 && field < 4 && description; field++)
+        description = strchr(description, ';') ? strchr(description, ';') + 1 : NULL;
+    const char *colon = n > 0 && description ? strchr(description, ':') : NULL;
+    name = colon ? colon + 1 : "?";
+    return name;
+}
+
 /* One RFC 3164 line to the syslog socket, as resolver/log.py SyslogWriter sends it:
  * `uid=U name=N key=K outcome=O [errno=E] reason=R`. */
 void log_line(const struct args *a, int severity, const char *outcome, const char *errno_name,
               const char *reason)
 {
-    /* "type;uid;gid;perm;description": the authority we hold lets us describe the key. The
-     * name is logged after its prefix, as the handler logs it. */
-    char described[KMSKEYS_DESCRIPTION_MAX + 1 + 64] = "", message[1024] = "";
-    long n = syscall(SYS_keyctl, KEYCTL_DESCRIBE, a->key, described, sizeof described - 1);
-    const char *description = described;
-    for (int field = 0; n > 0 && field < 4 && description; field++)
-        description = strchr(description, ';') ? strchr(description, ';') + 1 : NULL;
-    const char *colon = description ? strchr(description, ':') : NULL;
+    char message[1024] = "";
     snprintf(message, sizeof message, "uid=%ld name=", a->uid);
-    append_field(message, sizeof message, colon ? colon + 1 : "?");
+    append_field(message, sizeof message, key_name(a));
     snprintf(message + strlen(message), sizeof message - strlen(message), " key=%ld outcome=%s",
              a->key, outcome);
     if (errno_name)
@@ -225,6 +237,7 @@ int reject_key(const struct args *a, long ttl, int error)
 {
     /* request-key assumed the authority already; assuming it again is harmless. */
     syscall(SYS_keyctl, KEYCTL_ASSUME_AUTHORITY, a->key);
+    key_name(a); /* for the line that follows: after the reject it may not be readable */
     return (int)syscall(SYS_keyctl, KEYCTL_REJECT, a->key, (unsigned long)ttl, error, 0);
 }
 

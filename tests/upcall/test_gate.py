@@ -52,10 +52,11 @@ def _set_slots(install: Install, slots: int) -> None:
     install.config.write_text(text)
 
 
-@pytest.fixture
-def gated(extra_install: Callable[..., Any]) -> Iterator[Install]:
-    """An install whose rule's gate allows 2 slots per uid."""
-    with extra_install(max_concurrent_per_uid=2) as install:
+@pytest.fixture(params=[False, True], ids=["handler", "daemon"])
+def gated(extra_install: Callable[..., Any], request: pytest.FixtureRequest) -> Iterator[Install]:
+    """An install whose rule's gate allows 2 slots per uid; its misses go to the handler, or to
+    the resolver daemon through the gate."""
+    with extra_install(max_concurrent_per_uid=2, daemon=request.param) as install:
         assert install.proxy is not None
         install.proxy.reset_counts()
         yield install
@@ -71,17 +72,21 @@ def _rule_program(install: Install) -> list[str]:
 def test_rule_runs_the_gate_first(gated: Install) -> None:
     program = _rule_program(gated)
     assert Path(program[0]).name == "kmskeys-gate"
-    assert program[1:9] == [
+    daemon = gated.settings.get("warm_socket")
+    assert program[1:12] == [
         str(gated.settings["state_dir"]),
         "2",
         str(gated.settings["negative_ttl"]),
         str(gated.settings["syslog_socket"]),
         "10",  # authpriv
+        str(daemon) if daemon else "-",  # the resolver daemon's socket
+        "500",  # daemon_wait, in ms
+        "1",  # aggregate_subuids
         "%k",
         "%u",
         "--",
     ]
-    assert Path(program[9]).name == "kmskeys-resolver" and program[10] == "handle"
+    assert Path(program[12]).name == "kmskeys-resolver" and program[13] == "handle"
 
 
 def test_a_free_slot_is_handed_to_the_handler(gated: Install) -> None:
@@ -135,8 +140,9 @@ def test_a_gate_slot_the_config_no_longer_allows_is_busy(gated: Install) -> None
 def test_a_gate_built_from_other_sources_is_refused_loudly(
     gated: Install, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    # The same gate.c, built with a header whose stamp is not this build's: the handler that
-    # the rule runs after it answers EAGAIN (never cached) and says why at ERR.
+    # The same gate, built with a header whose stamp is not this build's: the handler that the
+    # rule runs after it, or the daemon it hands the miss to, answers EAGAIN (never cached) and
+    # says why at ERR.
     repo = Path(__file__).resolve().parents[2]
     build = tmp_path_factory.mktemp("stale-gate")
     os.chmod(build, 0o755)
@@ -144,10 +150,9 @@ def test_a_gate_built_from_other_sources_is_refused_loudly(
     stale = re.sub(r'KMSKEYS_BUILD_STAMP "[^"]*"', 'KMSKEYS_BUILD_STAMP "0.0.0+stale"', header)
     (build / "contract.h").write_text(stale)
     gate = build / "kmskeys-gate"
-    subprocess.run(
-        ["cc", "-O2", "-I", str(build), "-o", str(gate), str(repo / "resolver" / "gate.c")],
-        check=True,
-    )
+    sources = [str(repo / "resolver" / f) for f in ("gate.c", "gate_daemon.c", "gate_subuid.c")]
+    include = ["-I", str(build), "-I", str(repo / "kmskeys")]
+    subprocess.run(["cc", "-O2", *include, "-o", str(gate), *sources], check=True)
     rule = REQUEST_KEY_D / rule_file_name(gated.prefix)
     original = rule.read_text()
     program = _rule_program(gated)
