@@ -60,6 +60,10 @@ class SessionClients:
         kept = _Kept.clients
         if kept is None:
             return self._build(service, region, deadline, timings)
+        # A kept client still holds its credentials: the file must be root's alone now too.
+        creds = self.config.shared_credentials_file
+        if creds is not None:
+            check_credentials_file(creds)
         key = self._settings(service, region)
         with _Kept.lock:
             found = kept.get(key)
@@ -78,7 +82,7 @@ class SessionClients:
         except OSError:
             st = None
         # A rewritten credentials file is read again: a new client.
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size) if st is not None else None
         return (service, region, config.endpoint_url, creds, config.profile, config.deadline, stamp)
 
     def _build(self, service: str, region: str, deadline: float, timings: Timings) -> Any:
