@@ -55,11 +55,14 @@ class ConfigCache:
         self._lock = threading.Lock()
 
     def _identity(self) -> tuple[int, ...] | None:
+        # The directory too: the handler refuses a config whose directory others may write,
+        # and so must the daemon, from the next miss on (a chmod changes the ctime).
         try:
-            st = os.stat(self.path)
+            st, parent = os.stat(self.path), os.stat(self.path.parent)
         except OSError:
             return None
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        file = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return (*file, parent.st_ino, parent.st_ctime_ns)
 
     def current(self) -> config_mod.Config:
         """The config as its file says now; ConfigError when it no longer loads."""

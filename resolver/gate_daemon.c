@@ -15,6 +15,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -105,6 +106,32 @@ static int wait_fd(int fd, short events, long deadline)
     }
 }
 
+/* 0 if every directory from / down to `dir` (links resolved) is root's and writable by nobody
+ * else, or sticky on the way (then nobody else can rename the root-owned entry below it away);
+ * -1 if it does not exist; -2 with `why` set otherwise. */
+static int trusted_dir(const char *dir, char *why, size_t size)
+{
+    char real[PATH_MAX];
+    if (realpath(dir, real) == NULL)
+        return -1;
+    size_t len = strlen(real);
+    for (size_t end = 1; end <= len; end++) {
+        if (end < len && real[end] != '/')
+            continue;
+        char saved = real[end];
+        real[end] = '\0';
+        struct stat st;
+        int bad = lstat(real, &st) || !S_ISDIR(st.st_mode) || st.st_uid != 0 ||
+                  ((st.st_mode & (S_IWGRP | S_IWOTH)) && (end == len || !(st.st_mode & S_ISVTX)));
+        if (bad) {
+            snprintf(why, size, "daemon socket directory %.200s is not root's alone", real);
+            return -2;
+        }
+        real[end] = saved;
+    }
+    return 0;
+}
+
 /* Connected to a daemon the kernel says is root's; -1 if none answers; -2 with `why` set if the
  * socket or its listener is not to be believed. */
 static int connect_daemon(const char *path, char *why, size_t size)
@@ -118,15 +145,12 @@ static int connect_daemon(const char *path, char *why, size_t size)
     memcpy(dir, path, len + 1);
     char *slash = strrchr(dir, '/');
     slash[slash == dir ? 1 : 0] = '\0';
-    /* Only root may have put a listener here: a root-owned directory nobody else may write,
-     * and a socket of root's (resolver/daemon.py binds it 0600). */
+    /* Only root may have put a listener here: directories only root may change down to the
+     * socket, and a socket of root's (resolver/daemon.py binds it 0600). */
+    int trusted = trusted_dir(dir, why, size);
+    if (trusted < 0)
+        return trusted; /* -1, no such directory: no daemon, the normal fallback */
     struct stat st;
-    if (stat(dir, &st))
-        return -1; /* no daemon: the normal fallback */
-    if (!S_ISDIR(st.st_mode) || st.st_uid != 0 || (st.st_mode & (S_IWGRP | S_IWOTH))) {
-        snprintf(why, size, "daemon socket directory %s is not root's alone", dir);
-        return -2;
-    }
     if (lstat(path, &st))
         return -1; /* no daemon: the normal fallback */
     if (!S_ISSOCK(st.st_mode) || st.st_uid != 0 || (st.st_mode & (S_IWGRP | S_IWOTH))) {

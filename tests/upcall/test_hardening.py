@@ -182,7 +182,13 @@ UNLIMITED_CORE = (
 )
 
 
-def test_a_crashed_handler_leaves_no_core_dump(resolver: Install, tmp_path: Path) -> None:
+def test_a_crashed_handler_leaves_no_core_dump(extra_install: Any, tmp_path: Path) -> None:
+    # The handler's own worker is crashed: an install without the daemon.
+    with extra_install(daemon=False) as resolver:
+        _crash_a_handler(resolver, tmp_path)
+
+
+def _crash_a_handler(resolver: Install, tmp_path: Path) -> None:
     assert resolver.proxy is not None
     cores = tmp_path / "cores"
     cores.mkdir()
@@ -238,7 +244,8 @@ def test_a_missing_dependency_is_loud_and_not_cached(extra_install: Any, tmp_pat
     assert refused.returncode == 1
     assert "botocore" in refused.stderr and "pip install 'kmskeys[resolver]'" in refused.stderr
     assert not (tmp_path / "r.toml").exists()
-    with extra_install() as other:
+    # The handler is what a client-only environment breaks: an install without the daemon.
+    with extra_install(daemon=False) as other:
         rule = next(Path("/etc/request-key.d").glob(f"*{other.prefix}*"))
         original = rule.read_text()
         # The same install, run the way a client-only environment would run it.
