@@ -90,18 +90,18 @@
 #define KMSKEYS_WIRE_ABANDON 6
 /* request: the gate's stamp, bytes */
 #define KMSKEYS_WIRE_STAMP_MAX 64
-/* request: /proc/keys lines kept */
-#define KMSKEYS_WIRE_PROC_KEYS_LINES 4
-/* ... each cut to this */
-#define KMSKEYS_WIRE_PROC_KEYS_LINE_MAX 255
-/* ... all of them, bytes */
-#define KMSKEYS_WIRE_PROC_KEYS_MAX 1024
+/* auth-key lines examined at most */
+#define KMSKEYS_AUTH_LINES_MAX 8
+/* a longer line is not the kernel's */
+#define KMSKEYS_AUTH_LINE_MAX 255
+/* request: those lines, bytes */
+#define KMSKEYS_WIRE_PROC_KEYS_MAX 2304
 /* /proc/keys read at most */
-#define KMSKEYS_WIRE_PROC_KEYS_SCAN_MAX 8388608
+#define KMSKEYS_WIRE_PROC_KEYS_SCAN_MAX 67108864
 /* ... flag: it was cut */
 #define KMSKEYS_WIRE_FLAG_PROC_KEYS_CUT 1
 /* a request's body, bytes */
-#define KMSKEYS_WIRE_REQUEST_MAX 9326
+#define KMSKEYS_WIRE_REQUEST_MAX 14785
 /* an outcome's fixed fields */
 #define KMSKEYS_WIRE_OUTCOME_FIXED 32
 /* an outcome's body, bytes */

@@ -19,11 +19,11 @@ import socket
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kmskeys.errors import InvalidNameError, KeyctlError, error_for_errno
 from resolver import config as config_mod
-from resolver import pipeline, wire
+from resolver import pipeline, requester, wire
 from resolver.answer import answer, log_writer
 from resolver.errors import (
     ConfigError,
@@ -209,7 +209,7 @@ class Miss:
             request.uid,
             request.gid,
             callout=request.callout,
-            pid=_requester(request),
+            **_identity(request),
         )
         path = self.daemon.configs.path
         try:
@@ -388,14 +388,27 @@ def _started(request: wire.GateRequest, pid: int) -> float:
     return said if earliest <= said <= now else min(now, max(earliest, now - 60.0))
 
 
+def _identity(request: wire.GateRequest) -> dict[str, Any]:
+    """What KernelRequest takes of the requester's identity, from what the gate saw holding the
+    authority: `pid`, the requesting thread (None when unclear); and, once the pipeline takes
+    them (the identification of issue 24: `keyrings` and `view`), the requester's keyrings and
+    the authority's view (resolver.requester.AuthView), gathered by the gate by its rules."""
+    found: dict[str, Any] = {"pid": _requester(request)}
+    view = getattr(requester, "AuthView", None)
+    if view is not None and "view" in KernelRequest.__slots__:
+        found["keyrings"] = request.keyrings
+        found["view"] = view(request.auth, request.lines, request.dest, request.dest_description)
+    return found
+
+
 def _requester(request: wire.GateRequest) -> int | None:
     """The requesting thread's id, from the authorization key's /proc/keys line as the gate read
     it (resolver/requester.py's rules: one line of that serial, live, for this key and uid);
-    None when that line is missing, forged or unclear: identity-bound names then refuse."""
+    None when that line is missing, forged or unclear."""
     if request.flags & wire.FLAG_PROC_KEYS_CUT or request.seen != 1:
         return None
     try:
-        record = auth_record(request.proc_keys, request.auth, request.key)
+        record = auth_record(b"\n".join(request.lines), request.auth, request.key)
     except IdentityError:
         return None
     return record.tid if record.uid == request.uid else None

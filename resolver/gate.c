@@ -21,9 +21,10 @@
  *
  * usage (written by `kmskeys-resolver install`, one request-key.conf line):
  *   kmskeys-gate STATE_DIR SLOTS NEGATIVE_TTL SYSLOG_SOCKET FACILITY DAEMON_SOCKET DAEMON_WAIT_MS
- *                SUBUIDS %k %u -- PROGRAM ARG...
- *     DAEMON_SOCKET is `-` for none; SUBUIDS is 1 (aggregate_subuids) or 0. A rule written
- *     before these three existed (`FACILITY %k %u --`) still works: no daemon, no aggregation.
+ *                SUBUIDS %k %u %T %P %S -- PROGRAM ARG...
+ *     DAEMON_SOCKET is `-` for none; SUBUIDS is 1 (aggregate_subuids) or 0; %T %P %S, the
+ *     requester's keyrings, go to the daemon (the identification's, issue 24). A rule written
+ *     before the daemon (`FACILITY %k %u --`) still works: no daemon, no aggregation.
  *   kmskeys-gate --stamp          (prints the build stamp: `kmskeys-resolver check` compares it)
  *
  * Every fact it shares with the Python side (the slot files and fd variable, the log line's
@@ -67,9 +68,10 @@ static int parse_long(const char *text, long min, long max, long *out)
 
 static int parse_args(int argc, char **argv, struct args *a)
 {
-    /* The settings, then %k %u, then `--`: 5 settings in rules written before the daemon. */
-    int settings = argc > 9 && strcmp(argv[8], "--") == 0 ? 5 : 8;
-    int end = settings + 3;
+    /* The settings, then the macros, then `--`: 5 settings and `%k %u` in rules written before
+     * the daemon, 8 settings and `%k %u %T %P %S` since. */
+    int old = argc > 9 && strcmp(argv[8], "--") == 0;
+    int settings = old ? 5 : 8, end = old ? 8 : 14;
     long aggregate = 0;
     if (argc < end + 2 || strcmp(argv[end], "--") != 0)
         return -1;
@@ -77,6 +79,7 @@ static int parse_args(int argc, char **argv, struct args *a)
     a->syslog_socket = argv[4];
     a->daemon_socket = NULL;
     a->daemon_wait_ms = 0;
+    a->keyrings[0] = a->keyrings[1] = a->keyrings[2] = 0;
     a->program = &argv[end + 1];
     if (parse_long(argv[2], 1, KMSKEYS_MAX_SLOTS, &a->slots) ||
         parse_long(argv[3], 1, KMSKEYS_MAX_NEGATIVE_TTL, &a->negative_ttl) ||
@@ -84,7 +87,11 @@ static int parse_args(int argc, char **argv, struct args *a)
         parse_long(argv[settings + 1], 1, INT_MAX, &a->key) ||
         parse_long(argv[settings + 2], 0, UINT_MAX - 1L, &a->uid))
         return -1;
-    if (settings == 8) {
+    /* request-key passes 0 for a keyring the requester does not have. */
+    for (int i = 0; !old && i < 3; i++)
+        if (parse_long(argv[settings + 3 + i], 0, INT_MAX, &a->keyrings[i]))
+            return -1;
+    if (!old) {
         if (strcmp(argv[6], "-") != 0)
             a->daemon_socket = argv[6];
         if (parse_long(argv[7], 1, KMSKEYS_DAEMON_WAIT_MAX_MS, &a->daemon_wait_ms) ||
@@ -287,7 +294,8 @@ int main(int argc, char **argv)
     }
     if (parse_args(argc, argv, &a)) {
         dprintf(STDERR_FILENO, "usage: kmskeys-gate STATE_DIR SLOTS NEGATIVE_TTL SYSLOG_SOCKET FACILITY "
-                               "DAEMON_SOCKET DAEMON_WAIT_MS SUBUIDS KEY UID -- PROGRAM ARG...\n");
+                               "DAEMON_SOCKET DAEMON_WAIT_MS SUBUIDS KEY UID THREAD PROCESS SESSION "
+                               "-- PROGRAM ARG...\n");
         return 2;
     }
     long charged = a.uid;

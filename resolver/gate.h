@@ -17,6 +17,7 @@ struct args {
     int aggregate_subuids;     /* charge a subordinate uid's limits to its range's owner */
     long key;
     long uid;
+    long keyrings[3]; /* the requester's thread, process and session keyrings (%T %P %S) */
     long long started_us; /* CLOCK_MONOTONIC when the gate started */
     char **program;       /* PROGRAM ARG... NULL */
 };

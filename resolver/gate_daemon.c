@@ -73,13 +73,20 @@ static int put_u64(struct buffer *b, unsigned long long v)
     return put_u32(b, (uint32_t)(v >> 32)) || put_u32(b, (uint32_t)v);
 }
 
-static int put_string(struct buffer *b, const void *text, size_t len, size_t max)
+static int put_raw(struct buffer *b, const void *data, size_t len)
 {
-    if (len > max || put_u32(b, (uint32_t)len) || b->size - b->used < len)
+    if (b->size - b->used < len)
         return -1;
-    memcpy(b->data + b->used, text, len);
+    memcpy(b->data + b->used, data, len);
     b->used += len;
     return 0;
+}
+
+static int put_string(struct buffer *b, const void *text, size_t len, size_t max)
+{
+    if (len > max || put_u32(b, (uint32_t)len))
+        return -1;
+    return put_raw(b, text, len);
 }
 
 static void put_header(unsigned char *p, int type, size_t length)
@@ -180,42 +187,48 @@ static int connect_daemon(const char *path, char *why, size_t size)
     return sock;
 }
 
-/* The lines of /proc/keys that start with the authorization key's serial, as the kernel prints
- * them (resolver/requester.py parses them, in the daemon). Read with an fsuid and fsgid that
- * own no keys: the possessed authorization key is shown, root's own keys are not read. */
-static void proc_keys(long auth, unsigned char *out, size_t *used, uint32_t *seen, uint32_t *flags)
+/* The lines of /proc/keys that start with the authorization key's serial, without their
+ * newlines, in order, but for lines over KMSKEYS_AUTH_LINE_MAX bytes (only a description makes
+ * one so long) and past KMSKEYS_AUTH_LINES_MAX + 1 (enough to refuse): resolver/requester.py
+ * auth_lines, whose rules the daemon applies. Read without the assumed authority (with it, keys
+ * only the requester possesses would show too) and as an fsuid and fsgid that own no keys: the
+ * authorization key shows through possession, root's own keys are not read. 0, or -1 when the
+ * authority cannot be taken back. */
+static int proc_keys(const struct args *a, long auth, struct buffer *b, uint32_t *seen, uint32_t *flags)
 {
-    char head[16];
-    int head_len = snprintf(head, sizeof head, "%08lx ", auth);
-    int old_uid = setfsuid(KMSKEYS_UNOWNED_ID), old_gid = setfsgid(KMSKEYS_UNOWNED_ID);
+    char head[16], line[KMSKEYS_AUTH_LINE_MAX + 1], chunk[8192];
+    size_t head_len = (size_t)snprintf(head, sizeof head, "%08lx ", auth), pos = 0, kept = 0;
+    int match = 1, too_long = 0;
+    size_t start = b->used;
+    if (put_u32(b, 0))
+        return -1;
+    syscall(SYS_keyctl, KEYCTL_ASSUME_AUTHORITY, 0);
+    int old_uid = setfsuid(KMSKEYS_PROC_KEYS_READER_ID), old_gid = setfsgid(KMSKEYS_PROC_KEYS_READER_ID);
     int fd = open("/proc/keys", O_RDONLY | O_CLOEXEC);
-    size_t total = 0, pos = 0, kept = 0, line_len = 0;
-    int match = 1, capturing = 0;
-    char chunk[8192];
+    size_t total = 0;
     ssize_t n;
     while (fd >= 0 && (n = read(fd, chunk, sizeof chunk)) > 0) {
         for (ssize_t i = 0; i < n; i++) {
             char ch = chunk[i];
             if (ch == '\n') {
-                if (capturing)
-                    out[(*used)++] = '\n';
-                pos = 0, match = 1, capturing = 0;
-                continue;
-            }
-            if (pos < (size_t)head_len) {
-                match = match && ch == head[pos];
-                if (match && pos + 1 == (size_t)head_len) {
+                if (pos >= head_len && match && !too_long) {
                     (*seen)++;
-                    if (kept < KMSKEYS_WIRE_PROC_KEYS_LINES) {
-                        kept++, capturing = 1, line_len = (size_t)head_len;
-                        memcpy(out + *used, head, (size_t)head_len);
-                        *used += (size_t)head_len;
+                    /* Within the wire's bound: at most AUTH_LINES_MAX + 1 lines, each short. */
+                    if (kept <= KMSKEYS_AUTH_LINES_MAX) {
+                        if (kept++ > 0)
+                            put_raw(b, "\n", 1);
+                        put_raw(b, line, pos);
                     }
                 }
-            } else if (capturing && line_len < KMSKEYS_WIRE_PROC_KEYS_LINE_MAX) {
-                out[(*used)++] = (unsigned char)ch;
-                line_len++;
+                pos = 0, match = 1, too_long = 0;
+                continue;
             }
+            if (pos < head_len)
+                match = match && ch == head[pos];
+            if (pos < sizeof line - 1)
+                line[pos] = ch;
+            else
+                too_long = 1;
             pos++;
         }
         total += (size_t)n;
@@ -224,12 +237,29 @@ static void proc_keys(long auth, unsigned char *out, size_t *used, uint32_t *see
             break;
         }
     }
-    if (capturing)
-        out[(*used)++] = '\n';
     if (fd >= 0)
         close(fd);
     setfsgid((gid_t)old_gid);
     setfsuid((uid_t)old_uid);
+    put32(b->data + start, (uint32_t)(b->used - start - 4));
+    return syscall(SYS_keyctl, KEYCTL_ASSUME_AUTHORITY, a->key) < 0 ? -1 : 0;
+}
+
+/* The requester's destination keyring, and its `type;uid;gid;perm;description`, as the holder of
+ * the authority sees them (resolver/requester.py requestor_keyring): 0 and "" if there is none. */
+static int destination(struct buffer *b, uint32_t *dest)
+{
+    char described[KMSKEYS_DESCRIPTION_MAX + 64];
+    long serial = syscall(SYS_keyctl, KEYCTL_GET_KEYRING_ID, KEY_SPEC_REQUESTOR_KEYRING, 0);
+    long n = serial > 0 ? syscall(SYS_keyctl, KEYCTL_DESCRIBE, KEY_SPEC_REQUESTOR_KEYRING, described,
+                                  sizeof described)
+                        : -1;
+    if (n <= 0 || (size_t)n > sizeof described) {
+        *dest = 0;
+        return put_string(b, "", 0, 0);
+    }
+    *dest = (uint32_t)serial;
+    return put_string(b, described, strnlen(described, (size_t)n), sizeof described);
 }
 
 /* REQUEST (resolver/wire.py GateRequest) for our key: 0, or -1 if the kernel says no. */
@@ -263,19 +293,25 @@ static int build_request(const struct args *a, struct buffer *b)
     long auth = syscall(SYS_keyctl, KEYCTL_GET_KEYRING_ID, KEY_SPEC_REQKEY_AUTH_KEY, 0);
     if (callout_len < 0 || callout_len > KMSKEYS_CALLOUT_MAX || auth <= 0)
         return -1;
-    unsigned char lines[KMSKEYS_WIRE_PROC_KEYS_MAX];
-    size_t lines_len = 0;
-    uint32_t seen = 0, flags = 0;
-    proc_keys(auth, lines, &lines_len, &seen, &flags);
+    /* The fixed part first, with the counts filled in once the strings are written. */
+    uint32_t seen = 0, flags = 0, dest = 0;
     b->used = HEADER_SIZE;
     if (put_u32(b, (uint32_t)a->key) || put_u32(b, (uint32_t)a->uid) || put_u32(b, (uint32_t)gid) ||
-        put_u32(b, (uint32_t)auth) || put_u32(b, flags) || put_u32(b, seen) ||
-        put_u64(b, (unsigned long long)a->started_us) ||
-        put_string(b, KMSKEYS_BUILD_STAMP, strlen(KMSKEYS_BUILD_STAMP), KMSKEYS_WIRE_STAMP_MAX) ||
-        put_string(b, rest, strlen(rest), KMSKEYS_DESCRIPTION_MAX) ||
-        put_string(b, callout, (size_t)callout_len, KMSKEYS_CALLOUT_MAX) ||
-        put_string(b, lines, lines_len, KMSKEYS_WIRE_PROC_KEYS_MAX))
+        put_u32(b, (uint32_t)auth) || put_u32(b, 0) || put_u32(b, 0) ||
+        put_u64(b, (unsigned long long)a->started_us) || put_u32(b, (uint32_t)a->keyrings[0]) ||
+        put_u32(b, (uint32_t)a->keyrings[1]) || put_u32(b, (uint32_t)a->keyrings[2]) ||
+        put_u32(b, 0))
         return -1;
+    size_t fixed = b->used;
+    if (put_string(b, KMSKEYS_BUILD_STAMP, strlen(KMSKEYS_BUILD_STAMP), KMSKEYS_WIRE_STAMP_MAX) ||
+        put_string(b, rest, strlen(rest), KMSKEYS_DESCRIPTION_MAX) ||
+        put_string(b, callout, (size_t)callout_len, KMSKEYS_CALLOUT_MAX) || destination(b, &dest) ||
+        proc_keys(a, auth, b, &seen, &flags))
+        return -1;
+    /* flags, seen and dest, in their places of the fixed part (resolver/wire.py REQUEST_FIXED) */
+    put32(b->data + HEADER_SIZE + 16, flags);
+    put32(b->data + HEADER_SIZE + 20, seen);
+    put32(b->data + fixed - 4, dest);
     put_header(b->data, KMSKEYS_WIRE_REQUEST, b->used - HEADER_SIZE);
     return 0;
 }

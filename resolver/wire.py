@@ -19,6 +19,8 @@ import struct
 
 from kmskeys.contract import (
     ADMIN_GROUP_PERM,
+    AUTH_LINE_MAX,
+    AUTH_LINES_MAX,
     CALLOUT_MAX,
     DESCRIPTION_MAX,
     PERM_LINK,
@@ -45,28 +47,33 @@ NAMES = {
 }
 
 # REQUEST: key (%k), uid (%u), gid (the key's, as KEYCTL_DESCRIBE shows it), the request's
-# authorization key, flags, how many lines of /proc/keys start with that key's serial, and when
-# the gate started (CLOCK_MONOTONIC, microseconds: the log line's ms and the deadline count from
-# it, as the handler's count from its start); then four strings (u32 length, bytes): the gate's
-# build stamp, the description (from KEYCTL_DESCRIBE), the callout (read from the authorization
-# key) and those /proc/keys lines.
-REQUEST_FIXED = struct.Struct("!IIIIIIQ")
+# authorization key, flags, how many lines of /proc/keys start with that key's serial (kept or
+# not), when the gate started (CLOCK_MONOTONIC, microseconds: the log line's ms and the deadline
+# count from it, as the handler's count from its start), the requester's thread, process and
+# session keyrings (%T %P %S, 0 for none) and its destination keyring (0 for none); then five
+# strings (u32 length, bytes): the gate's build stamp, the description (from KEYCTL_DESCRIBE),
+# the callout (read from the authorization key), the destination keyring's KEYCTL_DESCRIBE
+# string, and those /proc/keys lines, newline-separated (resolver/requester.py's rules: the
+# identification is the daemon's, issue 24).
+REQUEST_FIXED = struct.Struct("!IIIIIIQIIII")
 STRING_LENGTH = struct.Struct("!I")
 STAMP_MAX = 64
-# /proc/keys lines kept (each cut to PROC_KEYS_LINE_MAX bytes): the kernel's own line of the
-# authorization key is about 90 bytes; more than one such line is a forgery, refused anyway.
-PROC_KEYS_LINES = 4
-PROC_KEYS_LINE_MAX = 255
-PROC_KEYS_MAX = PROC_KEYS_LINES * (PROC_KEYS_LINE_MAX + 1)
+# The lines of /proc/keys the gate keeps: those starting with the authorization key's serial,
+# none longer than AUTH_LINE_MAX bytes (the kernel's own is under 120: only a description makes
+# one longer), at most AUTH_LINES_MAX + 1 (more than AUTH_LINES_MAX is forgery enough to judge;
+# both kmskeys/contract.py, as resolver/requester.py reads them).
+PROC_KEYS_MAX = (AUTH_LINES_MAX + 1) * (AUTH_LINE_MAX + 1)
+DESTINATION_MAX = DESCRIPTION_MAX + 64
 # The gate stops reading /proc/keys after this many bytes and says so (FLAG_PROC_KEYS_CUT).
-PROC_KEYS_SCAN_MAX = 8 << 20
+PROC_KEYS_SCAN_MAX = 64 << 20
 FLAG_PROC_KEYS_CUT = 1
 REQUEST_MAX = (
     REQUEST_FIXED.size
-    + 4 * STRING_LENGTH.size
+    + 5 * STRING_LENGTH.size
     + STAMP_MAX
     + DESCRIPTION_MAX
     + CALLOUT_MAX
+    + DESTINATION_MAX
     + PROC_KEYS_MAX
 )
 
@@ -124,10 +131,13 @@ class GateRequest:
         "auth",
         "callout",
         "description",
+        "dest",
+        "dest_description",
         "flags",
         "gid",
         "key",
-        "proc_keys",
+        "keyrings",
+        "lines",
         "seen",
         "stamp",
         "started_us",
@@ -141,16 +151,23 @@ class GateRequest:
             fixed = REQUEST_FIXED.unpack_from(body)
         except struct.error:
             raise WireError("request too short") from None
-        self.key, self.uid, self.gid, self.auth, self.flags, self.seen, self.started_us = fixed
+        self.key, self.uid, self.gid, self.auth, self.flags, self.seen = fixed[:6]
+        self.started_us = fixed[6]
+        self.keyrings: tuple[int, int, int] = fixed[7:10]
+        self.dest = fixed[10]
         offset = REQUEST_FIXED.size
         strings = []
-        for limit in (STAMP_MAX, DESCRIPTION_MAX, CALLOUT_MAX, PROC_KEYS_MAX):
+        for limit in (STAMP_MAX, DESCRIPTION_MAX, CALLOUT_MAX, DESTINATION_MAX, PROC_KEYS_MAX):
             value, offset = _string(body, offset, limit)
             strings.append(value)
         if offset != len(body):
             raise WireError("request has trailing bytes")
-        stamp, self.description, self.callout, self.proc_keys = strings
+        stamp, self.description, self.callout, destination, proc_keys = strings
         self.stamp = stamp.decode("ascii", "replace")
+        self.dest_description = destination.decode("utf-8", "replace")
+        self.lines = tuple(proc_keys.split(b"\n")) if proc_keys else ()
+        if len(self.lines) > AUTH_LINES_MAX + 1 or any(len(x) > AUTH_LINE_MAX for x in self.lines):
+            raise WireError("more /proc/keys lines, or longer ones, than the gate keeps")
         if not (0 < self.key < 1 << 31 and 0 < self.auth < 1 << 31):
             raise WireError("request names no key")
 

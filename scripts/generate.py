@@ -42,7 +42,7 @@ STAMP_LINE = re.compile(r'^BUILD_STAMP = "[^"]*"$', re.M)
 try:
     import kmskeys
     from kmskeys import contract, names
-    from resolver import config_text, limits, log, requester, validators, wire
+    from resolver import config_text, limits, log, validators, wire
     from resolver.errors import UnavailableError
 except ImportError as exc:  # the stamp check of a compiled part, most likely
     sys.exit(f"generate: {exc}\ngenerate: rebuild first (make venv), then run it again")
@@ -91,7 +91,6 @@ def _daemon_facts() -> list[tuple[str, str, str]]:
         ("CALLOUT_MAX", str(contract.CALLOUT_MAX), "callout info, bytes"),
         ("ERRNO_QUOTA", "EDQUOT", "the requester's key quota is full"),
         ("LOG_WARNING", str(log.LOG_WARNING), "syslog severity of a warning"),
-        ("UNOWNED_ID", f"{requester.UNOWNED_ID}U", "fsuid/fsgid /proc/keys is read with"),
         ("DAEMON_WAIT_MAX_MS", str(int(validators.MAX_DAEMON_WAIT * 1000)), "daemon_wait at most"),
         ("SUBUID_FILE", _c_string(limits.SUBUID_FILE), "subordinate uid ranges"),
         ("USERS_FILE", _c_string(limits.USERS_FILE), "where range owners' names are looked up"),
@@ -107,9 +106,7 @@ def _daemon_facts() -> list[tuple[str, str, str]]:
         ("WIRE_REPORT", str(wire.REPORT), "message type: gate to daemon"),
         ("WIRE_ABANDON", str(wire.ABANDON), "message type: gate to daemon"),
         ("WIRE_STAMP_MAX", str(wire.STAMP_MAX), "request: the gate's stamp, bytes"),
-        ("WIRE_PROC_KEYS_LINES", str(wire.PROC_KEYS_LINES), "request: /proc/keys lines kept"),
-        ("WIRE_PROC_KEYS_LINE_MAX", str(wire.PROC_KEYS_LINE_MAX), "... each cut to this"),
-        ("WIRE_PROC_KEYS_MAX", str(wire.PROC_KEYS_MAX), "... all of them, bytes"),
+        ("WIRE_PROC_KEYS_MAX", str(wire.PROC_KEYS_MAX), "request: those lines, bytes"),
         ("WIRE_PROC_KEYS_SCAN_MAX", str(wire.PROC_KEYS_SCAN_MAX), "/proc/keys read at most"),
         ("WIRE_FLAG_PROC_KEYS_CUT", str(wire.FLAG_PROC_KEYS_CUT), "... flag: it was cut"),
         ("WIRE_REQUEST_MAX", str(wire.REQUEST_MAX), "a request's body, bytes"),

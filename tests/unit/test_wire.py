@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from kmskeys import contract
 from kmskeys.contract import CALLOUT_MAX, DESCRIPTION_MAX, RESOLVED_KEY_PERM
 from resolver import wire
 from resolver.answer import answer
@@ -24,11 +25,12 @@ def _request(**changes: object) -> bytes:
         changes.get("stamp", b"0.1.0+x"),
         changes.get("description", b"kms:db"),
         changes.get("callout", b""),
+        changes.get("destination", b"keyring;1000;1000;3f010000;_ses"),
         changes.get("proc_keys", b"00000009 I--Q--- 1 perm 3f010000 1000 1000 .request_ "),
     ]
     body = wire.REQUEST_FIXED.pack(
         fields["key"], fields["uid"], fields["gid"], fields["auth"], fields["flags"],
-        fields["seen"], fields["us"],
+        fields["seen"], fields["us"], 11, 12, 13, 14,
     )  # fmt: skip
     for value in strings:
         assert isinstance(value, bytes)
@@ -41,6 +43,9 @@ def test_a_request_reads_back_every_field() -> None:
     assert (request.key, request.uid, request.gid, request.auth) == (7, 1000, 1000, 9)
     assert request.description == b"kms:a\nb" and len(request.callout) == CALLOUT_MAX
     assert request.started_us == 5 and request.stamp == "0.1.0+x"
+    assert request.keyrings == (11, 12, 13) and request.dest == 14
+    assert request.dest_description == "keyring;1000;1000;3f010000;_ses"
+    assert request.lines == (b"00000009 I--Q--- 1 perm 3f010000 1000 1000 .request_ ",)
     assert "callout" not in repr(request) and "\\xff" not in repr(request)
 
 
@@ -53,6 +58,8 @@ def test_a_request_reads_back_every_field() -> None:
         _request(description=b"k" * (DESCRIPTION_MAX + 1)),
         _request(callout=b"c" * (CALLOUT_MAX + 1)),
         _request(stamp=b"s" * (wire.STAMP_MAX + 1)),
+        _request(proc_keys=b"\n".join([b"x"] * (contract.AUTH_LINES_MAX + 2))),
+        _request(proc_keys=b"x" * (contract.AUTH_LINE_MAX + 1)),
         _request(key=0),
         _request(auth=1 << 31),
         b"\0" * (wire.REQUEST_MAX + 1),
@@ -64,6 +71,8 @@ def test_a_request_reads_back_every_field() -> None:
         "long-desc",
         "long-callout",
         "long-stamp",
+        "too-many-lines",
+        "long-line",
         "no-key",
         "bad-auth",
         "huge",

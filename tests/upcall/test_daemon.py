@@ -406,3 +406,41 @@ def test_doctor_says_which_path_a_miss_takes(served: Install, extra_install: Any
     assert "the gate runs the handler" in down, down
     with extra_install(daemon=False) as cold:
         assert "info no resolver daemon: each miss starts the handler" in doctor(cold)
+
+
+def test_the_gate_hands_over_what_the_kernel_says_of_the_request(served: Install) -> None:
+    # A listener of root's in the daemon's place keeps what the gate sends, then declines (the
+    # handler answers): each field is the kernel's, and the identification's facts are there.
+    _stop(served)
+    got: list[tuple[bytes, list[int]]] = []
+
+    def keep(conn: socket.socket) -> None:
+        with conn:
+            from resolver.daemon_request import _receive
+
+            body, fds = _receive(conn)
+            got.append((body, fds))
+            conn.sendall(wire.header(wire.DECLINED, b""))
+
+    name = unique("handover")
+    blob = served.blob(b"kmst-handover", name)
+    Keyring.join_session()
+    session = Keyring.session().serial
+    with _fake_daemon(_socket(served), keep):
+        assert Key.request(served.description(name), blob).read() == b"kmst-handover"
+    ((body, fds),) = got
+    try:
+        request = wire.GateRequest(body)
+        slot = os.readlink(f"/proc/self/fd/{fds[0]}")
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert request.description == served.description(name).encode()
+    assert request.callout == blob.encode() and request.uid == os.getuid()
+    assert slot.startswith(f"{served.settings['state_dir']}/slot-{os.getuid()}-")
+    assert request.keyrings[2] == session and request.dest == session
+    assert request.dest_description.startswith("keyring;")
+    # The authorization key's own line, naming this very thread as the requester.
+    (line,) = request.lines
+    assert line.startswith(b"%08x " % request.auth), line
+    assert f" key:{request.key:x} pid:{threading.get_native_id()} ".encode() in line, line

@@ -73,7 +73,7 @@ def test_rule_runs_the_gate_first(gated: Install) -> None:
     program = _rule_program(gated)
     assert Path(program[0]).name == "kmskeys-gate"
     daemon = gated.settings.get("warm_socket")
-    assert program[1:12] == [
+    assert program[1:15] == [
         str(gated.settings["state_dir"]),
         "2",
         str(gated.settings["negative_ttl"]),
@@ -84,9 +84,12 @@ def test_rule_runs_the_gate_first(gated: Install) -> None:
         "1",  # aggregate_subuids
         "%k",
         "%u",
+        "%T",  # the requester's keyrings, for the daemon's identification
+        "%P",
+        "%S",
         "--",
     ]
-    assert Path(program[12]).name == "kmskeys-resolver" and program[13] == "handle"
+    assert Path(program[15]).name == "kmskeys-resolver" and program[16] == "handle"
 
 
 def test_a_free_slot_is_handed_to_the_handler(gated: Install) -> None:
@@ -165,5 +168,23 @@ def test_a_gate_built_from_other_sources_is_refused_loudly(
         assert line.startswith("<83>") and "outcome=unavailable errno=EAGAIN" in line, line
         assert "kmskeys-gate was built from other sources (stamp 0.0.0+stale" in line, line
         assert gated.decrypts() == 0
+    finally:
+        rule.write_text(original)
+
+
+def test_a_rule_written_before_the_daemon_still_works(gated: Install) -> None:
+    # `FACILITY %k %u --`: no daemon socket, no aggregation, no keyrings; the handler answers.
+    rule = REQUEST_KEY_D / rule_file_name(gated.prefix)
+    original = rule.read_text()
+    program = _rule_program(gated)
+    older = " ".join([*program[:6], "%k", "%u", "--", *program[15:]])
+    rule.write_text(original.replace(" ".join(program), older))
+    try:
+        name = unique("gate-older")
+        assert get_secret(name, gated.blob(b"kmst-older", name), prefix=gated.prefix) == (
+            b"kmst-older"
+        )
+        line = gated.log.wait_for(name)
+        assert "outcome=ok" in line and "import" in line, line  # the handler's own line
     finally:
         rule.write_text(original)

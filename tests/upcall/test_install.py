@@ -26,8 +26,9 @@ def test_rule_names_this_installation_and_the_fixed_argv(resolver_install: Insta
     daemon = settings.get("warm_socket") or "-"  # the resolver daemon's socket, if any
     assert rule == (
         f"create user {resolver_install.prefix}:* * {gate} {settings['state_dir']} 4 "
-        f"{settings['negative_ttl']} {settings['syslog_socket']} 10 {daemon} 500 1 %k %u -- "
-        f"{RESOLVER} handle --config {resolver_install.config} %k %d %u %g %T %P %S"
+        f"{settings['negative_ttl']} {settings['syslog_socket']} 10 {daemon} 500 1 "
+        f"%k %u %T %P %S -- {RESOLVER} handle --config {resolver_install.config} "
+        "%k %d %u %g %T %P %S"
     )
 
 
