@@ -90,6 +90,8 @@
 #define KMSKEYS_WIRE_ABANDON 6
 /* request: the gate's stamp, bytes */
 #define KMSKEYS_WIRE_STAMP_MAX 64
+/* request: the rule's config path */
+#define KMSKEYS_WIRE_CONFIG_PATH_MAX 4096
 /* auth-key lines examined at most */
 #define KMSKEYS_AUTH_LINES_MAX 8
 /* a longer line is not the kernel's */
@@ -101,7 +103,7 @@
 /* ... flag: it was cut */
 #define KMSKEYS_WIRE_FLAG_PROC_KEYS_CUT 1
 /* a request's body, bytes */
-#define KMSKEYS_WIRE_REQUEST_MAX 14785
+#define KMSKEYS_WIRE_REQUEST_MAX 18885
 /* an outcome's fixed fields */
 #define KMSKEYS_WIRE_OUTCOME_FIXED 32
 /* an outcome's body, bytes */

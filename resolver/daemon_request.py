@@ -197,10 +197,16 @@ class Miss:
             request = wire.GateRequest(body)
         except wire.WireError:
             return
-        if self.slot is None or self.daemon.stopping.is_set():
+        if self.slot is None or self.daemon.stopping.is_set() or not self._ours(request):
             self._send(wire.header(wire.DECLINED, b""))
             return
         self._serve(request, _started(request, pid))
+
+    def _ours(self, request: wire.GateRequest) -> bool:
+        """Whether the gate's rule names this daemon's config: a miss of another install that
+        shares the socket goes to its own handler, never to this config's answers."""
+        asked = request.config or os.fspath(config_mod.DEFAULT_PATH)
+        return os.path.abspath(asked) == os.path.abspath(self.daemon.configs.path)
 
     def _serve(self, request: wire.GateRequest, started: float) -> None:
         asked = KernelRequest(

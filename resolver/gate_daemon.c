@@ -262,6 +262,16 @@ static int destination(struct buffer *b, uint32_t *dest)
     return put_string(b, described, strnlen(described, (size_t)n), sizeof described);
 }
 
+/* The config the rule's handler would read (`PROGRAM handle --config PATH ...`, as install writes
+ * it), or "" for its default: a daemon serves the misses of its own config only. */
+static const char *config_path(const struct args *a)
+{
+    char **p = a->program;
+    if (p[0] && p[1] && strcmp(p[1], "handle") == 0 && p[2] && strcmp(p[2], "--config") == 0 && p[3])
+        return p[3];
+    return "";
+}
+
 /* REQUEST (resolver/wire.py GateRequest) for our key: 0, or -1 if the kernel says no. */
 static int build_request(const struct args *a, struct buffer *b)
 {
@@ -303,7 +313,9 @@ static int build_request(const struct args *a, struct buffer *b)
         put_u32(b, 0))
         return -1;
     size_t fixed = b->used;
+    const char *config = config_path(a);
     if (put_string(b, KMSKEYS_BUILD_STAMP, strlen(KMSKEYS_BUILD_STAMP), KMSKEYS_WIRE_STAMP_MAX) ||
+        put_string(b, config, strlen(config), KMSKEYS_WIRE_CONFIG_PATH_MAX) ||
         put_string(b, rest, strlen(rest), KMSKEYS_DESCRIPTION_MAX) ||
         put_string(b, callout, (size_t)callout_len, KMSKEYS_CALLOUT_MAX) || destination(b, &dest) ||
         proc_keys(a, auth, b, &seen, &flags))

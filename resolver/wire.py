@@ -15,6 +15,7 @@ The constants reach the C side through kmskeys/contract.h (scripts/generate.py).
 
 from __future__ import annotations
 
+import os
 import struct
 
 from kmskeys.contract import (
@@ -50,8 +51,10 @@ NAMES = {
 # authorization key, flags, how many lines of /proc/keys start with that key's serial (kept or
 # not), when the gate started (CLOCK_MONOTONIC, microseconds: the log line's ms and the deadline
 # count from it, as the handler's count from its start), the requester's thread, process and
-# session keyrings (%T %P %S, 0 for none) and its destination keyring (0 for none); then five
-# strings (u32 length, bytes): the gate's build stamp, the description (from KEYCTL_DESCRIBE),
+# session keyrings (%T %P %S, 0 for none) and its destination keyring (0 for none); then six
+# strings (u32 length, bytes): the gate's build stamp, the config its rule's handler would read
+# (`handle --config PATH` on the rule line; empty: the default), the description (from
+# KEYCTL_DESCRIBE),
 # the callout (read from the authorization key), the destination keyring's KEYCTL_DESCRIBE
 # string, and those /proc/keys lines, newline-separated (resolver/requester.py's rules: the
 # identification is the daemon's, issue 24).
@@ -64,13 +67,15 @@ STAMP_MAX = 64
 # both kmskeys/contract.py, as resolver/requester.py reads them).
 PROC_KEYS_MAX = (AUTH_LINES_MAX + 1) * (AUTH_LINE_MAX + 1)
 DESTINATION_MAX = DESCRIPTION_MAX + 64
+CONFIG_PATH_MAX = 4096
 # The gate stops reading /proc/keys after this many bytes and says so (FLAG_PROC_KEYS_CUT).
 PROC_KEYS_SCAN_MAX = 64 << 20
 FLAG_PROC_KEYS_CUT = 1
 REQUEST_MAX = (
     REQUEST_FIXED.size
-    + 5 * STRING_LENGTH.size
+    + 6 * STRING_LENGTH.size
     + STAMP_MAX
+    + CONFIG_PATH_MAX
     + DESCRIPTION_MAX
     + CALLOUT_MAX
     + DESTINATION_MAX
@@ -130,6 +135,7 @@ class GateRequest:
     __slots__ = (
         "auth",
         "callout",
+        "config",
         "description",
         "dest",
         "dest_description",
@@ -157,13 +163,15 @@ class GateRequest:
         self.dest = fixed[10]
         offset = REQUEST_FIXED.size
         strings = []
-        for limit in (STAMP_MAX, DESCRIPTION_MAX, CALLOUT_MAX, DESTINATION_MAX, PROC_KEYS_MAX):
+        limits = (STAMP_MAX, CONFIG_PATH_MAX, DESCRIPTION_MAX, CALLOUT_MAX, DESTINATION_MAX)
+        for limit in (*limits, PROC_KEYS_MAX):
             value, offset = _string(body, offset, limit)
             strings.append(value)
         if offset != len(body):
             raise WireError("request has trailing bytes")
-        stamp, self.description, self.callout, destination, proc_keys = strings
+        stamp, config, self.description, self.callout, destination, proc_keys = strings
         self.stamp = stamp.decode("ascii", "replace")
+        self.config = os.fsdecode(config)
         self.dest_description = destination.decode("utf-8", "replace")
         self.lines = tuple(proc_keys.split(b"\n")) if proc_keys else ()
         if len(self.lines) > AUTH_LINES_MAX + 1 or any(len(x) > AUTH_LINE_MAX for x in self.lines):

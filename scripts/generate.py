@@ -106,6 +106,7 @@ def _daemon_facts() -> list[tuple[str, str, str]]:
         ("WIRE_REPORT", str(wire.REPORT), "message type: gate to daemon"),
         ("WIRE_ABANDON", str(wire.ABANDON), "message type: gate to daemon"),
         ("WIRE_STAMP_MAX", str(wire.STAMP_MAX), "request: the gate's stamp, bytes"),
+        ("WIRE_CONFIG_PATH_MAX", str(wire.CONFIG_PATH_MAX), "request: the rule's config path"),
         ("WIRE_PROC_KEYS_MAX", str(wire.PROC_KEYS_MAX), "request: those lines, bytes"),
         ("WIRE_PROC_KEYS_SCAN_MAX", str(wire.PROC_KEYS_SCAN_MAX), "/proc/keys read at most"),
         ("WIRE_FLAG_PROC_KEYS_CUT", str(wire.FLAG_PROC_KEYS_CUT), "... flag: it was cut"),

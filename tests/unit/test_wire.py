@@ -23,6 +23,7 @@ def _request(**changes: object) -> bytes:
     fields.update(changes)
     strings = [
         changes.get("stamp", b"0.1.0+x"),
+        changes.get("config", b"/etc/kmskeys/resolver.toml"),
         changes.get("description", b"kms:db"),
         changes.get("callout", b""),
         changes.get("destination", b"keyring;1000;1000;3f010000;_ses"),
@@ -44,6 +45,7 @@ def test_a_request_reads_back_every_field() -> None:
     assert request.description == b"kms:a\nb" and len(request.callout) == CALLOUT_MAX
     assert request.started_us == 5 and request.stamp == "0.1.0+x"
     assert request.keyrings == (11, 12, 13) and request.dest == 14
+    assert request.config == "/etc/kmskeys/resolver.toml"
     assert request.dest_description == "keyring;1000;1000;3f010000;_ses"
     assert request.lines == (b"00000009 I--Q--- 1 perm 3f010000 1000 1000 .request_ ",)
     assert "callout" not in repr(request) and "\\xff" not in repr(request)

@@ -436,6 +436,7 @@ def test_the_gate_hands_over_what_the_kernel_says_of_the_request(served: Install
         for fd in fds:
             os.close(fd)
     assert request.description == served.description(name).encode()
+    assert request.config == str(served.config)
     assert request.callout == blob.encode() and request.uid == os.getuid()
     assert slot.startswith(f"{served.settings['state_dir']}/slot-{os.getuid()}-")
     assert request.keyrings[2] == session and request.dest == session
@@ -444,3 +445,16 @@ def test_the_gate_hands_over_what_the_kernel_says_of_the_request(served: Install
     (line,) = request.lines
     assert line.startswith(b"%08x " % request.auth), line
     assert f" key:{request.key:x} pid:{threading.get_native_id()} ".encode() in line, line
+
+
+def test_a_daemon_serves_the_misses_of_its_own_config_alone(
+    served: Install, extra_install: Callable[..., Any]
+) -> None:
+    # Another install whose config names the same socket: its gate asks the daemon, which
+    # declines a miss meant for another config; that install's own handler answers it.
+    assert served.daemon is not None
+    with extra_install(daemon=False, warm_socket=_socket(served)) as other:
+        name = unique("otherconfig")
+        assert _fresh(other, name, other.blob(b"kmst-other", name)) == b"kmst-other"
+        line = other.log.wait_for(name)
+        assert writer(line) != served.daemon.pid and "import" in phases(line), line
