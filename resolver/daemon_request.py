@@ -187,7 +187,7 @@ class Miss:
             return  # only the root gate may ask: close without a word
         conn.settimeout(RECEIVE_TIMEOUT)
         try:
-            body, fds = _receive(conn)
+            body, fds = wire.receive_request(conn)
         except (OSError, wire.WireError):
             return  # a broken gate gets nothing: it runs the handler
         self.slot = fds.pop(0) if len(fds) == 1 else None
@@ -298,6 +298,14 @@ class Miss:
         assert resolution.outcome is not None
         return resolution.outcome
 
+    def _abandoned(self) -> bool:
+        """Whether the gate said ABANDON (it answered or fell back, and logged) before it left."""
+        try:
+            self._check_gate()
+        except GateGone as gone:
+            return gone.abandoned
+        return False
+
     def _check_gate(self) -> None:
         # Non-blocking: with a timeout set, Python would first wait for the socket to be ready.
         self.conn.settimeout(0)
@@ -307,7 +315,7 @@ class Miss:
             return
         except OSError:
             raise GateGone(False) from None
-        raise GateGone(_is_abandon(data))
+        raise GateGone(wire.is_abandon(data))
 
     def _answer(
         self, outcome: Outcome, started: float, deadline: float, *, accepted: bool = False
@@ -316,11 +324,12 @@ class Miss:
         if not accepted and not self._accept(deadline):
             return
         if not self._send(_outcome_message(outcome)):
-            self._gone_after(outcome, started)
+            if not self._abandoned():
+                self._gone_after(outcome, started)
             return
         self.conn.settimeout(REPORT_TIMEOUT)
         try:
-            kind, body = _read(self.conn, wire.REPORT_BODY.size)
+            kind, body = wire.read_message(self.conn, wire.REPORT_BODY.size)
             report = wire.Report(body) if kind == wire.REPORT else None
         except (OSError, wire.WireError):
             self._gone_after(outcome, started)
@@ -451,54 +460,3 @@ def _outcome_message(outcome: Outcome) -> bytes:
         timeout=outcome.timeout,
         negative_ttl=outcome.negative_ttl,
     )
-
-
-def _is_abandon(head: bytes) -> bool:
-    try:
-        return len(head) == wire.HEADER.size and wire.parse_header(head)[0] == wire.ABANDON
-    except wire.WireError:
-        return False
-
-
-def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
-    """The REQUEST's body and the fds that came with it (MSG_CMSG_CLOEXEC: never inherited)."""
-    fds: list[int] = []
-    try:
-        head = _recv_exactly(conn, wire.HEADER.size, fds)
-        kind, length = wire.parse_header(head)
-        if kind != wire.REQUEST or length > wire.REQUEST_MAX:
-            raise wire.WireError(f"expected a request, got a {wire.NAMES[kind]} of {length} bytes")
-        return _recv_exactly(conn, length, fds), fds
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-
-
-def _recv_exactly(conn: socket.socket, size: int, fds: list[int]) -> bytes:
-    chunks, got = [], 0
-    space = socket.CMSG_SPACE(4 * struct.calcsize("i"))
-    while got < size:
-        data, ancillary, _, _ = conn.recvmsg(size - got, space, socket.MSG_CMSG_CLOEXEC)
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(payload) - len(payload) % 4
-                fds.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
-        if not data:
-            raise ConnectionError("connection closed mid-message")
-        chunks.append(data)
-        got += len(data)
-    return b"".join(chunks)
-
-
-def _read(conn: socket.socket, limit: int) -> tuple[int, bytes]:
-    """One message of at most `limit` bytes of body (fds that came with it are closed)."""
-    fds: list[int] = []
-    try:
-        kind, length = wire.parse_header(_recv_exactly(conn, wire.HEADER.size, fds))
-        if length > limit:
-            raise wire.WireError(f"a {wire.NAMES[kind]} of {length} bytes")
-        return kind, _recv_exactly(conn, length, fds) if length else b""
-    finally:
-        for fd in fds:
-            os.close(fd)

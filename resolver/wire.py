@@ -16,6 +16,7 @@ The constants reach the C side through kmskeys/contract.h (scripts/generate.py).
 from __future__ import annotations
 
 import os
+import socket
 import struct
 
 from kmskeys.contract import (
@@ -225,3 +226,55 @@ class Report:
         )
         if self.step > STEP_INSTANTIATE:
             raise WireError(f"report names step {self.step}")
+
+
+def is_abandon(head: bytes) -> bool:
+    """Whether `head` is the header of an ABANDON."""
+    try:
+        return len(head) == HEADER.size and parse_header(head)[0] == ABANDON
+    except WireError:
+        return False
+
+
+def receive_request(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """The REQUEST's body and the fds that came with it (MSG_CMSG_CLOEXEC: never inherited)."""
+    fds: list[int] = []
+    try:
+        head = _recv_exactly(conn, HEADER.size, fds)
+        kind, length = parse_header(head)
+        if kind != REQUEST or length > REQUEST_MAX:
+            raise WireError(f"expected a request, got a {NAMES[kind]} of {length} bytes")
+        return _recv_exactly(conn, length, fds), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _recv_exactly(conn: socket.socket, size: int, fds: list[int]) -> bytes:
+    chunks, got = [], 0
+    space = socket.CMSG_SPACE(4 * struct.calcsize("i"))
+    while got < size:
+        data, ancillary, _, _ = conn.recvmsg(size - got, space, socket.MSG_CMSG_CLOEXEC)
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
+        if not data:
+            raise ConnectionError("connection closed mid-message")
+        chunks.append(data)
+        got += len(data)
+    return b"".join(chunks)
+
+
+def read_message(conn: socket.socket, limit: int) -> tuple[int, bytes]:
+    """One message of at most `limit` bytes of body (fds that came with it are closed)."""
+    fds: list[int] = []
+    try:
+        kind, length = parse_header(_recv_exactly(conn, HEADER.size, fds))
+        if length > limit:
+            raise WireError(f"a {NAMES[kind]} of {length} bytes")
+        return kind, _recv_exactly(conn, length, fds) if length else b""
+    finally:
+        for fd in fds:
+            os.close(fd)

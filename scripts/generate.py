@@ -29,6 +29,7 @@ C_SOURCES = (
     "resolver/gate.c",
     "resolver/gate.h",
     "resolver/gate_daemon.c",
+    "resolver/gate_request.c",
     "resolver/gate_subuid.c",
     "kmskeys/_hitpath.c",
     "kmskeys/_build_keyutils.py",

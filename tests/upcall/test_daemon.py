@@ -416,9 +416,7 @@ def test_the_gate_hands_over_what_the_kernel_says_of_the_request(served: Install
 
     def keep(conn: socket.socket) -> None:
         with conn:
-            from resolver.daemon_request import _receive
-
-            body, fds = _receive(conn)
+            body, fds = wire.receive_request(conn)
             got.append((body, fds))
             conn.sendall(wire.header(wire.DECLINED, b""))
 

@@ -153,7 +153,10 @@ def test_a_gate_built_from_other_sources_is_refused_loudly(
     stale = re.sub(r'KMSKEYS_BUILD_STAMP "[^"]*"', 'KMSKEYS_BUILD_STAMP "0.0.0+stale"', header)
     (build / "contract.h").write_text(stale)
     gate = build / "kmskeys-gate"
-    sources = [str(repo / "resolver" / f) for f in ("gate.c", "gate_daemon.c", "gate_subuid.c")]
+    sources = [
+        str(repo / "resolver" / f)
+        for f in ("gate.c", "gate_daemon.c", "gate_request.c", "gate_subuid.c")
+    ]
     include = ["-I", str(build), "-I", str(repo / "kmskeys")]
     subprocess.run(["cc", "-O2", *include, "-o", str(gate), *sources], check=True)
     rule = REQUEST_KEY_D / rule_file_name(gated.prefix)
