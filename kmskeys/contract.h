@@ -8,7 +8,7 @@
 #define KMSKEYS_CONTRACT_H
 
 /* Each compiled part carries it; checked against kmskeys.contract.BUILD_STAMP. */
-#define KMSKEYS_BUILD_STAMP "0.1.0+3371f3b5642f"
+#define KMSKEYS_BUILD_STAMP "0.1.0+a44019dc8e98"
 
 /* a `user` key's payload, bytes */
 #define KMSKEYS_USER_PAYLOAD_MAX 32767
@@ -58,8 +58,6 @@
 #define KMSKEYS_ERRNO_QUOTA EDQUOT
 /* syslog severity of a warning */
 #define KMSKEYS_LOG_WARNING 4
-/* fsuid/fsgid /proc/keys is read with */
-#define KMSKEYS_UNOWNED_ID 4294967294U
 /* daemon_wait at most */
 #define KMSKEYS_DAEMON_WAIT_MAX_MS 5000
 /* subordinate uid ranges */
@@ -92,10 +90,6 @@
 #define KMSKEYS_WIRE_STAMP_MAX 64
 /* request: the rule's config path */
 #define KMSKEYS_WIRE_CONFIG_PATH_MAX 4096
-/* auth-key lines examined at most */
-#define KMSKEYS_AUTH_LINES_MAX 8
-/* a longer line is not the kernel's */
-#define KMSKEYS_AUTH_LINE_MAX 255
 /* request: those lines, bytes */
 #define KMSKEYS_WIRE_PROC_KEYS_MAX 2304
 /* /proc/keys read at most */
@@ -113,7 +107,7 @@
 /* an answered key's timeout at most */
 #define KMSKEYS_WIRE_TIMEOUT_MAX 47433601
 /* an answer's mask within */
-#define KMSKEYS_ANSWER_PERM_ALLOWED 0x1b1b0900U
+#define KMSKEYS_ANSWER_PERM_ALLOWED 0x1b1b2d00U
 /* a report's body, bytes */
 #define KMSKEYS_WIRE_REPORT_SIZE 16
 /* time to hand over a report */

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kmskeys import fileio
-from kmskeys.keyutils import disable_core_dumps
+from kmskeys.lowlevel.process import disable_core_dumps
 from resolver import config as config_mod
 from resolver import wire
 from resolver.awsclient import keep_clients
@@ -188,20 +188,35 @@ def _decline(conn: socket.socket) -> None:
 
 
 def _warm_up(config: config_mod.Config) -> None:
-    """What the first miss would otherwise pay for: the backends and botocore's models."""
+    """What the first miss would otherwise pay for: the backends, botocore's models and one
+    client per service the config reads and configured region (kept: awsclient.keep_clients)."""
     import resolver.blobs
     import resolver.daemon_request
-    import resolver.stored  # noqa: F401
+    import resolver.stored
     from resolver.awsclient import SessionClients
     from resolver.backend import Timings
 
-    # One KMS client per configured region, built now: the first miss finds it ready.
+    services = ["kms"]
+    if config.sm_secrets:
+        import resolver.secretsmanager
+        from resolver.spec_sm import SERVICE as SM
+
+        services.append(SM)
+    if config.ssm_parameters:
+        import resolver.parameterstore  # noqa: F401
+        from resolver.spec_ssm import SERVICE as SSM
+
+        services.append(SSM)
     deadline = time.monotonic() + config.deadline
-    for region in config.regions:
-        try:
-            SessionClients(config).client("kms", region, deadline, Timings())
-        except Exception as exc:  # the miss that needs it says why, in its own line
-            print(f"kmskeys-resolver serve: no KMS client for {region} yet: {exc}", file=sys.stderr)
+    for service in services:
+        for region in config.regions:
+            try:
+                SessionClients(config).client(service, region, deadline, Timings())
+            except Exception as exc:  # the miss that needs it says why, in its own line
+                print(
+                    f"kmskeys-resolver serve: no {service} client for {region} yet: {exc}",
+                    file=sys.stderr,
+                )
 
 
 def _scrub_environment() -> None:

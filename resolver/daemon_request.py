@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from kmskeys.errors import InvalidNameError, KeyctlError, error_for_errno
 from resolver import config as config_mod
-from resolver import pipeline, requester, wire
+from resolver import pipeline, wire
 from resolver.answer import answer, log_writer
 from resolver.errors import (
     ConfigError,
     DeadlineExceeded,
+    IdentityUnclearError,
     RefusedError,
     ResolverError,
     UnavailableError,
@@ -35,12 +36,13 @@ from resolver.errors import (
     failure,
 )
 from resolver.handler import WATCHDOG_MARGIN, process_started
+from resolver.keyrecords import remember
 from resolver.limits import busy_reason, charged_uid, check_slot, gate_stamp_problem
 from resolver.log import LOG_ERR, SyslogWriter
 from resolver.outcome import Outcome
 from resolver.pipeline import KernelRequest
 from resolver.registry import split_description
-from resolver.requester import IdentityError, auth_record
+from resolver.requester import AuthView, IdentityError, auth_records
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -169,6 +171,8 @@ class Miss:
         self.daemon, self.conn, self.ticket = daemon, conn, ticket
         self.slot: int | None = None
         self.log: SyslogWriter = log_writer()
+        # What was resolved under which config, for refresh-ahead's record of the key.
+        self.resolved: tuple[KernelRequest, config_mod.Config] | None = None
 
     def run(self) -> None:
         """Serve the connection; the slot fd is closed on every path (or by the pipeline)."""
@@ -225,6 +229,7 @@ class Miss:
             self._answer(pipeline.rejection(asked, exc, NEGATIVE_TTL), started, started)
             return
         self.log = log_writer(config)
+        self.resolved = asked, config
         deadline = started + config.deadline - WATCHDOG_MARGIN
         refused = self._admit(request, config)
         if refused is None and self.slot is None:
@@ -335,7 +340,12 @@ class Miss:
             self._gone_after(outcome, started)
             return
         if report is not None:
-            answer(ReplayKey(report), outcome, self.log, started)
+            code = answer(ReplayKey(report), outcome, self.log, started)
+            if code == 0 and outcome.answered and self.resolved is not None:
+                # After the answer, as the handler does: the key exists now, and the refresher
+                # (`kmskeys-resolver refresh`) renews it before it expires.
+                asked, config = self.resolved
+                remember(config, asked, outcome, time.clock_gettime(time.CLOCK_BOOTTIME))
         # ABANDON: the gate found the answer unacceptable, logged that and runs the handler.
 
     def _gone_after(self, outcome: Outcome, started: float) -> None:
@@ -405,28 +415,36 @@ def _started(request: wire.GateRequest, pid: int) -> float:
 
 def _identity(request: wire.GateRequest) -> dict[str, Any]:
     """What KernelRequest takes of the requester's identity, from what the gate saw holding the
-    authority: `pid`, the requesting thread (None when unclear); and, once the pipeline takes
-    them (the identification of issue 24: `keyrings` and `view`), the requester's keyrings and
-    the authority's view (resolver.requester.AuthView), gathered by the gate by its rules."""
-    found: dict[str, Any] = {"pid": _requester(request)}
-    view = getattr(requester, "AuthView", None)
-    if view is not None and "view" in KernelRequest.__slots__:
-        found["keyrings"] = request.keyrings
-        found["view"] = view(request.auth, request.lines, request.dest, request.dest_description)
-    return found
+    authority (docs/resolver.md, "Identifying the requester"): `pid`, the requesting thread
+    (None when unclear, informational); the requester's keyrings (%T %P %S); and the
+    authority's view (resolver.requester.AuthView), gathered by the gate by its rules, which
+    the pipeline's identification judges as it judges the handler's own."""
+    view = AuthView(request.auth, request.lines, request.dest, request.dest_description)
+    if request.flags & wire.FLAG_PROC_KEYS_CUT:
+        # The gate stopped reading /proc/keys before its end: the kernel's line may be among
+        # those missing, and a forged one pass for it. Unclear, so EAGAIN: never cached.
+        return {"pid": None, "keyrings": request.keyrings, "view": _cut_view}
+    return {"pid": _requester(request, view), "keyrings": request.keyrings, "view": view}
 
 
-def _requester(request: wire.GateRequest) -> int | None:
+def _cut_view() -> AuthView:
+    raise IdentityUnclearError(
+        f"/proc/keys is longer than kmskeys-gate reads ({wire.PROC_KEYS_SCAN_MAX} bytes): "
+        "the authorization key's lines may be missing"
+    )
+
+
+def _requester(request: wire.GateRequest, view: AuthView) -> int | None:
     """The requesting thread's id, from the authorization key's /proc/keys line as the gate read
     it (resolver/requester.py's rules: one line of that serial, live, for this key and uid);
     None when that line is missing, forged or unclear."""
-    if request.flags & wire.FLAG_PROC_KEYS_CUT or request.seen != 1:
+    if request.seen != 1:
         return None
     try:
-        record = auth_record(b"\n".join(request.lines), request.auth, request.key)
-    except IdentityError:
+        records = auth_records(view, request.key, request.uid)
+    except (IdentityError, IdentityUnclearError):
         return None
-    return record.tid if record.uid == request.uid else None
+    return records[0].tid if len(records) == 1 else None
 
 
 def _facts(asked: KernelRequest, config: config_mod.Config) -> dict[str, str | None]:

@@ -267,10 +267,16 @@ static void warn_subuids(const struct args *a, const char *problem)
     int dir = open_state_dir(a);
     if (dir < 0)
         return;
-    int fd = openat(dir, KMSKEYS_SUBUID_WARNED, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    /* The note's mtime is when the last line was written; a note made now says so at once. */
+    int fresh = 1, flags = O_RDWR | O_CLOEXEC | O_NOFOLLOW;
+    int fd = openat(dir, KMSKEYS_SUBUID_WARNED, flags | O_CREAT | O_EXCL, 0600);
+    if (fd < 0 && errno == EEXIST) {
+        fresh = 0;
+        fd = openat(dir, KMSKEYS_SUBUID_WARNED, flags);
+    }
     close(dir);
     struct stat st;
-    if (fd < 0 || fstat(fd, &st) || !trusted(fd, 0) || time(NULL) - st.st_mtime < 60 ||
+    if (fd < 0 || fstat(fd, &st) || !trusted(fd, 0) || (!fresh && time(NULL) - st.st_mtime < 60) ||
         futimens(fd, NULL)) {
         if (fd >= 0)
             close(fd);

@@ -133,12 +133,13 @@ def take_token(state_dir: Path, bucket: str, rate: float, burst: int) -> bool:
         os.close(fd)
 
 
-def charged_uid(config: Config, uid: int) -> int:
+def charged_uid(config: Config, uid: int, subuid: str | os.PathLike[str] = SUBUID_FILE) -> int:
     """The uid whose per-uid limits `uid` is charged to: with `aggregate_subuids` on, the owner
-    of the first /etc/subuid range that holds it (and whose owner resolves), else `uid`."""
+    of the first range of `subuid` (/etc/subuid) that holds it and whose owner resolves, else
+    `uid`. An unsafe file aggregates nothing; kmskeys-gate, which runs first, logs it."""
     if not config.aggregate_subuids:
         return uid
-    owner, _ = subuid_owner(uid)
+    owner, _ = subuid_owner(uid, os.fspath(subuid))
     return uid if owner is None else owner
 
 
