@@ -340,12 +340,13 @@ class Miss:
             self._gone_after(outcome, started)
             return
         if report is not None:
-            code = answer(ReplayKey(report), outcome, self.log, started)
-            if code == 0 and outcome.answered and self.resolved is not None:
-                # After the answer, as the handler does: the key exists now, and the refresher
-                # (`kmskeys-resolver refresh`) renews it before it expires.
+            if report.step == wire.STEP_NONE and outcome.answered and self.resolved is not None:
+                # The gate instantiated the key: the refresher (`kmskeys-resolver refresh`)
+                # renews it before it expires. Recorded before the line is written, so that a
+                # reader of the log finds the record there.
                 asked, config = self.resolved
                 remember(config, asked, outcome, time.clock_gettime(time.CLOCK_BOOTTIME))
+            answer(ReplayKey(report), outcome, self.log, started)
         # ABANDON: the gate found the answer unacceptable, logged that and runs the handler.
 
     def _gone_after(self, outcome: Outcome, started: float) -> None:
