@@ -1,15 +1,11 @@
 """One miss in the resolver daemon: from the gate's REQUEST to the request's one log line.
 
 The connection's thread receives the request and the slot fd the gate holds (resolver/wire.py),
-checks everything the handler's supervisor checks (the gate's build, the slot), and accepts it;
-the pipeline (resolver/pipeline.py) then runs in a thread of its own, holding the slot until it
-is done, while this thread waits for it, for the deadline or for the gate to go away. The
-Outcome goes to the gate, which answers the key and reports what the kernel said; the line is
-written by resolver/answer.py from that report (ReplayKey), so that it is the handler's line
-exactly: a full quota on instantiate is `outcome=quota errno=EDQUOT`, here as there.
-
-A gate that stops waiting (ABANDON) has answered or fallen back by itself and logged: nothing
-more is written. A gate that vanishes (killed) is logged at ERR: the kernel negates its key.
+checks what the supervisor checks (the gate's build, the slot) and accepts; the pipeline runs in
+a thread of its own holding the slot, while this thread waits for it, the deadline or the gate
+to go away. The gate answers the key from the Outcome and reports what the kernel said; the line
+is resolver/answer.py's from that report (ReplayKey): the handler's line exactly. A gate that
+says ABANDON has answered or fallen back and logged; one that vanishes is logged at ERR.
 """
 
 from __future__ import annotations
@@ -24,13 +20,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 from kmskeys.errors import InvalidNameError, KeyctlError, error_for_errno
 from resolver import config as config_mod
 from resolver import pipeline, wire
-from resolver.answer import answer, log_writer
+from resolver.answer import answer, flushed, log_writer
 from resolver.errors import (
     ConfigError,
     DeadlineExceeded,
     IdentityUnclearError,
     RefusedError,
     ResolverError,
+    ServiceUnavailableError,
     UnavailableError,
     errno_name,
     failure,
@@ -262,11 +259,28 @@ class Miss:
     def _resolve(
         self, asked: KernelRequest, config: config_mod.Config, started: float, deadline: float
     ) -> None:
-        resolution = Resolution(asked, config, deadline)
         if not self._accept(deadline):
             return
-        slot, self.slot = self.slot, None
-        assert slot is not None
+        try:
+            outcome = self._pipeline(asked, config, deadline)
+            if flushed(outcome) and time.monotonic() < deadline:
+                # Root flushed the name meanwhile: resolved anew, once, as the handler does
+                # (resolver/answer.py); flushed again, _answer makes it EAGAIN.
+                outcome = self._pipeline(asked, config, deadline)
+        except GateGone as gone:
+            if not gone.abandoned:
+                self._vanished(asked, config, started)
+            return
+        self._answer(outcome, started, deadline, accepted=True)
+
+    def _pipeline(
+        self, asked: KernelRequest, config: config_mod.Config, deadline: float
+    ) -> Outcome:
+        """The pipeline's Outcome, from a thread holding a copy of the slot until it is done;
+        GateGone if the gate left."""
+        resolution = Resolution(asked, config, deadline)
+        assert self.slot is not None
+        slot = os.dup(self.slot)
         self.ticket.share()
         try:
             resolution.start(slot, self.ticket)
@@ -275,13 +289,7 @@ class Miss:
             self.ticket.drop()
             error = UnavailableError("the resolver daemon could not start a thread")
             resolution.finish(pipeline.rejection(asked, error, config.negative_ttl))
-        try:
-            outcome = self._wait(resolution, deadline)
-        except GateGone as gone:
-            if not gone.abandoned:
-                self._vanished(asked, config, started)
-            return
-        self._answer(outcome, started, deadline, accepted=True)
+        return self._wait(resolution, deadline)
 
     def _accept(self, deadline: float) -> bool:
         wait = max(0.0, deadline - time.monotonic()) + GATE_GRACE
@@ -328,6 +336,7 @@ class Miss:
         """Send the Outcome, wait for the gate's REPORT, write the line from it."""
         if not accepted and not self._accept(deadline):
             return
+        outcome = _unflushed(outcome)
         if not self._send(_outcome_message(outcome)):
             if not self._abandoned():
                 self._gone_after(outcome, started)
@@ -454,6 +463,14 @@ def _facts(asked: KernelRequest, config: config_mod.Config) -> dict[str, str | N
         return {"name": split_description(config, asked.description)[1]}
     except InvalidNameError:
         return {"name": asked.description}
+
+
+def _unflushed(outcome: Outcome) -> Outcome:
+    """The outcome to send, EAGAIN (never cached) if root flushed its name since it started."""
+    if flushed(outcome):
+        why = ServiceUnavailableError("flushed by root while resolving; ask again")
+        outcome = outcome.rejected(why)
+    return outcome.replace(flush=None)
 
 
 def _outcome_message(outcome: Outcome) -> bytes:

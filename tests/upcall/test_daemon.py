@@ -21,6 +21,7 @@ import pytest
 
 from kmskeys import Key, KeyNotFoundError, Keyring, TemporarilyUnavailableError
 from kmskeys.contract import ADMIN_KEY_PERM, RESOLVED_KEY_PERM
+from kmskeys.rules import rule_file
 from resolver import wire
 from tests.support.kms_proxy import DROP, ProxiedRequest
 from tests.support.names import unique
@@ -448,10 +449,17 @@ def test_the_gate_hands_over_what_the_kernel_says_of_the_request(served: Install
 def test_a_daemon_serves_the_misses_of_its_own_config_alone(
     served: Install, extra_install: Callable[..., Any]
 ) -> None:
-    # Another install whose config names the same socket: its gate asks the daemon, which
-    # declines a miss meant for another config; that install's own handler answers it.
+    # Another install whose rule names the same socket: install refuses to write that (two
+    # installs sharing host resources, resolver/installclash.py), so its rule is edited by hand,
+    # as an operator might. Its gate asks the daemon, which declines a miss meant for another
+    # config; that install's own handler answers it.
     assert served.daemon is not None
-    with extra_install(daemon=False, warm_socket=_socket(served)) as other:
+    own = Path(served.settings["warm_socket"]).parent / f"{unique('othersock')}.sock"
+    with extra_install(daemon=False, warm_socket=own) as other:
+        path = rule_file(other.prefix)
+        text = path.read_text()
+        assert f" {own} " in text, text
+        path.write_text(text.replace(f" {own} ", f" {_socket(served)} "))
         name = unique("otherconfig")
         assert _fresh(other, name, other.blob(b"kmst-other", name)) == b"kmst-other"
         line = other.log.wait_for(name)
