@@ -21,7 +21,12 @@ from distutils.ccompiler import new_compiler
 from distutils.command.build_scripts import build_scripts
 from distutils.sysconfig import customize_compiler
 
-GATE_SOURCE = "resolver/gate.c"
+GATE_SOURCES = [
+    "resolver/gate.c",
+    "resolver/gate_daemon.c",
+    "resolver/gate_request.c",
+    "resolver/gate_subuid.c",
+]
 GATE = "kmskeys-gate"
 # Static (and position-independent, so still randomised): every executable linked against glibc
 # 2.34 or later needs __libc_start_main@GLIBC_2.34 from its start files, which would make the
@@ -49,10 +54,10 @@ class BuildExtAndGate(build_ext):
     def run(self) -> None:
         super().run()
         objects = self.compiler.compile(
-            [GATE_SOURCE],
+            GATE_SOURCES,
             output_dir=self.build_temp,
             include_dirs=[os.path.dirname(CONTRACT_HEADER)],
-            depends=[CONTRACT_HEADER],
+            depends=[CONTRACT_HEADER, "kmskeys/_wipe.h", "resolver/gate.h"],
             extra_postargs=["-O2", "-Wall"],
         )
         self.compiler.link_executable(

@@ -8,7 +8,7 @@
 #define KMSKEYS_CONTRACT_H
 
 /* Each compiled part carries it; checked against kmskeys.contract.BUILD_STAMP. */
-#define KMSKEYS_BUILD_STAMP "0.1.0+3371f3b5642f"
+#define KMSKEYS_BUILD_STAMP "0.1.0+a44019dc8e98"
 
 /* a `user` key's payload, bytes */
 #define KMSKEYS_USER_PAYLOAD_MAX 32767
@@ -52,5 +52,75 @@
 #define KMSKEYS_AUTH_LINES_MAX 8
 /* a longer line is not the kernel's */
 #define KMSKEYS_AUTH_LINE_MAX 255
+/* callout info, bytes */
+#define KMSKEYS_CALLOUT_MAX 4095
+/* the requester's key quota is full */
+#define KMSKEYS_ERRNO_QUOTA EDQUOT
+/* syslog severity of a warning */
+#define KMSKEYS_LOG_WARNING 4
+/* daemon_wait at most */
+#define KMSKEYS_DAEMON_WAIT_MAX_MS 5000
+/* subordinate uid ranges */
+#define KMSKEYS_SUBUID_FILE "/etc/subuid"
+/* where range owners' names are looked up */
+#define KMSKEYS_USERS_FILE "/etc/passwd"
+/* the subuid file, bytes at most */
+#define KMSKEYS_SUBUID_FILE_MAX 1048576
+/* a range owner's name, bytes */
+#define KMSKEYS_SUBUID_OWNER_MAX 256
+/* state_dir file: last subuid warning */
+#define KMSKEYS_SUBUID_WARNED "subuid-warned"
+/* every daemon message starts so */
+#define KMSKEYS_WIRE_MAGIC "KMKD"
+/* ... then this version */
+#define KMSKEYS_WIRE_VERSION 1
+/* message type: gate to daemon */
+#define KMSKEYS_WIRE_REQUEST 1
+/* message type: daemon to gate */
+#define KMSKEYS_WIRE_ACCEPTED 2
+/* message type: daemon to gate */
+#define KMSKEYS_WIRE_DECLINED 3
+/* message type: daemon to gate */
+#define KMSKEYS_WIRE_OUTCOME 4
+/* message type: gate to daemon */
+#define KMSKEYS_WIRE_REPORT 5
+/* message type: gate to daemon */
+#define KMSKEYS_WIRE_ABANDON 6
+/* request: the gate's stamp, bytes */
+#define KMSKEYS_WIRE_STAMP_MAX 64
+/* request: the rule's config path */
+#define KMSKEYS_WIRE_CONFIG_PATH_MAX 4096
+/* request: those lines, bytes */
+#define KMSKEYS_WIRE_PROC_KEYS_MAX 2304
+/* /proc/keys read at most */
+#define KMSKEYS_WIRE_PROC_KEYS_SCAN_MAX 67108864
+/* ... flag: it was cut */
+#define KMSKEYS_WIRE_FLAG_PROC_KEYS_CUT 1
+/* a request's body, bytes */
+#define KMSKEYS_WIRE_REQUEST_MAX 18885
+/* an outcome's fixed fields */
+#define KMSKEYS_WIRE_OUTCOME_FIXED 32
+/* an outcome's body, bytes */
+#define KMSKEYS_WIRE_OUTCOME_MAX 32799
+/* outcome wait at most */
+#define KMSKEYS_WIRE_OUTCOME_WAIT_MAX_MS 65000
+/* an answered key's timeout at most */
+#define KMSKEYS_WIRE_TIMEOUT_MAX 47433601
+/* an answer's mask within */
+#define KMSKEYS_ANSWER_PERM_ALLOWED 0x1b1b2d00U
+/* a report's body, bytes */
+#define KMSKEYS_WIRE_REPORT_SIZE 16
+/* time to hand over a report */
+#define KMSKEYS_WIRE_REPORT_WAIT_MS 1000
+/* report: nothing failed */
+#define KMSKEYS_WIRE_STEP_NONE 0
+/* report: chown failed */
+#define KMSKEYS_WIRE_STEP_CHOWN 1
+/* report: setperm failed */
+#define KMSKEYS_WIRE_STEP_SETPERM 2
+/* report: set_timeout failed */
+#define KMSKEYS_WIRE_STEP_TIMEOUT 3
+/* report: instantiate failed */
+#define KMSKEYS_WIRE_STEP_INSTANTIATE 4
 
 #endif

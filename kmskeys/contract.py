@@ -23,7 +23,7 @@ DESCRIPTION_MAX = 4095
 # Compiled into every compiled part (the hit-path extension, the cffi module, kmskeys-gate) from
 # kmskeys/contract.h; each is checked against this at import or run, so a part built from other
 # sources never loads silently. Written by scripts/generate.py: never edit by hand.
-BUILD_STAMP = "0.1.0+3371f3b5642f"
+BUILD_STAMP = "0.1.0+a44019dc8e98"
 
 # --- AWS KMS limits --------------------------------------------------------------------------
 # KMS Encrypt takes at most 4096 bytes of plaintext; larger secrets go in envelope mode.

@@ -24,8 +24,11 @@ from kmskeys.contract import DEFAULT_CONFIG, GATE_PROGRAM, REQUEST_KEY_D, rule_f
 # would show in the handler's argv (/proc/PID/cmdline) to every local user; the handler reads it
 # from the request's authorization key instead.
 HANDLER_MACROS = ("%k", "%d", "%u", "%g", "%T", "%P", "%S")
-# kmskeys-gate (resolver/gate.c) takes its settings, then these, then `--` and the handler line.
-GATE_MACROS = ("%k", "%u")
+# kmskeys-gate (resolver/gate.c) takes its settings, then these, then `--` and the handler line:
+# the key and uid, and the requester's thread, process and session keyrings, which it hands on
+# to the resolver daemon (the identification's, issue 24). A rule written before the daemon
+# passed `%k %u` alone; the gate and parse_rule take both.
+GATE_MACROS = ("%k", "%u", "%T", "%P", "%S")
 GATE_END = "--"
 HANDLE = "handle"
 CONFIG_OPTION = "--config"
@@ -99,7 +102,8 @@ def parse_rule(line: str, prefix: str, path: Path | None = None) -> Rule | None:
         end = args.index(GATE_END)
         head = args[:end]
         gate = program
-        settings = tuple(head[: len(head) - len(GATE_MACROS)])
+        # The settings never start with `%` (paths, numbers, `-`); the macros all do.
+        settings = tuple(word for word in head if not word.startswith("%"))
         if len(args) > end + 1:
             program, args = Path(args[end + 1]), args[end + 2 :]
         else:

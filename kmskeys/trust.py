@@ -1,7 +1,7 @@
 """What root may trust: the rules shared by the resolver and `kmskeys doctor`.
 
 A file or directory that root reads on behalf of any local user (config, credentials, blobs, the
-warm daemon's socket) must be owned by root and writable by nobody else; a unix socket peer is
+resolver daemon's socket) must be owned by root and writable by nobody else; a unix socket peer is
 who the kernel says it is (SO_PEERCRED). Doctor reports exactly what the resolver enforces, so
 both use these functions.
 """

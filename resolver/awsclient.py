@@ -2,8 +2,8 @@
 
 botocore, not boto3: boto3 adds import time and resource models the resolver never uses. Every
 setting comes from the resolver's config, none from the environment or ~/.aws. Retries are off
-here: the gateway retries itself, within the deadline (resolver/gateway.py). The warm daemon
-keeps its clients (resolver/warm.py CachedClients).
+here: the gateway retries itself, within the deadline (resolver/gateway.py). The resolver
+daemon keeps its clients for its lifetime (`keep_clients`): the handler builds one per request.
 """
 
 from __future__ import annotations
@@ -23,6 +23,23 @@ CONNECT_TIMEOUT_MAX = 1.0
 MIN_ATTEMPT_SECONDS = 0.2
 
 
+class _Kept:
+    """The clients a long-running process keeps (keep_clients), by what they were built from."""
+
+    clients: dict[tuple[object, ...], Any] | None = None
+    lock: Any = None
+
+
+def keep_clients() -> None:
+    """From now on, this process keeps each client it builds for as long as the settings it was
+    built from stay the same (the resolver daemon: one client per service and region)."""
+    # threading only here: the handler, which builds a client per request, never loads it.
+    import threading
+
+    _Kept.lock = threading.Lock()
+    _Kept.clients = {}
+
+
 class Clients(Protocol):
     """Where the gateway gets a botocore client of `service` in `region`."""
 
@@ -38,7 +55,37 @@ class SessionClients:
         self.config = config
 
     def client(self, service: str, region: str, deadline: float, timings: Timings) -> Any:
-        """A client built now, its timeouts sized to what is left of `deadline`."""
+        """A client built now, its timeouts sized to what is left of `deadline`; in a process
+        that keeps its clients, the one built before from the same settings."""
+        kept = _Kept.clients
+        if kept is None:
+            return self._build(service, region, deadline, timings)
+        # A kept client still holds its credentials: the file must be root's alone now too.
+        creds = self.config.shared_credentials_file
+        if creds is not None:
+            check_credentials_file(creds)
+        key = self._settings(service, region)
+        with _Kept.lock:
+            found = kept.get(key)
+            if found is None:
+                # Timeouts sized for a whole deadline, not for what is left of the request that
+                # happens to build the client; the gateway bounds each attempt itself.
+                whole = time.monotonic() + self.config.deadline
+                found = kept[key] = self._build(service, region, whole, timings)
+            return found
+
+    def _settings(self, service: str, region: str) -> tuple[object, ...]:
+        config = self.config
+        creds = config.shared_credentials_file
+        try:
+            st = os.stat(creds) if creds is not None else None
+        except OSError:
+            st = None
+        # A rewritten credentials file is read again: a new client.
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size) if st is not None else None
+        return (service, region, config.endpoint_url, creds, config.profile, config.deadline, stamp)
+
+    def _build(self, service: str, region: str, deadline: float, timings: Timings) -> Any:
         start = time.perf_counter()
         from botocore.config import Config as BotoConfig
         from botocore.session import Session

@@ -1,7 +1,7 @@
 """The one interface a backend resolves through: a request, as the kernel told it, to a Result.
 
 A leaf module: it imports nothing of the resolver, so every backend (`kms:` blobs, the `stored:`
-keystore, and Secrets Manager, Parameter Store or a token next), the pipeline and the warm
+keystore, and Secrets Manager, Parameter Store or a token next), the pipeline and the resolver
 daemon can import it without a cycle. The backends the resolver ships are listed in
 resolver/registry.py; each declares itself (settings, grammar, policy table) in a BackendSpec.
 

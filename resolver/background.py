@@ -10,13 +10,13 @@ on depends on the process:
   that finishes the refresh and exits by the request's deadline. The child keeps the entry's
   refresh lock (one refresh per entry) and one of its uid's background slots (at most
   BACKGROUND_PER_UID per charged uid), and nothing else: no handler slot, no authority;
-- a long-running process (the refresher, the warm daemon, prefetch) uses a thread
+- a long-running process (the refresher, the resolver daemon, prefetch) uses a thread
   (ThreadRunner), bounded the same way by the same lock and slot files.
 
 `use_fork()` selects the first; the handler's worker calls it, every other process gets threads.
 A task never raises: it returns a Finished, carried back to the waiting request (through a pipe
 from a child: the plaintext passes root to root through kernel memory, as it does through the
-warm daemon's socket).
+resolver daemon's socket to the gate).
 """
 
 from __future__ import annotations

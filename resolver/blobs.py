@@ -6,8 +6,8 @@ come from the request. Every check comes first: the blob's expiry, user and unit
 the key allowlist (the gateway's `authorize`, resolver/kms.py). Then the host
 cache (resolver/hostcache.py, through resolver/cachedfetch.py): one Decrypt per host for each
 blob, whatever keyring or uid asks, and a stale answer when KMS is unavailable. Decryption goes
-through the warm daemon when one is configured and answering (resolver/warm.py), else through
-the gateway in this process.
+through the gateway, in the handler or in the resolver daemon (resolver/daemon.py), which keeps
+its KMS clients.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class BlobBackend:
 
     def authorize(self, blob: Blob, request: Request) -> Authorized[bytes]:
         """The blob's own checks, then the key allowlist: cheap refusals first, so that a key
-        or region the config does not list never reaches the daemon or a KMS client (and never
+        or region the config does not list never reaches a KMS client (and never
         makes this process import botocore)."""
         try:
             # A blob made for another user or unit (its name was checked on load), before the
@@ -84,11 +84,8 @@ class BlobBackend:
         return self.gateway.authorize(BlobDecrypt(blob, request))
 
     def decrypt(self, authorized: Authorized[bytes], request: Request, context: Context) -> bytes:
-        """The warm daemon's answer when one is configured, else our own Decrypt."""
-        if self.config.warm_socket is not None:
-            from resolver.warm import WarmDecrypter
-
-            return WarmDecrypter(self.config, self.gateway).decrypt(authorized, request, context)
+        """The blob's plaintext, from KMS through the gateway (in the resolver daemon, with the
+        clients it keeps)."""
         return open_blob(
             self.gateway, authorized, context.budget, context.deadline, context.timings
         )

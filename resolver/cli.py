@@ -24,7 +24,8 @@ usage: kmskeys-resolver COMMAND [ARGS...]
                  the handler's verdict on a config, its dependencies and blob files (JSON,
                  for `kmskeys doctor`); decrypts nothing
   serve [--config PATH]
-                 the optional warm daemon: keeps a KMS client loaded for the handler
+                 the optional resolver daemon: kmskeys-gate hands it every miss, so that no
+                 interpreter starts (warm_socket in the config; the handler is the fallback)
   prefetch [--config PATH] [--concurrency N] [--jitter S] [NAME ...]
                  fill the host cache from blob_dir (at boot: kmskeys-prefetch.service)
   refresh [--config PATH] [--once]
@@ -87,12 +88,12 @@ def _serve(argv: Sequence[str]) -> int:
     import argparse
 
     from resolver import config as config_mod
+    from resolver.daemon import serve
     from resolver.errors import ResolverError
-    from resolver.warm import serve
 
     parser = argparse.ArgumentParser(
         prog="kmskeys-resolver serve",
-        description="Run the warm daemon named by the config's warm_socket (as root).",
+        description="Run the resolver daemon on the config's warm_socket (as root).",
     )
     parser.add_argument("--config", type=Path, default=config_mod.DEFAULT_PATH)
     args = parser.parse_args(argv)

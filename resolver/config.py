@@ -24,6 +24,7 @@ from resolver.settings import (
     AwsSettings,
     Component,
     CoreSettings,
+    DaemonSettings,
     HostCacheSettings,
     LimitSettings,
     declared,
@@ -72,6 +73,7 @@ class Config(
     SmSettings,
     StoredSettings,
     KmsSettings,
+    DaemonSettings,
     HostCacheSettings,
     LimitSettings,
     AwsSettings,
@@ -123,6 +125,7 @@ COMPONENTS = (
     Component("the kms: backend (blobs)", KmsSettings),
     Component("per-uid limits", LimitSettings),
     Component("the host cache", HostCacheSettings),
+    Component("the resolver daemon (resolver/daemon.py)", DaemonSettings),
     Component("the stored: backend (the keystore, docs/dpapi.md)", StoredSettings),
     Component("the pass: backend (a user's password store, docs/tokens.md)", PassSettings),
     Component(

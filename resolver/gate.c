@@ -4,23 +4,34 @@
  * Every miss of every local user starts a root process. The Python handler costs about 10 MiB
  * and tens of milliseconds of CPU before it can even look at the requester's per-uid limit, so
  * one uid firing hundreds of concurrent upcalls would cost the host gigabytes and starve every
- * other user's misses. This program takes one of the requesting uid's handler slots first (an
- * flock(2) on the same state_dir files as resolver/limits.py) and execs the handler holding it.
- * With every slot taken it rejects the key EAGAIN and logs one line, as the handler would, at
- * the cost of one small C process that imports nothing.
+ * other user's misses. This program takes one of the requesting uid's slots first (an flock(2)
+ * on the same state_dir files as resolver/limits.py; a subordinate uid's are its range owner's,
+ * gate_subuid.c). With every slot taken it rejects the key EAGAIN and logs one line, as the
+ * handler would, at the cost of one small C process that imports nothing.
+ *
+ * Holding the slot, it hands the request to the resolver daemon when one is configured
+ * (gate_daemon.c: `kmskeys-resolver serve` resolves it in a warm process and says how to
+ * answer) and answers the key itself, so that no interpreter starts on a miss. Without a
+ * daemon, or when the daemon does not accept the request within DAEMON_WAIT_MS, it execs the
+ * handler (today's cold path) holding the slot.
  *
  * It is only a shortcut in front of the handler: on anything unexpected (an unsafe state_dir, an
  * fd it cannot open) it execs the handler without a slot, and the handler applies its own
  * checks and answers with its own error.
  *
  * usage (written by `kmskeys-resolver install`, one request-key.conf line):
- *   kmskeys-gate STATE_DIR SLOTS NEGATIVE_TTL SYSLOG_SOCKET FACILITY %k %u -- PROGRAM ARG...
+ *   kmskeys-gate STATE_DIR SLOTS NEGATIVE_TTL SYSLOG_SOCKET FACILITY DAEMON_SOCKET DAEMON_WAIT_MS
+ *                SUBUIDS %k %u %T %P %S -- PROGRAM ARG...
+ *     DAEMON_SOCKET is `-` for none; SUBUIDS is 1 (aggregate_subuids) or 0; %T %P %S, the
+ *     requester's keyrings, go to the daemon (the identification's, issue 24). A rule written
+ *     before the daemon (`FACILITY %k %u --`) still works: no daemon, no aggregation.
  *   kmskeys-gate --stamp          (prints the build stamp: `kmskeys-resolver check` compares it)
  *
  * Every fact it shares with the Python side (the slot files and fd variable, the log line's
- * ident, field rules and words, the errno) comes from kmskeys/contract.h, which
- * scripts/generate.py writes from kmskeys/contract.py and the resolver; the build stamp in it
- * is passed to the handler, which refuses a gate built from other sources.
+ * ident, field rules and words, the errnos, the wire to the daemon) comes from
+ * kmskeys/contract.h, which scripts/generate.py writes from kmskeys/contract.py and the
+ * resolver; the build stamp in it is passed to the handler and the daemon, which refuse a gate
+ * built from other sources.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -39,20 +50,10 @@
 #include <linux/keyctl.h>
 
 #include "contract.h"
+#include "gate.h"
 
 #define MAX_FIELD KMSKEYS_LOG_FIELD_MAX
 static const char SAFE[] = KMSKEYS_LOG_SAFE;
-
-struct args {
-    const char *state_dir;
-    long slots;
-    long negative_ttl;
-    const char *syslog_socket;
-    long facility;
-    long key;
-    long uid;
-    char **program; /* PROGRAM ARG... NULL */
-};
 
 static int parse_long(const char *text, long min, long max, long *out)
 {
@@ -67,17 +68,47 @@ static int parse_long(const char *text, long min, long max, long *out)
 
 static int parse_args(int argc, char **argv, struct args *a)
 {
-    if (argc < 10 || strcmp(argv[8], "--") != 0)
+    /* The settings, then the macros, then `--`: 5 settings and `%k %u` in rules written before
+     * the daemon, 8 settings and `%k %u %T %P %S` since. */
+    int old = argc > 9 && strcmp(argv[8], "--") == 0;
+    int settings = old ? 5 : 8, end = old ? 8 : 14;
+    long aggregate = 0;
+    if (argc < end + 2 || strcmp(argv[end], "--") != 0)
         return -1;
     a->state_dir = argv[1];
     a->syslog_socket = argv[4];
-    a->program = &argv[9];
+    a->daemon_socket = NULL;
+    a->daemon_wait_ms = 0;
+    a->keyrings[0] = a->keyrings[1] = a->keyrings[2] = 0;
+    a->program = &argv[end + 1];
     if (parse_long(argv[2], 1, KMSKEYS_MAX_SLOTS, &a->slots) ||
         parse_long(argv[3], 1, KMSKEYS_MAX_NEGATIVE_TTL, &a->negative_ttl) ||
-        parse_long(argv[5], 0, 23, &a->facility) || parse_long(argv[6], 1, INT_MAX, &a->key) ||
-        parse_long(argv[7], 0, UINT_MAX - 1L, &a->uid))
+        parse_long(argv[5], 0, 23, &a->facility) ||
+        parse_long(argv[settings + 1], 1, INT_MAX, &a->key) ||
+        parse_long(argv[settings + 2], 0, UINT_MAX - 1L, &a->uid))
         return -1;
+    /* request-key passes 0 for a keyring the requester does not have. */
+    for (int i = 0; !old && i < 3; i++)
+        if (parse_long(argv[settings + 3 + i], 0, INT_MAX, &a->keyrings[i]))
+            return -1;
+    if (!old) {
+        if (strcmp(argv[6], "-") != 0)
+            a->daemon_socket = argv[6];
+        if (parse_long(argv[7], 1, KMSKEYS_DAEMON_WAIT_MAX_MS, &a->daemon_wait_ms) ||
+            parse_long(argv[8], 0, 1, &aggregate))
+            return -1;
+        if (a->daemon_socket && a->daemon_socket[0] != '/')
+            return -1;
+    }
+    a->aggregate_subuids = (int)aggregate;
     return a->state_dir[0] == '/' && a->program[0][0] == '/' ? 0 : -1;
+}
+
+long monotonic_ms(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (long)now.tv_sec * 1000 + now.tv_nsec / 1000000;
 }
 
 /* kmskeys/trust.py unsafe_reason, plus the state_dir's own rule: root-only. */
@@ -89,39 +120,45 @@ static int trusted(int fd, int private_mode)
     return !private_mode || !(st.st_mode & (S_IRWXG | S_IRWXO));
 }
 
-/* An fd holding one of the uid's slots; -1 if every slot is taken; -2 if something is off. */
-static int take_slot(const struct args *a)
+static int open_state_dir(const struct args *a)
 {
     if (mkdir(a->state_dir, 0700) && errno != EEXIST)
-        return -2;
+        return -1;
     int dir = open(a->state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
+    if (dir >= 0 && !trusted(dir, 1)) {
+        close(dir);
+        return -1;
+    }
+    return dir;
+}
+
+/* An fd holding one of `charged`'s slots; -1 if every slot is taken; -2 if something is off. */
+static int take_slot(const struct args *a, long charged)
+{
+    int dir = open_state_dir(a);
     if (dir < 0)
         return -2;
-    int result = -2;
-    if (!trusted(dir, 1))
-        goto out;
-    result = -1;
+    int result = -1;
     for (long index = 0; index < a->slots; index++) {
         char name[64];
-        snprintf(name, sizeof name, KMSKEYS_SLOT_PREFIX "%ld-%ld", a->uid, index);
+        snprintf(name, sizeof name, KMSKEYS_SLOT_PREFIX "%ld-%ld", charged, index);
         int fd = openat(dir, name, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0600);
         if (fd < 0 || !trusted(fd, 0)) {
             if (fd >= 0)
                 close(fd);
             result = -2;
-            goto out;
+            break;
         }
         if (flock(fd, LOCK_EX | LOCK_NB) == 0) {
             result = fd;
-            goto out;
+            break;
         }
         close(fd);
         if (errno != EWOULDBLOCK) {
             result = -2;
-            goto out;
+            break;
         }
     }
-out:
     close(dir);
     return result;
 }
@@ -149,30 +186,46 @@ static void append_field(char *buf, size_t size, const char *text)
     snprintf(buf + used, size - used, "%s\"", truncated ? "..." : "");
 }
 
-/* One RFC 3164 line to the syslog socket, as resolver/log.py SyslogWriter sends it. */
-static void log_eagain(const struct args *a, const char *reason)
+/* The key's name as the handler logs it (after its prefix), or "?". Read while the gate holds
+ * the authority, which lets it describe a key of any uid: once the key is answered, a key of
+ * another uid is no longer root's to describe. The first call keeps it for the later ones. */
+static const char *key_name(const struct args *a)
 {
-    /* "type;uid;gid;perm;description": the authority we hold lets us describe the key. The
-     * name is logged after its prefix, as the handler logs it. */
-    char described[KMSKEYS_DESCRIPTION_MAX + 1 + 64] = "", message[1024] = "";
+    static char described[KMSKEYS_DESCRIPTION_MAX + 1 + 64];
+    static const char *name;
+    if (name)
+        return name;
+    /* "type;uid;gid;perm;description" */
     long n = syscall(SYS_keyctl, KEYCTL_DESCRIBE, a->key, described, sizeof described - 1);
     const char *description = described;
     for (int field = 0; n > 0 && field < 4 && description; field++)
         description = strchr(description, ';') ? strchr(description, ';') + 1 : NULL;
-    const char *colon = description ? strchr(description, ':') : NULL;
+    const char *colon = n > 0 && description ? strchr(description, ':') : NULL;
+    name = colon ? colon + 1 : "?";
+    return name;
+}
+
+/* One RFC 3164 line to the syslog socket, as resolver/log.py SyslogWriter sends it:
+ * `uid=U name=N key=K outcome=O [errno=E] reason=R`. */
+void log_line(const struct args *a, int severity, const char *outcome, const char *errno_name,
+              const char *reason)
+{
+    char message[1024] = "";
     snprintf(message, sizeof message, "uid=%ld name=", a->uid);
-    append_field(message, sizeof message, colon ? colon + 1 : "?");
-    snprintf(message + strlen(message), sizeof message - strlen(message),
-             " key=%ld outcome=" KMSKEYS_OUTCOME_UNAVAILABLE " errno=" KMSKEYS_ERRNO_UNAVAILABLE_NAME
-             " reason=",
-             a->key);
+    append_field(message, sizeof message, key_name(a));
+    snprintf(message + strlen(message), sizeof message - strlen(message), " key=%ld outcome=%s",
+             a->key, outcome);
+    if (errno_name)
+        snprintf(message + strlen(message), sizeof message - strlen(message), " errno=%s",
+                 errno_name);
+    snprintf(message + strlen(message), sizeof message - strlen(message), " reason=");
     append_field(message, sizeof message, reason);
 
     char stamp[32], line[1280];
     time_t now = time(NULL);
     struct tm tm;
     strftime(stamp, sizeof stamp, "%b %d %H:%M:%S", localtime_r(&now, &tm));
-    int len = snprintf(line, sizeof line, "<%ld>%s %s[%d]: %s", a->facility * 8 + KMSKEYS_LOG_ERR, stamp,
+    int len = snprintf(line, sizeof line, "<%ld>%s %s[%d]: %s", a->facility * 8 + severity, stamp,
                        KMSKEYS_LOG_IDENT, (int)getpid(), message);
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if (strlen(a->syslog_socket) >= sizeof addr.sun_path)
@@ -187,35 +240,84 @@ static void log_eagain(const struct args *a, const char *reason)
     close(sock);
 }
 
-static int reject_eagain(const struct args *a)
+int reject_key(const struct args *a, long ttl, int error)
 {
     /* request-key assumed the authority already; assuming it again is harmless. */
     syscall(SYS_keyctl, KEYCTL_ASSUME_AUTHORITY, a->key);
-    return (int)syscall(SYS_keyctl, KEYCTL_REJECT, a->key, (unsigned long)a->negative_ttl,
-                        KMSKEYS_ERRNO_UNAVAILABLE, 0);
+    key_name(a); /* for the line that follows: after the reject it may not be readable */
+    return (int)syscall(SYS_keyctl, KEYCTL_REJECT, a->key, (unsigned long)ttl, error, 0);
+}
+
+static void reject_busy(const struct args *a, long charged)
+{
+    char reason[256];
+    int len = snprintf(reason, sizeof reason,
+                       "uid %ld already has %ld requests being resolved (max_concurrent_per_uid)",
+                       charged, a->slots);
+    if (charged != a->uid)
+        snprintf(reason + len, sizeof reason - (size_t)len,
+                 "; uid %ld is charged to it, the owner of its " KMSKEYS_SUBUID_FILE " range", a->uid);
+    reject_key(a, a->negative_ttl, KMSKEYS_ERRNO_UNAVAILABLE);
+    log_line(a, KMSKEYS_LOG_ERR, KMSKEYS_OUTCOME_UNAVAILABLE, KMSKEYS_ERRNO_UNAVAILABLE_NAME, reason);
+}
+
+/* An unsafe /etc/subuid turns aggregation off: say so, at most once a minute per state_dir. */
+static void warn_subuids(const struct args *a, const char *problem)
+{
+    int dir = open_state_dir(a);
+    if (dir < 0)
+        return;
+    /* The note's mtime is when the last line was written; a note made now says so at once. */
+    int fresh = 1, flags = O_RDWR | O_CLOEXEC | O_NOFOLLOW;
+    int fd = openat(dir, KMSKEYS_SUBUID_WARNED, flags | O_CREAT | O_EXCL, 0600);
+    if (fd < 0 && errno == EEXIST) {
+        fresh = 0;
+        fd = openat(dir, KMSKEYS_SUBUID_WARNED, flags);
+    }
+    close(dir);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) || !trusted(fd, 0) || (!fresh && time(NULL) - st.st_mtime < 60) ||
+        futimens(fd, NULL)) {
+        if (fd >= 0)
+            close(fd);
+        return;
+    }
+    close(fd);
+    char reason[PATH_MAX + 200];
+    snprintf(reason, sizeof reason, "aggregate_subuids is off until this is fixed: %s", problem);
+    log_line(a, KMSKEYS_LOG_WARNING, "warning", NULL, reason);
 }
 
 int main(int argc, char **argv)
 {
     struct args a;
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    a.started_us = (long long)start.tv_sec * 1000000 + start.tv_nsec / 1000;
     if (argc == 2 && strcmp(argv[1], "--stamp") == 0) {
         printf("%s\n", KMSKEYS_BUILD_STAMP);
         return 0;
     }
     if (parse_args(argc, argv, &a)) {
         dprintf(STDERR_FILENO, "usage: kmskeys-gate STATE_DIR SLOTS NEGATIVE_TTL SYSLOG_SOCKET FACILITY "
-                               "KEY UID -- PROGRAM ARG...\n");
+                               "DAEMON_SOCKET DAEMON_WAIT_MS SUBUIDS KEY UID THREAD PROCESS SESSION "
+                               "-- PROGRAM ARG...\n");
         return 2;
     }
-    int slot = take_slot(&a);
-    char reason[PATH_MAX + 160];
+    long charged = a.uid;
+    if (a.aggregate_subuids) {
+        char problem[PATH_MAX + 100];
+        charged = charged_uid(a.uid, problem, sizeof problem);
+        if (problem[0])
+            warn_subuids(&a, problem);
+    }
+    int slot = take_slot(&a, charged);
     if (slot == -1) {
-        snprintf(reason, sizeof reason,
-                 "uid %ld already has %ld requests being resolved (max_concurrent_per_uid)", a.uid, a.slots);
-        reject_eagain(&a);
-        log_eagain(&a, reason);
+        reject_busy(&a, charged);
         return 1;
     }
+    if (slot >= 0 && a.daemon_socket && ask_daemon(&a, slot) == DAEMON_ANSWERED)
+        return 0;
     /* The handler refuses a gate built from other sources than itself (kmskeys/contract.h). */
     if (setenv(KMSKEYS_GATE_STAMP_ENV, KMSKEYS_BUILD_STAMP, 1))
         return 1;
@@ -228,8 +330,9 @@ int main(int argc, char **argv)
     }
     execv(a.program[0], a.program);
     /* No handler to answer: rather EAGAIN now than the kernel's 60 s ENOKEY negation. */
+    char reason[PATH_MAX + 160];
     snprintf(reason, sizeof reason, "cannot run the handler %s: %s", a.program[0], strerror(errno));
-    reject_eagain(&a);
-    log_eagain(&a, reason);
+    reject_key(&a, a.negative_ttl, KMSKEYS_ERRNO_UNAVAILABLE);
+    log_line(&a, KMSKEYS_LOG_ERR, KMSKEYS_OUTCOME_UNAVAILABLE, KMSKEYS_ERRNO_UNAVAILABLE_NAME, reason);
     return 1;
 }

@@ -75,10 +75,11 @@ def parse_args(argv: Sequence[str]) -> HandleArgs:
         raise ValueError(USAGE) from None
 
 
-def process_started() -> float:
-    """When this process started, on the time.monotonic() clock (its start from /proc)."""
+def process_started(pid: int | str = "self") -> float:
+    """When process `pid` (by default this one) started, on the time.monotonic() clock (its
+    start from /proc)."""
     try:
-        with open("/proc/self/stat", "rb") as f:
+        with open(f"/proc/{pid}/stat", "rb") as f:
             # Field 22, after the parenthesised command name, is the start time in clock ticks.
             start_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
         age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")

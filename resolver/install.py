@@ -106,14 +106,23 @@ def gate_executable() -> Path:
     return path
 
 
+# The gate's DAEMON_SOCKET when no resolver daemon is configured.
+NO_DAEMON = "-"
+
+
 def gate_settings(config: config_mod.Config) -> list[str]:
-    """What the rule hands kmskeys-gate from the config (resolver/gate.c's usage line)."""
+    """What the rule hands kmskeys-gate from the config (resolver/gate.c's usage line): the
+    limits and log settings, then the resolver daemon's socket (or `-`), how long the daemon
+    may take to accept a miss in milliseconds, and whether subuids are aggregated (1 or 0)."""
     return [
         str(config.state_dir),
         str(config.max_concurrent_per_uid),
         str(config.negative_ttl),
         str(config.syslog_socket),
         str(config_mod.FACILITIES[config.syslog_facility]),
+        NO_DAEMON if config.warm_socket is None else str(config.warm_socket),
+        str(max(1, round(config.daemon_wait * 1000))),
+        "1" if config.aggregate_subuids else "0",
     ]
 
 
@@ -127,13 +136,18 @@ def rule_line(
     """The request-key.conf line that routes `PREFIX:*` requests to the handler.
 
     The gate runs first: it takes the requester's slot (max_concurrent_per_uid) or rejects the
-    key EAGAIN, without starting Python. It gets the config values it needs here, so a change
-    of state_dir, max_concurrent_per_uid, negative_ttl or the syslog settings needs a re-run of
-    install (the handler refuses a slot the config does not allow, and doctor says so).
+    key EAGAIN, without starting Python, then hands the miss to the resolver daemon when one is
+    configured and answering. It gets the config values it needs here, so a change of
+    state_dir, max_concurrent_per_uid, negative_ttl, the syslog settings, warm_socket,
+    daemon_wait or aggregate_subuids needs a re-run of install (the handler refuses a slot the
+    config does not allow, and doctor says so).
     """
     config = config_mod.load(config_path) if config is None else config
     gate = gate_executable() if gate is None else gate
-    for what, path in (("state_dir", config.state_dir), ("syslog_socket", config.syslog_socket)):
+    paths = [("state_dir", config.state_dir), ("syslog_socket", config.syslog_socket)]
+    if config.warm_socket is not None:
+        paths.append(("warm_socket", config.warm_socket))
+    for what, path in paths:
         # Handed to the gate on the rule line, which request-key splits on whitespace.
         if any(ch.isspace() for ch in str(path)) or not path.is_absolute():
             raise InstallError(f"{what} path {str(path)!r} must be absolute and without spaces")

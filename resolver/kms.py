@@ -2,8 +2,8 @@
 
 The request supplies what KMS binds the blob to (name, user, unit); the blob supplies its ciphertext
 and key. The allowlist (resolver/policy.py check_key) is this operation's `authorize`, so the
-gateway applies it once, before the host cache or the warm daemon is asked. The warm daemon
-runs `open_blob` too (resolver/warm.py), in its own process.
+gateway applies it once, before the host cache or KMS is asked, in the handler or in the
+resolver daemon alike.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Per-uid limits, checked before any expensive work: one uid must not starve the others.
 
 Every miss of every local user runs a root handler, and every handler may call KMS. Two limits,
-both shared by all handler processes (and the warm daemon) through lock files in the config's
+both shared by all handler processes (and the resolver daemon) through lock files in the config's
 root-only `state_dir` (a tmpfs, /run/kmskeys, by default):
 
 - at most `max_concurrent_per_uid` handler runs per requesting uid at once: a slot is an
@@ -13,16 +13,18 @@ root-only `state_dir` (a tmpfs, /run/kmskeys, by default):
   one, so no uid can burn the account's request quota. The budgets are spent by the AWS
   gateway (resolver/gateway.py); prefetch has a bucket of its own.
 
-Per-uid means per charged uid (`charged_uid`): a uid inside a subordinate range of /etc/subuid
-(a rootless container's) spends its range owner's limits, so a user with 65536 subuids gets one
-share, not 65536. The host cache's charges and refresh-ahead's records count the same way.
+Per-uid means per charged uid (`charged_uid`): with `aggregate_subuids` on, a uid inside a
+subordinate range of /etc/subuid (a rootless container's) spends its range owner's limits, so a
+user with 65536 subuids gets one share, not 65536 (issue 20.8). kmskeys-gate charges its slots
+the same way (resolver/gate_subuid.c); the host cache's charges and refresh-ahead's records
+count the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
-import pwd
 import struct
 import time
 from pathlib import Path
@@ -31,7 +33,6 @@ from typing import TYPE_CHECKING
 from kmskeys import fileio
 from kmskeys.contract import BUILD_STAMP
 from resolver.errors import ConfigError, UnavailableError
-from resolver.log import LOG_WARNING, format_fields
 
 if TYPE_CHECKING:
     from resolver.config import Config
@@ -53,6 +54,16 @@ _BUCKET = struct.Struct("=dd")
 # The bucket of `kmskeys-resolver prefetch`: never a uid's (a root service's next miss must
 # not find uid 0's bucket spent by a prefetch).
 PREFETCH_BUCKET = "prefetch"
+# Subordinate uid ranges (rootless containers): `OWNER:START:COUNT` lines; an owner's name is
+# looked up in the passwd file (kmskeys-gate is static and loads no NSS module, so both sides
+# read the files database). resolver/gate_subuid.c applies the same rules (charged_uid).
+SUBUID_FILE = "/etc/subuid"
+USERS_FILE = "/etc/passwd"
+SUBUID_FILE_MAX = 1 << 20
+SUBUID_OWNER_MAX = 256
+# The gate's note in state_dir of when it last logged that /etc/subuid is unsafe (once a minute).
+SUBUID_WARNED = "subuid-warned"
+_UID_MAX = 0xFFFFFFFE
 
 
 def _state_dir(path: Path) -> int:
@@ -122,6 +133,99 @@ def take_token(state_dir: Path, bucket: str, rate: float, burst: int) -> bool:
         os.close(fd)
 
 
+def charged_uid(config: Config, uid: int, subuid: str | os.PathLike[str] = SUBUID_FILE) -> int:
+    """The uid whose per-uid limits `uid` is charged to: with `aggregate_subuids` on, the owner
+    of the first range of `subuid` (/etc/subuid) that holds it and whose owner resolves, else
+    `uid`. An unsafe file aggregates nothing; kmskeys-gate, which runs first, logs it."""
+    if not config.aggregate_subuids:
+        return uid
+    owner, _ = subuid_owner(uid, os.fspath(subuid))
+    return uid if owner is None else owner
+
+
+def subuid_owner(
+    uid: int, subuid: str = SUBUID_FILE, users: str = USERS_FILE
+) -> tuple[int | None, str | None]:
+    """(the owner of the first range in `subuid` holding `uid`, or None; why aggregation is off,
+    or None). A file that is not root's alone turns it off; a missing one has no ranges."""
+    try:
+        text = fileio.read_file(subuid, SUBUID_FILE_MAX, subuid)
+    except fileio.UntrustedFileError as exc:
+        return None, None if exc.problem == fileio.MISSING else str(exc)
+    except OSError as exc:
+        return None, f"{subuid}: {exc.strerror}"
+    # The gate reads the file as a C string: a NUL byte ends it there too.
+    for line in text.split(b"\0", 1)[0].split(b"\n"):
+        found = _range_owner(line, uid)
+        if found is None:
+            continue
+        if isinstance(found, int):
+            return found, None
+        owner, problem = _user_uid(found, users)
+        if problem is not None:
+            return None, problem
+        if owner is not None:
+            return owner, None
+    return None, None
+
+
+def _decimal(text: bytes, limit: int) -> int | None:
+    # Digits only, as gate_subuid.c reads them: no sign, space or underscore that int() allows.
+    if not 0 < len(text) <= 10 or not text.isdigit() or not text.isascii():
+        return None
+    value = int(text)
+    return value if value <= limit else None
+
+
+def _range_owner(line: bytes, uid: int) -> int | bytes | None:
+    """The owner (a uid, or a name to look up) of an `OWNER:START:COUNT` line holding `uid`."""
+    fields = line.split(b":")
+    if len(fields) != 3:
+        return None
+    owner, start, count = (
+        fields[0],
+        _decimal(fields[1], 0xFFFFFFFF),
+        _decimal(fields[2], 0xFFFFFFFF),
+    )
+    if not 0 < len(owner) <= SUBUID_OWNER_MAX or start is None or not count:
+        return None
+    if not start <= uid < start + count:
+        return None
+    numeric = _decimal(owner, _UID_MAX)
+    return numeric if numeric is not None else owner
+
+
+def _user_uid(name: bytes, users: str) -> tuple[int | None, str | None]:
+    """(the uid of the first passwd entry named `name`, or None; why the file is refused)."""
+    try:
+        text = fileio.read_file(users, SUBUID_FILE_MAX * 16, users)
+    except (fileio.UntrustedFileError, OSError):
+        return None, f"{users} is missing or not root's alone"
+    for line in text.split(b"\n"):
+        fields = line.split(b":")
+        if len(fields) == 7 and fields[0] == name:
+            uid = _decimal(fields[2], _UID_MAX)
+            if uid is not None:
+                return uid, None
+    return None, None
+
+
+def check_slot(fd: int, state_dir: Path, charged: int, slots: int) -> bool | None:
+    """Whether the slot file open as `fd` is one of `charged`'s `slots` in state_dir: True;
+    False for a slot this config no longer allows (a rule installed with more); None for a file
+    that is not a slot of theirs in that directory (a rule installed with another state_dir)."""
+    try:
+        held = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    directory, name = os.path.split(held)
+    prefix = f"{SLOT_PREFIX}{charged}-"
+    if directory != os.path.realpath(state_dir) or not name.startswith(prefix):
+        return None
+    index = name[len(prefix) :]
+    return index.isdigit() and int(index) < slots
+
+
 class UidBudget:
     """The requester's AWS calls: its uid's token bucket (kms_rate_per_uid, kms_burst_per_uid).
 
@@ -174,7 +278,14 @@ def stale_gate() -> str | None:
     from before stamps passes a slot without one. No gate at all (a rule without it) is fine.
     """
     stamp = os.environ.pop(GATE_STAMP_ENV, None)
-    if (stamp is None and SLOT_FD_ENV not in os.environ) or stamp == BUILD_STAMP:
+    if stamp is None and SLOT_FD_ENV not in os.environ:
+        return None
+    return gate_stamp_problem(stamp)
+
+
+def gate_stamp_problem(stamp: str | None) -> str | None:
+    """Why a gate that says it is of build `stamp` is refused, or None when it is this one's."""
+    if stamp == BUILD_STAMP:
         return None
     return (
         f"kmskeys-gate was built from other sources (stamp {stamp or 'none'}, this resolver "
@@ -182,8 +293,18 @@ def stale_gate() -> str | None:
     )
 
 
+def busy_reason(uid: int, charged: int, slots: int) -> str:
+    """Why a request is answered EAGAIN at once: its charged uid's slots are all taken (the
+    gate writes the same words, resolver/gate.c reject_busy)."""
+    reason = f"uid {charged} already has {slots} requests being resolved (max_concurrent_per_uid)"
+    if charged != uid:
+        reason += f"; uid {uid} is charged to it, the owner of its {SUBUID_FILE} range"
+    return reason
+
+
 def inherited_slot(state_dir: Path, uid: int, slots: int) -> tuple[int | None, bool]:
-    """(fd, allowed) for the slot kmskeys-gate took for `uid`; (None, True) if it took none.
+    """(fd, allowed) for the slot kmskeys-gate took for `uid` (the charged uid,
+    `charged_uid`); (None, True) if it took none.
 
     `allowed` is False when the gate's slot is not one this config allows (a rule installed
     before max_concurrent_per_uid was lowered): the request is then answered as busy. A slot in
@@ -195,126 +316,12 @@ def inherited_slot(state_dir: Path, uid: int, slots: int) -> tuple[int | None, b
         return None, True
     try:
         fd = int(value)
-        held = os.readlink(f"/proc/self/fd/{fd}")
-    except (ValueError, OSError):
+    except ValueError:
         return None, True
-    directory, name = os.path.split(held)
-    prefix = f"{SLOT_PREFIX}{uid}-"
-    if directory != os.path.realpath(state_dir) or not name.startswith(prefix):
-        os.close(fd)
+    allowed = check_slot(fd, state_dir, uid, slots)
+    if allowed is None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
         return None, True
     os.set_inheritable(fd, False)  # the worker gets it through fork; nothing it execs does
-    index = name[len(prefix) :]
-    return fd, index.isdigit() and int(index) < slots
-
-
-# --- Subordinate uid ranges ------------------------------------------------------------------
-# shadow-utils' subuid(5): one `owner:start:count` per line, owner a user name or a numeric uid;
-# useradd and usermod write it, newuidmap reads it to map a rootless container's uids.
-SUBUID_FILE = Path("/etc/subuid")
-SUBUID_MAX_BYTES = 1 << 20
-# An unsafe /etc/subuid is logged at most once per this many seconds (a line per miss would
-# flood the log): the stamp of the last line is kept in state_dir.
-SUBUID_WARN_EVERY = 3600.0
-_SUBUID_WARNED = "subuid-warned"
-# The (dev, ino, size, mtime_ns) of the file last parsed -> its ranges: one parse per process.
-_PARSED: dict[tuple[int, int, int, int], tuple[tuple[int, int, str], ...]] = {}
-
-
-def charged_uid(config: Config, uid: int, subuid_file: Path = SUBUID_FILE) -> int:
-    """The uid whose per-uid limits `uid` spends: the owner of the /etc/subuid range holding it.
-
-    Exactly these semantics (resolver/gate.c implements the same for the per-uid slots):
-    - off (the uid itself) when `aggregate_subuids` is false, when the file is missing, or when
-      it is unsafe: not a regular root-owned file, group- or world-writable, a link, or over
-      SUBUID_MAX_BYTES (that case is logged);
-    - each line is `owner:start:count` (the line's surrounding whitespace ignored): start and
-      count decimal, count at least 1; owner all digits is that uid, anything else a user name
-      looked up with getpwnam. A line that does not parse, or whose owner has no passwd entry,
-      is skipped as if absent;
-    - the first line, in file order, whose [start, start + count) holds `uid` decides: the uid
-      is charged to that line's owner. No line holds it: the uid itself.
-    """
-    if not config.aggregate_subuids:
-        return uid
-    for start, count, owner in _subuid_ranges(config, subuid_file):
-        if start <= uid < start + count:
-            found = _owner_uid(owner)
-            if found is not None:
-                return found
-    return uid
-
-
-def _owner_uid(owner: str) -> int | None:
-    if owner.isascii() and owner.isdigit():
-        return int(owner)
-    try:
-        return pwd.getpwnam(owner).pw_uid
-    except (KeyError, ValueError):  # no such user; a NUL in the name
-        return None
-
-
-def _subuid_ranges(config: Config, path: Path) -> tuple[tuple[int, int, str], ...]:
-    """The (start, count, owner) of each valid line of `path`; () when missing or unsafe."""
-    label = f"subordinate uid file {path}"
-    try:
-        fd = fileio.open_file(path, label)
-    except fileio.UntrustedFileError as exc:
-        if exc.problem != fileio.MISSING:
-            _warn_unsafe(config, path, exc.detail)
-        return ()
-    try:
-        st = os.fstat(fd)
-        signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if signature in _PARSED:
-            return _PARSED[signature]
-        text = fileio.read_fd(fd, SUBUID_MAX_BYTES, label)
-    except fileio.UntrustedFileError as exc:
-        _warn_unsafe(config, path, exc.detail)
-        return ()
-    except OSError:
-        return ()
-    finally:
-        os.close(fd)
-    ranges = tuple(parse_subuid(text))
-    _PARSED.clear()
-    _PARSED[signature] = ranges
-    return ranges
-
-
-def parse_subuid(text: bytes) -> list[tuple[int, int, str]]:
-    """The (start, count, owner) of each line of a subuid file that parses, in file order."""
-    found = []
-    for raw in text.decode("utf-8", "replace").splitlines():
-        fields = raw.strip().split(":")
-        if len(fields) != 3 or not fields[0]:
-            continue
-        owner, start, count = fields
-        if not (start.isascii() and start.isdigit() and count.isascii() and count.isdigit()):
-            continue
-        if int(count) >= 1:
-            found.append((int(start), int(count), owner))
-    return found
-
-
-def _warn_unsafe(config: Config, path: Path, why: str) -> None:
-    """Log, at most once per SUBUID_WARN_EVERY seconds host-wide, that nothing is aggregated."""
-    try:
-        fd = open_state_file(config.state_dir, _SUBUID_WARNED)
-    except ConfigError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        raw = os.pread(fd, 8, 0)
-        now = time.clock_gettime(time.CLOCK_BOOTTIME)
-        (last,) = struct.unpack("=d", raw) if len(raw) == 8 else (-SUBUID_WARN_EVERY,)
-        if 0 <= now - last < SUBUID_WARN_EVERY:
-            return
-        os.pwrite(fd, struct.pack("=d", now), 0)
-    finally:
-        os.close(fd)
-    from resolver.answer import log_writer
-
-    reason = f"per-uid limits not aggregated over subordinate uids (aggregate_subuids): {why}"
-    line = format_fields(config=config.path, subuid_file=path, reason=reason)
-    log_writer(config).emit(LOG_WARNING, line)
+    return fd, allowed

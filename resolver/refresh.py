@@ -25,7 +25,7 @@ key's owner, for the moment it acts.
 Run it as the service `kmskeys-refresh.service` (resolver/data), a long-running loop: keys expire
 every ttl at their own moments, and the loop sleeps until the next one is due, with one process
 and its imports for all of them. `run(config, stop)` is the same loop for a thread of a
-long-running process (the warm daemon). One refresher per state_dir runs at a time (a lock file);
+long-running process. One refresher per state_dir runs at a time (a lock file);
 a second waits. `--once` renews every recorded key now and exits (tests, and by hand).
 """
 
@@ -269,7 +269,7 @@ def once(config: Config) -> list[tuple[Record, str]]:
 
 
 def start_thread(config: Config) -> tuple[threading.Thread, threading.Event]:
-    """The loop in a thread of this process (the warm daemon's); set the event to stop it."""
+    """The loop in a thread of this process; set the event to stop it."""
     stop = threading.Event()
     thread = threading.Thread(target=run, args=(config, stop), name="kmskeys-refresh", daemon=True)
     thread.start()

@@ -31,6 +31,7 @@ from resolver.validators import (
     boolean,
     choice,
     count,
+    daemon_wait,
     deadline,
     duration,
     fraction,
@@ -285,10 +286,35 @@ class LimitSettings:
         True,
         boolean,
         "charge a uid inside a subordinate range of `/etc/subuid` (`owner:start:count`, rootless "
-        "containers) to the range's owner: every per-uid limit above, the host cache's and "
-        "refresh-ahead's are then the owner's, shared by the whole range. `/etc/subuid` must be "
-        "root-owned and not writable by group or others, else nothing is aggregated (logged)",
+        "containers) to the range's owner: every per-uid limit above (kmskeys-gate's slots too), "
+        "the host cache's and refresh-ahead's are then the owner's, shared by the whole range. "
+        "`/etc/subuid` must be root-owned and not writable by group or others, else nothing is "
+        "aggregated (logged). Re-run install after changing it",
         note="a /etc/subuid range spends its owner's per-uid limits",
+    )
+
+
+@dataclass(frozen=True, init=False, repr=False, eq=False)
+class DaemonSettings:
+    """The resolver daemon (`kmskeys-resolver serve`, resolver/daemon.py): misses answered
+    without starting Python."""
+
+    warm_socket: Path | None = setting(
+        None,
+        abs_path,
+        "absolute path of the resolver daemon's socket (`kmskeys-resolver serve`), in a "
+        "root-owned directory nobody else may write; `kmskeys-gate` hands it each miss. Unset, "
+        "every miss starts the handler (re-run install after changing it)",
+        examples=('"/run/kmskeys/resolver.sock"',),
+        note="kmskeys-resolver serve: misses without a Python start",
+    )
+    daemon_wait: float = setting(
+        0.5,
+        daemon_wait,
+        "seconds (0.01 to 5) `kmskeys-gate` waits for the daemon to **accept** a request (not "
+        "to answer it: a KMS call takes what the deadline allows) before it runs the handler "
+        "instead (re-run install after changing it)",
+        note="the daemon must accept a miss within this, else the handler runs",
     )
 
 

@@ -67,15 +67,6 @@ class KmsSettings:
         "only enable this for migration",
         note="raw base64 KMS ciphertext without a kmsk1: header",
     )
-    # The warm daemon's socket (`kmskeys-resolver serve`); unset, every miss decrypts cold.
-    warm_socket: Path | None = setting(
-        None,
-        abs_path,
-        "absolute path of the warm daemon's socket (`kmskeys-resolver serve`); unset, every "
-        "miss decrypts in the handler",
-        examples=('"/run/kmskeys/resolver.sock"',),
-        note="kmskeys-resolver serve (the warm path)",
-    )
     names: tuple[NameRule, ...] = policy(
         "per-name policy of `kms:` names (below)",
         "prefix",

@@ -29,7 +29,13 @@ from resolver import config as config_mod
 from resolver import handler
 from resolver.answer import answer_unanswered, log_writer
 from resolver.errors import ResolverError, UnavailableError
-from resolver.limits import acquire_slot, charged_uid, inherited_slot, stale_gate
+from resolver.limits import (
+    acquire_slot,
+    busy_reason,
+    charged_uid,
+    inherited_slot,
+    stale_gate,
+)
 from resolver.pipeline import KernelRequest, rejection
 from resolver.registry import split_description
 
@@ -107,9 +113,7 @@ def _admit(
     except ResolverError as exc:
         return exc, None
     if slot is None or not allowed:
-        whose = f"uid {args.uid}" + (f" (charged to uid {charged})" if charged != args.uid else "")
-        why = f"{whose} already has {slots} requests being resolved (max_concurrent_per_uid)"
-        return UnavailableError(why), slot
+        return UnavailableError(busy_reason(args.uid, charged, slots)), slot
     return None, slot
 
 

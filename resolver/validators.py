@@ -28,6 +28,9 @@ MAX_DEADLINE = 60.0
 MAX_CONCURRENT = 1000
 MAX_RATE = 10000.0
 MAX_TTL_JITTER = 0.5
+# How long kmskeys-gate waits for the resolver daemon to accept a request (not to answer it).
+MIN_DAEMON_WAIT = 0.01
+MAX_DAEMON_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,16 @@ def deadline(value: object, where: str) -> float:
     if number is None or not MIN_DEADLINE <= number <= MAX_DEADLINE:
         raise ConfigError(
             f"{where} must be a number of seconds in [{MIN_DEADLINE}, {MAX_DEADLINE}]"
+        )
+    return number
+
+
+def daemon_wait(value: object, where: str) -> float:
+    """Seconds in [MIN_DAEMON_WAIT, MAX_DAEMON_WAIT]."""
+    number = _number(value)
+    if number is None or not MIN_DAEMON_WAIT <= number <= MAX_DAEMON_WAIT:
+        raise ConfigError(
+            f"{where} must be a number of seconds in [{MIN_DAEMON_WAIT}, {MAX_DAEMON_WAIT}]"
         )
     return number
 

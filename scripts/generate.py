@@ -27,6 +27,10 @@ DOCS = REPO / "docs" / "resolver.md"
 # What the stamp covers besides the facts: every C source built into a compiled part.
 C_SOURCES = (
     "resolver/gate.c",
+    "resolver/gate.h",
+    "resolver/gate_daemon.c",
+    "resolver/gate_request.c",
+    "resolver/gate_subuid.c",
     "kmskeys/_hitpath.c",
     "kmskeys/_build_keyutils.py",
     "bin/kmskeys.h",
@@ -39,7 +43,7 @@ STAMP_LINE = re.compile(r'^BUILD_STAMP = "[^"]*"$', re.M)
 try:
     import kmskeys
     from kmskeys import contract, names
-    from resolver import config_text, limits, log, validators
+    from resolver import config_text, limits, log, validators, wire
     from resolver.errors import UnavailableError
 except ImportError as exc:  # the stamp check of a compiled part, most likely
     sys.exit(f"generate: {exc}\ngenerate: rebuild first (make venv), then run it again")
@@ -77,6 +81,49 @@ def facts() -> list[tuple[str, str, str]]:
         ("PROC_KEYS_READER_ID", f"{contract.PROC_KEYS_READER_ID:#x}U", "reads /proc/keys as"),
         ("AUTH_LINES_MAX", str(contract.AUTH_LINES_MAX), "auth-key lines examined at most"),
         ("AUTH_LINE_MAX", str(contract.AUTH_LINE_MAX), "a longer line is not the kernel's"),
+        *_daemon_facts(),
+    ]
+
+
+def _daemon_facts() -> list[tuple[str, str, str]]:
+    """The gate's share of the resolver daemon's wire (resolver/wire.py) and of the subuid rules
+    (resolver/limits.py charged_uid)."""
+    return [
+        ("CALLOUT_MAX", str(contract.CALLOUT_MAX), "callout info, bytes"),
+        ("ERRNO_QUOTA", "EDQUOT", "the requester's key quota is full"),
+        ("LOG_WARNING", str(log.LOG_WARNING), "syslog severity of a warning"),
+        ("DAEMON_WAIT_MAX_MS", str(int(validators.MAX_DAEMON_WAIT * 1000)), "daemon_wait at most"),
+        ("SUBUID_FILE", _c_string(limits.SUBUID_FILE), "subordinate uid ranges"),
+        ("USERS_FILE", _c_string(limits.USERS_FILE), "where range owners' names are looked up"),
+        ("SUBUID_FILE_MAX", str(limits.SUBUID_FILE_MAX), "the subuid file, bytes at most"),
+        ("SUBUID_OWNER_MAX", str(limits.SUBUID_OWNER_MAX), "a range owner's name, bytes"),
+        ("SUBUID_WARNED", _c_string(limits.SUBUID_WARNED), "state_dir file: last subuid warning"),
+        ("WIRE_MAGIC", _c_string(wire.MAGIC.decode()), "every daemon message starts so"),
+        ("WIRE_VERSION", str(wire.VERSION), "... then this version"),
+        ("WIRE_REQUEST", str(wire.REQUEST), "message type: gate to daemon"),
+        ("WIRE_ACCEPTED", str(wire.ACCEPTED), "message type: daemon to gate"),
+        ("WIRE_DECLINED", str(wire.DECLINED), "message type: daemon to gate"),
+        ("WIRE_OUTCOME", str(wire.OUTCOME), "message type: daemon to gate"),
+        ("WIRE_REPORT", str(wire.REPORT), "message type: gate to daemon"),
+        ("WIRE_ABANDON", str(wire.ABANDON), "message type: gate to daemon"),
+        ("WIRE_STAMP_MAX", str(wire.STAMP_MAX), "request: the gate's stamp, bytes"),
+        ("WIRE_CONFIG_PATH_MAX", str(wire.CONFIG_PATH_MAX), "request: the rule's config path"),
+        ("WIRE_PROC_KEYS_MAX", str(wire.PROC_KEYS_MAX), "request: those lines, bytes"),
+        ("WIRE_PROC_KEYS_SCAN_MAX", str(wire.PROC_KEYS_SCAN_MAX), "/proc/keys read at most"),
+        ("WIRE_FLAG_PROC_KEYS_CUT", str(wire.FLAG_PROC_KEYS_CUT), "... flag: it was cut"),
+        ("WIRE_REQUEST_MAX", str(wire.REQUEST_MAX), "a request's body, bytes"),
+        ("WIRE_OUTCOME_FIXED", str(wire.OUTCOME_FIXED.size), "an outcome's fixed fields"),
+        ("WIRE_OUTCOME_MAX", str(wire.OUTCOME_MAX), "an outcome's body, bytes"),
+        ("WIRE_OUTCOME_WAIT_MAX_MS", str(wire.OUTCOME_WAIT_MAX_MS), "outcome wait at most"),
+        ("WIRE_TIMEOUT_MAX", str(wire.TIMEOUT_MAX), "an answered key's timeout at most"),
+        ("ANSWER_PERM_ALLOWED", f"0x{wire.ANSWER_PERM_ALLOWED:08x}U", "an answer's mask within"),
+        ("WIRE_REPORT_SIZE", str(wire.REPORT_BODY.size), "a report's body, bytes"),
+        ("WIRE_REPORT_WAIT_MS", str(wire.REPORT_WAIT_MS), "time to hand over a report"),
+        ("WIRE_STEP_NONE", str(wire.STEP_NONE), "report: nothing failed"),
+        ("WIRE_STEP_CHOWN", str(wire.STEP_CHOWN), "report: chown failed"),
+        ("WIRE_STEP_SETPERM", str(wire.STEP_SETPERM), "report: setperm failed"),
+        ("WIRE_STEP_TIMEOUT", str(wire.STEP_TIMEOUT), "report: set_timeout failed"),
+        ("WIRE_STEP_INSTANTIATE", str(wire.STEP_INSTANTIATE), "report: instantiate failed"),
     ]
 
 

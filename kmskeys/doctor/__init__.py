@@ -6,7 +6,7 @@ its own config, dependencies and blob files (`kmskeys-resolver check`, run in it
 because this client never imports the resolver. Nothing is decrypted and KMS is never called.
 `--json` prints the same findings as one JSON object.
 
-One module per check (keyctl, rule, routes, upcall, config, dependencies, blobs, syslog, warm,
+One module per check (keyctl, rule, routes, upcall, config, dependencies, blobs, syslog, daemon,
 quota, session, negative, imds, programs, stored, tools, refresher), each yielding `Finding`s
 (finding.py); run.py orders them. Stdlib and the keyutils binding only (no boto3): it runs as
 an app user as well as root. Part of the operator toolbox: the client's hot path never imports

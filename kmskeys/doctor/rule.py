@@ -115,6 +115,7 @@ def check_gate(config: ConfigLoaded, rule: Rule | None, prefix: str) -> Iterator
             "rule",
             f"{rule.path} gives kmskeys-gate {' '.join(rule.gate_settings or [])}, the config "
             f"says {' '.join(wanted)} (state_dir, max_concurrent_per_uid, negative_ttl, "
-            "syslog): install copies them into the rule",
+            "syslog, warm_socket, daemon_wait, aggregate_subuids): install copies them into "
+            "the rule",
             install_fix(rule.config, prefix),
         )

@@ -16,6 +16,7 @@ from kmskeys.checkreport import CheckReport, loaded_config
 from kmskeys.contract import DEFAULT_PREFIX
 from kmskeys.doctor.blobs import check_blobs
 from kmskeys.doctor.config import check_config
+from kmskeys.doctor.daemon import check_daemon_path
 from kmskeys.doctor.dependencies import check_dependencies
 from kmskeys.doctor.finding import FAIL, INFO, WARN, Finding
 from kmskeys.doctor.fixes import install_fix, own_resolver, pip_fix, recorded, suggested_config
@@ -33,7 +34,6 @@ from kmskeys.doctor.stored import check_stored
 from kmskeys.doctor.syslog import check_syslog
 from kmskeys.doctor.tools import check_tools
 from kmskeys.doctor.upcall import check_upcalls
-from kmskeys.doctor.warm import check_warm_daemon
 from kmskeys.rules import Rule
 
 
@@ -119,7 +119,7 @@ def _verdict(report: CheckReport, rule: Rule | None, prefix: str) -> Iterator[Fi
         yield from check_gate(config, rule, prefix)
         yield from check_blobs(report, config)
         yield from check_syslog(config, path)
-        yield from check_warm_daemon(config, path)
+        yield from check_daemon_path(config, path, rule, prefix)
         routed = routed_prefixes(path)
         yield from check_program_host(config)
         yield from check_stored(config, path, routed)

@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -23,7 +23,7 @@ from kmskeys import (
 from tests.faults.conftest import DEADLINE
 from tests.support.kms_proxy import DROP, ProxiedRequest, kms_error
 from tests.support.names import unique
-from tests.upcall.harness import Install, handler_pids, worker_pids
+from tests.upcall.harness import Install, handler_pids, installed, worker_pids
 
 pytestmark = pytest.mark.faults
 
@@ -124,8 +124,24 @@ def _stalled_callers(
     return callers, results, release
 
 
+@pytest.fixture
+def handled(faulty: Install) -> Iterator[Install]:
+    """The tier's install, or one like it without the resolver daemon: the handler's worker is
+    what these tests kill (the daemon's own faults: tests/faults/test_daemon_faults.py)."""
+    if faulty.daemon is None:
+        yield faulty
+        return
+    settings = {k: v for k, v in faulty.settings.items() if k in KEPT}
+    with installed(faulty.emulator, faulty.proxy, faulty.key_arn, daemon=False, **settings) as it:
+        yield it
+
+
+KEPT = ("deadline", "negative_ttl", "kms_rate_per_uid", "kms_burst_per_uid")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["SIGKILL", "SIGSTOP"])
-def test_a_dead_or_stuck_worker_still_gets_the_key_answered(faulty: Install, sig: int) -> None:
+def test_a_dead_or_stuck_worker_still_gets_the_key_answered(handled: Install, sig: int) -> None:
+    faulty = handled
     # SIGKILL: the worker dies without a word. SIGSTOP: it can no longer run its own watchdog.
     # Either way the supervising parent answers EAGAIN (never cached) within deadline + 1 s.
     name = unique("killed")

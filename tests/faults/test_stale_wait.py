@@ -1,6 +1,7 @@
 """Stale answers without the stall (issue 26.14): with KMS hung and a stale host-cache entry at
 hand, a miss waits for KMS at most `stale_wait`, is answered stale, and the refresh goes on in
-a detached child that fills the host cache when KMS comes back.
+a detached child (the handler) or a thread (the resolver daemon, which never forks) that fills
+the host cache when KMS comes back. Each test runs with the handler and with the daemon.
 
 How the bound is asserted without timing the test machine: the handler's own `ms=` field (from
 its start to the answer) must be at least `stale_wait` (it did wait for KMS) and well below the
@@ -41,14 +42,18 @@ SLACK_MS = 4000.0
 HANG = 30.0  # a hung Decrypt is held this long at most (the test releases it sooner)
 
 
-@pytest.fixture(scope="module")
-def waiting(fault_backend: tuple[KmsEmulator, KmsProxy, str]) -> Iterator[Install]:
-    """An install whose entries turn stale after 3 s, with a long deadline and a short wait."""
+@pytest.fixture(scope="module", params=[False, True], ids=["handler", "daemon"])
+def waiting(
+    request: pytest.FixtureRequest, fault_backend: tuple[KmsEmulator, KmsProxy, str]
+) -> Iterator[Install]:
+    """An install whose entries turn stale after 3 s, with a long deadline and a short wait;
+    its misses answered by the handler, or by the resolver daemon."""
     emulator, proxy, key_arn = fault_backend
     with installed(
         emulator,
         proxy,
         key_arn,
+        daemon=request.param,
         deadline=DEADLINE,
         negative_ttl=NEGATIVE_TTL,
         ttl=TTL,

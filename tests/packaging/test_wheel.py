@@ -208,6 +208,10 @@ def test_sdist_builds_the_wheel_and_warns_of_nothing_deprecated(dist: Dist) -> N
         "bin/kmskeys.h",
         "bin/kmskeys-py",
         "resolver/gate.c",
+        "resolver/gate_daemon.c",
+        "resolver/gate_request.c",
+        "resolver/gate_subuid.c",
+        "resolver/gate.h",
         "resolver/data/kmskeys-resolver.service",
     ):
         assert f"kmskeys-0.1.0/{path}" in names, path

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,8 @@ from kmskeys import Key
 from tests.support.kms_emulator import TEST_CREDENTIALS
 from tests.support.leftover_keys import flush_install
 from tests.support.names import unique, unique_prefix
-from tests.upcall.harness import RESOLVER, SyslogReader, run_resolver
+from tests.support.resolver_daemon import resolver_daemon
+from tests.upcall.harness import DAEMON_ENV, RESOLVER, SyslogReader, run_resolver
 
 
 def toml_value(value: Any) -> str:
@@ -86,15 +87,21 @@ def stored_installed(
     keystore: Path | None = None,
     kms_endpoint: str | None = None,
     resolver: Path = RESOLVER,
+    daemon: bool | None = None,
     **settings: Any,
 ) -> Iterator[StoredInstall]:
     """Install a resolver for a fresh stored prefix with `settings`; remove all of it after.
 
     `kms_endpoint` points its KMS client (the seal's) at an emulator, with test credentials.
-    `resolver` is the kmskeys-resolver that installs itself: the rule runs that one.
+    `resolver` is the kmskeys-resolver that installs itself: the rule runs that one. `daemon`
+    runs the resolver daemon for it (default: as KMSKEYS_TEST_DAEMON says, tests/upcall/harness).
     """
+    if daemon is None:
+        daemon = os.environ.get(DAEMON_ENV) == "1"
     root = Path(tempfile.mkdtemp(prefix=unique("stored") + "-"))
     os.chmod(root, 0o755)
+    if daemon:
+        settings.setdefault("warm_socket", root / "run" / "resolver.sock")
     keystore = keystore or root / "keystore"
     log = SyslogReader(root / "log.sock")
     if kms_endpoint is not None:
@@ -132,9 +139,13 @@ def stored_installed(
         shutil.rmtree(root, ignore_errors=True)
     assert done.returncode == 0, done.stderr
     try:
-        yield StoredInstall(
-            root, config, values["prefix"], values["stored_prefix"], keystore, log, values
-        )
+        with ExitStack() as stack:
+            if daemon:
+                sock = Path(values["warm_socket"])
+                stack.enter_context(resolver_daemon(config, sock, resolver))
+            yield StoredInstall(
+                root, config, values["prefix"], values["stored_prefix"], keystore, log, values
+            )
     finally:
         undone = run_resolver("uninstall", "--config", str(config), resolver=resolver)
         flush_install(values)

@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,9 @@ from tests.support.ttl import MIN_TTL
 
 RESOLVER = Path(sys.executable).parent / "kmskeys-resolver"
 KMSKEYS = Path(sys.executable).parent / "kmskeys"
+# `KMSKEYS_TEST_DAEMON=1`: every install runs the resolver daemon (`kmskeys-resolver serve`),
+# so that a tier runs its misses through the gate and the daemon instead of the handler.
+DAEMON_ENV = "KMSKEYS_TEST_DAEMON"
 # Names matching this glob get a short ttl in the session config (the ttl expiry test).
 SHORT_TTL_GLOB = "kmst-*-shortttl-*"
 SHORT_TTL = MIN_TTL
@@ -116,6 +119,8 @@ class Install:
     key_arn: str
     log: SyslogReader
     settings: dict[str, Any] = field(default_factory=dict)
+    # The resolver daemon serving this install's misses, when one runs (`installed(daemon=)`).
+    daemon: subprocess.Popen[bytes] | None = None
 
     def kms(self) -> Any:
         """A boto3 KMS client on the emulator (test side, not the resolver's)."""
@@ -225,14 +230,21 @@ def installed(
     key_arn: str,
     names: str = "",
     resolver: Path = RESOLVER,
+    *,
+    daemon: bool | None = None,
     **settings: Any,
 ) -> Iterator[Install]:
     """Install a resolver under a fresh prefix with `settings` in its config; remove it after.
 
-    `resolver` is the kmskeys-resolver that installs itself: the rule runs that one.
+    `resolver` is the kmskeys-resolver that installs itself: the rule runs that one. `daemon`
+    runs the resolver daemon on a socket of the install's own (default: DAEMON_ENV says).
     """
+    if daemon is None:
+        daemon = os.environ.get(DAEMON_ENV) == "1"
     root = Path(tempfile.mkdtemp(prefix=unique("resolver") + "-"))
     os.chmod(root, 0o755)
+    if daemon:
+        settings.setdefault("warm_socket", root / "run" / "resolver.sock")
     prefix = unique_prefix()
     blob_dir = root / "blobs"
     blob_dir.mkdir(mode=0o755)
@@ -264,7 +276,16 @@ def installed(
     done = run_resolver("install", "--config", str(config), "--prefix", prefix, resolver=resolver)
     assert done.returncode == 0, done.stderr
     try:
-        yield Install(root, prefix, config, blob_dir, emulator, proxy, key_arn, log, values)
+        with ExitStack() as stack:
+            served = None
+            if daemon:
+                from tests.support.resolver_daemon import resolver_daemon
+
+                sock = Path(values["warm_socket"])
+                served = stack.enter_context(resolver_daemon(config, sock, resolver))
+            yield Install(
+                root, prefix, config, blob_dir, emulator, proxy, key_arn, log, values, served
+            )
     finally:
         undone = run_resolver(
             "uninstall", "--config", str(config), "--prefix", prefix, resolver=resolver

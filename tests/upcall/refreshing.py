@@ -67,6 +67,16 @@ def refresh_once(install: Install) -> dict[int, str]:
     return found
 
 
+def recorded(install: Install, charged: int, serial: int, within: float = 10.0) -> list[int]:
+    """records(), once `serial` is among them: the resolver remembers a key after it answered
+    it (the handler before it exits, the resolver daemon when the gate reports), so a requester
+    may wake before the record is written."""
+    end = time.monotonic() + within
+    while serial not in (found := records(install, charged)) and time.monotonic() < end:
+        time.sleep(0.02)
+    return found
+
+
 def bucket_tokens(install: Install, uid: int) -> float | None:
     """The tokens left in `uid`'s KMS call bucket (resolver/limits.py), None if it has none."""
     path = Path(install.settings["state_dir"]) / f"bucket-{uid}"

@@ -52,10 +52,11 @@ def _set_slots(install: Install, slots: int) -> None:
     install.config.write_text(text)
 
 
-@pytest.fixture
-def gated(extra_install: Callable[..., Any]) -> Iterator[Install]:
-    """An install whose rule's gate allows 2 slots per uid."""
-    with extra_install(max_concurrent_per_uid=2) as install:
+@pytest.fixture(params=[False, True], ids=["handler", "daemon"])
+def gated(extra_install: Callable[..., Any], request: pytest.FixtureRequest) -> Iterator[Install]:
+    """An install whose rule's gate allows 2 slots per uid; its misses go to the handler, or to
+    the resolver daemon through the gate."""
+    with extra_install(max_concurrent_per_uid=2, daemon=request.param) as install:
         assert install.proxy is not None
         install.proxy.reset_counts()
         yield install
@@ -71,17 +72,24 @@ def _rule_program(install: Install) -> list[str]:
 def test_rule_runs_the_gate_first(gated: Install) -> None:
     program = _rule_program(gated)
     assert Path(program[0]).name == "kmskeys-gate"
-    assert program[1:9] == [
+    daemon = gated.settings.get("warm_socket")
+    assert program[1:15] == [
         str(gated.settings["state_dir"]),
         "2",
         str(gated.settings["negative_ttl"]),
         str(gated.settings["syslog_socket"]),
         "10",  # authpriv
+        str(daemon) if daemon else "-",  # the resolver daemon's socket
+        "500",  # daemon_wait, in ms
+        "1",  # aggregate_subuids
         "%k",
         "%u",
+        "%T",  # the requester's keyrings, for the daemon's identification
+        "%P",
+        "%S",
         "--",
     ]
-    assert Path(program[9]).name == "kmskeys-resolver" and program[10] == "handle"
+    assert Path(program[15]).name == "kmskeys-resolver" and program[16] == "handle"
 
 
 def test_a_free_slot_is_handed_to_the_handler(gated: Install) -> None:
@@ -135,8 +143,9 @@ def test_a_gate_slot_the_config_no_longer_allows_is_busy(gated: Install) -> None
 def test_a_gate_built_from_other_sources_is_refused_loudly(
     gated: Install, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    # The same gate.c, built with a header whose stamp is not this build's: the handler that
-    # the rule runs after it answers EAGAIN (never cached) and says why at ERR.
+    # The same gate, built with a header whose stamp is not this build's: the handler that the
+    # rule runs after it, or the daemon it hands the miss to, answers EAGAIN (never cached) and
+    # says why at ERR.
     repo = Path(__file__).resolve().parents[2]
     build = tmp_path_factory.mktemp("stale-gate")
     os.chmod(build, 0o755)
@@ -144,10 +153,12 @@ def test_a_gate_built_from_other_sources_is_refused_loudly(
     stale = re.sub(r'KMSKEYS_BUILD_STAMP "[^"]*"', 'KMSKEYS_BUILD_STAMP "0.0.0+stale"', header)
     (build / "contract.h").write_text(stale)
     gate = build / "kmskeys-gate"
-    subprocess.run(
-        ["cc", "-O2", "-I", str(build), "-o", str(gate), str(repo / "resolver" / "gate.c")],
-        check=True,
-    )
+    sources = [
+        str(repo / "resolver" / f)
+        for f in ("gate.c", "gate_daemon.c", "gate_request.c", "gate_subuid.c")
+    ]
+    include = ["-I", str(build), "-I", str(repo / "kmskeys")]
+    subprocess.run(["cc", "-O2", *include, "-o", str(gate), *sources], check=True)
     rule = REQUEST_KEY_D / rule_file_name(gated.prefix)
     original = rule.read_text()
     program = _rule_program(gated)
@@ -160,5 +171,23 @@ def test_a_gate_built_from_other_sources_is_refused_loudly(
         assert line.startswith("<83>") and "outcome=unavailable errno=EAGAIN" in line, line
         assert "kmskeys-gate was built from other sources (stamp 0.0.0+stale" in line, line
         assert gated.decrypts() == 0
+    finally:
+        rule.write_text(original)
+
+
+def test_a_rule_written_before_the_daemon_still_works(gated: Install) -> None:
+    # `FACILITY %k %u --`: no daemon socket, no aggregation, no keyrings; the handler answers.
+    rule = REQUEST_KEY_D / rule_file_name(gated.prefix)
+    original = rule.read_text()
+    program = _rule_program(gated)
+    older = " ".join([*program[:6], "%k", "%u", "--", *program[15:]])
+    rule.write_text(original.replace(" ".join(program), older))
+    try:
+        name = unique("gate-older")
+        assert get_secret(name, gated.blob(b"kmst-older", name), prefix=gated.prefix) == (
+            b"kmst-older"
+        )
+        line = gated.log.wait_for(name)
+        assert "outcome=ok" in line and "import" in line, line  # the handler's own line
     finally:
         rule.write_text(original)

@@ -16,7 +16,7 @@ from kmskeys.contract import HOSTCACHE_PERM, hostcache_entry
 from tests.support.names import unique
 from tests.support.requester import NOBODY, as_user
 from tests.upcall.harness import Install
-from tests.upcall.test_warm import phases
+from tests.upcall.test_daemon import phases
 
 pytestmark = pytest.mark.upcall
 

@@ -23,10 +23,12 @@ def test_rule_names_this_installation_and_the_fixed_argv(resolver_install: Insta
     rule = rule_path(resolver_install.prefix).read_text().splitlines()[-1]
     settings = resolver_install.settings
     gate = Path(resolver.__file__).parent / "kmskeys-gate"  # tests/upcall/test_gate.py
+    daemon = settings.get("warm_socket") or "-"  # the resolver daemon's socket, if any
     assert rule == (
         f"create user {resolver_install.prefix}:* * {gate} {settings['state_dir']} 4 "
-        f"{settings['negative_ttl']} {settings['syslog_socket']} 10 %k %u -- {RESOLVER} handle "
-        f"--config {resolver_install.config} %k %d %u %g %T %P %S"
+        f"{settings['negative_ttl']} {settings['syslog_socket']} 10 {daemon} 500 1 "
+        f"%k %u %T %P %S -- {RESOLVER} handle --config {resolver_install.config} "
+        "%k %d %u %g %T %P %S"
     )
 
 

@@ -22,6 +22,7 @@ from tests.upcall.refreshing import (
     VIA,
     bucket_tokens,
     purge_host_cache,
+    recorded,
     records,
     refresh_once,
     refresher,
@@ -151,7 +152,7 @@ def test_refresh_spends_the_owners_budget(
             first = child.run(0)
             assert isinstance(first, dict) and first["ok"][1] == "kmst-ahead-budget", first
             serial = first["ok"][0]
-            assert records(install, NOBODY) == [serial]
+            assert recorded(install, NOBODY, serial) == [serial]
             before, calls = bucket_tokens(install, NOBODY), proxy.count("Decrypt")
             assert before is not None
             for round_ in (1, 2):
@@ -210,7 +211,7 @@ def test_a_key_whose_keyring_is_gone_is_forgotten_without_a_call(
         job = as_user("root", lambda: Key.request(install.description(name), b"").serial)
         assert isinstance(job, dict) and "ok" in job, job
         serial = job["ok"]
-        assert records(install, 0) == [serial]
+        assert recorded(install, 0, serial) == [serial]
         _wait_gone(serial)
         calls = proxy.count("Decrypt")
         assert refresh_once(install) == {serial: _GONE}

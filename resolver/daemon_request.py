@@ -1,0 +1,498 @@
+"""One miss in the resolver daemon: from the gate's REQUEST to the request's one log line.
+
+The connection's thread receives the request and the slot fd the gate holds (resolver/wire.py),
+checks what the supervisor checks (the gate's build, the slot) and accepts; the pipeline runs in
+a thread of its own holding the slot, while this thread waits for it, the deadline or the gate
+to go away. The gate answers the key from the Outcome and reports what the kernel said; the line
+is resolver/answer.py's from that report (ReplayKey): the handler's line exactly. A gate that
+says ABANDON has answered or fallen back and logged; one that vanishes is logged at ERR.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from kmskeys.errors import InvalidNameError, KeyctlError, error_for_errno
+from resolver import config as config_mod
+from resolver import pipeline, wire
+from resolver.answer import answer, flushed, log_writer
+from resolver.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    IdentityUnclearError,
+    RefusedError,
+    ResolverError,
+    ServiceUnavailableError,
+    UnavailableError,
+    errno_name,
+    failure,
+)
+from resolver.handler import WATCHDOG_MARGIN, process_started
+from resolver.keyrecords import remember
+from resolver.limits import busy_reason, charged_uid, check_slot, gate_stamp_problem
+from resolver.log import LOG_ERR, SyslogWriter
+from resolver.outcome import Outcome
+from resolver.pipeline import KernelRequest
+from resolver.registry import split_description
+from resolver.requester import AuthView, IdentityError, auth_records
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+class Configs(Protocol):
+    """Where the daemon's config comes from (resolver/daemon.py ConfigCache)."""
+
+    path: Path
+
+    def current(self) -> config_mod.Config:
+        """The config as its file says now; ConfigError when it does not load."""
+        ...
+
+
+class Daemon(Protocol):
+    """What a request needs of the daemon (resolver/daemon.py Daemon)."""
+
+    configs: Configs
+    stopping: threading.Event
+
+    def leave(self) -> None:
+        """Count a request out."""
+        ...
+
+
+_UCRED = struct.Struct("=iII")  # struct ucred (socket(7), SO_PEERCRED)
+RECEIVE_TIMEOUT = 2.0  # the gate sends its request as soon as it is connected
+REPORT_TIMEOUT = 5.0  # the gate answers the key in a few system calls
+GATE_GRACE = 1.0  # the gate waits this long past the deadline before it answers by itself
+POLL_SLICE = 0.05  # how often a waiting request looks whether its gate is still there
+NEGATIVE_TTL = 10  # a rejection's ttl when the config cannot be read (the handler's default)
+_STEPS = {
+    wire.STEP_CHOWN: "keyctl_chown",
+    wire.STEP_SETPERM: "keyctl_setperm",
+    wire.STEP_TIMEOUT: "keyctl_set_timeout",
+    wire.STEP_INSTANTIATE: "keyctl_instantiate",
+}
+
+
+class GateGone(Exception):
+    """The gate went away: `abandoned` when it said so (it answers or falls back itself)."""
+
+    def __init__(self, abandoned: bool) -> None:
+        super().__init__("abandoned" if abandoned else "vanished")
+        self.abandoned = abandoned
+
+
+def serve_connection(daemon: Daemon, conn: socket.socket) -> None:
+    """The thread of one gate connection (counted in by the accept loop)."""
+    ticket = Ticket(daemon)
+    try:
+        with conn:
+            Miss(daemon, conn, ticket).run()
+    finally:
+        ticket.drop()
+
+
+class Ticket:
+    """A request's place among the daemon's MAX_ACTIVE: left when its connection and its
+    pipeline are both done (a pipeline past its deadline still runs, and still counts)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self._holders = 1
+        self._lock = threading.Lock()
+
+    def share(self) -> None:
+        """One more holder (the pipeline's thread)."""
+        with self._lock:
+            self._holders += 1
+
+    def drop(self) -> None:
+        """One holder done; the last one counts the request out."""
+        with self._lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last:
+            self.daemon.leave()
+
+
+class ReplayKey:
+    """The key as the gate found it: each call fails as the gate's REPORT says its own did, so
+    that resolver/answer.py decides and logs exactly what the handler would have."""
+
+    def __init__(self, report: wire.Report) -> None:
+        self.report = report
+
+    def _step(self, step: int) -> None:
+        if self.report.step == step:
+            raise error_for_errno(self.report.failed_errno, _STEPS[step])
+
+    def assume_authority(self) -> None:
+        """The gate holds it."""
+
+    def chown(self, uid: int, gid: int = -1) -> None:
+        """As the gate's chown went."""
+        self._step(wire.STEP_CHOWN)
+
+    def setperm(self, perm: int) -> None:
+        """As the gate's setperm went."""
+        self._step(wire.STEP_SETPERM)
+
+    def set_timeout(self, seconds: int) -> None:
+        """As the gate's set_timeout went."""
+        self._step(wire.STEP_TIMEOUT)
+
+    def instantiate(self, payload: str | bytes, keyring: int = 0) -> None:
+        """As the gate's instantiate went."""
+        self._step(wire.STEP_INSTANTIATE)
+
+    def reject(self, timeout: int, error: int, keyring: int = 0) -> None:
+        """As the gate's reject went; a reject with another errno than the one decided here is
+        a gate of other rules, said in the line."""
+        done = self.report.reject_errno
+        if done != error:
+            raise KeyctlError(f"the gate rejected with {errno_name(done)}, not {errno_name(error)}")
+        if self.report.reject_result:
+            raise error_for_errno(self.report.reject_result, "keyctl_reject")
+
+
+class Miss:
+    """One gate connection: receive, admit, resolve, hand over, log."""
+
+    def __init__(self, daemon: Daemon, conn: socket.socket, ticket: Ticket) -> None:
+        self.daemon, self.conn, self.ticket = daemon, conn, ticket
+        self.slot: int | None = None
+        self.log: SyslogWriter = log_writer()
+        # What was resolved under which config, for refresh-ahead's record of the key.
+        self.resolved: tuple[KernelRequest, config_mod.Config] | None = None
+
+    def run(self) -> None:
+        """Serve the connection; the slot fd is closed on every path (or by the pipeline)."""
+        try:
+            self._run()
+        finally:
+            if self.slot is not None:
+                os.close(self.slot)
+
+    def _run(self) -> None:
+        conn = self.conn
+        pid, uid, _ = _UCRED.unpack(
+            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
+        if uid != 0:
+            return  # only the root gate may ask: close without a word
+        conn.settimeout(RECEIVE_TIMEOUT)
+        try:
+            body, fds = wire.receive_request(conn)
+        except (OSError, wire.WireError):
+            return  # a broken gate gets nothing: it runs the handler
+        self.slot = fds.pop(0) if len(fds) == 1 else None
+        for extra in fds:
+            os.close(extra)
+        try:
+            request = wire.GateRequest(body)
+        except wire.WireError:
+            return
+        if self.slot is None or self.daemon.stopping.is_set() or not self._ours(request):
+            self._send(wire.header(wire.DECLINED, b""))
+            return
+        self._serve(request, _started(request, pid))
+
+    def _ours(self, request: wire.GateRequest) -> bool:
+        """Whether the gate's rule names this daemon's config: a miss of another install that
+        shares the socket goes to its own handler, never to this config's answers."""
+        asked = request.config or os.fspath(config_mod.DEFAULT_PATH)
+        return os.path.abspath(asked) == os.path.abspath(self.daemon.configs.path)
+
+    def _serve(self, request: wire.GateRequest, started: float) -> None:
+        asked = KernelRequest(
+            request.key,
+            os.fsdecode(request.description),
+            request.uid,
+            request.gid,
+            callout=request.callout,
+            **_identity(request),
+        )
+        path = self.daemon.configs.path
+        try:
+            config = self.daemon.configs.current()
+        except ConfigError as exc:
+            self.log = log_writer(found=config_mod.log_settings(path))
+            self._answer(pipeline.rejection(asked, exc, NEGATIVE_TTL), started, started)
+            return
+        self.log = log_writer(config)
+        self.resolved = asked, config
+        deadline = started + config.deadline - WATCHDOG_MARGIN
+        refused = self._admit(request, config)
+        if refused is None and self.slot is None:
+            self._send(wire.header(wire.DECLINED, b""))  # not a slot of this config's
+            return
+        if refused is not None:
+            outcome = pipeline.rejection(
+                asked, refused, config.negative_ttl, facts=_facts(asked, config)
+            )
+            self._answer(outcome, started, deadline)
+            return
+        self._resolve(asked, config, started, deadline)
+
+    def _admit(self, request: wire.GateRequest, config: config_mod.Config) -> ResolverError | None:
+        """Why the request is answered EAGAIN at once, as the supervisor would; None to resolve
+        it (or, with self.slot dropped, to decline it: the handler sorts that slot out)."""
+        stale = gate_stamp_problem(request.stamp)
+        if stale is not None:
+            return UnavailableError(stale)
+        assert self.slot is not None
+        charged = charged_uid(config, request.uid)
+        slots = config.max_concurrent_per_uid
+        allowed = check_slot(self.slot, config.state_dir, charged, slots)
+        if allowed is None:
+            os.close(self.slot)
+            self.slot = None
+            return None
+        return None if allowed else UnavailableError(busy_reason(request.uid, charged, slots))
+
+    def _resolve(
+        self, asked: KernelRequest, config: config_mod.Config, started: float, deadline: float
+    ) -> None:
+        if not self._accept(deadline):
+            return
+        try:
+            outcome = self._pipeline(asked, config, deadline)
+            if flushed(outcome) and time.monotonic() < deadline:
+                # Root flushed the name meanwhile: resolved anew, once, as the handler does
+                # (resolver/answer.py); flushed again, _answer makes it EAGAIN.
+                outcome = self._pipeline(asked, config, deadline)
+        except GateGone as gone:
+            if not gone.abandoned:
+                self._vanished(asked, config, started)
+            return
+        self._answer(outcome, started, deadline, accepted=True)
+
+    def _pipeline(
+        self, asked: KernelRequest, config: config_mod.Config, deadline: float
+    ) -> Outcome:
+        """The pipeline's Outcome, from a thread holding a copy of the slot until it is done;
+        GateGone if the gate left."""
+        resolution = Resolution(asked, config, deadline)
+        assert self.slot is not None
+        slot = os.dup(self.slot)
+        self.ticket.share()
+        try:
+            resolution.start(slot, self.ticket)
+        except RuntimeError:  # no thread to be had: answered EAGAIN, never left waiting
+            os.close(slot)
+            self.ticket.drop()
+            error = UnavailableError("the resolver daemon could not start a thread")
+            resolution.finish(pipeline.rejection(asked, error, config.negative_ttl))
+        return self._wait(resolution, deadline)
+
+    def _accept(self, deadline: float) -> bool:
+        wait = max(0.0, deadline - time.monotonic()) + GATE_GRACE
+        ms = min(wire.OUTCOME_WAIT_MAX_MS, int(wait * 1000))
+        return self._send(wire.header(wire.ACCEPTED, wire.ACCEPTED_BODY.pack(ms)))
+
+    def _wait(self, resolution: Resolution, deadline: float) -> Outcome:
+        """The pipeline's Outcome, or EAGAIN at the deadline; GateGone if the gate left."""
+        while not resolution.done.wait(min(POLL_SLICE, max(0.0, deadline - time.monotonic()))):
+            self._check_gate()
+            if time.monotonic() >= deadline:
+                error = failure(DeadlineExceeded(), True)
+                return pipeline.rejection(
+                    resolution.asked,
+                    error,
+                    resolution.config.negative_ttl,
+                    facts=_facts(resolution.asked, resolution.config),
+                )
+        assert resolution.outcome is not None
+        return resolution.outcome
+
+    def _abandoned(self) -> bool:
+        """Whether the gate said ABANDON (it answered or fell back, and logged) before it left."""
+        try:
+            self._check_gate()
+        except GateGone as gone:
+            return gone.abandoned
+        return False
+
+    def _check_gate(self) -> None:
+        # Non-blocking: with a timeout set, Python would first wait for the socket to be ready.
+        self.conn.settimeout(0)
+        try:
+            data = self.conn.recv(wire.HEADER.size, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            raise GateGone(False) from None
+        raise GateGone(wire.is_abandon(data))
+
+    def _answer(
+        self, outcome: Outcome, started: float, deadline: float, *, accepted: bool = False
+    ) -> None:
+        """Send the Outcome, wait for the gate's REPORT, write the line from it."""
+        if not accepted and not self._accept(deadline):
+            return
+        outcome = _unflushed(outcome)
+        if not self._send(_outcome_message(outcome)):
+            if not self._abandoned():
+                self._gone_after(outcome, started)
+            return
+        self.conn.settimeout(REPORT_TIMEOUT)
+        try:
+            kind, body = wire.read_message(self.conn, wire.REPORT_BODY.size)
+            report = wire.Report(body) if kind == wire.REPORT else None
+        except (OSError, wire.WireError):
+            self._gone_after(outcome, started)
+            return
+        if report is not None:
+            if report.step == wire.STEP_NONE and outcome.answered and self.resolved is not None:
+                # The gate instantiated the key: the refresher (`kmskeys-resolver refresh`)
+                # renews it before it expires. Recorded before the line is written, so that a
+                # reader of the log finds the record there.
+                asked, config = self.resolved
+                remember(config, asked, outcome, time.clock_gettime(time.CLOCK_BOOTTIME))
+            answer(ReplayKey(report), outcome, self.log, started)
+        # ABANDON: the gate found the answer unacceptable, logged that and runs the handler.
+
+    def _gone_after(self, outcome: Outcome, started: float) -> None:
+        reason = f"{outcome.reason or outcome.outcome}; kmskeys-gate went away before reporting"
+        line = outcome.replace(reason=reason).line((time.monotonic() - started) * 1000)
+        self.log.emit(LOG_ERR, line)
+
+    def _vanished(self, asked: KernelRequest, config: config_mod.Config, started: float) -> None:
+        error = UnavailableError(
+            "kmskeys-gate went away before the answer: the kernel negates the key (ENOKEY)"
+        )
+        outcome = pipeline.rejection(asked, error, config.negative_ttl, facts=_facts(asked, config))
+        self.log.emit(LOG_ERR, outcome.line((time.monotonic() - started) * 1000))
+
+    def _send(self, data: bytes) -> bool:
+        try:
+            self.conn.settimeout(REPORT_TIMEOUT)
+            self.conn.sendall(data)
+        except OSError:
+            return False
+        return True
+
+
+class Resolution:
+    """The pipeline for one request, in a thread of its own that holds the request's slot."""
+
+    def __init__(self, asked: KernelRequest, config: config_mod.Config, deadline: float) -> None:
+        self.asked, self.config, self.deadline = asked, config, deadline
+        self.outcome: Outcome | None = None
+        self.done = threading.Event()
+
+    def start(self, slot: int, ticket: Ticket) -> None:
+        """Run the pipeline; the thread closes `slot` and drops `ticket` when it is done."""
+        thread = threading.Thread(target=self._run, args=(slot, ticket), name="miss", daemon=True)
+        thread.start()
+
+    def finish(self, outcome: Outcome) -> None:
+        """The request's Outcome is known."""
+        self.outcome = outcome
+        self.done.set()
+
+    def _run(self, slot: int, ticket: Ticket) -> None:
+        asked, config, deadline = self.asked, self.config, self.deadline
+
+        def fired() -> bool:
+            # No watchdog in a thread: past the deadline, any failure is EAGAIN.
+            return time.monotonic() >= deadline
+
+        try:
+            outcome = pipeline.resolve(asked, config, deadline, fired=fired)
+        except BaseException as exc:  # resolve never raises; whatever did is answered
+            outcome = pipeline.rejection(asked, failure(exc, fired()), config.negative_ttl)
+        finally:
+            os.close(slot)
+            ticket.drop()
+        self.finish(outcome)
+
+
+def _started(request: wire.GateRequest, pid: int) -> float:
+    """When the gate started, on the time.monotonic() clock: as it says (CLOCK_MONOTONIC is one
+    clock for every process), within its process's start from /proc (to 10 ms) and now."""
+    now = time.monotonic()
+    said = request.started_us / 1e6
+    earliest = process_started(pid) - 0.02
+    return said if earliest <= said <= now else min(now, max(earliest, now - 60.0))
+
+
+def _identity(request: wire.GateRequest) -> dict[str, Any]:
+    """What KernelRequest takes of the requester's identity, from what the gate saw holding the
+    authority (docs/resolver.md, "Identifying the requester"): `pid`, the requesting thread
+    (None when unclear, informational); the requester's keyrings (%T %P %S); and the
+    authority's view (resolver.requester.AuthView), gathered by the gate by its rules, which
+    the pipeline's identification judges as it judges the handler's own."""
+    view = AuthView(request.auth, request.lines, request.dest, request.dest_description)
+    if request.flags & wire.FLAG_PROC_KEYS_CUT:
+        # The gate stopped reading /proc/keys before its end: the kernel's line may be among
+        # those missing, and a forged one pass for it. Unclear, so EAGAIN: never cached.
+        return {"pid": None, "keyrings": request.keyrings, "view": _cut_view}
+    return {"pid": _requester(request, view), "keyrings": request.keyrings, "view": view}
+
+
+def _cut_view() -> AuthView:
+    raise IdentityUnclearError(
+        f"/proc/keys is longer than kmskeys-gate reads ({wire.PROC_KEYS_SCAN_MAX} bytes): "
+        "the authorization key's lines may be missing"
+    )
+
+
+def _requester(request: wire.GateRequest, view: AuthView) -> int | None:
+    """The requesting thread's id, from the authorization key's /proc/keys line as the gate read
+    it (resolver/requester.py's rules: one line of that serial, live, for this key and uid);
+    None when that line is missing, forged or unclear."""
+    if request.seen != 1:
+        return None
+    try:
+        records = auth_records(view, request.key, request.uid)
+    except (IdentityError, IdentityUnclearError):
+        return None
+    return records[0].tid if len(records) == 1 else None
+
+
+def _facts(asked: KernelRequest, config: config_mod.Config) -> dict[str, str | None]:
+    """The log line's name for a request answered before the pipeline ran."""
+    try:
+        return {"name": split_description(config, asked.description)[1]}
+    except InvalidNameError:
+        return {"name": asked.description}
+
+
+def _unflushed(outcome: Outcome) -> Outcome:
+    """The outcome to send, EAGAIN (never cached) if root flushed its name since it started."""
+    if flushed(outcome):
+        why = ServiceUnavailableError("flushed by root while resolving; ask again")
+        outcome = outcome.rejected(why)
+    return outcome.replace(flush=None)
+
+
+def _outcome_message(outcome: Outcome) -> bytes:
+    if outcome.answered:
+        if outcome.perm & ~wire.ANSWER_PERM_ALLOWED:
+            error = RefusedError(f"the answer's mask {outcome.perm:08x} is not one the gate allows")
+            outcome = outcome.rejected(error)
+        else:
+            return wire.outcome_message(
+                0,
+                uid=outcome.uid,
+                gid=outcome.gid,
+                perm=outcome.perm,
+                timeout=outcome.timeout,
+                negative_ttl=outcome.negative_ttl,
+                payload=outcome.payload,
+            )
+    return wire.outcome_message(
+        outcome.errno,
+        uid=outcome.uid,
+        gid=outcome.gid,
+        perm=0,
+        timeout=outcome.timeout,
+        negative_ttl=outcome.negative_ttl,
+    )

@@ -1,0 +1,280 @@
+"""The wire between kmskeys-gate (C) and the resolver daemon: small binary messages, versioned.
+
+Every message is a 12-byte header, then its body:
+
+    magic "KMKD" | version u16 | type u16 | body length u32          (network byte order)
+
+The gate sends REQUEST with its slot fd attached (SCM_RIGHTS); the daemon answers ACCEPTED
+(how long the gate may wait for the outcome) or DECLINED (the gate runs the handler instead),
+then OUTCOME; the gate carries it out on the key and sends REPORT (what the kernel said), or
+ABANDON when it stopped waiting and answered or fell back by itself. Bodies are fixed-layout
+integers followed by length-prefixed byte strings, every length bounded: nothing the C side
+reads is text to parse, and the daemon re-validates every field (resolver/daemon_request.py).
+The constants reach the C side through kmskeys/contract.h (scripts/generate.py).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+from kmskeys.contract import (
+    ADMIN_GROUP_PERM,
+    AUTH_LINE_MAX,
+    AUTH_LINES_MAX,
+    CALLOUT_MAX,
+    DESCRIPTION_MAX,
+    PERM_LINK,
+    PERM_READ,
+    PERM_SEARCH,
+    PERM_VIEW,
+    POSSESSOR_SHIFT,
+    USER_PAYLOAD_MAX,
+    USER_SHIFT,
+)
+from resolver.validators import MAX_NEGATIVE_TTL, MAX_TTL, MAX_TTL_JITTER
+
+MAGIC = b"KMKD"
+VERSION = 1
+HEADER = struct.Struct("!4sHHI")
+REQUEST, ACCEPTED, DECLINED, OUTCOME, REPORT, ABANDON = 1, 2, 3, 4, 5, 6
+NAMES = {
+    REQUEST: "request",
+    ACCEPTED: "accepted",
+    DECLINED: "declined",
+    OUTCOME: "outcome",
+    REPORT: "report",
+    ABANDON: "abandon",
+}
+
+# REQUEST: key (%k), uid (%u), gid (the key's, as KEYCTL_DESCRIBE shows it), the request's
+# authorization key, flags, how many lines of /proc/keys start with that key's serial (kept or
+# not), when the gate started (CLOCK_MONOTONIC, microseconds: the log line's ms and the deadline
+# count from it, as the handler's count from its start), the requester's thread, process and
+# session keyrings (%T %P %S, 0 for none) and its destination keyring (0 for none); then six
+# strings (u32 length, bytes): the gate's build stamp, the config its rule's handler would read
+# (`handle --config PATH` on the rule line; empty: the default), the description (from
+# KEYCTL_DESCRIBE),
+# the callout (read from the authorization key), the destination keyring's KEYCTL_DESCRIBE
+# string, and those /proc/keys lines, newline-separated (resolver/requester.py's rules: the
+# identification is the daemon's, issue 24).
+REQUEST_FIXED = struct.Struct("!IIIIIIQIIII")
+STRING_LENGTH = struct.Struct("!I")
+STAMP_MAX = 64
+# The lines of /proc/keys the gate keeps: those starting with the authorization key's serial,
+# none longer than AUTH_LINE_MAX bytes (the kernel's own is under 120: only a description makes
+# one longer), at most AUTH_LINES_MAX + 1 (more than AUTH_LINES_MAX is forgery enough to judge;
+# both kmskeys/contract.py, as resolver/requester.py reads them).
+PROC_KEYS_MAX = (AUTH_LINES_MAX + 1) * (AUTH_LINE_MAX + 1)
+DESTINATION_MAX = DESCRIPTION_MAX + 64
+CONFIG_PATH_MAX = 4096
+# The gate stops reading /proc/keys after this many bytes and says so (FLAG_PROC_KEYS_CUT).
+PROC_KEYS_SCAN_MAX = 64 << 20
+FLAG_PROC_KEYS_CUT = 1
+REQUEST_MAX = (
+    REQUEST_FIXED.size
+    + 6 * STRING_LENGTH.size
+    + STAMP_MAX
+    + CONFIG_PATH_MAX
+    + DESCRIPTION_MAX
+    + CALLOUT_MAX
+    + DESTINATION_MAX
+    + PROC_KEYS_MAX
+)
+
+# ACCEPTED: milliseconds the gate waits for the OUTCOME (the daemon's deadline and a margin).
+ACCEPTED_BODY = struct.Struct("!I")
+OUTCOME_WAIT_MAX_MS = 65_000
+
+# OUTCOME: errno (0: instantiate), uid, gid, perm, timeout, negative_ttl, the keyring to link
+# into on instantiation (0, or a KEY_SPEC_* id: the request's destination), payload length;
+# then the payload (1..USER_PAYLOAD_MAX bytes for an answer, none for a rejection).
+OUTCOME_FIXED = struct.Struct("!iIIIIIiI")
+OUTCOME_MAX = OUTCOME_FIXED.size + USER_PAYLOAD_MAX
+# The bits an answer's mask may hold, checked by the gate too: view, read, search and link for
+# possessors and the owner, the admin group's view and search; never write or setattr, never
+# anything for others (kmskeys/contract.py RESOLVED_KEY_PERM says why).
+_USE = PERM_VIEW | PERM_READ | PERM_SEARCH | PERM_LINK
+ANSWER_PERM_ALLOWED = (_USE << POSSESSOR_SHIFT) | (_USE << USER_SHIFT) | ADMIN_GROUP_PERM
+# A key's timeout at most: the longest ttl, spread by the most jitter.
+TIMEOUT_MAX = int(MAX_TTL * (1 + MAX_TTL_JITTER)) + 1
+NEGATIVE_TTL_MAX = MAX_NEGATIVE_TTL
+
+# REPORT: the step that failed (STEP_*), its errno, the errno the key was rejected with (0: not
+# rejected) and that reject's own errno (0: done).
+REPORT_BODY = struct.Struct("!Iiii")
+# How long the gate tries to hand over a REPORT or ABANDON (small messages, sent at once).
+REPORT_WAIT_MS = 1000
+STEP_NONE, STEP_CHOWN, STEP_SETPERM, STEP_TIMEOUT, STEP_INSTANTIATE = range(5)
+
+
+class WireError(ValueError):
+    """A message that is not what the wire allows; the connection is dropped."""
+
+
+def header(kind: int, body: bytes) -> bytes:
+    """A message: the header for `body`, then `body`."""
+    return HEADER.pack(MAGIC, VERSION, kind, len(body)) + body
+
+
+def parse_header(data: bytes) -> tuple[int, int]:
+    """(type, body length) of a header; WireError for another magic or version."""
+    magic, version, kind, length = HEADER.unpack(data)
+    if magic != MAGIC:
+        raise WireError("not a kmskeys message")
+    if version != VERSION:
+        raise WireError(f"wire version {version}, this daemon speaks {VERSION}")
+    if kind not in NAMES:
+        raise WireError(f"unknown message type {kind}")
+    return kind, length
+
+
+class GateRequest:
+    """What the gate sends: the kernel's facts about the request, as the gate read them."""
+
+    __slots__ = (
+        "auth",
+        "callout",
+        "config",
+        "description",
+        "dest",
+        "dest_description",
+        "flags",
+        "gid",
+        "key",
+        "keyrings",
+        "lines",
+        "seen",
+        "stamp",
+        "started_us",
+        "uid",
+    )
+
+    def __init__(self, body: bytes) -> None:
+        if len(body) > REQUEST_MAX:
+            raise WireError(f"request of {len(body)} bytes is over {REQUEST_MAX}")
+        try:
+            fixed = REQUEST_FIXED.unpack_from(body)
+        except struct.error:
+            raise WireError("request too short") from None
+        self.key, self.uid, self.gid, self.auth, self.flags, self.seen = fixed[:6]
+        self.started_us = fixed[6]
+        self.keyrings: tuple[int, int, int] = fixed[7:10]
+        self.dest = fixed[10]
+        offset = REQUEST_FIXED.size
+        strings = []
+        limits = (STAMP_MAX, CONFIG_PATH_MAX, DESCRIPTION_MAX, CALLOUT_MAX, DESTINATION_MAX)
+        for limit in (*limits, PROC_KEYS_MAX):
+            value, offset = _string(body, offset, limit)
+            strings.append(value)
+        if offset != len(body):
+            raise WireError("request has trailing bytes")
+        stamp, config, self.description, self.callout, destination, proc_keys = strings
+        self.stamp = stamp.decode("ascii", "replace")
+        self.config = os.fsdecode(config)
+        self.dest_description = destination.decode("utf-8", "replace")
+        self.lines = tuple(proc_keys.split(b"\n")) if proc_keys else ()
+        if len(self.lines) > AUTH_LINES_MAX + 1 or any(len(x) > AUTH_LINE_MAX for x in self.lines):
+            raise WireError("more /proc/keys lines, or longer ones, than the gate keeps")
+        if not (0 < self.key < 1 << 31 and 0 < self.auth < 1 << 31):
+            raise WireError("request names no key")
+
+    def __repr__(self) -> str:  # never the callout: it may be a blob
+        return f"GateRequest(key={self.key}, uid={self.uid})"
+
+
+def _string(body: bytes, offset: int, limit: int) -> tuple[bytes, int]:
+    try:
+        (length,) = STRING_LENGTH.unpack_from(body, offset)
+    except struct.error:
+        raise WireError("request too short") from None
+    start = offset + STRING_LENGTH.size
+    if length > limit or start + length > len(body):
+        raise WireError(f"a string of {length} bytes is over {limit} or past the end")
+    return body[start : start + length], start + length
+
+
+def outcome_message(
+    errno: int,
+    *,
+    uid: int,
+    gid: int,
+    perm: int,
+    timeout: int,
+    negative_ttl: int,
+    keyring: int = 0,
+    payload: bytes = b"",
+) -> bytes:
+    """An OUTCOME message."""
+    fixed = OUTCOME_FIXED.pack(
+        errno, uid, gid & 0xFFFFFFFF, perm, timeout, negative_ttl, keyring, len(payload)
+    )
+    return header(OUTCOME, fixed + payload)
+
+
+class Report:
+    """What the gate did with an OUTCOME: the failed step and errnos (all zero: done)."""
+
+    __slots__ = ("failed_errno", "reject_errno", "reject_result", "step")
+
+    def __init__(self, body: bytes) -> None:
+        if len(body) != REPORT_BODY.size:
+            raise WireError(f"report of {len(body)} bytes")
+        self.step, self.failed_errno, self.reject_errno, self.reject_result = REPORT_BODY.unpack(
+            body
+        )
+        if self.step > STEP_INSTANTIATE:
+            raise WireError(f"report names step {self.step}")
+
+
+def is_abandon(head: bytes) -> bool:
+    """Whether `head` is the header of an ABANDON."""
+    try:
+        return len(head) == HEADER.size and parse_header(head)[0] == ABANDON
+    except WireError:
+        return False
+
+
+def receive_request(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """The REQUEST's body and the fds that came with it (MSG_CMSG_CLOEXEC: never inherited)."""
+    fds: list[int] = []
+    try:
+        head = _recv_exactly(conn, HEADER.size, fds)
+        kind, length = parse_header(head)
+        if kind != REQUEST or length > REQUEST_MAX:
+            raise WireError(f"expected a request, got a {NAMES[kind]} of {length} bytes")
+        return _recv_exactly(conn, length, fds), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _recv_exactly(conn: socket.socket, size: int, fds: list[int]) -> bytes:
+    chunks, got = [], 0
+    space = socket.CMSG_SPACE(4 * struct.calcsize("i"))
+    while got < size:
+        data, ancillary, _, _ = conn.recvmsg(size - got, space, socket.MSG_CMSG_CLOEXEC)
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
+        if not data:
+            raise ConnectionError("connection closed mid-message")
+        chunks.append(data)
+        got += len(data)
+    return b"".join(chunks)
+
+
+def read_message(conn: socket.socket, limit: int) -> tuple[int, bytes]:
+    """One message of at most `limit` bytes of body (fds that came with it are closed)."""
+    fds: list[int] = []
+    try:
+        kind, length = parse_header(_recv_exactly(conn, HEADER.size, fds))
+        if length > limit:
+            raise WireError(f"a {NAMES[kind]} of {length} bytes")
+        return kind, _recv_exactly(conn, length, fds) if length else b""
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -1,0 +1,162 @@
+"""The gate-daemon wire (resolver/wire.py) and the daemon's replay of the gate's report."""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+import pytest
+
+from kmskeys import contract
+from kmskeys.contract import CALLOUT_MAX, DESCRIPTION_MAX, RESOLVED_KEY_PERM
+from resolver import wire
+from resolver.answer import answer
+from resolver.daemon_request import ReplayKey
+from resolver.log import LOG_ERR, LOG_INFO
+from resolver.outcome import Outcome
+
+pytestmark = pytest.mark.unit
+
+
+def _request(**changes: object) -> bytes:
+    fields = {"key": 7, "uid": 1000, "gid": 1000, "auth": 9, "flags": 0, "seen": 1, "us": 5}
+    fields.update(changes)
+    strings = [
+        changes.get("stamp", b"0.1.0+x"),
+        changes.get("config", b"/etc/kmskeys/resolver.toml"),
+        changes.get("description", b"kms:db"),
+        changes.get("callout", b""),
+        changes.get("destination", b"keyring;1000;1000;3f010000;_ses"),
+        changes.get("proc_keys", b"00000009 I--Q--- 1 perm 3f010000 1000 1000 .request_ "),
+    ]
+    body = wire.REQUEST_FIXED.pack(
+        fields["key"], fields["uid"], fields["gid"], fields["auth"], fields["flags"],
+        fields["seen"], fields["us"], 11, 12, 13, 14,
+    )  # fmt: skip
+    for value in strings:
+        assert isinstance(value, bytes)
+        body += wire.STRING_LENGTH.pack(len(value)) + value
+    return body
+
+
+def test_a_request_reads_back_every_field() -> None:
+    request = wire.GateRequest(_request(description=b"kms:a\nb", callout=b"\xff" * CALLOUT_MAX))
+    assert (request.key, request.uid, request.gid, request.auth) == (7, 1000, 1000, 9)
+    assert request.description == b"kms:a\nb" and len(request.callout) == CALLOUT_MAX
+    assert request.started_us == 5 and request.stamp == "0.1.0+x"
+    assert request.keyrings == (11, 12, 13) and request.dest == 14
+    assert request.config == "/etc/kmskeys/resolver.toml"
+    assert request.dest_description == "keyring;1000;1000;3f010000;_ses"
+    assert request.lines == (b"00000009 I--Q--- 1 perm 3f010000 1000 1000 .request_ ",)
+    assert "callout" not in repr(request) and "\\xff" not in repr(request)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        _request()[:-1],  # a string past the end
+        _request() + b"x",  # trailing bytes
+        _request(description=b"k" * (DESCRIPTION_MAX + 1)),
+        _request(callout=b"c" * (CALLOUT_MAX + 1)),
+        _request(stamp=b"s" * (wire.STAMP_MAX + 1)),
+        _request(proc_keys=b"\n".join([b"x"] * (contract.AUTH_LINES_MAX + 2))),
+        _request(proc_keys=b"x" * (contract.AUTH_LINE_MAX + 1)),
+        _request(key=0),
+        _request(auth=1 << 31),
+        b"\0" * (wire.REQUEST_MAX + 1),
+    ],
+    ids=[
+        "empty",
+        "short",
+        "trailing",
+        "long-desc",
+        "long-callout",
+        "long-stamp",
+        "too-many-lines",
+        "long-line",
+        "no-key",
+        "bad-auth",
+        "huge",
+    ],
+)
+def test_a_request_out_of_bounds_is_refused(body: bytes) -> None:
+    with pytest.raises(wire.WireError):
+        wire.GateRequest(body)
+
+
+def test_headers_of_another_magic_version_or_type_are_refused() -> None:
+    assert wire.parse_header(wire.header(wire.REPORT, b"x" * 16)[:12]) == (wire.REPORT, 16)
+    for head in (
+        wire.HEADER.pack(b"HTTP", wire.VERSION, wire.REQUEST, 0),
+        wire.HEADER.pack(wire.MAGIC, wire.VERSION + 1, wire.REQUEST, 0),
+        wire.HEADER.pack(wire.MAGIC, wire.VERSION, 99, 0),
+    ):
+        with pytest.raises(wire.WireError):
+            wire.parse_header(head)
+
+
+def test_an_outcome_packs_as_the_gate_reads_it() -> None:
+    message = wire.outcome_message(
+        0, uid=5, gid=-1, perm=RESOLVED_KEY_PERM, timeout=300, negative_ttl=10, payload=b"s3"
+    )
+    kind, length = wire.parse_header(message[: wire.HEADER.size])
+    body = message[wire.HEADER.size :]
+    assert (kind, length) == (wire.OUTCOME, wire.OUTCOME_FIXED.size + 2)
+    fields = wire.OUTCOME_FIXED.unpack_from(body)
+    assert fields == (0, 5, 0xFFFFFFFF, RESOLVED_KEY_PERM, 300, 10, 0, 2)
+    assert body[wire.OUTCOME_FIXED.size :] == b"s3"
+    assert not RESOLVED_KEY_PERM & ~wire.ANSWER_PERM_ALLOWED
+
+
+def _report(step: int, failed: int, rejected: int, result: int = 0) -> wire.Report:
+    return wire.Report(struct.pack("!Iiii", step, failed, rejected, result))
+
+
+class Lines:
+    """A log writer that keeps its lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[int, str]] = []
+
+    def emit(self, severity: int, message: str) -> None:
+        self.lines.append((severity, message))
+
+
+def _answered() -> Outcome:
+    return Outcome(
+        "ok", LOG_INFO, key=7, uid=5, timeout=300, negative_ttl=10, payload=b"s", gid=5,
+        perm=RESOLVED_KEY_PERM, name="db",
+    )  # fmt: skip
+
+
+def test_a_full_quota_reported_by_the_gate_is_the_handlers_quota_line() -> None:
+    log = Lines()
+    report = _report(wire.STEP_INSTANTIATE, errno.EDQUOT, errno.EDQUOT)
+    assert answer(ReplayKey(report), _answered(), log, 0.0) == 0  # type: ignore[arg-type]
+    ((_, line),) = log.lines
+    assert "outcome=quota errno=EDQUOT" in line and "key quota is full" in line, line
+
+
+def test_a_chown_refused_is_a_refusal_line() -> None:
+    log = Lines()
+    report = _report(wire.STEP_CHOWN, errno.EACCES, errno.EKEYREJECTED)
+    answer(ReplayKey(report), _answered(), log, 0.0)  # type: ignore[arg-type]
+    ((_, line),) = log.lines
+    assert "outcome=refused errno=EKEYREJECTED" in line and "keyctl_chown" in line, line
+
+
+def test_a_gate_that_rejected_otherwise_is_said_in_the_line() -> None:
+    log = Lines()
+    report = _report(wire.STEP_INSTANTIATE, errno.EDQUOT, errno.EKEYREJECTED)
+    # Not what the handler's rules say: the line is at ERR, and the answer counts as failed.
+    assert answer(ReplayKey(report), _answered(), log, 0.0) == 1  # type: ignore[arg-type]
+    ((severity, line),) = log.lines
+    assert severity == LOG_ERR and "outcome=quota" in line, line
+
+
+def test_an_answer_the_gate_carried_out_is_the_ok_line() -> None:
+    log = Lines()
+    answer(ReplayKey(_report(wire.STEP_NONE, 0, 0)), _answered(), log, 0.0)  # type: ignore[arg-type]
+    ((severity, line),) = log.lines
+    assert severity == LOG_INFO and "outcome=ok" in line and "ttl=300" in line, line
