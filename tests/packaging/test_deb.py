@@ -24,6 +24,7 @@ import pytest
 
 from kmskeys import contract
 from kmskeys.contract import ADMIN_GROUP, DEFAULT_PREFIX, rule_file_name
+from kmskeys.rules import parse_record
 from resolver import config as config_mod
 from resolver.install import MARKER, rule_line
 from tests.packaging.conftest import Dist
@@ -205,7 +206,13 @@ def test_rule_is_the_one_install_writes(host: Before) -> None:
     lines = RULE.read_text().splitlines()
     assert lines[0].startswith(MARKER), lines
     config = config_mod.load(CONFIG)
-    assert lines[1:] == [rule_line(DEFAULT_PREFIX, RESOLVER, CONFIG, config, GATE)]
+    # The install's record of itself (docs/resolver.md, "Two installs on one host"), then the rule.
+    record = parse_record(lines[1])
+    assert record is not None, lines
+    assert (record.prefix, record.config, record.rules, record.resolver) == (
+        DEFAULT_PREFIX, str(CONFIG), "kms", str(RESOLVER)
+    ), record
+    assert lines[2:] == [rule_line(DEFAULT_PREFIX, RESOLVER, CONFIG, config, GATE)]
     assert mode_of(RULE) == (0, 0, 0o644)
     # An admin's own run of install, through the command on PATH, keeps it as it is.
     again = subprocess.run(

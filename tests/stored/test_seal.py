@@ -8,7 +8,10 @@ which stops another instance's role from even asking, is checked against the Ter
 
 from __future__ import annotations
 
+import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -98,12 +101,17 @@ def test_keystore_copied_to_another_host_is_useless(sealed: Sealed) -> None:
     name = unique("copied")
     key = sealed.install.request(name)
     other_settings = {"seal": "kms", "seal_key_arn": sealed.arn, "seal_host": OTHER_HOST}
-    with stored_installed(
-        keystore=sealed.install.keystore, kms_endpoint=sealed.proxy.url, **other_settings
-    ) as elsewhere:
-        with pytest.raises(KeyRejectedError):
-            elsewhere.request(name)
-        assert "KMS InvalidCiphertextException" in elsewhere.log.wait_for(name)
+    # The other host's keystore is a copy of this one (owners, modes and all): install refuses
+    # two installs on one host that share a keystore_dir.
+    with tempfile.TemporaryDirectory(prefix=unique("copy") + "-") as there:
+        copy = Path(there) / "keystore"
+        subprocess.run(["cp", "-a", str(sealed.install.keystore), str(copy)], check=True)
+        with stored_installed(
+            keystore=copy, kms_endpoint=sealed.proxy.url, **other_settings
+        ) as elsewhere:
+            with pytest.raises(KeyRejectedError):
+                elsewhere.request(name)
+            assert "KMS InvalidCiphertextException" in elsewhere.log.wait_for(name)
     Keyring.join_session()
     assert sealed.install.request(name) == key  # still this host's, untouched
 
