@@ -209,9 +209,8 @@ def test_rule_is_the_one_install_writes(host: Before) -> None:
     # The install's record of itself (docs/resolver.md, "Two installs on one host"), then the rule.
     record = parse_record(lines[1])
     assert record is not None, lines
-    assert (record.prefix, record.config, record.rules, record.resolver) == (
-        DEFAULT_PREFIX, str(CONFIG), "kms", str(RESOLVER)
-    ), record
+    wanted = (DEFAULT_PREFIX, str(CONFIG), "kms", str(RESOLVER))
+    assert (record.prefix, record.config, record.rules, record.resolver) == wanted, record
     assert lines[2:] == [rule_line(DEFAULT_PREFIX, RESOLVER, CONFIG, config, GATE)]
     assert mode_of(RULE) == (0, 0, 0o644)
     # An admin's own run of install, through the command on PATH, keeps it as it is.
