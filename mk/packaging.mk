@@ -25,9 +25,10 @@ $(WHEELHOUSE)/.downloaded: $(VENV)/.installed mk/packaging.mk
 
 # The older-glibc stand-in the wheel test installs into: Debian 11 by debootstrap, with
 # CPython 3.11 built from Debian's source package (scripts/oldglibc-root.sh; a few minutes, once).
+# Not a TEST_PREREQ: the suite builds it in background at nice 19 while the other tiers run, and
+# the tests that need it run last (tests/support/slowbuild.py).
 APT_PACKAGES += debootstrap
 OLDGLIBC_ROOT := .oldglibc-root
-TEST_PREREQS += $(OLDGLIBC_ROOT)/.built
 
 $(OLDGLIBC_ROOT)/.built: scripts/oldglibc-root.sh | deps
 	scripts/oldglibc-root.sh $(OLDGLIBC_ROOT)

@@ -19,6 +19,7 @@ from tests.support.names import issued
 from tests.support.prereqs import CHECKS, missing_for
 from tests.support.reach import header as reach_header
 from tests.support.reach import unreachable
+from tests.support import slowbuild
 from tests.support.requester import Requester, header, requester_modes
 
 _missing_cache: dict[str, list[str]] = {}
@@ -63,8 +64,19 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         _imds_guard_missing = str(exc)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that wait for a prerequisite built in background run last."""
+    slowbuild.schedule(items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the slow prerequisites the collected tests need (tests/support/slowbuild.py)."""
+    slowbuild.start(session.items)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """The IMDS guard's table and cgroup go with the session."""
+    """The IMDS guard's table and cgroup go with the session, and any build still running."""
+    slowbuild.stop()
     if _imds_guard is not None:
         _imds_guard.remove()
 

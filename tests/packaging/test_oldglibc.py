@@ -1,6 +1,7 @@
 """The wheel on a glibc older than 2.34: installed by pip and used in a Debian 11 root.
 
-The stand-in (scripts/oldglibc-root.sh, `make .oldglibc-root/.built`) is Debian 11 from Debian's
+The stand-in (scripts/oldglibc-root.sh, `make .oldglibc-root/.built`, which the session builds in
+background while the other tiers run: tests/support/slowbuild.py) is Debian 11 from Debian's
 packages, glibc 2.31, with a CPython 3.11 built there. It is older than the glibc 2.34 the wheel
 used to need, not as old as Amazon Linux 2's 2.26 or manylinux2014's 2.17: test_wheel.py checks
 that no compiled file needs a symbol newer than 2.17. Here pip, running on that glibc, refuses a
@@ -21,6 +22,7 @@ import pytest
 
 from kmskeys import Keyring
 from tests.packaging.conftest import ROOT, WHEELHOUSE, Dist
+from tests.support import slowbuild
 from tests.support.names import unique, unique_prefix
 
 pytestmark = pytest.mark.kernel
@@ -64,8 +66,7 @@ def pip_install(stage: Stage, wheel: str) -> subprocess.CompletedProcess[bytes]:
 
 @pytest.fixture(scope="module")
 def stage(dist: Dist) -> Iterator[Stage]:
-    if not (OLD_ROOT / ".built").exists():
-        pytest.fail(f"no older-glibc root at {OLD_ROOT}: run `make {OLD_ROOT.name}/.built`")
+    slowbuild.wait(f"{OLD_ROOT.name}/.built")
     if not list(WHEELHOUSE.glob("pip-*.whl")):
         pytest.fail(f"no pip wheel in {WHEELHOUSE}: run `make {WHEELHOUSE}/.downloaded`")
     name = unique("wheel")
@@ -94,7 +95,7 @@ def cached(session_keyring: Keyring) -> tuple[str, str, bytes]:
 
 
 def test_the_stand_in_has_a_glibc_older_than_2_34() -> None:
-    assert (OLD_ROOT / ".built").exists(), f"run `make {OLD_ROOT.name}/.built`"
+    slowbuild.wait(f"{OLD_ROOT.name}/.built")
     done = in_root("getconf", "GNU_LIBC_VERSION")
     match = re.fullmatch(rb"glibc (\d+)\.(\d+)\n", done.stdout)
     assert match, done.stdout + done.stderr
