@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.support import slowbuild
 from tests.support.admin_group import removed_if_created
 from tests.support.imds_guard import GuardUnavailable, HostImdsGuard
 from tests.support.leftover_keys import leftover_after_gc
@@ -19,7 +20,6 @@ from tests.support.names import issued
 from tests.support.prereqs import CHECKS, missing_for
 from tests.support.reach import header as reach_header
 from tests.support.reach import unreachable
-from tests.support import slowbuild
 from tests.support.requester import Requester, header, requester_modes
 
 _missing_cache: dict[str, list[str]] = {}

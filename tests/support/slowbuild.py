@@ -59,7 +59,8 @@ def start(items: list[pytest.Item]) -> None:
     for target in sorted({t for item in items if (t := target_of(item))}):
         if target in _builds or (REPO / target).exists():
             continue
-        output = tempfile.TemporaryFile(prefix="kmskeys-slowbuild-")
+        # Closed by stop(), at the session's end.
+        output = tempfile.TemporaryFile(prefix="kmskeys-slowbuild-")  # noqa: SIM115
         command = ["nice", "-n", "19", "make", "--no-print-directory", "-C", str(REPO), target]
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
@@ -80,7 +81,8 @@ def wait(target: str) -> None:
         if build.process.returncode != 0:
             build.output.seek(0)
             tail = build.output.read()[-3000:].decode(errors="replace")
-            pytest.fail(f"`make {target}` failed ({build.process.returncode}):\n{tail}", pytrace=False)
+            status = build.process.returncode
+            pytest.fail(f"`make {target}` failed ({status}):\n{tail}", pytrace=False)
         waited = time.monotonic() - started
         if waited > 1:
             print(f"waited {waited:.0f} s for `make {target}` (built in background)")
