@@ -1,14 +1,19 @@
 """The facts the client, the encryptor and the resolver share: each defined once, here.
 
 Limits, file suffixes, where the request-key rules live, the permission mask of a resolved key,
-and how an AWS error code is classified. `encryptor/` and `resolver/` import these; nothing here
-imports anything, because the client's import path (`import kmskeys`) loads this module.
+and how an AWS error code is classified. `encryptor/` and `resolver/` import these; so do the
+client's cold paths, never `import kmskeys` or a cached get_secret: the two facts those need, the
+default prefix and the build stamp, are the package's own (kmskeys/__init__.py), re-exported here.
 The kernel or AWS fact each value rests on is its comment; docs/design.md explains the whole.
 """
 
 from __future__ import annotations
 
 import errno as _errno
+
+# Re-exported (the `as` tells mypy so): defined by kmskeys/__init__.py, which the hot path reads.
+from kmskeys import BUILD_STAMP as BUILD_STAMP  # noqa: PLC0414
+from kmskeys import DEFAULT_PREFIX as DEFAULT_PREFIX  # noqa: PLC0414
 
 # --- Kernel limits ---------------------------------------------------------------------------
 # The `user` and `logon` key types hold 1 to 32767 bytes: 0 and 32768 are EINVAL
@@ -20,10 +25,9 @@ CALLOUT_MAX = 4095
 DESCRIPTION_MAX = 4095
 
 # --- The build ----------------------------------------------------------------------------------
-# Compiled into every compiled part (the hit-path extension, the cffi module, kmskeys-gate) from
-# kmskeys/contract.h; each is checked against this at import or run, so a part built from other
-# sources never loads silently. Written by scripts/generate.py: never edit by hand.
-BUILD_STAMP = "0.1.0+a44019dc8e98"
+# BUILD_STAMP (generated into kmskeys/__init__.py, imported above) is compiled into every compiled
+# part (the hit-path extension, the cffi module, kmskeys-gate) from kmskeys/contract.h; each is
+# checked against it at import or run, so a part built from other sources never loads silently.
 
 # --- AWS KMS limits --------------------------------------------------------------------------
 # KMS Encrypt takes at most 4096 bytes of plaintext; larger secrets go in envelope mode.
@@ -37,8 +41,7 @@ REQUEST_KEY = "/sbin/request-key"
 REQUEST_KEY_D = "/etc/request-key.d"
 DEFAULT_CONFIG = "/etc/kmskeys/resolver.toml"
 DEFAULT_BLOB_DIR = "/etc/kmskeys/secrets"
-# The description namespace of KMS-backed secrets: keys are described `kms:NAME`.
-DEFAULT_PREFIX = "kms"
+# The description namespace of KMS-backed secrets, `kms:NAME`, is DEFAULT_PREFIX (imported above).
 # The namespace of keys kept in the host's own keystore (the essay's `stored:NAME`), and where that
 # keystore lives (root-owned, 0700; docs/dpapi.md).
 DEFAULT_STORED_PREFIX = "stored"
