@@ -12,15 +12,28 @@ unchecked request and read, and the calls that answer, re-own and re-permission 
 # `import kmskeys` and a cached get_secret read this file, kmskeys/names.py and the hit-path
 # extension, nothing else: every module file costs a fresh process (a CGI request, 20 ms) about
 # 0.1 ms (tests/bench/cgi.py). So neither `from __future__ import annotations` (every annotation
-# of the two is valid at run time) nor `typing`, and the two facts the hot path needs are the
-# package's own, defined before the imports that read them (kmskeys/contract.py re-exports them
-# beside the other facts, which cost a fresh process more than all of this).
+# of the two is valid at run time) nor `typing`, and the facts the hot path needs (and a
+# reference such as `sm:prod/db#password`, kmskeys/secretref.py) are the package's own, defined
+# before the imports that read them: kmskeys/contract.py re-exports them beside the other facts,
+# whose tables cost a fresh process more than all of this.
 __version__ = "0.1.0"
 # The stamp of the sources the compiled parts were built from (kmskeys/contract.h), written by
 # scripts/generate.py: never edit by hand. Checked below against the hit-path extension's.
 BUILD_STAMP = "0.1.0+3458b4d2f7bc"
 # The description namespace of KMS-backed secrets: keys are described `kms:NAME`.
 DEFAULT_PREFIX = "kms"
+# The namespace of keys kept in the host's own keystore (the essay's `stored:NAME`; docs/dpapi.md).
+DEFAULT_STORED_PREFIX = "stored"
+# The namespaces of a user's own password-store entries (`pass:NAME[#all|#field=KEY]`,
+# kmskeys/passname.py) and of blobs a PKCS#11 token opens (`token:NAME`, kmskeys/tokenblob.py).
+DEFAULT_PASS_PREFIX = "pass"  # noqa: S105 - a prefix, not a password
+DEFAULT_TOKEN_PREFIX = "token"  # noqa: S105 - a prefix
+# The namespaces of secrets the resolver reads where AWS users keep them: Secrets Manager
+# (`sm:NAME[#FIELD][#stage=LABEL|#version=ID]`) and Parameter Store (`ssm:NAME[#VERSION|#LABEL]`);
+# the grammar is kmskeys/awsname.py, the backends resolver/secretsmanager.py and
+# resolver/parameterstore.py.
+DEFAULT_SM_PREFIX = "sm"
+DEFAULT_SSM_PREFIX = "ssm"
 
 from kmskeys import _hitpath  # noqa: E402 (after the facts names.py reads)
 from kmskeys.names import as_bytes as _as_bytes  # noqa: E402
