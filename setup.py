@@ -112,7 +112,6 @@ setup(
             "kmskeys._hitpath",
             ["kmskeys/_hitpath.c"],
             depends=[CONTRACT_HEADER, "kmskeys/_wipe.h"],
-            libraries=["keyutils"],
             define_macros=[("Py_LIMITED_API", "0x030B0000")],
             py_limited_api=True,
         )

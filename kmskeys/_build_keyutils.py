@@ -109,7 +109,7 @@ HELPERS = r"""
 #define KMSK_MOUNT_ATTR_NODEV 0x4
 #define KMSK_MOUNT_ATTR_NOEXEC 0x8
 
-/* The stamp of the sources this module was built from (kmskeys.contract.BUILD_STAMP). */
+/* The stamp of the sources this module was built from (kmskeys.BUILD_STAMP). */
 const char *kmsk_build_stamp(void)
 {
     return "@BUILD_STAMP@";

@@ -35,18 +35,21 @@
  * Payloads are read into a stack buffer that is wiped before returning.
  *
  * BUILD_STAMP: the stamp of the sources this was built from (kmskeys/contract.h); kmskeys's
- * binding refuses to import a build whose stamp differs from kmskeys.contract.BUILD_STAMP.
+ * binding refuses to import a build whose stamp differs from kmskeys.BUILD_STAMP.
  */
 #define PY_SSIZE_T_CLEAN
 #define Py_LIMITED_API 0x030B0000
 #include <Python.h>
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
+#include <linux/keyctl.h>
 #include <sys/fsuid.h>
-#include <keyutils.h>
+#include <sys/syscall.h>
 
 #include "_wipe.h"
 #include "contract.h"
@@ -56,6 +59,29 @@
 /* A description and its NUL, plus the "type;uid;gid;perm;" head. */
 #define DESCRIBE_MAX (KMSKEYS_DESCRIPTION_MAX + 1 + 64)
 #define RECENT 16
+
+/* The three calls of the hit paths, as the system calls libkeyutils' wrappers make
+ * (request_key(2), keyctl(2) KEYCTL_DESCRIBE and KEYCTL_READ), so that this extension links no
+ * library: every process that imports kmskeys loads it, and a library costs a fresh process
+ * (a CGI request) a lookup, an open and its mappings. The rest of the binding is libkeyutils'
+ * (the cffi module). */
+typedef int32_t key_serial_t;
+
+static key_serial_t request_key(const char *type, const char *desc, const char *callout,
+                                key_serial_t dest)
+{
+    return (key_serial_t)syscall(__NR_request_key, type, desc, callout, dest);
+}
+
+static long keyctl_describe(key_serial_t id, char *buffer, size_t buflen)
+{
+    return syscall(__NR_keyctl, KEYCTL_DESCRIBE, id, buffer, buflen, 0);
+}
+
+static long keyctl_read(key_serial_t id, char *buffer, size_t buflen)
+{
+    return syscall(__NR_keyctl, KEYCTL_READ, id, buffer, buflen, 0);
+}
 #define RECENT_NS 1000000000LL
 
 static __thread struct {

@@ -28,8 +28,7 @@ field first, no spelling of the default): a description that is not canonical is
 saying which spelling to use, so one secret is never two kernel keys.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: a reference read by get_secret loads this module.
 SELECTOR_SEP = "#"
 DEFAULT_STAGE = "AWSCURRENT"
 STAGE_KEY = "stage="

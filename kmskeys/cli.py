@@ -14,9 +14,8 @@ import errno
 import os
 import sys
 
-from kmskeys import keyutils
+from kmskeys import KEYRINGS, keyutils
 from kmskeys.contract import DEFAULT_PREFIX
-from kmskeys.key import KEYRINGS
 
 TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
 
@@ -147,7 +146,7 @@ def _path(value: str) -> str:
 def _get(
     name: str, blob: str | None, blob_file: str | None, prefix: str, keyring: str | None
 ) -> int:
-    from kmskeys.key import get_secret
+    from kmskeys import get_secret
 
     try:
         callout: str | bytes | None = blob

@@ -7,8 +7,8 @@
 #ifndef KMSKEYS_CONTRACT_H
 #define KMSKEYS_CONTRACT_H
 
-/* Each compiled part carries it; checked against kmskeys.contract.BUILD_STAMP. */
-#define KMSKEYS_BUILD_STAMP "0.1.0+a44019dc8e98"
+/* Each compiled part carries it; checked against kmskeys.BUILD_STAMP. */
+#define KMSKEYS_BUILD_STAMP "0.1.0+3458b4d2f7bc"
 
 /* a `user` key's payload, bytes */
 #define KMSKEYS_USER_PAYLOAD_MAX 32767

@@ -1,14 +1,25 @@
 """The facts the client, the encryptor and the resolver share: each defined once, here.
 
 Limits, file suffixes, where the request-key rules live, the permission mask of a resolved key,
-and how an AWS error code is classified. `encryptor/` and `resolver/` import these; nothing here
-imports anything, because the client's import path (`import kmskeys`) loads this module.
+and how an AWS error code is classified. `encryptor/` and `resolver/` import these; so do the
+client's cold paths, never `import kmskeys` or a cached get_secret: the facts those need, the
+description prefixes and the build stamp, are the package's own (kmskeys/__init__.py), re-exported
+here.
 The kernel or AWS fact each value rests on is its comment; docs/design.md explains the whole.
 """
 
 from __future__ import annotations
 
 import errno as _errno
+
+# Re-exported (the `as` tells mypy so): defined by kmskeys/__init__.py, which the hot path reads.
+from kmskeys import BUILD_STAMP as BUILD_STAMP  # noqa: PLC0414
+from kmskeys import DEFAULT_PASS_PREFIX as DEFAULT_PASS_PREFIX  # noqa: PLC0414
+from kmskeys import DEFAULT_PREFIX as DEFAULT_PREFIX  # noqa: PLC0414
+from kmskeys import DEFAULT_SM_PREFIX as DEFAULT_SM_PREFIX  # noqa: PLC0414
+from kmskeys import DEFAULT_SSM_PREFIX as DEFAULT_SSM_PREFIX  # noqa: PLC0414
+from kmskeys import DEFAULT_STORED_PREFIX as DEFAULT_STORED_PREFIX  # noqa: PLC0414
+from kmskeys import DEFAULT_TOKEN_PREFIX as DEFAULT_TOKEN_PREFIX  # noqa: PLC0414
 
 # --- Kernel limits ---------------------------------------------------------------------------
 # The `user` and `logon` key types hold 1 to 32767 bytes: 0 and 32768 are EINVAL
@@ -20,10 +31,9 @@ CALLOUT_MAX = 4095
 DESCRIPTION_MAX = 4095
 
 # --- The build ----------------------------------------------------------------------------------
-# Compiled into every compiled part (the hit-path extension, the cffi module, kmskeys-gate) from
-# kmskeys/contract.h; each is checked against this at import or run, so a part built from other
-# sources never loads silently. Written by scripts/generate.py: never edit by hand.
-BUILD_STAMP = "0.1.0+a44019dc8e98"
+# BUILD_STAMP (generated into kmskeys/__init__.py, imported above) is compiled into every compiled
+# part (the hit-path extension, the cffi module, kmskeys-gate) from kmskeys/contract.h; each is
+# checked against it at import or run, so a part built from other sources never loads silently.
 
 # --- AWS KMS limits --------------------------------------------------------------------------
 # KMS Encrypt takes at most 4096 bytes of plaintext; larger secrets go in envelope mode.
@@ -37,25 +47,15 @@ REQUEST_KEY = "/sbin/request-key"
 REQUEST_KEY_D = "/etc/request-key.d"
 DEFAULT_CONFIG = "/etc/kmskeys/resolver.toml"
 DEFAULT_BLOB_DIR = "/etc/kmskeys/secrets"
-# The description namespace of KMS-backed secrets: keys are described `kms:NAME`.
-DEFAULT_PREFIX = "kms"
-# The namespace of keys kept in the host's own keystore (the essay's `stored:NAME`), and where that
-# keystore lives (root-owned, 0700; docs/dpapi.md).
-DEFAULT_STORED_PREFIX = "stored"
+# The description namespace of KMS-backed secrets, `kms:NAME`, is DEFAULT_PREFIX (imported above).
+# The keystore of `stored:` keys lives here (root-owned, 0700; docs/dpapi.md).
 DEFAULT_KEYSTORE_DIR = "/var/lib/kmskeys"
 # The resolver's root-only state (per-uid slots, host-cache locks, refresh records, the flush
 # epoch: kmskeys/flushepoch.py), a tmpfs by default.
 DEFAULT_STATE_DIR = "/run/kmskeys"
-# The namespaces of a user's own password-store entries (`pass:NAME[#all|#field=KEY]`,
-# kmskeys/passname.py) and of blobs a PKCS#11 token opens (`token:NAME`, kmskeys/tokenblob.py).
-DEFAULT_PASS_PREFIX = "pass"  # noqa: S105 - a prefix, not a password
-DEFAULT_TOKEN_PREFIX = "token"  # noqa: S105 - a prefix
-# The namespaces of secrets the resolver reads where AWS users keep them: Secrets Manager
-# (`sm:NAME[#FIELD][#stage=LABEL|#version=ID]`) and Parameter Store (`ssm:NAME[#VERSION|#LABEL]`);
-# the grammar is kmskeys/awsname.py, the backends resolver/secretsmanager.py and
-# resolver/parameterstore.py.
-DEFAULT_SM_PREFIX = "sm"
-DEFAULT_SSM_PREFIX = "ssm"
+# The description namespaces of the other backends (DEFAULT_STORED_PREFIX, DEFAULT_PASS_PREFIX,
+# DEFAULT_TOKEN_PREFIX, DEFAULT_SM_PREFIX, DEFAULT_SSM_PREFIX) are imported above, with the
+# default one: a client that names `sm:prod/db#password` reads them without this module.
 
 
 # The program install's rule runs first, built from resolver/gate.c into the resolver package:

@@ -18,7 +18,7 @@ import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
 
-from kmskeys import keyutils
+from kmskeys import fetch, keyutils
 from kmskeys._hitpath import read_recent as _read_recent
 from kmskeys.contract import DEFAULT_STORED_PREFIX
 from kmskeys.errors import (
@@ -30,7 +30,6 @@ from kmskeys.errors import (
     UnknownKeyVersionError,
     WrongUserError,
 )
-from kmskeys.key import fetch
 from kmskeys.protectblob import (
     DEFAULT_CHUNK,
     MAGIC,

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+from kmskeys import KEYRINGS, get_secret
 from kmskeys.contract import DEFAULT_PREFIX
 from kmskeys.exec_plan import (
     CannotRunError,
@@ -35,7 +36,6 @@ from kmskeys.exec_plan import (
     UsageError,
     child_env,
 )
-from kmskeys.key import KEYRINGS, get_secret
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

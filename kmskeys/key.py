@@ -1,4 +1,4 @@
-"""The safe tier: `Key`, `Keyring` and `get_secret`, over kmskeys.keyutils and kmskeys._hitpath.
+"""The safe tier's `Key` and `Keyring`, over kmskeys.keyutils and kmskeys._hitpath.
 
 What an application is told to use refuses what is unsafe by default: `get_secret`, and
 `Key.request(...)`/`Key.read()` for any description, return a payload only from a key that this
@@ -6,16 +6,16 @@ process's fsuid owns (KeyOwnershipError otherwise), because a keyring shared wit
 (a squatted named session, `su`, `runuser`) may hold a key that uid planted. The calls that
 construct, re-own or re-permission keys, and the unchecked request and read the resolver side
 needs, live in the low-level tier, `kmskeys.lowlevel`, where a reader knows they are sharp.
-This module is the client's hot path: nothing is imported here that `import kmskeys` does not
-need, and each hit is one or two calls into C (kmskeys/_hitpath.c).
+`get_secret` is the package's own (kmskeys/__init__.py), which loads this module only when a
+`Key` is asked for. On the hot path of `Key.request(...).read()`: nothing is imported here that
+it does not need, and each hit is one or two calls into C (kmskeys/_hitpath.c).
 """
 
 from __future__ import annotations
 
 from kmskeys import _hitpath, keyutils
-from kmskeys.contract import DEFAULT_PREFIX, USER_PAYLOAD_MAX
+from kmskeys.contract import USER_PAYLOAD_MAX
 from kmskeys.names import as_bytes as _as_bytes
-from kmskeys.names import description, is_reference
 
 TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
 if TYPE_CHECKING:
@@ -29,9 +29,7 @@ _USER = b"user"
 SESSION_KEYRING_PERM = 0x3F1B0000
 _SIZED_TYPES = (b"user", b"logon")
 # The C calls of the hit paths (kmskeys/_hitpath.c), bound once.
-_fetch = _hitpath.fetch
 _read = _hitpath.read
-_read_recent = _hitpath.read_recent
 
 
 def _check_payload_size(type_: bytes, payload: bytes) -> None:
@@ -45,18 +43,6 @@ def _check_payload_size(type_: bytes, payload: bytes) -> None:
         f"a {type_.decode()} key holds at most {USER_PAYLOAD_MAX} bytes, "
         f"this payload has {len(payload)}"
     )
-
-
-def _describe(name: str | bytes, prefix: str) -> bytes:
-    """`PREFIX:NAME`, or the description a reference names: a selector (`pass:NAME#all`,
-    `sm:NAME#password`) or a prefix of its own (`sm:prod/db#password`), read by
-    kmskeys/secretref.py, which a plain name never loads (`:` and `#` are outside the name
-    alphabet)."""
-    if is_reference(name):
-        from kmskeys.secretref import described
-
-        return described(name, prefix).encode()
-    return description(name, prefix).encode()
 
 
 def _serial(key: Key | Keyring | int) -> int:
@@ -279,115 +265,3 @@ class Keyring(Key):
     def clear(self) -> None:
         """Unlink every key from this keyring."""
         keyutils.keyctl_clear(self.serial)
-
-
-# Where get_secret caches: None (request_key's default, the session keyring), "session", or a
-# keyring every process of the uid shares ("user", "persistent"). A shared keyring is linked
-# into this process's own keyring (private: children do not inherit it) so that request_key
-# searches it and the resolver possesses the key it constructs there: the kernel gives the
-# handler possession only through the requester's thread, process and session keyrings, and
-# an anonymous session keyring does not link the user keyring.
-KEYRINGS = ("session", "user", "persistent")
-_DESCRIPTIONS: dict[tuple[object, str], bytes] = {}
-_SERIALS: dict[bytes, int] = {}
-_SHARED: dict[str, int] = {}
-
-
-def _forget_shared() -> None:
-    _SHARED.clear()  # a forked child has no process keyring: link again when asked
-
-
-def _shared(kind: str) -> int:
-    ring = _SHARED.get(kind)
-    if ring is None:
-        if not _SHARED:
-            import os
-
-            os.register_at_fork(after_in_child=_forget_shared)
-        process = keyutils.KEY_SPEC_PROCESS_KEYRING
-        if kind == "user":
-            ring = keyutils.keyctl_get_keyring_ID(keyutils.KEY_SPEC_USER_KEYRING, True)
-            keyutils.keyctl_link(ring, process)  # creates the process keyring
-        else:
-            # Also resets its expiry timer (kernel.keys.persistent_keyring_expiry).
-            ring = keyutils.keyctl_get_persistent(-1, process)
-        _SHARED[kind] = ring
-    return ring
-
-
-def _destination(keyring: str | Key | int | None) -> int:
-    if keyring is None:
-        # With a process keyring of ours, the kernel's default would be it: keep the session's.
-        return keyutils.KEY_SPEC_SESSION_KEYRING if _SHARED else 0
-    if keyring == "session":
-        return keyutils.KEY_SPEC_SESSION_KEYRING
-    if keyring in ("user", "persistent"):
-        return _shared(str(keyring))
-    if isinstance(keyring, Key | int) and not isinstance(keyring, bool):
-        return _serial(keyring)
-    from kmskeys.errors import InvalidArgumentError
-
-    raise InvalidArgumentError(f"keyring must be one of {', '.join(KEYRINGS)} or a Keyring")
-
-
-def get_secret(
-    name: str | bytes,
-    blob: str | bytes | None = None,
-    *,
-    prefix: str = DEFAULT_PREFIX,
-    keyring: str | Key | int | None = None,
-) -> bytes:
-    """Return the secret `NAME` as bytes: from the kernel cache, or through one resolver upcall.
-
-    Only a key owned by this process's uid is accepted (KeyOwnershipError otherwise).
-    `keyring` is None (this process's session keyring, as request_key(2) chooses), "session",
-    "user" or "persistent" (shared by every process of this uid), or a Keyring. Without `blob`
-    the resolver loads `NAME.kms` from its blob_dir; the callout is then b"", not NULL, because
-    request_key(2) never upcalls with a NULL callout. With `prefix="pass"`, NAME is a password
-    store entry (its first line), `NAME#all` the whole entry, `NAME#field=KEY` one field.
-    """
-    # The client's hot path (budget: 1.5x a C request_key + keyctl_read). A validated name's
-    # description is computed once per process. A key this thread found and checked in the
-    # last second is read by serial, one syscall (the kernel still checks its permissions and
-    # fails the read once it is revoked, expired or invalidated); otherwise the full path
-    # searches, checks ownership and reads (kmskeys/_hitpath.c).
-    try:
-        desc = _DESCRIPTIONS[name, prefix]
-    except (KeyError, TypeError):
-        desc = _describe(name, prefix)
-        if len(_DESCRIPTIONS) < 1024:
-            _DESCRIPTIONS[name, prefix] = desc
-    serial = _SERIALS.get(desc)
-    if serial is not None:
-        payload = _read_recent(serial)
-        if payload is not None:
-            return payload
-    dest = _destination(keyring)
-    callout = b"" if blob is None else blob if blob.__class__ is bytes else _as_bytes(blob, "blob")
-    serial, payload = fetch(desc, callout, dest)
-    if len(_SERIALS) < 1024:
-        _SERIALS[desc] = serial
-    return payload
-
-
-def fetch(description: bytes, callout_info: bytes | None, dest: int) -> tuple[int, bytes]:
-    """The full path of get_secret: find or construct the `user` key `description`, check that
-    this process's fsuid owns it (KeyOwnershipError otherwise), read it: (serial, payload).
-
-    request_key(2) links the key it finds or constructs into `dest` (0: the kernel's default).
-    One call into C (kmskeys/_hitpath.c); the serial is then checked for this thread for a
-    second, so that a read of it costs one syscall.
-    """
-    try:
-        found = _fetch(description, callout_info, dest)
-    except OSError as exc:
-        from kmskeys._request import fetch_failed
-
-        return fetch_failed(exc, description, callout_info, dest)
-    if len(found) == 4:
-        from kmskeys._request import foreign
-
-        raise foreign(description.decode(errors="replace"), found)
-    serial, payload = found
-    assert payload is not None
-    return serial, payload

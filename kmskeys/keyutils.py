@@ -12,8 +12,9 @@ from __future__ import annotations
 # functools) on the client's import path.
 from _thread import _local as thread_local
 
-from kmskeys._hitpath import BUILD_STAMP as _HITPATH_STAMP
-from kmskeys.contract import BUILD_STAMP
+# The hit-path extension's build stamp is checked by `import kmskeys`; the cffi module's by
+# _Binding, when it loads.
+from kmskeys import _verify_stamp
 
 TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
 if TYPE_CHECKING:
@@ -21,22 +22,6 @@ if TYPE_CHECKING:
     from typing import Any
 
     from kmskeys._keyutils_cffi import ffi, lib
-
-
-def _verify_stamp(module: str, stamp: str) -> None:
-    # pyca/cryptography's _verify_package_version: a compiled part built from other sources
-    # than this Python (a stale editable install, a half-copied tree) never loads silently.
-    if stamp != BUILD_STAMP:
-        raise ImportError(
-            f"kmskeys.{module} was built from other sources (build stamp {stamp!r}, this "
-            f"kmskeys is {BUILD_STAMP!r}): reinstall kmskeys (pip install --force-reinstall, "
-            "or make venv in a checkout)"
-        )
-
-
-# The hit-path extension is loaded by every `import kmskeys`: checked here. The cffi module is
-# loaded on first use (_Binding), and checked then.
-_verify_stamp("_hitpath", _HITPATH_STAMP)
 
 
 class _Binding:

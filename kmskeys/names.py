@@ -4,15 +4,14 @@ A name becomes a kernel key description (`PREFIX:NAME`), a KMS encryption-contex
 host, a path below the resolver's blob_dir: so it is checked here, before any syscall or open.
 """
 
-from __future__ import annotations
-
-from kmskeys.contract import DEFAULT_PREFIX
+# No `from __future__ import annotations` (every annotation here is valid at run time): this
+# module and kmskeys/__init__.py are all the Python a cached get_secret in a fresh process reads.
+from kmskeys import DEFAULT_PREFIX
 
 MAX_NAME_BYTES = 200
 MAX_PREFIX_BYTES = 32
 
-# Plain character sets instead of `re`: this module is on the client's import path, which has a
-# budget of a few milliseconds (docs/design.md).
+# Plain character sets instead of `re`, which would cost the client's import path milliseconds.
 _ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 _NAME_CHARS = _ALNUM | frozenset("_./@+-")
 _LOWER = frozenset("abcdefghijklmnopqrstuvwxyz")

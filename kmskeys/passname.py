@@ -18,8 +18,7 @@ is one text per request: the first line has no `#first` spelling, so that `pass:
 alias of it are never two cache entries of one secret.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: a reference read by get_secret loads this module.
 SELECTOR_SEP = "#"
 SELECT_ALL = "all"
 FIELD_PREFIX = "field="

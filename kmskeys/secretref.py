@@ -18,9 +18,10 @@
   one that counts.
 """
 
-from __future__ import annotations
-
-from kmskeys.contract import (
+# No `from __future__ import annotations`, and the prefixes from the package rather than
+# kmskeys/contract.py: `get_secret("prod/db#password", prefix="sm")` in a fresh process reads
+# this module (and the selector grammar) and no other.
+from kmskeys import (
     DEFAULT_PASS_PREFIX,
     DEFAULT_PREFIX,
     DEFAULT_SM_PREFIX,

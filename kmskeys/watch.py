@@ -24,8 +24,9 @@ import random
 import secrets
 from dataclasses import dataclass
 
+from kmskeys import get_secret
 from kmskeys.errors import KeyNotFoundError, KeyRejectedError
-from kmskeys.key import Key, get_secret
+from kmskeys.key import Key
 from kmskeys.secretref import described
 
 # Retries of a secret that could not be resolved again: the first after BACKOFF_FIRST seconds,

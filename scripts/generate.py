@@ -3,7 +3,7 @@
 - kmskeys/contract.h: the facts the C parts (resolver/gate.c, kmskeys/_hitpath.c, and the cffi
   module's helper) share with Python, from kmskeys/contract.py and the resolver's own facts, and
   the build stamp compiled into each of them;
-- the BUILD_STAMP line of kmskeys/contract.py, which each compiled part is checked against at
+- the BUILD_STAMP line of kmskeys/__init__.py, which each compiled part is checked against at
   import (the hit path, the binding) or run (the gate): a stale build never loads silently;
 - the config table of docs/resolver.md, from the settings tables (resolver/config_text.py).
 
@@ -22,7 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = REPO / "kmskeys" / "contract.h"
-CONTRACT = REPO / "kmskeys" / "contract.py"
+# The stamp's line is in the package's front door: `import kmskeys` checks the hit-path
+# extension against it without loading contract.py.
+STAMPED = REPO / "kmskeys" / "__init__.py"
 DOCS = REPO / "docs" / "resolver.md"
 # What the stamp covers besides the facts: every C source built into a compiled part.
 C_SOURCES = (
@@ -149,7 +151,7 @@ def header(build_stamp: str) -> str:
         "#ifndef KMSKEYS_CONTRACT_H",
         "#define KMSKEYS_CONTRACT_H",
         "",
-        "/* Each compiled part carries it; checked against kmskeys.contract.BUILD_STAMP. */",
+        "/* Each compiled part carries it; checked against kmskeys.BUILD_STAMP. */",
         f"#define KMSKEYS_BUILD_STAMP {_c_string(build_stamp)}",
         "",
     ]
@@ -163,12 +165,12 @@ def header(build_stamp: str) -> str:
 def outputs() -> dict[Path, str]:
     """Each generated file's path and the text it must have."""
     build_stamp = stamp()
-    contract_text = CONTRACT.read_text()
-    if not STAMP_LINE.search(contract_text):
-        raise SystemExit(f"generate: {CONTRACT} has no BUILD_STAMP line")
+    stamped_text = STAMPED.read_text()
+    if not STAMP_LINE.search(stamped_text):
+        raise SystemExit(f"generate: {STAMPED} has no BUILD_STAMP line")
     return {
         HEADER: header(build_stamp),
-        CONTRACT: STAMP_LINE.sub(f'BUILD_STAMP = "{build_stamp}"', contract_text),
+        STAMPED: STAMP_LINE.sub(f'BUILD_STAMP = "{build_stamp}"', stamped_text),
         DOCS: config_text.replace_docs_table(DOCS.read_text()),
     }
 

@@ -61,3 +61,22 @@ def test_a_cached_secret_in_a_new_process_never_loads_cffi(session_keyring: Keyr
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_cached_secret_in_a_new_process_loads_two_modules_and_the_extension(
+    session_keyring: Keyring,
+) -> None:
+    # A CGI process pays for every module it loads (docs/design.md, Budgets): `import kmskeys`
+    # and a hit read the package, its names and the hit-path extension, and nothing else (no
+    # contract tables, no errors, no Key class, no __future__, no typing).
+    prefix = unique_prefix()
+    session_keyring.add_key("user", f"{prefix}:cgi", b"kmst-cgi")
+    probe = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        "import kmskeys\n"
+        f"assert kmskeys.get_secret('cgi', prefix={prefix!r}) == b'kmst-cgi'\n"
+        "print(' '.join(sorted(set(sys.modules) - before)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["kmskeys", "kmskeys._hitpath", "kmskeys.names"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from kmskeys import _describe
 from kmskeys.awsname import (
     SmQuery,
     SsmQuery,
@@ -17,7 +18,6 @@ from kmskeys.awsname import (
 )
 from kmskeys.errors import InvalidNameError
 from kmskeys.exec_plan import Mapping, UsageError
-from kmskeys.key import _describe
 from kmskeys.secretref import described, split_reference
 from resolver import spec_sm, spec_ssm
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,21 +83,24 @@ def test_every_compiled_part_carries_this_build_stamp() -> None:
     assert done.stdout.strip() == contract.BUILD_STAMP
 
 
-def test_a_stale_build_does_not_import() -> None:
-    # The binding's check at import, with Python expecting another build than the one compiled.
-    code = (
-        "import importlib, sys\n"
-        "import kmskeys.contract\n"
-        "kmskeys.contract.BUILD_STAMP = '0.0.0+stale'\n"
-        "del sys.modules['kmskeys.keyutils']\n"
-        "try:\n"
-        "    importlib.import_module('kmskeys.keyutils')\n"
-        "except ImportError as exc:\n"
-        "    print(exc)\n"
+def test_a_stale_build_does_not_import(tmp_path: Path) -> None:
+    # `import kmskeys` checks the hit-path extension, with Python expecting another build than
+    # the one compiled: a copy of the package whose stamp line says so.
+    import kmskeys
+
+    package = Path(kmskeys.__file__).parent
+    copy = tmp_path / "kmskeys"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    init = copy / "__init__.py"
+    init.write_text(init.read_text().replace(f'"{kmskeys.BUILD_STAMP}"', '"0.0.0+stale"', 1))
+    code = "import kmskeys\nprint(kmskeys.__file__)\n"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "kmskeys._hitpath was built from other sources" in done.stdout
-    assert "'0.0.0+stale'" in done.stdout and "reinstall kmskeys" in done.stdout
+    assert done.returncode != 0, done.stdout
+    assert "kmskeys._hitpath was built from other sources" in done.stderr
+    assert "'0.0.0+stale'" in done.stderr and "reinstall kmskeys" in done.stderr
+    assert str(copy) in done.stderr, done.stderr  # the copy, not the installed package
 
 
 def test_a_gate_of_another_build_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -91,7 +91,7 @@ def test_a_reference_is_a_name_or_a_name_and_one_selector() -> None:
 
 
 def test_get_secret_builds_the_selector_description_and_refuses_a_bad_one() -> None:
-    from kmskeys.key import _describe
+    from kmskeys import _describe
 
     assert _describe("email/work#field=login", "pass") == b"pass:email/work#field=login"
     assert _describe("email/work", "kms") == b"kms:email/work"
