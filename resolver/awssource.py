@@ -23,12 +23,14 @@ a kernel key holds 1 to 32767 bytes, and a value outside that is refused saying 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kmskeys.contract import USER_PAYLOAD_MAX, hostcache_entry
 from resolver.backend import Context, Request, Result
-from resolver.errors import RefusedError, ServiceUnavailableError
+from resolver.errors import ConfigError, RefusedError, ServiceUnavailableError
 from resolver.gateway import Authorized, Gateway, Operation, Target
+from resolver.sourcename import Arn
 
 if TYPE_CHECKING:
     from resolver.config import Config
@@ -75,6 +77,42 @@ def version_text(value: object, most: int = 64) -> str | None:
     if not isinstance(text, str) or not 0 < len(text) <= most:
         return None
     return text if text.isascii() and text.isprintable() and " " not in text else None
+
+
+def allowed_target(
+    found: Arn | str | None, resource: str, regions: Sequence[str], *, refused: str, unset: str
+) -> Target:
+    """Where an allowlisted secret or parameter is read: by the full ARN the allowlist lists (its
+    Region), or by `resource` in the first configured Region. `found` is what the allowlist
+    matched (resolver/sourcename.py `allowed`): None refuses with `refused`, and a name with no
+    Region configured is the config's error `unset`."""
+    if found is None:
+        raise RefusedError(refused)
+    if isinstance(found, Arn):
+        return Target(found.text, found.region)
+    if not regions:
+        raise ConfigError(unset)
+    return Target(resource, regions[0])
+
+
+def check_answered(
+    op: Operation[Fetched], target: Target, arn: str, name: str, *, named: bool, what: str
+) -> None:
+    """The answer is about the very `what` asked for: `named` (its Name matched `name`), its ARN
+    names `name` in this service and the target's Region, and is the ARN asked for, if one was."""
+    try:
+        parsed = Arn(arn)
+    except ValueError:
+        raise ServiceUnavailableError(f"{op.label} answered a malformed ARN") from None
+    asked_arn = target.resource if target.resource.startswith("arn:") else None
+    if (
+        not named
+        or parsed.name != name
+        or parsed.service != op.service
+        or parsed.region != target.region
+        or (asked_arn is not None and arn != asked_arn)
+    ):
+        raise RefusedError(f"{op.label} answered with another {what} than asked for")
 
 
 class SourceOperation(Operation[Fetched], Protocol):

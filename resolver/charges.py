@@ -23,17 +23,16 @@ import os
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kmskeys import fileio
+from kmskeys.keyusers import PROC_KEY_USERS, key_quota
 from resolver.errors import KeystoreError, QuotaError, RefusedError
 
 if TYPE_CHECKING:
     from resolver.keystore import Keystore
 
 CHARGES_DIR = "charges"
-PROC_KEY_USERS = Path("/proc/key-users")
 _LEDGER = struct.Struct(">QQ")  # entries, bytes
 
 
@@ -141,19 +140,10 @@ class Ledger:
 def quota_room(uid: int) -> int | None:
     """Bytes left in `uid`'s kernel key quota, or None if /proc/key-users has no line for it."""
     try:
-        text = PROC_KEY_USERS.read_text()
+        quota = key_quota(uid, PROC_KEY_USERS)
     except OSError:
         return None
-    for line in text.splitlines():
-        # "  UID:     USAGE NKEYS/NIKEYS QNKEYS/MAXKEYS QNBYTES/MAXBYTES" (kernel-written)
-        head, _, rest = line.partition(":")
-        fields = rest.split()
-        if head.strip() != str(uid) or len(fields) != 4:
-            continue
-        used, _, limit = fields[3].partition("/")
-        if used.isdigit() and limit.isdigit():
-            return int(limit) - int(used)
-    return None
+    return None if quota is None else quota.max_bytes - quota.used
 
 
 def check_quota(uid: int, payload: int) -> None:

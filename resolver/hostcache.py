@@ -47,6 +47,7 @@ from kmskeys import keyutils
 from kmskeys.contract import HOSTCACHE_ENTRY_PREFIX, HOSTCACHE_PERM, USER_PAYLOAD_MAX
 from kmskeys.errors import KmsKeysError
 from kmskeys.hostflush import host_cache_ring
+from kmskeys.keyusers import PROC_KEY_USERS, key_quota
 from resolver.errors import ConfigError
 from resolver.limits import charged_uid, open_state_file
 
@@ -63,10 +64,6 @@ REFRESH_WAIT = 1.0  # seconds a miss waits for another handler's refresh of its 
 # bytes, CLOCK_BOOTTIME second the kernel drops it), and is locked while an entry is added.
 CHARGE_PREFIX = "hccharge-"
 _CHARGE = struct.Struct("=iqd")
-# Root's use of its kernel key quota, one line per uid: "UID: USAGE NKEYS/NIKEYS QNKEYS/MAXKEYS
-# QNBYTES/MAXBYTES" (security/keys/proc.c proc_key_users_show); numbers only, nothing a user
-# can write into it.
-KEY_USERS = Path("/proc/key-users")
 
 
 def blob_digest(text: bytes) -> str:
@@ -341,21 +338,9 @@ def root_quota_problem(share: float, cost: int, new_key: bool) -> str | None:
     )
 
 
-def root_quota(path: Path = KEY_USERS) -> tuple[int, int, int, int] | None:
+def root_quota(path: Path = PROC_KEY_USERS) -> tuple[int, int, int, int] | None:
     """(keys, max keys, bytes, max bytes) of uid 0's kernel key quota, or None if unknown."""
     try:
-        text = path.read_text()
+        return key_quota(0, path)
     except OSError:
         return None
-    for line in text.splitlines():
-        uid, _, rest = line.partition(":")
-        fields = rest.split()
-        if uid.strip() != "0" or len(fields) < 4:
-            continue
-        try:
-            keys, max_keys = (int(n) for n in fields[2].split("/"))
-            used, max_bytes = (int(n) for n in fields[3].split("/"))
-        except ValueError:
-            return None
-        return keys, max_keys, used, max_bytes
-    return None

@@ -15,17 +15,22 @@ from typing import TYPE_CHECKING, Any
 
 from kmskeys.awsname import SsmQuery, parse_ssm_selector
 from kmskeys.errors import InvalidNameError
-from resolver.awssource import Fetched, SourceBackend, version_text
+from resolver.awssource import (
+    Fetched,
+    SourceBackend,
+    allowed_target,
+    check_answered,
+    version_text,
+)
 from resolver.backend import Request
 from resolver.errors import (
-    ConfigError,
     RefusedError,
     ResolverError,
     ServiceUnavailableError,
     UnknownSecretError,
 )
 from resolver.gateway import Target
-from resolver.sourcename import Arn, allowed
+from resolver.sourcename import allowed
 from resolver.spec_ssm import SERVICE, entry_name
 
 if TYPE_CHECKING:
@@ -55,16 +60,13 @@ class ParameterValue:
     def authorize(self, config: Config) -> Target:
         """Only a parameter `ssm_parameters` admits; its ARN's Region, or the first one."""
         entries = [e if e.startswith("arn:") else entry_name(e) for e in config.ssm_parameters]
-        found = allowed(entries, self.key, SERVICE)
-        if found is None:
-            shown = aws_name(self.key)
-            raise RefusedError(f"parameter not allowed: {shown!r} is not in ssm_parameters")
-        if isinstance(found, Arn):
-            target = Target(found.text, found.region)
-        elif not config.regions:
-            raise ConfigError("ssm_parameters names parameters: set region (or regions)")
-        else:
-            target = Target(aws_name(self.key), config.regions[0])
+        target = allowed_target(
+            allowed(entries, self.key, SERVICE),
+            aws_name(self.key),
+            config.regions,
+            refused=f"parameter not allowed: {aws_name(self.key)!r} is not in ssm_parameters",
+            unset="ssm_parameters names parameters: set region (or regions)",
+        )
         self.types, self.where = config.ssm_types, target.region
         return target
 
@@ -86,7 +88,8 @@ class ParameterValue:
         if not all(isinstance(x, str) for x in (name, arn, value, kind)) or version is None:
             raise ServiceUnavailableError("Parameter Store answered a malformed GetParameter")
         assert isinstance(name, str) and isinstance(arn, str) and isinstance(value, str)
-        self._check_identity(target, name, arn)
+        named = name.lstrip("/") == self.key
+        check_answered(self, target, arn, self.key, named=named, what="parameter")
         if self.query.version is not None and version != str(self.query.version):
             raise RefusedError("Parameter Store answered another version than asked for")
         if kind not in self.types:
@@ -97,21 +100,6 @@ class ParameterValue:
             return Fetched(value.encode("utf-8"), version)
         except UnicodeEncodeError:
             raise ServiceUnavailableError("Parameter Store answered a malformed value") from None
-
-    def _check_identity(self, target: Target, name: str, arn: str) -> None:
-        try:
-            parsed = Arn(arn)
-        except ValueError:
-            raise ServiceUnavailableError("Parameter Store answered a malformed ARN") from None
-        asked_arn = target.resource if target.resource.startswith("arn:") else None
-        if (
-            name.lstrip("/") != self.key
-            or parsed.name != self.key
-            or parsed.service != SERVICE
-            or parsed.region != target.region
-            or (asked_arn is not None and arn != asked_arn)
-        ):
-            raise RefusedError("Parameter Store answered with another parameter than asked for")
 
     def invalid_request(self) -> str:
         """botocore refused the parameters."""

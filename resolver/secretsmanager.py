@@ -16,17 +16,22 @@ from typing import TYPE_CHECKING, Any
 
 from kmskeys.awsname import SmQuery, parse_sm_selector
 from kmskeys.errors import InvalidNameError
-from resolver.awssource import Fetched, SourceBackend, version_text
+from resolver.awssource import (
+    Fetched,
+    SourceBackend,
+    allowed_target,
+    check_answered,
+    version_text,
+)
 from resolver.backend import Request
 from resolver.errors import (
-    ConfigError,
     RefusedError,
     ResolverError,
     ServiceUnavailableError,
     UnknownSecretError,
 )
 from resolver.gateway import Target
-from resolver.sourcename import Arn, allowed
+from resolver.sourcename import allowed
 from resolver.spec_sm import SERVICE
 
 if TYPE_CHECKING:
@@ -48,15 +53,13 @@ class SecretValue:
 
     def authorize(self, config: Config) -> Target:
         """Only a secret `sm_secrets` admits; its ARN's Region, or the first configured."""
-        found = allowed(config.sm_secrets, self.secret, SERVICE)
-        if found is None:
-            raise RefusedError(f"secret not allowed: {self.secret!r} is not in sm_secrets")
-        if isinstance(found, Arn):
-            target = Target(found.text, found.region)
-        elif not config.regions:
-            raise ConfigError("sm_secrets names secrets by name: set region (or regions)")
-        else:
-            target = Target(self.secret, config.regions[0])
+        target = allowed_target(
+            allowed(config.sm_secrets, self.secret, SERVICE),
+            self.secret,
+            config.regions,
+            refused=f"secret not allowed: {self.secret!r} is not in sm_secrets",
+            unset="sm_secrets names secrets by name: set region (or regions)",
+        )
         self.where = target.region
         return target
 
@@ -79,7 +82,7 @@ class SecretValue:
         name, arn = response.get("Name"), response.get("ARN")
         if version is None or not isinstance(name, str) or not isinstance(arn, str):
             raise ServiceUnavailableError("Secrets Manager answered a malformed GetSecretValue")
-        self._check_identity(target, name, arn)
+        check_answered(self, target, arn, self.secret, named=name == self.secret, what="secret")
         stages = response.get("VersionStages")
         stage = self.query.aws_stage
         if stage is not None and isinstance(stages, list) and stage not in stages:
@@ -95,21 +98,6 @@ class SecretValue:
         elif isinstance(binary, bytes) and text is None:
             return Fetched(binary, version, binary=True)
         raise ServiceUnavailableError("Secrets Manager answered a malformed secret value")
-
-    def _check_identity(self, target: Target, name: str, arn: str) -> None:
-        try:
-            parsed = Arn(arn)
-        except ValueError:
-            raise ServiceUnavailableError("Secrets Manager answered a malformed ARN") from None
-        asked_arn = target.resource if target.resource.startswith("arn:") else None
-        if (
-            name != self.secret
-            or parsed.name != self.secret
-            or parsed.service != SERVICE
-            or parsed.region != target.region
-            or (asked_arn is not None and arn != asked_arn)
-        ):
-            raise RefusedError("Secrets Manager answered with another secret than asked for")
 
     def invalid_request(self) -> str:
         """botocore refused the parameters."""

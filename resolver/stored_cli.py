@@ -68,6 +68,15 @@ def _add(config: config_mod.Config, store: Keystore, eid: EntryId, size: int) ->
     return store.create(entry)[1]
 
 
+def _target(
+    config: config_mod.Config, name: str, uid: int | None, machine: bool
+) -> tuple[str, str, int | None, Keystore]:
+    """NAME validated, its scope, the owner uid of a user-scope key, and the keystore."""
+    name = validate_name(name)
+    scope = _whose(config, name, uid, machine)
+    return name, scope, uid if scope == SCOPE_USER else None, Keystore(config.keystore_dir)
+
+
 def create(
     config: config_mod.Config,
     name: str,
@@ -77,10 +86,7 @@ def create(
     size: int | None = None,
 ) -> EntryId:
     """Make version 1 of (scope, NAME) at `size` (default: the policy's, else 32)."""
-    name = validate_name(name)
-    scope = _whose(config, name, uid, machine)
-    store = Keystore(config.keystore_dir)
-    owner = uid if scope == SCOPE_USER else None
+    name, scope, owner, store = _target(config, name, uid, machine)
     eid = EntryId(scope, owner, name, 1)
     kept = store.versions(scope, owner, name)
     if not kept:
@@ -104,10 +110,7 @@ def rotate(
     size: int | None = None,
 ) -> EntryId:
     """Add the next version of (scope, NAME) and return it; older versions stay."""
-    name = validate_name(name)
-    scope = _whose(config, name, uid, machine)
-    owner = uid if scope == SCOPE_USER else None
-    store = Keystore(config.keystore_dir)
+    name, scope, owner, store = _target(config, name, uid, machine)
     for _ in range(MAX_RACES):
         versions = store.versions(scope, owner, name)
         eid = EntryId(scope, owner, name, (versions[-1] if versions else 0) + 1)

@@ -17,19 +17,18 @@ runs in a thread of its own, so root's misses do not wait behind the attacker's 
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
 from pathlib import Path
 
-from kmskeys import Keyring, KmsKeysError, get_secret
+from kmskeys import Keyring, get_secret
 from tests.bench.common import BenchContext, Row, percentile, row
 from tests.support.kms_emulator import KmsEmulator
 from tests.support.kms_proxy import KmsProxy, ProxiedRequest
 from tests.support.names import unique
 from tests.support.requester import NOBODY, as_user
-from tests.upcall.harness import RESOLVER, Install, handler_pids, installed
+from tests.upcall.harness import RESOLVER, Install, flood, gate_pids, handler_pids, installed
 
 FLOOD = 200
 HOLD = 2.0  # seconds the proxy holds each of the attacker's KMS calls
@@ -58,17 +57,7 @@ def _resolver_pids(install: Install) -> list[int]:
     pids = handler_pids(install.config)
     if install.daemon is not None:
         pids.append(install.daemon.pid)
-    state = os.fsencode(install.settings["state_dir"])
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue  # gone meanwhile
-        if argv[0].endswith(b"kmskeys-gate") and state in argv:
-            pids.append(int(entry.name))
-    return pids
+    return pids + gate_pids(install)
 
 
 class Sampler:
@@ -112,28 +101,6 @@ def _victim(install: Install, runs: int) -> list[float]:
     return samples
 
 
-def _attack(install: Install, names: list[str], blobs: dict[str, str]) -> dict[str, int]:
-    """In a child as nobody: request every name at once; how each request ended."""
-    outcomes: dict[str, int] = {}
-    lock = threading.Lock()
-
-    def one(name: str) -> None:
-        try:
-            get_secret(name, blobs[name], prefix=install.prefix)
-            what = "ok"
-        except KmsKeysError as exc:
-            what = type(exc).__name__
-        with lock:
-            outcomes[what] = outcomes.get(what, 0) + 1
-
-    threads = [threading.Thread(target=one, args=(name,)) for name in names]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return outcomes
-
-
 def rows(ctx: BenchContext | None = None) -> list[Row]:
     """The hostile-flood row."""
     resolver = ctx.resolver if ctx is not None else RESOLVER
@@ -158,7 +125,7 @@ def rows(ctx: BenchContext | None = None) -> list[Row]:
                 with Sampler(install) as sampler:
                     attacker = threading.Thread(
                         target=lambda: outcome.append(
-                            as_user(NOBODY, lambda: _attack(install, names, blobs))
+                            as_user(NOBODY, lambda: flood(install, names, blobs))
                         )
                     )
                     attacker.start()

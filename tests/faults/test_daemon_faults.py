@@ -24,15 +24,14 @@ from kmskeys import (
     Keyring,
     KmsKeysError,
     TemporarilyUnavailableError,
-    get_secret,
 )
-from tests.faults.conftest import DEADLINE, NEGATIVE_TTL
+from tests.faults.conftest import DEADLINE, FAULT_SETTINGS
 from tests.faults.test_herd_and_kill import _herd
 from tests.support.kms_emulator import KmsEmulator
 from tests.support.kms_proxy import KmsProxy, ProxiedRequest, kms_error
 from tests.support.names import unique
 from tests.support.requester import NOBODY, as_user
-from tests.upcall.harness import Install, installed
+from tests.upcall.harness import Install, flood, fresh, gate_pids, installed
 
 pytestmark = pytest.mark.faults
 
@@ -51,11 +50,8 @@ def served(fault_backend: tuple[KmsEmulator, KmsProxy, str]) -> Iterator[Install
         proxy,
         key_arn,
         daemon=True,
-        deadline=DEADLINE,
-        negative_ttl=NEGATIVE_TTL,
         max_concurrent_per_uid=SLOTS,
-        kms_rate_per_uid=1000,
-        kms_burst_per_uid=100000,
+        **FAULT_SETTINGS,
     ) as install:
         yield install
 
@@ -63,14 +59,9 @@ def served(fault_backend: tuple[KmsEmulator, KmsProxy, str]) -> Iterator[Install
 @pytest.fixture
 def daemon(served: Install, session_keyring: object) -> Iterator[Install]:
     """The daemon's install with no fault, counts and log reset, in a fresh session keyring."""
-    assert served.proxy is not None and served.daemon is not None
-    served.proxy.set_fault(None)
-    served.proxy.reset_counts()
-    served.log.drain()
-    try:
+    assert served.daemon is not None
+    with fresh(served):
         yield served
-    finally:
-        served.proxy.set_fault(None)
     assert served.daemon.poll() is None, "the daemon died"
 
 
@@ -139,28 +130,6 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-def _attack(install: Install, names: list[str], blobs: dict[str, str]) -> dict[str, int]:
-    """In a child as nobody: every name at once; how each request ended."""
-    outcomes: dict[str, int] = {}
-    lock = threading.Lock()
-
-    def one(name: str) -> None:
-        try:
-            get_secret(name, blobs[name], prefix=install.prefix)
-            what = "ok"
-        except KmsKeysError as exc:
-            what = type(exc).__name__
-        with lock:
-            outcomes[what] = outcomes.get(what, 0) + 1
-
-    threads = [threading.Thread(target=one, args=(name,)) for name in names]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return outcomes
-
-
 def test_a_hostile_flood_costs_its_own_slots_and_never_holds_up_another_uid(
     daemon: Install,
 ) -> None:
@@ -187,7 +156,7 @@ def test_a_hostile_flood_costs_its_own_slots_and_never_holds_up_another_uid(
     daemon.proxy.set_fault(hold)
     outcome: list[object] = []
     attacker = threading.Thread(
-        target=lambda: outcome.append(as_user(NOBODY, lambda: _attack(daemon, names, blobs)))
+        target=lambda: outcome.append(as_user(NOBODY, lambda: flood(daemon, names, blobs)))
     )
     attacker.start()
     try:
@@ -218,20 +187,6 @@ def test_a_hostile_flood_costs_its_own_slots_and_never_holds_up_another_uid(
     assert grown < 30 * 1024, f"the daemon grew by {grown} KiB"
 
 
-def _gate_pid(install: Install) -> int | None:
-    state = os.fsencode(install.settings["state_dir"])
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"kmskeys-gate") and state in argv:
-            return int(entry.name)
-    return None
-
-
 def test_a_gate_killed_mid_request_is_logged_and_its_slot_given_back(daemon: Install) -> None:
     assert daemon.proxy is not None
     name = unique("dgate")
@@ -256,8 +211,9 @@ def test_a_gate_killed_mid_request_is_logged_and_its_slot_given_back(daemon: Ins
     thread = threading.Thread(target=caller)
     thread.start()
     assert arrived.wait(5)
-    gate = _gate_pid(daemon)
-    assert gate is not None
+    gates = gate_pids(daemon)
+    assert gates
+    gate = gates[0]
     os.kill(gate, signal.SIGKILL)
     thread.join(10)
     # Unanswered, the kernel negates the key itself.

@@ -19,7 +19,7 @@ import json
 import pytest
 
 from kmskeys import Key, TemporarilyUnavailableError
-from tests.faults.conftest import DEADLINE, NEGATIVE_TTL
+from tests.faults.conftest import FAULT_SETTINGS
 from tests.support.kms_emulator import KmsEmulator
 from tests.support.kms_proxy import DROP, Fault, KmsProxy, ProxiedRequest
 from tests.support.names import unique
@@ -69,10 +69,7 @@ def test_a_multi_region_key_is_decrypted_by_its_replica_when_a_region_fails(
         mrk,
         region=[PRIMARY, REPLICA],
         key_arns=[mrk, single],
-        deadline=DEADLINE,
-        negative_ttl=NEGATIVE_TTL,
-        kms_rate_per_uid=1000,
-        kms_burst_per_uid=100000,
+        **FAULT_SETTINGS,
     ) as install:
         name, other = unique("mrk"), unique("single")
         blob = install.blob(SECRET, name)

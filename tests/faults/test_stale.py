@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from kmskeys import Key, Keyring, TemporarilyUnavailableError
-from tests.faults.conftest import DEADLINE, NEGATIVE_TTL
+from tests.faults.conftest import DEADLINE, FAULT_SETTINGS
 from tests.support.kms_emulator import KmsEmulator
 from tests.support.kms_proxy import DROP, KmsProxy, ProxiedRequest, kms_error
 from tests.support.names import unique
@@ -37,13 +37,10 @@ def stale_install(fault_backend: tuple[KmsEmulator, KmsProxy, str]) -> Iterator[
         emulator,
         proxy,
         key_arn,
-        deadline=DEADLINE,
-        negative_ttl=NEGATIVE_TTL,
         ttl=TTL,
         stale_grace=STALE_GRACE,
         stale_ttl=STALE_TTL,
-        kms_rate_per_uid=1000,
-        kms_burst_per_uid=100000,
+        **FAULT_SETTINGS,
     ) as install:
         yield install
 

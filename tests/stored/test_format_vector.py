@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from kmskeys import dpapi
+from kmskeys import dpapi, dpapi_chunks
 
 pytestmark = pytest.mark.unit
 
@@ -50,7 +50,7 @@ def fixed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "urandom", lambda n: RANDOM[:n])
 
 
-def _protect(src: dpapi.Reader) -> bytes:
+def _protect(src: dpapi_chunks.Reader) -> bytes:
     out = io.BytesIO()
     dpapi.protect_stream(
         src, out, name="app/db", entropy=b"pepper", description="d\u00e9mo", chunk_size=4096
@@ -104,6 +104,6 @@ def test_the_plaintext_buffers_are_wiped_once_done() -> None:
     blob = _protect(io.BytesIO(DATA))
     dpapi.unprotect_stream(FileLike(blob), io.BytesIO(), entropy=b"pepper")
     _protect(FileLike(DATA))
-    pooled = dpapi._POOL
+    pooled = dpapi_chunks.POOL
     assert pooled, "the stream buffers went back to the pool"
     assert all(not any(buf) for buf in pooled if len(buf) == 4096), "plaintext left in a buffer"

@@ -22,6 +22,7 @@ from tests.upcall.harness import (
     SHORT_TTL,
     SHORT_TTL_GLOB,
     Install,
+    fresh,
     installed,
     kms_stack,
     run_resolver,
@@ -53,14 +54,8 @@ def resolver_install(kms_backend: tuple[KmsEmulator, KmsProxy, str]) -> Iterator
 @pytest.fixture
 def resolver(resolver_install: Install, session_keyring: object) -> Iterator[Install]:
     """The session install, in a fresh session keyring, with counts, faults and log reset."""
-    assert resolver_install.proxy is not None
-    resolver_install.proxy.set_fault(None)
-    resolver_install.proxy.reset_counts()
-    resolver_install.log.drain()
-    try:
+    with fresh(resolver_install):
         yield resolver_install
-    finally:
-        resolver_install.proxy.set_fault(None)
 
 
 @pytest.fixture
@@ -86,10 +81,5 @@ def sources_install(kms_backend: tuple[KmsEmulator, KmsProxy, str]) -> Iterator[
 @pytest.fixture
 def sources(sources_install: Sources, session_keyring: object) -> Iterator[Sources]:
     """That install, in a fresh session keyring, with counts, faults and log reset."""
-    sources_install.proxy.set_fault(None)
-    sources_install.proxy.reset_counts()
-    sources_install.install.log.drain()
-    try:
+    with fresh(sources_install.install):
         yield sources_install
-    finally:
-        sources_install.proxy.set_fault(None)

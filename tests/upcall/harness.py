@@ -13,13 +13,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kmskeys import get_secret
+from kmskeys import KmsKeysError, get_secret
 from tests.support.kms_emulator import TEST_CREDENTIALS, KmsEmulator
 from tests.support.kms_proxy import KmsProxy
 from tests.support.leftover_keys import flush_install
@@ -168,8 +168,22 @@ def kms_stack() -> Iterator[tuple[KmsEmulator, KmsProxy, str]]:
         emulator.stop()
 
 
-def handler_pids(config: Path) -> list[int]:
-    """Pids of running `kmskeys-resolver handle` processes of the install using `config`."""
+@contextmanager
+def fresh(install: Install) -> Iterator[Install]:
+    """A shared install for one test: no fault, counts and log lines reset; no fault after."""
+    proxy = install.proxy
+    assert proxy is not None
+    proxy.set_fault(None)
+    proxy.reset_counts()
+    install.log.drain()
+    try:
+        yield install
+    finally:
+        proxy.set_fault(None)
+
+
+def _pids(match: Callable[[list[bytes]], bool]) -> list[int]:
+    """Pids of the running processes whose argv `match` accepts."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -178,9 +192,43 @@ def handler_pids(config: Path) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue  # gone meanwhile
-        if b"handle" in argv and os.fsencode(config) in argv:
+        if match(argv):
             pids.append(int(entry.name))
     return pids
+
+
+def handler_pids(config: Path) -> list[int]:
+    """Pids of running `kmskeys-resolver handle` processes of the install using `config`."""
+    return _pids(lambda argv: b"handle" in argv and os.fsencode(config) in argv)
+
+
+def gate_pids(install: Install) -> list[int]:
+    """Pids of the install's running `kmskeys-gate` processes (the daemon's upcalls)."""
+    state = os.fsencode(install.settings["state_dir"])
+    return _pids(lambda argv: argv[0].endswith(b"kmskeys-gate") and state in argv)
+
+
+def flood(install: Install, names: list[str], blobs: dict[str, str]) -> dict[str, int]:
+    """Every name requested at once, a thread each: how many requests ended how (`ok`, or the
+    error class's name)."""
+    outcomes: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def one(name: str) -> None:
+        try:
+            get_secret(name, blobs[name], prefix=install.prefix)
+            what = "ok"
+        except KmsKeysError as exc:
+            what = type(exc).__name__
+        with lock:
+            outcomes[what] = outcomes.get(what, 0) + 1
+
+    threads = [threading.Thread(target=one, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
 
 
 def worker_pids(config: Path) -> list[int]:

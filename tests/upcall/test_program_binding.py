@@ -27,7 +27,7 @@ from tests.support.kms_emulator import KmsEmulator
 from tests.support.kms_proxy import KmsProxy, ProxiedRequest
 from tests.support.names import unique
 from tests.support.requester import NOBODY, Requester, Resident, Steps
-from tests.upcall.harness import Install, handler_pids, installed
+from tests.upcall.harness import Install, fresh, handler_pids, installed
 
 pytestmark = pytest.mark.upcall
 
@@ -52,14 +52,8 @@ def bound(kms_backend: tuple[KmsEmulator, KmsProxy, str]) -> Iterator[Install]:
 @pytest.fixture
 def install(bound: Install, session_keyring: object) -> Iterator[Install]:
     """The bound install, with counts, faults and log lines reset."""
-    assert bound.proxy is not None
-    bound.proxy.set_fault(None)
-    bound.proxy.reset_counts()
-    bound.log.drain()
-    try:
+    with fresh(bound):
         yield bound
-    finally:
-        bound.proxy.set_fault(None)
 
 
 @pytest.fixture
