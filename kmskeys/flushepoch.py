@@ -125,8 +125,8 @@ def _digest(tokens: Tokens) -> bytes:
         return bytes(8)  # never flushed: as with no directory
     digest = blake2b(digest_size=8)
     for _, token in tokens:
-        token = token or b""
-        digest.update(len(token).to_bytes(1) + token)
+        held = token or b""
+        digest.update(len(held).to_bytes(1) + held)
     return digest.digest()
 
 

@@ -35,7 +35,7 @@ from kmskeys import fileio
 from kmskeys.lowlevel.process import disable_core_dumps
 from resolver import config as config_mod
 from resolver import wire
-from resolver.awsclient import keep_clients
+from resolver.awsclient import keep_clients, warm_clients
 from resolver.errors import ConfigError
 from resolver.workers import Workers
 
@@ -195,30 +195,13 @@ def _warm_up(config: config_mod.Config) -> None:
     import resolver.blobs
     import resolver.daemon_request
     import resolver.stored
-    from resolver.awsclient import SessionClients
-    from resolver.backend import Timings
 
-    services = ["kms"]
     if config.sm_secrets:
         import resolver.secretsmanager
-        from resolver.spec_sm import SERVICE as SM
-
-        services.append(SM)
     if config.ssm_parameters:
         import resolver.parameterstore  # noqa: F401
-        from resolver.spec_ssm import SERVICE as SSM
-
-        services.append(SSM)
-    deadline = time.monotonic() + config.deadline
-    for service in services:
-        for region in config.regions:
-            try:
-                SessionClients(config).client(service, region, deadline, Timings())
-            except Exception as exc:  # the miss that needs it says why, in its own line
-                print(
-                    f"kmskeys-resolver serve: no {service} client for {region} yet: {exc}",
-                    file=sys.stderr,
-                )
+    for problem in warm_clients(config):
+        print(f"kmskeys-resolver serve: {problem}", file=sys.stderr)
 
 
 def _scrub_environment() -> None:

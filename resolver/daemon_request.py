@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from kmskeys.flushepoch import Tokens
-
     from resolver.workers import Workers
 
 

@@ -219,7 +219,15 @@ def outcome_message(
 ) -> bytes:
     """An OUTCOME message; `tokens`, the request's flush tokens as read (flushepoch.Mark.tokens)."""
     fixed = OUTCOME_FIXED.pack(
-        errno, uid, gid & 0xFFFFFFFF, perm, timeout, negative_ttl, keyring, len(payload), len(tokens)
+        errno,
+        uid,
+        gid & 0xFFFFFFFF,
+        perm,
+        timeout,
+        negative_ttl,
+        keyring,
+        len(payload),
+        len(tokens),
     )
     return header(OUTCOME, fixed + payload + _tokens(tokens))
 
