@@ -61,9 +61,13 @@ class Configs(Protocol):
 class Daemon(Protocol):
     """What a request needs of the daemon (resolver/daemon.py Daemon)."""
 
-    configs: Configs
     stopping: threading.Event
     workers: Workers
+
+    @property
+    def configs(self) -> Configs:
+        """Where its config comes from."""
+        ...
 
     def leave(self) -> None:
         """Count a request out."""
