@@ -8,7 +8,7 @@
 #define KMSKEYS_CONTRACT_H
 
 /* Each compiled part carries it; checked against kmskeys.BUILD_STAMP. */
-#define KMSKEYS_BUILD_STAMP "0.1.0+3458b4d2f7bc"
+#define KMSKEYS_BUILD_STAMP "0.1.0+da0b5ed351a4"
 
 /* a `user` key's payload, bytes */
 #define KMSKEYS_USER_PAYLOAD_MAX 32767
@@ -73,7 +73,7 @@
 /* every daemon message starts so */
 #define KMSKEYS_WIRE_MAGIC "KMKD"
 /* ... then this version */
-#define KMSKEYS_WIRE_VERSION 1
+#define KMSKEYS_WIRE_VERSION 2
 /* message type: gate to daemon */
 #define KMSKEYS_WIRE_REQUEST 1
 /* message type: daemon to gate */
@@ -99,9 +99,9 @@
 /* a request's body, bytes */
 #define KMSKEYS_WIRE_REQUEST_MAX 18885
 /* an outcome's fixed fields */
-#define KMSKEYS_WIRE_OUTCOME_FIXED 32
+#define KMSKEYS_WIRE_OUTCOME_FIXED 36
 /* an outcome's body, bytes */
-#define KMSKEYS_WIRE_OUTCOME_MAX 32799
+#define KMSKEYS_WIRE_OUTCOME_MAX 33121
 /* outcome wait at most */
 #define KMSKEYS_WIRE_OUTCOME_WAIT_MAX_MS 65000
 /* an answered key's timeout at most */
@@ -122,5 +122,17 @@
 #define KMSKEYS_WIRE_STEP_TIMEOUT 3
 /* report: instantiate failed */
 #define KMSKEYS_WIRE_STEP_INSTANTIATE 4
+/* report: flushed, rejected EAGAIN */
+#define KMSKEYS_WIRE_STEP_FLUSHED 5
+/* outcome: no such token file */
+#define KMSKEYS_WIRE_TOKEN_ABSENT 0xffffffffU
+/* outcome: flush tokens at most */
+#define KMSKEYS_WIRE_TOKEN_FILES_MAX 3
+/* ... a file's name, bytes */
+#define KMSKEYS_WIRE_TOKEN_FILE_NAME_MAX 34
+/* ... its content, bytes */
+#define KMSKEYS_WIRE_TOKEN_MAX 64
+/* state_dir's flush tokens' directory */
+#define KMSKEYS_WIRE_FLUSH_DIR "flush"
 
 #endif

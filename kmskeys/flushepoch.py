@@ -35,6 +35,15 @@ from kmskeys import fileio
 FLUSH_DIR = "flush"
 EVERYTHING = "all"
 _TOKEN_BYTES = 16
+# The most a token file may hold (what is read of one, and what kmskeys-gate compares).
+TOKEN_MAX = 64
+# The most token files one request has (everything, its prefix, its name) and the longest name
+# of one ("n-" and 32 hex digits): kmskeys-gate's bounds, through kmskeys/contract.h.
+TOKEN_FILES_MAX = 3
+TOKEN_FILE_NAME_MAX = 34
+
+# Each token file of a request, and what it holds (None: absent).
+Tokens = tuple[tuple[str, bytes | None], ...]
 
 
 def _name_file(prefix: str, name: str) -> str:
@@ -64,6 +73,14 @@ class Mark:
         """True if root flushed this request's name (or its prefix, or everything) since."""
         return current(self.state_dir, self.prefix, self.name) != self.token
 
+    def tokens(self) -> Tokens | None:
+        """The token files as they read now if no flush reached this request since, else None:
+        what kmskeys-gate compares again, at its last moment before an answer (the daemon's
+        path; docs/resolver.md). Read once and compared to the mark, so that a flush between
+        this comparison and the gate's is seen by the gate."""
+        found = read_tokens(self.state_dir, self.prefix, self.name)
+        return found if _digest(found) == self.token else None
+
 
 def mark(state_dir: Path, prefix: str, name: str | None = None) -> Mark:
     """The tokens of `prefix:name` now: taken before a request reads anything."""
@@ -72,29 +89,45 @@ def mark(state_dir: Path, prefix: str, name: str | None = None) -> Mark:
 
 def current(state_dir: Path, prefix: str, name: str | None = None) -> bytes:
     """The tokens of `prefix:name` (every flush that reaches it changes them), as 8 bytes."""
+    return _digest(read_tokens(state_dir, prefix, name))
+
+
+def read_tokens(state_dir: Path, prefix: str, name: str | None = None) -> Tokens:
+    """Each token file of `prefix:name` in `state_dir/flush/` and its bytes (None: absent)."""
+    files = _files(prefix, name)
     try:
         dir_fd = fileio.open_dir(
             Path(state_dir) / FLUSH_DIR, f"flush epoch {state_dir}/{FLUSH_DIR}", fileio.PRIVATE
         )
     except fileio.UntrustedFileError as exc:
         if exc.problem == fileio.MISSING:
-            return bytes(8)  # never flushed
+            return tuple((file, None) for file in files)  # never flushed
         raise
     try:
-        digest = blake2b(digest_size=8)
-        found = False
-        for file in _files(prefix, name):
+        found: list[tuple[str, bytes | None]] = []
+        for file in files:
             try:
-                token = fileio.read_file(file, 64, "flush epoch", fileio.PRIVATE, dir_fd=dir_fd)
-                found = True
+                token: bytes | None = fileio.read_file(
+                    file, TOKEN_MAX, "flush epoch", fileio.PRIVATE, dir_fd=dir_fd
+                )
             except fileio.UntrustedFileError as exc:
                 if exc.problem != fileio.MISSING:
                     raise
-                token = b""
-            digest.update(len(token).to_bytes(1) + token)
-        return digest.digest() if found else bytes(8)  # never flushed: as with no directory
+                token = None
+            found.append((file, token))
+        return tuple(found)
     finally:
         os.close(dir_fd)
+
+
+def _digest(tokens: Tokens) -> bytes:
+    if all(token is None for _, token in tokens):
+        return bytes(8)  # never flushed: as with no directory
+    digest = blake2b(digest_size=8)
+    for _, token in tokens:
+        held = token or b""
+        digest.update(len(held).to_bytes(1) + held)
+    return digest.digest()
 
 
 def bump(state_dir: Path, prefix: str | None, name: str | None) -> None:

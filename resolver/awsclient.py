@@ -40,6 +40,27 @@ def keep_clients() -> None:
     _Kept.clients = {}
 
 
+def warm_clients(config: Config) -> list[str]:
+    """Build now one client per service the config reads (KMS; Secrets Manager and Parameter
+    Store when it lists any) and configured region, which a process that keeps its clients
+    keeps: what its first request would otherwise pay for. Why each one that failed did."""
+    from resolver.spec_sm import SERVICE as SM
+    from resolver.spec_ssm import SERVICE as SSM
+
+    services = ["kms"]
+    services += [SM] if config.sm_secrets else []
+    services += [SSM] if config.ssm_parameters else []
+    deadline = time.monotonic() + config.deadline
+    problems = []
+    for service in services:
+        for region in config.regions:
+            try:
+                SessionClients(config).client(service, region, deadline, Timings())
+            except Exception as exc:  # the request that needs it says why, in its own line
+                problems.append(f"no {service} client for {region} yet: {exc}")
+    return problems
+
+
 class Clients(Protocol):
     """Where the gateway gets a botocore client of `service` in `region`."""
 

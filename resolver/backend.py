@@ -103,13 +103,15 @@ class Context:
     failure is logged with too (the source of a blob that then failed to decrypt, say).
     `binding` is the request's program binding (resolver/binding.py), which a backend asks for
     the requester's unit (a unit-bound blob); None where no request is identified (prefetch).
-    `flush`: the request's flush epoch (kmskeys/flushepoch.py), None outside a request."""
+    `flush`: the request's flush epoch (kmskeys/flushepoch.py), None outside a request.
+    `via`: who resolves it when not a miss (`refresh`: the refresher), for a line logged later."""
 
-    __slots__ = ("binding", "budget", "deadline", "flush", "notes", "timings")
+    __slots__ = ("binding", "budget", "deadline", "flush", "notes", "timings", "via")
 
-    def __init__(self, deadline: float, budget: Budget) -> None:
+    def __init__(self, deadline: float, budget: Budget, via: str | None = None) -> None:
         self.deadline = deadline
         self.budget = budget
+        self.via = via
         self.timings = Timings()
         self.notes: dict[str, str] = {}
         self.binding: ProgramBinding | None = None

@@ -146,7 +146,7 @@ class Through:
                 "running already"
             )
             return background.Finished(error=ServiceUnavailableError(why))
-        task = self._late_logged(self._task(context, ttl), until)
+        task = self._late_logged(self._task(context, ttl), until, context.via)
         owned = (lock.hand_over(), slot)
         try:
             pending = background.runner().start(task, owned, context.deadline)
@@ -184,19 +184,19 @@ class Through:
 
         return task
 
-    def _late_logged(self, task: background.Task, until: float) -> background.Task:
+    def _late_logged(self, task: background.Task, until: float, via: str | None) -> background.Task:
         """`task`, which logs its own line when it ends after the request was answered."""
 
         def logged() -> background.Finished:
             started = time.monotonic()
             done = task()
             if time.monotonic() > until:
-                self._log_late(done, started)
+                self._log_late(done, started, via)
             return done
 
         return logged
 
-    def _log_late(self, done: background.Finished, started: float) -> None:
+    def _log_late(self, done: background.Finished, started: float, via: str | None) -> None:
         from resolver.answer import log_writer
         from resolver.log import LOG_INFO, LOG_WARNING, format_fields
 
@@ -210,6 +210,7 @@ class Through:
             reason=None if error is None else error.reason,
             cache=done.note or None,
             ms=f"{(time.monotonic() - started) * 1000:.0f}",
+            via=via,
         )
         log_writer(self.config).emit(LOG_INFO if error is None else LOG_WARNING, line)
 

@@ -11,7 +11,8 @@ uid holds that request's thread alone, never another uid's miss.
 What keeps it bounded under a hostile flood: the gate's flock slots come first, so at most
 `max_concurrent_per_uid` requests of a uid (of a subuid range's owner) ever reach the daemon,
 each holding its slot; and the daemon takes at most MAX_ACTIVE requests at once, declining the
-rest to the handler (today's cold path, with the same slots).
+rest to the handler (today's cold path, with the same slots). A request's threads come from
+resolver/workers.py: kept warm between misses, never shared by two requests at once.
 
 Trust runs both ways and rests on the kernel's peer credentials (SO_PEERCRED): the daemon
 serves uid 0 alone, and the gate believes only a socket of root's, in a root-owned directory,
@@ -20,6 +21,7 @@ whose listener is uid 0. The daemon re-validates everything the gate sends.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -33,8 +35,9 @@ from kmskeys import fileio
 from kmskeys.lowlevel.process import disable_core_dumps
 from resolver import config as config_mod
 from resolver import wire
-from resolver.awsclient import keep_clients
+from resolver.awsclient import keep_clients, warm_clients
 from resolver.errors import ConfigError
+from resolver.workers import Workers
 
 # Requests in the daemon at once (each a thread, plus its pipeline's): beyond, the gate runs the
 # handler. The gate's slots bound each uid far below this.
@@ -93,6 +96,8 @@ class Daemon:
         self._inode: int | None = None
         self._active = 0
         self._idle = threading.Condition()
+        # Every thread of a request (its connection's, its pipeline's), kept warm between misses.
+        self.workers = Workers("kmskeys-serve")
 
     def bind(self) -> None:
         """Create the root-only socket, replacing a stale one atomically."""
@@ -133,11 +138,8 @@ class Daemon:
             if not self.enter():
                 _decline(conn)
                 continue
-            thread = threading.Thread(
-                target=serve_connection, args=(self, conn), name="gate", daemon=True
-            )
             try:
-                thread.start()
+                self.workers.submit(functools.partial(serve_connection, self, conn))
             except RuntimeError:  # no thread to be had: the handler answers instead
                 self.leave()
                 _decline(conn)
@@ -193,30 +195,13 @@ def _warm_up(config: config_mod.Config) -> None:
     import resolver.blobs
     import resolver.daemon_request
     import resolver.stored
-    from resolver.awsclient import SessionClients
-    from resolver.backend import Timings
 
-    services = ["kms"]
     if config.sm_secrets:
         import resolver.secretsmanager
-        from resolver.spec_sm import SERVICE as SM
-
-        services.append(SM)
     if config.ssm_parameters:
         import resolver.parameterstore  # noqa: F401
-        from resolver.spec_ssm import SERVICE as SSM
-
-        services.append(SSM)
-    deadline = time.monotonic() + config.deadline
-    for service in services:
-        for region in config.regions:
-            try:
-                SessionClients(config).client(service, region, deadline, Timings())
-            except Exception as exc:  # the miss that needs it says why, in its own line
-                print(
-                    f"kmskeys-resolver serve: no {service} client for {region} yet: {exc}",
-                    file=sys.stderr,
-                )
+    for problem in warm_clients(config):
+        print(f"kmskeys-resolver serve: {problem}", file=sys.stderr)
 
 
 def _scrub_environment() -> None:

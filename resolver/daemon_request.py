@@ -17,7 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kmskeys.errors import InvalidNameError, KeyctlError, error_for_errno
+from kmskeys.errors import InvalidNameError, KeyctlError, KmsKeysError, error_for_errno
 from resolver import config as config_mod
 from resolver import pipeline, wire
 from resolver.answer import answer, flushed, log_writer
@@ -44,6 +44,9 @@ from resolver.requester import AuthView, IdentityError, auth_records
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from kmskeys.flushepoch import Tokens
+    from resolver.workers import Workers
+
 
 class Configs(Protocol):
     """Where the daemon's config comes from (resolver/daemon.py ConfigCache)."""
@@ -58,8 +61,13 @@ class Configs(Protocol):
 class Daemon(Protocol):
     """What a request needs of the daemon (resolver/daemon.py Daemon)."""
 
-    configs: Configs
     stopping: threading.Event
+    workers: Workers
+
+    @property
+    def configs(self) -> Configs:
+        """Where its config comes from."""
+        ...
 
     def leave(self) -> None:
         """Count a request out."""
@@ -283,7 +291,7 @@ class Miss:
         slot = os.dup(self.slot)
         self.ticket.share()
         try:
-            resolution.start(slot, self.ticket)
+            resolution.start(self.daemon.workers, slot, self.ticket)
         except RuntimeError:  # no thread to be had: answered EAGAIN, never left waiting
             os.close(slot)
             self.ticket.drop()
@@ -336,8 +344,8 @@ class Miss:
         """Send the Outcome, wait for the gate's REPORT, write the line from it."""
         if not accepted and not self._accept(deadline):
             return
-        outcome = _unflushed(outcome)
-        if not self._send(_outcome_message(outcome)):
+        outcome, tokens = _unflushed(outcome)
+        if not self._send(_outcome_message(outcome, tokens)):
             if not self._abandoned():
                 self._gone_after(outcome, started)
             return
@@ -349,6 +357,8 @@ class Miss:
             self._gone_after(outcome, started)
             return
         if report is not None:
+            if report.step == wire.STEP_FLUSHED:
+                outcome = _flushed_meanwhile(outcome)
             if report.step == wire.STEP_NONE and outcome.answered and self.resolved is not None:
                 # The gate instantiated the key: the refresher (`kmskeys-resolver refresh`)
                 # renews it before it expires. Recorded before the line is written, so that a
@@ -387,10 +397,9 @@ class Resolution:
         self.outcome: Outcome | None = None
         self.done = threading.Event()
 
-    def start(self, slot: int, ticket: Ticket) -> None:
+    def start(self, workers: Workers, slot: int, ticket: Ticket) -> None:
         """Run the pipeline; the thread closes `slot` and drops `ticket` when it is done."""
-        thread = threading.Thread(target=self._run, args=(slot, ticket), name="miss", daemon=True)
-        thread.start()
+        workers.submit(lambda: self._run(slot, ticket))
 
     def finish(self, outcome: Outcome) -> None:
         """The request's Outcome is known."""
@@ -465,15 +474,30 @@ def _facts(asked: KernelRequest, config: config_mod.Config) -> dict[str, str | N
         return {"name": asked.description}
 
 
-def _unflushed(outcome: Outcome) -> Outcome:
-    """The outcome to send, EAGAIN (never cached) if root flushed its name since it started."""
-    if flushed(outcome):
-        why = ServiceUnavailableError("flushed by root while resolving; ask again")
-        outcome = outcome.rejected(why)
-    return outcome.replace(flush=None)
+def _unflushed(outcome: Outcome) -> tuple[Outcome, Tokens]:
+    """The outcome to send, EAGAIN (never cached) if root flushed its name since it started, and
+    the flush tokens it was resolved under, as the gate is to find them still (from this read
+    on, a flush is the gate's to see: resolver/gate_daemon.c)."""
+    tokens: Tokens | None = ()
+    if outcome.flush is not None:
+        try:
+            tokens = outcome.flush.tokens()
+        except (OSError, KmsKeysError):  # an unsafe token directory: as flushed (answer.py)
+            tokens = None
+    if tokens is None:
+        outcome, tokens = outcome.rejected(_FLUSHED), ()
+    return outcome.replace(flush=None), tokens
 
 
-def _outcome_message(outcome: Outcome) -> bytes:
+def _flushed_meanwhile(outcome: Outcome) -> Outcome:
+    """What the gate answered when it found a flush token changed: EAGAIN."""
+    return outcome.rejected(_FLUSHED)
+
+
+_FLUSHED = ServiceUnavailableError("flushed by root while resolving; ask again")
+
+
+def _outcome_message(outcome: Outcome, tokens: Tokens) -> bytes:
     if outcome.answered:
         if outcome.perm & ~wire.ANSWER_PERM_ALLOWED:
             error = RefusedError(f"the answer's mask {outcome.perm:08x} is not one the gate allows")
@@ -487,6 +511,7 @@ def _outcome_message(outcome: Outcome) -> bytes:
                 timeout=outcome.timeout,
                 negative_ttl=outcome.negative_ttl,
                 payload=outcome.payload,
+                tokens=tokens,
             )
     return wire.outcome_message(
         outcome.errno,
@@ -495,4 +520,5 @@ def _outcome_message(outcome: Outcome) -> bytes:
         perm=0,
         timeout=outcome.timeout,
         negative_ttl=outcome.negative_ttl,
+        tokens=tokens,
     )

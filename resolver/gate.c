@@ -112,7 +112,7 @@ long monotonic_ms(void)
 }
 
 /* kmskeys/trust.py unsafe_reason, plus the state_dir's own rule: root-only. */
-static int trusted(int fd, int private_mode)
+int trusted(int fd, int private_mode)
 {
     struct stat st;
     if (fstat(fd, &st) || st.st_uid != 0 || (st.st_mode & (S_IWGRP | S_IWOTH)))
@@ -120,7 +120,7 @@ static int trusted(int fd, int private_mode)
     return !private_mode || !(st.st_mode & (S_IRWXG | S_IRWXO));
 }
 
-static int open_state_dir(const struct args *a)
+int open_state_dir(const struct args *a)
 {
     if (mkdir(a->state_dir, 0700) && errno != EEXIST)
         return -1;

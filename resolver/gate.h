@@ -90,6 +90,10 @@ static inline void put_header(unsigned char *p, int type, size_t length)
 
 /* gate.c */
 long monotonic_ms(void);
+/* 1 if `fd` is root's and nobody else may write it (with `private_mode`, nor read it either). */
+int trusted(int fd, int private_mode);
+/* The state_dir, checked as root's alone (created if missing); -1 if it is not to be used. */
+int open_state_dir(const struct args *a);
 void log_line(const struct args *a, int severity, const char *outcome, const char *errno_name,
               const char *reason);
 int reject_key(const struct args *a, long ttl, int error);

@@ -3,7 +3,9 @@
  * request to `kmskeys-resolver serve`, then answer the key as it says, exactly as
  * resolver/answer.py would (chown, setperm, set_timeout, instantiate; a full quota is EDQUOT,
  * any other failure EKEYREJECTED; or reject with the errno and ttl given), and report what the
- * kernel said, so that the daemon writes the request's one log line.
+ * kernel said, so that the daemon writes the request's one log line. Right before it answers,
+ * after the key's owner and mask are set, it reads the request's flush tokens again and
+ * rejects EAGAIN if root flushed the name since the daemon read them (kmskeys/flushepoch.py).
  *
  * Trust: the daemon's socket must be root's, in a root-owned directory nobody else may write,
  * and its listener uid 0 (SO_PEERCRED); otherwise nothing it could say is believed and the
@@ -36,9 +38,10 @@ enum { READ_OK = 0, READ_TIMEOUT = -1, READ_CLOSED = -2, READ_BAD = -3 };
 
 struct outcome {
     int32_t error;
-    uint32_t uid, gid, perm, timeout, negative_ttl, length;
+    uint32_t uid, gid, perm, timeout, negative_ttl, length, tokens;
     int32_t keyring;
     const unsigned char *payload;
+    const unsigned char *token_data; /* `tokens` flush tokens, checked by parse_tokens */
 };
 
 /* >0 when `fd` is ready for `events` before `deadline` (monotonic ms), 0 on timeout. */
@@ -214,6 +217,35 @@ static void send_small(int sock, int type, const unsigned char *body, size_t len
     send_all(sock, message, HEADER_SIZE + len, -1, monotonic_ms() + KMSKEYS_WIRE_REPORT_WAIT_MS);
 }
 
+/* The flush tokens after the payload (resolver/wire.py OUTCOME): exactly `count` of them in
+ * `len` bytes, each a file name of [a-z0-9-] within its bound and a content within its bound,
+ * or absent. 0 if they are. */
+static int parse_tokens(const unsigned char *p, size_t len, uint32_t count)
+{
+    if (count > KMSKEYS_WIRE_TOKEN_FILES_MAX)
+        return -1;
+    for (uint32_t i = 0; i < count; i++) {
+        if (len < 4)
+            return -1;
+        uint32_t name = get32(p);
+        if (name < 1 || name > KMSKEYS_WIRE_TOKEN_FILE_NAME_MAX || len - 4 < name + 4)
+            return -1;
+        for (uint32_t j = 0; j < name; j++)
+            if (!((p[4 + j] >= 'a' && p[4 + j] <= 'z') || (p[4 + j] >= '0' && p[4 + j] <= '9') ||
+                  p[4 + j] == '-'))
+                return -1;
+        p += 4 + name, len -= 4 + name;
+        uint32_t content = get32(p);
+        p += 4, len -= 4;
+        if (content == KMSKEYS_WIRE_TOKEN_ABSENT)
+            continue;
+        if (content > KMSKEYS_WIRE_TOKEN_MAX || len < content)
+            return -1;
+        p += content, len -= content;
+    }
+    return len == 0 ? 0 : -1;
+}
+
 /* The OUTCOME fields, checked against the request and the wire's bounds: 0 if believable. */
 static int parse_outcome(const struct args *a, const unsigned char *body, size_t len, struct outcome *o)
 {
@@ -221,10 +253,12 @@ static int parse_outcome(const struct args *a, const unsigned char *body, size_t
         return -1;
     o->error = (int32_t)get32(body), o->uid = get32(body + 4), o->gid = get32(body + 8);
     o->perm = get32(body + 12), o->timeout = get32(body + 16), o->negative_ttl = get32(body + 20);
-    o->keyring = (int32_t)get32(body + 24), o->length = get32(body + 28);
+    o->keyring = (int32_t)get32(body + 24), o->length = get32(body + 28), o->tokens = get32(body + 32);
     o->payload = body + KMSKEYS_WIRE_OUTCOME_FIXED;
-    if (len != KMSKEYS_WIRE_OUTCOME_FIXED + (size_t)o->length || o->negative_ttl < 1 ||
-        o->negative_ttl > KMSKEYS_MAX_NEGATIVE_TTL)
+    o->token_data = o->payload + o->length;
+    if (len - KMSKEYS_WIRE_OUTCOME_FIXED < (size_t)o->length ||
+        parse_tokens(o->token_data, len - KMSKEYS_WIRE_OUTCOME_FIXED - o->length, o->tokens) ||
+        o->negative_ttl < 1 || o->negative_ttl > KMSKEYS_MAX_NEGATIVE_TTL)
         return -1;
     if (o->error == 0)
         /* An answer: to the requester, within the key's bounds, never a mask that lets anyone
@@ -242,6 +276,59 @@ static int parse_outcome(const struct args *a, const unsigned char *body, size_t
     return known && o->length == 0 && o->timeout >= 1 && o->timeout <= KMSKEYS_MAX_NEGATIVE_TTL ? 0 : -1;
 }
 
+/* 1 if token `name` (in the open flush directory `dir`, -1 if there is none) no longer holds
+ * `want` bytes of `expected` (or is no longer absent), or cannot be read as the resolver reads
+ * it (kmskeys/fileio.py PRIVATE: a regular file of root's that nobody else may read or write). */
+static int token_changed(int dir, const char *name, uint32_t want, const unsigned char *expected)
+{
+    int fd = dir < 0 ? -1 : openat(dir, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY);
+    if (fd < 0)
+        return !((dir < 0 || errno == ENOENT) && want == KMSKEYS_WIRE_TOKEN_ABSENT);
+    unsigned char got[KMSKEYS_WIRE_TOKEN_MAX + 1];
+    struct stat st;
+    ssize_t n = -1;
+    if (!fstat(fd, &st) && S_ISREG(st.st_mode) && trusted(fd, 1))
+        n = read(fd, got, sizeof got);
+    close(fd);
+    return want == KMSKEYS_WIRE_TOKEN_ABSENT || n != (ssize_t)want || memcmp(got, expected, want) != 0;
+}
+
+/* 1 if root flushed the request's name since the daemon read its tokens (kmskeys/flushepoch.py),
+ * or its tokens cannot be read (as the resolver, that counts as flushed: EAGAIN); 0 if not. */
+static int flushed(const struct args *a, const struct outcome *o)
+{
+    if (o->tokens == 0)
+        return 0;
+    int state = open_state_dir(a);
+    if (state < 0)
+        return 1;
+    int dir = openat(state, KMSKEYS_WIRE_FLUSH_DIR, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
+    int missing = dir < 0 && errno == ENOENT;
+    close(state);
+    if ((dir < 0 && !missing) || (dir >= 0 && !trusted(dir, 1))) {
+        if (dir >= 0)
+            close(dir);
+        return 1;
+    }
+    const unsigned char *p = o->token_data; /* as parse_tokens checked it */
+    int changed = 0;
+    for (uint32_t i = 0; i < o->tokens && !changed; i++) {
+        char name[KMSKEYS_WIRE_TOKEN_FILE_NAME_MAX + 1];
+        uint32_t len = get32(p);
+        memcpy(name, p + 4, len);
+        name[len] = '\0';
+        p += 4 + len;
+        uint32_t want = get32(p);
+        p += 4;
+        changed = token_changed(dir, name, want, p);
+        if (want != KMSKEYS_WIRE_TOKEN_ABSENT)
+            p += want;
+    }
+    if (dir >= 0)
+        close(dir);
+    return changed;
+}
+
 /* Answer the key as resolver/answer.py does; REPORT's body says what the kernel said. */
 static void carry_out(const struct args *a, const struct outcome *o, unsigned char report[16])
 {
@@ -256,15 +343,29 @@ static void carry_out(const struct args *a, const struct outcome *o, unsigned ch
             step = KMSKEYS_WIRE_STEP_SETPERM;
         else if (syscall(SYS_keyctl, KEYCTL_SET_TIMEOUT, key, (unsigned long)o->timeout))
             step = KMSKEYS_WIRE_STEP_TIMEOUT;
+        /* After the owner, admin group and mask (a flush from now on finds the key and
+         * invalidates it), before the payload (a flush before now is seen here). */
+        else if (flushed(a, o))
+            step = KMSKEYS_WIRE_STEP_FLUSHED;
         else if (syscall(SYS_keyctl, KEYCTL_INSTANTIATE, key, o->payload, (size_t)o->length,
                          (long)o->keyring))
             step = KMSKEYS_WIRE_STEP_INSTANTIATE;
-        if (step != KMSKEYS_WIRE_STEP_NONE) {
+        if (step == KMSKEYS_WIRE_STEP_FLUSHED) {
+            /* The answer may hold what the flush removed: EAGAIN, which the kernel never
+             * caches; the requester asks again. */
+            reject = KMSKEYS_ERRNO_UNAVAILABLE;
+            ttl = o->negative_ttl;
+        } else if (step != KMSKEYS_WIRE_STEP_NONE) {
             failed = errno;
             /* A full key quota is said as such (doctor explains it); anything else refuses. */
             reject = failed == EDQUOT ? KMSKEYS_ERRNO_QUOTA : KMSKEYS_ERRNO_REFUSED;
             ttl = o->negative_ttl;
         }
+    } else if (flushed(a, o)) {
+        /* A refusal decided before the flush (of a blob deployed since, say): never cached. */
+        step = KMSKEYS_WIRE_STEP_FLUSHED;
+        reject = KMSKEYS_ERRNO_UNAVAILABLE;
+        ttl = o->negative_ttl;
     } else {
         reject = o->error;
     }

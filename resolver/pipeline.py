@@ -87,13 +87,16 @@ def resolve(
     *,
     budget: Budget | None = None,
     fired: Callable[[], bool] = lambda: False,
+    via: str | None = None,
 ) -> Outcome:
     """The Outcome of `asked` under `config` within `deadline` (time.monotonic()).
 
     `budget` pays for its AWS calls (by default the requester's uid bucket); `fired` says
-    whether the caller's watchdog has fired, which makes any failure EAGAIN (`failure`).
+    whether the caller's watchdog has fired, which makes any failure EAGAIN (`failure`); `via`
+    names who resolves it when not a miss (the refresher), in lines logged after it returns.
     """
-    context = Context(deadline, budget if budget is not None else UidBudget(config, asked.uid))
+    spent = budget if budget is not None else UidBudget(config, asked.uid)
+    context = Context(deadline, spent, via)
     facts: dict[str, str | None] = {"name": asked.description, "user": None}
     try:
         result = _resolve(asked, config, context, facts)

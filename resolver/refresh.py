@@ -47,6 +47,7 @@ from kmskeys.errors import KmsKeysError
 from kmskeys.hostflush import admin_gid
 from resolver import keyrecords, pipeline
 from resolver.answer import flushed, log_writer
+from resolver.awsclient import keep_clients, warm_clients
 from resolver.hostcache import boottime
 from resolver.keyrecords import RENEWABLE, Record
 from resolver.limits import open_state_file
@@ -63,7 +64,8 @@ RETRY_AFTER = 2.0  # seconds before a refresh that found KMS unavailable is trie
 # to fsuid 0); any uid but the owner's does, this one is the kernel's overflow uid.
 NOT_OWNER = 65534
 LOCK_FILE = "refresher.lock"
-VIA = " via=refresh"
+REFRESH = "refresh"
+VIA = f" via={REFRESH}"
 
 
 def due_after(answered: float, timeout: int, deadline: float) -> float:
@@ -142,7 +144,7 @@ def refresh_key(config: Config, record: Record, log: SyslogWriter) -> tuple[str,
     asked = pipeline.KernelRequest(
         record.serial, record.description, record.uid, record.gid, callout=record.callout
     )
-    outcome = pipeline.resolve(asked, config, started + config.deadline)
+    outcome = pipeline.resolve(asked, config, started + config.deadline, via=REFRESH)
     if outcome.answered and flushed(outcome):
         # Root flushed it meanwhile: the flush invalidates the key; never renew it with this.
         return "not renewed: flushed while resolving", None
@@ -240,6 +242,11 @@ def run(config: Config, stop: threading.Event) -> None:
     lock = _exclusive(config, stop)
     if lock is None:
         return
+    # One client per service and region for the loop's lifetime, as the resolver daemon keeps
+    # its own: a client built per renewal costs 0.1-0.25 s (and botocore's import the first
+    # time), against a lead of about a second before a short-lived key expires.
+    keep_clients()
+    warm_clients(config)
     refresher = Refresher(config)
     refresher.scan()
     started = format_fields(config=config.path, refresh="running", keys=len(refresher.known))

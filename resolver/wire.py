@@ -6,7 +6,8 @@ Every message is a 12-byte header, then its body:
 
 The gate sends REQUEST with its slot fd attached (SCM_RIGHTS); the daemon answers ACCEPTED
 (how long the gate may wait for the outcome) or DECLINED (the gate runs the handler instead),
-then OUTCOME; the gate carries it out on the key and sends REPORT (what the kernel said), or
+then OUTCOME (with the request's flush tokens, which the gate compares again at its last
+moment); the gate carries it out on the key and sends REPORT (what the kernel said), or
 ABANDON when it stopped waiting and answered or fell back by itself. Bodies are fixed-layout
 integers followed by length-prefixed byte strings, every length bounded: nothing the C side
 reads is text to parse, and the daemon re-validates every field (resolver/daemon_request.py).
@@ -33,10 +34,11 @@ from kmskeys.contract import (
     USER_PAYLOAD_MAX,
     USER_SHIFT,
 )
+from kmskeys.flushepoch import TOKEN_FILE_NAME_MAX, TOKEN_FILES_MAX, TOKEN_MAX, Tokens
 from resolver.validators import MAX_NEGATIVE_TTL, MAX_TTL, MAX_TTL_JITTER
 
 MAGIC = b"KMKD"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("!4sHHI")
 REQUEST, ACCEPTED, DECLINED, OUTCOME, REPORT, ABANDON = 1, 2, 3, 4, 5, 6
 NAMES = {
@@ -88,10 +90,17 @@ ACCEPTED_BODY = struct.Struct("!I")
 OUTCOME_WAIT_MAX_MS = 65_000
 
 # OUTCOME: errno (0: instantiate), uid, gid, perm, timeout, negative_ttl, the keyring to link
-# into on instantiation (0, or a KEY_SPEC_* id: the request's destination), payload length;
-# then the payload (1..USER_PAYLOAD_MAX bytes for an answer, none for a rejection).
-OUTCOME_FIXED = struct.Struct("!iIIIIIiI")
-OUTCOME_MAX = OUTCOME_FIXED.size + USER_PAYLOAD_MAX
+# into on instantiation (0, or a KEY_SPEC_* id: the request's destination), payload length, and
+# how many flush tokens follow; then the payload (1..USER_PAYLOAD_MAX bytes for an answer, none
+# for a rejection); then each flush token of the request (kmskeys/flushepoch.py): its file's
+# name in the gate's own `state_dir/flush/` (u32 length, bytes: [a-z0-9-], at most
+# TOKEN_FILE_NAME_MAX) and what the daemon read in it (u32 length, bytes, at most TOKEN_MAX;
+# TOKEN_ABSENT for no such file). The gate reads them again after the key's owner and mask are
+# set, right before it answers, and rejects EAGAIN (STEP_FLUSHED) if one changed.
+OUTCOME_FIXED = struct.Struct("!iIIIIIiII")
+TOKEN_ABSENT = 0xFFFFFFFF
+FLUSH_TOKENS_MAX = (2 * STRING_LENGTH.size + TOKEN_FILE_NAME_MAX + TOKEN_MAX) * TOKEN_FILES_MAX
+OUTCOME_MAX = OUTCOME_FIXED.size + USER_PAYLOAD_MAX + FLUSH_TOKENS_MAX
 # The bits an answer's mask may hold, checked by the gate too: view, read, search and link for
 # possessors and the owner, the admin group's view and search; never write or setattr, never
 # anything for others (kmskeys/contract.py RESOLVED_KEY_PERM says why).
@@ -106,7 +115,8 @@ NEGATIVE_TTL_MAX = MAX_NEGATIVE_TTL
 REPORT_BODY = struct.Struct("!Iiii")
 # How long the gate tries to hand over a REPORT or ABANDON (small messages, sent at once).
 REPORT_WAIT_MS = 1000
-STEP_NONE, STEP_CHOWN, STEP_SETPERM, STEP_TIMEOUT, STEP_INSTANTIATE = range(5)
+# STEP_FLUSHED: a flush token changed (nothing failed): the gate rejected the key EAGAIN.
+STEP_NONE, STEP_CHOWN, STEP_SETPERM, STEP_TIMEOUT, STEP_INSTANTIATE, STEP_FLUSHED = range(6)
 
 
 class WireError(ValueError):
@@ -205,12 +215,42 @@ def outcome_message(
     negative_ttl: int,
     keyring: int = 0,
     payload: bytes = b"",
+    tokens: Tokens = (),
 ) -> bytes:
-    """An OUTCOME message."""
+    """An OUTCOME message; `tokens`, the request's flush tokens as read (flushepoch.Mark.tokens)."""
     fixed = OUTCOME_FIXED.pack(
-        errno, uid, gid & 0xFFFFFFFF, perm, timeout, negative_ttl, keyring, len(payload)
+        errno,
+        uid,
+        gid & 0xFFFFFFFF,
+        perm,
+        timeout,
+        negative_ttl,
+        keyring,
+        len(payload),
+        len(tokens),
     )
-    return header(OUTCOME, fixed + payload)
+    return header(OUTCOME, fixed + payload + _tokens(tokens))
+
+
+def _tokens(tokens: Tokens) -> bytes:
+    if len(tokens) > TOKEN_FILES_MAX:
+        raise WireError(f"{len(tokens)} flush tokens")
+    out = []
+    for file, token in tokens:
+        name = file.encode("ascii")
+        if len(name) > TOKEN_FILE_NAME_MAX or not set(name) <= _TOKEN_NAME_BYTES:
+            raise WireError(f"flush token file {file!r}")
+        out.append(STRING_LENGTH.pack(len(name)) + name)
+        if token is None:
+            out.append(STRING_LENGTH.pack(TOKEN_ABSENT))
+        elif len(token) > TOKEN_MAX:
+            raise WireError(f"a flush token of {len(token)} bytes")
+        else:
+            out.append(STRING_LENGTH.pack(len(token)) + token)
+    return b"".join(out)
+
+
+_TOKEN_NAME_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
 class Report:
@@ -224,7 +264,7 @@ class Report:
         self.step, self.failed_errno, self.reject_errno, self.reject_result = REPORT_BODY.unpack(
             body
         )
-        if self.step > STEP_INSTANTIATE:
+        if self.step > STEP_FLUSHED:
             raise WireError(f"report names step {self.step}")
 
 

@@ -45,6 +45,7 @@ STAMP_LINE = re.compile(r'^BUILD_STAMP = "[^"]*"$', re.M)
 try:
     import kmskeys
     from kmskeys import contract, names
+    from kmskeys.flushepoch import FLUSH_DIR
     from resolver import config_text, limits, log, validators, wire
     from resolver.errors import UnavailableError
 except ImportError as exc:  # the stamp check of a compiled part, most likely
@@ -126,6 +127,12 @@ def _daemon_facts() -> list[tuple[str, str, str]]:
         ("WIRE_STEP_SETPERM", str(wire.STEP_SETPERM), "report: setperm failed"),
         ("WIRE_STEP_TIMEOUT", str(wire.STEP_TIMEOUT), "report: set_timeout failed"),
         ("WIRE_STEP_INSTANTIATE", str(wire.STEP_INSTANTIATE), "report: instantiate failed"),
+        ("WIRE_STEP_FLUSHED", str(wire.STEP_FLUSHED), "report: flushed, rejected EAGAIN"),
+        ("WIRE_TOKEN_ABSENT", f"0x{wire.TOKEN_ABSENT:08x}U", "outcome: no such token file"),
+        ("WIRE_TOKEN_FILES_MAX", str(wire.TOKEN_FILES_MAX), "outcome: flush tokens at most"),
+        ("WIRE_TOKEN_FILE_NAME_MAX", str(wire.TOKEN_FILE_NAME_MAX), "... a file's name, bytes"),
+        ("WIRE_TOKEN_MAX", str(wire.TOKEN_MAX), "... its content, bytes"),
+        ("WIRE_FLUSH_DIR", _c_string(FLUSH_DIR), "state_dir's flush tokens' directory"),
     ]
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from kmskeys import contract
 from kmskeys.contract import CALLOUT_MAX, DESCRIPTION_MAX, RESOLVED_KEY_PERM
+from kmskeys.flushepoch import Tokens
 from resolver import wire
 from resolver.answer import answer
 from resolver.daemon_request import ReplayKey
@@ -104,9 +105,52 @@ def test_an_outcome_packs_as_the_gate_reads_it() -> None:
     body = message[wire.HEADER.size :]
     assert (kind, length) == (wire.OUTCOME, wire.OUTCOME_FIXED.size + 2)
     fields = wire.OUTCOME_FIXED.unpack_from(body)
-    assert fields == (0, 5, 0xFFFFFFFF, RESOLVED_KEY_PERM, 300, 10, 0, 2)
+    assert fields == (0, 5, 0xFFFFFFFF, RESOLVED_KEY_PERM, 300, 10, 0, 2, 0)
     assert body[wire.OUTCOME_FIXED.size :] == b"s3"
     assert not RESOLVED_KEY_PERM & ~wire.ANSWER_PERM_ALLOWED
+
+
+def test_an_outcome_carries_the_flush_tokens_the_gate_compares() -> None:
+    tokens = (("all", b"\x01" * 16), ("p-" + "a" * 32, None), ("n-" + "b" * 32, b""))
+    message = wire.outcome_message(
+        0,
+        uid=5,
+        gid=7,
+        perm=RESOLVED_KEY_PERM,
+        timeout=300,
+        negative_ttl=10,
+        payload=b"s3",
+        tokens=tokens,
+    )
+    body = message[wire.HEADER.size :]
+    assert wire.OUTCOME_FIXED.unpack_from(body)[-1] == 3
+    rest = body[wire.OUTCOME_FIXED.size + 2 :]
+    assert rest == (
+        b"\0\0\0\x03all\0\0\0\x10"
+        + b"\x01" * 16
+        + b"\0\0\0\x22p-"
+        + b"a" * 32
+        + b"\xff\xff\xff\xff"
+        + b"\0\0\0\x22n-"
+        + b"b" * 32
+        + b"\0\0\0\0"
+    )
+    assert len(body) <= wire.OUTCOME_MAX
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        (("../all", b"x"),),  # a name the gate would not open as given: never sent
+        (("all", b"x" * 65),),
+        (("all", b""),) * 4,
+    ],
+)
+def test_a_flush_token_outside_the_wire_is_refused(tokens: Tokens) -> None:
+    with pytest.raises(wire.WireError):
+        wire.outcome_message(
+            0, uid=5, gid=7, perm=0, timeout=3, negative_ttl=3, payload=b"s", tokens=tokens
+        )
 
 
 def _report(step: int, failed: int, rejected: int, result: int = 0) -> wire.Report:
