@@ -23,8 +23,10 @@
  *     request_key(2) as given, then the same owner check as fetch, unless this thread checked
  *     the serial for this fsuid less than a second ago; a new `cls` with the serial. Anything
  *     but bytes (without NUL) and an int (or no) destination goes to kmskeys/_request.py,
- *     which converts it and calls again; a failure or a key owned by someone else goes to its failed_hook,
- *     which raises the client's error. METH_FASTCALL: an argument tuple and its parsing would
+ *     which converts it and calls again; a failure or a key owned by someone else goes to its
+ *     failed_hook, which raises the client's error, or, when request_key(2) found the key but
+ *     could not link it into the destination, gives the serial of the key already there
+ *     (then checked as above; the same code as get_secret's). METH_FASTCALL: an argument tuple and its parsing would
  *     cost a good part of the few hundred nanoseconds the budget leaves above C.
  *
  * read(serial) -> payload or (owner, fsuid)
@@ -329,8 +331,8 @@ done:
     return result;
 }
 
-/* Call failed_hook with a Py_BuildValue format and its arguments: it raises the client's
- * error. */
+/* Call failed_hook with a Py_BuildValue format and its arguments, without a destination: it
+ * raises the client's error. */
 #define FAILED(...) \
     (load_hooks() < 0 ? NULL : raised(PyObject_CallFunction(hook_failed, __VA_ARGS__)))
 
@@ -342,6 +344,28 @@ static PyObject *raised(PyObject *result)
     Py_DECREF(result);
     PyErr_SetString(PyExc_RuntimeError, "kmskeys: the failure hook did not raise");
     return NULL;
+}
+
+/* request_key(2) of arg[1] (callout arg[2], type arg[4]) into `dest` failed with `err`: the
+ * serial of the key already in `dest`, which the kernel found but would not link there (a key
+ * bound to a program grants LINK to nobody), from kmskeys._request.failed_hook; otherwise -1
+ * with the client's error raised. get_secret's failure path is the same Python code. */
+static key_serial_t in_destination(PyObject **arg, int err, int dest)
+{
+    PyObject *found;
+    long serial;
+
+    if (load_hooks() < 0)
+        return -1;
+    found = PyObject_CallFunction(hook_failed, "OOiOiO", arg[1], arg[2], err, Py_None, dest,
+                                  arg[4] == NULL ? Py_None : arg[4]);
+    if (found == NULL)
+        return -1;
+    serial = PyLong_AsLong(found);
+    Py_DECREF(found);
+    if (serial <= 0 && !PyErr_Occurred())
+        PyErr_SetString(PyExc_RuntimeError, "kmskeys: the failure hook gave no serial");
+    return serial <= 0 ? -1 : (key_serial_t)serial;
 }
 
 static PyObject *key_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
@@ -392,8 +416,8 @@ static PyObject *key_request(PyObject *self, PyObject *const *args, Py_ssize_t n
     if (id < 0)
         err = errno;
     Py_END_ALLOW_THREADS
-    if (err != 0)
-        return FAILED("OOiO", arg[1], arg[2], err, Py_None);
+    if (err != 0 && (id = in_destination(arg, err, dest)) < 0)
+        return NULL;
     me = (uid_t)setfsuid((uid_t)-1);
     switch (owned_by(id, me, &owner)) {
     case 1:
