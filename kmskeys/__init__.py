@@ -19,7 +19,7 @@ unchecked request and read, and the calls that answer, re-own and re-permission 
 __version__ = "0.1.0"
 # The stamp of the sources the compiled parts were built from (kmskeys/contract.h), written by
 # scripts/generate.py: never edit by hand. Checked below against the hit-path extension's.
-BUILD_STAMP = "0.1.0+a322a729daaf"
+BUILD_STAMP = "0.1.0+3121e50bb4bb"
 # The description namespace of KMS-backed secrets: keys are described `kms:NAME`.
 DEFAULT_PREFIX = "kms"
 # The namespace of keys kept in the host's own keystore (the essay's `stored:NAME`; docs/dpapi.md).
@@ -168,7 +168,7 @@ _KEY_SPEC_PROCESS_KEYRING = -2
 _KEY_SPEC_SESSION_KEYRING = -3
 _DESCRIPTIONS: dict[tuple[object, str], bytes] = {}
 # (name, prefix, keyring) -> the serial get_secret last found for them (see get_secret).
-_SERIALS: dict[tuple[object, str, object], int] = {}
+_SERIALS: "dict[tuple[object, str, object], int]" = {}  # quoted: nothing to evaluate
 _SHARED: dict[str, int] = {}
 # The C calls of the hit paths (kmskeys/_hitpath.c), bound once.
 _fetch = _hitpath.fetch

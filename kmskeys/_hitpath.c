@@ -23,10 +23,10 @@
  *     request_key(2) as given, then the same owner check as fetch, unless this thread checked
  *     the serial for this fsuid less than a second ago; a new `cls` with the serial. Anything
  *     but bytes (without NUL) and an int (or no) destination goes to kmskeys/_request.py,
- *     which converts it and calls again; a failure or a key owned by someone else goes to its
- *     failed_hook, which raises the client's error, or, when request_key(2) found the key but
- *     could not link it into the destination, gives the serial of the key already there
- *     (then checked as above; the same code as get_secret's). METH_FASTCALL: an argument tuple and its parsing would
+ *     which converts it and calls again; a key owned by someone else goes to its failed_hook,
+ *     which raises the client's error, and a failed request_key(2) to its destination_hook,
+ *     which raises it too, or gives the serial of the key already in the destination when
+ *     the kernel would not link it there (then checked as above; get_secret's code too). METH_FASTCALL: an argument tuple and its parsing would
  *     cost a good part of the few hundred nanoseconds the budget leaves above C.
  *
  * read(serial) -> payload or (owner, fsuid)
@@ -274,29 +274,32 @@ static int nul_in(PyObject *obj, const char **out)
 }
 
 /* Key.request of the safe tier, whole: a classmethod of kmskeys.Key (kmskeys/key.py), so that
- * a hit costs no Python frame. Bytes arguments and no destination take the fast path here;
- * anything else goes to kmskeys._request.request_slow, and a failure or a foreign key to its
- * failed_hook, which raise the client's errors. That module is imported the first time it is
- * needed, never by `import kmskeys`. */
-static PyObject *hook_slow, *hook_failed, *serial_name;
+ * a hit costs no Python frame. Bytes arguments and an int (or no) destination take the fast
+ * path here; anything else goes to kmskeys._request.request_slow, a failed request to its
+ * destination_hook and a failed check to its failed_hook, which raise the client's errors.
+ * That module is imported the first time it is needed, never by `import kmskeys`. */
+static PyObject *hook_slow, *hook_failed, *hook_dest, *serial_name;
 
 static int load_hooks(void)
 {
     PyObject *mod;
 
-    if (hook_slow != NULL && hook_failed != NULL)
+    if (hook_slow != NULL && hook_failed != NULL && hook_dest != NULL)
         return 0;
     mod = PyImport_ImportModule("kmskeys._request");
     if (mod == NULL)
         return -1;
     Py_XDECREF(hook_slow);
     Py_XDECREF(hook_failed);
+    Py_XDECREF(hook_dest);
     hook_slow = PyObject_GetAttrString(mod, "request_slow");
     hook_failed = PyObject_GetAttrString(mod, "failed_hook");
+    hook_dest = PyObject_GetAttrString(mod, "destination_hook");
     Py_DECREF(mod);
-    if (hook_slow == NULL || hook_failed == NULL) {
+    if (hook_slow == NULL || hook_failed == NULL || hook_dest == NULL) {
         Py_CLEAR(hook_slow);
         Py_CLEAR(hook_failed);
+        Py_CLEAR(hook_dest);
         return -1;
     }
     return 0;
@@ -331,8 +334,8 @@ done:
     return result;
 }
 
-/* Call failed_hook with a Py_BuildValue format and its arguments, without a destination: it
- * raises the client's error. */
+/* Call failed_hook with a Py_BuildValue format and its arguments: it raises the client's
+ * error. */
 #define FAILED(...) \
     (load_hooks() < 0 ? NULL : raised(PyObject_CallFunction(hook_failed, __VA_ARGS__)))
 
@@ -348,8 +351,8 @@ static PyObject *raised(PyObject *result)
 
 /* request_key(2) of arg[1] (callout arg[2], type arg[4]) into `dest` failed with `err`: the
  * serial of the key already in `dest`, which the kernel found but would not link there (a key
- * bound to a program grants LINK to nobody), from kmskeys._request.failed_hook; otherwise -1
- * with the client's error raised. get_secret's failure path is the same Python code. */
+ * bound to a program grants LINK to nobody), from kmskeys._request.destination_hook; otherwise
+ * -1 with the client's error raised. get_secret's failure path is the same Python code. */
 static key_serial_t in_destination(PyObject **arg, int err, int dest)
 {
     PyObject *found;
@@ -357,7 +360,7 @@ static key_serial_t in_destination(PyObject **arg, int err, int dest)
 
     if (load_hooks() < 0)
         return -1;
-    found = PyObject_CallFunction(hook_failed, "OOiOiO", arg[1], arg[2], err, Py_None, dest,
+    found = PyObject_CallFunction(hook_dest, "OOiiO", arg[1], arg[2], err, dest,
                                   arg[4] == NULL ? Py_None : arg[4]);
     if (found == NULL)
         return -1;

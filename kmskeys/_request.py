@@ -2,9 +2,9 @@
 
 `kmskeys.Key.request` is C (`_hitpath.key_request`) for bytes arguments without a destination;
 the C code imports this module the first time it meets anything else (`request_slow`) or a
-failure or a key another uid owns (`failed_hook`), so `import kmskeys` never loads it. A
-request_key(2) with a destination refused a LINK is answered here for both `get_secret` and
-`Key.request` (`found_in_destination`). The
+failure or a key another uid owns (`destination_hook`, `failed_hook`), so `import kmskeys`
+never loads it. A request_key(2) whose destination the kernel would not link the key into is
+answered here for both `get_secret` and `Key.request` (`found_in_destination`). The
 errors of `get_secret` and `Key.read` are made here too. A failure the kernel now caches is
 named as such (kmskeys/cached.py: which negative key, when it expires, who put it there, the
 flush that drops it).
@@ -21,7 +21,7 @@ from kmskeys.names import as_bytes
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Protocol, TypeVar
+    from typing import NoReturn, Protocol, TypeVar
 
     class _Serial(Protocol):
         serial: int
@@ -99,18 +99,20 @@ def foreign(description: str, found: tuple[int, None, int, int]) -> Exception:
 
 
 def failed_hook(
-    description: bytes,
-    callout: bytes | None,
-    err: int,
-    found: tuple[int, None, int, int] | None,
-    dest: int = 0,
-    type: bytes | None = None,
-) -> int:
-    """A failure of `_hitpath.key_request`: the serial of the key already in `dest` when
-    request_key(2) could not link it there (`found_in_destination`; the C code then checks its
-    owner), else raise the client's error."""
+    description: bytes, callout: bytes | None, err: int, found: tuple[int, None, int, int] | None
+) -> NoReturn:
+    """A failure of `_hitpath.key_request`: raise the client's error for it."""
     if found is not None:
         raise foreign(description.decode(errors="replace"), found)
+    raise request_failed(OSError(err, os.strerror(err)), description, callout)
+
+
+def destination_hook(
+    description: bytes, callout: bytes | None, err: int, dest: int, type: bytes | None
+) -> int:
+    """`_hitpath.key_request`'s request_key(2) failed with `err`: the serial of the key already
+    in `dest` when the kernel could not link it there (`found_in_destination`; the C code then
+    checks its owner), else raise the client's error."""
     exc = OSError(err, os.strerror(err))
     return found_in_destination(exc, description, callout, dest, b"user" if type is None else type)
 

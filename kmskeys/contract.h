@@ -8,7 +8,7 @@
 #define KMSKEYS_CONTRACT_H
 
 /* Each compiled part carries it; checked against kmskeys.BUILD_STAMP. */
-#define KMSKEYS_BUILD_STAMP "0.1.0+a322a729daaf"
+#define KMSKEYS_BUILD_STAMP "0.1.0+3121e50bb4bb"
 
 /* a `user` key's payload, bytes */
 #define KMSKEYS_USER_PAYLOAD_MAX 32767

@@ -16,8 +16,15 @@ import os
 
 import pytest
 
-from kmskeys import Key, KeyOwnershipError, KeyPermissionError, Keyring, _hitpath, get_secret
-from kmskeys import keyutils
+from kmskeys import (
+    Key,
+    KeyOwnershipError,
+    KeyPermissionError,
+    Keyring,
+    _hitpath,
+    get_secret,
+    keyutils,
+)
 from kmskeys.contract import PROGRAM_KEY_PERM
 from tests.support.names import unique
 from tests.support.requester import NOBODY, Requester, Steps, as_user
