@@ -18,7 +18,7 @@ from tests.support import cgroups
 from tests.support.kms_emulator import KmsEmulator
 from tests.support.kms_proxy import KmsProxy
 from tests.support.requester import NOBODY, Requester
-from tests.upcall.harness import Install, installed
+from tests.upcall.harness import Install, fresh, installed
 from tests.upcall.test_program_binding import POLICY, SECRET, _get, _in_unit, _name
 
 pytestmark = pytest.mark.upcall
@@ -38,14 +38,8 @@ def bound(kms_backend: tuple[KmsEmulator, KmsProxy, str]) -> Iterator[Install]:
 @pytest.fixture
 def install(bound: Install, session_keyring: object) -> Iterator[Install]:
     """The bound install, with counts, faults and log lines reset."""
-    assert bound.proxy is not None
-    bound.proxy.set_fault(None)
-    bound.proxy.reset_counts()
-    bound.log.drain()
-    try:
+    with fresh(bound):
         yield bound
-    finally:
-        bound.proxy.set_fault(None)
 
 
 @pytest.fixture
