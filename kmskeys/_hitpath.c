@@ -23,8 +23,10 @@
  *     request_key(2) as given, then the same owner check as fetch, unless this thread checked
  *     the serial for this fsuid less than a second ago; a new `cls` with the serial. Anything
  *     but bytes (without NUL) and an int (or no) destination goes to kmskeys/_request.py,
- *     which converts it and calls again; a failure or a key owned by someone else goes to its failed_hook,
- *     which raises the client's error. METH_FASTCALL: an argument tuple and its parsing would
+ *     which converts it and calls again; a key owned by someone else goes to its failed_hook,
+ *     which raises the client's error, and a failed request_key(2) to its destination_hook,
+ *     which raises it too, or gives the serial of the key already in the destination when
+ *     the kernel would not link it there (then checked as above; get_secret's code too). METH_FASTCALL: an argument tuple and its parsing would
  *     cost a good part of the few hundred nanoseconds the budget leaves above C.
  *
  * read(serial) -> payload or (owner, fsuid)
@@ -272,29 +274,32 @@ static int nul_in(PyObject *obj, const char **out)
 }
 
 /* Key.request of the safe tier, whole: a classmethod of kmskeys.Key (kmskeys/key.py), so that
- * a hit costs no Python frame. Bytes arguments and no destination take the fast path here;
- * anything else goes to kmskeys._request.request_slow, and a failure or a foreign key to its
- * failed_hook, which raise the client's errors. That module is imported the first time it is
- * needed, never by `import kmskeys`. */
-static PyObject *hook_slow, *hook_failed, *serial_name;
+ * a hit costs no Python frame. Bytes arguments and an int (or no) destination take the fast
+ * path here; anything else goes to kmskeys._request.request_slow, a failed request to its
+ * destination_hook and a failed check to its failed_hook, which raise the client's errors.
+ * That module is imported the first time it is needed, never by `import kmskeys`. */
+static PyObject *hook_slow, *hook_failed, *hook_dest, *serial_name;
 
 static int load_hooks(void)
 {
     PyObject *mod;
 
-    if (hook_slow != NULL && hook_failed != NULL)
+    if (hook_slow != NULL && hook_failed != NULL && hook_dest != NULL)
         return 0;
     mod = PyImport_ImportModule("kmskeys._request");
     if (mod == NULL)
         return -1;
     Py_XDECREF(hook_slow);
     Py_XDECREF(hook_failed);
+    Py_XDECREF(hook_dest);
     hook_slow = PyObject_GetAttrString(mod, "request_slow");
     hook_failed = PyObject_GetAttrString(mod, "failed_hook");
+    hook_dest = PyObject_GetAttrString(mod, "destination_hook");
     Py_DECREF(mod);
-    if (hook_slow == NULL || hook_failed == NULL) {
+    if (hook_slow == NULL || hook_failed == NULL || hook_dest == NULL) {
         Py_CLEAR(hook_slow);
         Py_CLEAR(hook_failed);
+        Py_CLEAR(hook_dest);
         return -1;
     }
     return 0;
@@ -342,6 +347,28 @@ static PyObject *raised(PyObject *result)
     Py_DECREF(result);
     PyErr_SetString(PyExc_RuntimeError, "kmskeys: the failure hook did not raise");
     return NULL;
+}
+
+/* request_key(2) of arg[1] (callout arg[2], type arg[4]) into `dest` failed with `err`: the
+ * serial of the key already in `dest`, which the kernel found but would not link there (a key
+ * bound to a program grants LINK to nobody), from kmskeys._request.destination_hook; otherwise
+ * -1 with the client's error raised. get_secret's failure path is the same Python code. */
+static key_serial_t in_destination(PyObject **arg, int err, int dest)
+{
+    PyObject *found;
+    long serial;
+
+    if (load_hooks() < 0)
+        return -1;
+    found = PyObject_CallFunction(hook_dest, "OOiiO", arg[1], arg[2], err, dest,
+                                  arg[4] == NULL ? Py_None : arg[4]);
+    if (found == NULL)
+        return -1;
+    serial = PyLong_AsLong(found);
+    Py_DECREF(found);
+    if (serial <= 0 && !PyErr_Occurred())
+        PyErr_SetString(PyExc_RuntimeError, "kmskeys: the failure hook gave no serial");
+    return serial <= 0 ? -1 : (key_serial_t)serial;
 }
 
 static PyObject *key_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
@@ -392,8 +419,8 @@ static PyObject *key_request(PyObject *self, PyObject *const *args, Py_ssize_t n
     if (id < 0)
         err = errno;
     Py_END_ALLOW_THREADS
-    if (err != 0)
-        return FAILED("OOiO", arg[1], arg[2], err, Py_None);
+    if (err != 0 && (id = in_destination(arg, err, dest)) < 0)
+        return NULL;
     me = (uid_t)setfsuid((uid_t)-1);
     switch (owned_by(id, me, &owner)) {
     case 1:

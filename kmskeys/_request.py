@@ -2,7 +2,9 @@
 
 `kmskeys.Key.request` is C (`_hitpath.key_request`) for bytes arguments without a destination;
 the C code imports this module the first time it meets anything else (`request_slow`) or a
-failure or a key another uid owns (`failed_hook`), so `import kmskeys` never loads it. The
+failure or a key another uid owns (`destination_hook`, `failed_hook`), so `import kmskeys`
+never loads it. A request_key(2) whose destination the kernel would not link the key into is
+answered here for both `get_secret` and `Key.request` (`found_in_destination`). The
 errors of `get_secret` and `Key.read` are made here too. A failure the kernel now caches is
 named as such (kmskeys/cached.py: which negative key, when it expires, who put it there, the
 flush that drops it).
@@ -47,29 +49,9 @@ def request_failed(exc: OSError, description: bytes, callout: bytes | None) -> E
 def fetch_failed(
     exc: OSError, description: bytes, callout: bytes | None, dest: int
 ) -> tuple[int, bytes]:
-    """get_secret's request_key(2) failed: the key found in `dest` after all, or the error.
-
-    With a destination, request_key(2) links the key it finds into it, and checks LINK for
-    that: a key bound to a program grants LINK to nobody (kmskeys.contract.PROGRAM_KEY_PERM;
-    docs/security.md, section 12), so asking again for it with keyring="session" is EACCES,
-    even though the resolver answered it into that very keyring. A key already there needs no
-    link: keyctl_search(2) of `dest` finds it (possessed through `dest`, on its possessor
-    SEARCH) and links nothing; then the same owner check and read as the hit path. A key found
-    elsewhere is never linked into `dest`: the error says so.
-    """
-    if exc.errno != errno.EACCES or not dest:
-        raise request_failed(exc, description, callout) from None
-    try:
-        serial = keyutils.keyctl_search(dest, b"user", description, 0)
-    except OSError:
-        desc = description.decode(errors="replace")
-        cause = (
-            "the key found may not be linked into the requested keyring: a secret bound to a "
-            "program (allow_units, allow_cgroups, allow_exe) is kept in its requester's own "
-            "keyring and never linked into another; ask without keyring=, or with the keyring "
-            "of its first request (docs/security.md, section 12)"
-        )
-        raise error_for_errno(errno.EACCES, "request_key " + desc[:256], cause=cause) from None
+    """get_secret's request_key(2) failed: the key found in `dest` after all (owner-checked and
+    read as the hit path does), or the error (`found_in_destination`)."""
+    serial = found_in_destination(exc, description, callout, dest)
     try:
         found = _hitpath.read(serial)  # Key.read's owner check and read
     except OSError as read_exc:
@@ -77,6 +59,37 @@ def fetch_failed(
     if isinstance(found, bytes):
         return serial, found
     raise read_foreign(serial, *found)
+
+
+def found_in_destination(
+    exc: OSError, description: bytes, callout: bytes | None, dest: int, type: bytes = b"user"
+) -> int:
+    """request_key(2) of `description` into `dest` failed with `exc`: the serial of the key
+    already in `dest`, or the client's error. The caller checks its owner.
+
+    With a destination, request_key(2) links the key it finds into it, and checks LINK for
+    that: a key bound to a program grants LINK to nobody (kmskeys.contract.PROGRAM_KEY_PERM;
+    docs/security.md, section 12), so asking again for it with keyring="session" (or
+    Key.request's destination) is EACCES, even though the resolver answered it into that very
+    keyring. A key already there needs no link: keyctl_search(2) of `dest` finds it (possessed
+    through `dest`, on its possessor SEARCH) and links nothing. A key found elsewhere is never
+    linked into `dest`: the error says so.
+    """
+    if exc.errno != errno.EACCES or not dest:
+        raise request_failed(exc, description, callout) from None
+    try:
+        serial: int = keyutils.keyctl_search(dest, type, description, 0)
+    except OSError:
+        desc = description.decode(errors="replace")
+        cause = (
+            "the key found may not be linked into the requested keyring: a secret bound to a "
+            "program (allow_units, allow_cgroups, allow_exe) is kept in its requester's own "
+            "keyring and never linked into another; ask without keyring= (Key.request: without "
+            "a destination), or with the keyring of its first request (docs/security.md, "
+            "section 12)"
+        )
+        raise error_for_errno(errno.EACCES, "request_key " + desc[:256], cause=cause) from None
+    return serial
 
 
 def foreign(description: str, found: tuple[int, None, int, int]) -> Exception:
@@ -92,6 +105,16 @@ def failed_hook(
     if found is not None:
         raise foreign(description.decode(errors="replace"), found)
     raise request_failed(OSError(err, os.strerror(err)), description, callout)
+
+
+def destination_hook(
+    description: bytes, callout: bytes | None, err: int, dest: int, type: bytes | None
+) -> int:
+    """`_hitpath.key_request`'s request_key(2) failed with `err`: the serial of the key already
+    in `dest` when the kernel could not link it there (`found_in_destination`; the C code then
+    checks its owner), else raise the client's error."""
+    exc = OSError(err, os.strerror(err))
+    return found_in_destination(exc, description, callout, dest, b"user" if type is None else type)
 
 
 def request_slow(

@@ -104,3 +104,16 @@ def test_the_hit_path_never_outlives_an_expiry(session_keyring: Keyring) -> None
 def test_an_unknown_keyring_is_a_clear_error() -> None:
     with pytest.raises(InvalidArgumentError, match="session, user, persistent"):
         get_secret("x", keyring="thread")
+
+
+def test_the_hit_path_remembers_a_key_per_keyring_asked_for(session_keyring: Keyring) -> None:
+    """Within the second, a key found for one keyring is no answer for another: asked for with
+    keyring=RING, the key is linked into RING (request_key(2) links what it finds), however
+    recently the same name was read for the session keyring."""
+    prefix = unique_prefix()
+    serial = _cached(session_keyring, prefix, "twice", b"kmst-twice")
+    ring = session_keyring.add_key("keyring", f"{prefix}:ring", b"")
+    assert Keyring(ring.serial).list() == []
+    assert get_secret("twice", prefix=prefix, keyring="session") == b"kmst-twice"
+    assert get_secret("twice", prefix=prefix, keyring=Keyring(ring.serial)) == b"kmst-twice"
+    assert [key.serial for key in Keyring(ring.serial).list()] == [serial]

@@ -6,6 +6,7 @@ request_key, then keyctl_describe for the owner check, then keyctl_read) in a pr
 possesses it through its session keyring, and by its children, which share that keyring;
 another process of the same uid neither finds it nor describes, reads or links it. The client
 still refuses such a key owned by another uid, though possessing it lets it describe the key.
+Nobody may link it: Key.request with a destination finds it there instead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ import os
 
 import pytest
 
-from kmskeys import _hitpath, get_secret, keyutils
+from kmskeys import (
+    Key,
+    KeyOwnershipError,
+    KeyPermissionError,
+    Keyring,
+    _hitpath,
+    get_secret,
+    keyutils,
+)
 from kmskeys.contract import PROGRAM_KEY_PERM
 from tests.support.names import unique
 from tests.support.requester import NOBODY, Requester, Steps, as_user
@@ -124,3 +133,35 @@ def test_the_client_refuses_a_possessed_key_of_another_owner(
 
     seen = as_user(NOBODY, take, session="inherit", mode=requester.mode)
     assert seen == {"ok": {"owner": "0", "refused": "KeyOwnershipError"}}
+
+
+def test_key_request_finds_a_possessor_only_key_in_its_destination(
+    session_keyring: Keyring,
+) -> None:
+    """request_key(2) with a destination checks LINK on the key it finds, which a program-bound
+    key grants nobody: Key.request finds the key already in its destination instead (the C
+    fast path and the Python side alike), still checks its owner, and says why when the key is
+    only elsewhere (docs/security.md, section 12)."""
+    description = f"kmst:{unique('possessed')}".encode()
+    serial = keyutils.add_key(b"user", description, SECRET, keyutils.KEY_SPEC_SESSION_KEYRING)
+    keyutils.keyctl_setperm(serial, POSSESSOR_ONLY)
+    with pytest.raises(OSError) as refused:
+        keyutils.request_key(b"user", description, None, keyutils.KEY_SPEC_SESSION_KEYRING)
+    assert refused.value.errno == errno.EACCES  # the kernel fact this rests on
+
+    assert Key.request(description, None, keyutils.KEY_SPEC_SESSION_KEYRING).serial == serial
+    assert Key.request(description.decode(), destination=session_keyring).read() == SECRET
+
+    elsewhere = Keyring(session_keyring.add_key("keyring", f"kmst:{unique('ring')}", b"").serial)
+    with pytest.raises(KeyPermissionError, match="never linked into another") as caught:
+        Key.request(description, None, elsewhere)
+    assert caught.value.errno == errno.EACCES
+    assert elsewhere.list() == []
+
+    planted = f"kmst:{unique('planted')}".encode()
+    foreign = keyutils.add_key(b"user", planted, SECRET, keyutils.KEY_SPEC_SESSION_KEYRING)
+    keyutils.keyctl_chown(foreign, NOBODY, -1)  # as if nobody had planted it here
+    keyutils.keyctl_setperm(foreign, POSSESSOR_ONLY)
+    with pytest.raises(KeyOwnershipError) as planted_by:
+        Key.request(planted, None, keyutils.KEY_SPEC_SESSION_KEYRING)
+    assert planted_by.value.owner == NOBODY and planted_by.value.serial == foreign
