@@ -8,7 +8,7 @@
 #define KMSKEYS_CONTRACT_H
 
 /* Each compiled part carries it; checked against kmskeys.BUILD_STAMP. */
-#define KMSKEYS_BUILD_STAMP "0.1.0+da0b5ed351a4"
+#define KMSKEYS_BUILD_STAMP "0.1.0+a28c0f3d37f3"
 
 /* a `user` key's payload, bytes */
 #define KMSKEYS_USER_PAYLOAD_MAX 32767
