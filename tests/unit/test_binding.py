@@ -1,7 +1,7 @@
 """resolver.binding: how every requester a forged /proc/keys can name is judged, where a bound
 key may go, and what a name without a program policy costs (nothing).
 
-The real upcall in real cgroups is tests/upcall/test_program_binding.py; here each rule meets
+The real upcall in real cgroups is tests/upcall/programs/test_program_binding.py; here each rule meets
 the cases a requester could arrange.
 """
 

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from kmskeys import Key, Keyring, keyutils
 from tests.support import cgroups
-from tests.support.kms_emulator import KmsEmulator
-from tests.support.kms_proxy import KmsProxy
 from tests.support.requester import NOBODY, Requester
-from tests.upcall.harness import Install, fresh, installed
-from tests.upcall.test_program_binding import POLICY, SECRET, _get, _in_unit, _name
+from tests.upcall.harness import Install
+from tests.upcall.programs.bound import SECRET, asking, in_unit, named_secret
 
 pytestmark = pytest.mark.upcall
 
@@ -27,37 +25,12 @@ STEMS = pytest.mark.parametrize("stem", ["pbapp", "pbcg"], ids=["allow_units", "
 NOT_LINKED = "never linked into another"
 
 
-@pytest.fixture(scope="module")
-def bound(kms_backend: tuple[KmsEmulator, KmsProxy, str]) -> Iterator[Install]:
-    """A resolver install whose policy binds `kmst-*-pbapp-*` names to app.service."""
-    emulator, proxy, key_arn = kms_backend
-    with installed(emulator, proxy, key_arn, names=POLICY) as install:
-        yield install
-
-
-@pytest.fixture
-def install(bound: Install, session_keyring: object) -> Iterator[Install]:
-    """The bound install, with counts, faults and log lines reset."""
-    with fresh(bound):
-        yield bound
-
-
-@pytest.fixture
-def cg() -> Iterator[cgroups.Slice]:
-    """A unique slice with app.service and other.service; fails (never skips) if impossible."""
-    lacking = cgroups.missing()
-    if lacking:
-        pytest.fail("cgroup v2 tests cannot run here; missing: " + "; ".join(lacking))
-    with cgroups.slice_with("app.service", "other.service") as made:
-        yield made
-
-
 def _get_later(install: Install, name: str, **options: object) -> Callable[[], object]:
     """get_secret once the hit path's memory of the serial is past (1 s): request_key again."""
 
     def get() -> object:
         time.sleep(1.1)
-        return _get(install, name, **options)()
+        return asking(install, name, **options)()
 
     return get
 
@@ -87,9 +60,9 @@ def test_the_allowed_program_gets_its_key_again_with_an_explicit_session_keyring
     install: Install, cg: cgroups.Slice, requester: Requester, keyring: str | None, stem: str
 ) -> None:
     """The client finds the key in the session keyring instead of linking it."""
-    name = _name(install, stem)
-    steps = [_get(install, name, keyring=keyring), _get_later(install, name, keyring=keyring)]
-    with _in_unit(cg, "app.service", NOBODY, requester.mode, steps) as app:
+    name = named_secret(install, stem)
+    steps = [asking(install, name, keyring=keyring), _get_later(install, name, keyring=keyring)]
+    with in_unit(cg, "app.service", NOBODY, requester.mode, steps) as app:
         assert app.run(0) == {"ok": SECRET.decode()}
         assert app.run(1) == {"ok": SECRET.decode()}
     assert install.decrypts() == 1
@@ -102,10 +75,10 @@ def test_a_program_bound_key_is_never_linked_into_a_shared_keyring(
     """Cached in the session keyring, then asked for with keyring="user": the key is not there,
     and linking it there would hand it to every program of the uid. The error says so, also
     within the second the hit path remembers the key found for keyring="session"."""
-    name = _name(install)
-    user = (_get if when == "at once" else _get_later)(install, name, keyring="user")
-    steps = [_get(install, name, keyring="session"), _refused(user)]
-    with _in_unit(cg, "app.service", NOBODY, requester.mode, steps) as app:
+    name = named_secret(install)
+    user = (asking if when == "at once" else _get_later)(install, name, keyring="user")
+    steps = [asking(install, name, keyring="session"), _refused(user)]
+    with in_unit(cg, "app.service", NOBODY, requester.mode, steps) as app:
         assert app.run(0) == {"ok": SECRET.decode()}
         _assert_not_linked(app.run(1))
     assert install.decrypts() == 1
@@ -135,10 +108,10 @@ def test_key_request_finds_a_program_bound_key_again_in_its_destination(
 ) -> None:
     """Key.request with the destination of the first request: the same key, no second Decrypt;
     with another destination (the user keyring) it is refused and the error says why."""
-    name = _name(install, stem)
+    name = named_secret(install, stem)
     request = _request(install, name, destination)
     steps = [request, request, _refused(_request(install, name, "user"))]
-    with _in_unit(cg, "app.service", NOBODY, requester.mode, steps) as app:
+    with in_unit(cg, "app.service", NOBODY, requester.mode, steps) as app:
         first = app.run(0)
         assert isinstance(first, dict) and first.get("ok", {}).get("payload") == SECRET.decode()
         assert app.run(1) == first

@@ -12,13 +12,13 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from kmskeys import get_secret, keyutils
+from kmskeys import keyutils
 from kmskeys.blob import parse_blob
 from kmskeys.contract import PROGRAM_ADMIN_KEY_PERM, PROGRAM_KEY_PERM
 from resolver.pipeline import admin_group
@@ -26,57 +26,14 @@ from tests.support import cgroups
 from tests.support.kms_emulator import KmsEmulator
 from tests.support.kms_proxy import KmsProxy, ProxiedRequest
 from tests.support.names import unique
-from tests.support.requester import NOBODY, Requester, Resident, Steps
-from tests.upcall.harness import Install, fresh, handler_pids, installed
+from tests.support.requester import NOBODY, Requester, Resident
+from tests.upcall.harness import Install, handler_pids, installed
+from tests.upcall.programs.bound import SECRET, asking, in_unit, named_secret
 
 pytestmark = pytest.mark.upcall
 
-SECRET = b"kmst-db-password"
-# Names under these globs are bound: to app.service, and (unit-bound blobs aside) nothing else.
-POLICY = (
-    '\n[names."kmst-*-pbapp-*"]\nallow_units = ["app.service"]\n'
-    '\n[names."kmst-*-pbcg-*"]\nallow_cgroups = ["/kmstest-*.slice/app.service"]\n'
-)
 USERS = [0, NOBODY]
 NO_KEY = (errno.ENOKEY, errno.EACCES)
-
-
-@pytest.fixture(scope="module")
-def bound(kms_backend: tuple[KmsEmulator, KmsProxy, str]) -> Iterator[Install]:
-    """A resolver install whose policy binds `kmst-*-pbapp-*` names to app.service."""
-    emulator, proxy, key_arn = kms_backend
-    with installed(emulator, proxy, key_arn, names=POLICY) as install:
-        yield install
-
-
-@pytest.fixture
-def install(bound: Install, session_keyring: object) -> Iterator[Install]:
-    """The bound install, with counts, faults and log lines reset."""
-    with fresh(bound):
-        yield bound
-
-
-@pytest.fixture
-def cg() -> Iterator[cgroups.Slice]:
-    """A unique slice with app.service and other.service; fails (never skips) if impossible."""
-    lacking = cgroups.missing()
-    if lacking:
-        pytest.fail("cgroup v2 tests cannot run here; missing: " + "; ".join(lacking))
-    with cgroups.slice_with("app.service", "other.service") as made:
-        yield made
-
-
-def _name(install: Install, stem: str = "pbapp") -> str:
-    name = unique(stem)
-    install.deploy(name, install.blob(SECRET, name))
-    return name
-
-
-def _get(install: Install, name: str, **options: object) -> Callable[[], object]:
-    def get() -> object:
-        return get_secret(name, prefix=install.prefix, **options).decode()  # type: ignore[arg-type]
-
-    return get
 
 
 def _own_key(install: Install, name: str) -> Callable[[], object]:
@@ -115,23 +72,6 @@ def _reach(install: Install, name: str, serial: int) -> Callable[[], object]:
     return attempts
 
 
-@contextmanager
-def _in_unit(
-    cg: cgroups.Slice,
-    unit: str,
-    user: int,
-    mode: str,
-    steps: list[Callable[[], object]],
-    *,
-    session: str = "new",
-) -> Iterator[Steps]:
-    """A Steps child as `user`, moved into `unit` (a cgroup path, or a unit of the slice)."""
-    with Steps(user, steps, mode=mode, session=session) as child:  # type: ignore[arg-type]
-        assert child.ready() == {"ok": None}
-        cg.move(child.pid, unit if unit.startswith("/") else cg.path(unit))
-        yield child
-
-
 def _perm(described: str) -> tuple[int, int]:
     """(owner uid, perm) of a keyctl_describe string."""
     _type, uid, _gid, perm, _desc = described.split(";", 4)
@@ -146,10 +86,10 @@ def _program_perm() -> int:
 def test_the_allowed_unit_gets_the_secret_in_a_key_no_other_program_of_its_uid_reaches(
     install: Install, cg: cgroups.Slice, requester: Requester, user: int
 ) -> None:
-    name = _name(install)
+    name = named_secret(install)
     assert install.proxy is not None
-    steps = [_get(install, name), _own_key(install, name)]
-    with _in_unit(cg, "app.service", user, requester.mode, steps) as app:
+    steps = [asking(install, name), _own_key(install, name)]
+    with in_unit(cg, "app.service", user, requester.mode, steps) as app:
         assert app.run(0) == {"ok": SECRET.decode()}
         line = install.log.wait_for(name)
         assert (
@@ -165,8 +105,8 @@ def test_the_allowed_unit_gets_the_secret_in_a_key_no_other_program_of_its_uid_r
 
         # Another program of the same uid, in another unit: the cached key is out of its
         # reach, by serial or by search, and it is refused before KMS.
-        probes = [_reach(install, name, serial), _get(install, name)]
-        with _in_unit(cg, "other.service", user, requester.mode, probes) as other:
+        probes = [_reach(install, name, serial), asking(install, name)]
+        with in_unit(cg, "other.service", user, requester.mode, probes) as other:
             reach = other.run(0)
             assert reach == {
                 "ok": {"read": errno.EACCES, "describe": errno.EACCES, "search": errno.ENOKEY,
@@ -179,7 +119,7 @@ def test_the_allowed_unit_gets_the_secret_in_a_key_no_other_program_of_its_uid_r
             assert " unit=other.service " in refused
         # The same unit in a session of its own: its own key (from the host cache, no second
         # Decrypt), and still no way to the first one's.
-        with _in_unit(cg, "app.service", user, requester.mode, probes[::-1]) as sibling:
+        with in_unit(cg, "app.service", user, requester.mode, probes[::-1]) as sibling:
             assert sibling.run(0) == {"ok": SECRET.decode()}
             assert " source=hostcache " in install.log.wait_for(name)
             assert sibling.run(1)["ok"]["read"] == errno.EACCES  # type: ignore[index]
@@ -190,9 +130,9 @@ def test_a_name_without_a_program_policy_pays_nothing(
     install: Install, cg: cgroups.Slice, requester: Requester
 ) -> None:
     """No identification, no requester in the line, the uid-owned mask: as before issue 24."""
-    name = _name(install, "plain")
-    steps = [_get(install, name), _own_key(install, name)]
-    with _in_unit(cg, "other.service", NOBODY, requester.mode, steps) as child:
+    name = named_secret(install, "plain")
+    steps = [asking(install, name), _own_key(install, name)]
+    with in_unit(cg, "other.service", NOBODY, requester.mode, steps) as child:
         assert child.run(0) == {"ok": SECRET.decode()}
         line = install.log.wait_for(name)
         assert "identify" not in line and " unit=" not in line and " pid=" not in line
@@ -250,7 +190,7 @@ def test_a_forged_proc_keys_line_changes_no_verdict(
     """Another program of the uid forges the authorization key's line while the resolver
     starts: naming itself beside the allowed unit's request (which still gets its secret), or
     naming the allowed unit's process beside its own request (still refused)."""
-    name = _name(install)
+    name = named_secret(install)
     allowed = who == "allowed"
     asking, forging = (
         ("app.service", "other.service") if allowed else ("other.service", "app.service")
@@ -259,9 +199,9 @@ def test_a_forged_proc_keys_line_changes_no_verdict(
     result: dict[str, object] = {}
     with Resident(user, _sleeper, mode=requester.mode) as bystander:  # type: ignore[arg-type]
         cg.move(bystander.pid, cg.path("app.service"))
-        with _in_unit(cg, asking, user, requester.mode, [_get(install, name)]) as child:
+        with in_unit(cg, asking, user, requester.mode, [asking(install, name)]) as child:
             forge = _forge_for(child.pid, None if allowed else bystander.pid, description)
-            with _in_unit(cg, forging, user, requester.mode, [forge]) as forger:
+            with in_unit(cg, forging, user, requester.mode, [forge]) as forger:
                 watching = threading.Thread(target=lambda: result.update(forged=forger.run(0)))
                 watching.start()
                 time.sleep(0.2)  # the forger is polling
@@ -285,7 +225,7 @@ def test_a_requester_killed_during_resolution_gets_no_key_and_leaves_nothing(
     install: Install, cg: cgroups.Slice, requester: Requester, user: int
 ) -> None:
     assert install.proxy is not None
-    name = _name(install)
+    name = named_secret(install)
     arrived, release = threading.Event(), threading.Event()
 
     def hold(request: ProxiedRequest) -> None:
@@ -296,14 +236,14 @@ def test_a_requester_killed_during_resolution_gets_no_key_and_leaves_nothing(
     install.proxy.set_fault(hold)  # type: ignore[arg-type]
     result: dict[str, object] = {}
     try:
-        with _in_unit(cg, "app.service", user, requester.mode, [_get(install, name)]) as child:
-            asking = threading.Thread(target=lambda: result.update(got=child.run(0)))
-            asking.start()
+        with in_unit(cg, "app.service", user, requester.mode, [asking(install, name)]) as child:
+            waiting = threading.Thread(target=lambda: result.update(got=child.run(0)))
+            waiting.start()
             assert arrived.wait(timeout=15), "the resolver never asked KMS"
             os.kill(child.pid, signal.SIGKILL)
             time.sleep(0.1)
             release.set()
-            asking.join(timeout=30)
+            waiting.join(timeout=30)
     finally:
         release.set()
     assert result["got"] == {"error": "ChildDied"}
@@ -329,8 +269,8 @@ def test_a_herd_in_one_unit_makes_one_decrypt(
 ) -> None:
     """Four processes of the unit, each in a session of its own (four upcalls, the host cache
     coalesces them), eight threads each (one upcall per session): one Decrypt."""
-    name = _name(install)
-    get = _get(install, name)
+    name = named_secret(install)
+    get = asking(install, name)
 
     def herd() -> object:
         barrier = threading.Barrier(8)
@@ -350,7 +290,7 @@ def test_a_herd_in_one_unit_makes_one_decrypt(
     outcomes: list[object] = [None] * 4
     with ExitStack() as stack:
         children = [
-            stack.enter_context(_in_unit(cg, "app.service", NOBODY, requester.mode, [herd]))
+            stack.enter_context(in_unit(cg, "app.service", NOBODY, requester.mode, [herd]))
             for _ in range(4)
         ]
         runs = [
@@ -375,13 +315,13 @@ def test_a_unit_bound_blob_decrypts_for_its_unit_alone(
     text = install.blob(SECRET, name, unit="app.service")
     install.deploy(name, text)
     assert parse_blob(text).unit == "app.service"
-    steps = [_get(install, name), _own_key(install, name)]
-    with _in_unit(cg, "app.service", user, requester.mode, steps) as app:
+    steps = [asking(install, name), _own_key(install, name)]
+    with in_unit(cg, "app.service", user, requester.mode, steps) as app:
         assert app.run(0) == {"ok": SECRET.decode()}
         assert " unit=app.service " in install.log.wait_for(name)
         assert _perm(app.run(1)["ok"]["described"]) == (user, _program_perm())  # type: ignore[index]
     assert install.decrypts() == 1
-    with _in_unit(cg, "other.service", user, requester.mode, [_get(install, name)]) as other:
+    with in_unit(cg, "other.service", user, requester.mode, [asking(install, name)]) as other:
         assert other.run(0) == {"error": "KeyRejectedError", "errno": errno.EKEYREJECTED}
     assert "blob was encrypted for unit 'app.service', not 'other.service'" in install.log.wait_for(
         name
@@ -390,14 +330,14 @@ def test_a_unit_bound_blob_decrypts_for_its_unit_alone(
 
     # Its version-1 form records no unit: the resolver cannot check locally, KMS refuses.
     install.deploy(name, parse_blob(text).identity())
-    with _in_unit(cg, "other.service", user, requester.mode, [_get(install, name)]) as other:
+    with in_unit(cg, "other.service", user, requester.mode, [asking(install, name)]) as other:
         assert other.run(0) == {"error": "KeyRejectedError", "errno": errno.EKEYREJECTED}
     assert "InvalidCiphertextException" in install.log.wait_for(name)
     assert install.decrypts() == 2
 
     # A requester in no unit at all (a plain cgroup): refused before KMS.
     plain = cg.sub(f"/{cg.name}", "plain")
-    with _in_unit(cg, plain, user, requester.mode, [_get(install, name)]) as nowhere:
+    with in_unit(cg, plain, user, requester.mode, [asking(install, name)]) as nowhere:
         assert nowhere.run(0) == {"error": "KeyRejectedError", "errno": errno.EKEYREJECTED}
     assert "the requester has none" in install.log.wait_for(name)
     assert install.decrypts() == 2
@@ -408,18 +348,18 @@ def test_a_key_is_linked_only_where_its_requester_alone_finds_it(
 ) -> None:
     """keyring="user" (every program of the uid searches it) and a session keyring inherited
     from root (su/runuser without a new session: root's other children share it) refuse."""
-    name = _name(install)
-    with _in_unit(
-        cg, "app.service", NOBODY, requester.mode, [_get(install, name, keyring="user")]
+    name = named_secret(install)
+    with in_unit(
+        cg, "app.service", NOBODY, requester.mode, [asking(install, name, keyring="user")]
     ) as app:
         assert app.run(0) == {"error": "KeyRejectedError", "errno": errno.EKEYREJECTED}
     line = install.log.wait_for(name)
     assert "is not the requester's own thread, process or session keyring" in line, line
     assert install.decrypts() == 0
 
-    name = _name(install)
-    inherit = _in_unit(
-        cg, "app.service", NOBODY, requester.mode, [_get(install, name)], session="inherit"
+    name = named_secret(install)
+    inherit = in_unit(
+        cg, "app.service", NOBODY, requester.mode, [asking(install, name)], session="inherit"
     )
     with inherit as app:
         assert app.run(0) == {"error": "KeyRejectedError", "errno": errno.EKEYREJECTED}
@@ -454,13 +394,13 @@ def test_an_executable_replaced_before_its_request_does_not_pass(
                 [str(program), "request2", "user", install.description(name), "", "@s"]
             )
 
-        same = _name(install, "pbexe")
+        same = named_secret(install, "pbexe")
         process = ask(same)
         resume(process.pid)
         assert process.wait(timeout=30) == 0
         assert f" exe={program} " in install.log.wait_for(same)
 
-        swapped = _name(install, "pbexe")
+        swapped = named_secret(install, "pbexe")
         process = ask(swapped)
         os.replace(shutil.copy2(keyctl, where / "other"), program)
         resume(process.pid)
