@@ -1,8 +1,8 @@
 """resolver.binding: how every requester a forged /proc/keys can name is judged, where a bound
 key may go, and what a name without a program policy costs (nothing).
 
-The real upcall in real cgroups is tests/upcall/programs/test_program_binding.py; here each rule meets
-the cases a requester could arrange.
+The real upcall in real cgroups is tests/upcall/programs/test_program_binding.py; here each
+rule meets the cases a requester could arrange.
 """
 
 from __future__ import annotations
