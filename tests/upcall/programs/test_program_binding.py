@@ -192,14 +192,14 @@ def test_a_forged_proc_keys_line_changes_no_verdict(
     naming the allowed unit's process beside its own request (still refused)."""
     name = named_secret(install)
     allowed = who == "allowed"
-    asking, forging = (
+    asker, forging = (
         ("app.service", "other.service") if allowed else ("other.service", "app.service")
     )
     description = install.description(unique("forge")).encode()
     result: dict[str, object] = {}
     with Resident(user, _sleeper, mode=requester.mode) as bystander:  # type: ignore[arg-type]
         cg.move(bystander.pid, cg.path("app.service"))
-        with in_unit(cg, asking, user, requester.mode, [asking(install, name)]) as child:
+        with in_unit(cg, asker, user, requester.mode, [asking(install, name)]) as child:
             forge = _forge_for(child.pid, None if allowed else bystander.pid, description)
             with in_unit(cg, forging, user, requester.mode, [forge]) as forger:
                 watching = threading.Thread(target=lambda: result.update(forged=forger.run(0)))
