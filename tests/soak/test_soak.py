@@ -35,7 +35,7 @@ DEADLINE = 4
 NEGATIVE_TTL = MIN_TTL
 FAULT_RATE = 0.05
 USERS = ("root", "daemon", "nobody")
-SIZES = {"short": (2, 120), "long": (3, 800)}  # threads per user, requests per thread
+SIZES = {"short": (2, 70), "long": (3, 800)}  # threads per user, requests per thread
 
 
 def _faults() -> list[tuple[str, Any]]:
