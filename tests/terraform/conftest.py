@@ -35,7 +35,7 @@ import pytest
 from tests.support import terraform as tfsupport
 from tests.support.kms_emulator import KmsEmulator
 from tests.support.names import unique
-from tests.terraform import applied, variants
+from tests.terraform import applied, checkov, variants
 from tests.terraform.applied import Applied
 from tests.terraform.events import Probe
 from tests.terraform.rendered import Rendered
@@ -71,9 +71,12 @@ def tf_dirs() -> list[Path]:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """One line at the start: the terraform and mirror used, or what is missing."""
+    """One line at the start: the terraform and mirror used, or what is missing; and checkov's
+    run starts (tests/terraform/checkov.py), if its tests are collected."""
     if not any(Path(item.path).is_relative_to(Path(__file__).parent) for item in session.items):
         return
+    if any(Path(item.path).name == "test_checkov.py" for item in session.items):
+        checkov.start()
     if MISSING:
         line = f"terraform tier: the real-terraform tests are not collected: {MISSING}"
     else:

@@ -3,53 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from typing import Any
 
 import pytest
 
-from tests.terraform.conftest import MODULE_NAMES, REPO, TERRAFORM
+from tests.terraform import checkov
+from tests.terraform.conftest import MODULE_NAMES
 
 pytestmark = pytest.mark.terraform
-
-# checkov lives in its own venv (mk/terraform.mk) so its pins never fight the dev dependencies.
-CHECKOV = REPO / ".venv-checkov" / "bin" / "checkov"
-
-# No platform API key, no download of external checks, no guideline mapping: nothing to fetch.
-OFFLINE_ENV = {"BC_SKIP_MAPPING": "TRUE", "CKV_NO_DOWNLOAD": "TRUE", "LOG_LEVEL": "WARNING"}
 
 
 @pytest.fixture(scope="module")
 def report() -> dict[str, Any]:
-    if not CHECKOV.exists():
-        pytest.fail(f"{CHECKOV} is missing: run `make .venv-checkov/.installed`", pytrace=False)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BC_", "CKV_", "PRISMA"))}
-    command = [
-        str(CHECKOV),
-        "--directory",
-        str(TERRAFORM),
-        "--framework",
-        "terraform",
-        "--skip-download",
-        "--output",
-        "json",
-    ]
-    # As root (CI), run in an empty network namespace: any attempt to reach out fails at once.
-    if os.geteuid() == 0 and shutil.which("unshare"):
-        command = ["unshare", "--net", *command]
-    done = subprocess.run(
-        command,
-        env={**env, **OFFLINE_ENV},
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    """checkov's report: started when the session started (tests/terraform/checkov.py)."""
+    if not checkov.CHECKOV.exists():
+        pytest.fail(f"{checkov.CHECKOV} is missing: run `make .venv-checkov/.installed`")
+    status, stdout, stderr = checkov.report()
     # checkov exits 1 when a check fails; the JSON says which, so decide on that.
-    assert done.returncode in (0, 1), done.stderr[-2000:]
-    parsed = json.loads(done.stdout)
+    assert status in (0, 1), stderr[-2000:]
+    parsed = json.loads(stdout)
     assert isinstance(parsed, dict), "expected a single terraform report"
     return parsed
 
