@@ -56,9 +56,15 @@ if TYPE_CHECKING:
 
 _HEADER = struct.Struct("=d8s")
 # Refreshes of one entry by handlers of different keyrings wait for each other (one Decrypt per
-# host, not one per keyring that missed at the same moment); lock files are striped so that
-# state_dir holds a bounded number of them.
-LOCK_STRIPES = 64
+# host, not one per keyring that missed at the same moment). Each entry locks one byte of a
+# single lock file, at an offset from its description's hash (an open-file-description record
+# lock, F_OFD_SETLK: it excludes threads of one process too, and goes with the fd as flock
+# does): 2**62 stripes, so unrelated names practically never share one (with 64 flock files,
+# root's miss once waited REFRESH_WAIT behind another uid's hung KMS call), and one file.
+LOCK_FILE = "hostcache-locks"
+LOCK_STRIPES = 1 << 62
+# struct flock (fcntl(2)): l_type, l_whence, l_start, l_len, l_pid; 0 for l_pid (OFD locks).
+_FLOCK = struct.Struct("hhqqi4x")
 REFRESH_WAIT = 1.0  # seconds a miss waits for another handler's refresh of its stripe
 # A uid's charges: state_dir/CHARGE_PREFIX + UID holds one record per entry it made, (serial,
 # bytes, CLOCK_BOOTTIME second the kernel drops it), and is locked while an entry is added.
@@ -77,8 +83,17 @@ def boottime() -> float:
 
 
 def stripe_of(desc: str) -> int:
-    """Which of the LOCK_STRIPES refresh locks the entry `desc` takes."""
-    return int.from_bytes(blake2b(desc.encode(), digest_size=4).digest()) % LOCK_STRIPES
+    """Which of the LOCK_STRIPES refresh locks (a byte offset of LOCK_FILE) `desc` takes."""
+    return int.from_bytes(blake2b(desc.encode(), digest_size=8).digest()) % LOCK_STRIPES
+
+
+def _try_lock(fd: int, stripe: int) -> bool:
+    """Take the write lock of byte `stripe` of fd's file without waiting; False if it is held."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, stripe, 1, 0))
+    except (BlockingIOError, PermissionError):  # EAGAIN, or EACCES on some kernels
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -228,22 +243,21 @@ class HostCache:
             pass
 
     def lock(self, state_dir: Path, desc: str, wait: float) -> RefreshLock:
-        """The refresh lock of `desc` (one of LOCK_STRIPES flock files in state_dir), waiting
-        up to `wait` s; past that, not held (the caller decides what to do without it)."""
-        fd = open_state_file(state_dir, f"hostcache-{stripe_of(desc)}")
+        """The refresh lock of `desc` (its byte of LOCK_FILE in state_dir), waiting up to
+        `wait` s; past that, not held (the caller decides what to do without it)."""
+        fd = open_state_file(state_dir, LOCK_FILE)
+        stripe = stripe_of(desc)
         give_up = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return RefreshLock(fd, True)
-            except BlockingIOError:
+        try:
+            while not _try_lock(fd, stripe):
                 if time.monotonic() >= give_up:
                     os.close(fd)
                     return RefreshLock(-1, False)
                 time.sleep(0.01)
-            except BaseException:
-                os.close(fd)
-                raise
+        except BaseException:
+            os.close(fd)
+            raise
+        return RefreshLock(fd, True)
 
     @contextmanager
     def refreshing(self, state_dir: Path, desc: str) -> Iterator[None]:
