@@ -168,7 +168,14 @@ def test_an_outcome_carries_the_flush_tokens_the_gate_compares() -> None:
 def test_a_flush_token_outside_the_wire_is_refused(tokens: Tokens) -> None:
     with pytest.raises(wire.WireError):
         wire.outcome_message(
-            0, uid=5, gid=7, perm=0, negative_perm=0, timeout=3, negative_ttl=3, payload=b"s",
+            0,
+            uid=5,
+            gid=7,
+            perm=0,
+            negative_perm=0,
+            timeout=3,
+            negative_ttl=3,
+            payload=b"s",
             tokens=tokens,
         )
 
