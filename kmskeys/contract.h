@@ -8,7 +8,7 @@
 #define KMSKEYS_CONTRACT_H
 
 /* Each compiled part carries it; checked against kmskeys.BUILD_STAMP. */
-#define KMSKEYS_BUILD_STAMP "0.1.0+a28c0f3d37f3"
+#define KMSKEYS_BUILD_STAMP "0.1.0+26146c594720"
 
 /* a `user` key's payload, bytes */
 #define KMSKEYS_USER_PAYLOAD_MAX 32767
@@ -73,7 +73,7 @@
 /* every daemon message starts so */
 #define KMSKEYS_WIRE_MAGIC "KMKD"
 /* ... then this version */
-#define KMSKEYS_WIRE_VERSION 2
+#define KMSKEYS_WIRE_VERSION 3
 /* message type: gate to daemon */
 #define KMSKEYS_WIRE_REQUEST 1
 /* message type: daemon to gate */
@@ -99,15 +99,17 @@
 /* a request's body, bytes */
 #define KMSKEYS_WIRE_REQUEST_MAX 18885
 /* an outcome's fixed fields */
-#define KMSKEYS_WIRE_OUTCOME_FIXED 36
+#define KMSKEYS_WIRE_OUTCOME_FIXED 40
 /* an outcome's body, bytes */
-#define KMSKEYS_WIRE_OUTCOME_MAX 33121
+#define KMSKEYS_WIRE_OUTCOME_MAX 33125
 /* outcome wait at most */
 #define KMSKEYS_WIRE_OUTCOME_WAIT_MAX_MS 65000
 /* an answered key's timeout at most */
 #define KMSKEYS_WIRE_TIMEOUT_MAX 47433601
 /* an answer's mask within */
 #define KMSKEYS_ANSWER_PERM_ALLOWED 0x1b1b2d00U
+/* a refusal's within */
+#define KMSKEYS_NEGATIVE_PERM_ALLOWED 0x001b2900U
 /* a report's body, bytes */
 #define KMSKEYS_WIRE_REPORT_SIZE 16
 /* time to hand over a report */

@@ -196,10 +196,14 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int) -> None:
         os.close(dir_fd)
 
 
-def write_new(dir_fd: int, name: str, data: bytes, mode: int = 0o600) -> bool:
-    """Write `data` durably as `name` in `dir_fd` unless that name exists; True if this call
-    wrote it. link(), not rename(): of concurrent writers exactly one wins, never replaced."""
-    temp = _write_temp(dir_fd, name, data, mode)
+def write_new(
+    dir_fd: int, name: str, data: bytes, mode: int = 0o600, *, durable: bool = True
+) -> bool:
+    """Write `data` as `name` in `dir_fd` unless that name exists; True if this call wrote it.
+    link(), not rename(): of concurrent writers exactly one wins, never replaced. `durable`:
+    fsync'd, file and directory; without, for state that must not outlive a reboot anyway
+    (a reader of a file a crash cut short finds it garbled: it must refuse such content)."""
+    temp = _write_temp(dir_fd, name, data, mode, durable)
     try:
         os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
         won = True
@@ -208,15 +212,17 @@ def write_new(dir_fd: int, name: str, data: bytes, mode: int = 0o600) -> bool:
     finally:
         with suppress(OSError):
             os.unlink(temp, dir_fd=dir_fd)
-    os.fsync(dir_fd)  # the new name, and the temp's removal, reach the disk
+    if durable:
+        os.fsync(dir_fd)  # the new name, and the temp's removal, reach the disk
     return won
 
 
 TEMP_PREFIX = ".tmp-"
 
 
-def _write_temp(dir_fd: int, name: str, data: bytes, mode: int) -> str:
-    """A new temp file in `dir_fd` holding `data`, root-owned with `mode`, fsync'd."""
+def _write_temp(dir_fd: int, name: str, data: bytes, mode: int, durable: bool = True) -> str:
+    """A new temp file in `dir_fd` holding `data`, root-owned with `mode`, fsync'd if
+    `durable`."""
     # os.urandom, not secrets: that would import hashlib and OpenSSL (ms) on the miss path.
     temp = f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -228,7 +234,8 @@ def _write_temp(dir_fd: int, name: str, data: bytes, mode: int) -> str:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
     except BaseException:

@@ -508,6 +508,7 @@ def _outcome_message(outcome: Outcome, tokens: Tokens) -> bytes:
                 uid=outcome.uid,
                 gid=outcome.gid,
                 perm=outcome.perm,
+                negative_perm=outcome.negative_perm,
                 timeout=outcome.timeout,
                 negative_ttl=outcome.negative_ttl,
                 payload=outcome.payload,
@@ -518,6 +519,9 @@ def _outcome_message(outcome: Outcome, tokens: Tokens) -> bytes:
         uid=outcome.uid,
         gid=outcome.gid,
         perm=0,
+        # The refusal's owner and mask, set before the reject as the handler's negative_mask
+        # does (no possessor bits; the admin group's SETATTR for root's flush).
+        negative_perm=outcome.negative_perm,
         timeout=outcome.timeout,
         negative_ttl=outcome.negative_ttl,
         tokens=tokens,

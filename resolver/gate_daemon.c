@@ -2,8 +2,9 @@
  * The gate's half of the resolver daemon's wire (resolver/wire.py has the format): hand the
  * request to `kmskeys-resolver serve`, then answer the key as it says, exactly as
  * resolver/answer.py would (chown, setperm, set_timeout, instantiate; a full quota is EDQUOT,
- * any other failure EKEYREJECTED; or reject with the errno and ttl given), and report what the
- * kernel said, so that the daemon writes the request's one log line. Right before it answers,
+ * any other failure EKEYREJECTED; or reject with the errno and ttl given, the refused key chowned
+ * and masked first as a refusal's), and report what the kernel said, so that the daemon writes
+ * the request's one log line. Right before it answers,
  * after the key's owner and mask are set, it reads the request's flush tokens again and
  * rejects EAGAIN if root flushed the name since the daemon read them (kmskeys/flushepoch.py).
  *
@@ -38,7 +39,7 @@ enum { READ_OK = 0, READ_TIMEOUT = -1, READ_CLOSED = -2, READ_BAD = -3 };
 
 struct outcome {
     int32_t error;
-    uint32_t uid, gid, perm, timeout, negative_ttl, length, tokens;
+    uint32_t uid, gid, perm, negative_perm, timeout, negative_ttl, length, tokens;
     int32_t keyring;
     const unsigned char *payload;
     const unsigned char *token_data; /* `tokens` flush tokens, checked by parse_tokens */
@@ -252,19 +253,25 @@ static int parse_outcome(const struct args *a, const unsigned char *body, size_t
     if (len < KMSKEYS_WIRE_OUTCOME_FIXED)
         return -1;
     o->error = (int32_t)get32(body), o->uid = get32(body + 4), o->gid = get32(body + 8);
-    o->perm = get32(body + 12), o->timeout = get32(body + 16), o->negative_ttl = get32(body + 20);
-    o->keyring = (int32_t)get32(body + 24), o->length = get32(body + 28), o->tokens = get32(body + 32);
+    o->perm = get32(body + 12), o->negative_perm = get32(body + 16), o->timeout = get32(body + 20);
+    o->negative_ttl = get32(body + 24), o->keyring = (int32_t)get32(body + 28);
+    o->length = get32(body + 32), o->tokens = get32(body + 36);
     o->payload = body + KMSKEYS_WIRE_OUTCOME_FIXED;
     o->token_data = o->payload + o->length;
     if (len - KMSKEYS_WIRE_OUTCOME_FIXED < (size_t)o->length ||
         parse_tokens(o->token_data, len - KMSKEYS_WIRE_OUTCOME_FIXED - o->length, o->tokens) ||
         o->negative_ttl < 1 || o->negative_ttl > KMSKEYS_MAX_NEGATIVE_TTL)
         return -1;
+    /* The key is the requester's whatever the answer, and a rejected key's mask is a refusal's:
+     * owner bits and the admin group's, never a possessor bit (a co-possessor's add_key would
+     * instantiate it) nor write (contract.h NEGATIVE_PERM_ALLOWED). */
+    if (o->uid != (uint32_t)a->uid || (o->negative_perm & ~(uint32_t)KMSKEYS_NEGATIVE_PERM_ALLOWED))
+        return -1;
     if (o->error == 0)
         /* An answer: to the requester, within the key's bounds, never a mask that lets anyone
          * but the owner and possessors read or write it, linked into no keyring but the
          * request's destination. */
-        return o->uid == (uint32_t)a->uid && o->length >= 1 && o->length <= KMSKEYS_USER_PAYLOAD_MAX &&
+        return o->length >= 1 && o->length <= KMSKEYS_USER_PAYLOAD_MAX &&
                        o->timeout >= 1 && o->timeout <= KMSKEYS_WIRE_TIMEOUT_MAX &&
                        !(o->perm & ~(uint32_t)KMSKEYS_ANSWER_PERM_ALLOWED) && o->keyring <= 0 &&
                        o->keyring >= KEY_SPEC_REQUESTOR_KEYRING &&
@@ -329,6 +336,18 @@ static int flushed(const struct args *a, const struct outcome *o)
     return changed;
 }
 
+/* Before a rejection, the refused key's owner, group and mask (resolver/answer.py negative_mask):
+ * no possessor bits, so a co-possessor's add_key cannot instantiate it and the client tells the
+ * resolver's refusal from the kernel's own negation; the admin group's SETATTR, so root's flush
+ * can expire it. The answer matters more than its mask: a failure leaves the kernel's default. */
+static void negative_mask(unsigned long key, const struct outcome *o)
+{
+    if (o->negative_perm == 0)
+        return;
+    if (syscall(SYS_keyctl, KEYCTL_CHOWN, key, (unsigned long)o->uid, (unsigned long)o->gid) == 0)
+        syscall(SYS_keyctl, KEYCTL_SETPERM, key, (unsigned long)o->negative_perm);
+}
+
 /* Answer the key as resolver/answer.py does; REPORT's body says what the kernel said. */
 static void carry_out(const struct args *a, const struct outcome *o, unsigned char report[16])
 {
@@ -361,14 +380,19 @@ static void carry_out(const struct args *a, const struct outcome *o, unsigned ch
             reject = failed == EDQUOT ? KMSKEYS_ERRNO_QUOTA : KMSKEYS_ERRNO_REFUSED;
             ttl = o->negative_ttl;
         }
-    } else if (flushed(a, o)) {
-        /* A refusal decided before the flush (of a blob deployed since, say): never cached. */
-        step = KMSKEYS_WIRE_STEP_FLUSHED;
-        reject = KMSKEYS_ERRNO_UNAVAILABLE;
-        ttl = o->negative_ttl;
     } else {
+        /* The refusal's owner and mask first, then the flush tokens, as the handler's _reject. */
+        negative_mask(key, o);
         reject = o->error;
+        if (flushed(a, o)) {
+            /* A refusal decided before the flush (of a blob deployed since, say): never cached. */
+            step = KMSKEYS_WIRE_STEP_FLUSHED;
+            reject = KMSKEYS_ERRNO_UNAVAILABLE;
+            ttl = o->negative_ttl;
+        }
     }
+    if (reject && o->error == 0)
+        negative_mask(key, o); /* an answer the kernel refused, or root flushed meanwhile */
     if (reject && syscall(SYS_keyctl, KEYCTL_REJECT, key, ttl, (unsigned long)reject, 0))
         result = errno;
     put32(report, (uint32_t)step), put32(report + 4, (uint32_t)failed);

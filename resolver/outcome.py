@@ -97,6 +97,13 @@ class Outcome:
         """True when the key is to be instantiated, False when it is to be rejected."""
         return self.errno == 0 and self.outcome in ("ok", "stale")
 
+    @property
+    def negative_perm(self) -> int:
+        """The mask of this request's key should it be rejected (a refusal's, or an answer's the
+        kernel refused): the owner bits, no possessor bits, and with the admin group SETATTR too
+        (kmskeys/contract.py NEGATIVE_KEY_PERM)."""
+        return ADMIN_NEGATIVE_KEY_PERM if self.perm in _ADMIN_PERMS else NEGATIVE_KEY_PERM
+
     def rejected(self, error: ResolverError, *, severity: int | None = None) -> Outcome:
         """This request, rejected with `error` after all (the answer failed, say)."""
         return self.replace(
@@ -104,9 +111,7 @@ class Outcome:
             severity=severity if severity is not None else LOG_ERR if error.alarm else LOG_WARNING,
             timeout=self.negative_ttl,
             payload=b"",
-            # A refusal's mask: the answer's owner bits, no possessor bits, and with the admin
-            # group SETATTR too (kmskeys/contract.py NEGATIVE_KEY_PERM).
-            perm=ADMIN_NEGATIVE_KEY_PERM if self.perm in _ADMIN_PERMS else NEGATIVE_KEY_PERM,
+            perm=self.negative_perm,
             errno=error.answer_errno,
             reason=error.reason,
         )

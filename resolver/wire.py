@@ -22,6 +22,7 @@ import struct
 
 from kmskeys.contract import (
     ADMIN_GROUP_PERM,
+    ADMIN_NEGATIVE_KEY_PERM,
     AUTH_LINE_MAX,
     AUTH_LINES_MAX,
     CALLOUT_MAX,
@@ -38,7 +39,7 @@ from kmskeys.flushepoch import TOKEN_FILE_NAME_MAX, TOKEN_FILES_MAX, TOKEN_MAX, 
 from resolver.validators import MAX_NEGATIVE_TTL, MAX_TTL, MAX_TTL_JITTER
 
 MAGIC = b"KMKD"
-VERSION = 2
+VERSION = 3
 HEADER = struct.Struct("!4sHHI")
 REQUEST, ACCEPTED, DECLINED, OUTCOME, REPORT, ABANDON = 1, 2, 3, 4, 5, 6
 NAMES = {
@@ -89,23 +90,31 @@ REQUEST_MAX = (
 ACCEPTED_BODY = struct.Struct("!I")
 OUTCOME_WAIT_MAX_MS = 65_000
 
-# OUTCOME: errno (0: instantiate), uid, gid, perm, timeout, negative_ttl, the keyring to link
-# into on instantiation (0, or a KEY_SPEC_* id: the request's destination), payload length, and
-# how many flush tokens follow; then the payload (1..USER_PAYLOAD_MAX bytes for an answer, none
+# OUTCOME: errno (0: instantiate), uid, gid, perm (the answer's mask; 0 for a rejection),
+# negative_perm (the mask of the key when it is rejected, before the reject: a refusal's, or that
+# of an answer the kernel refused or root flushed meanwhile; resolver/answer.py negative_mask; 0
+# leaves the kernel's default), timeout, negative_ttl, the keyring to link into on instantiation
+# (0, or a KEY_SPEC_* id: the request's destination), payload length, and how many flush tokens
+# follow; then the payload (1..USER_PAYLOAD_MAX bytes for an answer, none
 # for a rejection); then each flush token of the request (kmskeys/flushepoch.py): its file's
 # name in the gate's own `state_dir/flush/` (u32 length, bytes: [a-z0-9-], at most
 # TOKEN_FILE_NAME_MAX) and what the daemon read in it (u32 length, bytes, at most TOKEN_MAX;
 # TOKEN_ABSENT for no such file). The gate reads them again after the key's owner and mask are
 # set, right before it answers, and rejects EAGAIN (STEP_FLUSHED) if one changed.
-OUTCOME_FIXED = struct.Struct("!iIIIIIiII")
+OUTCOME_FIXED = struct.Struct("!iIIIIIIiII")
 TOKEN_ABSENT = 0xFFFFFFFF
 FLUSH_TOKENS_MAX = (2 * STRING_LENGTH.size + TOKEN_FILE_NAME_MAX + TOKEN_MAX) * TOKEN_FILES_MAX
 OUTCOME_MAX = OUTCOME_FIXED.size + USER_PAYLOAD_MAX + FLUSH_TOKENS_MAX
 # The bits an answer's mask may hold, checked by the gate too: view, read, search and link for
-# possessors and the owner, the admin group's view and search; never write or setattr, never
-# anything for others (kmskeys/contract.py RESOLVED_KEY_PERM says why).
+# possessors and the owner, the admin group's (view, search, write, setattr: root's flush and
+# refresh); never write or setattr for the owner or possessors, never anything for others
+# (kmskeys/contract.py RESOLVED_KEY_PERM says why).
 _USE = PERM_VIEW | PERM_READ | PERM_SEARCH | PERM_LINK
 ANSWER_PERM_ALLOWED = (_USE << POSSESSOR_SHIFT) | (_USE << USER_SHIFT) | ADMIN_GROUP_PERM
+# The bits a rejected key's mask may hold (kmskeys/contract.py ADMIN_NEGATIVE_KEY_PERM): the
+# owner's, the admin group's view, search and setattr (root's flush expires it); never a
+# possessor bit (a co-possessor's add_key would instantiate the refused key), never write.
+NEGATIVE_PERM_ALLOWED = ADMIN_NEGATIVE_KEY_PERM
 # A key's timeout at most: the longest ttl, spread by the most jitter.
 TIMEOUT_MAX = int(MAX_TTL * (1 + MAX_TTL_JITTER)) + 1
 NEGATIVE_TTL_MAX = MAX_NEGATIVE_TTL
@@ -211,6 +220,7 @@ def outcome_message(
     uid: int,
     gid: int,
     perm: int,
+    negative_perm: int,
     timeout: int,
     negative_ttl: int,
     keyring: int = 0,
@@ -223,6 +233,7 @@ def outcome_message(
         uid,
         gid & 0xFFFFFFFF,
         perm,
+        negative_perm,
         timeout,
         negative_ttl,
         keyring,

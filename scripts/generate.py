@@ -120,6 +120,7 @@ def _daemon_facts() -> list[tuple[str, str, str]]:
         ("WIRE_OUTCOME_WAIT_MAX_MS", str(wire.OUTCOME_WAIT_MAX_MS), "outcome wait at most"),
         ("WIRE_TIMEOUT_MAX", str(wire.TIMEOUT_MAX), "an answered key's timeout at most"),
         ("ANSWER_PERM_ALLOWED", f"0x{wire.ANSWER_PERM_ALLOWED:08x}U", "an answer's mask within"),
+        ("NEGATIVE_PERM_ALLOWED", f"0x{wire.NEGATIVE_PERM_ALLOWED:08x}U", "a refusal's within"),
         ("WIRE_REPORT_SIZE", str(wire.REPORT_BODY.size), "a report's body, bytes"),
         ("WIRE_REPORT_WAIT_MS", str(wire.REPORT_WAIT_MS), "time to hand over a report"),
         ("WIRE_STEP_NONE", str(wire.STEP_NONE), "report: nothing failed"),

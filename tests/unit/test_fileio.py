@@ -106,3 +106,21 @@ def test_an_atomic_write_replaces_and_a_new_write_never_does(tmp_path: Path) -> 
     assert sorted(won) == [False] * 7 + [True]
     assert (tmp_path / "e").stat().st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(fileio.TEMP_PREFIX)] == []
+
+
+@pytest.mark.parametrize(("durable", "fsyncs"), [(True, 2), (False, 0)])
+def test_a_new_write_is_fsynced_only_when_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool, fsyncs: int
+) -> None:
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert fileio.write_new(dir_fd, "e", b"state", durable=durable)
+        assert not fileio.write_new(dir_fd, "e", b"other", durable=durable)
+    finally:
+        os.close(dir_fd)
+    assert len(synced) == 2 * fsyncs  # file and directory, per write
+    assert (tmp_path / "e").read_bytes() == b"state"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(fileio.TEMP_PREFIX)] == []

@@ -8,11 +8,22 @@ import struct
 import pytest
 
 from kmskeys import contract
-from kmskeys.contract import CALLOUT_MAX, DESCRIPTION_MAX, RESOLVED_KEY_PERM
+from kmskeys.contract import (
+    ADMIN_KEY_PERM,
+    ADMIN_NEGATIVE_KEY_PERM,
+    CALLOUT_MAX,
+    DESCRIPTION_MAX,
+    NEGATIVE_KEY_PERM,
+    PERM_WRITE,
+    POSSESSOR_MASK,
+    RESOLVED_KEY_PERM,
+    USER_SHIFT,
+)
 from kmskeys.flushepoch import Tokens
 from resolver import wire
 from resolver.answer import answer
-from resolver.daemon_request import ReplayKey
+from resolver.daemon_request import ReplayKey, _outcome_message
+from resolver.errors import RefusedError
 from resolver.log import LOG_ERR, LOG_INFO
 from resolver.outcome import Outcome
 
@@ -99,13 +110,20 @@ def test_headers_of_another_magic_version_or_type_are_refused() -> None:
 
 def test_an_outcome_packs_as_the_gate_reads_it() -> None:
     message = wire.outcome_message(
-        0, uid=5, gid=-1, perm=RESOLVED_KEY_PERM, timeout=300, negative_ttl=10, payload=b"s3"
+        0,
+        uid=5,
+        gid=-1,
+        perm=RESOLVED_KEY_PERM,
+        negative_perm=NEGATIVE_KEY_PERM,
+        timeout=300,
+        negative_ttl=10,
+        payload=b"s3",
     )
     kind, length = wire.parse_header(message[: wire.HEADER.size])
     body = message[wire.HEADER.size :]
     assert (kind, length) == (wire.OUTCOME, wire.OUTCOME_FIXED.size + 2)
     fields = wire.OUTCOME_FIXED.unpack_from(body)
-    assert fields == (0, 5, 0xFFFFFFFF, RESOLVED_KEY_PERM, 300, 10, 0, 2, 0)
+    assert fields == (0, 5, 0xFFFFFFFF, RESOLVED_KEY_PERM, NEGATIVE_KEY_PERM, 300, 10, 0, 2, 0)
     assert body[wire.OUTCOME_FIXED.size :] == b"s3"
     assert not RESOLVED_KEY_PERM & ~wire.ANSWER_PERM_ALLOWED
 
@@ -117,6 +135,7 @@ def test_an_outcome_carries_the_flush_tokens_the_gate_compares() -> None:
         uid=5,
         gid=7,
         perm=RESOLVED_KEY_PERM,
+        negative_perm=NEGATIVE_KEY_PERM,
         timeout=300,
         negative_ttl=10,
         payload=b"s3",
@@ -149,7 +168,15 @@ def test_an_outcome_carries_the_flush_tokens_the_gate_compares() -> None:
 def test_a_flush_token_outside_the_wire_is_refused(tokens: Tokens) -> None:
     with pytest.raises(wire.WireError):
         wire.outcome_message(
-            0, uid=5, gid=7, perm=0, timeout=3, negative_ttl=3, payload=b"s", tokens=tokens
+            0,
+            uid=5,
+            gid=7,
+            perm=0,
+            negative_perm=0,
+            timeout=3,
+            negative_ttl=3,
+            payload=b"s",
+            tokens=tokens,
         )
 
 
@@ -204,3 +231,34 @@ def test_an_answer_the_gate_carried_out_is_the_ok_line() -> None:
     answer(ReplayKey(_report(wire.STEP_NONE, 0, 0)), _answered(), log, 0.0)  # type: ignore[arg-type]
     ((severity, line),) = log.lines
     assert severity == LOG_INFO and "outcome=ok" in line and "ttl=300" in line, line
+
+
+def test_a_refusals_mask_is_within_what_the_gate_allows_and_gives_possessors_nothing() -> None:
+    for perm in (NEGATIVE_KEY_PERM, ADMIN_NEGATIVE_KEY_PERM):
+        assert not perm & ~wire.NEGATIVE_PERM_ALLOWED
+    assert not wire.NEGATIVE_PERM_ALLOWED & POSSESSOR_MASK
+    assert not wire.NEGATIVE_PERM_ALLOWED & (PERM_WRITE << USER_SHIFT)
+
+
+def _fixed(message: bytes) -> tuple[int, ...]:
+    return wire.OUTCOME_FIXED.unpack_from(message[wire.HEADER.size :])
+
+
+def test_a_rejection_sends_the_refused_keys_owner_and_mask() -> None:
+    refused = _answered().replace(perm=ADMIN_KEY_PERM).rejected(RefusedError("no"))
+    errno_, uid, gid, perm, negative_perm, timeout = _fixed(_outcome_message(refused, ()))[:6]
+    assert (errno_, uid, gid) == (errno.EKEYREJECTED, 5, 5)
+    assert (perm, negative_perm, timeout) == (0, ADMIN_NEGATIVE_KEY_PERM, 10)
+
+
+@pytest.mark.parametrize(
+    ("perm", "negative"),
+    [(RESOLVED_KEY_PERM, NEGATIVE_KEY_PERM), (ADMIN_KEY_PERM, ADMIN_NEGATIVE_KEY_PERM)],
+)
+def test_an_answer_sends_the_mask_its_key_gets_should_the_kernel_refuse_it(
+    perm: int, negative: int
+) -> None:
+    # The handler's answer() rejects a key the kernel refused with Outcome.rejected's mask.
+    answered = _answered().replace(perm=perm)
+    assert answered.rejected(RefusedError("instantiate failed")).perm == negative
+    assert _fixed(_outcome_message(answered, ()))[3:5] == (perm, negative)

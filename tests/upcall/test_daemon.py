@@ -20,7 +20,14 @@ from typing import Any
 import pytest
 
 from kmskeys import Key, KeyNotFoundError, Keyring, TemporarilyUnavailableError
-from kmskeys.contract import ADMIN_KEY_PERM, RESOLVED_KEY_PERM
+from kmskeys.cached import cached_failure
+from kmskeys.contract import (
+    ADMIN_KEY_PERM,
+    ADMIN_NEGATIVE_KEY_PERM,
+    NEGATIVE_KEY_PERM,
+    POSSESSOR_MASK,
+    RESOLVED_KEY_PERM,
+)
 from kmskeys.rules import rule_file
 from resolver import wire
 from tests.support.kms_proxy import DROP, ProxiedRequest
@@ -88,6 +95,35 @@ def test_a_miss_is_answered_on_the_daemons_word(served: Install) -> None:
         _fresh(served, missing, None)
     line = served.log.wait_for(missing)
     assert writer(line) == served.daemon.pid and "outcome=unknown" in line, line
+
+
+def _refused_key(install: Install, name: str) -> tuple[int, int, int]:
+    """The (uid, gid, perm) of the negative key a refusal of `name` leaves in a new session."""
+    Keyring.join_session()
+    with pytest.raises(KeyNotFoundError):
+        Key.request(install.description(name), b"")
+    negative = cached_failure(install.description(name))
+    assert negative is not None, name
+    return negative.uid, negative.gid, negative.perm
+
+
+def test_a_refusal_by_the_daemon_leaves_the_handlers_negative_key(served: Install) -> None:
+    """Issue 26.10: the refused key is the requester's, with no possessor bits and, with the
+    admin group, its SETATTR (root's flush expires it), as the handler's _reject sets it."""
+    assert served.daemon is not None
+    by_daemon = unique("refused-daemon")
+    daemons = _refused_key(served, by_daemon)
+    line = served.log.wait_for(by_daemon)
+    assert writer(line) == served.daemon.pid and "outcome=unknown" in line, line
+    _stop(served)
+    by_handler = unique("refused-handler")
+    handlers = _refused_key(served, by_handler)
+    line = served.log.wait_for(by_handler)
+    assert writer(line) != served.daemon.pid and "outcome=unknown" in line, line
+    assert daemons == handlers
+    uid, _, perm = daemons
+    assert uid == os.getuid() and not perm & POSSESSOR_MASK, hex(perm)
+    assert perm in (NEGATIVE_KEY_PERM, ADMIN_NEGATIVE_KEY_PERM), hex(perm)
 
 
 def test_without_a_daemon_the_handler_answers(served: Install) -> None:
@@ -261,8 +297,8 @@ def test_an_answer_the_gate_cannot_accept_falls_back_to_the_handler(served: Inst
             conn.recv(65536)
             conn.sendall(wire.header(wire.ACCEPTED, wire.ACCEPTED_BODY.pack(3000)))
             message = wire.outcome_message(
-                0, uid=os.getuid() + 1, gid=0, perm=0x3F3F3F3F, timeout=60, negative_ttl=3,
-                payload=b"kmst-poisoned",
+                0, uid=os.getuid() + 1, gid=0, perm=0x3F3F3F3F, negative_perm=0, timeout=60,
+                negative_ttl=3, payload=b"kmst-poisoned",
             )  # fmt: skip
             conn.sendall(message)
             conn.recv(100)
@@ -272,6 +308,31 @@ def test_an_answer_the_gate_cannot_accept_falls_back_to_the_handler(served: Inst
     lines = [served.log.wait_for(name), served.log.wait_for(name)]
     assert any("outcome=fallback" in x and "not one the gate accepts" in x for x in lines), lines
     assert any("outcome=ok" in x for x in lines), lines
+
+
+def test_a_refusal_whose_mask_gives_possessors_anything_falls_back_to_the_handler(
+    served: Install,
+) -> None:
+    _stop(served)
+    name = unique("badrefusal")
+
+    def lie(conn: socket.socket) -> None:
+        # A refusal whose key possessors could write: a co-possessor's add_key would fill it.
+        with conn:
+            conn.recv(65536)
+            conn.sendall(wire.header(wire.ACCEPTED, wire.ACCEPTED_BODY.pack(3000)))
+            message = wire.outcome_message(
+                errno.ENOKEY, uid=os.getuid(), gid=0, perm=0, negative_perm=0x3F010000,
+                timeout=3, negative_ttl=3,
+            )  # fmt: skip
+            conn.sendall(message)
+            conn.recv(100)
+
+    with _fake_daemon(_socket(served), lie):
+        assert _refused_key(served, name)[2] in (NEGATIVE_KEY_PERM, ADMIN_NEGATIVE_KEY_PERM)
+    lines = [served.log.wait_for(name), served.log.wait_for(name)]
+    assert any("outcome=fallback" in x and "not one the gate accepts" in x for x in lines), lines
+    assert any("outcome=unknown" in x for x in lines), lines
 
 
 def _impostor(path: Path, ready: int) -> None:
@@ -295,6 +356,7 @@ def _impostor(path: Path, ready: int) -> None:
                 uid=0,
                 gid=0,
                 perm=RESOLVED_KEY_PERM,
+                negative_perm=0,
                 timeout=60,
                 negative_ttl=3,
                 payload=b"kmst-poisoned",
