@@ -37,6 +37,7 @@ DEFAULT_SSM_PREFIX = "ssm"
 
 from kmskeys import _hitpath  # noqa: E402 (after the facts names.py reads)
 from kmskeys.names import as_bytes as _as_bytes  # noqa: E402
+from kmskeys.names import common_reference as _common_reference  # noqa: E402
 from kmskeys.names import description, is_reference, validate_name  # noqa: E402
 
 TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
@@ -178,11 +179,15 @@ def _describe(name: str | bytes, prefix: str) -> bytes:
     """`PREFIX:NAME`, or the description a reference names: a selector (`pass:NAME#all`,
     `sm:NAME#password`) or a prefix of its own (`sm:prod/db#password`), read by
     kmskeys/secretref.py, which a plain name never loads (`:` and `#` are outside the name
-    alphabet)."""
+    alphabet), nor a reference of a common shape (`sm:prod/db#password`, `ssm:app/db#3`:
+    kmskeys/names.py common_reference)."""
     if is_reference(name):
-        from kmskeys.secretref import described
+        desc = _common_reference(name, prefix)
+        if desc is None:
+            from kmskeys.secretref import described
 
-        return described(name, prefix).encode()
+            desc = described(name, prefix)
+        return desc.encode()
     return description(name, prefix).encode()
 
 

@@ -26,6 +26,10 @@ resolver (resolver/spec_sm.py and resolver/spec_ssm.py split descriptions with i
 part of a name, and `#stage=...` never for a field. Each request has exactly one spelling (the
 field first, no spelling of the default): a description that is not canonical is refused,
 saying which spelling to use, so one secret is never two kernel keys.
+
+get_secret's hit path reads the common shapes (`#FIELD`, `#VERSION`, `#LABEL`) without this
+module (kmskeys/names.py `common_reference`): a change here is one there, and
+tests/unit/test_common_reference.py fails until both agree.
 """
 
 # No `from __future__ import annotations`: a reference read by get_secret loads this module.

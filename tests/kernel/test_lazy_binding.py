@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from kmskeys import Keyring, keyutils
-from tests.support.names import unique_prefix
+from tests.support.names import unique, unique_prefix
 
 pytestmark = pytest.mark.kernel
 
@@ -76,6 +76,33 @@ def test_a_cached_secret_in_a_new_process_loads_two_modules_and_the_extension(
         "before = set(sys.modules)\n"
         "import kmskeys\n"
         f"assert kmskeys.get_secret('cgi', prefix={prefix!r}) == b'kmst-cgi'\n"
+        "print(' '.join(sorted(set(sys.modules) - before)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["kmskeys", "kmskeys._hitpath", "kmskeys.names"]
+
+
+@pytest.mark.parametrize("form", ["selector", "whole", "sm"])
+def test_a_cached_secret_of_a_common_reference_loads_no_grammar(
+    session_keyring: Keyring, form: str
+) -> None:
+    # `NAME#FIELD` of an operator's own prefix (the bench's), `PREFIX:NAME#FIELD`, and an `sm:`
+    # field: kmskeys/names.py reads these shapes; the grammars (kmskeys/secretref.py,
+    # awsname.py, passname.py) and the error classes load only for other shapes.
+    prefix = unique_prefix()
+    name = unique("ref")
+    ref, asked = {
+        "selector": (f"{name}#password", prefix),
+        "whole": (f"{prefix}:{name}#password", "kms"),
+        "sm": (f"{name}#password", "sm"),
+    }[form]
+    desc = f"{'sm' if form == 'sm' else prefix}:{name}#password"
+    session_keyring.add_key("user", desc, b"kmst-ref")
+    probe = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        "import kmskeys\n"
+        f"assert kmskeys.get_secret({ref!r}, prefix={asked!r}) == b'kmst-ref'\n"
         "print(' '.join(sorted(set(sys.modules) - before)))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
