@@ -168,7 +168,8 @@ KEYRINGS = ("session", "user", "persistent")
 _KEY_SPEC_PROCESS_KEYRING = -2
 _KEY_SPEC_SESSION_KEYRING = -3
 _DESCRIPTIONS: dict[tuple[object, str], bytes] = {}
-_SERIALS: dict[bytes, int] = {}
+# (name, prefix, keyring) -> the serial get_secret last found for them (see get_secret).
+_SERIALS: "dict[tuple[object, str, object], int]" = {}  # quoted: nothing to evaluate
 _SHARED: dict[str, int] = {}
 # The C calls of the hit paths (kmskeys/_hitpath.c), bound once.
 _fetch = _hitpath.fetch
@@ -250,27 +251,30 @@ def get_secret(
     request_key(2) never upcalls with a NULL callout. With `prefix="pass"`, NAME is a password
     store entry (its first line), `NAME#all` the whole entry, `NAME#field=KEY` one field.
     """
-    # The client's hot path (budget: 1.5x a C request_key + keyctl_read). A validated name's
-    # description is computed once per process. A key this thread found and checked in the
-    # last second is read by serial, one syscall (the kernel still checks its permissions and
-    # fails the read once it is revoked, expired or invalidated); otherwise the full path
-    # searches, checks ownership and reads (kmskeys/_hitpath.c).
+    # The client's hot path (budget: 1.5x a C request_key + keyctl_read). A key this thread
+    # found and checked in the last second for the same name, prefix and keyring is read by
+    # serial, one syscall (the kernel still checks its permissions and fails the read once it
+    # is revoked, expired or invalidated). Remembered per keyring asked for: what was found for
+    # one keyring is no answer for another (a program-bound key is never linked into it,
+    # kmskeys/_request.py fetch_failed). Otherwise the full path searches, checks ownership and
+    # reads (kmskeys/_hitpath.c); a validated name's description is computed once per process.
+    try:
+        payload = _read_recent(_SERIALS[name, prefix, keyring])
+    except (KeyError, TypeError):  # not remembered, or an unhashable argument: the full path
+        payload = None
+    if payload is not None:
+        return payload
     try:
         desc = _DESCRIPTIONS[name, prefix]
     except (KeyError, TypeError):
         desc = _describe(name, prefix)
         if len(_DESCRIPTIONS) < 1024:
             _DESCRIPTIONS[name, prefix] = desc
-    serial = _SERIALS.get(desc)
-    if serial is not None:
-        payload = _read_recent(serial)
-        if payload is not None:
-            return payload
     dest = _destination(keyring)
     callout = b"" if blob is None else blob if blob.__class__ is bytes else _as_bytes(blob, "blob")
     serial, payload = fetch(desc, callout, dest)
     if len(_SERIALS) < 1024:
-        _SERIALS[desc] = serial
+        _SERIALS[name, prefix, keyring] = serial
     return payload
 
 
