@@ -3,7 +3,7 @@
 The handler and the supervisor's backstop answer through here, and the log writer is built from
 the config here alone. In the resolver daemon, the gate answers the key (resolver/gate_daemon.c,
 the same steps from the same facts, kmskeys/contract.h) and the daemon runs this on what the
-gate reported (resolver/daemon_request.py ReplayKey), so the line is the same. The gate also
+gate reported (resolver/daemon_gate.py ReplayKey), so the line is the same. The gate also
 writes the line of a busy uid's key itself, from the same field rules.
 """
 

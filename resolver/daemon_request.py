@@ -3,9 +3,9 @@
 The connection's thread receives the request and the slot fd the gate holds (resolver/wire.py),
 checks what the supervisor checks (the gate's build, the slot) and accepts; the pipeline runs in
 a thread of its own holding the slot, while this thread waits for it, the deadline or the gate
-to go away. The gate answers the key from the Outcome and reports what the kernel said; the line
-is resolver/answer.py's from that report (ReplayKey): the handler's line exactly. A gate that
-says ABANDON has answered or fallen back and logged; one that vanishes is logged at ERR.
+to go away. The gate answers the key from the Outcome and reports what the kernel said; the
+line is resolver/answer.py's from that report (resolver/daemon_gate.py ReplayKey): the
+handler's line exactly. A gate that says ABANDON has answered or fallen back and logged; one that vanishes is logged at ERR.
 """
 
 from __future__ import annotations
@@ -15,36 +15,37 @@ import socket
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from kmskeys.errors import InvalidNameError, KeyctlError, KmsKeysError, error_for_errno
 from resolver import config as config_mod
 from resolver import pipeline, wire
 from resolver.answer import answer, flushed, log_writer
+from resolver.daemon_gate import (
+    ReplayKey,
+    facts_of,
+    flushed_meanwhile,
+    identity,
+    outcome_message_of,
+    started_at,
+    unflushed,
+)
 from resolver.errors import (
     ConfigError,
     DeadlineExceeded,
-    IdentityUnclearError,
-    RefusedError,
     ResolverError,
-    ServiceUnavailableError,
     UnavailableError,
-    errno_name,
     failure,
 )
-from resolver.handler import WATCHDOG_MARGIN, process_started
+from resolver.handler import WATCHDOG_MARGIN
 from resolver.keyrecords import remember
 from resolver.limits import busy_reason, charged_uid, check_slot, gate_stamp_problem
 from resolver.log import LOG_ERR, SyslogWriter
 from resolver.outcome import Outcome
 from resolver.pipeline import KernelRequest
-from resolver.registry import split_description
-from resolver.requester import AuthView, IdentityError, auth_records
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from kmskeys.flushepoch import Tokens
     from resolver.workers import Workers
 
 
@@ -80,12 +81,6 @@ REPORT_TIMEOUT = 5.0  # the gate answers the key in a few system calls
 GATE_GRACE = 1.0  # the gate waits this long past the deadline before it answers by itself
 POLL_SLICE = 0.05  # how often a waiting request looks whether its gate is still there
 NEGATIVE_TTL = 10  # a rejection's ttl when the config cannot be read (the handler's default)
-_STEPS = {
-    wire.STEP_CHOWN: "keyctl_chown",
-    wire.STEP_SETPERM: "keyctl_setperm",
-    wire.STEP_TIMEOUT: "keyctl_set_timeout",
-    wire.STEP_INSTANTIATE: "keyctl_instantiate",
-}
 
 
 class GateGone(Exception):
@@ -129,46 +124,6 @@ class Ticket:
             self.daemon.leave()
 
 
-class ReplayKey:
-    """The key as the gate found it: each call fails as the gate's REPORT says its own did, so
-    that resolver/answer.py decides and logs exactly what the handler would have."""
-
-    def __init__(self, report: wire.Report) -> None:
-        self.report = report
-
-    def _step(self, step: int) -> None:
-        if self.report.step == step:
-            raise error_for_errno(self.report.failed_errno, _STEPS[step])
-
-    def assume_authority(self) -> None:
-        """The gate holds it."""
-
-    def chown(self, uid: int, gid: int = -1) -> None:
-        """As the gate's chown went."""
-        self._step(wire.STEP_CHOWN)
-
-    def setperm(self, perm: int) -> None:
-        """As the gate's setperm went."""
-        self._step(wire.STEP_SETPERM)
-
-    def set_timeout(self, seconds: int) -> None:
-        """As the gate's set_timeout went."""
-        self._step(wire.STEP_TIMEOUT)
-
-    def instantiate(self, payload: str | bytes, keyring: int = 0) -> None:
-        """As the gate's instantiate went."""
-        self._step(wire.STEP_INSTANTIATE)
-
-    def reject(self, timeout: int, error: int, keyring: int = 0) -> None:
-        """As the gate's reject went; a reject with another errno than the one decided here is
-        a gate of other rules, said in the line."""
-        done = self.report.reject_errno
-        if done != error:
-            raise KeyctlError(f"the gate rejected with {errno_name(done)}, not {errno_name(error)}")
-        if self.report.reject_result:
-            raise error_for_errno(self.report.reject_result, "keyctl_reject")
-
-
 class Miss:
     """One gate connection: receive, admit, resolve, hand over, log."""
 
@@ -209,7 +164,7 @@ class Miss:
         if self.slot is None or self.daemon.stopping.is_set() or not self._ours(request):
             self._send(wire.header(wire.DECLINED, b""))
             return
-        self._serve(request, _started(request, pid))
+        self._serve(request, started_at(request, pid))
 
     def _ours(self, request: wire.GateRequest) -> bool:
         """Whether the gate's rule names this daemon's config: a miss of another install that
@@ -224,7 +179,7 @@ class Miss:
             request.uid,
             request.gid,
             callout=request.callout,
-            **_identity(request),
+            **identity(request),
         )
         path = self.daemon.configs.path
         try:
@@ -242,7 +197,7 @@ class Miss:
             return
         if refused is not None:
             outcome = pipeline.rejection(
-                asked, refused, config.negative_ttl, facts=_facts(asked, config)
+                asked, refused, config.negative_ttl, facts=facts_of(asked, config)
             )
             self._answer(outcome, started, deadline)
             return
@@ -314,7 +269,7 @@ class Miss:
                     resolution.asked,
                     error,
                     resolution.config.negative_ttl,
-                    facts=_facts(resolution.asked, resolution.config),
+                    facts=facts_of(resolution.asked, resolution.config),
                 )
         assert resolution.outcome is not None
         return resolution.outcome
@@ -344,8 +299,8 @@ class Miss:
         """Send the Outcome, wait for the gate's REPORT, write the line from it."""
         if not accepted and not self._accept(deadline):
             return
-        outcome, tokens = _unflushed(outcome)
-        if not self._send(_outcome_message(outcome, tokens)):
+        outcome, tokens = unflushed(outcome)
+        if not self._send(outcome_message_of(outcome, tokens)):
             if not self._abandoned():
                 self._gone_after(outcome, started)
             return
@@ -358,7 +313,7 @@ class Miss:
             return
         if report is not None:
             if report.step == wire.STEP_FLUSHED:
-                outcome = _flushed_meanwhile(outcome)
+                outcome = flushed_meanwhile(outcome)
             if report.step == wire.STEP_NONE and outcome.answered and self.resolved is not None:
                 # The gate instantiated the key: the refresher (`kmskeys-resolver refresh`)
                 # renews it before it expires. Recorded before the line is written, so that a
@@ -377,7 +332,9 @@ class Miss:
         error = UnavailableError(
             "kmskeys-gate went away before the answer: the kernel negates the key (ENOKEY)"
         )
-        outcome = pipeline.rejection(asked, error, config.negative_ttl, facts=_facts(asked, config))
+        outcome = pipeline.rejection(
+            asked, error, config.negative_ttl, facts=facts_of(asked, config)
+        )
         self.log.emit(LOG_ERR, outcome.line((time.monotonic() - started) * 1000))
 
     def _send(self, data: bytes) -> bool:
@@ -421,108 +378,3 @@ class Resolution:
             os.close(slot)
             ticket.drop()
         self.finish(outcome)
-
-
-def _started(request: wire.GateRequest, pid: int) -> float:
-    """When the gate started, on the time.monotonic() clock: as it says (CLOCK_MONOTONIC is one
-    clock for every process), within its process's start from /proc (to 10 ms) and now."""
-    now = time.monotonic()
-    said = request.started_us / 1e6
-    earliest = process_started(pid) - 0.02
-    return said if earliest <= said <= now else min(now, max(earliest, now - 60.0))
-
-
-def _identity(request: wire.GateRequest) -> dict[str, Any]:
-    """What KernelRequest takes of the requester's identity, from what the gate saw holding the
-    authority (docs/resolver.md, "Identifying the requester"): `pid`, the requesting thread
-    (None when unclear, informational); the requester's keyrings (%T %P %S); and the
-    authority's view (resolver.requester.AuthView), gathered by the gate by its rules, which
-    the pipeline's identification judges as it judges the handler's own."""
-    view = AuthView(request.auth, request.lines, request.dest, request.dest_description)
-    if request.flags & wire.FLAG_PROC_KEYS_CUT:
-        # The gate stopped reading /proc/keys before its end: the kernel's line may be among
-        # those missing, and a forged one pass for it. Unclear, so EAGAIN: never cached.
-        return {"pid": None, "keyrings": request.keyrings, "view": _cut_view}
-    return {"pid": _requester(request, view), "keyrings": request.keyrings, "view": view}
-
-
-def _cut_view() -> AuthView:
-    raise IdentityUnclearError(
-        f"/proc/keys is longer than kmskeys-gate reads ({wire.PROC_KEYS_SCAN_MAX} bytes): "
-        "the authorization key's lines may be missing"
-    )
-
-
-def _requester(request: wire.GateRequest, view: AuthView) -> int | None:
-    """The requesting thread's id, from the authorization key's /proc/keys line as the gate read
-    it (resolver/requester.py's rules: one line of that serial, live, for this key and uid);
-    None when that line is missing, forged or unclear."""
-    if request.seen != 1:
-        return None
-    try:
-        records = auth_records(view, request.key, request.uid)
-    except (IdentityError, IdentityUnclearError):
-        return None
-    return records[0].tid if len(records) == 1 else None
-
-
-def _facts(asked: KernelRequest, config: config_mod.Config) -> dict[str, str | None]:
-    """The log line's name for a request answered before the pipeline ran."""
-    try:
-        return {"name": split_description(config, asked.description)[1]}
-    except InvalidNameError:
-        return {"name": asked.description}
-
-
-def _unflushed(outcome: Outcome) -> tuple[Outcome, Tokens]:
-    """The outcome to send, EAGAIN (never cached) if root flushed its name since it started, and
-    the flush tokens it was resolved under, as the gate is to find them still (from this read
-    on, a flush is the gate's to see: resolver/gate_daemon.c)."""
-    tokens: Tokens | None = ()
-    if outcome.flush is not None:
-        try:
-            tokens = outcome.flush.tokens()
-        except (OSError, KmsKeysError):  # an unsafe token directory: as flushed (answer.py)
-            tokens = None
-    if tokens is None:
-        outcome, tokens = outcome.rejected(_FLUSHED), ()
-    return outcome.replace(flush=None), tokens
-
-
-def _flushed_meanwhile(outcome: Outcome) -> Outcome:
-    """What the gate answered when it found a flush token changed: EAGAIN."""
-    return outcome.rejected(_FLUSHED)
-
-
-_FLUSHED = ServiceUnavailableError("flushed by root while resolving; ask again")
-
-
-def _outcome_message(outcome: Outcome, tokens: Tokens) -> bytes:
-    if outcome.answered:
-        if outcome.perm & ~wire.ANSWER_PERM_ALLOWED:
-            error = RefusedError(f"the answer's mask {outcome.perm:08x} is not one the gate allows")
-            outcome = outcome.rejected(error)
-        else:
-            return wire.outcome_message(
-                0,
-                uid=outcome.uid,
-                gid=outcome.gid,
-                perm=outcome.perm,
-                negative_perm=outcome.negative_perm,
-                timeout=outcome.timeout,
-                negative_ttl=outcome.negative_ttl,
-                payload=outcome.payload,
-                tokens=tokens,
-            )
-    return wire.outcome_message(
-        outcome.errno,
-        uid=outcome.uid,
-        gid=outcome.gid,
-        perm=0,
-        # The refusal's owner and mask, set before the reject as the handler's negative_mask
-        # does (no possessor bits; the admin group's SETATTR for root's flush).
-        negative_perm=outcome.negative_perm,
-        timeout=outcome.timeout,
-        negative_ttl=outcome.negative_ttl,
-        tokens=tokens,
-    )

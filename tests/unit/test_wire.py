@@ -22,7 +22,7 @@ from kmskeys.contract import (
 from kmskeys.flushepoch import Tokens
 from resolver import wire
 from resolver.answer import answer
-from resolver.daemon_request import ReplayKey, _outcome_message
+from resolver.daemon_gate import ReplayKey, outcome_message_of
 from resolver.errors import RefusedError
 from resolver.log import LOG_ERR, LOG_INFO
 from resolver.outcome import Outcome
@@ -246,7 +246,7 @@ def _fixed(message: bytes) -> tuple[int, ...]:
 
 def test_a_rejection_sends_the_refused_keys_owner_and_mask() -> None:
     refused = _answered().replace(perm=ADMIN_KEY_PERM).rejected(RefusedError("no"))
-    errno_, uid, gid, perm, negative_perm, timeout = _fixed(_outcome_message(refused, ()))[:6]
+    errno_, uid, gid, perm, negative_perm, timeout = _fixed(outcome_message_of(refused, ()))[:6]
     assert (errno_, uid, gid) == (errno.EKEYREJECTED, 5, 5)
     assert (perm, negative_perm, timeout) == (0, ADMIN_NEGATIVE_KEY_PERM, 10)
 
@@ -261,4 +261,4 @@ def test_an_answer_sends_the_mask_its_key_gets_should_the_kernel_refuse_it(
     # The handler's answer() rejects a key the kernel refused with Outcome.rejected's mask.
     answered = _answered().replace(perm=perm)
     assert answered.rejected(RefusedError("instantiate failed")).perm == negative
-    assert _fixed(_outcome_message(answered, ()))[3:5] == (perm, negative)
+    assert _fixed(outcome_message_of(answered, ()))[3:5] == (perm, negative)

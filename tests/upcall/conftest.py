@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.kms_emulator import KmsEmulator
 from tests.support.kms_proxy import KmsProxy
+from tests.upcall.daemonpath import DAEMON_WAIT
 from tests.upcall.harness import (
     KMSKEYS,
     NOBODY_ONLY_GLOB,
@@ -83,3 +84,12 @@ def sources(sources_install: Sources, session_keyring: object) -> Iterator[Sourc
     """That install, in a fresh session keyring, with counts, faults and log reset."""
     with fresh(sources_install.install):
         yield sources_install
+
+
+@pytest.fixture
+def served(extra_install: Callable[..., Any]) -> Iterator[Install]:
+    """An install whose misses the resolver daemon serves (deadline 3 s)."""
+    with extra_install(daemon=True, deadline=3, daemon_wait=DAEMON_WAIT) as install:
+        assert install.daemon is not None and install.proxy is not None
+        install.proxy.reset_counts()
+        yield install

@@ -17,8 +17,8 @@ import pytest
 from kmskeys import Key, KeyNotFoundError, KeyRejectedError, Keyring
 from kmskeys.contract import CALLOUT_MAX, DESCRIPTION_MAX
 from tests.support.names import unique
+from tests.upcall.daemonpath import writer
 from tests.upcall.harness import Install
-from tests.upcall.test_daemon import writer
 
 pytestmark = pytest.mark.upcall
 

@@ -23,8 +23,8 @@ from kmskeys.blob import parse_blob
 from tests.support.kms_proxy import ProxiedRequest
 from tests.support.names import unique
 from tests.support.requester import as_user
+from tests.upcall.daemonpath import phases
 from tests.upcall.harness import RESOLVER, Install, handler_pids, worker_pids
-from tests.upcall.test_daemon import phases
 
 pytestmark = pytest.mark.upcall
 

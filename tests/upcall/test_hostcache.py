@@ -15,8 +15,8 @@ from kmskeys.blob import parse_blob
 from kmskeys.contract import HOSTCACHE_PERM, hostcache_entry
 from tests.support.names import unique
 from tests.support.requester import NOBODY, as_user
+from tests.upcall.daemonpath import phases
 from tests.upcall.harness import Install
-from tests.upcall.test_daemon import phases
 
 pytestmark = pytest.mark.upcall
 
