@@ -5,7 +5,8 @@ checks what the supervisor checks (the gate's build, the slot) and accepts; the 
 a thread of its own holding the slot, while this thread waits for it, the deadline or the gate
 to go away. The gate answers the key from the Outcome and reports what the kernel said; the
 line is resolver/answer.py's from that report (resolver/daemon_gate.py ReplayKey): the
-handler's line exactly. A gate that says ABANDON has answered or fallen back and logged; one that vanishes is logged at ERR.
+handler's line exactly. A gate that says ABANDON has answered or fallen back and logged; one
+that vanishes is logged at ERR.
 """
 
 from __future__ import annotations
