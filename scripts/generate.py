@@ -34,6 +34,7 @@ C_SOURCES = (
     "resolver/gate_request.c",
     "resolver/gate_subuid.c",
     "kmskeys/_hitpath.c",
+    "kmskeys/_hitpath_keys.h",
     "kmskeys/_build_keyutils.py",
     "bin/kmskeys.h",
     "bin/common.c",
