@@ -8,7 +8,7 @@
 #define KMSKEYS_CONTRACT_H
 
 /* Each compiled part carries it; checked against kmskeys.BUILD_STAMP. */
-#define KMSKEYS_BUILD_STAMP "0.1.0+26146c594720"
+#define KMSKEYS_BUILD_STAMP "0.1.0+2b7d1d7006bf"
 
 /* a `user` key's payload, bytes */
 #define KMSKEYS_USER_PAYLOAD_MAX 32767
