@@ -39,7 +39,7 @@ AS_OTHER_UIDS = [
     "tests/isolation/test_hostflush.py::test_a_non_root_flush_stays_with_its_own_keys",
     # a forked child that drops to nobody by hand, and one that serves as nobody
     "tests/netns/test_firewall.py::test_not_root_is_a_clear_error",
-    "tests/upcall/test_daemon.py::test_a_daemon_of_another_uid_is_never_believed",
+    "tests/upcall/test_daemon_fakes.py::test_a_daemon_of_another_uid_is_never_believed",
     # doctor's own IMDS probe as nobody (kmskeys.imds.probe_as_user), setpriv'd keyctl
     "tests/netns/test_doctor_imds.py",
     "tests/kernel/test_upcall_probe.py",
