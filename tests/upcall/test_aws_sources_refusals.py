@@ -155,10 +155,18 @@ def test_the_host_cache_answers_stale_while_the_service_is_throttled(sources: So
     assert ask(desc) == b"kmst-stale"
     sources.install.log.wait_for(name)
     time.sleep(gone_after(MIN_TTL))  # the key and the entry's freshness are both past
+    before = sources.calls()
     sources.proxy.set_fault(only("secretsmanager", aws_error("ThrottlingException")))
     assert as_user(NOBODY, lambda: ask(desc).decode()) == {"ok": "kmst-stale"}
     line = sources.install.log.wait_for(name)
-    assert " outcome=stale source=hostcache " in line and "ThrottlingException" in line, line
+    assert " outcome=stale source=hostcache " in line, line
+    # The gateway retries a throttled call with backoff; on a loaded machine the client's start
+    # and four attempts outlast stale_wait, and the line says so instead (the refresh goes on).
+    assert "ThrottlingException" in line or "did not answer within stale_wait" in line, line
+    deadline = time.monotonic() + 10
+    while sources.calls() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sources.calls() > before  # the service was asked, and throttled
     assert " version=" in line, line
     # A name the host never fetched has nothing to fall back on: EAGAIN.
     fresh = sources.secret("kmst-never")
