@@ -95,7 +95,18 @@ def protect_stream(
     )
     dst.write(raw)
     out = take(chunk_size + TAG_BYTES)
-    chunks = Chunks(src, chunk_size, empty_chunk=True)
+    whole = unread_bytes(src) if isinstance(src, io.BytesIO) else None
+    if whole is not None and len(whole) <= chunk_size:
+        # One chunk in memory (the common case): sealed from where it stands, without the chunk
+        # loop's slicing; nothing of ours held plaintext, so there is nothing to wipe.
+        try:
+            sealed = memoryview(out)[: len(whole) + TAG_BYTES]
+            aead.encrypt_into(chunk_nonce(header.nonce_prefix, 0, True), whole, None, sealed)
+            dst.write(sealed)
+        finally:
+            give(out)  # ciphertext
+        return header
+    chunks = Chunks(src if whole is None else whole, chunk_size, empty_chunk=True)
     try:
         for index, chunk, last in chunks:
             sealed = memoryview(out)[: len(chunk) + TAG_BYTES]
@@ -147,6 +158,23 @@ def _key_for(header: ProtectHeader, raw: bytes, entropy: bytes, prefix: str) -> 
     return blob_cipher(master_key(name, scope, version, prefix), raw, salt, entropy)
 
 
+def _open_chunk(
+    aead: AESGCM,
+    header: ProtectHeader,
+    sealed: memoryview,
+    plain: memoryview,
+    *,
+    index: int,
+    last: bool,
+) -> None:
+    """Authenticate and decrypt one chunk into `plain`, which is zeroed again if it fails."""
+    try:
+        aead.decrypt_into(chunk_nonce(header.nonce_prefix, index, last), sealed, None, plain)
+    except Exception as exc:
+        wipe_bytes(plain, len(plain))  # decrypt_into leaves unauthenticated bytes behind
+        raise _auth_failure(aead, header, bytes(sealed), index=index, last=last) from exc
+
+
 def _open_chunks(
     header: ProtectHeader,
     aead: AESGCM,
@@ -156,14 +184,13 @@ def _open_chunks(
 ) -> None:
     """Authenticate and decrypt every chunk of `body` into `place(n)`, then `done(that view)`."""
     size = header.chunk_size + TAG_BYTES
-    # Chunks in memory are sliced with no Chunks at all: a blob of one chunk is the common case.
+    # Chunks in memory are sliced with no Chunks at all.
     chunks: Chunks | None = None
     items: Iterable[tuple[int, memoryview, bool]]
     if isinstance(body, memoryview):
         items = pieces(body, size, empty_chunk=False)
     else:
         chunks = items = Chunks(body, size, empty_chunk=False)
-    prefix = header.nonce_prefix
     seen = 0
     try:
         for index, sealed, last in items:
@@ -173,11 +200,7 @@ def _open_chunks(
                     f"the blob ends early, inside chunk {index}; restore it from an intact copy"
                 )
             plain = place(len(sealed) - TAG_BYTES)
-            try:
-                aead.decrypt_into(chunk_nonce(prefix, index, last), sealed, None, plain)
-            except Exception as exc:
-                wipe_bytes(plain, len(plain))  # decrypt_into leaves unauthenticated bytes behind
-                raise _auth_failure(aead, header, bytes(sealed), index=index, last=last) from exc
+            _open_chunk(aead, header, sealed, plain, index=index, last=last)
             done(plain)
     finally:
         if chunks is not None:
@@ -200,16 +223,25 @@ def unprotect_stream(
     header, raw, body = _open_header(src)
     aead = _key_for(header, raw, entropy, prefix)
     # Every chunk fits a chunk-size buffer: one serves them all, wiped once at the end.
-    out = take(header.chunk_size)
-    view = memoryview(out)
+    size = header.chunk_size
+    out = take(size)
     used = 0
-
-    def place(n: int) -> memoryview:
-        nonlocal used
-        used = max(used, n)
-        return view[:n]
-
     try:
+        if isinstance(body, memoryview) and TAG_BYTES <= len(body) <= size + TAG_BYTES:
+            # One chunk in memory (any blob up to the chunk size, the common case): opened
+            # straight into the buffer, without the chunk loop's slicing and callbacks.
+            used = len(body) - TAG_BYTES
+            plain = memoryview(out)[:used]
+            _open_chunk(aead, header, body, plain, index=0, last=True)
+            dst.write(plain)
+            return header
+        view = memoryview(out)
+
+        def place(n: int) -> memoryview:
+            nonlocal used
+            used = max(used, n)
+            return view[:n]
+
         _open_chunks(header, aead, body, place, dst.write)
         return header
     finally:

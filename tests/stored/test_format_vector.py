@@ -15,6 +15,8 @@ import os
 import pytest
 
 from kmskeys import dpapi, dpapi_chunks
+from kmskeys.errors import ProtectAuthenticationError, TruncatedProtectBlobError
+from kmskeys.protectblob import from_text
 
 pytestmark = pytest.mark.unit
 
@@ -75,6 +77,61 @@ def test_a_stream_blob_is_byte_for_byte_the_known_one(source: str) -> None:
 def test_a_text_blob_is_the_known_one() -> None:
     assert dpapi.protect(b"one chunk", name="default", scope="machine") == TEXT_BLOB
     assert dpapi.unprotect(TEXT_BLOB) == b"one chunk"
+
+
+def test_a_one_chunk_stream_in_memory_is_the_known_blob() -> None:
+    # protect_stream seals one chunk in memory on its own path: the same bytes as protect's.
+    out = io.BytesIO()
+    dpapi.protect_stream(io.BytesIO(b"one chunk"), out, name="default", scope="machine")
+    assert out.getvalue() == from_text(TEXT_BLOB)
+    back = io.BytesIO()
+    dpapi.unprotect_stream(io.BytesIO(out.getvalue()), back)
+    assert back.getvalue() == b"one chunk"
+
+
+def _recording_take(monkeypatch: pytest.MonkeyPatch) -> list[bytearray]:
+    """The buffers unprotect_stream takes for plaintext, kept to look at after it returns."""
+    taken: list[bytearray] = []
+
+    def take(size: int) -> bytearray:
+        taken.append(dpapi_chunks.take(size))
+        return taken[-1]
+
+    monkeypatch.setattr(dpapi, "take", take)
+    return taken
+
+
+def test_one_chunk_in_memory_is_opened_into_a_buffer_wiped_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    blob = _protect(io.BytesIO(DATA[:4000]))  # one chunk of 4096
+    taken = _recording_take(monkeypatch)
+    out = io.BytesIO()
+    dpapi.unprotect_stream(io.BytesIO(blob), out, entropy=b"pepper")
+    assert out.getvalue() == DATA[:4000]
+    assert [len(buf) for buf in taken] == [4096]
+    assert not any(taken[0]), "plaintext left in the buffer"
+
+
+@pytest.mark.parametrize("damage", ["one bit", "cut after a full chunk"])
+def test_a_damaged_chunk_in_memory_releases_nothing(
+    monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    blob = bytearray(_protect(io.BytesIO(DATA[:8192])))  # two full chunks of 4096
+    if damage == "one bit":
+        del blob[-4112:]  # the first chunk alone is then the last: one bit of it flipped too
+        blob[-1] ^= 1
+        expected: type[Exception] = ProtectAuthenticationError
+    else:
+        del blob[-4112:]  # a whole chunk missing: the first now ends the blob
+        expected = TruncatedProtectBlobError
+    taken = _recording_take(monkeypatch)
+    out = io.BytesIO()
+    with pytest.raises(expected) as raised:
+        dpapi.unprotect_stream(io.BytesIO(bytes(blob)), out, entropy=b"pepper")
+    assert (type(raised.value) is TruncatedProtectBlobError) == (damage != "one bit")
+    assert out.getvalue() == b""
+    assert not any(taken[0]), "unauthenticated plaintext left in the buffer"
 
 
 def test_a_bytesio_is_read_where_it_stands_and_left_at_its_end() -> None:
