@@ -158,6 +158,7 @@ class Parent:
         env = child_env(self.base_env, self.mapping, secrets, self.credentials_dir)
         secrets.clear()
         _not_dumpable()
+        _warn_if_ignored(self.options.on_change)
         signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
         self.child = self._spawn(env)
         del env
@@ -397,6 +398,20 @@ def _not_dumpable() -> None:
     if _prctl()(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_DUMPABLE): {os.strerror(err)}")
+
+
+def _warn_if_ignored(on_change: OnChange) -> None:
+    """Say so when CMD will inherit the --on-change signal as ignored (a start under nohup):
+    an ignored disposition survives execve, and a shell cannot even trap it (POSIX), so the
+    change would reach the files and never the program. CMD keeps what it inherits, as under
+    exec(1): a hangup of the terminal must not start killing what nohup protects."""
+    if on_change.kind == "signal" and signal.getsignal(on_change.signal) == signal.SIG_IGN:
+        name = signal.Signals(on_change.signal).name
+        _log(
+            f"warning: {name} is ignored in this process (started under nohup?) and CMD "
+            f"inherits that: --on-change=signal:{name} will not reach it; use "
+            f"--on-change=restart or start kmskeys exec without ignoring {name}"
+        )
 
 
 def _log(message: str) -> None:

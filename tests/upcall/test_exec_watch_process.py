@@ -3,6 +3,7 @@ death, the hook, usage errors, the import path, and a non-root user (tests/upcal
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -101,6 +102,29 @@ def test_watch_usage_errors_resolve_nothing(resolver: Install, args: list[str], 
     assert resolver.decrypts() == 0
 
 
+@pytest.mark.parametrize("ignored", [True, False], ids=["under nohup", "plain"])
+def test_a_watch_under_nohup_says_the_signal_will_not_reach_cmd(
+    resolver: Install, ignored: bool
+) -> None:
+    ((name, value),) = deployed(resolver, 1)
+    argv = [str(KMSKEYS), "exec", "--prefix", resolver.prefix, "--watch"]
+    argv += ["--on-change=signal:HUP", "--file", f"token={name}", "--", "/bin/sh", "-c"]
+    argv += ["exec grep ^SigIgn: /proc/self/status"]  # what the command inherits
+
+    def nohup() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN if ignored else signal.SIG_DFL)
+
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, check=False, preexec_fn=nohup
+    )
+    assert done.returncode == 0, done.stderr
+    mask = int(done.stdout.split()[1], 16)
+    assert bool(mask & 1 << (signal.SIGHUP - 1)) == ignored, done.stdout  # kept, as exec(1) does
+    warned = "SIGHUP is ignored in this process (started under nohup?)" in done.stderr
+    assert warned == ignored, done.stderr
+    assert no_secret_in(done.stderr + done.stdout, value)
+
+
 def test_the_watch_is_off_the_client_import_path() -> None:
     code = (
         "import sys, kmskeys, kmskeys.cli, kmskeys.exec_cli\n"
@@ -145,6 +169,9 @@ def test_a_non_root_user_gets_the_rotation(resolver: Install, requester: Request
         # As in test_exec.py: a process that changed its uids without an execve is not
         # dumpable, and its user namespace helper then cannot write its own uid_map.
         ctypes.CDLL(None, use_errno=True).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+        # A runner started under nohup passes SIGHUP on ignored, and the shell below could not
+        # trap it (test_a_watch_under_nohup_says_the_signal_will_not_reach_cmd).
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         return cli.main(
             ["exec", "--prefix", resolver.prefix, "--watch", "--on-change=signal:HUP",
              "--interval", INTERVAL, "--file", f"token={name}", "--", "/bin/sh", "-c", SH_CHILD]
@@ -154,11 +181,11 @@ def test_a_non_root_user_gets_the_rotation(resolver: Install, requester: Request
     runner = threading.Thread(target=lambda: result.append(requester.run("nobody", watch_as_user)))
     runner.start()
     lines = Lines(out_r)
-    parent = None
+    parent = shell = None
     try:
         start = lines.next()
+        shell, parent = int(start[1]), int(start[2])
         assert start[:1] == ["start"] and start[3:] == [v1.hex()], start
-        parent = int(start[2])
         rotate(resolver, name, resolver.blob(v2, name))
         assert lines.next() == ["hup", start[1], start[2], v2.hex()]
         os.kill(parent, signal.SIGTERM)  # the watch's parent: forwarded to the shell
@@ -168,12 +195,14 @@ def test_a_non_root_user_gets_the_rotation(resolver: Install, requester: Request
         if runner.is_alive() and parent is not None:
             os.kill(parent, signal.SIGKILL)  # the shell follows (PR_SET_PDEATHSIG)
         runner.join(timeout=WAIT)
+        if shell is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(shell, signal.SIGKILL)  # a failed test must not hang on its stderr
         # Closed only now: the thread forks the user's child at a moment of its own choosing.
         os.close(out_w)
         os.close(err_w)
         lines.close()
-        with os.fdopen(err_r, "r") as errors:
-            logged = errors.read()
+        logged = Lines(err_r).rest()
     assert result == [{"ok": 7}], (result, logged)
     assert f"secret {name!r} changed: sent SIGHUP" in logged
     assert no_secret_in(logged, v1, v2)
@@ -189,6 +218,18 @@ class Lines:
         ready, _, _ = select.select([self.file], [], [], WAIT)
         assert ready, f"no line in {WAIT} s"
         return self.file.readline().split()
+
+    def rest(self) -> str:
+        """Everything up to the end of the pipe, or what came within WAIT seconds."""
+        out, end = [], time.monotonic() + WAIT
+        with self.file:
+            fd = self.file.fileno()
+            while select.select([fd], [], [], max(0.0, end - time.monotonic()))[0]:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                out.append(chunk)
+        return b"".join(out).decode(errors="replace")
 
     def close(self) -> None:
         self.file.close()
