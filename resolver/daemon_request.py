@@ -7,6 +7,12 @@ to go away. The gate answers the key from the Outcome and reports what the kerne
 line is resolver/answer.py's from that report (resolver/daemon_gate.py ReplayKey): the
 handler's line exactly. A gate that says ABANDON has answered or fallen back and logged; one
 that vanishes is logged at ERR.
+
+The daemon lets go of its copy of the slot before it sends its last word to the gate (the
+OUTCOME, or DECLINED): the requester wakes up when the gate exits, and its next miss must find
+the slot free, not held by this thread's bookkeeping (its log line, refresh-ahead's record),
+which a loaded host or a slow log can stretch. Only a pipeline still running past its
+deadline keeps the slot beyond that (Resolution holds a copy of its own).
 """
 
 from __future__ import annotations
@@ -140,8 +146,14 @@ class Miss:
         try:
             self._run()
         finally:
-            if self.slot is not None:
-                os.close(self.slot)
+            self._release()
+
+    def _release(self) -> None:
+        """Close this thread's copy of the requester's slot (module doc: before the gate's
+        last answer, so that the requester's next miss never finds it held by us)."""
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            os.close(slot)
 
     def _run(self) -> None:
         conn = self.conn
@@ -163,6 +175,7 @@ class Miss:
         except wire.WireError:
             return
         if self.slot is None or self.daemon.stopping.is_set() or not self._ours(request):
+            self._release()
             self._send(wire.header(wire.DECLINED, b""))
             return
         self._serve(request, started_at(request, pid))
@@ -298,6 +311,9 @@ class Miss:
         self, outcome: Outcome, started: float, deadline: float, *, accepted: bool = False
     ) -> None:
         """Send the Outcome, wait for the gate's REPORT, write the line from it."""
+        # No pipeline of ours runs for this request any more (one past its deadline holds a
+        # copy of its own): the slot is the gate's alone from here on.
+        self._release()
         if not accepted and not self._accept(deadline):
             return
         outcome, tokens = unflushed(outcome)

@@ -8,6 +8,7 @@
     proxy.set_fault(lambda req: Fault(503, body=b'{"__type":"ThrottlingException"}'))
     proxy.set_fault(lambda req: time.sleep(10))   # a hang: the resolver's deadline must win
     proxy.set_fault(lambda req: DROP)              # close the connection without an answer
+    proxy.set_fault(lambda req: DROP if req.sequence > 1 else None)  # a kept connection closed
     proxy.set_fault(only("secretsmanager", aws_error("ThrottlingException")))  # one service
 
 KMS, Secrets Manager and SSM all speak the JSON protocol with an X-Amz-Target header, so one
@@ -51,6 +52,8 @@ class ProxiedRequest:
     operation: str
     headers: dict[str, str]
     body: bytes
+    # 1 for the first request on its connection, 2 for the next one kept alive, and so on.
+    sequence: int = 1
 
     @property
     def service(self) -> str:
@@ -166,6 +169,7 @@ class KmsProxy:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             disable_nagle_algorithm = True  # TCP_NODELAY on each accepted connection
+            sequence = 0  # requests seen on this connection (one handler per connection)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass  # quiet: test output must stay readable
@@ -177,6 +181,7 @@ class KmsProxy:
                 self._proxy()
 
             def _proxy(self) -> None:
+                self.sequence += 1
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 target = self.headers.get("X-Amz-Target", "")
@@ -186,6 +191,7 @@ class KmsProxy:
                     target.rpartition(".")[2],
                     {k: v for k, v in self.headers.items()},
                     body,
+                    self.sequence,
                 )
                 hook = proxy._record(request)
                 answer = hook(request) if hook is not None else None

@@ -86,6 +86,34 @@ def test_a_refusal_by_the_daemon_leaves_the_handlers_negative_key(served: Instal
     assert perm in (NEGATIVE_KEY_PERM, ADMIN_NEGATIVE_KEY_PERM), hex(perm)
 
 
+def test_a_kept_connection_closed_by_the_endpoint_costs_one_more_call(served: Install) -> None:
+    """The daemon keeps its KMS client, and its connection, between misses. An endpoint closes
+    a kept connection when it likes, at worst just as the next request arrives on it, which is
+    then lost unanswered: the gateway calls again, on a new connection, within the deadline."""
+    assert served.daemon is not None and served.proxy is not None
+    first, second = unique("kept"), unique("kept")
+    blobs = {name: served.blob(f"kmst-{name}".encode(), name) for name in (first, second)}
+    assert fresh_payload(served, first, blobs[first]) == f"kmst-{first}".encode()
+    served.log.wait_for(first)
+    closed: list[int] = []
+
+    def close_kept(request: ProxiedRequest) -> object:
+        if request.operation != "Decrypt" or request.sequence == 1 or closed:
+            return None
+        closed.append(request.sequence)
+        return DROP
+
+    served.proxy.set_fault(close_kept)
+    try:
+        assert fresh_payload(served, second, blobs[second]) == f"kmst-{second}".encode()
+    finally:
+        served.proxy.set_fault(None)
+    line = served.log.wait_for(second)
+    assert writer(line) == served.daemon.pid and "outcome=ok" in line, line
+    assert closed, "the second miss came on a new connection: the first one was not kept"
+    assert served.proxy.count("Decrypt") == 3, "one call each, and the lost one called again"
+
+
 def test_without_a_daemon_the_handler_answers(served: Install) -> None:
     daemon = served.daemon
     assert daemon is not None
