@@ -173,13 +173,19 @@ class Terraform:
         }
 
     def run(
-        self, cwd: Path, *args: str, check: bool = True, timeout: float = 600
+        self,
+        cwd: Path,
+        *args: str,
+        check: bool = True,
+        timeout: float = 600,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """`terraform ARGS` in `cwd`; TerraformError with its output if it fails and `check`."""
+        """`terraform ARGS` in `cwd` (with `env` added to its environment); TerraformError with
+        its output if it fails and `check`."""
         done = subprocess.run(
             ["terraform", *args],
             cwd=cwd,
-            env=self.env(),
+            env={**self.env(), **(env or {})},
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -1,10 +1,12 @@
 """The terraform tier: static checks always; the real terraform where this machine has it.
 
 The static part (test_structure.py, test_checkov.py) needs no terraform. Everything else runs
-the real terraform offline (tests/support/terraform.py) against one moto server, from a
-temporary copy of terraform/. If terraform or the provider mirror is missing, those files are
-not collected at all (no test is skipped or faked) and the session prints one line saying what
-is missing: the one exception the team allows to "fail, never skip".
+the real terraform offline (tests/support/terraform.py) against moto servers on 127.0.0.1, from
+a temporary copy of terraform/: the plans and the probes share the session's server, and each
+applied root has one of its own (tests/terraform/applied.py says why). If terraform or the
+provider mirror is missing, those files are not collected at all (no test is skipped or faked)
+and the session prints one line saying what is missing: the one exception the team allows to
+"fail, never skip".
 
 Speed: terraform starts the 700 MB AWS provider (about 4 s of CPU) for every walk, so the tier
 starts its terraform work at once, in background threads, and each test waits for the result it
@@ -16,6 +18,7 @@ examples/complete.
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 import shutil
@@ -57,6 +60,7 @@ REAL_TERRAFORM = [
     "test_fleet_policies.py",
     "test_moto_iam.py",
     "test_policies.py",
+    "test_resend.py",
     "test_resolver_host.py",
     "test_rotation_document.py",
     "test_sources_example.py",
@@ -91,7 +95,9 @@ TIMINGS: dict[str, tuple[float, float]] = {}
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """One line: how long the tier's terraform jobs took (they overlap)."""
+    """One line: how long the tier's terraform jobs took (they overlap); one per retried apply."""
+    for note in applied.RETRIED:
+        terminalreporter.write_line(f"terraform tier: {note}")
     if TIMINGS:
         jobs = ", ".join(f"{job} {end - start:.0f} s" for job, (start, end) in TIMINGS.items())
         last = max(end for _, end in TIMINGS.values())
@@ -134,7 +140,8 @@ class DemoRun:
 
 @dataclass
 class RotationRun:
-    """The rotation root applied to moto, and the real resolver install it flushes on this host.
+    """The rotation root applied to a moto of its own (`applied.moto`), and the real resolver
+    install it flushes on this host.
 
     The install reads Secrets Manager and Parameter Store from its own moto server
     (tests/upcall/sources.py: secrets under `app/`, parameters under `/kmst/`). The root calls
@@ -150,7 +157,7 @@ class RotationRun:
 
 
 class Workspace:
-    """The session's temporary root, terraform runner, moto server and background jobs."""
+    """The session's temporary root, terraform runner, moto servers and background jobs."""
 
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix=unique("terraform") + "-"))
@@ -163,6 +170,7 @@ class Workspace:
         # What the rotation job installs (a resolver, its moto and proxy), undone at close.
         self.stack = ExitStack()
         self.roots: list[Applied] = []
+        self.serial = itertools.count()
 
     def start(self, job: str) -> Future[Any]:
         if job not in self.jobs:
@@ -190,6 +198,17 @@ class Workspace:
             self.stack.close()
             self.moto.stop()
             shutil.rmtree(self.root, ignore_errors=True)
+
+    def fresh_moto(self, label: str) -> Callable[[], KmsEmulator]:
+        """What starts a moto server of its own for an applied root; each is stopped at close."""
+
+        def start() -> KmsEmulator:
+            log = self.root / f"moto-{label}-{next(self.serial)}.log"
+            moto = KmsEmulator(log=log).start()
+            self.stack.callback(moto.stop)
+            return moto
+
+        return start
 
     # -- jobs -----------------------------------------------------------------------------------
 
@@ -238,8 +257,9 @@ class Workspace:
         return DemoRun(done, state)
 
     def sources(self) -> Applied:
-        """examples/aws-sources applied to the session's moto (destroyed at close)."""
-        run = applied.example(self.tf, self.root, self.moto.url, "aws-sources", SOURCES_INPUTS)
+        """examples/aws-sources applied to a moto of its own (destroyed at close)."""
+        start = self.fresh_moto("sources")
+        run = applied.example(self.tf, self.root, start, "aws-sources", SOURCES_INPUTS)
         self.roots.append(run)
         return run
 
@@ -261,7 +281,7 @@ class Workspace:
         }
         main = applied.module_root(tree, here, "fleet-rotation", "fleet", inputs)
         (here / "main.tf").write_text(main)
-        run = applied.apply(self.tf, here, self.moto.url, {})
+        run = applied.apply(self.tf, here, self.fresh_moto("rotation"), {})
         self.roots.append(run)
         return RotationRun(install, run, sources)
 

@@ -35,7 +35,7 @@ from tests.support.names import unique
 from tests.support.requester import NOBODY, Steps
 from tests.terraform import events
 from tests.terraform.applied import REGION
-from tests.terraform.conftest import ROTATION_INPUTS, RotationRun, Workspace
+from tests.terraform.conftest import ROTATION_INPUTS, RotationRun
 from tests.terraform.events import Probe
 from tests.upcall.harness import KMSKEYS, Install
 from tests.upcall.sources import SM_PATH
@@ -93,10 +93,11 @@ class InvalidParameters(Exception):
 
 
 @pytest.fixture(scope="module")
-def applied(rotation_run: RotationRun, workspace: Workspace) -> dict[str, Any]:
-    """The applied root read back from moto: documents, rules and their targets, roles."""
+def applied(rotation_run: RotationRun) -> dict[str, Any]:
+    """The applied root read back from its moto: documents, rules and their targets, roles."""
     out = rotation_run.applied.outputs["fleet"]
-    ssm, client = workspace.moto.client("ssm"), workspace.moto.client("events")
+    moto = rotation_run.applied.moto
+    ssm, client = moto.client("ssm"), moto.client("events")
     found: dict[str, Any] = {"outputs": out, "rules": {}, "targets": {}}
     for key in ("command", "runbook"):
         name = out["command_document_name" if key == "command" else "runbook_name"]
@@ -408,10 +409,10 @@ def test_the_runbook_sends_the_document_to_the_tag_with_the_rate_controls(
 
 
 def test_eventbridge_may_start_this_runbook_only_for_these_rules(
-    applied: dict[str, Any], workspace: Workspace
+    applied: dict[str, Any], rotation_run: RotationRun
 ) -> None:
     out = applied["outputs"]
-    iam = workspace.moto.client("iam")
+    iam = rotation_run.applied.moto.client("iam")
     role = iam.get_role(RoleName=out["events_role_arn"].rsplit("/", 1)[1])["Role"]
     trust = role["AssumeRolePolicyDocument"]
     trust = json.loads(trust) if isinstance(trust, str) else trust

@@ -27,7 +27,7 @@ from resolver.errors import RefusedError
 from resolver.gateway import UNMETERED
 from tests.terraform import events
 from tests.terraform.applied import REGION, Applied
-from tests.terraform.conftest import SOURCES_INPUTS, Workspace
+from tests.terraform.conftest import SOURCES_INPUTS
 from tests.terraform.events import Probe
 from tests.terraform.policy import statements
 
@@ -69,12 +69,12 @@ def gone(call: Any, *codes: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def sources(sources_run: Applied, workspace: Workspace) -> Iterator[Applied]:
+def sources(sources_run: Applied) -> Iterator[Applied]:
     """The applied example; destroyed after this module, and nothing of it may be left."""
     yield sources_run
     out = sources_run.outputs
     sources_run.destroy()
-    moto = workspace.moto
+    moto = sources_run.moto
     sm, ssm, iam = moto.client("secretsmanager"), moto.client("ssm"), moto.client("iam")
     assert gone(lambda: sm.describe_secret(SecretId=out["secret_arn"]), "ResourceNotFoundException")
     assert gone(lambda: ssm.get_parameter(Name=out["parameter_name"]), "ParameterNotFound")
@@ -99,10 +99,10 @@ def test_apply_created_the_secret_the_parameter_the_hosts_and_the_rotation(
 
 
 def test_the_secret_and_the_parameter_hold_the_value_under_the_example_key(
-    sources: Applied, workspace: Workspace
+    sources: Applied,
 ) -> None:
     out = sources.outputs
-    sm, ssm = workspace.moto.client("secretsmanager"), workspace.moto.client("ssm")
+    sm, ssm = sources.moto.client("secretsmanager"), sources.moto.client("ssm")
     described = sm.describe_secret(SecretId=out["secret_name"])
     assert described["ARN"] == out["secret_arn"]
     assert described["KmsKeyId"] == out["secrets_key_arn"]
@@ -114,9 +114,7 @@ def test_the_secret_and_the_parameter_hold_the_value_under_the_example_key(
     assert out["parameter_name"] == f"/{NAME}/db/password"
 
 
-def test_the_host_role_reads_exactly_the_created_secret_and_parameter(
-    sources: Applied, workspace: Workspace
-) -> None:
+def test_the_host_role_reads_exactly_the_created_secret_and_parameter(sources: Applied) -> None:
     out = sources.outputs
     policy = sources.state.policy("module.hosts.aws_iam_role_policy.sources[0]")
     by_sid = {s["Sid"]: s for s in statements(policy)}
@@ -125,7 +123,7 @@ def test_the_host_role_reads_exactly_the_created_secret_and_parameter(
     # The pattern is that secret's: not a sibling whose name merely starts the same.
     for other in (f"{NAME}/db2", f"{NAME}/db/x", f"{NAME}/d"):
         assert not matches_arn(secret_pattern, events.secret_arn(REGION, other)), other
-    ssm = workspace.moto.client("ssm")
+    ssm = sources.moto.client("ssm")
     parameter_arn = ssm.get_parameter(Name=out["parameter_name"])["Parameter"]["ARN"]
     assert by_sid["ReadTheGivenParameters"]["Resource"] == [parameter_arn]
     for sid, service, key, arn in (
@@ -146,16 +144,14 @@ def test_the_host_role_reads_exactly_the_created_secret_and_parameter(
     assert by_sid["NeverOtherSecrets"]["NotResource"] == [secret_pattern]
     assert by_sid["NeverOtherParameters"]["NotResource"] == [parameter_arn]
     # IAM holds what terraform rendered.
-    stored = workspace.moto.client("iam").get_role_policy(
+    stored = sources.moto.client("iam").get_role_policy(
         RoleName=f"{NAME}-hosts", PolicyName="kmskeys-aws-sources"
     )["PolicyDocument"]
     assert (json.loads(stored) if isinstance(stored, str) else stored) == policy
 
 
-def test_the_hosts_carry_the_tag_the_rotation_targets(
-    sources: Applied, workspace: Workspace
-) -> None:
-    iam, ssm = workspace.moto.client("iam"), workspace.moto.client("ssm")
+def test_the_hosts_carry_the_tag_the_rotation_targets(sources: Applied) -> None:
+    iam, ssm = sources.moto.client("iam"), sources.moto.client("ssm")
     tags = {t["Key"]: t["Value"] for t in iam.list_role_tags(RoleName=f"{NAME}-hosts")["Tags"]}
     assert tags["kmskeys-fleet"] == SOURCES_INPUTS["fleet_tag_value"]
     runbook = json.loads(ssm.get_document(Name=sources.outputs["runbook_name"])["Content"])
@@ -168,10 +164,10 @@ def test_the_hosts_carry_the_tag_the_rotation_targets(
 
 
 def test_a_rotation_of_the_created_secret_reaches_the_runbook_with_its_arn(
-    sources: Applied, workspace: Workspace, probe: Probe
+    sources: Applied, probe: Probe
 ) -> None:
     out = sources.outputs
-    client = workspace.moto.client("events")
+    client = sources.moto.client("events")
     rules = {r["Name"]: r for r in client.list_rules(NamePrefix=NAME)["Rules"]}
     assert sorted(rules) == sorted(out["rule_names"].values())
     rule = rules[out["rule_names"]["sm-rotation"]]
@@ -205,7 +201,7 @@ def test_a_rotation_of_the_created_secret_reaches_the_runbook_with_its_arn(
 
 
 def test_the_resolver_config_it_outputs_serves_the_secret_and_the_parameter(
-    sources: Applied, workspace: Workspace, tmp_path: Path
+    sources: Applied, tmp_path: Path
 ) -> None:
     """The `resolver_config` output, as the hosts' config, through the sm: and ssm: backends
     against the same moto over HTTP: the secret's field and the parameter, by ARN."""
@@ -219,7 +215,7 @@ def test_the_resolver_config_it_outputs_serves_the_secret_and_the_parameter(
     )
     credentials.chmod(0o600)
     extra = (
-        f'endpoint_url = "{workspace.moto.url}"\nshared_credentials_file = "{credentials}"\n'
+        f'endpoint_url = "{sources.moto.url}"\nshared_credentials_file = "{credentials}"\n'
         "host_cache = false\n"
     )
     config = parse_text((sources.outputs["resolver_config"] + extra).encode())
