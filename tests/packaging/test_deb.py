@@ -27,7 +27,7 @@ from kmskeys.contract import ADMIN_GROUP, DEFAULT_PREFIX, rule_file_name
 from kmskeys.rules import parse_record
 from resolver import config as config_mod
 from resolver.install import MARKER, rule_line
-from tests.packaging.conftest import Dist
+from tests.packaging.dist import Dist
 from tests.support.kms_emulator import TEST_CREDENTIALS, KmsEmulator
 from tests.support.names import unique
 from tests.upcall.harness import SyslogReader

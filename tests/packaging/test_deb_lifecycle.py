@@ -21,7 +21,7 @@ import pytest
 from kmskeys import Keyring
 from kmskeys.contract import ADMIN_GROUP
 from resolver.install import MARKER
-from tests.packaging.conftest import ROOT, Dist
+from tests.packaging.dist import ROOT, Dist
 from tests.support.names import unique, unique_prefix
 
 pytestmark = pytest.mark.kernel

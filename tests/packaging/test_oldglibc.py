@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from kmskeys import Keyring
-from tests.packaging.conftest import ROOT, WHEELHOUSE, Dist
+from tests.packaging.dist import ROOT, WHEELHOUSE, Dist
 from tests.support import slowbuild
 from tests.support.names import unique, unique_prefix
 

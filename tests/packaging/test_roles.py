@@ -14,17 +14,15 @@ the same wheel, and refused with a wrong digest.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from kmskeys import Keyring
-from tests.packaging.conftest import ROOT, WHEELHOUSE, Dist
+from tests.packaging.dist import Dist, background
+from tests.packaging.roles import URL_FORM, Roles, install_section
 from tests.stored.harness import stored_installed
 from tests.support.kms_emulator import TEST_CREDENTIALS, KmsEmulator
 from tests.support.names import unique
@@ -32,80 +30,12 @@ from tests.upcall.harness import installed
 
 pytestmark = pytest.mark.upcall
 
-README = ROOT / "README.md"
-ROLES = {
-    "app": "an application on a host",
-    "ci": "a CI job that encrypts",
-    "root": "the host's root side",
-    "dpapi": "an application protecting its own data",
-}
-# The README's venvs, and where this test puts them.
-VENVS = {"/opt/app/venv": "app", "/opt/ci": "ci", "/opt/kmskeys": "root"}
-URL_FORM = re.compile(r'`(pip install --only-binary=:all:\s+"kmskeys\[resolver\] @ (\S+)")`')
-
-
-def install_section() -> str:
-    text = README.read_text()
-    return text[text.index("## Install\n") : text.index("## Usage\n")]
-
-
-def pip_commands() -> dict[str, list[str]]:
-    """Role -> the code spans of its Install row that run pip."""
-    found: dict[str, list[str]] = {}
-    for line in install_section().splitlines():
-        cells = [cell.strip() for cell in line.split("|")]
-        if len(cells) < 4:
-            continue
-        role = next((key for key, says in ROLES.items() if cells[1].startswith(says)), None)
-        pip = [span for span in re.findall(r"`([^`]+)`", cells[2]) if "pip " in span]
-        if role is not None and pip:  # not the Debian package's row (tests/packaging/test_deb.py)
-            found[role] = pip
-    return found
-
-
-class Roles:
-    """The venvs of one install run, below `base`, and the environment the commands run in."""
-
-    def __init__(self, base: Path, dist: Dist) -> None:
-        self.base = base
-        interpreter = Path(os.path.realpath(sys.executable)).parent  # python3, not the dev venv
-        self.env = {
-            "PATH": f"{interpreter}:/usr/bin:/bin",
-            "HOME": str(base),
-            "wheel": str(dist.wheel),
-            "PIP_NO_INDEX": "1",
-            "PIP_FIND_LINKS": str(WHEELHOUSE),
-            "PIP_CONFIG_FILE": os.devnull,
-            "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-        }
-
-    def bin(self, role: str) -> Path:
-        return self.base / role / "bin"
-
-    def run(self, command: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        """`command` from the README, by sh, with its /opt/... venvs moved below `base`."""
-        for shown, role in VENVS.items():
-            command = command.replace(shown, str(self.base / role))
-        return subprocess.run(
-            ["sh", "-c", command], env={**self.env, **extra}, cwd=self.base,
-            capture_output=True, text=True, timeout=600, check=False,
-        )  # fmt: skip
-
 
 @pytest.fixture(scope="module")
-def roles(dist: Dist, tmp_path_factory: pytest.TempPathFactory) -> Roles:
-    """Every pip command of the Install table, run once for the module."""
-    if not list(WHEELHOUSE.glob("botocore-*.whl")):
-        pytest.fail(f"no botocore wheel in {WHEELHOUSE}: run `make {WHEELHOUSE}/.downloaded`")
-    made = Roles(tmp_path_factory.mktemp("roles"), dist)
-    commands = pip_commands()
-    assert sorted(commands) == sorted(ROLES), commands
-    for role in ("app", "ci", "root", "dpapi"):  # dpapi adds to the app's venv
-        assert commands[role], role
-        for command in commands[role]:
-            done = made.run(command)
-            assert done.returncode == 0, f"{command}\n{done.stdout}{done.stderr}"
-    return made
+def roles() -> Roles:
+    """Every pip command of the Install table, run once, in background (tests/packaging/dist.py)."""
+    result: Roles = background.result("roles")
+    return result
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from kmskeys import Keyring
-from tests.packaging.conftest import ROOT, VENV, WHEELHOUSE, Dist
+from tests.packaging.dist import ROOT, VENV, WHEELHOUSE, Dist
 from tests.support.imports import SLOW_IMPORTS, imported_modules
 from tests.support.names import unique, unique_prefix
 

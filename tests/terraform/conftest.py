@@ -8,18 +8,19 @@ provider mirror is missing, those files are not collected at all (no test is ski
 and the session prints one line saying what is missing: the one exception the team allows to
 "fail, never skip".
 
-Speed: terraform starts the 700 MB AWS provider (about 4 s of CPU) for every walk, so the tier
-starts its terraform work at once, in background threads, and each test waits for the result it
-needs: `init` once per directory, one plan for every valid variant
-(tests/terraform/variants.py), one for the inputs the variables must refuse, one for the
-preconditions, and the `make demo-terraform` run, which is also the tier's apply + destroy of
-examples/complete.
+Speed: terraform starts the 700 MB AWS provider (about 4 s of CPU) for every walk, so the
+session starts the tier's terraform work as soon as collection is done, in background threads at
+nice 10 beside the tiers that run first, and each test waits for the result it needs: `init`
+once per directory, one plan for every valid variant (tests/terraform/variants.py), one for the
+inputs the variables must refuse, one for the preconditions, and the `make demo-terraform` run,
+which is also the tier's apply + destroy of examples/complete.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -81,6 +82,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     if any(Path(item.path).name == "test_checkov.py" for item in session.items):
         checkov.start()
+    _start_jobs(session.items)
     if MISSING:
         line = f"terraform tier: the real-terraform tests are not collected: {MISSING}"
     else:
@@ -164,7 +166,10 @@ class Workspace:
         self.tf = tfsupport.Terraform.offline(self.root)
         self.tree = tfsupport.copy_tree(self.root / "tree")
         self.moto = KmsEmulator(log=self.root / "moto.log").start()
-        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="terraform")
+        self.pool = ThreadPoolExecutor(
+            max_workers=8, thread_name_prefix="terraform", initializer=_below_the_tiers
+        )
+        self.closed = False
         self.jobs: dict[str, Future[Any]] = {}
         self.created = time.monotonic()
         # What the rotation job installs (a resolver, its moto and proxy), undone at close.
@@ -188,6 +193,9 @@ class Workspace:
         return self.start(job).result(timeout=JOB_TIMEOUT)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         for future in self.jobs.values():
             future.cancel()
         self.pool.shutdown(wait=True)
@@ -340,28 +348,44 @@ FIXTURE_JOBS = {
 }
 
 
+# The session's workspace once collection showed a test that waits for a job (_start_jobs).
+_EARLY: list[Workspace] = []
+
+
+def _below_the_tiers() -> None:
+    # Each job thread, and what it starts (terraform, the provider, moto), at nice 10: on Linux
+    # the nice value is per thread and a child inherits its thread's. The tiers that run
+    # meanwhile keep the CPU they need; the jobs take what is idle (on two CPUs, most of one).
+    os.setpriority(os.PRIO_PROCESS, 0, 10)
+
+
+def _start_jobs(items: list[pytest.Item]) -> None:
+    """Start, as soon as collection is done, every job a collected test will wait for: they run
+    beside the tiers before this one instead of holding this tier's first test back."""
+    wanted = {n for item in items for n in getattr(item, "fixturenames", ())}
+    jobs = [job for fixture, js in FIXTURE_JOBS.items() if fixture in wanted for job in js]
+    if MISSING or not jobs or _EARLY:
+        return
+    ws = Workspace()
+    _EARLY.append(ws)
+    for job in JOBS:  # in JOBS' order: the longest first
+        if job in jobs:
+            ws.start(job)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A workspace no test of this tier used (a session stopped early) goes too."""
+    while _EARLY:
+        _EARLY.pop().close()
+
+
 @pytest.fixture(scope="session")
 def workspace() -> Iterator[Workspace]:
-    ws = Workspace()
+    ws = _EARLY[0] if _EARLY else Workspace()
     try:
         yield ws
     finally:
         ws.close()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _start_terraform_early(request: pytest.FixtureRequest) -> None:
-    """Start, at the first test of the tier, every job a collected test will wait for."""
-    if MISSING:
-        return
-    wanted = {n for item in request.session.items for n in getattr(item, "fixturenames", ())}
-    jobs = [job for fixture, js in FIXTURE_JOBS.items() if fixture in wanted for job in js]
-    if not jobs:
-        return
-    ws: Workspace = request.getfixturevalue("workspace")
-    for job in JOBS:  # in JOBS' order: the longest first
-        if job in jobs:
-            ws.start(job)
 
 
 @pytest.fixture(scope="session")
