@@ -9,7 +9,8 @@ from tests.packaging.dist import Dist, background
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the builds the collected tests need, while the tiers before this one run."""
-    background.start(session.items)
+    if not session.config.option.collectonly:
+        background.start(session.items)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

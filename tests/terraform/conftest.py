@@ -82,7 +82,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     if any(Path(item.path).name == "test_checkov.py" for item in session.items):
         checkov.start()
-    _start_jobs(session.items)
+    _start_jobs(session.items, session.config)
     if MISSING:
         line = f"terraform tier: the real-terraform tests are not collected: {MISSING}"
     else:
@@ -359,12 +359,12 @@ def _below_the_tiers() -> None:
     os.setpriority(os.PRIO_PROCESS, 0, 10)
 
 
-def _start_jobs(items: list[pytest.Item]) -> None:
+def _start_jobs(items: list[pytest.Item], config: pytest.Config) -> None:
     """Start, as soon as collection is done, every job a collected test will wait for: they run
     beside the tiers before this one instead of holding this tier's first test back."""
     wanted = {n for item in items for n in getattr(item, "fixturenames", ())}
     jobs = [job for fixture, js in FIXTURE_JOBS.items() if fixture in wanted for job in js]
-    if MISSING or not jobs or _EARLY:
+    if MISSING or not jobs or _EARLY or config.option.collectonly:
         return
     ws = Workspace()
     _EARLY.append(ws)
