@@ -46,7 +46,7 @@ from tests.support.kms_proxy import KmsProxy, ProxiedRequest
 from tests.support.names import unique
 from tests.support.request_key_rule import request_key_rule
 from tests.support.requester import NOBODY, as_user
-from tests.upcall.harness import RESOLVER, Install, flood, gate_pids, handler_pids, installed
+from tests.upcall.harness import RESOLVER, Install, flood, handler_pids, installed
 
 FLOOD = 200
 HOLD = 2.0  # seconds the proxy holds each of the attacker's KMS calls
@@ -71,12 +71,38 @@ def _memory_kib(pids: list[int]) -> tuple[int, int]:
     return rss, pss
 
 
+def _cmdline(pid: str) -> list[bytes]:
+    """argv of process `pid`; [] if it exited meanwhile."""
+    try:
+        fd = os.open(f"/proc/{pid}/cmdline", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    return b"".join(chunks).split(b"\0")
+
+
 def _resolver_pids(install: Install) -> list[int]:
-    """The install's daemon, handlers and gates."""
-    pids = handler_pids(install.config)
-    if install.daemon is not None:
-        pids.append(install.daemon.pid)
-    return pids + gate_pids(install)
+    """The install's daemon, handlers and gates (as harness.handler_pids and gate_pids find
+    them), in one pass over /proc: the sampler runs in the bench's session, beside root's
+    client and the KMS stand-in, while the flood puts hundreds more entries in /proc."""
+    config, state = os.fsencode(install.config), os.fsencode(install.settings["state_dir"])
+    pids = [] if install.daemon is None else [install.daemon.pid]
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            argv = _cmdline(entry.name)
+            handler = b"handle" in argv and config in argv
+            if argv and (handler or (argv[0].endswith(b"kmskeys-gate") and state in argv)):
+                pids.append(int(entry.name))
+    return pids
 
 
 class Sampler:
