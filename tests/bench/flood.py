@@ -22,15 +22,21 @@ after the other. Measured in one run:
 The resolver daemon is on, as docs/resolver.md recommends: the gate's slots stop the flood at
 `max_concurrent_per_uid` before the daemon spends anything, and each miss the daemon accepts
 runs in a thread of its own, so root's misses do not wait behind the attacker's held calls.
+As on a host, each side has a session of its own, which the scheduler weighs as one (sched(7),
+autogroups): the daemon its service's (tests/support/resolver_daemon.py), the attacker its
+login's, apart from the bench, whose session holds root's client and the KMS stand-in.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from kmskeys import Key, Keyring, KmsKeysError, get_secret
 from tests.bench.common import BenchContext, Row, median, percentile, row
@@ -40,13 +46,14 @@ from tests.support.kms_proxy import KmsProxy, ProxiedRequest
 from tests.support.names import unique
 from tests.support.request_key_rule import request_key_rule
 from tests.support.requester import NOBODY, as_user
-from tests.upcall.harness import RESOLVER, Install, flood, gate_pids, handler_pids, installed
+from tests.upcall.harness import RESOLVER, Install, flood, handler_pids, installed
 
 FLOOD = 200
 HOLD = 2.0  # seconds the proxy holds each of the attacker's KMS calls
 VICTIM_RUNS = 20
 RSS_BUDGET_MIB = 500
 SECRET = b"kmst-flood-victim"
+T = TypeVar("T")
 
 
 def _memory_kib(pids: list[int]) -> tuple[int, int]:
@@ -64,12 +71,38 @@ def _memory_kib(pids: list[int]) -> tuple[int, int]:
     return rss, pss
 
 
+def _cmdline(pid: str) -> list[bytes]:
+    """argv of process `pid`; [] if it exited meanwhile."""
+    try:
+        fd = os.open(f"/proc/{pid}/cmdline", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    return b"".join(chunks).split(b"\0")
+
+
 def _resolver_pids(install: Install) -> list[int]:
-    """The install's daemon, handlers and gates."""
-    pids = handler_pids(install.config)
-    if install.daemon is not None:
-        pids.append(install.daemon.pid)
-    return pids + gate_pids(install)
+    """The install's daemon, handlers and gates (as harness.handler_pids and gate_pids find
+    them), in one pass over /proc: the sampler runs in the bench's session, beside root's
+    client and the KMS stand-in, while the flood puts hundreds more entries in /proc."""
+    config, state = os.fsencode(install.config), os.fsencode(install.settings["state_dir"])
+    pids = [] if install.daemon is None else [install.daemon.pid]
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            argv = _cmdline(entry.name)
+            handler = b"handle" in argv and config in argv
+            if argv and (handler or (argv[0].endswith(b"kmskeys-gate") and state in argv)):
+                pids.append(int(entry.name))
+    return pids
 
 
 class Sampler:
@@ -147,6 +180,14 @@ def _gate_ms(lines: list[str]) -> dict[str, float]:
     return found
 
 
+def _own_session(func: Callable[[], T]) -> T:
+    """func() in a session of its own: a hostile user floods from its own login session, so
+    the scheduler weighs it apart from root's (sched(7), autogroups), never inside the bench's
+    own session, where the victim's client and the KMS stand-in run."""
+    os.setsid()
+    return func()
+
+
 def _floor_flood(prefix: str) -> dict[str, int]:
     """FLOOD floor-routed names requested at once, a thread each: how many ended how."""
     outcomes: dict[str, int] = {}
@@ -184,7 +225,9 @@ def _floor(ctx: BenchContext | None) -> tuple[list[float], list[float], object]:
             unloaded = _floor_victim(prefix, VICTIM_RUNS)
             outcome: list[object] = []
             attacker = threading.Thread(
-                target=lambda: outcome.append(as_user(NOBODY, lambda: _floor_flood(prefix)))
+                target=lambda: outcome.append(
+                    as_user(NOBODY, lambda: _own_session(lambda: _floor_flood(prefix)))
+                )
             )
             attacker.start()
             loaded = _floor_victim(prefix, VICTIM_RUNS)
@@ -219,7 +262,9 @@ def rows(ctx: BenchContext | None = None) -> list[Row]:
                 with Sampler(install) as sampler:
                     attacker = threading.Thread(
                         target=lambda: outcome.append(
-                            as_user(NOBODY, lambda: flood(install, names, blobs))
+                            as_user(
+                                NOBODY, lambda: _own_session(lambda: flood(install, names, blobs))
+                            )
                         )
                     )
                     attacker.start()

@@ -30,9 +30,14 @@ def socket_dir() -> Iterator[Path]:
 def resolver_daemon(
     config: Path, sock: Path, resolver: Path = RESOLVER
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """The daemon for `config`, once its socket `sock` exists; SIGTERM and wait afterwards."""
+    """The daemon for `config`, once its socket `sock` exists; SIGTERM and wait afterwards.
+
+    It leads a session of its own, as under systemd: it weighs its own session in the scheduler
+    (resolver/daemon.py claim_cpu_share), never the test's, which also runs the requesters."""
     proc = subprocess.Popen(
-        [str(resolver), "serve", "--config", str(config)], stderr=subprocess.PIPE
+        [str(resolver), "serve", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 30
