@@ -64,6 +64,24 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         _imds_guard_missing = str(exc)
 
 
+# Seconds of setup, call and teardown per tier (the directory below tests/), for the summary.
+_tier_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    tier = report.nodeid.split("/")[1] if report.nodeid.startswith("tests/") else "?"
+    _tier_seconds[tier] = _tier_seconds.get(tier, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line: where `make test`'s time goes, tier by tier (its budget is 15 minutes)."""
+    if _tier_seconds:
+        spent = sorted(_tier_seconds.items(), key=lambda kv: -kv[1])
+        terminalreporter.write_line(
+            "time per tier: " + ", ".join(f"{tier} {secs:.0f} s" for tier, secs in spent)
+        )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tests that wait for a prerequisite built in background run last."""
     slowbuild.schedule(items)
