@@ -39,7 +39,7 @@ import pytest
 from tests.support import terraform as tfsupport
 from tests.support.kms_emulator import KmsEmulator
 from tests.support.names import unique
-from tests.terraform import applied, checkov, variants
+from tests.terraform import applied, checkov, resend, variants
 from tests.terraform.applied import Applied
 from tests.terraform.events import Probe
 from tests.terraform.rendered import Rendered
@@ -334,6 +334,8 @@ JOBS: dict[str, Callable[[Workspace], Any]] = {
     "good_plan": Workspace.good_plan,
     "invalid": _invalid,
     "preconditions": _preconditions,
+    "resend lost": lambda ws: resend.lost_answer_run(ws.tf, ws.root, ws.stack),
+    "resend taken": lambda ws: resend.taken_run(ws.tf, ws.root, ws.stack),
     **{f"validate {d}": _validator(d) for d in TF_DIRS},
 }
 # Which jobs each fixture needs, so that the session starts only what its tests will use.
@@ -345,6 +347,8 @@ FIXTURE_JOBS = {
     "invalid_diagnostics": ["invalid"],
     "precondition_diagnostics": ["preconditions"],
     "validations": [f"validate {d}" for d in TF_DIRS],
+    "resend_lost": ["resend lost"],
+    "resend_taken": ["resend taken"],
 }
 
 

@@ -10,13 +10,20 @@ tier's applies must survive it (tests/terraform/applied.py); test_resend.py chec
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 import struct
 import threading
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from tests.support import terraform as tfsupport
 from tests.support.kms_emulator import KmsEmulator
+from tests.support.names import unique
+from tests.terraform import applied
+from tests.terraform.applied import Applied
 
 # Headers the proxy sets itself: each answer is whole, and each connection serves one request.
 HOP_BY_HOP = {"connection", "content-length", "transfer-encoding", "keep-alive"}
@@ -86,3 +93,74 @@ class LostAnswer(KmsEmulator):
                 """Quiet: moto's own log has every request."""
 
         return Handler
+
+
+# One Command document, created once by the provider.
+CONTENT = {
+    "schemaVersion": "2.2",
+    "description": "kmskeys test: a document the provider creates once",
+    "mainSteps": [
+        {"action": "aws:runShellScript", "name": "noop", "inputs": {"runCommand": ["true"]}}
+    ],
+}
+
+
+@dataclass
+class ResendRun:
+    """What one apply of a one-document root left, for tests/terraform/test_resend.py."""
+
+    name: str
+    here: Path
+    started: list[KmsEmulator] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    run: Applied | None = None
+    error: Exception | None = None
+
+    def provider_log(self) -> str:
+        return (self.here / applied.PROVIDER_LOG).read_text()
+
+
+def document_root(here: Path, name: str) -> Path:
+    """A root with one Command document named NAME."""
+    here.mkdir()
+    (here / "main.tf").write_text(
+        'resource "aws_ssm_document" "this" {\n'
+        f"  name          = {json.dumps(name)}\n"
+        '  document_type = "Command"\n'
+        f"  content       = {json.dumps(json.dumps(CONTENT))}\n"
+        "}\n"
+    )
+    return here
+
+
+def lost_answer_run(tf: tfsupport.Terraform, base: Path, stack: ExitStack) -> ResendRun:
+    """Apply through a moto whose first answer to CreateDocument is lost (a session job of
+    tests/terraform/conftest.py); its moto servers stop with `stack`."""
+    out = ResendRun(unique("resend"), base / "resend-lost")
+
+    def start() -> KmsEmulator:
+        log = base / f"moto-resend-{len(out.started)}.log"
+        first = not out.started
+        moto = LostAnswer("CreateDocument", log) if first else KmsEmulator(log=log)
+        out.started.append(moto)
+        stack.callback(moto.stop)
+        return moto.start()
+
+    out.run = applied.apply(tf, document_root(out.here, out.name), start, {}, out.notes)
+    return out
+
+
+def taken_run(tf: tfsupport.Terraform, base: Path, stack: ExitStack) -> ResendRun:
+    """Apply a document whose name someone else's document has: the error, never a retry."""
+    out = ResendRun(unique("taken"), base / "resend-taken")
+    taken = KmsEmulator(log=base / "moto-taken.log").start()
+    stack.callback(taken.stop)
+    out.started.append(taken)
+    taken.client("ssm").create_document(
+        Name=out.name, Content=json.dumps(CONTENT), DocumentType="Command"
+    )
+    try:
+        out.run = applied.apply(tf, document_root(out.here, out.name), lambda: taken, {}, out.notes)
+    except tfsupport.TerraformError as exc:
+        out.error = exc
+    return out
