@@ -24,11 +24,18 @@ The resolver daemon is on, as docs/resolver.md recommends: the gate's slots stop
 runs in a thread of its own, so root's misses do not wait behind the attacker's held calls.
 As on a host, each side has a session of its own, which the scheduler weighs as one (sched(7),
 autogroups): the daemon its service's (tests/support/resolver_daemon.py), the attacker its
-login's, apart from the bench, whose session holds root's client and the KMS stand-in.
+login's, apart from the bench, whose session holds root's client. The KMS stand-in is off the
+host in production, so here it runs apart from all three: the counting proxy that holds the
+attacker's Decrypts (for HOLD seconds each, told from root's by the `kmst-flood` in their names)
+in a process and session of its own (tests/support/kms_proxy_process.py), moto behind it in
+another (KmsEmulator). Run as threads of the bench's process, the proxy shared root's client's
+interpreter and scheduler weight while it held the attacker's calls, and took up to 152 ms to
+accept one of root's connections.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -42,7 +49,7 @@ from kmskeys import Key, Keyring, KmsKeysError, get_secret
 from tests.bench.common import BenchContext, Row, median, percentile, row
 from tests.bench.miss import _compile_floor, _fresh, _timed
 from tests.support.kms_emulator import KmsEmulator
-from tests.support.kms_proxy import KmsProxy, ProxiedRequest
+from tests.support.kms_proxy_process import KmsProxyProcess
 from tests.support.names import unique
 from tests.support.request_key_rule import request_key_rule
 from tests.support.requester import NOBODY, as_user
@@ -91,7 +98,7 @@ def _cmdline(pid: str) -> list[bytes]:
 def _resolver_pids(install: Install) -> list[int]:
     """The install's daemon, handlers and gates (as harness.handler_pids and gate_pids find
     them), in one pass over /proc: the sampler runs in the bench's session, beside root's
-    client and the KMS stand-in, while the flood puts hundreds more entries in /proc."""
+    client, while the flood puts hundreds more entries in /proc."""
     config, state = os.fsencode(install.config), os.fsencode(install.settings["state_dir"])
     pids = [] if install.daemon is None else [install.daemon.pid]
     with os.scandir("/proc") as entries:
@@ -183,7 +190,7 @@ def _gate_ms(lines: list[str]) -> dict[str, float]:
 def _own_session(func: Callable[[], T]) -> T:
     """func() in a session of its own: a hostile user floods from its own login session, so
     the scheduler weighs it apart from root's (sched(7), autogroups), never inside the bench's
-    own session, where the victim's client and the KMS stand-in run."""
+    own session, where the victim's client runs."""
     os.setsid()
     return func()
 
@@ -241,22 +248,25 @@ def rows(ctx: BenchContext | None = None) -> list[Row]:
     """The hostile-flood row."""
     resolver = ctx.resolver if ctx is not None else RESOLVER
     floor_unloaded, floor_loaded, floor_outcome = _floor(ctx)
-    with KmsEmulator() as emulator, KmsProxy(emulator.url) as proxy:
+    with KmsEmulator() as emulator, KmsProxyProcess(emulator.url) as proxy:
         key_arn = emulator.client().create_key(Description="kmst flood")["KeyMetadata"]["Arn"]
         with installed(
-            emulator, proxy, key_arn, resolver=resolver, deadline=8, daemon=True
+            emulator,
+            None,
+            key_arn,
+            resolver=resolver,
+            deadline=8,
+            daemon=True,
+            endpoint_url=proxy.url,
         ) as install:
             try:
                 Victim().run(install, 3)  # page cache, bytecode
                 unloaded = Victim().run(install, VICTIM_RUNS)
                 names = [unique("kmst-flood") for _ in range(FLOOD)]
                 blobs = {name: install.blob(b"kmst-flood-value", name) for name in names}
-
-                def hold(request: ProxiedRequest) -> None:
-                    if request.operation == "Decrypt" and b"kmst-flood" in request.body:
-                        time.sleep(HOLD)
-
-                proxy.set_fault(hold)
+                # The attacker's Decrypts (their names, in the encryption context, say
+                # kmst-flood) are held; root's victims' are not.
+                proxy.hold("Decrypt", "kmst-flood", HOLD)
                 proxy.reset_counts()
                 outcome: list[object] = []
                 with Sampler(install) as sampler:
@@ -274,7 +284,8 @@ def rows(ctx: BenchContext | None = None) -> list[Row]:
                         time.sleep(0.05)
                 attacker_decrypts = proxy.count("Decrypt") - VICTIM_RUNS
             finally:
-                proxy.set_fault(None)
+                with contextlib.suppress(RuntimeError):  # the proxy may be gone: say what raised
+                    proxy.hold(None)
                 Keyring.join_session()
     (result,) = outcome
     ended = result.get("ok") if isinstance(result, dict) else None

@@ -20,6 +20,10 @@ Every socket of the proxy has TCP_NODELAY, as a real endpoint's would: it writes
 headers and body apart, and with Nagle's algorithm the body waits for the client's delayed ACK
 of the headers (~40 ms on a kept-alive connection), which made the bench's Decrypt baseline and
 every miss through the proxy jump from a few ms to ~46 ms now and then.
+
+This proxy serves from threads of the test's own process. For a stand-in apart from it, as a
+remote KMS is (the flood row of `make bench`), tests/support/kms_proxy_process.py runs one in a
+process and session of its own.
 """
 
 from __future__ import annotations
