@@ -2,17 +2,17 @@
 
 Through the real upcall and the real resolver (a moto server behind the counting proxy, an
 install under a unique prefix), pairs of misses from new session keyrings: a `plain-*` name, and
-a `bound-*` one whose policy (`allow_cgroups = ["/**"]`, which admits every cgroup, so the
-check runs in full) makes the resolver identify the requester. The first row is the pipeline's
-own `identify` phase of the bound misses through the resolver daemon (the recommended path,
-where a miss starts no interpreter), from the resolver's log line: the authorization key's lines
-taken apart, the requester's /proc files, the policy and destination checks and the liveness
-check before the answer; against the plain miss, request to payload. The gate reads /proc/keys
-for every daemon miss, bound or not (its cost grows with the number of keys on the whole host,
-which the row names with the kernel's own time to generate the file, read in the same run). The second row is the same phase in the cold
-handler (no daemon), where it also imports the identification's modules: reported. The third is
-a cache hit of each name's key, get_secret per call in interleaved rounds: a program-bound key
-(possessor bits) against a uid-bound one.
+a `bound-*` one whose policy (`allow_cgroups = ["/**"]`, which admits every cgroup, so the check
+runs in full) makes the resolver identify the requester. The first row is the pipeline's own
+`identify` phase of the bound misses through the resolver daemon (the recommended path, where a
+miss starts no interpreter), from the resolver's log line: the authorization key's lines taken
+apart, the requester's /proc files, the policy and destination checks and the liveness check
+before the answer; against the plain miss, request to payload. The gate reads /proc/keys for
+every daemon miss, bound or not (its cost grows with the number of keys on the whole host, which
+the row names with the kernel's own time to generate the file, read in the same run). The second
+row is the same phase in the cold handler (no daemon), where it also imports the
+identification's modules: reported. The third is a cache hit of each name's key, get_secret per
+call in interleaved rounds: a program-bound key (possessor bits) against a uid-bound one.
 
 Works alone as `python -m tests.bench.identity` as well as from `python -m tests.bench`.
 """
