@@ -438,6 +438,20 @@ def rotation_run(workspace: Workspace) -> RotationRun:
 
 
 @pytest.fixture(scope="session")
+def resend_lost(workspace: Workspace) -> resend.ResendRun:
+    """The apply through a moto whose first answer to CreateDocument is lost."""
+    run: resend.ResendRun = workspace.result("resend lost")
+    return run
+
+
+@pytest.fixture(scope="session")
+def resend_taken(workspace: Workspace) -> resend.ResendRun:
+    """The apply of a document whose name another document already has."""
+    run: resend.ResendRun = workspace.result("resend taken")
+    return run
+
+
+@pytest.fixture(scope="session")
 def demo_run(workspace: Workspace) -> DemoRun:
     run: DemoRun = workspace.result("demo")
     return run

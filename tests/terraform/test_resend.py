@@ -13,24 +13,9 @@ from __future__ import annotations
 import pytest
 
 from tests.support import terraform as tfsupport
-from tests.terraform.conftest import Workspace
 from tests.terraform.resend import LostAnswer, ResendRun
 
 pytestmark = pytest.mark.terraform
-
-
-@pytest.fixture(scope="module")
-def resend_lost(workspace: Workspace) -> ResendRun:
-    """The apply through a moto whose first answer to CreateDocument is lost (a session job)."""
-    result: ResendRun = workspace.result("resend lost")
-    return result
-
-
-@pytest.fixture(scope="module")
-def resend_taken(workspace: Workspace) -> ResendRun:
-    """The apply of a document someone else's already has the name of (a session job)."""
-    result: ResendRun = workspace.result("resend taken")
-    return result
 
 
 def test_a_create_whose_answer_was_lost_is_applied_again_on_a_fresh_moto(
