@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.environ import snapshot
 from tests.support.names import unique
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +48,7 @@ def build_dist(out: Path) -> Dist:
     done = subprocess.run(
         [str(ROOT / "scripts" / "dist.sh"), str(out)],
         cwd=ROOT,
-        env={**os.environ, "VENV": str(VENV), "WHEELHOUSE": str(WHEELHOUSE)},
+        env={**snapshot(), "VENV": str(VENV), "WHEELHOUSE": str(WHEELHOUSE)},
         capture_output=True,
         text=True,
         timeout=600,

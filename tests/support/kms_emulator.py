@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -10,6 +9,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from tests.support.environ import snapshot
 
 # Test credentials: the emulator accepts any; real ones must never be picked up by tests.
 TEST_CREDENTIALS = {
@@ -48,7 +49,7 @@ class KmsEmulator:
         if self.running:
             return self
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
-        env = {**os.environ, **TEST_CREDENTIALS}
+        env = {**snapshot(), **TEST_CREDENTIALS}
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
             stdout=out,

@@ -23,6 +23,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from tests.support.environ import snapshot
+
 REPO = Path(__file__).resolve().parents[2]
 TERRAFORM_DIR = REPO / "terraform"
 
@@ -163,7 +165,7 @@ class Terraform:
     def env(self) -> dict[str, str]:
         """The environment of every terraform run."""
         inherited = {
-            k: v for k, v in os.environ.items() if not k.startswith(("TF_", "AWS_", "CHECKPOINT"))
+            k: v for k, v in snapshot().items() if not k.startswith(("TF_", "AWS_", "CHECKPOINT"))
         }
         return {
             "GOGC": _GO_GC,
