@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support import user_keyrings
 from tests.support.names import TEST_TAG
 from tests.upcall.harness import Install, installed, kms_stack
 
@@ -48,6 +49,7 @@ def users() -> Iterator[tuple[pwd.struct_passwd, pwd.struct_passwd]]:
         yield pwd.getpwnam(names[0]), pwd.getpwnam(names[1])
     finally:
         for name in created:
+            user_keyrings.forget([pwd.getpwnam(name).pw_uid])
             subprocess.run(["userdel", name], check=False, capture_output=True, timeout=30)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import user_keyrings
 from tests.support.names import unique
 
 REPO = Path(__file__).resolve().parents[2]
@@ -231,4 +232,5 @@ def allowed_user() -> Iterator[pwd.struct_passwd]:
     try:
         yield pwd.getpwnam(name)
     finally:
+        user_keyrings.forget([pwd.getpwnam(name).pw_uid])
         sh("userdel", name, check=False)

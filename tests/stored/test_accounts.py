@@ -17,13 +17,14 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
 
 import kmskeys
 from tests.stored.harness import StoredInstall, stored_installed
+from tests.support import user_keyrings
 from tests.support.names import TEST_TAG
 from tests.support.requester import as_user
 from tests.upcall.harness import run_resolver
@@ -65,8 +66,13 @@ def _accounts() -> Iterator[list[str]]:
     try:
         yield names
     finally:
+        uids = set()
         for name in names:
+            with suppress(KeyError):
+                uids.add(pwd.getpwnam(name).pw_uid)
             _userdel(name)
+        # Only now: a uid's keyrings outlive its account, which is what the tests look at.
+        user_keyrings.forget(uids)
 
 
 def _try(func: Callable[[], object]) -> Callable[[], object]:

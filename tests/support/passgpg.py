@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from tests.support import user_keyrings
 from tests.support.names import TEST_TAG
 
 PRESET = "/usr/lib/gnupg/gpg-preset-passphrase"
@@ -239,4 +240,5 @@ def pass_user(base: Path) -> Iterator[PassOwner]:
             yield owner
     finally:
         _kill_user_processes(pw.pw_uid)
+        user_keyrings.forget([pw.pw_uid])
         subprocess.run(["userdel", name], check=False, capture_output=True, timeout=TIMEOUT)

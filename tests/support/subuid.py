@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.support import user_keyrings
+
 SUBUID = Path("/etc/subuid")
 LOW, HIGH = 1_500_000_000, 2_000_000_000
 
@@ -38,6 +40,7 @@ def subuid_range(owner: str, count: int) -> Iterator[list[int]]:
             os.write(fd, (b"\n" if text and not text.endswith(b"\n") else b"") + line)
         yield list(range(start, start + count))
     finally:
+        user_keyrings.forget(range(start, start + count))
         with _locked(fd):
             text = os.pread(fd, 1 << 20, 0)
             kept = text.replace(line, b"", 1)
