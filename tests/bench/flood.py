@@ -340,8 +340,8 @@ def rows(ctx: BenchContext | None = None) -> list[Row]:
             f"hostile flood, the kernel's share: the same {FLOOD} concurrent upcalls from one "
             "uid against the bare-upcall floor",
             value=(
-                f"kmskeys's slowest miss is {p99_loaded - floor_worst:+.0f} ms over the kernel's "
-                f"own slowest upcall under the same flood; {loaded.split()}"
+                f"kmskeys's slowest miss less the kernel's own slowest upcall under the same "
+                f"flood: {p99_loaded - floor_worst:+.0f} ms; {loaded.split()}"
             ),
             baseline=(
                 f"root's slowest floor-routed miss {floor_worst:.0f} ms during a flood of bare "
