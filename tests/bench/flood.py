@@ -147,7 +147,10 @@ class Sampler:
 
 class Victim:
     """Root's cold misses, one after the other: milliseconds each, and of each the part after
-    the gate started (the `ms=` of its log line; None when no line named it)."""
+    the gate started (the `ms=` of its log line; None when no line named it). A line can be
+    missing for a miss in the burst: the log socket queues net.unix.max_dgram_qlen datagrams
+    (10 by default), the attacker's refusals fill it faster than the reader here drains it, and a
+    sender that finds it full never waits (resolver/log.py)."""
 
     def __init__(self) -> None:
         self.samples: list[float] = []
