@@ -364,6 +364,8 @@ class Miss:
         # No pipeline of ours runs for this request any more (one past its deadline holds a
         # copy of its own): the slot is the gate's alone from here on.
         self._release()
+        if self._abandon_seen:
+            return  # the gate said ABANDON instead of a view: it answers or falls back, and logs
         if not accepted and not self._accept(deadline):
             return
         outcome, tokens = unflushed(outcome)
