@@ -19,7 +19,7 @@ unchecked request and read, and the calls that answer, re-own and re-permission 
 __version__ = "0.1.0"
 # The stamp of the sources the compiled parts were built from (kmskeys/contract.h), written by
 # scripts/generate.py: never edit by hand. Checked below against the hit-path extension's.
-BUILD_STAMP = "0.1.0+2b7d1d7006bf"
+BUILD_STAMP = "0.1.0+44a254392eb5"
 # The description namespace of KMS-backed secrets: keys are described `kms:NAME`.
 DEFAULT_PREFIX = "kms"
 # The namespace of keys kept in the host's own keystore (the essay's `stored:NAME`; docs/dpapi.md).

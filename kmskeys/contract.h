@@ -8,7 +8,7 @@
 #define KMSKEYS_CONTRACT_H
 
 /* Each compiled part carries it; checked against kmskeys.BUILD_STAMP. */
-#define KMSKEYS_BUILD_STAMP "0.1.0+2b7d1d7006bf"
+#define KMSKEYS_BUILD_STAMP "0.1.0+44a254392eb5"
 
 /* a `user` key's payload, bytes */
 #define KMSKEYS_USER_PAYLOAD_MAX 32767
@@ -73,7 +73,7 @@
 /* every daemon message starts so */
 #define KMSKEYS_WIRE_MAGIC "KMKD"
 /* ... then this version */
-#define KMSKEYS_WIRE_VERSION 3
+#define KMSKEYS_WIRE_VERSION 4
 /* message type: gate to daemon */
 #define KMSKEYS_WIRE_REQUEST 1
 /* message type: daemon to gate */
@@ -86,18 +86,24 @@
 #define KMSKEYS_WIRE_REPORT 5
 /* message type: gate to daemon */
 #define KMSKEYS_WIRE_ABANDON 6
+/* message type: daemon to gate */
+#define KMSKEYS_WIRE_VIEW_ASK 7
+/* message type: gate to daemon */
+#define KMSKEYS_WIRE_VIEW 8
 /* request: the gate's stamp, bytes */
 #define KMSKEYS_WIRE_STAMP_MAX 64
 /* request: the rule's config path */
 #define KMSKEYS_WIRE_CONFIG_PATH_MAX 4096
-/* request: those lines, bytes */
+/* view: those lines, bytes */
 #define KMSKEYS_WIRE_PROC_KEYS_MAX 2304
 /* /proc/keys read at most */
 #define KMSKEYS_WIRE_PROC_KEYS_SCAN_MAX 67108864
 /* ... flag: it was cut */
 #define KMSKEYS_WIRE_FLAG_PROC_KEYS_CUT 1
 /* a request's body, bytes */
-#define KMSKEYS_WIRE_REQUEST_MAX 18885
+#define KMSKEYS_WIRE_REQUEST_MAX 12402
+/* a view's body, bytes */
+#define KMSKEYS_WIRE_VIEW_MAX 6483
 /* an outcome's fixed fields */
 #define KMSKEYS_WIRE_OUTCOME_FIXED 40
 /* an outcome's body, bytes */

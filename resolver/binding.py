@@ -110,9 +110,13 @@ class Binding:
             return self.who
         self.bound = True
         self.timings = context.timings
+        view = self._gathered(context.timings)
         start = time.perf_counter()
         try:
-            view = self._view()
+            if view is None:
+                from resolver.requester import view_here
+
+                view = view_here(self.key)
             who = self._judge(view, context.notes)
             check_destination(view, self.keyrings, self.uid)
         finally:
@@ -142,14 +146,17 @@ class Binding:
             if self.timings is not None:
                 self.timings.add("identify", (time.perf_counter() - start) * 1000)
 
-    def _view(self) -> AuthView:
-        if self.view is None:
-            from resolver.requester import view_here
-
-            return view_here(self.key)
-        if callable(self.view):
+    def _gathered(self, timings: Timings) -> AuthView | None:
+        """The view as given, or asked for now from whoever holds the authority (the gate: a
+        round trip and its read of /proc/keys, timed as a phase of its own, `view`); None
+        when this process holds the authority and gathers it itself, within `identify`."""
+        if self.view is None or not callable(self.view):
+            return self.view
+        start = time.perf_counter()
+        try:
             return self.view()
-        return self.view
+        finally:
+            timings.add("view", (time.perf_counter() - start) * 1000)
 
     def _judge(self, view: AuthView, notes: dict[str, str]) -> Requester:
         from resolver.requester import identify_all

@@ -8,6 +8,7 @@ resolver/daemon_request.py runs the miss itself.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kmskeys.errors import InvalidNameError, KeyctlError, KmsKeysError, error_for_errno
@@ -23,7 +24,7 @@ from resolver.handler import process_started
 from resolver.outcome import Outcome
 from resolver.pipeline import KernelRequest
 from resolver.registry import split_description
-from resolver.requester import AuthView, IdentityError, auth_records
+from resolver.requester import AuthView
 
 if TYPE_CHECKING:
     from kmskeys.flushepoch import Tokens
@@ -85,38 +86,25 @@ def started_at(request: wire.GateRequest, pid: int) -> float:
     return said if earliest <= said <= now else min(now, max(earliest, now - 60.0))
 
 
-def identity(request: wire.GateRequest) -> dict[str, Any]:
-    """What KernelRequest takes of the requester's identity, from what the gate saw holding the
-    authority (docs/resolver.md, "Identifying the requester"): `pid`, the requesting thread
-    (None when unclear, informational); the requester's keyrings (%T %P %S); and the
-    authority's view (resolver.requester.AuthView), gathered by the gate by its rules, which
-    the pipeline's identification judges as it judges the handler's own."""
-    view = AuthView(request.auth, request.lines, request.dest, request.dest_description)
-    if request.flags & wire.FLAG_PROC_KEYS_CUT:
-        # The gate stopped reading /proc/keys before its end: the kernel's line may be among
-        # those missing, and a forged one pass for it. Unclear, so EAGAIN: never cached.
-        return {"pid": None, "keyrings": request.keyrings, "view": _cut_view}
-    return {"pid": _requester(request, view), "keyrings": request.keyrings, "view": view}
+def identity(request: wire.GateRequest, ask: Callable[[], wire.GateView]) -> dict[str, Any]:
+    """What KernelRequest takes of the requester's identity (docs/resolver.md, "Identifying the
+    requester"): the requester's keyrings (%T %P %S), and as its view a callable that asks the
+    gate for what it sees holding the authority (`ask`: VIEW_ASK, then the gate's VIEW), which
+    the pipeline calls only for a request it must identify, and judges as it judges the
+    handler's own. No pid: as in the handler, the identification alone names the requester."""
 
+    def view() -> AuthView:
+        seen = ask()
+        if seen.flags & wire.FLAG_PROC_KEYS_CUT:
+            # The gate stopped reading /proc/keys before its end: the kernel's line may be
+            # among those missing, and a forged one pass for it. Unclear, so EAGAIN: never cached.
+            raise IdentityUnclearError(
+                f"/proc/keys is longer than kmskeys-gate reads ({wire.PROC_KEYS_SCAN_MAX} bytes): "
+                "the authorization key's lines may be missing"
+            )
+        return AuthView(request.auth, seen.lines, seen.dest, seen.dest_description)
 
-def _cut_view() -> AuthView:
-    raise IdentityUnclearError(
-        f"/proc/keys is longer than kmskeys-gate reads ({wire.PROC_KEYS_SCAN_MAX} bytes): "
-        "the authorization key's lines may be missing"
-    )
-
-
-def _requester(request: wire.GateRequest, view: AuthView) -> int | None:
-    """The requesting thread's id, from the authorization key's /proc/keys line as the gate read
-    it (resolver/requester.py's rules: one line of that serial, live, for this key and uid);
-    None when that line is missing, forged or unclear."""
-    if request.seen != 1:
-        return None
-    try:
-        records = auth_records(view, request.key, request.uid)
-    except (IdentityError, IdentityUnclearError):
-        return None
-    return records[0].tid if len(records) == 1 else None
+    return {"keyrings": request.keyrings, "view": view}
 
 
 def facts_of(asked: KernelRequest, config: config_mod.Config) -> dict[str, str | None]:

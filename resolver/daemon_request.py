@@ -8,6 +8,10 @@ line is resolver/answer.py's from that report (resolver/daemon_gate.py ReplayKey
 handler's line exactly. A gate that says ABANDON has answered or fallen back and logged; one
 that vanishes is logged at ERR.
 
+The requester's view (the gate's read of /proc/keys, issue 24) is asked for only when the
+pipeline must identify the requester: from the pipeline's thread, VIEW_ASK and the gate's VIEW
+on the connection, which the connection's thread leaves alone meanwhile (`_wire`).
+
 The daemon lets go of its copy of the slot before it sends its last word to the gate (the
 OUTCOME, or DECLINED): the requester wakes up when the gate exits, and its next miss must find
 the slot free, not held by this thread's bookkeeping (its log line, refresh-ahead's record),
@@ -39,6 +43,7 @@ from resolver.daemon_gate import (
 from resolver.errors import (
     ConfigError,
     DeadlineExceeded,
+    IdentityUnclearError,
     ResolverError,
     UnavailableError,
     failure,
@@ -140,6 +145,14 @@ class Miss:
         self.log: SyslogWriter = log_writer()
         # What was resolved under which config, for refresh-ahead's record of the key.
         self.resolved: tuple[KernelRequest, config_mod.Config] | None = None
+        self.deadline = 0.0
+        # The connection, one thread at a time: the pipeline's asking for the view, or this
+        # one's (closed: this thread is done with it, and no one may use it any more).
+        self._wire = threading.Lock()
+        self._closed = False
+        self._asked = False
+        self._view: wire.GateView | None = None
+        self._abandon_seen = False
 
     def run(self) -> None:
         """Serve the connection; the slot fd is closed on every path (or by the pipeline)."""
@@ -147,6 +160,8 @@ class Miss:
             self._run()
         finally:
             self._release()
+            with self._wire:
+                self._closed = True
 
     def _release(self) -> None:
         """Close this thread's copy of the requester's slot (module doc: before the gate's
@@ -193,7 +208,7 @@ class Miss:
             request.uid,
             request.gid,
             callout=request.callout,
-            **identity(request),
+            **identity(request, self._ask_view),
         )
         path = self.daemon.configs.path
         try:
@@ -204,7 +219,7 @@ class Miss:
             return
         self.log = log_writer(config)
         self.resolved = asked, config
-        deadline = started + config.deadline - WATCHDOG_MARGIN
+        deadline = self.deadline = started + config.deadline - WATCHDOG_MARGIN
         refused = self._admit(request, config)
         if refused is None and self.slot is None:
             self._send(wire.header(wire.DECLINED, b""))  # not a slot of this config's
@@ -297,15 +312,50 @@ class Miss:
         return False
 
     def _check_gate(self) -> None:
-        # Non-blocking: with a timeout set, Python would first wait for the socket to be ready.
-        self.conn.settimeout(0)
+        if self._abandon_seen:
+            raise GateGone(True)
+        if not self._wire.acquire(blocking=False):
+            return  # the pipeline is asking for the view: its answer says whether the gate is there
         try:
-            data = self.conn.recv(wire.HEADER.size, socket.MSG_PEEK)
-        except BlockingIOError:
-            return
-        except OSError:
-            raise GateGone(False) from None
-        raise GateGone(wire.is_abandon(data))
+            # Non-blocking: with a timeout set, Python would first wait for the socket to be ready.
+            self.conn.settimeout(0)
+            try:
+                data = self.conn.recv(wire.HEADER.size, socket.MSG_PEEK)
+            except BlockingIOError:
+                return
+            except OSError:
+                raise GateGone(False) from None
+            raise GateGone(wire.is_abandon(data))
+        finally:
+            self._wire.release()
+
+    def _ask_view(self) -> wire.GateView:
+        """The gate's VIEW of the request, asked for once, from the pipeline's thread, when it
+        must identify the requester; IdentityUnclearError (EAGAIN) when the gate gives none."""
+        with self._wire:
+            if self._view is None:
+                if self._asked or self._closed:
+                    raise IdentityUnclearError("kmskeys-gate gave no view of the request")
+                self._asked = True
+                self._view = self._fetch_view()
+            return self._view
+
+    def _fetch_view(self) -> wire.GateView:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded
+        try:
+            self.conn.settimeout(min(REPORT_TIMEOUT, left))
+            self.conn.sendall(wire.header(wire.VIEW_ASK, b""))
+            kind, body = wire.read_message(self.conn, wire.VIEW_MAX)
+            if kind == wire.VIEW:
+                return wire.GateView(body)
+            # The gate gave up waiting (it answers or falls back itself, and logs).
+            self._abandon_seen = kind == wire.ABANDON
+            problem = f"it sent {wire.NAMES[kind]}"
+        except (OSError, wire.WireError) as exc:
+            problem = str(exc) or type(exc).__name__
+        raise IdentityUnclearError(f"kmskeys-gate gave no view of the request: {problem}")
 
     def _answer(
         self, outcome: Outcome, started: float, deadline: float, *, accepted: bool = False
@@ -314,6 +364,8 @@ class Miss:
         # No pipeline of ours runs for this request any more (one past its deadline holds a
         # copy of its own): the slot is the gate's alone from here on.
         self._release()
+        if self._abandon_seen:
+            return  # the gate said ABANDON instead of a view: it answers or falls back, and logs
         if not accepted and not self._accept(deadline):
             return
         outcome, tokens = unflushed(outcome)
@@ -321,9 +373,10 @@ class Miss:
             if not self._abandoned():
                 self._gone_after(outcome, started)
             return
-        self.conn.settimeout(REPORT_TIMEOUT)
         try:
-            kind, body = wire.read_message(self.conn, wire.REPORT_BODY.size)
+            with self._wire:
+                self.conn.settimeout(REPORT_TIMEOUT)
+                kind, body = wire.read_message(self.conn, wire.REPORT_BODY.size)
             report = wire.Report(body) if kind == wire.REPORT else None
         except (OSError, wire.WireError):
             self._gone_after(outcome, started)
@@ -356,8 +409,9 @@ class Miss:
 
     def _send(self, data: bytes) -> bool:
         try:
-            self.conn.settimeout(REPORT_TIMEOUT)
-            self.conn.sendall(data)
+            with self._wire:
+                self.conn.settimeout(REPORT_TIMEOUT)
+                self.conn.sendall(data)
         except OSError:
             return False
         return True

@@ -101,8 +101,12 @@ int reject_key(const struct args *a, long ttl, int error);
 /* gate_daemon.c: hand the request to the resolver daemon, holding `slot`; carry out its answer. */
 int ask_daemon(const struct args *a, int slot);
 
-/* gate_request.c: the REQUEST for our key into `b` (after the header's room): 0, or -1. */
-int build_request(const struct args *a, struct buffer *b);
+/* gate_request.c: the REQUEST for our key into `b`, header included, and the authorization
+ * key's serial into `auth`: 0, or -1. */
+int build_request(const struct args *a, struct buffer *b, long *auth);
+/* gate_request.c: the VIEW of the request (its /proc/keys lines) into `b`, header included:
+ * 0, or -1 if the authority cannot be taken back. */
+int build_view(const struct args *a, long auth, struct buffer *b);
 
 /* gate_subuid.c: the uid whose limits `uid` is charged to (/etc/subuid), or `uid` itself.
  * On an unsafe /etc/subuid, `problem` says why (aggregation is then off). */

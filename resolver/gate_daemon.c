@@ -191,8 +191,10 @@ static int read_exact(int sock, unsigned char *buf, size_t len, long deadline)
     return READ_OK;
 }
 
-/* One message of type `type` whose body is at most `max` bytes, before `deadline`. */
-static int read_message(int sock, int type, unsigned char *body, size_t max, size_t *len, long deadline)
+/* One message of type `type` whose body is at most `max` bytes, before `deadline`; with
+ * `asked` non-NULL, a VIEW_ASK (no body) may come instead, and sets it. */
+static int read_message(int sock, int type, unsigned char *body, size_t max, size_t *len, long deadline,
+                        int *asked)
 {
     unsigned char head[HEADER_SIZE];
     int r = read_exact(sock, head, sizeof head, deadline);
@@ -204,9 +206,24 @@ static int read_message(int sock, int type, unsigned char *body, size_t max, siz
         return READ_BAD;
     if (kind == KMSKEYS_WIRE_DECLINED)
         return READ_CLOSED; /* the daemon will not take it: the handler will */
+    if (asked && kind == KMSKEYS_WIRE_VIEW_ASK && *len == 0) {
+        *asked = 1;
+        return READ_OK;
+    }
     if (kind != type || *len > max)
         return READ_BAD;
     return read_exact(sock, body, *len, deadline);
+}
+
+/* The VIEW the daemon asked for, sent before `deadline`: 0, or -1 if it could not be made or
+ * sent (the daemon answers EAGAIN without it, or the gate gave up the authority). */
+static int send_view(const struct args *a, int sock, long auth, long deadline)
+{
+    static unsigned char view[HEADER_SIZE + KMSKEYS_WIRE_VIEW_MAX];
+    struct buffer b = {.data = view, .size = sizeof view};
+    int failed = build_view(a, auth, &b) || send_all(sock, view, b.used, -1, deadline);
+    kmsk_wipe(view, sizeof view);
+    return failed ? -1 : 0;
 }
 
 static void send_small(int sock, int type, const unsigned char *body, size_t len)
@@ -399,15 +416,27 @@ static void carry_out(const struct args *a, const struct outcome *o, unsigned ch
     put32(report + 8, (uint32_t)reject), put32(report + 12, (uint32_t)result);
 }
 
-/* A request the daemon accepted: wait for its OUTCOME and carry it out. */
-static int answer_from(const struct args *a, int sock, long wait)
+/* A request the daemon accepted: serve its one VIEW_ASK, wait for its OUTCOME and carry it out. */
+static int answer_from(const struct args *a, int sock, long auth, long wait)
 {
     long deadline = monotonic_ms() + wait;
     static unsigned char body[KMSKEYS_WIRE_OUTCOME_MAX];
     size_t len = 0;
     struct outcome o;
     char why[160];
-    int r = read_message(sock, KMSKEYS_WIRE_OUTCOME, body, sizeof body, &len, deadline);
+    int asked = 0, r;
+    /* At most one VIEW_ASK, before the OUTCOME: a second is not the wire's (READ_BAD). */
+    while ((r = read_message(sock, KMSKEYS_WIRE_OUTCOME, body, sizeof body, &len, deadline,
+                             asked ? NULL : &asked)) == READ_OK &&
+           asked == 1) {
+        asked = 2;
+        if (send_view(a, sock, auth, deadline)) {
+            /* The authority could not be taken back, or the daemon stopped reading: the
+             * handler answers (or says why it cannot). */
+            send_small(sock, KMSKEYS_WIRE_ABANDON, NULL, 0);
+            return DAEMON_FALLBACK;
+        }
+    }
     if (r == READ_CLOSED)
         return DAEMON_FALLBACK; /* the daemon is gone: the handler has what is left of the deadline */
     if (r == READ_TIMEOUT) {
@@ -445,19 +474,20 @@ int ask_daemon(const struct args *a, int slot)
     struct buffer b = {.data = request, .size = sizeof request};
     unsigned char accepted[4];
     size_t len = 0;
+    long auth = 0;
     int result = DAEMON_FALLBACK;
     /* request-key assumed the authority already; assuming it again is harmless. */
-    if (syscall(SYS_keyctl, KEYCTL_ASSUME_AUTHORITY, a->key) < 0 || build_request(a, &b) ||
+    if (syscall(SYS_keyctl, KEYCTL_ASSUME_AUTHORITY, a->key) < 0 || build_request(a, &b, &auth) ||
         send_all(sock, request, b.used, slot, accept_by))
         goto out;
-    int r = read_message(sock, KMSKEYS_WIRE_ACCEPTED, accepted, sizeof accepted, &len, accept_by);
+    int r = read_message(sock, KMSKEYS_WIRE_ACCEPTED, accepted, sizeof accepted, &len, accept_by, NULL);
     if (r != READ_OK || len != sizeof accepted) {
         /* Not accepted in time: the daemon must not go on with it, the handler answers. */
         send_small(sock, KMSKEYS_WIRE_ABANDON, NULL, 0);
         goto out;
     }
     long wait = get32(accepted);
-    result = answer_from(a, sock, wait < KMSKEYS_WIRE_OUTCOME_WAIT_MAX_MS ? wait : KMSKEYS_WIRE_OUTCOME_WAIT_MAX_MS);
+    result = answer_from(a, sock, auth, wait < KMSKEYS_WIRE_OUTCOME_WAIT_MAX_MS ? wait : KMSKEYS_WIRE_OUTCOME_WAIT_MAX_MS);
 out:
     kmsk_wipe(request, sizeof request);
     close(sock);

@@ -1,7 +1,10 @@
 /*
  * The gate's REQUEST to the resolver daemon (resolver/wire.py GateRequest): what the kernel says
- * of the request, read while the gate holds the authority, in bounded buffers. The gate judges
- * nothing of it: the daemon re-validates every field with the handler's own code.
+ * of the request, read while the gate holds the authority, in bounded buffers; and its VIEW
+ * (resolver/wire.py GateView), the authority's view of the request with the lines of /proc/keys,
+ * only when the daemon asks for it (a request whose requester must be identified): the kernel
+ * generates /proc/keys by walking every key on the host. The gate judges nothing of either: the
+ * daemon re-validates every field with the handler's own code.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -103,8 +106,9 @@ static const char *config_path(const struct args *a)
     return "";
 }
 
-/* REQUEST (resolver/wire.py GateRequest) for our key: 0, or -1 if the kernel says no. */
-int build_request(const struct args *a, struct buffer *b)
+/* REQUEST (resolver/wire.py GateRequest) for our key, and the authorization key's serial in
+ * `auth`: 0, or -1 if the kernel says no. */
+int build_request(const struct args *a, struct buffer *b, long *auth)
 {
     /* "type;uid;gid;perm;description", as the kernel holds them. */
     char described[KMSKEYS_DESCRIPTION_MAX + 64];
@@ -131,30 +135,37 @@ int build_request(const struct args *a, struct buffer *b)
     /* After assuming authority, the authorization key reads as the callout. */
     unsigned char callout[KMSKEYS_CALLOUT_MAX + 1];
     long callout_len = syscall(SYS_keyctl, KEYCTL_READ, KEY_SPEC_REQKEY_AUTH_KEY, callout, sizeof callout);
-    long auth = syscall(SYS_keyctl, KEYCTL_GET_KEYRING_ID, KEY_SPEC_REQKEY_AUTH_KEY, 0);
-    if (callout_len < 0 || callout_len > KMSKEYS_CALLOUT_MAX || auth <= 0)
+    *auth = syscall(SYS_keyctl, KEYCTL_GET_KEYRING_ID, KEY_SPEC_REQKEY_AUTH_KEY, 0);
+    if (callout_len < 0 || callout_len > KMSKEYS_CALLOUT_MAX || *auth <= 0)
         return -1;
-    /* The fixed part first, with the counts filled in once the strings are written. */
-    uint32_t seen = 0, flags = 0, dest = 0;
     b->used = HEADER_SIZE;
-    if (put_u32(b, (uint32_t)a->key) || put_u32(b, (uint32_t)a->uid) || put_u32(b, (uint32_t)gid) ||
-        put_u32(b, (uint32_t)auth) || put_u32(b, 0) || put_u32(b, 0) ||
-        put_u64(b, (unsigned long long)a->started_us) || put_u32(b, (uint32_t)a->keyrings[0]) ||
-        put_u32(b, (uint32_t)a->keyrings[1]) || put_u32(b, (uint32_t)a->keyrings[2]) ||
-        put_u32(b, 0))
-        return -1;
-    size_t fixed = b->used;
     const char *config = config_path(a);
-    if (put_string(b, KMSKEYS_BUILD_STAMP, strlen(KMSKEYS_BUILD_STAMP), KMSKEYS_WIRE_STAMP_MAX) ||
+    if (put_u32(b, (uint32_t)a->key) || put_u32(b, (uint32_t)a->uid) || put_u32(b, (uint32_t)gid) ||
+        put_u32(b, (uint32_t)*auth) || put_u64(b, (unsigned long long)a->started_us) ||
+        put_u32(b, (uint32_t)a->keyrings[0]) || put_u32(b, (uint32_t)a->keyrings[1]) ||
+        put_u32(b, (uint32_t)a->keyrings[2]) ||
+        put_string(b, KMSKEYS_BUILD_STAMP, strlen(KMSKEYS_BUILD_STAMP), KMSKEYS_WIRE_STAMP_MAX) ||
         put_string(b, config, strlen(config), KMSKEYS_WIRE_CONFIG_PATH_MAX) ||
         put_string(b, rest, strlen(rest), KMSKEYS_DESCRIPTION_MAX) ||
-        put_string(b, callout, (size_t)callout_len, KMSKEYS_CALLOUT_MAX) || destination(b, &dest) ||
+        put_string(b, callout, (size_t)callout_len, KMSKEYS_CALLOUT_MAX))
+        return -1;
+    put_header(b->data, KMSKEYS_WIRE_REQUEST, b->used - HEADER_SIZE);
+    return 0;
+}
+
+/* VIEW (resolver/wire.py GateView) of the request whose authorization key is `auth`: 0, or -1
+ * when the authority cannot be taken back (the gate must not answer then). */
+int build_view(const struct args *a, long auth, struct buffer *b)
+{
+    uint32_t seen = 0, flags = 0, dest = 0;
+    b->used = HEADER_SIZE;
+    /* flags, seen and dest are filled in once the strings are written */
+    if (put_u32(b, 0) || put_u32(b, 0) || put_u32(b, 0) || destination(b, &dest) ||
         proc_keys(a, auth, b, &seen, &flags))
         return -1;
-    /* flags, seen and dest, in their places of the fixed part (resolver/wire.py REQUEST_FIXED) */
-    put32(b->data + HEADER_SIZE + 16, flags);
-    put32(b->data + HEADER_SIZE + 20, seen);
-    put32(b->data + fixed - 4, dest);
-    put_header(b->data, KMSKEYS_WIRE_REQUEST, b->used - HEADER_SIZE);
+    put32(b->data + HEADER_SIZE, flags);
+    put32(b->data + HEADER_SIZE + 4, seen);
+    put32(b->data + HEADER_SIZE + 8, dest);
+    put_header(b->data, KMSKEYS_WIRE_VIEW, b->used - HEADER_SIZE);
     return 0;
 }

@@ -5,12 +5,16 @@ Every message is a 12-byte header, then its body:
     magic "KMKD" | version u16 | type u16 | body length u32          (network byte order)
 
 The gate sends REQUEST with its slot fd attached (SCM_RIGHTS); the daemon answers ACCEPTED
-(how long the gate may wait for the outcome) or DECLINED (the gate runs the handler instead),
-then OUTCOME (with the request's flush tokens, which the gate compares again at its last
-moment); the gate carries it out on the key and sends REPORT (what the kernel said), or
-ABANDON when it stopped waiting and answered or fell back by itself. Bodies are fixed-layout
-integers followed by length-prefixed byte strings, every length bounded: nothing the C side
-reads is text to parse, and the daemon re-validates every field (resolver/daemon_request.py).
+(how long the gate may wait for the outcome) or DECLINED (the gate runs the handler instead).
+For a request whose requester must be identified (a program-bound name, a unit-bound blob), the
+daemon then sends VIEW_ASK, once, and the gate answers VIEW: what the holder of the authority
+sees of the request, /proc/keys included, read only then (the kernel walks every key on the
+host to generate that file). Then OUTCOME (with the request's flush tokens, which the gate
+compares again at its last moment); the gate carries it out on the key and sends REPORT (what
+the kernel said), or ABANDON when it stopped waiting and answered or fell back by itself.
+Bodies are fixed-layout integers followed by length-prefixed byte strings, every length
+bounded: nothing the C side reads is text to parse, and the daemon re-validates every field
+(resolver/daemon_request.py).
 The constants reach the C side through kmskeys/contract.h (scripts/generate.py).
 """
 
@@ -39,9 +43,9 @@ from kmskeys.flushepoch import TOKEN_FILE_NAME_MAX, TOKEN_FILES_MAX, TOKEN_MAX, 
 from resolver.validators import MAX_NEGATIVE_TTL, MAX_TTL, MAX_TTL_JITTER
 
 MAGIC = b"KMKD"
-VERSION = 3
+VERSION = 4
 HEADER = struct.Struct("!4sHHI")
-REQUEST, ACCEPTED, DECLINED, OUTCOME, REPORT, ABANDON = 1, 2, 3, 4, 5, 6
+REQUEST, ACCEPTED, DECLINED, OUTCOME, REPORT, ABANDON, VIEW_ASK, VIEW = 1, 2, 3, 4, 5, 6, 7, 8
 NAMES = {
     REQUEST: "request",
     ACCEPTED: "accepted",
@@ -49,42 +53,47 @@ NAMES = {
     OUTCOME: "outcome",
     REPORT: "report",
     ABANDON: "abandon",
+    VIEW_ASK: "view-ask",
+    VIEW: "view",
 }
 
 # REQUEST: key (%k), uid (%u), gid (the key's, as KEYCTL_DESCRIBE shows it), the request's
-# authorization key, flags, how many lines of /proc/keys start with that key's serial (kept or
-# not), when the gate started (CLOCK_MONOTONIC, microseconds: the log line's ms and the deadline
-# count from it, as the handler's count from its start), the requester's thread, process and
-# session keyrings (%T %P %S, 0 for none) and its destination keyring (0 for none); then six
-# strings (u32 length, bytes): the gate's build stamp, the config its rule's handler would read
-# (`handle --config PATH` on the rule line; empty: the default), the description (from
-# KEYCTL_DESCRIBE),
-# the callout (read from the authorization key), the destination keyring's KEYCTL_DESCRIBE
-# string, and those /proc/keys lines, newline-separated (resolver/requester.py's rules: the
-# identification is the daemon's, issue 24).
-REQUEST_FIXED = struct.Struct("!IIIIIIQIIII")
+# authorization key, when the gate started (CLOCK_MONOTONIC, microseconds: the log line's ms and
+# the deadline count from it, as the handler's count from its start) and the requester's thread,
+# process and session keyrings (%T %P %S, 0 for none); then four strings (u32 length, bytes):
+# the gate's build stamp, the config its rule's handler would read (`handle --config PATH` on
+# the rule line; empty: the default), the description (from KEYCTL_DESCRIBE) and the callout
+# (read from the authorization key).
+REQUEST_FIXED = struct.Struct("!IIIIQIII")
 STRING_LENGTH = struct.Struct("!I")
 STAMP_MAX = 64
+CONFIG_PATH_MAX = 4096
+REQUEST_MAX = (
+    REQUEST_FIXED.size
+    + 4 * STRING_LENGTH.size
+    + STAMP_MAX
+    + CONFIG_PATH_MAX
+    + DESCRIPTION_MAX
+    + CALLOUT_MAX
+)
+
+# VIEW_ASK: no body. VIEW: flags, how many lines of /proc/keys start with the authorization
+# key's serial (kept or not) and the requester's destination keyring (0 for none); then two
+# strings: the destination keyring's KEYCTL_DESCRIBE string, and those /proc/keys lines,
+# newline-separated (resolver/requester.py's rules: the identification is the daemon's, issue
+# 24). The gate answers one VIEW_ASK per request; the daemon asks only when the pipeline needs
+# the view, and at most once.
+VIEW_FIXED = struct.Struct("!III")
 # The lines of /proc/keys the gate keeps: those starting with the authorization key's serial,
 # none longer than AUTH_LINE_MAX bytes (the kernel's own is under 120: only a description makes
 # one longer), at most AUTH_LINES_MAX + 1 (more than AUTH_LINES_MAX is forgery enough to judge;
 # both kmskeys/contract.py, as resolver/requester.py reads them).
 PROC_KEYS_MAX = (AUTH_LINES_MAX + 1) * (AUTH_LINE_MAX + 1)
 DESTINATION_MAX = DESCRIPTION_MAX + 64
-CONFIG_PATH_MAX = 4096
 # The gate stops reading /proc/keys after this many bytes and says so (FLAG_PROC_KEYS_CUT).
 PROC_KEYS_SCAN_MAX = 64 << 20
 FLAG_PROC_KEYS_CUT = 1
-REQUEST_MAX = (
-    REQUEST_FIXED.size
-    + 6 * STRING_LENGTH.size
-    + STAMP_MAX
-    + CONFIG_PATH_MAX
-    + DESCRIPTION_MAX
-    + CALLOUT_MAX
-    + DESTINATION_MAX
-    + PROC_KEYS_MAX
-)
+VIEW_MAX = VIEW_FIXED.size + 2 * STRING_LENGTH.size + DESTINATION_MAX + PROC_KEYS_MAX
 
 # ACCEPTED: milliseconds the gate waits for the OUTCOME (the daemon's deadline and a margin).
 ACCEPTED_BODY = struct.Struct("!I")
@@ -157,14 +166,9 @@ class GateRequest:
         "callout",
         "config",
         "description",
-        "dest",
-        "dest_description",
-        "flags",
         "gid",
         "key",
         "keyrings",
-        "lines",
-        "seen",
         "stamp",
         "started_us",
         "uid",
@@ -177,25 +181,12 @@ class GateRequest:
             fixed = REQUEST_FIXED.unpack_from(body)
         except struct.error:
             raise WireError("request too short") from None
-        self.key, self.uid, self.gid, self.auth, self.flags, self.seen = fixed[:6]
-        self.started_us = fixed[6]
-        self.keyrings: tuple[int, int, int] = fixed[7:10]
-        self.dest = fixed[10]
-        offset = REQUEST_FIXED.size
-        strings = []
-        limits = (STAMP_MAX, CONFIG_PATH_MAX, DESCRIPTION_MAX, CALLOUT_MAX, DESTINATION_MAX)
-        for limit in (*limits, PROC_KEYS_MAX):
-            value, offset = _string(body, offset, limit)
-            strings.append(value)
-        if offset != len(body):
-            raise WireError("request has trailing bytes")
-        stamp, config, self.description, self.callout, destination, proc_keys = strings
+        self.key, self.uid, self.gid, self.auth, self.started_us = fixed[:5]
+        self.keyrings: tuple[int, int, int] = fixed[5:8]
+        limits = (STAMP_MAX, CONFIG_PATH_MAX, DESCRIPTION_MAX, CALLOUT_MAX)
+        stamp, config, self.description, self.callout = _strings(body, REQUEST_FIXED.size, limits)
         self.stamp = stamp.decode("ascii", "replace")
         self.config = os.fsdecode(config)
-        self.dest_description = destination.decode("utf-8", "replace")
-        self.lines = tuple(proc_keys.split(b"\n")) if proc_keys else ()
-        if len(self.lines) > AUTH_LINES_MAX + 1 or any(len(x) > AUTH_LINE_MAX for x in self.lines):
-            raise WireError("more /proc/keys lines, or longer ones, than the gate keeps")
         if not (0 < self.key < 1 << 31 and 0 < self.auth < 1 << 31):
             raise WireError("request names no key")
 
@@ -203,11 +194,41 @@ class GateRequest:
         return f"GateRequest(key={self.key}, uid={self.uid})"
 
 
+class GateView:
+    """What the gate sends when asked (VIEW): the authority's view of the request."""
+
+    __slots__ = ("dest", "dest_description", "flags", "lines", "seen")
+
+    def __init__(self, body: bytes) -> None:
+        if len(body) > VIEW_MAX:
+            raise WireError(f"view of {len(body)} bytes is over {VIEW_MAX}")
+        try:
+            self.flags, self.seen, self.dest = VIEW_FIXED.unpack_from(body)
+        except struct.error:
+            raise WireError("view too short") from None
+        destination, proc_keys = _strings(body, VIEW_FIXED.size, (DESTINATION_MAX, PROC_KEYS_MAX))
+        self.dest_description = destination.decode("utf-8", "replace")
+        self.lines = tuple(proc_keys.split(b"\n")) if proc_keys else ()
+        if len(self.lines) > AUTH_LINES_MAX + 1 or any(len(x) > AUTH_LINE_MAX for x in self.lines):
+            raise WireError("more /proc/keys lines, or longer ones, than the gate keeps")
+
+
+def _strings(body: bytes, offset: int, limits: tuple[int, ...]) -> list[bytes]:
+    """The length-prefixed strings from `offset` to the body's end, each within its limit."""
+    strings = []
+    for limit in limits:
+        value, offset = _string(body, offset, limit)
+        strings.append(value)
+    if offset != len(body):
+        raise WireError("message has trailing bytes")
+    return strings
+
+
 def _string(body: bytes, offset: int, limit: int) -> tuple[bytes, int]:
     try:
         (length,) = STRING_LENGTH.unpack_from(body, offset)
     except struct.error:
-        raise WireError("request too short") from None
+        raise WireError("message too short") from None
     start = offset + STRING_LENGTH.size
     if length > limit or start + length > len(body):
         raise WireError(f"a string of {length} bytes is over {limit} or past the end")

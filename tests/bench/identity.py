@@ -7,9 +7,10 @@ runs in full) makes the resolver identify the requester. The first row is the pi
 `identify` phase of the bound misses through the resolver daemon (the recommended path, where a
 miss starts no interpreter), from the resolver's log line: the authorization key's lines taken
 apart, the requester's /proc files, the policy and destination checks and the liveness check
-before the answer; against the plain miss, request to payload. The gate reads /proc/keys for
-every daemon miss, bound or not (its cost grows with the number of keys on the whole host, which
-the row names with the kernel's own time to generate the file, read in the same run). The second
+before the answer; against the plain miss, request to payload. The gate reads /proc/keys only
+for a miss the daemon must identify, a phase of its own (`view`: its cost grows with the number
+of keys on the whole host, which the row names with the kernel's own time to generate the file,
+read in the same run). The second
 row is the same phase in the cold handler (no daemon), where it also imports the
 identification's modules: reported. The third is a cache hit of each name's key, get_secret per
 call in interleaved rounds: a program-bound key (possessor bits) against a uid-bound one.
@@ -154,9 +155,9 @@ def rows(ctx: BenchContext | None = None) -> list[Row]:
     bound_hit, plain_hit, hit_ratio = hit
     keys, floor = host_keys(), proc_keys_read_ms()
     kernel = (
-        f"not in the phase: the gate's read of /proc/keys, made for every daemon miss, bound or "
-        f"not (the kernel generates it in {floor:.2f} ms here, {floor / keys * 1000:.2f} µs per "
-        "host key, read in the same run)"
+        f"not in the phase: the gate's read of /proc/keys, made for a bound miss only (its "
+        f"`view` phase; the kernel generates the file in {floor:.2f} ms here, "
+        f"{floor / keys * 1000:.2f} µs per host key, read in the same run)"
     )
     p50, p95 = median(warm.identify), percentile(warm.identify, 95)
     base = median(warm.plain)

@@ -31,20 +31,33 @@ pytestmark = pytest.mark.unit
 
 
 def _request(**changes: object) -> bytes:
-    fields = {"key": 7, "uid": 1000, "gid": 1000, "auth": 9, "flags": 0, "seen": 1, "us": 5}
+    fields = {"key": 7, "uid": 1000, "gid": 1000, "auth": 9, "us": 5}
     fields.update(changes)
     strings = [
         changes.get("stamp", b"0.1.0+x"),
         changes.get("config", b"/etc/kmskeys/resolver.toml"),
         changes.get("description", b"kms:db"),
         changes.get("callout", b""),
+    ]
+    body = wire.REQUEST_FIXED.pack(
+        fields["key"], fields["uid"], fields["gid"], fields["auth"], fields["us"], 11, 12, 13
+    )
+    return body + _strings(strings)
+
+
+def _view(**changes: object) -> bytes:
+    fields = {"flags": 0, "seen": 1, "dest": 14}
+    fields.update(changes)
+    strings = [
         changes.get("destination", b"keyring;1000;1000;3f010000;_ses"),
         changes.get("proc_keys", b"00000009 I--Q--- 1 perm 3f010000 1000 1000 .request_ "),
     ]
-    body = wire.REQUEST_FIXED.pack(
-        fields["key"], fields["uid"], fields["gid"], fields["auth"], fields["flags"],
-        fields["seen"], fields["us"], 11, 12, 13, 14,
-    )  # fmt: skip
+    body = wire.VIEW_FIXED.pack(fields["flags"], fields["seen"], fields["dest"])
+    return body + _strings(strings)
+
+
+def _strings(strings: list[object]) -> bytes:
+    body = b""
     for value in strings:
         assert isinstance(value, bytes)
         body += wire.STRING_LENGTH.pack(len(value)) + value
@@ -56,11 +69,17 @@ def test_a_request_reads_back_every_field() -> None:
     assert (request.key, request.uid, request.gid, request.auth) == (7, 1000, 1000, 9)
     assert request.description == b"kms:a\nb" and len(request.callout) == CALLOUT_MAX
     assert request.started_us == 5 and request.stamp == "0.1.0+x"
-    assert request.keyrings == (11, 12, 13) and request.dest == 14
+    assert request.keyrings == (11, 12, 13)
     assert request.config == "/etc/kmskeys/resolver.toml"
-    assert request.dest_description == "keyring;1000;1000;3f010000;_ses"
-    assert request.lines == (b"00000009 I--Q--- 1 perm 3f010000 1000 1000 .request_ ",)
     assert "callout" not in repr(request) and "\\xff" not in repr(request)
+
+
+def test_a_view_reads_back_every_field() -> None:
+    view = wire.GateView(_view(flags=wire.FLAG_PROC_KEYS_CUT, seen=2))
+    assert (view.flags, view.seen, view.dest) == (wire.FLAG_PROC_KEYS_CUT, 2, 14)
+    assert view.dest_description == "keyring;1000;1000;3f010000;_ses"
+    assert view.lines == (b"00000009 I--Q--- 1 perm 3f010000 1000 1000 .request_ ",)
+    assert wire.GateView(_view(proc_keys=b"", destination=b"")).lines == ()
 
 
 @pytest.mark.parametrize(
@@ -72,8 +91,6 @@ def test_a_request_reads_back_every_field() -> None:
         _request(description=b"k" * (DESCRIPTION_MAX + 1)),
         _request(callout=b"c" * (CALLOUT_MAX + 1)),
         _request(stamp=b"s" * (wire.STAMP_MAX + 1)),
-        _request(proc_keys=b"\n".join([b"x"] * (contract.AUTH_LINES_MAX + 2))),
-        _request(proc_keys=b"x" * (contract.AUTH_LINE_MAX + 1)),
         _request(key=0),
         _request(auth=1 << 31),
         b"\0" * (wire.REQUEST_MAX + 1),
@@ -85,8 +102,6 @@ def test_a_request_reads_back_every_field() -> None:
         "long-desc",
         "long-callout",
         "long-stamp",
-        "too-many-lines",
-        "long-line",
         "no-key",
         "bad-auth",
         "huge",
@@ -95,6 +110,24 @@ def test_a_request_reads_back_every_field() -> None:
 def test_a_request_out_of_bounds_is_refused(body: bytes) -> None:
     with pytest.raises(wire.WireError):
         wire.GateRequest(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        _view()[:-1],
+        _view() + b"x",
+        _view(destination=b"d" * (wire.DESTINATION_MAX + 1)),
+        _view(proc_keys=b"\n".join([b"x"] * (contract.AUTH_LINES_MAX + 2))),
+        _view(proc_keys=b"x" * (contract.AUTH_LINE_MAX + 1)),
+        b"\0" * (wire.VIEW_MAX + 1),
+    ],
+    ids=["empty", "short", "trailing", "long-dest", "too-many-lines", "long-line", "huge"],
+)
+def test_a_view_out_of_bounds_is_refused(body: bytes) -> None:
+    with pytest.raises(wire.WireError):
+        wire.GateView(body)
 
 
 def test_headers_of_another_magic_version_or_type_are_refused() -> None:

@@ -22,6 +22,8 @@ from kmskeys.contract import (
     ADMIN_NEGATIVE_KEY_PERM,
     NEGATIVE_KEY_PERM,
     POSSESSOR_MASK,
+    PROGRAM_ADMIN_KEY_PERM,
+    PROGRAM_KEY_PERM,
     RESOLVED_KEY_PERM,
 )
 from kmskeys.rules import rule_file
@@ -233,14 +235,24 @@ def test_doctor_says_which_path_a_miss_takes(served: Install, extra_install: Any
 
 def test_the_gate_hands_over_what_the_kernel_says_of_the_request(served: Install) -> None:
     # A listener of root's in the daemon's place keeps what the gate sends, then declines (the
-    # handler answers): each field is the kernel's, and the identification's facts are there.
+    # handler answers): each field is the kernel's. The authority's view, /proc/keys lines
+    # included, comes only when asked for (VIEW_ASK), in a message of its own.
     stop_daemon(served)
-    got: list[tuple[bytes, list[int]]] = []
+    got: list[tuple[bytes, list[int], bytes | None, int, bytes]] = []
 
     def keep(conn: socket.socket) -> None:
         with conn:
             body, fds = wire.receive_request(conn)
-            got.append((body, fds))
+            conn.sendall(wire.header(wire.ACCEPTED, wire.ACCEPTED_BODY.pack(5000)))
+            conn.settimeout(0.3)
+            try:
+                unasked: bytes | None = conn.recv(1)  # b"": closed; anything else: sent unasked
+            except TimeoutError:
+                unasked = None  # the gate waits for the outcome, sending nothing of its own
+            conn.settimeout(5)
+            conn.sendall(wire.header(wire.VIEW_ASK, b""))
+            kind, view = wire.read_message(conn, wire.VIEW_MAX)
+            got.append((body, fds, unasked, kind, view))
             conn.sendall(wire.header(wire.DECLINED, b""))
 
     name = unique("handover")
@@ -249,7 +261,7 @@ def test_the_gate_hands_over_what_the_kernel_says_of_the_request(served: Install
     session = Keyring.session().serial
     with fake_daemon(socket_of(served), keep):
         assert Key.request(served.description(name), blob).read() == b"kmst-handover"
-    ((body, fds),) = got
+    ((body, fds, unasked, kind, view_body),) = got
     try:
         request = wire.GateRequest(body)
         slot = os.readlink(f"/proc/self/fd/{fds[0]}")
@@ -260,12 +272,41 @@ def test_the_gate_hands_over_what_the_kernel_says_of_the_request(served: Install
     assert request.config == str(served.config)
     assert request.callout == blob.encode() and request.uid == os.getuid()
     assert slot.startswith(f"{served.settings['state_dir']}/slot-{os.getuid()}-")
-    assert request.keyrings[2] == session and request.dest == session
-    assert request.dest_description.startswith("keyring;")
+    assert request.keyrings[2] == session
+    assert unasked is None and kind == wire.VIEW
+    view = wire.GateView(view_body)
+    assert view.dest == session and view.dest_description.startswith("keyring;")
     # The authorization key's own line, naming this very thread as the requester.
-    (line,) = request.lines
-    assert line.startswith(b"%08x " % request.auth), line
+    (line,) = view.lines
+    assert view.seen == 1 and line.startswith(b"%08x " % request.auth), line
     assert f" key:{request.key:x} pid:{threading.get_native_id()} ".encode() in line, line
+
+
+BOUND_POLICY = '\n[names."kmst-*-viewbound-*"]\nallow_cgroups = ["/**"]\n'
+
+
+def test_only_a_program_bound_miss_asks_the_gate_for_its_view(
+    extra_install: Callable[..., Any],
+) -> None:
+    # A plain name's miss never has the gate read /proc/keys (the kernel walks every key on
+    # the host to generate it); a name bound to programs (`allow_cgroups`, root's config: never
+    # the requester's description) has the daemon ask for the view, and identifies the
+    # requester from it, on the daemon's path.
+    with extra_install(daemon=True, names=BOUND_POLICY) as served:
+        assert served.daemon is not None
+        plain, bound = unique("viewplain"), unique("viewbound")
+        assert fresh_payload(served, plain, served.blob(b"kmst-plain", plain)) == b"kmst-plain"
+        line = served.log.wait_for(plain)
+        assert writer(line) == served.daemon.pid, line
+        assert not {"view", "identify"} & phases(line) and " pid=" not in line, line
+        assert fresh_payload(served, bound, served.blob(b"kmst-bound", bound)) == b"kmst-bound"
+        line = served.log.wait_for(bound)
+        assert writer(line) == served.daemon.pid, line
+        assert {"view", "identify"} <= phases(line), line
+        # The requesting thread, named by the authorization key's line the gate read.
+        assert f" pid={threading.get_native_id()} " in line, line
+        key = Key.request(served.description(bound), b"")
+        assert key.describe().perm in (PROGRAM_KEY_PERM, PROGRAM_ADMIN_KEY_PERM)
 
 
 def test_a_daemon_serves_the_misses_of_its_own_config_alone(

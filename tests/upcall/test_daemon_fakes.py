@@ -1,7 +1,8 @@
 """The gate against daemons it must not believe, through the real upcall: one that accepts and
-never answers, one whose answer or refusal mask the gate cannot accept, an impostor of another
-uid, requests from anyone but root, malformed messages. Each costs a bounded wait or falls back
-to the handler; none gets a key answered wrongly. (The daemon path itself: test_daemon.py.)
+never answers, one whose answer or refusal mask the gate cannot accept, one that asks for the
+view twice, an impostor of another uid, requests from anyone but root, malformed messages. Each
+costs a bounded wait or falls back to the handler; none gets a key answered wrongly. (The daemon
+path itself: test_daemon.py.)
 """
 
 from __future__ import annotations
@@ -74,6 +75,33 @@ def test_an_answer_the_gate_cannot_accept_falls_back_to_the_handler(served: Inst
 
     with fake_daemon(socket_of(served), lie):
         assert fresh_payload(served, name, blob) == b"kmst-real"
+    lines = [served.log.wait_for(name), served.log.wait_for(name)]
+    assert any("outcome=fallback" in x and "not one the gate accepts" in x for x in lines), lines
+    assert any("outcome=ok" in x for x in lines), lines
+
+
+def test_a_daemon_asking_for_the_view_twice_gets_it_once_then_the_handler_answers(
+    served: Install,
+) -> None:
+    stop_daemon(served)
+    name = unique("twiceview")
+    blob = served.blob(b"kmst-real", name)
+    views: list[int] = []
+
+    def greedy(conn: socket.socket) -> None:
+        # The wire has one VIEW_ASK per request: the gate answers the first and abandons at
+        # the second (its /proc/keys read is not a thing to have on repeat), then falls back.
+        with conn:
+            wire.receive_request(conn)
+            conn.sendall(wire.header(wire.ACCEPTED, wire.ACCEPTED_BODY.pack(3000)))
+            for _ in range(2):
+                conn.sendall(wire.header(wire.VIEW_ASK, b""))
+                kind, _body = wire.read_message(conn, wire.VIEW_MAX)
+                views.append(kind)
+
+    with fake_daemon(socket_of(served), greedy):
+        assert fresh_payload(served, name, blob) == b"kmst-real"
+    assert views == [wire.VIEW, wire.ABANDON], views
     lines = [served.log.wait_for(name), served.log.wait_for(name)]
     assert any("outcome=fallback" in x and "not one the gate accepts" in x for x in lines), lines
     assert any("outcome=ok" in x for x in lines), lines
