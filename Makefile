@@ -24,7 +24,7 @@ deps:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py kmskeys/_build_keyutils.py kmskeys/_hitpath.c kmskeys/_hitpath_keys.h resolver/gate.c resolver/gate_daemon.c resolver/gate_request.c resolver/gate_subuid.c resolver/gate.h kmskeys/contract.h $(wildcard bin/*) | deps
+$(VENV)/.installed: pyproject.toml setup.py kmskeys/_build_keyutils.py kmskeys/_hitpath.c kmskeys/_hitpath_keys.h kmskeys/_names.h resolver/gate.c resolver/gate_daemon.c resolver/gate_request.c resolver/gate_subuid.c resolver/gate.h kmskeys/contract.h $(wildcard bin/*) | deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

@@ -111,7 +111,12 @@ setup(
         Extension(
             "kmskeys._hitpath",
             ["kmskeys/_hitpath.c"],
-            depends=[CONTRACT_HEADER, "kmskeys/_wipe.h", "kmskeys/_hitpath_keys.h"],
+            depends=[
+                CONTRACT_HEADER,
+                "kmskeys/_wipe.h",
+                "kmskeys/_hitpath_keys.h",
+                "kmskeys/_names.h",
+            ],
             define_macros=[("Py_LIMITED_API", "0x030B0000")],
             py_limited_api=True,
         )

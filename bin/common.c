@@ -16,6 +16,7 @@
 
 #include "_wipe.h"
 #include "kmskeys.h"
+#include "_names.h"
 
 /* The Python CLI: bin/kmskeys-py, installed beside these programs (setup.py). */
 #define PYTHON_CLI "kmskeys-py"
@@ -61,45 +62,16 @@ void python(char **argv)
     exit(1);
 }
 
-static int is_alnum(char c)
-{
-    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
-}
-
-/* kmskeys.names.validate_prefix: [a-z][a-z0-9_-]{0,31}. */
+/* kmskeys.names.validate_prefix and validate_name: kmskeys/_names.h, the one C reading of the
+ * grammar (the hit path's is the same). */
 int valid_prefix(const char *prefix)
 {
-    size_t i, len = strlen(prefix);
-
-    if (len == 0 || len > PREFIX_MAX_BYTES || prefix[0] < 'a' || prefix[0] > 'z')
-        return 0;
-    for (i = 0; i < len; i++) {
-        char c = prefix[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-'))
-            return 0;
-    }
-    return 1;
+    return kmsk_valid_prefix(prefix, strlen(prefix));
 }
 
-/* kmskeys.names.validate_name: [A-Za-z0-9][A-Za-z0-9_./@+-]*, at most 200 bytes, no "..",
- * no empty or "." path segment. */
 int valid_name(const char *name)
 {
-    size_t i, len = strlen(name), segment = 0;
-
-    if (len == 0 || len > NAME_MAX_BYTES || !is_alnum(name[0]) || strstr(name, "..") != NULL)
-        return 0;
-    for (i = 0; i <= len; i++) {
-        char c = name[i];
-        if (c == '/' || c == '\0') {
-            if (i == segment || (i == segment + 1 && name[segment] == '.'))
-                return 0;
-            segment = i + 1;
-        } else if (!is_alnum(c) && strchr("_.@+-", c) == NULL) {
-            return 0;
-        }
-    }
-    return 1;
+    return kmsk_valid_name(name, strlen(name));
 }
 
 /* kmskeys.cli._normal_path: what str(pathlib.Path(p)) leaves as it is. */

@@ -9,17 +9,18 @@ key this process's fsuid owns. `kmskeys.lowlevel` is the low-level tier, for the
 unchecked request and read, and the calls that answer, re-own and re-permission keys.
 """
 
-# `import kmskeys` and a cached get_secret read this file, kmskeys/names.py and the hit-path
-# extension, nothing else: every module file costs a fresh process (a CGI request, 20 ms) about
-# 0.1 ms (tests/bench/cgi.py). So neither `from __future__ import annotations` (every annotation
-# of the two is valid at run time) nor `typing`, and the facts the hot path needs (and a
-# reference such as `sm:prod/db#password`, kmskeys/secretref.py) are the package's own, defined
-# before the imports that read them: kmskeys/contract.py re-exports them beside the other facts,
-# whose tables cost a fresh process more than all of this.
+# `import kmskeys` and a cached get_secret read this file and the hit-path extension, nothing
+# else: every module a fresh process loads costs it about 0.1 ms (a CGI request lives 20 ms;
+# tests/bench/cgi.py). So neither `from __future__ import annotations` (every annotation here
+# is valid at run time) nor `typing`; a name, or a reference of a common shape such as
+# `sm:prod/db#password`, is checked in C (kmskeys/_names.h), and kmskeys/names.py and
+# secretref.py load only to say what is wrong or to read another shape. The facts the hot path
+# needs are the package's own: kmskeys/contract.py re-exports them beside the other facts, whose
+# tables cost a fresh process more than all of this.
 __version__ = "0.1.0"
 # The stamp of the sources the compiled parts were built from (kmskeys/contract.h), written by
 # scripts/generate.py: never edit by hand. Checked below against the hit-path extension's.
-BUILD_STAMP = "0.1.0+44a254392eb5"
+BUILD_STAMP = "0.1.0+6bf180430451"
 # The description namespace of KMS-backed secrets: keys are described `kms:NAME`.
 DEFAULT_PREFIX = "kms"
 # The namespace of keys kept in the host's own keystore (the essay's `stored:NAME`; docs/dpapi.md).
@@ -35,14 +36,11 @@ DEFAULT_TOKEN_PREFIX = "token"  # noqa: S105 - a prefix
 DEFAULT_SM_PREFIX = "sm"
 DEFAULT_SSM_PREFIX = "ssm"
 
-from kmskeys import _hitpath  # noqa: E402 (after the facts names.py reads)
-from kmskeys.names import as_bytes as _as_bytes  # noqa: E402
-from kmskeys.names import common_reference as _common_reference  # noqa: E402
-from kmskeys.names import description, is_reference, validate_name  # noqa: E402
-
 TYPE_CHECKING = False  # not `from typing import`: typing costs milliseconds to import
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from kmskeys.dpapi import protect, protect_bytes, unprotect, unprotect_with_description
     from kmskeys.errors import (
         InvalidArgumentError,
@@ -71,6 +69,41 @@ if TYPE_CHECKING:
     )
     from kmskeys.key import Key, Keyring
     from kmskeys.keydesc import KeyDescription
+    from kmskeys.names import description, validate_name
+
+
+def _load_hitpath() -> "ModuleType":
+    # The hit-path extension, from this package's directory, as importlib.util's recipe for
+    # importing a given file does (a spec with its location, module_from_spec, exec_module):
+    # the import system would first list the directory to find it, which costs a fresh process
+    # 0.1 ms. The two modules are the import system's own, always loaded (importlib.util and
+    # importlib.machinery re-export what is used here; importing them would cost more than this
+    # saves). The name is the one setup.py builds (a limited-API extension: `.abi3.so`); without
+    # that file, the import system finds what there is.
+    import _frozen_importlib as bootstrap
+    import _frozen_importlib_external as external
+    import sys
+
+    name = "kmskeys._hitpath"
+    path = f"{__path__[0]}/_hitpath.abi3.so"
+    loader = external.ExtensionFileLoader(name, path)
+    spec = bootstrap.ModuleSpec(name, loader, origin=path)
+    spec.has_location = True  # __file__ is its path
+    try:
+        module = bootstrap.module_from_spec(spec)
+    except ImportError:
+        from kmskeys import _hitpath
+
+        return _hitpath
+    sys.modules[name] = module
+    loader.exec_module(module)
+    return module
+
+
+if TYPE_CHECKING:
+    from kmskeys import _hitpath
+else:
+    _hitpath = _load_hitpath()
 
 
 def _verify_stamp(module: str, stamp: str) -> None:
@@ -105,6 +138,10 @@ def __getattr__(name: str) -> object:
         from kmskeys.keydesc import KeyDescription
 
         return KeyDescription
+    if name in ("description", "validate_name"):
+        from kmskeys import names
+
+        return getattr(names, name)
     if name in _DPAPI:
         # DPAPI needs `cryptography`: loaded on the first protect/unprotect, never on import.
         from kmskeys import dpapi
@@ -174,22 +211,20 @@ _SHARED: dict[str, int] = {}
 # The C calls of the hit paths (kmskeys/_hitpath.c), bound once.
 _fetch = _hitpath.fetch
 _read_recent = _hitpath.read_recent
+_common_description = _hitpath.describe
 
 
 def _describe(name: str | bytes, prefix: str) -> bytes:
     """`PREFIX:NAME`, or the description a reference names: a selector (`pass:NAME#all`,
-    `sm:NAME#password`) or a prefix of its own (`sm:prod/db#password`), read by
-    kmskeys/secretref.py, which a plain name never loads (`:` and `#` are outside the name
-    alphabet), nor a reference of a common shape (`sm:prod/db#password`, `ssm:app/db#3`:
-    kmskeys/names.py common_reference)."""
-    if is_reference(name):
-        desc = _common_reference(name, prefix)
-        if desc is None:
-            from kmskeys.secretref import described
+    `sm:NAME#password`) or a prefix of its own (`sm:prod/db#password`). A valid name or a
+    reference of a common shape is read in C (kmskeys/_names.h), to the same description;
+    kmskeys/secretref.py reads every other, and refuses what is not valid, saying why."""
+    desc = _common_description(name, prefix)
+    if desc is None:
+        from kmskeys.secretref import described
 
-            desc = described(name, prefix)
-        return desc.encode()
-    return description(name, prefix).encode()
+        return described(name, prefix).encode()
+    return desc
 
 
 def _forget_shared() -> None:
@@ -271,7 +306,12 @@ def get_secret(
         if len(_DESCRIPTIONS) < 1024:
             _DESCRIPTIONS[name, prefix] = desc
     dest = _destination(keyring)
-    callout = b"" if blob is None else blob if blob.__class__ is bytes else _as_bytes(blob, "blob")
+    if blob is None or blob.__class__ is bytes:
+        callout = b"" if blob is None else blob
+    else:
+        from kmskeys.names import as_bytes
+
+        callout = as_bytes(blob, "blob")
     serial, payload = fetch(desc, callout, dest)
     if len(_SERIALS) < 1024:
         _SERIALS[name, prefix, keyring] = serial

@@ -29,6 +29,14 @@
  *     the kernel would not link it there (then checked as above; get_secret's code too). METH_FASTCALL: an argument tuple and its parsing would
  *     cost a good part of the few hundred nanoseconds the budget leaves above C.
  *
+ * describe(ref, prefix) -> description or None
+ *     The key description get_secret asks for, as bytes, when `ref` (str or bytes) is a valid
+ *     NAME or a reference of a common shape (`PREFIX:NAME`, `sm:prod/db#password`,
+ *     `ssm:app/db#3`, kmskeys/_names.h) and `prefix` a valid prefix: exactly the description
+ *     kmskeys/names.py and kmskeys/secretref.py give it. None for anything else, valid or not,
+ *     which kmskeys/secretref.py `described` reads (and refuses, saying why): so a cached
+ *     secret in a fresh process loads no module to check its name.
+ *
  * read(serial) -> payload or (owner, fsuid)
  *     Key.read of the safe tier: the owner check (skipped within the second, as above), then
  *     one keyctl_read. A payload over 32767 bytes (a big_key, a large keyring) raises OSError
@@ -55,6 +63,7 @@
 
 #include "_wipe.h"
 #include "contract.h"
+#include "_names.h"
 
 #include "_hitpath_keys.h"
 
@@ -356,12 +365,80 @@ static PyObject *read_recent(PyObject *self, PyObject *arg)
     return payload;
 }
 
+/* The bytes of a str (as UTF-8: any character beyond ASCII is outside every alphabet) or of
+ * a bytes object: 0, or -1 for anything else, a subclass too (with no exception set). */
+static int text_of(PyObject *obj, const char **out, Py_ssize_t *len)
+{
+    if (PyBytes_CheckExact(obj)) {
+        if (PyBytes_AsStringAndSize(obj, (char **)out, len) == 0)
+            return 0;
+    } else if (PyUnicode_CheckExact(obj)) {
+        *out = PyUnicode_AsUTF8AndSize(obj, len);
+        if (*out != NULL)
+            return 0;
+    } else {
+        return -1;
+    }
+    PyErr_Clear(); /* a lone surrogate, say: kmskeys/names.py says what is wrong */
+    return -1;
+}
+
+static PyObject *describe(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *ref, *prefix, *colon, *hash;
+    Py_ssize_t reflen, plen;
+    size_t namelen, sellen, n;
+    char out[KMSKEYS_PREFIX_MAX + 1 + KMSKEYS_NAME_MAX + 1 + KMSKEYS_FIELD_MAX];
+
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "describe(ref, prefix) takes 2 arguments");
+        return NULL;
+    }
+    if (!PyUnicode_CheckExact(args[1]) || text_of(args[0], &ref, &reflen) < 0 ||
+        text_of(args[1], &prefix, &plen) < 0)
+        Py_RETURN_NONE;
+    /* kmskeys/secretref.py: `PREFIX:REST` names its own prefix, which may only differ from the
+     * one asked for when that is the default. */
+    colon = memchr(ref, ':', (size_t)reflen);
+    if (colon != NULL) {
+        size_t head = (size_t)(colon - ref);
+        if (!kmsk_is(prefix, (size_t)plen, KMSKEYS_DEFAULT_PREFIX) &&
+            ((size_t)plen != head || memcmp(prefix, ref, head) != 0))
+            Py_RETURN_NONE;
+        prefix = ref;
+        plen = (Py_ssize_t)head;
+        reflen -= (Py_ssize_t)head + 1;
+        ref = colon + 1;
+    }
+    namelen = (size_t)reflen;
+    hash = memchr(ref, '#', (size_t)reflen);
+    if (hash != NULL) {
+        namelen = (size_t)(hash - ref);
+        sellen = (size_t)reflen - namelen - 1;
+        if (!kmsk_common_selector(prefix, (size_t)plen, hash + 1, sellen))
+            Py_RETURN_NONE;
+    }
+    if (!kmsk_valid_prefix(prefix, (size_t)plen) || !kmsk_valid_name(ref, namelen))
+        Py_RETURN_NONE;
+    /* Checked above: at most 32 + 1 + 200 + 1 + 128 bytes, none of them NUL. */
+    n = (size_t)plen + 1 + (size_t)reflen;
+    if (n > sizeof(out))
+        Py_RETURN_NONE;
+    memcpy(out, prefix, (size_t)plen);
+    out[plen] = ':';
+    memcpy(out + plen + 1, ref, (size_t)reflen);
+    return PyBytes_FromStringAndSize(out, (Py_ssize_t)n);
+}
+
 static PyMethodDef methods[] = {
     {"fetch", fetch, METH_VARARGS,
      "fetch(desc, callout, dest): the full path of get_secret."},
     {"read_recent", read_recent, METH_O,
      "read_recent(serial): the payload of a key checked in the last second, or None."},
     {"read", read_checked, METH_O, "read(serial): Key.read with the owner check."},
+    {"describe", (PyCFunction)(void (*)(void))describe, METH_FASTCALL,
+     "describe(ref, prefix): the description of a name or common reference, or None."},
     {"key_request", (PyCFunction)(void (*)(void))key_request, METH_FASTCALL | METH_KEYWORDS,
      "key_request(cls, description, callout_info=None, destination=None, type=b'user')\n"
      "--\n\n"

@@ -10,6 +10,9 @@ def fetch(
 def read_recent(serial: int, /) -> bytes | None: ...
 def read(serial: int, /) -> bytes | tuple[int, int]: ...
 
+# The description of a valid name or a reference of a common shape; None for anything else.
+def describe(ref: object, prefix: object, /) -> bytes | None: ...
+
 # Key.request as a classmethod of kmskeys.Key; arguments that are not bytes (or an int
 # destination) go to kmskeys/_request.py, which converts them and calls again.
 def key_request(

@@ -28,7 +28,7 @@ field first, no spelling of the default): a description that is not canonical is
 saying which spelling to use, so one secret is never two kernel keys.
 
 get_secret's hit path reads the common shapes (`#FIELD`, `#VERSION`, `#LABEL`) without this
-module (kmskeys/names.py `common_reference`): a change here is one there, and
+module, in C (kmskeys/_names.h): a change here is one there, and
 tests/unit/test_common_reference.py fails until both agree.
 """
 

@@ -8,7 +8,7 @@
 #define KMSKEYS_CONTRACT_H
 
 /* Each compiled part carries it; checked against kmskeys.BUILD_STAMP. */
-#define KMSKEYS_BUILD_STAMP "0.1.0+44a254392eb5"
+#define KMSKEYS_BUILD_STAMP "0.1.0+6bf180430451"
 
 /* a `user` key's payload, bytes */
 #define KMSKEYS_USER_PAYLOAD_MAX 32767
@@ -18,6 +18,20 @@
 #define KMSKEYS_NAME_MAX 200
 /* a description prefix, bytes */
 #define KMSKEYS_PREFIX_MAX 32
+/* KMS-backed secrets' prefix */
+#define KMSKEYS_DEFAULT_PREFIX "kms"
+/* NAME#VERSION, NAME#LABEL */
+#define KMSKEYS_SSM_PREFIX "ssm"
+/* no selector */
+#define KMSKEYS_TOKEN_PREFIX "token"
+/* kmskeys/passname.py's */
+#define KMSKEYS_PASS_PREFIX "pass"
+/* kmskeys/stored.py's */
+#define KMSKEYS_STORED_PREFIX "stored"
+/* a Secrets Manager FIELD, bytes */
+#define KMSKEYS_FIELD_MAX 128
+/* a Parameter Store LABEL, bytes */
+#define KMSKEYS_LABEL_MAX 100
 /* no such secret */
 #define KMSKEYS_ERRNO_UNKNOWN_SECRET ENOKEY
 /* refused */

@@ -4,15 +4,12 @@ A name becomes a kernel key description (`PREFIX:NAME`), a KMS encryption-contex
 host, a path below the resolver's blob_dir: so it is checked here, before any syscall or open.
 """
 
-# No `from __future__ import annotations` (every annotation here is valid at run time): this
-# module and kmskeys/__init__.py are all the Python a cached get_secret in a fresh process reads.
-from kmskeys import (
-    DEFAULT_PASS_PREFIX,
-    DEFAULT_PREFIX,
-    DEFAULT_SSM_PREFIX,
-    DEFAULT_STORED_PREFIX,
-    DEFAULT_TOKEN_PREFIX,
-)
+# No `from __future__ import annotations` (every annotation here is valid at run time): a
+# get_secret of a name that is not valid, or of a reference of an uncommon shape, reads this
+# module (kmskeys/secretref.py `described`). A valid name and the common shapes are read in C
+# (kmskeys/_names.h spells this grammar as this module does; tests/unit/test_names.py and
+# test_common_reference.py hold the two to one answer).
+from kmskeys import DEFAULT_PREFIX
 
 MAX_NAME_BYTES = 200
 MAX_PREFIX_BYTES = 32
@@ -22,13 +19,6 @@ _ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 _NAME_CHARS = _ALNUM | frozenset("_./@+-")
 _LOWER = frozenset("abcdefghijklmnopqrstuvwxyz")
 _PREFIX_CHARS = _LOWER | frozenset("0123456789_-")
-# A reference's common shapes (see common_reference): kmskeys/awsname.py's FIELD and ssm: LABEL.
-_FIELD_CHARS = _ALNUM | frozenset("_.@+-")
-_LABEL_CHARS = _ALNUM | frozenset("_.-")
-# The prefixes whose selectors only kmskeys/secretref.py reads (kms: and token: take none).
-_OTHER_GRAMMARS = frozenset(
-    (DEFAULT_PREFIX, DEFAULT_TOKEN_PREFIX, DEFAULT_PASS_PREFIX, DEFAULT_STORED_PREFIX)
-)
 
 
 def as_bytes(value: str | bytes, what: str) -> bytes:
@@ -101,50 +91,6 @@ def is_reference(name: object) -> bool:
     if isinstance(name, str):
         return ":" in name or "#" in name
     return isinstance(name, bytes) and (b":" in name or b"#" in name)
-
-
-def common_reference(ref: str | bytes, prefix: str = DEFAULT_PREFIX) -> str | None:
-    """The description of a reference of a common shape, as kmskeys/secretref.py `described`
-    gives it, or None: that module reads every other shape (and says what is wrong).
-
-    The common shapes, which get_secret reads without loading the grammars: `PREFIX:NAME`;
-    `NAME#FIELD` of `sm:` or of a prefix of the operator's own naming (whose selector any
-    backend's grammar may accept: the sm: grammar accepts every `#FIELD`); `NAME#VERSION` (up
-    to 18 digits) and `NAME#LABEL` of `ssm:`. Prefix and name are checked by the same calls, in
-    the same order, as there, so a bad one fails the same way; a selector not of these shapes
-    returns None (tests/unit/test_common_reference.py holds both readings to one answer).
-    """
-    if isinstance(ref, bytes):
-        if not ref.isascii():
-            return None
-        ref = ref.decode("ascii")
-    if not isinstance(ref, str) or not isinstance(prefix, str):
-        return None
-    head, colon, rest = ref.partition(":")
-    if colon:
-        if prefix not in (DEFAULT_PREFIX, head):
-            return None  # two prefixes: secretref.py refuses, saying so
-        prefix, ref = head, rest
-    name, sep, selector = ref.partition("#")
-    if sep and not _common_selector(prefix, selector):
-        return None
-    return f"{validate_prefix(prefix)}:{validate_name(name)}{sep}{selector}"
-
-
-def _common_selector(prefix: str, selector: str) -> bool:
-    # What follows the first `#`: true only where the full grammar accepts it as spelled.
-    if prefix == DEFAULT_SSM_PREFIX:
-        if selector.isascii() and selector.isdigit():
-            return 0 < len(selector) <= 18 and selector[0] != "0"
-        return (
-            0 < len(selector) <= 100
-            and _LABEL_CHARS.issuperset(selector)
-            and not selector[0].isdigit()
-            and selector[:3].lower() not in ("aws", "ssm")
-        )
-    if prefix in _OTHER_GRAMMARS:
-        return False
-    return 0 < len(selector) <= 128 and _FIELD_CHARS.issuperset(selector)
 
 
 def parse_description(desc: str | bytes, prefix: str = DEFAULT_PREFIX) -> str:

@@ -1,9 +1,9 @@
 """What an application names: `NAME`, `NAME#SELECTOR`, or a whole description `PREFIX:NAME#...`.
 
 `get_secret` reads a secret reference here only when it holds a `:` or a `#`
-(kmskeys/names.py `is_reference`): a plain NAME never loads this module, nor a reference of
-a common shape (`sm:prod/db#password`, `ssm:app/db#3`), which kmskeys/names.py
-`common_reference` reads to the same description (tests/unit/test_common_reference.py).
+(kmskeys/names.py `is_reference`): a valid NAME never loads this module, nor a reference of
+a common shape (`sm:prod/db#password`, `ssm:app/db#3`), which the hit-path extension reads in
+C to the same description (kmskeys/_names.h; tests/unit/test_common_reference.py).
 `kmskeys get`, `kmskeys exec` (`--env DB=sm:prod/db#password`) and `kmskeys flush` read every
 name here.
 `:` and `#` are outside the name alphabet, so each reading is unambiguous:

@@ -35,6 +35,7 @@ C_SOURCES = (
     "resolver/gate_subuid.c",
     "kmskeys/_hitpath.c",
     "kmskeys/_hitpath_keys.h",
+    "kmskeys/_names.h",
     "kmskeys/_build_keyutils.py",
     "bin/kmskeys.h",
     "bin/common.c",
@@ -45,7 +46,7 @@ STAMP_LINE = re.compile(r'^BUILD_STAMP = "[^"]*"$', re.M)
 
 try:
     import kmskeys
-    from kmskeys import contract, names
+    from kmskeys import awsname, contract, names
     from kmskeys.flushepoch import FLUSH_DIR
     from resolver import config_text, limits, log, validators, wire
     from resolver.errors import UnavailableError
@@ -66,6 +67,7 @@ def facts() -> list[tuple[str, str, str]]:
         ("DESCRIPTION_MAX", str(contract.DESCRIPTION_MAX), "a key description, bytes"),
         ("NAME_MAX", str(names.MAX_NAME_BYTES), "a secret's NAME, bytes (kmskeys/names.py)"),
         ("PREFIX_MAX", str(names.MAX_PREFIX_BYTES), "a description prefix, bytes"),
+        *_prefix_facts(),
         ("ERRNO_UNKNOWN_SECRET", errno.errorcode[contract.ERRNO_UNKNOWN_SECRET], "no such secret"),
         ("ERRNO_REFUSED", errno.errorcode[contract.ERRNO_REFUSED], "refused"),
         ("ERRNO_UNAVAILABLE", unavailable, "temporarily unavailable: never cached"),
@@ -86,6 +88,19 @@ def facts() -> list[tuple[str, str, str]]:
         ("AUTH_LINES_MAX", str(contract.AUTH_LINES_MAX), "auth-key lines examined at most"),
         ("AUTH_LINE_MAX", str(contract.AUTH_LINE_MAX), "a longer line is not the kernel's"),
         *_daemon_facts(),
+    ]
+
+
+def _prefix_facts() -> list[tuple[str, str, str]]:
+    """What kmskeys/_names.h needs to read a reference's common shapes (kmskeys/names.py)."""
+    return [
+        ("DEFAULT_PREFIX", _c_string(kmskeys.DEFAULT_PREFIX), "KMS-backed secrets' prefix"),
+        ("SSM_PREFIX", _c_string(kmskeys.DEFAULT_SSM_PREFIX), "NAME#VERSION, NAME#LABEL"),
+        ("TOKEN_PREFIX", _c_string(kmskeys.DEFAULT_TOKEN_PREFIX), "no selector"),
+        ("PASS_PREFIX", _c_string(kmskeys.DEFAULT_PASS_PREFIX), "kmskeys/passname.py's"),
+        ("STORED_PREFIX", _c_string(kmskeys.DEFAULT_STORED_PREFIX), "kmskeys/stored.py's"),
+        ("FIELD_MAX", str(awsname.MAX_FIELD), "a Secrets Manager FIELD, bytes"),
+        ("LABEL_MAX", str(awsname.MAX_LABEL), "a Parameter Store LABEL, bytes"),
     ]
 
 

@@ -63,12 +63,13 @@ def test_a_cached_secret_in_a_new_process_never_loads_cffi(session_keyring: Keyr
     assert out.stdout.strip() == "[]"
 
 
-def test_a_cached_secret_in_a_new_process_loads_two_modules_and_the_extension(
+def test_a_cached_secret_in_a_new_process_loads_the_package_and_the_extension(
     session_keyring: Keyring,
 ) -> None:
     # A CGI process pays for every module it loads (docs/design.md, Budgets): `import kmskeys`
-    # and a hit read the package, its names and the hit-path extension, and nothing else (no
-    # contract tables, no errors, no Key class, no __future__, no typing).
+    # and a hit read the package and the hit-path extension, which checks the name, and nothing
+    # else (no names module, no contract tables, no errors, no Key class, no __future__, no
+    # typing).
     prefix = unique_prefix()
     session_keyring.add_key("user", f"{prefix}:cgi", b"kmst-cgi")
     probe = (
@@ -79,7 +80,7 @@ def test_a_cached_secret_in_a_new_process_loads_two_modules_and_the_extension(
         "print(' '.join(sorted(set(sys.modules) - before)))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["kmskeys", "kmskeys._hitpath", "kmskeys.names"]
+    assert out.stdout.split() == ["kmskeys", "kmskeys._hitpath"]
 
 
 @pytest.mark.parametrize("form", ["selector", "whole", "sm"])
@@ -87,8 +88,9 @@ def test_a_cached_secret_of_a_common_reference_loads_no_grammar(
     session_keyring: Keyring, form: str
 ) -> None:
     # `NAME#FIELD` of an operator's own prefix (the bench's), `PREFIX:NAME#FIELD`, and an `sm:`
-    # field: kmskeys/names.py reads these shapes; the grammars (kmskeys/secretref.py,
-    # awsname.py, passname.py) and the error classes load only for other shapes.
+    # field: the hit-path extension reads these shapes (kmskeys/_names.h); kmskeys/names.py,
+    # the grammars (kmskeys/secretref.py, awsname.py, passname.py) and the error classes load
+    # only for other shapes.
     prefix = unique_prefix()
     name = unique("ref")
     ref, asked = {
@@ -106,4 +108,34 @@ def test_a_cached_secret_of_a_common_reference_loads_no_grammar(
         "print(' '.join(sorted(set(sys.modules) - before)))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["kmskeys", "kmskeys._hitpath", "kmskeys.names"]
+    assert out.stdout.split() == ["kmskeys", "kmskeys._hitpath"]
+
+
+def test_the_extension_is_loaded_from_the_package_as_the_import_system_would() -> None:
+    # kmskeys/__init__.py loads it by its file name, without the import system's search of the
+    # package directory: the same file, the same module attributes, one module object.
+    probe = (
+        "import sys, kmskeys, importlib.machinery as m\n"
+        "from kmskeys import _hitpath\n"
+        "spec = _hitpath.__spec__\n"
+        "print(sys.modules['kmskeys._hitpath'] is _hitpath is kmskeys._hitpath,\n"
+        "      spec.name, type(spec.loader) is m.ExtensionFileLoader,\n"
+        "      spec.origin == _hitpath.__file__ == kmskeys.__path__[0] + '/_hitpath.abi3.so',\n"
+        "      _hitpath.__package__, m.PathFinder.find_spec('kmskeys._hitpath',\n"
+        "      kmskeys.__path__).origin == spec.origin)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "kmskeys._hitpath", "True", "True", "kmskeys", "True"]
+
+
+def test_a_name_the_extension_declines_loads_the_names_module_to_refuse_it() -> None:
+    # A name that is not valid costs the import of kmskeys/names.py, which says what is wrong.
+    probe = (
+        "import sys, kmskeys\n"
+        "try:\n"
+        "    kmskeys.get_secret('../etc/passwd')\n"
+        "except kmskeys.InvalidNameError as exc:\n"
+        "    print('kmskeys.names' in sys.modules, 'segment' in str(exc) or '..' in str(exc))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kmskeys import _hitpath
 from kmskeys.errors import InvalidNameError, KmsKeysError
 from kmskeys.names import (
     MAX_NAME_BYTES,
@@ -98,3 +99,66 @@ def test_validator_is_total_and_safe(raw: str | bytes) -> None:
     assert all(seg not in ("", ".", "..") for seg in name.split("/"))
     assert name.isascii()
     assert not any(c in name for c in ":%;\x00\n ")
+
+
+def python_reading(name: object, prefix: object) -> bytes | None:
+    """The description kmskeys/names.py gives a plain name, or None where it refuses."""
+    try:
+        return description(name, prefix).encode()  # type: ignore[arg-type]
+    except InvalidNameError:
+        return None
+
+
+# The hit path reads a name in C (kmskeys/_names.h through kmskeys/_hitpath.c `describe`):
+# it must accept every name and prefix this module accepts, as the same description, and
+# nothing else (None leaves the name to this module, which says what is wrong).
+PREFIXES = ["kms", "kmst1", "a", "a-b_9", "z" * 32, "", "KMS", "1kms", "k s", "k\x00", "x" * 33]
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+# (`colon:x` is a reference: tests/unit/test_common_reference.py.)
+@pytest.mark.parametrize("name", [name for name in GOOD + BAD if ":" not in name])
+def test_the_c_reading_of_a_name_is_the_python_one(name: str, prefix: str) -> None:
+    assert _hitpath.describe(name, prefix) == python_reading(name, prefix)
+    assert _hitpath.describe(name.encode(), prefix) == python_reading(name.encode(), prefix)
+
+
+class Name(str):
+    """A str subclass, whose methods could say anything: the C reading leaves it to Python."""
+
+
+@pytest.mark.parametrize(
+    ("name", "prefix"),
+    [
+        (Name("db"), "kms"),
+        ("db", Name("kms")),
+        (b"db", b"kms"),
+        (7, "kms"),
+        ("db", None),
+        ("\ud800", "kms"),
+        ("db", "k\udfff"),
+        (bytearray(b"db"), "kms"),
+        (b"\xffdb", "kms"),
+    ],
+)
+def test_the_c_reading_leaves_anything_else_to_python(name: object, prefix: object) -> None:
+    assert _hitpath.describe(name, prefix) is None
+
+
+_NAME_PIECES = st.sampled_from(
+    ["a", "Z", "0", "9", "/", ".", "..", "_", "-", "@", "+", "\x00", " ", "é", "%", "\n"]
+)
+
+
+@pytest.mark.fuzz
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.one_of(st.lists(_NAME_PIECES, max_size=20).map("".join), st.text(max_size=220)),
+    st.sampled_from(PREFIXES),
+)
+def test_the_c_and_python_readings_agree_on_any_name(name: str, prefix: str) -> None:
+    if ":" in name or "#" in name:
+        return  # a reference: tests/unit/test_common_reference.py
+    assert _hitpath.describe(name, prefix) == python_reading(name, prefix)
+    raw = name.encode()
+    assert _hitpath.describe(raw, prefix) == python_reading(raw, prefix)
